@@ -1,0 +1,356 @@
+"""Runtime machinery shared by the probe (recording) and the patch (shifting).
+
+bnnshift never replaces a user's forward. It attaches small hooks to the user's own module
+tree and identifies each binary activation by *where it runs*:
+
+* a call of a module (``path``, k-th call in one root forward): module binarizers,
+  conv/linear input quantizers and producers (BN, learnable bias) are addressed this way;
+* a candidate op (``sign``, ``heaviside``, ``x > 0``-style comparisons, any
+  ``autograd.Function.apply``) executed while a given module is the innermost running one
+  (``scope``, j-th candidate op of that scope in one root forward).
+
+The same numbering is produced by the tracer (graph order = execution order), so a site
+found in the graph is found again at run time. Counters reset at every root forward.
+Ops are seen through a ``TorchFunctionMode`` that is active only while a watched scope runs,
+and ``Function.apply`` through a wrapper on ``torch.autograd.Function.apply``; inside an
+``apply`` nothing is counted (its inner ``sign`` is part of that one candidate op).
+"""
+from __future__ import annotations
+
+import operator
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+# ---------------------------------------------------------------- candidate ops
+
+_SIGN_FUNCS = {torch.sign, torch.Tensor.sign, torch.sgn, torch.Tensor.sgn}
+_HEAVISIDE_FUNCS = {torch.heaviside, torch.Tensor.heaviside}
+_COMPARE_FUNCS = {
+    torch.gt: "gt", torch.Tensor.gt: "gt", torch.Tensor.__gt__: "gt", torch.greater: "gt",
+    torch.ge: "ge", torch.Tensor.ge: "ge", torch.Tensor.__ge__: "ge", torch.greater_equal: "ge",
+    torch.lt: "lt", torch.Tensor.lt: "lt", torch.Tensor.__lt__: "lt", torch.less: "lt",
+    torch.le: "le", torch.Tensor.le: "le", torch.Tensor.__le__: "le", torch.less_equal: "le",
+}
+_HARDTANH_FUNCS = {torch.nn.functional.hardtanh}
+
+
+def candidate_label(func: Any, args: tuple) -> str | None:
+    """Label of a torch call that may binarize an activation, or None.
+
+    Comparisons count only against the literal 0 (masks of STEs compare with +-1).
+    """
+    if func in _SIGN_FUNCS:
+        return "sign"
+    if func in _HEAVISIDE_FUNCS:
+        return "heaviside"
+    cmp = _COMPARE_FUNCS.get(func)
+    if cmp is not None:
+        if len(args) >= 2 and isinstance(args[0], torch.Tensor) and _is_zero_literal(args[1]):
+            return "compare"
+        return None
+    return None
+
+
+def _is_zero_literal(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and float(v) == 0.0
+
+
+# graph-side twin of candidate_label (fx targets); kept next to it so both stay in step
+_GRAPH_SIGN = {torch.sign, torch.sgn}
+_GRAPH_COMPARE = {operator.gt: "gt", operator.ge: "ge", operator.lt: "lt", operator.le: "le",
+                  torch.gt: "gt", torch.ge: "ge", torch.lt: "lt", torch.le: "le",
+                  torch.greater: "gt", torch.greater_equal: "ge", torch.less: "lt", torch.less_equal: "le"}
+_METHOD_SIGN = {"sign", "sgn"}
+_METHOD_COMPARE = {"gt", "ge", "lt", "le", "__gt__", "__ge__", "__lt__", "__le__", "greater", "less"}
+
+
+def graph_candidate_label(node) -> str | None:
+    """The label ``candidate_label`` gives at run time to the op an fx node records."""
+    if node.op == "call_function":
+        t = node.target
+        if getattr(t, "bnnshift_function", None) is not None:
+            return "apply"
+        if t in _GRAPH_SIGN:
+            return "sign"
+        if t is torch.heaviside:
+            return "heaviside"
+        if t in _GRAPH_COMPARE:
+            return "compare" if len(node.args) >= 2 and _is_zero_literal(node.args[1]) else None
+    elif node.op == "call_method":
+        if node.target in _METHOD_SIGN:
+            return "sign"
+        if node.target == "heaviside":
+            return "heaviside"
+        if node.target in _METHOD_COMPARE:
+            return "compare" if len(node.args) >= 2 and _is_zero_literal(node.args[1]) else None
+    return None
+
+
+# ---------------------------------------------------------------- Function.apply wrapper
+
+_state = threading.local()
+
+
+def _active() -> "SiteRuntime | None":
+    return getattr(_state, "runtime", None)
+
+
+_ORIG_APPLY = torch.autograd.Function.__dict__["apply"]
+_apply_wrapped = False
+
+
+def _wrapped_apply(cls, *args, **kwargs):
+    rt = _active()
+    orig = _ORIG_APPLY.__get__(None, cls)
+    if rt is None or rt._in_apply or not rt._scopes:
+        return orig(*args, **kwargs)
+    return rt._on_apply(cls, orig, args, kwargs)
+
+
+def ensure_apply_wrapper() -> None:
+    """Route ``Function.apply`` through bnnshift (a no-op pass-through unless a runtime is active).
+
+    Installed once per process, only when a probe runs or a patched model has a site on an
+    inline ``Function.apply`` with no module to hook.
+    """
+    global _apply_wrapped
+    if not _apply_wrapped:
+        torch.autograd.Function.apply = classmethod(_wrapped_apply)
+        _apply_wrapped = True
+
+
+# ---------------------------------------------------------------- the runtime
+
+
+@dataclass
+class OpEvent:
+    """One candidate op seen at run time."""
+
+    scope: str
+    index: int
+    label: str  # 'sign' | 'heaviside' | 'compare' | 'apply'
+    function: type | None
+    inputs: tuple
+    output: Any
+
+
+class _ScopeMode(TorchFunctionMode):
+    def __init__(self, runtime: "SiteRuntime"):
+        super().__init__()
+        self.runtime = runtime
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        rt = self.runtime
+        if rt._in_apply or not rt._scopes:
+            return func(*args, **kwargs)
+        label = candidate_label(func, args)
+        if label is None:
+            return func(*args, **kwargs)
+        return rt._on_op(label, None, lambda *a: func(*a, **kwargs), args)
+
+
+OpHandler = Callable[[OpEvent, Callable[..., Any]], Any]
+
+
+class SiteRuntime:
+    """Hooks that number module calls and candidate ops per root forward.
+
+    ``watch_scopes``: module paths whose ops are counted (None: all modules).
+    ``on_op(event_inputs) -> new_inputs | None`` handlers keyed by (scope, index) may replace
+    an op's inputs (the shift) and see its output; ``on_call`` handlers keyed by (path, k)
+    are forward pre-hooks (may return new args) and ``on_return`` handlers forward hooks.
+    """
+
+    def __init__(self, model: nn.Module, watch_scopes: set[str] | None = None):
+        self.model = model
+        self.paths: dict[int, str] = {id(m): p for p, m in model.named_modules()}
+        self.watch_scopes = watch_scopes
+        self.call_counts: dict[str, int] = {}
+        self.op_counts: dict[str, int] = {}
+        self._scopes: list[str] = []
+        self._scope_modules_stack: list[nn.Module] = []
+        self._in_apply = False
+        self._mode: _ScopeMode | None = None
+        self._handles: list[Any] = []
+        self.pre_call: dict[tuple[str, int], Callable] = {}
+        self.post_call: dict[tuple[str, int], Callable] = {}
+        self.op_handlers: dict[tuple[str, int], Callable] = {}
+        self.record_ops: Callable[[OpEvent], None] | None = None
+        # recording hooks on every counted call: (path, k, args) and (path, k, output)
+        self.any_pre: Callable[[str, int, tuple], None] | None = None
+        self.any_post: Callable[[str, int, Any], None] | None = None
+        self._uses_apply = False
+
+    # -- installation
+    def install(self, *, track_all_calls: bool = False, apply_wrapper: bool = True) -> "SiteRuntime":
+        needs_scope = self.watch_scopes is None or bool(self.watch_scopes)
+        scope_modules = self._scope_modules() if needs_scope else set()
+        hooked_call_paths = {p for p, _ in self.pre_call} | {p for p, _ in self.post_call}
+        root = self.model
+        self._handles.append(root.register_forward_pre_hook(_RootPre(self)))
+        for path, mod in self.model.named_modules():
+            in_scope = path in scope_modules
+            counted = track_all_calls or path in hooked_call_paths
+            if not (in_scope or counted):
+                continue
+            self._handles.append(mod.register_forward_pre_hook(_PreHook(self, path, in_scope), with_kwargs=True))
+            self._handles.append(mod.register_forward_hook(_PostHook(self, path, in_scope), with_kwargs=True,
+                                                           always_call=True))
+        if apply_wrapper and needs_scope:
+            ensure_apply_wrapper()
+            self._uses_apply = True
+        return self
+
+    def remove(self) -> None:
+        """Detach this runtime's hooks (found by scanning the modules, so deepcopies work)."""
+        for m in self.model.modules():
+            for d in (m._forward_pre_hooks, m._forward_hooks):
+                for k in [k for k, h in d.items()
+                          if isinstance(h, (_RootPre, _PreHook, _PostHook)) and h.runtime is self]:
+                    del d[k]
+                    for extra in ("_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs",
+                                  "_forward_hooks_always_called"):
+                        getattr(m, extra, {}).pop(k, None)
+        self._handles.clear()
+        self._exit_mode()
+
+    def _scope_modules(self) -> set[str]:
+        """Watched scopes and all their descendants (to know the innermost running module)."""
+        if self.watch_scopes is None:
+            return set(self.paths.values())
+        out: set[str] = set()
+        for path, _ in self.model.named_modules():
+            for s in self.watch_scopes:
+                if s == "" or path == s or path.startswith(s + "."):
+                    out.add(path)
+                    break
+        return out
+
+    # -- hooks (called by the hook objects below)
+    def _root_pre(self, module, args):
+        self.call_counts.clear()
+        self.op_counts.clear()
+        self._scopes.clear()
+        self._scope_modules_stack.clear()
+        self._in_apply = False
+        self._exit_mode()
+
+    def _pre(self, path: str, in_scope: bool, module, args, kwargs):
+        k = self.call_counts.get(path, 0)
+        self.call_counts[path] = k + 1
+        result = None
+        if self.any_pre is not None:
+            self.any_pre(path, k, args)
+        h = self.pre_call.get((path, k))
+        if h is not None and not self._in_apply:
+            new_args = h(module, args)
+            if new_args is not None:
+                result = (new_args, kwargs)
+        if in_scope:
+            if not self._scopes:
+                self._enter_mode()
+            self._scopes.append(path)
+            self._scope_modules_stack.append(module)
+        return result
+
+    def _post(self, path: str, in_scope: bool, module, args, kwargs, output):
+        if in_scope and self._scopes and self._scopes[-1] == path:
+            self._scopes.pop()
+            self._scope_modules_stack.pop()
+            if not self._scopes:
+                self._exit_mode()
+        k = self.call_counts.get(path, 1) - 1
+        if self.any_post is not None:
+            self.any_post(path, k, output)
+        h = self.post_call.get((path, k))
+        if h is not None and not self._in_apply:
+            return h(module, output)
+        return None
+
+    def _enter_mode(self):
+        _state.runtime = self
+        self._mode = _ScopeMode(self)
+        self._mode.__enter__()
+
+    def _exit_mode(self):
+        if self._mode is not None:
+            mode, self._mode = self._mode, None
+            try:
+                mode.__exit__(None, None, None)
+            except Exception:
+                pass
+        if _active() is self:
+            _state.runtime = None
+
+    # -- ops
+    def _current_scope(self) -> str | None:
+        if not self._scopes:
+            return None
+        s = self._scopes[-1]
+        if self.watch_scopes is not None and s not in self.watch_scopes:
+            return None
+        return s
+
+    def _on_op(self, label: str, function: type | None, call: Callable, args: tuple):
+        scope = self._current_scope()
+        if scope is None:
+            return call(*args)
+        j = self.op_counts.get(scope, 0)
+        self.op_counts[scope] = j + 1
+        orig_args = args
+        h = self.op_handlers.get((scope, j))
+        if h is not None:
+            new_args = h(self._scope_modules_stack[-1], args)
+            if new_args is not None:
+                args = new_args
+        self._in_apply = True
+        try:
+            out = call(*args)
+        finally:
+            self._in_apply = False
+        if self.record_ops is not None:
+            self.record_ops(OpEvent(scope, j, label, function, orig_args, out))
+        return out
+
+    def _on_apply(self, cls, orig, args, kwargs):
+        return self._on_op("apply", cls, lambda *a: orig(*a, **kwargs), args)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
+
+
+# Hooks are small objects, not closures, so that ``copy.deepcopy`` of a patched model gives
+# hooks bound to the copy's own runtime and modules (EMA copies, search candidates...).
+
+
+class _RootPre:
+    def __init__(self, runtime: SiteRuntime):
+        self.runtime = runtime
+
+    def __call__(self, module, args):
+        self.runtime._root_pre(module, args)
+
+
+class _PreHook:
+    def __init__(self, runtime: SiteRuntime, path: str, in_scope: bool):
+        self.runtime, self.path, self.in_scope = runtime, path, in_scope
+
+    def __call__(self, module, args, kwargs):
+        return self.runtime._pre(self.path, self.in_scope, module, args, kwargs)
+
+
+class _PostHook:
+    def __init__(self, runtime: SiteRuntime, path: str, in_scope: bool):
+        self.runtime, self.path, self.in_scope = runtime, path, in_scope
+
+    def __call__(self, module, args, kwargs, output):
+        return self.runtime._post(self.path, self.in_scope, module, args, kwargs, output)

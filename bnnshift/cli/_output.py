@@ -1,0 +1,52 @@
+"""One output object for every command: human (rich, on stderr), json (stdout only), quiet."""
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+
+class Output:
+    """``json``: only JSON on stdout; everything else goes to stderr.
+
+    Progress bars are on only for a human at a terminal (not with --json, not in CI logs).
+    """
+
+    def __init__(self, json_mode: bool = False, quiet: bool = False):
+        from rich.console import Console
+
+        self.json_mode = json_mode
+        self.quiet = quiet
+        self.err = Console(stderr=True, highlight=False, soft_wrap=False)
+        self.out = Console(highlight=False, soft_wrap=True)
+
+    @property
+    def progress_enabled(self) -> bool:
+        return not (self.json_mode or self.quiet) and sys.stderr.isatty()
+
+    def info(self, msg: str) -> None:
+        if not self.quiet:
+            self.err.print(msg)
+
+    def warn(self, msg: str) -> None:
+        self.err.print(f"[yellow]warning:[/yellow] {msg}")
+
+    def table(self, table) -> None:
+        """Human tables go to stdout when not in json mode."""
+        if not (self.json_mode or self.quiet):
+            self.out.print(table)
+
+    def result(self, payload: dict[str, Any], human: str | None = None) -> None:
+        if self.json_mode:
+            sys.stdout.write(json.dumps(payload, indent=2, default=_jsonable) + "\n")
+            sys.stdout.flush()
+        elif human and not self.quiet:
+            self.out.print(human)
+
+
+def _jsonable(o: Any):
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    if isinstance(o, (set, tuple)):
+        return list(o)
+    return str(o)

@@ -1,0 +1,445 @@
+"""Phase 3: find the binary activations of a model, per call site.
+
+Two views are combined:
+
+1. a *dynamic* pass (``_runtime.SiteRuntime`` in recording mode, one random batch, eval
+   mode, on a copy of the model) that sees every module call and every candidate op with
+   its real values. It classifies binarizer modules (a module with no weight layer inside
+   whose output takes two values while its input does not) and binarizing
+   ``Function.apply`` calls, and it is the only view inside untraceable leaves;
+2. the FX graph (``trace``), with binarizer modules as leaves, for the structure: which
+   op consumes an activation vs only parameters (weight binarizer), and the context.
+
+Both number module calls and candidate ops the same way (execution order per root
+forward), which is how a site found here is found again when patched.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from . import registry
+from ._runtime import OpEvent, SiteRuntime, graph_candidate_label
+from .errors import TraceError
+from .sites import (APPLY_OP, APPLY_PRE_HOOK, APPLY_PRODUCER, KIND_HARDTANH, KIND_INLINE, KIND_INPUT,
+                    KIND_MODULE, Site)
+from .trace import TraceResult, trace_model
+
+PROBE_BATCH = 5  # an unusual batch size: activations have it as dim 0, weights almost never
+
+
+# ---------------------------------------------------------------- value summaries
+
+
+@dataclass
+class ValueSummary:
+    is_tensor: bool
+    shape: tuple[int, ...] = ()
+    distinct: int = 0
+    values: tuple[float, ...] = ()  # the distinct values when there are at most 3
+    is_float: bool = False
+
+    @property
+    def binary(self) -> bool:
+        if not self.is_tensor or self.distinct == 0:
+            return False
+        if self.distinct <= 2:
+            return True
+        # sign(0) = 0 leaves a third value {-a, 0, +a}
+        return self.distinct == 3 and 0.0 in self.values and abs(self.values[0] + self.values[2]) < 1e-6
+
+
+def summarize(t: Any) -> ValueSummary:
+    """Distinct values of a tensor, cheaply: a strided sample decides "many" before a full unique."""
+    if isinstance(t, (tuple, list)) and t and isinstance(t[0], torch.Tensor):
+        t = t[0]
+    if not isinstance(t, torch.Tensor) or t.numel() == 0:
+        return ValueSummary(False)
+    flat = t.detach().reshape(-1)
+    sample = flat[:: max(1, flat.numel() // 4096)]
+    u = torch.unique(sample.float())
+    if u.numel() > 3:
+        return ValueSummary(True, tuple(t.shape), int(u.numel()), (), t.is_floating_point())
+    if flat.numel() > 1_000_000:
+        flat = flat[:: flat.numel() // 1_000_000 + 1]
+    u = torch.unique(flat.float())
+    vals = tuple(float(v) for v in u[:3]) if u.numel() <= 3 else ()
+    return ValueSummary(True, tuple(t.shape), int(u.numel()), vals, t.is_floating_point())
+
+
+def alphabet_of(s: ValueSummary, bool_out: bool = False) -> str:
+    if bool_out:
+        return "{0,1}"
+    v = [x for x in s.values if x != 0.0] if s.distinct == 3 else list(s.values)
+    if len(v) == 2 and abs(v[0] + 1) < 1e-6 and abs(v[1] - 1) < 1e-6:
+        return "{-1,+1}"
+    if len(s.values) == 2 and s.values[0] == 0.0 and abs(s.values[1] - 1) < 1e-6:
+        return "{0,1}"
+    if len(v) == 2 and abs(v[0] + v[1]) < 1e-6:
+        return "scaled {-a,+a}"
+    if len(v) == 1:
+        return "constant"
+    return "two-valued"
+
+
+# ---------------------------------------------------------------- dynamic pass
+
+
+@dataclass
+class CallRecord:
+    path: str
+    index: int
+    cls: type
+    inp: ValueSummary
+    out: ValueSummary
+
+
+@dataclass
+class DynamicPass:
+    calls: list[CallRecord] = field(default_factory=list)
+    ops: list[tuple[OpEvent, ValueSummary, ValueSummary]] = field(default_factory=list)
+    error: str | None = None
+
+    def op(self, scope: str, index: int):
+        for ev, i, o in self.ops:
+            if ev.scope == scope and ev.index == index:
+                return ev, i, o
+        return None
+
+
+def example_input(input_shape: tuple[int, ...], batch: int = PROBE_BATCH, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn((batch, *input_shape), generator=g)
+
+
+def dynamic_pass(model: nn.Module, x: torch.Tensor) -> DynamicPass:
+    """Run ``x`` through ``model`` (eval, no grad) recording calls and candidate ops."""
+    result = DynamicPass()
+    rt = SiteRuntime(model, watch_scopes=None)
+    mods = dict(model.named_modules())
+    pending: dict[tuple[str, int], ValueSummary] = {}
+
+    def any_pre(path, k, args):
+        pending[(path, k)] = summarize(args[0] if args else None)
+
+    def any_post(path, k, output):
+        result.calls.append(CallRecord(path, k, type(mods[path]), pending.pop((path, k), ValueSummary(False)),
+                                       summarize(output)))
+
+    rt.any_pre, rt.any_post = any_pre, any_post
+    rt.record_ops = lambda ev: result.ops.append((ev, summarize(ev.inputs[0] if ev.inputs else None), summarize(ev.output)))
+    was_training = model.training
+    model.eval()
+    try:
+        rt.install(track_all_calls=True)
+        with torch.no_grad():
+            model(x)
+    except Exception as exc:  # noqa: BLE001
+        result.error = f"{type(exc).__name__}: {exc}"
+    finally:
+        rt.remove()
+        model.train(was_training)
+    return result
+
+
+def _has_weight_layer(m: nn.Module) -> bool:
+    for sub in m.modules():
+        if isinstance(sub, nn.modules.batchnorm._BatchNorm):
+            return True
+        for p in sub.parameters(recurse=False):
+            if p.dim() >= 2:
+                return True
+    return False
+
+
+def binarizer_module_paths(model: nn.Module, dyn: DynamicPass) -> set[str]:
+    """Modules whose forward binarizes their input (innermost such modules)."""
+    mods = dict(model.named_modules())
+    forced_types = registry.binarizer_module_types()
+    forced_names = {n for _, d in registry.DETECTORS.items() for n in d.class_names}
+    found: set[str] = set()
+    for path, m in mods.items():
+        if path and (isinstance(m, forced_types) if forced_types else False):
+            found.add(path)
+        elif path and type(m).__name__ in forced_names and not _has_weight_layer(m):
+            found.add(path)
+    for rec in dyn.calls:
+        if not rec.path or rec.path in found:
+            continue
+        if rec.out.binary and rec.inp.is_tensor and rec.inp.is_float and rec.inp.distinct > 8 \
+                and not _has_weight_layer(mods[rec.path]):
+            found.add(rec.path)
+    # keep the innermost: drop a module if one of its descendants binarizes
+    return {p for p in found if not any(q != p and q.startswith(p + ".") for q in found)}
+
+
+# ---------------------------------------------------------------- graph helpers
+
+
+def node_scope(node: fx.Node) -> tuple[str, int]:
+    """(module path, call index) of the innermost module running when ``node`` executed."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return "", 0
+    key, val = list(stack.items())[-1]
+    path = val[0] if isinstance(val, tuple) else str(val)
+    k = 0
+    if "@" in str(key):
+        try:
+            k = int(str(key).rsplit("@", 1)[1])
+        except ValueError:
+            k = 0
+    return path, k
+
+
+def activation_nodes(graph: fx.Graph) -> set[fx.Node]:
+    """Nodes whose value depends on a model input (placeholder)."""
+    act: set[fx.Node] = set()
+    for n in graph.nodes:
+        if n.op == "placeholder":
+            act.add(n)
+        elif any(a in act for a in n.all_input_nodes):
+            act.add(n)
+    return act
+
+
+def is_weight_layer(m: nn.Module | None) -> bool:
+    return m is not None and any(p.dim() >= 2 for p in m.parameters(recurse=False))
+
+
+# ---------------------------------------------------------------- discovery
+
+
+@dataclass
+class Discovery:
+    sites: list[Site]
+    weight_binarizers: int
+    trace: TraceResult | None
+    dyn: DynamicPass
+    binarizer_modules: set[str]
+    node_of_site: dict[str, fx.Node] = field(default_factory=dict)
+    hardtanh_sites: list[Site] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    trace_error: str | None = None
+    binary_params: set[str] = field(default_factory=set)  # weights that a weight binarizer reads
+
+
+def _name_sites(sites: list[Site], module_calls: dict[str, int]) -> None:
+    """Give each site a unique, readable name (per call site)."""
+    counters: dict[str, int] = {}
+    for s in sites:
+        if s.kind == KIND_MODULE or s.kind == KIND_HARDTANH:
+            s.name = s.module if module_calls.get(s.module, 1) <= 1 else f"{s.module}@{s.call_index}"
+        elif s.kind == KIND_INPUT:
+            base = f"{s.module}:input"
+            s.name = base if module_calls.get(s.module, 1) <= 1 else f"{base}@{s.call_index}"
+        else:
+            base = f"{s.scope or 'root'}:{s.op.split('.')[0] if s.op.endswith('.apply') else s.op}"
+            n = counters.get(base, 0)
+            counters[base] = n + 1
+            s.name = base if n == 0 else f"{base}_{n}"
+    seen: dict[str, int] = {}
+    for s in sites:
+        if s.name in seen:
+            seen[s.name] += 1
+            s.name = f"{s.name}#{seen[s.name]}"
+        else:
+            seen[s.name] = 0
+
+
+def _op_name(ev: OpEvent | None, label: str, target: Any = None) -> str:
+    fn = ev.function if ev is not None else getattr(target, "bnnshift_function", None)
+    if label == "apply" and fn is not None:
+        return f"{fn.__name__}.apply"
+    return label
+
+
+def discover(model: nn.Module, input_shape: tuple[int, ...], *, include_hardtanh: bool = True) -> Discovery:
+    """Find activation sites and weight binarizers of ``model`` for inputs of ``input_shape``.
+
+    Returns a ``Discovery``; ``sites`` are in execution order, with addressing filled in and
+    context left to ``analyse``.
+    """
+    work = copy.deepcopy(model)
+    x = example_input(tuple(input_shape))
+    dyn = dynamic_pass(work, x)
+    if dyn.error:
+        raise TraceError(f"the model does not run on inputs of shape {tuple(x.shape)}: {dyn.error.splitlines()[0][:200]}",
+                         hint="check --input-shape (C,H,W of one sample) and the model arguments")
+    mods = dict(work.named_modules())
+    bin_paths = binarizer_module_paths(work, dyn)
+    calls_per_path: dict[str, int] = {}
+    for rec in dyn.calls:
+        calls_per_path[rec.path] = max(calls_per_path.get(rec.path, 0), rec.index + 1)
+
+    warnings: list[str] = []
+    trace: TraceResult | None = None
+    trace_error = None
+    try:
+        trace = trace_model(work, leaf_paths=set(bin_paths) | {p for p, m in mods.items()
+                                                                if isinstance(m, nn.Hardtanh)})
+    except TraceError as exc:
+        trace_error = exc.one_line()
+        warnings.append(f"the model could not be traced ({exc.message}); sites come from the dynamic pass only, without context")
+
+    sites: list[Site] = []
+    node_of_site: dict[str, fx.Node] = {}
+    weight_binarizers = 0
+    binary_params: set[str] = set()
+    hardtanh_sites: list[Site] = []
+
+    if trace is not None:
+        g = trace.graph_module.graph
+        act = activation_nodes(g)
+        op_counts: dict[str, int] = {}
+        call_counts: dict[str, int] = {}
+        call_index_of: dict[fx.Node, int] = {}
+        leaf_set = set(trace.leaves)
+        for n in g.nodes:
+            if n.op == "call_module":
+                k = call_counts.get(n.target, 0)
+                call_counts[n.target] = k + 1
+                call_index_of[n] = k
+                if n.target in bin_paths and n.target not in leaf_set:
+                    m = mods[n.target]
+                    if n.args and isinstance(n.args[0], fx.Node) and n.args[0] not in act:
+                        weight_binarizers += 1
+                        continue
+                    s = Site(name="", kind=KIND_MODULE, op=f"module:{type(m).__name__}", apply=APPLY_PRE_HOOK,
+                             module=n.target, call_index=k)
+                    sites.append(s)
+                    node_of_site[id(s)] = n
+                elif include_hardtanh and isinstance(mods.get(n.target), nn.Hardtanh):
+                    s = Site(name="", kind=KIND_HARDTANH, op="module:Hardtanh", apply=APPLY_PRE_HOOK,
+                             module=n.target, call_index=k)
+                    hardtanh_sites.append(s)
+                continue
+            label = graph_candidate_label(n)
+            if label is None:
+                continue
+            scope, scope_call = node_scope(n)
+            j = op_counts.get(scope, 0)
+            op_counts[scope] = j + 1
+            rec = dyn.op(scope, j)
+            if rec is None or rec[0].label != label:
+                warnings.append(f"op {n.name} in {scope or 'root'} was not seen at run time as op #{j}; skipped")
+                continue
+            ev, in_sum, out_sum = rec
+            is_bool = isinstance(ev.output, torch.Tensor) and ev.output.dtype == torch.bool
+            if not (out_sum.binary or is_bool):
+                continue  # e.g. an apply that is not a binarizer
+            first = n.args[0] if n.args else None
+            if not isinstance(first, fx.Node) or first not in act:
+                weight_binarizers += 1
+                binary_params.update(_param_ancestors(n))
+                continue
+            if in_sum.binary:
+                warnings.append(f"{n.name} in {scope or 'root'} binarizes an input that is already binary; not a site")
+                continue
+            opname = _op_name(ev, label, n.target)
+            owner = mods.get(scope)
+            # a conv/linear whose forward binarizes its own input -> hook the conv call
+            if scope and is_weight_layer(owner) and _comes_from_outside(first, scope):
+                s = Site(name="", kind=KIND_INPUT, op=opname, apply=APPLY_PRE_HOOK, module=scope,
+                         call_index=scope_call, scope=scope, op_index=j)
+            else:
+                s = Site(name="", kind=KIND_INLINE, op=opname, apply=APPLY_OP, scope=scope, op_index=j)
+                prod = first
+                if prod.op == "call_module" and len(prod.users) == 1:
+                    s.apply, s.module, s.call_index = APPLY_PRODUCER, prod.target, call_index_of[prod]
+            s.alphabet = alphabet_of(out_sum, is_bool)
+            sites.append(s)
+            node_of_site[id(s)] = n
+
+    # sites inside untraced leaves (or everywhere when the model could not be traced)
+    leaf_roots = list(trace.leaves) if trace is not None else [""]
+    for leaf in leaf_roots:
+        def under(p: str) -> bool:
+            return leaf == "" or p == leaf or p.startswith(leaf + ".")
+        found_here: list[Site] = []
+        for rec in dyn.calls:
+            if rec.path in bin_paths and under(rec.path):
+                if rec.inp.is_tensor and rec.inp.shape[:1] == (PROBE_BATCH,):
+                    s = Site(name="", kind=KIND_MODULE, op=f"module:{rec.cls.__name__}", apply=APPLY_PRE_HOOK,
+                             module=rec.path, call_index=rec.index, in_leaf=leaf or None, alphabet=alphabet_of(rec.out))
+                    found_here.append(s)
+                else:
+                    weight_binarizers += 1
+        for ev, in_sum, out_sum in dyn.ops:
+            if not under(ev.scope) or any(under_bin(ev.scope, b) for b in bin_paths):
+                continue
+            is_bool = isinstance(ev.output, torch.Tensor) and ev.output.dtype == torch.bool
+            if not (out_sum.binary or is_bool):
+                continue
+            if not (in_sum.is_tensor and in_sum.shape[:1] == (PROBE_BATCH,)):
+                weight_binarizers += 1
+                continue
+            if in_sum.binary:
+                continue
+            owner = mods.get(ev.scope)
+            opname = _op_name(ev, ev.label)
+            if ev.scope and is_weight_layer(owner) and ev.scope != leaf:
+                # input quantizer of a conv inside the leaf: hook that conv's call
+                s = Site(name="", kind=KIND_INPUT, op=opname, apply=APPLY_PRE_HOOK, module=ev.scope,
+                         call_index=_call_index_at(dyn, ev), scope=ev.scope, op_index=ev.index, in_leaf=leaf or None)
+            else:
+                s = Site(name="", kind=KIND_INLINE, op=opname, apply=APPLY_OP, scope=ev.scope, op_index=ev.index,
+                         in_leaf=leaf or None)
+            s.alphabet = alphabet_of(out_sum, is_bool)
+            found_here.append(s)
+        sites.extend(found_here)
+
+    _name_sites(sites, calls_per_path)
+    _name_sites(hardtanh_sites, calls_per_path)
+    for s in sites + hardtanh_sites:
+        s.producer_module = s.module if s.apply == APPLY_PRODUCER else None
+    disc = Discovery(sites, weight_binarizers, trace, dyn, bin_paths,
+                     {s.name: node_of_site[id(s)] for s in sites if id(s) in node_of_site},
+                     hardtanh_sites, warnings, trace_error, binary_params)
+    return disc
+
+
+def _param_ancestors(node: fx.Node) -> set[str]:
+    out: set[str] = set()
+    stack, seen = [node], set()
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op == "get_attr":
+            out.add(str(n.target))
+        stack.extend(n.all_input_nodes)
+    return out
+
+
+def under_bin(scope: str, b: str) -> bool:
+    return scope == b or scope.startswith(b + ".")
+
+
+def _comes_from_outside(node: fx.Node, scope: str) -> bool:
+    """Does ``node`` (or the chain of single-input ops before it) come from outside ``scope``?"""
+    cur = node
+    for _ in range(8):
+        s, _ = node_scope(cur)
+        if not (s == scope or s.startswith(scope + ".")) or cur.op == "placeholder":
+            return True
+        inputs = [a for a in cur.all_input_nodes if a.op != "get_attr"]
+        if len(inputs) != 1:
+            return False
+        cur = inputs[0]
+    return False
+
+
+def _call_index_at(dyn: DynamicPass, ev: OpEvent) -> int:
+    """Which call of module ``ev.scope`` was running when ``ev`` happened (order of ops)."""
+    ops_in_scope = [e for e, _, _ in dyn.ops if e.scope == ev.scope]
+    calls = max((r.index + 1 for r in dyn.calls if r.path == ev.scope), default=1)
+    if calls <= 1 or not ops_in_scope:
+        return 0
+    per_call = max(1, len(ops_in_scope) // calls)
+    return min(calls - 1, ev.index // per_call)

@@ -1,0 +1,157 @@
+"""Phase 4b: the dynamic check. Run real batches through the user's own model and measure,
+per site, what the paper's Fig. 4 shows: the share of +1 outputs and the pre-activation's
+mean / median / skew; and confirm that each site fires and outputs two values only.
+
+It uses the same addressing as the patch (``_runtime``), so a site that the probe sees is
+a site the patch can shift.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from ._runtime import SiteRuntime
+from .sites import APPLY_OP, APPLY_PRE_HOOK, APPLY_PRODUCER, Site
+
+_SAMPLE = 50_000  # pre-activation values kept per site for median/skew
+
+
+@dataclass
+class _Acc:
+    plus: float = 0.0
+    total: float = 0.0
+    distinct: set = field(default_factory=set)
+    samples: list = field(default_factory=list)
+    channels: int | None = None
+    fired: int = 0
+
+    def add_pre(self, x: torch.Tensor):
+        x = x.detach()
+        if x.dim() >= 2:
+            self.channels = int(x.shape[1])
+        flat = x.float().reshape(-1)
+        kept = sum(t.numel() for t in self.samples)
+        if kept < _SAMPLE:
+            step = max(1, flat.numel() // max(1, (_SAMPLE - kept)))
+            self.samples.append(flat[::step][: _SAMPLE - kept].cpu())
+
+    def add_out(self, y: torch.Tensor):
+        y = y.detach()
+        self.fired += 1
+        yf = y.float()
+        self.plus += float((yf > 0).sum())
+        self.total += yf.numel()
+        if len(self.distinct) <= 4:
+            u = torch.unique(yf.reshape(-1)[:100_000])
+            self.distinct.update(float(v) for v in u[:5])
+
+
+def _preact_stats(samples: list[torch.Tensor]) -> dict[str, float] | None:
+    if not samples:
+        return None
+    x = torch.cat(samples).double()
+    if x.numel() == 0:
+        return None
+    mean, std = float(x.mean()), float(x.std()) if x.numel() > 1 else 0.0
+    skew = float(((x - mean) ** 3).mean() / (std ** 3)) if std > 0 else 0.0
+    return {"mean": mean, "median": float(x.median()), "std": std, "skew": skew}
+
+
+def probe_sites(model: nn.Module, sites: Iterable[Site], batches: Iterable[torch.Tensor], *,
+                device: torch.device | str = "cpu", update: bool = True) -> dict[str, dict]:
+    """Measure every site on ``batches`` (eval mode, no grad).
+
+    Returns ``{site name: {"fired", "binary", "plus_fraction", "preact", "channels"}}`` and,
+    with ``update``, writes those into the ``Site`` objects. Sites already shifted by a patch
+    are measured *after* the shift (the subtraction happens before the measurement hook).
+    """
+    sites = list(sites)
+    acc = {s.name: _Acc() for s in sites}
+    probe_scopes = {s.scope or "" for s in sites if s.scope is not None}
+    shift = getattr(model, "_bnnshift_shift", None)
+    if shift is not None:
+        # a patched model: measure through its own runtime (one runtime per model at a time)
+        rt = shift.runtime
+        rt.remove()
+        saved = (rt.watch_scopes, dict(rt.pre_call), rt.any_pre, rt.any_post, rt.record_ops)
+        rt.watch_scopes = set(rt.watch_scopes or ()) | probe_scopes
+    else:
+        rt = SiteRuntime(model, watch_scopes=probe_scopes)
+        saved = None
+    by_call: dict[tuple[str, int], Site] = {}
+    by_out: dict[tuple[str, int], Site] = {}
+    by_op: dict[tuple[str, int], Site] = {}
+    for s in sites:
+        if s.apply == APPLY_PRE_HOOK:
+            by_call[(s.module, s.call_index)] = s
+            if s.scope is not None:  # input quantizer: its output is an op inside the conv
+                by_op[(s.scope, s.op_index)] = s
+        elif s.apply == APPLY_PRODUCER:
+            by_out[(s.module, s.call_index)] = s
+            by_op[(s.scope or "", s.op_index)] = s
+        elif s.apply == APPLY_OP:
+            by_op[(s.scope or "", s.op_index)] = s
+
+    def any_pre(path, k, args):
+        s = by_call.get((path, k))
+        if s is not None and args and isinstance(args[0], torch.Tensor):
+            acc[s.name].add_pre(args[0])
+
+    def any_post(path, k, output):
+        s = by_call.get((path, k))
+        if s is not None and s.scope is None and isinstance(output, torch.Tensor):
+            acc[s.name].add_out(output)
+        s = by_out.get((path, k))
+        if s is not None and isinstance(output, torch.Tensor):
+            acc[s.name].add_pre(output)
+
+    def record(ev):
+        s = by_op.get((ev.scope, ev.index))
+        if s is None:
+            return
+        if s.apply == APPLY_OP and ev.inputs and isinstance(ev.inputs[0], torch.Tensor):
+            acc[s.name].add_pre(ev.inputs[0])
+        if isinstance(ev.output, torch.Tensor):
+            acc[s.name].add_out(ev.output)
+
+    rt.any_pre, rt.any_post, rt.record_ops = any_pre, any_post, record
+    was_training = model.training
+    model.eval()
+    # any_pre/any_post fire only on counted module calls: count the ones we need
+    for path, k in list(by_call) + list(by_out):
+        rt.pre_call.setdefault((path, k), _noop)
+    rt.install(track_all_calls=False, apply_wrapper=True)
+    try:
+        with torch.no_grad():
+            for xb in batches:
+                model(xb.to(device))
+    finally:
+        rt.remove()
+        model.train(was_training)
+        if saved is not None:
+            rt.watch_scopes, pre_call, rt.any_pre, rt.any_post, rt.record_ops = saved
+            rt.pre_call.clear()
+            rt.pre_call.update(pre_call)
+            rt.install(apply_wrapper=True)
+
+    out: dict[str, dict] = {}
+    for s in sites:
+        a = acc[s.name]
+        binary = a.fired > 0 and len({v for v in a.distinct if v != 0.0}) <= 2 and len(a.distinct) <= 3
+        res = {"fired": a.fired > 0, "binary": binary,
+               "plus_fraction": (a.plus / a.total) if a.total else None,
+               "preact": _preact_stats(a.samples), "channels": a.channels}
+        out[s.name] = res
+        if update:
+            s.fired, s.binary_checked = res["fired"], res["binary"]
+            s.plus_fraction, s.preact = res["plus_fraction"], res["preact"]
+            if res["channels"] is not None:
+                s.channels = res["channels"]
+    return out
+
+
+def _noop(module, args):
+    return None

@@ -1,0 +1,151 @@
+"""The scan pipeline: load -> discover (dynamic pass + trace) -> analyse -> probe -> report.
+
+``scan_model`` works on a model instance (library API); ``scan`` on a model spec (CLI).
+"""
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from .analyse import analyse
+from .detect import PROBE_BATCH, Discovery, discover, example_input
+from .errors import NoSitesError, UsageError
+from .probe import probe_sites
+from .sites import ScanReport
+
+NO_SITES_HINT = ("if your binarizer is custom, declare it in a plugin: "
+                 "registry.register_detector(Detector(name=..., module_types=(YourSign,))) - see docs/plugins.md")
+
+
+def model_summary(model: nn.Module, input_shape: tuple[int, ...], binary_params: set[str],
+                  binary_input_modules: set[str]) -> dict[str, Any]:
+    """larq-style summary: parameters, binary vs float MACs, memory with 1-bit weights."""
+    total = binary = 0
+    for name, p in model.named_parameters():
+        total += p.numel()
+        if name in binary_params:
+            binary += p.numel()
+    macs = {"binary": 0, "float": 0}
+    hooks = []
+    mods = dict(model.named_modules())
+
+    def make(path, m):
+        def h(mod, args, out):
+            if not isinstance(out, torch.Tensor):
+                return
+            w = getattr(mod, "weight", None)
+            if w is None:
+                return
+            per_sample = out.numel() // max(1, out.shape[0])
+            if isinstance(mod, nn.modules.conv._ConvNd):
+                n = per_sample * (w.shape[1] * int(torch.tensor(w.shape[2:]).prod()))
+            else:
+                n = per_sample * w.shape[-1]
+            wname = f"{path}.weight" if path else "weight"
+            macs["binary" if wname in binary_params else "float"] += int(n)
+
+        return h
+
+    for path, m in mods.items():
+        if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)):
+            hooks.append(m.register_forward_hook(make(path, m)))
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(example_input(input_shape, batch=1))
+    except Exception:  # noqa: BLE001 - the summary is best effort
+        pass
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was)
+    float_params = total - binary
+    return {
+        "params": total, "binary_params": binary, "float_params": float_params,
+        "binary_macs": macs["binary"], "float_macs": macs["float"],
+        # ReActNet's OPs: BOPs / 64 + FLOPs
+        "ops": macs["binary"] / 64 + macs["float"],
+        "memory_float32_bytes": total * 4,
+        "memory_1bit_bytes": int(float_params * 4 + binary / 8),
+    }
+
+
+def scan_model(model: nn.Module, input_shape: Iterable[int], *, name: str = "model",
+               batches: Iterable[torch.Tensor] | None = None, data_name: str | None = None,
+               require_sites: bool = False, include_hardtanh: bool = True) -> ScanReport:
+    """Find and analyse the binary activations of ``model``.
+
+    ``input_shape``: one sample's shape, e.g. (1, 28, 28). ``batches``: real inputs for the
+    +1 shares (without them a random batch only checks that each site fires).
+    Returns a ``ScanReport``; raises ``NoSitesError`` if ``require_sites`` and none is found.
+    """
+    input_shape = tuple(int(v) for v in input_shape)
+    disc: Discovery = discover(model, input_shape, include_hardtanh=include_hardtanh)
+    analyse(disc, model)
+    if require_sites and not disc.sites:
+        raise NoSitesError(f"no binary activation found in {name}", hint=NO_SITES_HINT)
+    sites = disc.sites
+    probe_batches = list(batches) if batches is not None else [example_input(input_shape, batch=PROBE_BATCH, seed=1)]
+    warnings = list(disc.warnings)
+    if sites:
+        probe_sites(model, sites, probe_batches)
+        for s in sites:
+            if not s.fired:
+                warnings.append(f"site {s.name} did not fire at run time (control flow?)")
+            elif not s.binary_checked:
+                warnings.append(f"site {s.name} output more than two values at run time")
+        if batches is None:
+            for s in sites:  # random inputs say nothing about the real distribution
+                s.plus_fraction, s.preact = None, None
+    if disc.hardtanh_sites:
+        probe_sites(model, disc.hardtanh_sites, probe_batches[:1])
+    summary = model_summary(model, input_shape, disc.binary_params, set())
+    return ScanReport(model=name, input_shape=input_shape, sites=sites, weight_binarizers=disc.weight_binarizers,
+                      leaves=disc.trace.leaves if disc.trace is not None else [],
+                      leaf_errors=disc.trace.failures if disc.trace is not None else {},
+                      traced=disc.trace is not None, hardtanh_sites=disc.hardtanh_sites, summary=summary,
+                      warnings=warnings, data=data_name)
+
+
+def resolve_input_shape(input_shape: Iterable[int] | str | None, default: tuple[int, ...] | None) -> tuple[int, ...]:
+    """``--input-shape 1,3,32,32`` or ``3,32,32`` -> (3, 32, 32); falls back to ``default``."""
+    if input_shape is None or input_shape == "":
+        if default is None:
+            raise UsageError("the model's input shape is unknown", hint="pass --input-shape C,H,W (e.g. 3,32,32)")
+        return tuple(default)
+    if isinstance(input_shape, str):
+        try:
+            vals = tuple(int(v) for v in input_shape.replace("x", ",").split(",") if v.strip())
+        except ValueError:
+            raise UsageError(f"bad --input-shape {input_shape!r}", hint="use C,H,W or N,C,H,W, e.g. 1,28,28") from None
+    else:
+        vals = tuple(int(v) for v in input_shape)
+    if not vals or any(v <= 0 for v in vals):
+        raise UsageError(f"bad --input-shape {input_shape!r}", hint="use C,H,W or N,C,H,W, e.g. 1,28,28")
+    if len(vals) == 4:
+        vals = vals[1:]
+    return vals
+
+
+def scan(spec: str, *, args: Iterable[str] | dict | None = None, checkpoint: str | None = None,
+         input_shape: Iterable[int] | str | None = None, data: str | None = None, data_batches: int = 4,
+         batch_size: int = 256, strict: bool = True, allow_unsafe: bool = False, seed: int = 0) -> ScanReport:
+    """Scan a model given by spec (``zoo:mlp``, ``file.py:factory``...). See ``scan_model``."""
+    from .load import load_model
+
+    loaded = load_model(spec, args=args, checkpoint=checkpoint, strict=strict, allow_unsafe=allow_unsafe)
+    shape = resolve_input_shape(input_shape, loaded.input_shape)
+    batches = None
+    data_name = None
+    if data:
+        from .data import iterate_batches, load_data
+
+        bundle = load_data(data, input_shape=shape, train_limit=batch_size * data_batches, seed=seed)
+        data_name = bundle.name
+        batches = [xb for xb, _ in iterate_batches(bundle.train_x, bundle.train_y, batch_size, seed=seed,
+                                                    drop_last=False, steps=data_batches)]
+    return scan_model(loaded.model, shape, name=loaded.spec.canonical(), batches=batches, data_name=data_name,
+                      require_sites=True)

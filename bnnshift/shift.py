@@ -1,0 +1,166 @@
+"""Phase 5 (mechanism): insert ``x - t`` before each binarizer of a user's own model.
+
+The user's module tree and forward are kept; each site gets a threshold tensor registered
+on the module that hosts its hook (a buffer, or an ``nn.Parameter`` when trainable), so the
+state_dict keeps every original key and gains one key per site, e.g.
+``layer1.0.act.bnnshift_threshold_call1``. Subtracting before the binarizer moves its
+forward threshold and its straight-through window together (the paper's shift along x),
+and keeps the model's own sign(0) convention. ``t = 0`` reproduces the original outputs
+and gradients bitwise (x - 0 == x).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from ._runtime import SiteRuntime, _PostHook, _PreHook, _RootPre
+from .errors import PatchError
+from .sites import APPLY_OP, APPLY_PRE_HOOK, APPLY_PRODUCER, Site
+
+THRESHOLD_PREFIX = "bnnshift_threshold_"
+
+
+def threshold_attr(site: Site) -> str:
+    """Name of the threshold tensor on its host module (unique per host)."""
+    if site.apply == APPLY_OP:
+        return f"{THRESHOLD_PREFIX}op{site.op_index}"
+    if site.apply == APPLY_PRODUCER:
+        return f"{THRESHOLD_PREFIX}out{site.call_index}"
+    return f"{THRESHOLD_PREFIX}call{site.call_index}"
+
+
+def host_path(site: Site) -> str:
+    return (site.scope or "") if site.apply == APPLY_OP else (site.module or "")
+
+
+def threshold_key(site: Site) -> str:
+    """The state_dict key of the site's threshold."""
+    h = host_path(site)
+    return f"{h}.{threshold_attr(site)}" if h else threshold_attr(site)
+
+
+def _shaped(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    t = t.to(dtype=x.dtype)
+    if t.dim() == 1 and x.dim() >= 2:
+        return t.view(1, -1, *([1] * (x.dim() - 2)))
+    return t
+
+
+class _SubtractInput:
+    """``args[0] - t`` with t read from the hooked (host) module."""
+
+    def __init__(self, attr: str):
+        self.attr = attr
+
+    def __call__(self, module, args):
+        x = args[0]
+        return (x - _shaped(getattr(module, self.attr), x), *args[1:])
+
+
+class _SubtractOutput:
+    def __init__(self, attr: str):
+        self.attr = attr
+
+    def __call__(self, module, output):
+        return output - _shaped(getattr(module, self.attr), output)
+
+
+def _first_float(m: nn.Module) -> torch.Tensor | None:
+    for t in list(m.parameters()) + list(m.buffers()):
+        if t.is_floating_point():
+            return t
+    return None
+
+
+@dataclass
+class ShiftRuntime:
+    """What ``insert_shifts`` attached: the runtime and the sites it shifts."""
+
+    runtime: SiteRuntime
+    sites: list[Site]
+
+
+def insert_shifts(model: nn.Module, sites: Iterable[Site], shifts: dict[str, float], *, trainable: bool = False,
+                  per_channel: bool = False) -> nn.Module:
+    """Attach a threshold to every site named in ``shifts`` (in place); returns ``model``.
+
+    ``trainable`` makes thresholds ``nn.Parameter`` (ReActNet RSign-style), ``per_channel``
+    gives them one value per channel (needs ``site.channels``). Raises ``PatchError`` for an
+    unknown site or a site whose host module does not exist.
+    """
+    if getattr(model, "_bnnshift_shift", None) is not None:
+        raise PatchError("the model already has bnnshift shifts", hint="patch a freshly built model")
+    sites = [s for s in sites if s.name in shifts]
+    mods = dict(model.named_modules())
+    rt = SiteRuntime(model, watch_scopes={s.scope or "" for s in sites if s.apply == APPLY_OP})
+    for s in sites:
+        h = host_path(s)
+        if h not in mods:
+            raise PatchError(f"site {s.name}: module {h!r} not found in the model",
+                             hint="the model does not match the one that was scanned")
+        host = mods[h]
+        value = float(shifts[s.name])
+        if per_channel:
+            if not s.channels:
+                raise PatchError(f"site {s.name}: number of channels unknown, cannot make a per-channel threshold",
+                                 hint="run without --per-channel")
+            t = torch.full((s.channels,), value)
+        else:
+            t = torch.tensor(value)
+        ref = _first_float(host)
+        ref = ref if ref is not None else _first_float(model)
+        if ref is not None:
+            t = t.to(device=ref.device, dtype=ref.dtype if ref.is_floating_point() else torch.float32)
+        attr = threshold_attr(s)
+        if trainable:
+            host.register_parameter(attr, nn.Parameter(t))
+        else:
+            host.register_buffer(attr, t)
+        if s.apply == APPLY_PRE_HOOK:
+            rt.pre_call[(s.module, s.call_index)] = _SubtractInput(attr)
+        elif s.apply == APPLY_PRODUCER:
+            rt.post_call[(s.module, s.call_index)] = _SubtractOutput(attr)
+        elif s.apply == APPLY_OP:
+            rt.op_handlers[(s.scope or "", s.op_index)] = _SubtractInput(attr)
+        else:
+            raise PatchError(f"site {s.name}: unknown apply mode {s.apply!r}")
+    uses_apply = any(s.apply == APPLY_OP and s.op.endswith(".apply") for s in sites)
+    rt.install(apply_wrapper=uses_apply)
+    model._bnnshift_shift = ShiftRuntime(rt, sites)
+    return model
+
+
+def remove_shifts(model: nn.Module, *, keep_thresholds: bool = False) -> nn.Module:
+    """Detach every bnnshift hook (and, unless ``keep_thresholds``, the threshold tensors)."""
+    for m in model.modules():
+        for d in (m._forward_pre_hooks, m._forward_hooks):
+            for k in [k for k, h in d.items() if isinstance(h, (_PreHook, _PostHook, _RootPre))]:
+                del d[k]
+                m._forward_hooks_with_kwargs.pop(k, None) if hasattr(m, "_forward_hooks_with_kwargs") else None
+                m._forward_pre_hooks_with_kwargs.pop(k, None) if hasattr(m, "_forward_pre_hooks_with_kwargs") else None
+                if hasattr(m, "_forward_hooks_always_called"):
+                    m._forward_hooks_always_called.pop(k, None)
+        if not keep_thresholds:
+            for name in [n for n in list(m._buffers) if n.startswith(THRESHOLD_PREFIX)]:
+                del m._buffers[name]
+            for name in [n for n in list(m._parameters) if n.startswith(THRESHOLD_PREFIX)]:
+                del m._parameters[name]
+    sr = getattr(model, "_bnnshift_shift", None)
+    if sr is not None:
+        sr.runtime._exit_mode()
+        model._bnnshift_shift = None
+    return model
+
+
+def shifted_sites(model: nn.Module) -> list[Site]:
+    sr = getattr(model, "_bnnshift_shift", None)
+    return list(sr.sites) if sr is not None else []
+
+
+def get_thresholds(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Site name -> current threshold tensor of a patched model."""
+    mods = dict(model.named_modules())
+    return {s.name: getattr(mods[host_path(s)], threshold_attr(s)) for s in shifted_sites(model)}

@@ -1,0 +1,116 @@
+"""The data model of the scan: a binary-activation *site* and the scan report.
+
+A site is one call site of an activation binarizer. How it is addressed at run time
+(see ``_runtime``) is kept next to what the paper cares about (context, threshold, advice)
+so that patch, fold, search and the report all read the same object.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+# how a shift is applied at run time
+APPLY_PRE_HOOK = "pre_hook"  # subtract t from the first input of module call (module, call_index)
+APPLY_PRODUCER = "producer_hook"  # subtract t from the output of producer call (module, call_index)
+APPLY_OP = "op"  # subtract t from the first input of candidate op (scope, op_index)
+
+KIND_MODULE = "module"  # a binarizer module (each call is a site)
+KIND_INPUT = "input"  # a conv/linear that binarizes its own input in forward
+KIND_INLINE = "inline"  # sign / Function.apply / comparison written in a composite forward
+KIND_HARDTANH = "hardtanh"  # full-precision hardtanh (for --hardtanh-shift), not a binary site
+
+
+@dataclass
+class Site:
+    """One binary-activation call site.
+
+    Addressing: ``apply`` says how a shift is inserted; ``module``/``call_index`` address a
+    module call (pre_hook, producer_hook), ``scope``/``op_index`` a candidate op (op).
+    Context fields follow the paper: ``producer`` of the pre-activation, ``pool`` between
+    the previous weight layer and the site, ``follower`` after the consuming binary layer.
+    """
+
+    name: str
+    kind: str
+    op: str  # 'sign', 'heaviside', 'compare', 'BinActive.apply', 'module:BinaryActivation'...
+    apply: str
+    module: str | None = None
+    call_index: int = 0
+    scope: str | None = None
+    op_index: int = 0
+    alphabet: str = "{-1,+1}"
+    producer: str = "unknown"
+    producer_module: str | None = None
+    pool: str | None = None
+    follower: str | None = None
+    follower_slope: float | None = None
+    threshold: dict[str, float] | None = None
+    foldable: str | None = None  # 'bn:PATH', 'bias:PATH.PARAM' or None
+    fold_reason: str = ""
+    advice: list[str] = field(default_factory=list)
+    in_leaf: str | None = None  # found inside this untraced leaf
+    channels: int | None = None  # size of dim 1 of the pre-activation (for per-channel thresholds)
+    fired: bool | None = None  # seen at run time by the probe
+    binary_checked: bool | None = None  # the probe saw only two values
+    plus_fraction: float | None = None
+    preact: dict[str, float] | None = None  # mean, median, std, skew of the pre-activation
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "Site":
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    @property
+    def address(self) -> tuple:
+        if self.apply == APPLY_OP:
+            return (APPLY_OP, self.scope, self.op_index)
+        return (self.apply, self.module, self.call_index)
+
+
+@dataclass
+class ScanReport:
+    """What ``scan`` found: sites, weight binarizers, leaves, summary and warnings."""
+
+    model: str
+    input_shape: tuple[int, ...]
+    sites: list[Site]
+    weight_binarizers: int
+    leaves: list[str]
+    leaf_errors: dict[str, str] = field(default_factory=dict)
+    traced: bool = True
+    hardtanh_sites: list[Site] = field(default_factory=list)
+    summary: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    data: str | None = None
+
+    @property
+    def num_sites(self) -> int:
+        return len(self.sites)
+
+    def site(self, name: str) -> Site:
+        for s in self.sites:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+    def to_json(self) -> dict[str, Any]:
+        from ._version import __version__
+
+        return {
+            "bnnshift_version": __version__,
+            "model": self.model,
+            "input_shape": list(self.input_shape),
+            "data": self.data,
+            "traced": self.traced,
+            "num_sites": self.num_sites,
+            "weight_binarizers": self.weight_binarizers,
+            "leaves": self.leaves,
+            "leaf_errors": self.leaf_errors,
+            "sites": [s.to_json() for s in self.sites],
+            "hardtanh_sites": [s.to_json() for s in self.hardtanh_sites],
+            "summary": self.summary,
+            "warnings": self.warnings,
+        }
