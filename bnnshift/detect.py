@@ -59,7 +59,8 @@ def summarize(t: Any) -> ValueSummary:
         t = t[0]
     if not isinstance(t, torch.Tensor) or t.numel() == 0:
         return ValueSummary(False)
-    flat = t.detach().reshape(-1)
+    # per sample: a scaled sign (alpha_i * sign(x), XNOR's K) is binary within each sample
+    flat = (t[0] if t.dim() >= 2 else t).detach().reshape(-1)
     sample = flat[:: max(1, flat.numel() // 4096)]
     u = torch.unique(sample.float())
     if u.numel() > 3:
@@ -311,6 +312,9 @@ def discover(model: nn.Module, input_shape: tuple[int, ...], *, include_hardtanh
                         continue
                     s = Site(name="", kind=KIND_MODULE, op=f"module:{type(m).__name__}", apply=APPLY_PRE_HOOK,
                              module=n.target, call_index=k)
+                    rec = next((r for r in dyn.calls if r.path == n.target and r.index == k), None)
+                    if rec is not None:
+                        s.alphabet = alphabet_of(rec.out)
                     sites.append(s)
                     node_of_site[id(s)] = n
                 elif include_hardtanh and isinstance(mods.get(n.target), nn.Hardtanh):

@@ -27,6 +27,7 @@ class _Acc:
     samples: list = field(default_factory=list)
     channels: int | None = None
     fired: int = 0
+    max_distinct: int = 0
 
     def add_pre(self, x: torch.Tensor):
         x = x.detach()
@@ -44,8 +45,10 @@ class _Acc:
         yf = y.float()
         self.plus += float((yf > 0).sum())
         self.total += yf.numel()
+        # distinct values within one sample (a per-sample scale keeps a sign binary)
+        u = torch.unique((yf[0] if yf.dim() >= 2 else yf).reshape(-1)[:100_000])
+        self.max_distinct = max(self.max_distinct, int(u.numel()))
         if len(self.distinct) <= 4:
-            u = torch.unique(yf.reshape(-1)[:100_000])
             self.distinct.update(float(v) for v in u[:5])
 
 
@@ -140,7 +143,7 @@ def probe_sites(model: nn.Module, sites: Iterable[Site], batches: Iterable[torch
     out: dict[str, dict] = {}
     for s in sites:
         a = acc[s.name]
-        binary = a.fired > 0 and len({v for v in a.distinct if v != 0.0}) <= 2 and len(a.distinct) <= 3
+        binary = a.fired > 0 and a.max_distinct <= 3
         res = {"fired": a.fired > 0, "binary": binary,
                "plus_fraction": (a.plus / a.total) if a.total else None,
                "preact": _preact_stats(a.samples), "channels": a.channels}

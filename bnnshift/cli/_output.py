@@ -17,8 +17,12 @@ class Output:
 
         self.json_mode = json_mode
         self.quiet = quiet
-        self.err = Console(stderr=True, highlight=False, soft_wrap=False)
-        self.out = Console(highlight=False, soft_wrap=True)
+        import os
+
+        # not a terminal (pipes, CI logs): wide enough that tables are not folded to nothing
+        width = None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 160
+        self.err = Console(stderr=True, highlight=False, soft_wrap=False, width=width)
+        self.out = Console(highlight=False, soft_wrap=True, width=width)
 
     @property
     def progress_enabled(self) -> bool:

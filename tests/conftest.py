@@ -1,0 +1,35 @@
+"""Shared test helpers: small instances of the zoo models, tiny hand-written BNNs."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+IMAGENET_STYLE = {"xnor-resnet18", "bireal-resnet18", "bireal-resnet34", "reactnet-a"}
+
+
+def zoo_small(name: str, seed: int = 0):
+    """(model, input_shape) of zoo model ``name`` at a size that keeps tests fast."""
+    from bnnshift.registry import ZOO
+
+    e = ZOO.get(name)
+    torch.manual_seed(seed)
+    kwargs, shape = {}, tuple(e.input_shape)
+    if name in IMAGENET_STYLE:
+        kwargs, shape = {"width": 0.25 if name != "reactnet-a" else 0.125}, (3, 32, 32)
+    elif name.startswith("vgg-small") or name.startswith("resnet20"):
+        kwargs = {"width": 0.25}
+    elif name == "mlp":
+        kwargs = {"width": 0.25}
+    return e.factory(**kwargs), shape
+
+
+@pytest.fixture
+def zoo_names():
+    from bnnshift.registry import ZOO
+
+    return ZOO.names()

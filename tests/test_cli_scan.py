@@ -1,0 +1,152 @@
+"""CLI: scan --json, exit codes and one-line errors for bad input."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jsonschema
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from bnnshift.cli import app
+
+SCHEMA = json.loads((Path(__file__).resolve().parents[1] / "docs" / "scan.schema.json").read_text())
+
+MODEL_PY = '''
+import torch, torch.nn as nn
+
+class Sign(nn.Module):
+    def forward(self, x):
+        return torch.sign(x)
+
+class Net(nn.Module):
+    def __init__(self, hidden=16):
+        super().__init__()
+        self.fc1 = nn.Linear(12, hidden)
+        self.bn = nn.BatchNorm1d(hidden)
+        self.act = Sign()
+        self.fc2 = nn.Linear(hidden, 3)
+    def forward(self, x):
+        return self.fc2(self.act(self.bn(self.fc1(x.flatten(1)))))
+
+def plain():
+    return nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
+'''
+
+
+def run(*args):
+    r = CliRunner().invoke(app, [str(a) for a in args])
+    return r.exit_code, r.stdout, r.stderr
+
+
+@pytest.fixture
+def model_file(tmp_path):
+    p = tmp_path / "net.py"
+    p.write_text(MODEL_PY)
+    return p
+
+
+def _one_line_error(stderr: str) -> str:
+    lines = [l for l in stderr.strip().splitlines() if l.strip()]
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("error: ")
+    return lines[0]
+
+
+def test_scan_json_of_a_zoo_model_is_only_json_and_valid():
+    code, out, err = run("scan", "zoo:mlp", "--arg", "width=0.25", "--json")
+    assert code == 0, err
+    payload = json.loads(out)
+    jsonschema.validate(payload, SCHEMA)
+    assert payload["num_sites"] == 2 and payload["weight_binarizers"] == 2
+
+
+def test_scan_with_synthetic_data_reports_plus_fractions():
+    code, out, err = run("scan", "zoo:lenet5", "--data", "synthetic:64", "--batch-size", "32", "--data-batches", "2",
+                         "--json")
+    assert code == 0, err
+    payload = json.loads(out)
+    assert payload["data"] and all(0 <= s["plus_fraction"] <= 1 for s in payload["sites"])
+
+
+def test_scan_human_output_shows_a_table(model_file):
+    code, out, err = run("scan", f"{model_file}:Net", "--input-shape", "12")
+    assert code == 0, err
+    assert "act" in out and "BatchNorm" in out
+
+
+def test_checkpoint_round_trip_and_wrong_architecture(tmp_path, model_file):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("netmod_for_test", model_file)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    good = tmp_path / "good.pt"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in mod.Net().state_dict().items()}}, good)
+    code, out, err = run("scan", f"{model_file}:Net", "--input-shape", "12", "--checkpoint", good, "--json")
+    assert code == 0, err
+    bad = tmp_path / "wider.pt"
+    torch.save(mod.Net(hidden=32).state_dict(), bad)
+    code, out, err = run("scan", f"{model_file}:Net", "--input-shape", "12", "--checkpoint", bad)
+    assert code == 1
+    assert "does not fit" in _one_line_error(err)
+
+
+def test_missing_checkpoint_file(model_file, tmp_path):
+    code, _, err = run("scan", f"{model_file}:Net", "--input-shape", "12", "--checkpoint", tmp_path / "nope.pt")
+    assert code == 1 and "nope.pt" in _one_line_error(err)
+
+
+def test_corrupt_checkpoint(model_file, tmp_path):
+    p = tmp_path / "corrupt.pt"
+    p.write_bytes(b"\x00garbage" * 100)
+    code, _, err = run("scan", f"{model_file}:Net", "--input-shape", "12", "--checkpoint", p)
+    assert code == 1 and "corrupt" in _one_line_error(err)
+
+
+def test_pickled_module_is_refused_with_the_unsafe_globals(model_file, tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("netmod_pickled", model_file)
+    mod = importlib.util.module_from_spec(spec)
+    import sys
+
+    sys.modules["netmod_pickled"] = mod
+    spec.loader.exec_module(mod)
+    p = tmp_path / "whole.pt"
+    torch.save(mod.Net(), p)
+    code, _, err = run("scan", f"{model_file}:Net", "--input-shape", "12", "--checkpoint", p)
+    line = _one_line_error(err)
+    assert code == 1 and "unpickling" in line and "--unsafe-load" in line and "Net" in line
+
+
+@pytest.mark.parametrize("spec", ["nocolon", "zoo:", "zoo:not-a-model", "does/not/exist.py:f", "timm:"])
+def test_bad_spec_strings_exit_2(spec):
+    code, _, err = run("scan", spec, "--input-shape", "1,28,28")
+    assert code == 2, err
+    _one_line_error(err)
+
+
+def test_bad_input_shape_exit_2():
+    code, _, err = run("scan", "zoo:mlp", "--input-shape", "a,b")
+    assert code == 2 and "--input-shape" in _one_line_error(err)
+
+
+def test_model_without_binary_activation_exit_3(model_file):
+    code, _, err = run("scan", f"{model_file}:plain", "--input-shape", "12")
+    assert code == 3
+    assert "register_detector" in _one_line_error(err)
+
+
+def test_unknown_data_spec_is_a_usage_error():
+    code, _, err = run("scan", "zoo:mlp", "--data", "nonsense-data")
+    assert code == 2, err
+    _one_line_error(err)
+
+
+def test_zoo_lists_models_as_json():
+    code, out, err = run("zoo", "--json")
+    assert code == 0
+    names = {m["name"] for m in json.loads(out)["models"]}
+    assert {"mlp", "lenet5", "vgg-small", "reactnet-a", "style-control-flow"} <= names

@@ -1,0 +1,162 @@
+"""scan: counts per zoo model, JSON schema, the FX trap, leaves, data statistics."""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import jsonschema
+import pytest
+import torch
+import torch.nn as nn
+
+from bnnshift.registry import ZOO
+from bnnshift.scan import scan_model
+from bnnshift.shift import insert_shifts
+
+from conftest import zoo_small
+
+SCHEMA = json.loads((Path(__file__).resolve().parents[1] / "docs" / "scan.schema.json").read_text())
+
+
+@pytest.mark.parametrize("name", ZOO.names())
+def test_zoo_model_scans_to_its_known_counts(name):
+    entry = ZOO.get(name)
+    model, shape = zoo_small(name)
+    report = scan_model(model, shape, name=name)
+    assert report.num_sites == entry.activation_sites
+    assert report.weight_binarizers == entry.weight_binarizers
+    names = [s.name for s in report.sites]
+    assert len(set(names)) == len(names), "site names must be unique per call site"
+    assert all(s.fired and s.binary_checked for s in report.sites), [s.name for s in report.sites if not s.fired]
+    jsonschema.validate(json.loads(json.dumps(report.to_json())), SCHEMA)
+
+
+def test_context_of_vgg_small_matches_its_architecture():
+    model, shape = zoo_small("vgg-small")
+    report = scan_model(model, shape)
+    pools = [s.pool for s in report.sites]
+    # MaxPool after the 2nd and 4th conv: the sites after them are the 2nd and 4th
+    assert pools == [None, "MaxPool", None, "MaxPool", None]
+    assert all(s.producer == "BatchNorm" and s.foldable and s.foldable.startswith("bn:") for s in report.sites)
+    assert any("t >= 0" in a for a in report.sites[1].advice)
+    avg = scan_model(zoo_small("vgg-small-avgpool")[0], shape)
+    assert [s.pool for s in avg.sites] == [None, "AvgPool", None, "AvgPool", None]
+
+
+def test_prelu_and_leakyrelu_followers_and_residual_producer():
+    r = scan_model(*zoo_small("resnet20-bireal-prelu"))
+    assert all(s.follower == "PReLU" for s in r.sites)
+    assert any("claim 8" in a for a in r.sites[0].advice)
+    plain = scan_model(*zoo_small("resnet20-bireal"))
+    assert all(s.follower is None for s in plain.sites)
+    assert plain.sites[1].producer == "residual add" and plain.sites[1].foldable is None
+    leaky_model = ZOO.get("resnet20-bireal-leakyrelu").factory(width=0.25, slope=0.5)
+    leaky = scan_model(leaky_model, (3, 32, 32))
+    assert {(s.follower, s.follower_slope) for s in leaky.sites} == {("LeakyReLU", 0.5)}
+
+
+def test_shared_activation_module_gives_one_site_per_call():
+    r = scan_model(*zoo_small("reactnet-a"))
+    first_block = [s for s in r.sites if s.module == "feature.0.binary_activation"]
+    assert [s.call_index for s in first_block] == [0, 1]
+    assert first_block[0].name != first_block[1].name
+
+
+def test_learnable_bias_is_reported_as_existing_threshold():
+    r = scan_model(*zoo_small("style-rsign"))
+    assert all(s.threshold is not None and s.foldable and s.foldable.startswith("bias:") for s in r.sites)
+
+
+def test_heaviside_alphabet():
+    r = scan_model(*zoo_small("style-heaviside"))
+    assert {s.alphabet for s in r.sites} == {"{0,1}"}
+
+
+def test_control_flow_block_and_conv_input_binarizer_are_found_with_leaves():
+    model, shape = zoo_small("style-control-flow")
+    r = scan_model(model, shape)
+    assert r.leaves, "the block with Python control flow must become a leaf"
+    assert r.num_sites == ZOO.get("style-control-flow").activation_sites
+    kinds = {s.kind for s in r.sites}
+    assert "input" in kinds, "the binarizer inside a conv's forward must be found"
+    assert any(s.in_leaf for s in r.sites), "the binarizer inside the leaf must still yield a site"
+
+
+# --------------------------------------------------------------------------- the FX trap
+
+
+class _STE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return torch.sign(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return g * (x.abs() <= 1).to(g.dtype)
+
+
+class _FnNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(8, 16)
+        self.bn = nn.BatchNorm1d(16)
+        self.fc2 = nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.fc2(_STE.apply(self.bn(self.fc1(x))))
+
+
+def test_plain_fx_loses_the_ste_gradient_and_bnnshift_does_not():
+    torch.manual_seed(0)
+    model = _FnNet()
+    x = torch.randn(32, 8)
+
+    def grad_of_fc1(m):
+        m.zero_grad()
+        m(x).pow(2).sum().backward()
+        return m.fc1.weight.grad.clone()
+
+    eager = grad_of_fc1(model)
+    assert eager.abs().sum() > 0
+    traced = torch.fx.symbolic_trace(copy.deepcopy(model))  # the trap, measured
+    traced_grad = grad_of_fc1(traced)
+    assert torch.count_nonzero(traced_grad) == 0, "plain FX inlines apply: the STE gradient vanishes"
+
+    report = scan_model(model, (8,))
+    assert report.num_sites == 1 and report.sites[0].op == "_STE.apply"
+    patched = insert_shifts(copy.deepcopy(model), report.sites, {s.name: 0.0 for s in report.sites})
+    patched_grad = grad_of_fc1(patched)
+    assert torch.equal(patched_grad, eager)
+
+
+def test_scan_with_data_measures_plus_fraction_and_preactivation():
+    model, shape = zoo_small("vgg-small")
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randn(16, *shape, generator=g) + 0.5 for _ in range(2)]
+    # calibrate BN on these batches, as after training: BN then centres on the mean
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+            m.momentum = None
+    model.train()
+    with torch.no_grad():
+        for xb in batches:
+            model(xb)
+    r = scan_model(model, shape, batches=batches, data_name="test")
+    for s in r.sites:
+        assert 0.0 <= s.plus_fraction <= 1.0
+        assert set(s.preact) == {"mean", "median", "std", "skew"}
+    # MaxPool skews the pre-activation: mean above median after BN (paper Fig. 4)
+    after_pool = [s for s in r.sites if s.pool == "MaxPool"]
+    assert after_pool and all(s.preact["mean"] > s.preact["median"] for s in after_pool)
+    assert all(s.plus_fraction < 0.5 for s in after_pool), "more -1 than +1 after MaxPool"
+
+
+def test_model_without_binary_activation_raises_no_sites():
+    from bnnshift.errors import NoSitesError
+
+    with pytest.raises(NoSitesError):
+        scan_model(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)), (4,), require_sites=True)
