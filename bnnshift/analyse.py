@@ -59,7 +59,7 @@ def _first_arg(node: fx.Node) -> fx.Node | None:
     return None
 
 
-def _skip_transparent(node: fx.Node) -> fx.Node:
+def _skip_transparent(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
     cur = node
     for _ in range(16):
         if (cur.op == "call_method" and cur.target in _TRANSPARENT_METHODS) or \
@@ -68,7 +68,7 @@ def _skip_transparent(node: fx.Node) -> fx.Node:
             if nxt is None:
                 break
             cur = nxt
-        elif cur.op == "call_module" and isinstance(_module_of(cur), (nn.Identity, nn.Dropout, nn.Flatten)):
+        elif cur.op == "call_module" and isinstance(_module(gm, cur), (nn.Identity, nn.Dropout, nn.Flatten)):
             nxt = _first_arg(cur)
             if nxt is None:
                 break
@@ -76,13 +76,6 @@ def _skip_transparent(node: fx.Node) -> fx.Node:
         else:
             break
     return cur
-
-
-_GM: fx.GraphModule | None = None
-
-
-def _module_of(node: fx.Node):
-    return _module(_GM, node) if _GM is not None else None
 
 
 def _preact_node(site: Site, node: fx.Node, gm: fx.GraphModule) -> fx.Node | None:
@@ -105,7 +98,7 @@ def classify_producer(gm: fx.GraphModule, node: fx.Node | None) -> tuple[str, st
     """(kind, module path) of what computes the pre-activation."""
     if node is None:
         return "unknown", None
-    node = _skip_transparent(node)
+    node = _skip_transparent(gm, node)
     if node.op == "placeholder":
         return "model input", None
     if node.op == "call_module":
@@ -257,63 +250,54 @@ def advice_for(site: Site) -> list[str]:
 
 def analyse(disc: Discovery, model: nn.Module) -> list[Site]:
     """Fill in the context fields of every site of ``disc`` (in place); returns the sites."""
-    global _GM
     mods = dict(model.named_modules())
     gm = disc.trace.graph_module if disc.trace is not None else None
-    _GM = gm
     site_nodes = set(disc.node_of_site.values())
-    try:
-        for s in disc.sites:
-            node = disc.node_of_site.get(s.name)
-            if s.kind == KIND_MODULE:
-                m = mods.get(s.module)
-                params = dict(m.named_parameters(recurse=True)) if m is not None else {}
-                small = {k: v for k, v in params.items() if v.dim() <= 4 and v.numel() <= 4096}
-                if small:
-                    k, v = next(iter(small.items()))
-                    s.threshold = _threshold_stats(v)
-                    s.foldable = f"bias:{s.module}.{k}"
-                    s.fold_reason = "the binarizer module has its own learnable bias"
-            if node is None or gm is None:
-                if s.in_leaf:
-                    s.producer = f"inside untraced leaf {s.in_leaf}"
-                    s.fold_reason = s.fold_reason or "found inside an untraced module: context unknown"
-                s.advice = advice_for(s)
-                continue
-            pre = _preact_node(s, node, gm)
-            s.producer, producer_path = classify_producer(gm, pre)
-            s.pool = find_pool(gm, pre)
-            s.follower, s.follower_slope = find_follower(gm, node, site_nodes)
-            if s.producer == "learnable bias" and producer_path:
-                pm = mods.get(producer_path)
-                p = next(iter(pm.parameters(recurse=False)))
-                s.threshold = _threshold_stats(-p)  # x + b > 0  <=>  x > -b
-            if s.foldable is None and pre is not None:
-                base = _skip_transparent(pre)
-                if s.producer == "BatchNorm" and producer_path and _single_use_chain(base, node if s.kind != KIND_INPUT else _input_consumer(node)):
-                    bn = mods[producer_path]
-                    if getattr(bn, "affine", False):
-                        s.foldable = f"bn:{producer_path}"
-                        s.fold_reason = "BatchNorm output feeds only this binarizer: beta' = beta - t"
-                    else:
-                        s.fold_reason = "BatchNorm without affine bias: would need running_mean (eval only)"
-                elif s.producer == "learnable bias" and producer_path and _single_use_chain(base, node):
-                    pname = next(iter(dict(mods[producer_path].named_parameters(recurse=False))))
-                    s.foldable = f"bias:{producer_path}.{pname}"
-                    s.fold_reason = "learnable bias feeds only this binarizer: b' = b - t"
-                elif s.producer == "residual add":
-                    s.fold_reason = "the pre-activation is the residual stream (also feeds the shortcut)"
-                elif not s.fold_reason:
-                    s.fold_reason = f"producer {s.producer} has no bias to absorb t, or feeds other layers"
-            if s.apply == APPLY_PRE_HOOK and s.kind == KIND_INPUT and s.foldable and pre is not None:
-                # the conv's input must go nowhere else for the fold to be exact
-                if len(_skip_transparent(pre).users) != 1:
-                    s.foldable, s.fold_reason = None, "the pre-activation also feeds other layers"
+    for s in disc.sites:
+        node = disc.node_of_site.get(s.name)
+        if s.kind == KIND_MODULE:
+            m = mods.get(s.module)
+            params = dict(m.named_parameters(recurse=True)) if m is not None else {}
+            small = {k: v for k, v in params.items() if v.dim() <= 4 and v.numel() <= 4096}
+            if small:
+                k, v = next(iter(small.items()))
+                s.threshold = _threshold_stats(v)
+                s.foldable = f"bias:{s.module}.{k}"
+                s.fold_reason = "the binarizer module has its own learnable bias"
+        if node is None or gm is None:
+            if s.in_leaf:
+                s.producer = f"inside untraced leaf {s.in_leaf}"
+                s.fold_reason = s.fold_reason or "found inside an untraced module: context unknown"
             s.advice = advice_for(s)
-    finally:
-        _GM = None
+            continue
+        pre = _preact_node(s, node, gm)
+        s.producer, producer_path = classify_producer(gm, pre)
+        s.pool = find_pool(gm, pre)
+        s.follower, s.follower_slope = find_follower(gm, node, site_nodes)
+        if s.producer == "learnable bias" and producer_path:
+            pm = mods.get(producer_path)
+            p = next(iter(pm.parameters(recurse=False)))
+            s.threshold = _threshold_stats(-p)  # x + b > 0  <=>  x > -b
+        if s.foldable is None and pre is not None:
+            base = _skip_transparent(gm, pre)
+            if s.producer == "BatchNorm" and producer_path and _single_use_chain(base, node):
+                bn = mods[producer_path]
+                if getattr(bn, "affine", False):
+                    s.foldable = f"bn:{producer_path}"
+                    s.fold_reason = "BatchNorm output feeds only this binarizer: beta' = beta - t"
+                else:
+                    s.fold_reason = "BatchNorm without affine bias: would need running_mean (eval only)"
+            elif s.producer == "learnable bias" and producer_path and _single_use_chain(base, node):
+                pname = next(iter(dict(mods[producer_path].named_parameters(recurse=False))))
+                s.foldable = f"bias:{producer_path}.{pname}"
+                s.fold_reason = "learnable bias feeds only this binarizer: b' = b - t"
+            elif s.producer == "residual add":
+                s.fold_reason = "the pre-activation is the residual stream (also feeds the shortcut)"
+            elif not s.fold_reason:
+                s.fold_reason = f"producer {s.producer} has no bias to absorb t, or feeds other layers"
+        if s.apply == APPLY_PRE_HOOK and s.kind == KIND_INPUT and s.foldable and pre is not None:
+            # the conv's input must go nowhere else for the fold to be exact
+            if len(_skip_transparent(gm, pre).users) != 1:
+                s.foldable, s.fold_reason = None, "the pre-activation also feeds other layers"
+        s.advice = advice_for(s)
     return disc.sites
-
-
-def _input_consumer(node: fx.Node) -> fx.Node:
-    return node

@@ -160,3 +160,17 @@ def test_model_without_binary_activation_raises_no_sites():
 
     with pytest.raises(NoSitesError):
         scan_model(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)), (4,), require_sites=True)
+
+
+@pytest.mark.parametrize("name", ["vgg-small", "xnor-resnet18", "reactnet-a", "style-scaled", "style-temperature",
+                                  "style-detach-ste", "style-heaviside", "style-control-flow", "bireal-resnet18"])
+def test_detection_does_not_depend_on_the_zoo_detectors(name, monkeypatch):
+    """The zoo's detectors name its classes; scan must find the same sites without them."""
+    from bnnshift import registry
+
+    monkeypatch.setattr(registry, "binarizer_module_types", lambda: ())
+    monkeypatch.setattr(registry.DETECTORS, "_items", {})
+    model, shape = zoo_small(name)
+    report = scan_model(model, shape)
+    entry = ZOO.get(name)
+    assert (report.num_sites, report.weight_binarizers) == (entry.activation_sites, entry.weight_binarizers)

@@ -1,0 +1,116 @@
+"""The search journal: one JSON line per finished candidate, appended as soon as it ends.
+
+Each line is written with a single ``write`` of a complete line, then flushed and fsynced,
+so ``kill -9`` loses at most the candidate in flight. A torn last line (the process died
+mid-write) and any line that is not a complete record are ignored when reading.
+Records are keyed by ``(shift, seed, config_hash)``: a changed configuration never reuses
+stale results.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+from .errors import OutputError
+
+JOURNAL_NAME = "journal.jsonl"
+
+
+def shift_key(shift: float) -> str:
+    """A float-noise-free key for a shift (0.1 + 0.2 and 0.3 are the same candidate)."""
+    v = round(float(shift), 9)
+    return repr(0.0 if v == 0 else v)
+
+
+def candidate_key(shift: float, seed: int, config_hash: str) -> tuple[str, int, str]:
+    return (shift_key(shift), int(seed), str(config_hash))
+
+
+class Journal:
+    """Append-only ``journal.jsonl`` in a search's output directory."""
+
+    def __init__(self, path: str | os.PathLike[str]):
+        self.path = Path(path)
+
+    def records(self) -> Iterator[dict[str, Any]]:
+        """Complete records in file order (torn or garbage lines skipped)."""
+        try:
+            text = self.path.read_bytes().decode("utf-8", errors="replace")
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise OutputError(f"cannot read journal {self.path}: {exc.strerror or exc}") from exc
+        for line in text.split("\n"):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(rec, dict) and isinstance(rec.get("result"), dict) and "config_hash" in rec:
+                yield rec
+
+    def finished(self, config_hash: str) -> dict[tuple[str, int, str], dict[str, Any]]:
+        """Finished candidates of this configuration: key -> result record (last one wins)."""
+        out: dict[tuple[str, int, str], dict[str, Any]] = {}
+        for rec in self.records():
+            if rec.get("config_hash") != config_hash:
+                continue
+            try:
+                key = candidate_key(rec["shift"], rec["seed"], rec["config_hash"])
+            except (KeyError, TypeError, ValueError):
+                continue
+            out[key] = rec["result"]
+        return out
+
+    def append(self, shift: float, seed: int, config_hash: str, result: dict[str, Any]) -> None:
+        line = json.dumps({"shift": float(shift), "seed": int(seed), "config_hash": config_hash,
+                           "result": result}, separators=(",", ":"), default=_jsonable) + "\n"
+        self._repair_tail()
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+            try:
+                data = line.encode("utf-8")
+                written = 0
+                while written < len(data):
+                    written += os.write(fd, data[written:])
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise OutputError(f"cannot append to journal {self.path}: {exc.strerror or exc}") from exc
+
+    def _repair_tail(self) -> None:
+        """A torn last line (no newline) would glue onto the next record: end it first."""
+        try:
+            with open(self.path, "rb") as fh:
+                fh.seek(0, os.SEEK_END)
+                if fh.tell() == 0:
+                    return
+                fh.seek(-1, os.SEEK_END)
+                last = fh.read(1)
+        except FileNotFoundError:
+            return
+        if last != b"\n":
+            with open(self.path, "ab") as fh:
+                fh.write(b"\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+
+    def reset(self) -> None:
+        """Start a fresh journal (a new search into a --force'd directory)."""
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def _jsonable(o: Any):
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    if isinstance(o, (set, tuple)):
+        return list(o)
+    return str(o)
