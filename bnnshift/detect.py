@@ -117,8 +117,13 @@ def example_input(input_shape: tuple[int, ...], batch: int = PROBE_BATCH, seed: 
     return torch.randn((batch, *input_shape), generator=g)
 
 
-def dynamic_pass(model: nn.Module, x: torch.Tensor) -> DynamicPass:
-    """Run ``x`` through ``model`` (eval, no grad) recording calls and candidate ops."""
+def dynamic_pass(model: nn.Module, x: torch.Tensor, *, train_mode: bool = True) -> DynamicPass:
+    """Run ``x`` through ``model`` (no grad) recording calls and candidate ops.
+
+    Train mode by default (callers pass a copy): BatchNorm then normalises with batch
+    statistics, as in training, instead of the fresh running statistics of an untrained
+    model, which pass integer-valued binary-conv outputs through unchanged.
+    """
     result = DynamicPass()
     rt = SiteRuntime(model, watch_scopes=None)
     mods = dict(model.named_modules())
@@ -134,7 +139,7 @@ def dynamic_pass(model: nn.Module, x: torch.Tensor) -> DynamicPass:
     rt.any_pre, rt.any_post = any_pre, any_post
     rt.record_ops = lambda ev: result.ops.append((ev, summarize(ev.inputs[0] if ev.inputs else None), summarize(ev.output)))
     was_training = model.training
-    model.eval()
+    model.train(train_mode)
     try:
         rt.install(track_all_calls=True)
         with torch.no_grad():
@@ -171,6 +176,8 @@ def binarizer_module_paths(model: nn.Module, dyn: DynamicPass) -> set[str]:
     for rec in dyn.calls:
         if not rec.path or rec.path in found:
             continue
+        if type(mods[rec.path]).__module__.startswith("torch.nn."):
+            continue  # a torch layer (Hardtanh on large inputs, ReLU...) is never a binarizer
         if rec.out.binary and rec.inp.is_tensor and rec.inp.is_float and rec.inp.distinct > 8 \
                 and not _has_weight_layer(mods[rec.path]):
             found.add(rec.path)

@@ -34,7 +34,7 @@ def small(name):
     if name in IMAGENET_STYLE:
         return {"width": 0.125}, (3, 32, 32)
     if name.startswith("resnet20"):
-        return {"width": 0.5}, entry.input_shape
+        return {"width": 0.25}, entry.input_shape
     if name.startswith("vgg-small"):
         return {"width": 0.25}, entry.input_shape
     return {}, entry.input_shape

@@ -1,0 +1,198 @@
+"""The search report: ``search.json`` (everything), ``search.md`` (the table and the verdict),
+``search.png`` (score vs shift with seed error bars: the paper's Fig. 6 view), each written
+atomically; ``search.json`` is written last (it is the manifest). ``--patch-out`` writes the
+patched model with the winning shift through ``bnnshift.patch``.
+"""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ._io import atomic_save_safetensors, atomic_write_bytes, atomic_write_json, atomic_write_text, prepare_output_dir
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .search import SearchSummary
+
+__all__ = ["write_report", "render_markdown", "render_png", "render_table", "write_patched"]
+
+
+def _pct(v: float | None, nd: int = 2) -> str:
+    return "-" if v is None else f"{v * 100:.{nd}f}"
+
+
+def _score_text(s) -> str:
+    if s.mean is None:
+        return "-"
+    return f"{s.mean * 100:.2f} ± {(s.std or 0) * 100:.2f}" if s.n > 1 else f"{s.mean * 100:.2f}"
+
+
+def render_markdown(summary: "SearchSummary") -> str:
+    cfg = summary.config
+    lines = [f"# bnnshift search: {cfg.get('model', 'model')} on {cfg.get('data', '-')}", ""]
+    lines.append(f"- metric: `{summary.metric}` (percent), seeds: {summary.seeds}, sites: {len(summary.sites)}")
+    lines.append(f"- winner: **t = {summary.winner:g}**" if summary.winner is not None else "- winner: none (all failed)")
+    lines.append(f"- {summary.noise_note}")
+    lines.append(f"- same initial weights across candidates of a seed: {summary.shared_init}; "
+                 f"same batch order: {summary.shared_batches}")
+    comp = ("compiled" if summary.compiled else "eager") if summary.compiled is not None else "-"
+    if summary.compile_seconds:
+        comp += f" (first compiled step {summary.compile_seconds:.1f}s)"
+    if summary.compile_error:
+        comp += f"; compile failed, eager fallback: {summary.compile_error}"
+    lines.append(f"- training step: {comp}; wall time {summary.seconds:.1f}s; resumed candidates: {summary.resumed}")
+    lines.append(f"- config hash: `{summary.config_hash}`")
+    lines += ["", "| t | score | loss | +1 share (mean over sites) | n | status |", "|---|---|---|---|---|---|"]
+    for s in summary.stats:
+        mark = " **(winner)**" if summary.winner is not None and s.shift == summary.winner else ""
+        lines.append(f"| {s.shift:g}{mark} | {_score_text(s)} | {'-' if s.loss is None else f'{s.loss:.4f}'} | "
+                     f"{'-' if s.plus_fraction_mean is None else f'{s.plus_fraction_mean:.3f}'} | {s.n} | "
+                     f"{s.status}{f' ({s.failed} failed)' if s.failed else ''} |")
+    failed = [c for c in summary.candidates if not c.ok]
+    if failed:
+        lines += ["", "## Failed candidates", ""]
+        for c in failed:
+            lines.append(f"- t = {c.shift:g}, seed {c.seed}: {c.error or 'failed'}"
+                         + (f" (step {c.failed_step})" if c.failed_step else ""))
+    if summary.sites and any(s.plus_fraction for s in summary.stats):
+        lines += ["", "## +1 share per site at the end of the epoch (BN statistics re-estimated)", "",
+                  "| t | " + " | ".join(summary.sites) + " |", "|---|" + "---|" * len(summary.sites)]
+        for s in summary.stats:
+            lines.append(f"| {s.shift:g} | " + " | ".join(
+                "-" if s.plus_fraction.get(n) is None else f"{s.plus_fraction[n]:.3f}" for n in summary.sites) + " |")
+    lines += ["", "Score = train accuracy accumulated over the first epoch (Kim et al. CVPR 2021, claim 5: its trend "
+              "over t follows the final validation accuracy). ![score vs shift](search.png)", ""]
+    return "\n".join(lines)
+
+
+def render_png(summary: "SearchSummary") -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 4), dpi=100)
+    ax = fig.add_subplot(111)
+    ok = [s for s in summary.stats if s.mean is not None]
+    if ok:
+        ax.errorbar([s.shift for s in ok], [s.mean * 100 for s in ok], yerr=[(s.std or 0) * 100 for s in ok],
+                    marker="o", capsize=3, label=summary.metric)
+        if summary.winner is not None:
+            w = next(s for s in ok if s.shift == summary.winner)
+            ax.plot([w.shift], [w.mean * 100], marker="*", markersize=14, color="tab:red", linestyle="none",
+                    label=f"winner t={w.shift:g}")
+    bad = [s for s in summary.stats if s.mean is None]
+    if bad and ok:
+        lo = min(s.mean for s in ok) * 100
+        ax.plot([s.shift for s in bad], [lo] * len(bad), marker="x", color="gray", linestyle="none", label="failed")
+    ax.axvline(0.0, color="gray", linewidth=0.8, linestyle=":")
+    ax.set_xlabel("threshold shift t  (sign(x - t))")
+    ax.set_ylabel(f"{summary.metric} after one epoch (%)")
+    ax.set_title(f"{summary.config.get('model', 'model')}: first-epoch score vs shift (n={len(summary.seeds)} seeds)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def write_report(summary: "SearchSummary", out_dir: str | Path) -> dict[str, str]:
+    """Write search.md, search.png, then search.json (the manifest) into ``out_dir``.
+
+    Returns ``{"json": path, "md": path, "png": path, "journal": path}``.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files = {"md": str(out / "search.md"), "png": str(out / "search.png"), "json": str(out / "search.json"),
+             "journal": str(out / "journal.jsonl")}
+    summary.files = files
+    atomic_write_text(files["md"], render_markdown(summary))
+    atomic_write_bytes(files["png"], render_png(summary))
+    atomic_write_json(files["json"], summary.to_json())
+    return files
+
+
+def render_table(summary: "SearchSummary"):
+    """The final rich table: t, score mean ± std, loss, +1 share (mean over sites), status."""
+    from rich.table import Table
+
+    t = Table(title=f"first-epoch search ({summary.metric}, {len(summary.seeds)} seed"
+                    f"{'s' if len(summary.seeds) != 1 else ''}, {len(summary.sites)} sites)")
+    for c in ("t", "score %", "loss", "+1 share", "n", "status"):
+        t.add_column(c, justify="right" if c != "status" else "left")
+    for s in summary.stats:
+        win = summary.winner is not None and s.shift == summary.winner
+        t.add_row(f"{s.shift:g}" + (" *" if win else ""), _score_text(s), "-" if s.loss is None else f"{s.loss:.4f}",
+                  "-" if s.plus_fraction_mean is None else f"{s.plus_fraction_mean:.3f}", str(s.n),
+                  s.status + (f" ({s.failed} failed)" if s.failed else ""), style="bold" if win else None)
+    return t
+
+
+# ------------------------------------------------------------------------------ --patch-out
+
+
+def write_patched(ctx: Any, summary: "SearchSummary", out_dir: str | Path, *, force: bool = False,
+                  cfg: Any = None) -> Path:
+    """Write the model (initial weights, or the checkpoint) patched with the winning shift.
+
+    Uses ``bnnshift.patch`` (``patch_model`` + ``save_patched``) when it is installed; else a
+    small adapter writes the same kind of artifact: ``recipe.json`` + ``model.safetensors``.
+    """
+    shift = float(summary.winner)
+    shifts = {s.name: shift for s in ctx.sites}
+    try:
+        from . import patch as patch_mod  # noqa: F401
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("bnnshift.patch",):
+            raise
+        patch_mod = None
+    if patch_mod is not None and hasattr(patch_mod, "save_patched"):
+        return _via_patch_module(patch_mod, ctx, shifts, out_dir, force=force, cfg=cfg)
+    return _adapter(ctx, shifts, out_dir, force=force, cfg=cfg, summary=summary)
+
+
+def _via_patch_module(patch_mod, ctx, shifts, out_dir, *, force, cfg) -> Path:
+    import inspect
+
+    seed = cfg.seeds[0] if cfg is not None else 0
+    model = ctx.factory(seed)
+    pm = getattr(patch_mod, "patch_model")
+    params = inspect.signature(pm).parameters
+    kw: dict[str, Any] = {}
+    if "shifts" in params:
+        kw["shifts"] = shifts
+    if "sites" in params:
+        kw["sites"] = ctx.sites
+    if "input_shape" in params:
+        kw["input_shape"] = ctx.input_shape
+    got = pm(model, **kw)
+    model_out, recipe = (got if isinstance(got, tuple) and len(got) == 2 else (model, getattr(got, "recipe", got)))
+    res = patch_mod.save_patched(model_out, recipe, Path(out_dir), force)
+    return Path(res) if isinstance(res, (str, Path)) else Path(out_dir)
+
+
+def _adapter(ctx, shifts, out_dir, *, force, cfg, summary) -> Path:
+    import torch
+
+    from .shift import insert_shifts, threshold_key
+
+    out = prepare_output_dir(out_dir, force=force)
+    seed = cfg.seeds[0] if cfg is not None else 0
+    model = ctx.factory(seed)
+    insert_shifts(model, ctx.sites, shifts)
+    sd = {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+    atomic_save_safetensors(sd, out / "model.safetensors", metadata={"bnnshift": "search --patch-out"})
+    recipe = {
+        "format": "bnnshift-recipe", "version": 1, "written_by": "bnnshift search --patch-out (adapter)",
+        "model": cfg.model if cfg is not None else ctx.name,
+        "model_args": dict(cfg.model_args) if cfg is not None else {},
+        "input_shape": list(ctx.input_shape or ()),
+        "shifts": {s.name: shifts[s.name] for s in ctx.sites},
+        "threshold_keys": {s.name: threshold_key(s) for s in ctx.sites},
+        "sites": [s.to_json() for s in ctx.sites],
+        "search": {"winner": summary.winner, "config_hash": summary.config_hash, "metric": summary.metric},
+        "weights": "model.safetensors",
+    }
+    atomic_write_json(out / "recipe.json", recipe)  # the manifest, last
+    return out

@@ -1,0 +1,886 @@
+"""Phase 6: the first-epoch calibration search (paper claim 5).
+
+Train ONE short epoch per candidate shift ``t`` and rank the candidates by train accuracy.
+Every candidate starts from the same initial weights (seeded init, or the checkpoint) and
+sees the same batches in the same order (fixed by the seed); only ``t`` differs. Each
+candidate records the sha256 of its initial state_dict and the hash of its batch order, so
+the report can show that this held.
+
+Layers, from the bottom:
+
+* :func:`run_candidate` ``(cfg, shift, seed) -> CandidateResult``: a pure function of its
+  arguments (a worker on another machine gets the same score). In one process it reuses one
+  patched model per configuration (weights and threshold buffers are rewritten in place
+  between candidates), so the compiled training step is built once.
+* :func:`search_with` ``(model_factory, train_one_epoch, shifts, seeds, ...)``: the library
+  entry point for teams with their own training code; patching, same init, journal, resume
+  and report are done around their ``train_one_epoch(model, *, seed, shift)``.
+* :func:`search` ``(cfg)``: the CLI's search; ``search_with`` with the default trainer
+  (:class:`bnnshift.train.DefaultTrainer`).
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from ._io import prepare_output_dir, sha256_state_dict
+from .errors import DataError, NoSitesError, TrainingError, UsageError
+from .journal import JOURNAL_NAME, Journal, candidate_key, shift_key
+from .sites import Site
+
+__all__ = [
+    "SearchConfig", "CandidateResult", "ShiftStats", "SearchSummary", "parse_shifts", "parse_seeds",
+    "run_candidate", "search", "search_with", "init_hash",
+]
+
+PROBE_SAMPLES = 512  # training samples for the end-of-epoch +1 shares
+METRICS = ("train_acc", "last_acc", "val_acc")
+
+
+# ------------------------------------------------------------------------------ grids
+
+
+def parse_shifts(text: str | Sequence[float]) -> list[float]:
+    """``"-1:2:0.25"`` (start:stop:step, stop included when it lands on the grid) or ``"0,0.5,1"``.
+
+    Float steps are counted, not accumulated (``0:1:0.1`` has 11 points ending at 1.0).
+    Raises ``UsageError`` for an empty grid, a step <= 0 or garbage.
+    """
+    if not isinstance(text, str):
+        vals = [float(v) for v in text]
+    else:
+        s = text.strip()
+        if not s:
+            raise UsageError("empty --shifts", hint="e.g. --shifts -1:2:0.25 or --shifts 0,0.5,1")
+        try:
+            if ":" in s:
+                parts = s.split(":")
+                if len(parts) != 3:
+                    raise ValueError
+                a, b, st = (float(p) for p in parts)
+                if not st > 0:
+                    raise UsageError(f"bad --shifts {text!r}: the step must be > 0", hint="e.g. -1:2:0.25")
+                if b < a:
+                    raise UsageError(f"bad --shifts {text!r}: empty grid (stop < start)", hint="e.g. -1:2:0.25")
+                n = int(math.floor((b - a) / st + 1e-9))
+                if n > 10_000:
+                    raise UsageError(f"bad --shifts {text!r}: {n + 1} candidates", hint="use a coarser step")
+                vals = [round(a + i * st, 10) for i in range(n + 1)]
+            else:
+                vals = [float(p) for p in s.split(",") if p.strip()]
+        except UsageError:
+            raise
+        except ValueError:
+            raise UsageError(f"bad --shifts {text!r}", hint="use START:STOP:STEP or a comma list, "
+                                                           "e.g. -1:2:0.25 or 0,0.5,1") from None
+    if not vals:
+        raise UsageError("empty shift grid", hint="e.g. --shifts -1:2:0.25 or --shifts 0,0.5,1")
+    if any(not math.isfinite(v) for v in vals):
+        raise UsageError("shifts must be finite numbers")
+    out: list[float] = []
+    seen: set[str] = set()
+    for v in vals:
+        k = shift_key(v)
+        if k not in seen:
+            seen.add(k)
+            out.append(float(k))
+    return out
+
+
+def parse_seeds(n: int | None = None, seed_list: str | Sequence[int] | None = None) -> list[int]:
+    """``--seeds N`` -> [0..N-1]; ``--seed-list 0,3`` -> [0, 3]."""
+    if seed_list is not None and seed_list != "":
+        try:
+            vals = [int(v) for v in (seed_list.split(",") if isinstance(seed_list, str) else seed_list)
+                    if str(v).strip() != ""]
+        except ValueError:
+            raise UsageError(f"bad --seed-list {seed_list!r}", hint="e.g. --seed-list 0,1,2") from None
+        if not vals:
+            raise UsageError("empty --seed-list")
+        return list(dict.fromkeys(vals))
+    n = 1 if n is None else int(n)
+    if n < 1:
+        raise UsageError(f"bad --seeds {n}", hint="use a positive number")
+    return list(range(n))
+
+
+# ------------------------------------------------------------------------------ config
+
+
+@dataclass
+class SearchConfig:
+    """Everything that decides a candidate's score, except its shift and seed.
+
+    ``lr=None`` means the optimizer's default (Adam 1e-3, SGD 0.05; docs/search.md).
+    ``compile``: 'auto' (torch.compile the forward+loss, eager on any error), 'off'.
+    ``metric`` ranks the candidates: 'train_acc' (accumulated over the epoch, the paper's
+    signal), 'last_acc' (last 25% of the steps) or 'val_acc' (needs ``val``).
+    """
+
+    model: str
+    data: str
+    model_args: dict[str, Any] = field(default_factory=dict)
+    checkpoint: str | None = None
+    input_shape: tuple[int, ...] | None = None
+    shifts: list[float] = field(default_factory=lambda: [0.0])
+    seeds: list[int] = field(default_factory=lambda: [0])
+    epochs: int = 1
+    steps: int | None = None
+    batch_size: int = 256
+    optimizer: str = "adam"
+    lr: float | None = None
+    weight_decay: float = 0.0
+    momentum: float | None = None
+    train_config: str | None = None
+    hardtanh: bool = False
+    val: bool = False
+    bn_recalib_batches: int = 20
+    device: str = "cpu"
+    compile: str = "auto"
+    dtype: str = "float32"
+    train_limit: int | None = None
+    val_limit: int | None = None
+    metric: str = "train_acc"
+    download: bool = False
+    strict: bool = True
+
+    # fields that do not change a score (or are the candidate itself)
+    _NOT_HASHED = ("shifts", "seeds", "device", "compile")
+
+    def __post_init__(self):
+        if self.input_shape is not None:
+            self.input_shape = tuple(int(v) for v in self.input_shape)
+        if self.metric not in METRICS:
+            raise UsageError(f"unknown metric {self.metric!r}", hint=f"use one of {', '.join(METRICS)}")
+        if self.metric == "val_acc" and not self.val:
+            raise UsageError("metric val_acc needs --val")
+        if self.batch_size <= 0:
+            raise UsageError(f"bad --batch-size {self.batch_size}")
+        if self.steps is not None and self.steps <= 0:
+            raise UsageError(f"bad --steps {self.steps}", hint="use a positive number")
+        if self.epochs <= 0:
+            raise UsageError(f"bad --epochs {self.epochs}", hint="use a positive number")
+        if self.dtype not in ("float32", "float64"):
+            raise UsageError(f"bad dtype {self.dtype!r}", hint="float32 or float64")
+        if self.compile not in ("auto", "on", "off"):
+            raise UsageError(f"bad compile mode {self.compile!r}", hint="auto, on or off")
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["input_shape"] = list(self.input_shape) if self.input_shape else None
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "SearchConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def hashed_fields(self) -> dict[str, Any]:
+        d = self.to_json()
+        for k in self._NOT_HASHED:
+            d.pop(k, None)
+        return d
+
+    def config_hash(self) -> str:
+        """sha256 (16 hex) of every field that changes a score, plus the data fingerprint, the
+        checkpoint's sha256 and the resolved input shape; shifts, seeds, device, compile and
+        output paths are excluded (so a resume with more shifts reuses finished candidates)."""
+        ctx = _context(self)
+        return ctx.config_hash
+
+
+def _dtype(cfg: SearchConfig) -> torch.dtype:
+    return torch.float64 if cfg.dtype == "float64" else torch.float32
+
+
+def _device(cfg: SearchConfig) -> torch.device:
+    dev = cfg.device
+    if dev == "auto":
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
+    if dev.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {cfg.device}: CUDA is not available here", hint="use --device cpu")
+    return torch.device(dev)
+
+
+# ------------------------------------------------------------------------------ results
+
+
+@dataclass
+class CandidateResult:
+    """One (shift, seed) training. ``score`` is the config's metric (None when failed)."""
+
+    shift: float
+    seed: int
+    config_hash: str
+    status: str  # 'ok' | 'failed'
+    score: float | None = None
+    train_acc: float | None = None
+    last_acc: float | None = None
+    val_acc: float | None = None
+    loss: float | None = None
+    steps: int | None = None
+    failed_step: int | None = None
+    error: str | None = None
+    init_hash: str | None = None
+    batch_order_hash: str | None = None
+    first_losses: list[float] = field(default_factory=list)
+    plus_fraction: dict[str, float | None] = field(default_factory=dict)
+    plus_fraction_mean: float | None = None
+    seconds: float | None = None
+    compiled: bool | None = None
+    compile_seconds: float | None = None
+    compile_error: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+    resumed: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("resumed", None)
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "CandidateResult":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+@dataclass
+class ShiftStats:
+    """Aggregate over seeds for one shift."""
+
+    shift: float
+    n: int
+    failed: int
+    mean: float | None
+    std: float | None
+    stderr: float | None
+    loss: float | None
+    plus_fraction_mean: float | None
+    plus_fraction: dict[str, float | None]
+    status: str  # 'ok' | 'failed' | 'partial'
+
+
+@dataclass
+class SearchSummary:
+    """What a search produced. ``winner`` is the shift with the best mean score."""
+
+    config: dict[str, Any]
+    config_hash: str
+    metric: str
+    sites: list[str]
+    seeds: list[int]
+    shifts: list[float]
+    candidates: list[CandidateResult]
+    stats: list[ShiftStats]
+    winner: float | None
+    baseline: float | None
+    noise_note: str
+    ahead_of_baseline: bool | None
+    seconds: float
+    compiled: bool | None = None
+    compile_seconds: float | None = None
+    compile_error: str | None = None
+    resumed: int = 0
+    shared_init: bool = True
+    shared_batches: bool = True
+    out_dir: str | None = None
+    files: dict[str, str] = field(default_factory=dict)
+    patch_out: str | None = None
+
+    @property
+    def all_failed(self) -> bool:
+        return bool(self.candidates) and all(not c.ok for c in self.candidates)
+
+    def to_json(self) -> dict[str, Any]:
+        from ._version import __version__
+
+        return {
+            "bnnshift_version": __version__,
+            "command": "search",
+            "config": self.config,
+            "config_hash": self.config_hash,
+            "metric": self.metric,
+            "sites": self.sites,
+            "seeds": self.seeds,
+            "shifts": self.shifts,
+            "winner": self.winner,
+            "baseline": self.baseline,
+            "ahead_of_baseline": self.ahead_of_baseline,
+            "noise_note": self.noise_note,
+            "shared_init": self.shared_init,
+            "shared_batches": self.shared_batches,
+            "compiled": self.compiled,
+            "compile_seconds": self.compile_seconds,
+            "compile_error": self.compile_error,
+            "seconds": self.seconds,
+            "resumed": self.resumed,
+            "stats": [asdict(s) for s in self.stats],
+            "candidates": [c.to_json() for c in self.candidates],
+            "files": self.files,
+            "patch_out": self.patch_out,
+        }
+
+
+# ------------------------------------------------------------------------------ context
+
+
+def init_hash(model: nn.Module) -> str:
+    """sha256 of a model's state_dict without bnnshift's threshold buffers."""
+    from .shift import THRESHOLD_PREFIX
+
+    sd = {k: v for k, v in model.state_dict().items() if THRESHOLD_PREFIX not in k}
+    return sha256_state_dict(sd)
+
+
+@dataclass
+class _Context:
+    """One configuration's shared state in this process: data, one patched model, sites."""
+
+    model: nn.Module | None
+    sites: list[Site]
+    factory: Callable[[int], nn.Module]
+    trainer: Callable[..., Any]
+    config_hash: str
+    input_shape: tuple[int, ...] | None
+    probe_x: torch.Tensor | None = None
+    recalib_x: list[torch.Tensor] = field(default_factory=list)
+    val: tuple[torch.Tensor, torch.Tensor] | None = None
+    batch_hash: Callable[[int], str | None] = lambda seed: None
+    init_states: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
+    init_hashes: dict[int, str] = field(default_factory=dict)
+    fresh_model: bool = False
+    name: str = "model"
+    loaded: Any = None
+
+
+_CONTEXTS: dict[str, _Context] = {}
+
+
+def _cfg_key(cfg: SearchConfig) -> str:
+    d = cfg.to_json()
+    d.pop("shifts", None)
+    d.pop("seeds", None)
+    return json.dumps(d, sort_keys=True, default=str)
+
+
+def _load_bundle(cfg: SearchConfig, shape: tuple[int, ...]):
+    from .data import load_data
+
+    return load_data(cfg.data, input_shape=shape, train_limit=cfg.train_limit,
+                     val_limit=(cfg.val_limit if cfg.val else 0), seed=0, download=cfg.download)
+
+
+def _context(cfg: SearchConfig) -> _Context:
+    """Load data, build and scan the model, patch it with all thresholds at 0 (cached)."""
+    key = _cfg_key(cfg)
+    ctx = _CONTEXTS.get(key)
+    if ctx is not None:
+        return ctx
+    from .data import batch_order_hash
+    from .load import load_model
+    from .scan import resolve_input_shape
+    from .train import DefaultTrainer, set_threads
+
+    device, dtype = _device(cfg), _dtype(cfg)
+    set_threads(device.type)
+    from .data import parse_data_spec
+
+    parse_data_spec(cfg.data)  # a bad spec fails before the model is built
+    torch.manual_seed(0)
+    loaded = load_model(cfg.model, args=cfg.model_args, checkpoint=cfg.checkpoint, strict=cfg.strict)
+    shape = resolve_input_shape(cfg.input_shape, loaded.input_shape)
+    if len(shape) != 3:
+        raise DataError(f"input shape {shape} is not C,H,W", hint="pass --input-shape C,H,W")
+    bundle = _load_bundle(cfg, shape)
+    _check_forward(loaded.model, bundle.train_x[:2], bundle)
+    if cfg.val and bundle.val_x is None:
+        raise DataError(f"data set {bundle.name} has no held-out split for --val",
+                        hint="use a data set with a test/val split, or drop --val")
+
+    def factory(seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        return load_model(cfg.model, args=cfg.model_args, checkpoint=cfg.checkpoint, strict=cfg.strict).model
+
+    train_x = bundle.train_x.to(device=device, dtype=dtype)
+    train_y = bundle.train_y.to(device)
+    trainer = DefaultTrainer(cfg, train_x, train_y)
+    h = hashlib.sha256()
+    h.update(json.dumps(cfg.hashed_fields(), sort_keys=True, default=str).encode())
+    h.update(f"|data={bundle.fingerprint()}|ckpt={loaded.checkpoint_sha256}|shape={shape}".encode())
+    n, bs, steps = int(train_x.shape[0]), cfg.batch_size, trainer.num_steps()
+    rg = torch.Generator().manual_seed(12345)
+    recalib = [train_x[torch.randperm(n, generator=rg)[:bs]] for _ in range(max(0, cfg.bn_recalib_batches))]
+    ctx = _Context(
+        model=None, sites=[], factory=factory, trainer=trainer, config_hash=h.hexdigest()[:16],
+        input_shape=shape, probe_x=train_x[:PROBE_SAMPLES], recalib_x=recalib,
+        val=((bundle.val_x.to(device=device, dtype=dtype), bundle.val_y.to(device)) if cfg.val else None),
+        batch_hash=lambda seed: batch_order_hash(n, bs, seed=seed, steps=steps),
+        name=loaded.spec.canonical(), loaded=loaded)
+    ctx.sites = _find_sites(loaded.model, shape, hardtanh=cfg.hardtanh, name=ctx.name,
+                            batches=[train_x[:256].to(torch.float32).cpu()])
+    _CONTEXTS[key] = ctx
+    return ctx
+
+
+def _check_forward(model: nn.Module, xb: torch.Tensor, bundle) -> None:
+    """A shape mismatch between data and model is a DataError before any training."""
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(xb)
+    except Exception as exc:  # noqa: BLE001
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise DataError(f"the model does not accept samples of shape {tuple(xb.shape[1:])} from {bundle.name}: "
+                        f"{type(exc).__name__}: {first}",
+                        hint="pass the model's --input-shape C,H,W or a model --arg such as input_size") from None
+    finally:
+        model.train(was)
+    if not isinstance(out, torch.Tensor) or out.dim() != 2:
+        raise DataError(f"the model's output has shape {tuple(getattr(out, 'shape', ()))}, not (N, classes)")
+    if out.shape[1] < bundle.num_classes:
+        raise DataError(f"the model outputs {out.shape[1]} classes but {bundle.name} has {bundle.num_classes}",
+                        hint=f"pass --arg num_classes={bundle.num_classes}")
+
+
+def _find_sites(model: nn.Module, shape, *, hardtanh: bool, name: str, batches=None) -> list[Site]:
+    from .scan import NO_SITES_HINT, scan_model
+
+    report = scan_model(copy.deepcopy(model), shape, name=name, batches=batches)
+    sites = report.hardtanh_sites if hardtanh else report.sites
+    if not sites:
+        if hardtanh:
+            raise NoSitesError(f"no hardtanh found in {name} for --hardtanh",
+                               hint="--hardtanh shifts the hardtanh of a full-precision model")
+        raise NoSitesError(f"no binary activation found in {name}", hint=NO_SITES_HINT)
+    return list(sites)
+
+
+# ------------------------------------------------------------------------------ one candidate
+
+
+def _shared_model(ctx: _Context, seed: int) -> nn.Module:
+    """The patched model at the initial state of ``seed`` (weights and thresholds reset)."""
+    from .shift import insert_shifts
+
+    if ctx.model is None or ctx.fresh_model:
+        model = ctx.factory(seed)
+        insert_shifts(model, ctx.sites, {s.name: 0.0 for s in ctx.sites})
+        dev_dtype = getattr(ctx.trainer, "train_x", None)
+        if dev_dtype is not None:
+            model.to(device=dev_dtype.device, dtype=dev_dtype.dtype)
+        if ctx.fresh_model:
+            ctx.init_states.setdefault(seed, _clone_state(model))
+            ctx.init_hashes.setdefault(seed, init_hash(model))
+            model.load_state_dict(ctx.init_states[seed])
+            return model
+        ctx.model = model
+        ctx.init_states[seed] = _clone_state(model)
+        ctx.init_hashes[seed] = init_hash(model)
+    if seed not in ctx.init_states:
+        m = ctx.factory(seed)
+        ref = next(iter(ctx.model.state_dict().values()))
+        m.to(device=ref.device, dtype=_float_dtype(ctx.model))
+        sd = ctx.model.state_dict()
+        own = m.state_dict()
+        ctx.init_states[seed] = {k: (own[k].detach().clone() if k in own else torch.zeros_like(v)) for k, v in sd.items()}
+        ctx.init_hashes[seed] = init_hash(m)
+    ctx.model.load_state_dict(ctx.init_states[seed])
+    return ctx.model
+
+
+def _float_dtype(model: nn.Module) -> torch.dtype:
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+def _clone_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _set_shift(model: nn.Module, shift: float) -> None:
+    from .shift import get_thresholds
+
+    with torch.no_grad():
+        for t in get_thresholds(model).values():
+            t.fill_(float(shift))
+
+
+def _measure_after(ctx: _Context, model: nn.Module) -> tuple[dict[str, float | None], float | None]:
+    """+1 share per site at the end and held-out accuracy, on a copy with re-estimated BN stats
+    (the trained model itself is not touched: its hooks stay as compiled)."""
+    from .probe import probe_sites
+    from .train import evaluate, recalibrate_bn
+
+    probe_model = copy.deepcopy(model)
+    if ctx.recalib_x:
+        recalibrate_bn(probe_model, ctx.recalib_x)
+    plus: dict[str, float | None] = {}
+    if ctx.probe_x is not None:
+        res = probe_sites(probe_model, ctx.sites, [ctx.probe_x], update=False)
+        plus = {name: r.get("plus_fraction") for name, r in res.items()}
+    val_acc = None
+    if ctx.val is not None:
+        val_acc = evaluate(probe_model, ctx.val[0], ctx.val[1])
+    return plus, val_acc
+
+
+def _result_from(out: Any, *, shift: float, seed: int, ctx: _Context, metric: str,
+                 seconds: float) -> CandidateResult:
+    if isinstance(out, (int, float)) and not isinstance(out, bool):
+        out = {"score": float(out)}
+    if not isinstance(out, dict):
+        raise TrainingError(f"train_one_epoch returned {type(out).__name__}", hint="return a float or a dict")
+    out = dict(out)
+    known = {"train_acc", "last_acc", "val_acc", "loss", "steps", "failed_step", "error", "first_losses",
+             "compiled", "compile_seconds", "compile_error", "score", "batch_order_hash"}
+    r = CandidateResult(shift=float(shift), seed=int(seed), config_hash=ctx.config_hash, status="ok",
+                        init_hash=ctx.init_hashes.get(seed), seconds=seconds,
+                        batch_order_hash=out.get("batch_order_hash") or ctx.batch_hash(seed))
+    for k in ("train_acc", "last_acc", "val_acc", "loss", "steps", "failed_step", "error", "compiled",
+              "compile_seconds", "compile_error"):
+        if out.get(k) is not None:
+            setattr(r, k, out[k])
+    r.first_losses = [float(v) for v in out.get("first_losses") or []]
+    r.extra = {k: v for k, v in out.items() if k not in known and _plain(v)}
+    if r.failed_step is not None or r.error:
+        r.status = "failed"
+        return r
+    score = out.get("score")
+    if score is None:
+        score = getattr(r, metric, None)
+    if score is None:
+        score = r.train_acc
+    if score is None or not math.isfinite(float(score)):
+        r.status, r.error = "failed", r.error or f"no finite score (got {score!r})"
+        return r
+    r.score = float(score)
+    if r.loss is not None and not math.isfinite(r.loss):
+        r.status, r.error = "failed", f"loss is {r.loss}"
+        r.score = None
+    return r
+
+
+def _plain(v: Any) -> bool:
+    try:
+        json.dumps(v)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+def _run_in_context(ctx: _Context, shift: float, seed: int, metric: str,
+                    train_one_epoch: Callable | None = None) -> CandidateResult:
+    model = _shared_model(ctx, seed)
+    _set_shift(model, shift)
+    fn = train_one_epoch or ctx.trainer
+    t0 = time.perf_counter()
+    try:
+        out = fn(model, seed=seed, shift=float(shift))
+    except TrainingError as exc:
+        out = {"error": exc.one_line(), "failed_step": None}
+        r = _result_from({}, shift=shift, seed=seed, ctx=ctx, metric=metric, seconds=time.perf_counter() - t0)
+        r.status, r.error = "failed", out["error"]
+        return r
+    seconds = time.perf_counter() - t0
+    r = _result_from(out, shift=shift, seed=seed, ctx=ctx, metric=metric, seconds=seconds)
+    if r.ok:
+        try:
+            plus, val_acc = _measure_after(ctx, model)
+        except Exception as exc:  # noqa: BLE001 - a probe problem must not lose the training
+            plus, val_acc = {}, None
+            r.extra["probe_error"] = f"{type(exc).__name__}: {exc}"[:200]
+        r.plus_fraction = plus
+        vals = [v for v in plus.values() if v is not None]
+        r.plus_fraction_mean = sum(vals) / len(vals) if vals else None
+        if val_acc is not None:
+            r.val_acc = val_acc
+            if metric == "val_acc":
+                r.score = val_acc
+    return r
+
+
+def run_candidate(cfg: SearchConfig, shift: float, seed: int, *, model_factory: Callable | None = None,
+                  train_one_epoch: Callable | None = None,
+                  progress: Callable[[int, int], None] | None = None) -> CandidateResult:
+    """Train one candidate: ``cfg``'s model from the ``seed``'s initial weights (or the checkpoint),
+    all sites shifted by ``shift``, one epoch (or ``cfg.steps``) in the batch order of ``seed``.
+
+    A pure function of ``(cfg, shift, seed)``: the same arguments give the same result in any
+    process (bitwise on the same machine and torch build). ``model_factory(seed)`` overrides the
+    model (must build the same architecture), ``train_one_epoch`` the default trainer.
+    Returns a :class:`CandidateResult` (``status='failed'`` with ``failed_step`` on NaN/inf loss).
+    """
+    ctx = _context(cfg)
+    if model_factory is not None:
+        ctx = copy.copy(ctx)
+        ctx.factory, ctx.model, ctx.fresh_model = _as_factory(model_factory), None, True
+        ctx.init_states, ctx.init_hashes = {}, {}
+    trainer = train_one_epoch
+    if trainer is None and progress is not None:
+        ctx.trainer.progress = progress
+    try:
+        return _run_in_context(ctx, shift, seed, cfg.metric, trainer)
+    finally:
+        if trainer is None:
+            ctx.trainer.progress = None
+
+
+def _as_factory(model_factory: Callable) -> Callable[[int], nn.Module]:
+    from .train import signature_accepts
+
+    takes_seed = signature_accepts(model_factory, "seed")
+
+    def factory(seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        m = model_factory(seed=seed) if takes_seed else model_factory()
+        if not isinstance(m, nn.Module):
+            raise UsageError(f"model_factory returned {type(m).__name__}, not an nn.Module")
+        return m
+
+    return factory
+
+
+# ------------------------------------------------------------------------------ aggregate
+
+
+def _stats(candidates: list[CandidateResult], shifts: list[float], sites: list[str]) -> list[ShiftStats]:
+    out = []
+    for s in shifts:
+        cs = [c for c in candidates if shift_key(c.shift) == shift_key(s)]
+        ok = [c for c in cs if c.ok and c.score is not None]
+        n = len(ok)
+        mean = std = se = loss = pm = None
+        per_site: dict[str, float | None] = {}
+        if ok:
+            scores = [c.score for c in ok]
+            mean = sum(scores) / n
+            std = math.sqrt(sum((v - mean) ** 2 for v in scores) / (n - 1)) if n > 1 else 0.0
+            se = std / math.sqrt(n)
+            losses = [c.loss for c in ok if c.loss is not None]
+            loss = sum(losses) / len(losses) if losses else None
+            pms = [c.plus_fraction_mean for c in ok if c.plus_fraction_mean is not None]
+            pm = sum(pms) / len(pms) if pms else None
+            for name in sites:
+                vs = [c.plus_fraction.get(name) for c in ok if c.plus_fraction.get(name) is not None]
+                per_site[name] = sum(vs) / len(vs) if vs else None
+        status = "ok" if cs and len(ok) == len(cs) else ("failed" if not ok else "partial")
+        out.append(ShiftStats(shift=s, n=n, failed=len(cs) - len(ok), mean=mean, std=std, stderr=se, loss=loss,
+                              plus_fraction_mean=pm, plus_fraction=per_site, status=status if cs else "missing"))
+    return out
+
+
+def _noise_note(stats: list[ShiftStats], winner: ShiftStats | None, seeds: int) -> tuple[str, bool | None, float | None]:
+    base = next((s for s in stats if shift_key(s.shift) == shift_key(0.0) and s.mean is not None), None)
+    if winner is None:
+        return "every candidate failed", None, None
+    if base is None:
+        return "t = 0 is not in the grid (or failed): no baseline to compare with", None, None
+    if shift_key(winner.shift) == shift_key(0.0):
+        return "the winner is t = 0 (no shift)", False, 0.0
+    diff = winner.mean - base.mean
+    if seeds < 2 or winner.n < 2 or base.n < 2:
+        return (f"winner t = {winner.shift:g} is {diff * 100:+.2f} points ahead of t = 0 with one seed: no noise "
+                "estimate (use --seeds 3 or more)"), None, 0.0
+    noise = max(winner.std or 0.0, base.std or 0.0, 2 * math.sqrt((winner.stderr or 0) ** 2 + (base.stderr or 0) ** 2))
+    if diff <= noise:
+        return (f"winner t = {winner.shift:g} is NOT ahead of t = 0 by more than the seed noise "
+                f"({diff * 100:+.2f} points vs noise {noise * 100:.2f})"), False, noise
+    return (f"winner t = {winner.shift:g} is ahead of t = 0 by {diff * 100:+.2f} points, more than the seed noise "
+            f"({noise * 100:.2f})"), True, noise
+
+
+def summarise(candidates: list[CandidateResult], *, shifts: list[float], seeds: list[int], sites: list[str],
+              config: dict[str, Any], config_hash: str, metric: str, seconds: float) -> SearchSummary:
+    stats = _stats(candidates, shifts, sites)
+    ranked = [s for s in stats if s.mean is not None]
+    winner = max(ranked, key=lambda s: (s.mean, -abs(s.shift))) if ranked else None
+    note, ahead, _ = _noise_note(stats, winner, len(seeds))
+    inits = {c.init_hash for c in candidates if c.init_hash}
+    by_seed_init = {}
+    by_seed_batch = {}
+    shared_init = shared_batches = True
+    for c in candidates:
+        if by_seed_init.setdefault(c.seed, c.init_hash) != c.init_hash:
+            shared_init = False
+        if by_seed_batch.setdefault(c.seed, c.batch_order_hash) != c.batch_order_hash:
+            shared_batches = False
+    del inits
+    comp = next((c for c in candidates if c.compiled is not None and not c.resumed), None) or \
+        next((c for c in candidates if c.compiled is not None), None)
+    csec = next((c.compile_seconds for c in candidates if c.compile_seconds), None)
+    return SearchSummary(
+        config=config, config_hash=config_hash, metric=metric, sites=sites, seeds=list(seeds), shifts=list(shifts),
+        candidates=candidates, stats=stats, winner=winner.shift if winner else None,
+        baseline=next((s.mean for s in stats if shift_key(s.shift) == shift_key(0.0)), None),
+        noise_note=note, ahead_of_baseline=ahead, seconds=seconds,
+        compiled=comp.compiled if comp else None, compile_seconds=csec,
+        compile_error=next((c.compile_error for c in candidates if c.compile_error), None),
+        resumed=sum(1 for c in candidates if c.resumed), shared_init=shared_init, shared_batches=shared_batches)
+
+
+# ------------------------------------------------------------------------------ the search loop
+
+
+class _Progress:
+    """Hooks the CLI passes in: ``start(shift, seed, i, n, total_steps)``, ``step(done, total)``,
+    ``end(result)``; all optional."""
+
+    def __init__(self, obj: Any):
+        self.obj = obj
+
+    def call(self, name: str, *a):
+        fn = getattr(self.obj, name, None) if self.obj is not None else None
+        if fn is not None:
+            fn(*a)
+
+
+def _loop(ctx: _Context, *, shifts: list[float], seeds: list[int], metric: str, config: dict[str, Any],
+          out_dir: str | Path | None, resume: bool, force: bool, progress: Any,
+          train_one_epoch: Callable | None, step_progress_target: Any) -> SearchSummary:
+    t0 = time.perf_counter()
+    journal = None
+    done: dict = {}
+    if out_dir is not None:
+        out = Path(out_dir)
+        if resume:
+            out.mkdir(parents=True, exist_ok=True)
+            prepare_output_dir(out, force=True)
+        else:
+            prepare_output_dir(out, force=force)
+        journal = Journal(out / JOURNAL_NAME)
+        if resume:
+            done = journal.finished(ctx.config_hash)
+        else:
+            journal.reset()
+    elif resume:
+        raise UsageError("--resume needs --out DIR (the journal lives there)")
+    pr = _Progress(progress)
+    todo = [(s, seed) for seed in seeds for s in shifts]
+    results: list[CandidateResult] = []
+    for i, (s, seed) in enumerate(todo):
+        key = candidate_key(s, seed, ctx.config_hash)
+        if key in done:
+            r = CandidateResult.from_json(done[key])
+            r.resumed = True
+            results.append(r)
+            pr.call("skip", r, i, len(todo))
+            continue
+        pr.call("start", s, seed, i, len(todo))
+        if step_progress_target is not None:
+            step_progress_target.progress = (lambda d, t: pr.call("step", d, t))
+        try:
+            r = _run_in_context(ctx, s, seed, metric, train_one_epoch)
+        finally:
+            if step_progress_target is not None:
+                step_progress_target.progress = None
+        if journal is not None:
+            journal.append(s, seed, ctx.config_hash, r.to_json())
+        results.append(r)
+        pr.call("end", r, i, len(todo))
+    summary = summarise(results, shifts=shifts, seeds=seeds, sites=[s.name for s in ctx.sites], config=config,
+                        config_hash=ctx.config_hash, metric=metric, seconds=time.perf_counter() - t0)
+    if out_dir is not None:
+        from .report import write_report
+
+        summary.out_dir = str(out_dir)
+        summary.files = write_report(summary, out_dir)
+    return summary
+
+
+def search(cfg: SearchConfig, *, out_dir: str | Path | None = None, resume: bool = False, force: bool = False,
+           progress: Any = None, patch_out: str | Path | None = None) -> SearchSummary:
+    """Run every (shift, seed) candidate of ``cfg`` with the default trainer.
+
+    ``out_dir``: journal + search.json/.md/.png (atomic). ``resume`` reuses finished candidates
+    of the same config_hash from the journal. ``progress``: an object with optional methods
+    ``start(shift, seed, i, n)``, ``step(done, total)``, ``end(result, i, n)``, ``skip(result, i, n)``.
+    ``patch_out``: write the patched model with the winning shift (``bnnshift.patch``).
+    Raises ``TrainingError`` (exit 1) after writing the report if every candidate failed.
+    """
+    ctx = _context(cfg)
+    summary = _loop(ctx, shifts=list(cfg.shifts), seeds=list(cfg.seeds), metric=cfg.metric, config=cfg.to_json(),
+                    out_dir=out_dir, resume=resume, force=force, progress=progress, train_one_epoch=None,
+                    step_progress_target=ctx.trainer)
+    _finish(summary, ctx, patch_out, force=force, cfg=cfg)
+    return summary
+
+
+def search_with(model_factory: Callable[..., nn.Module], train_one_epoch: Callable[..., Any],
+                shifts: Iterable[float] | str, seeds: Iterable[int] = (0,), *, input_shape: Sequence[int],
+                sites: Sequence[Site] | None = None, out_dir: str | Path | None = None, resume: bool = False,
+                force: bool = False, metric: str = "score", config: dict[str, Any] | None = None,
+                probe_batches: torch.Tensor | None = None, hardtanh: bool = False, reuse_model: bool = True,
+                progress: Any = None, patch_out: str | Path | None = None, name: str = "model") -> SearchSummary:
+    """The search around YOUR training code.
+
+    ``model_factory()`` (or ``model_factory(seed=...)``) builds the model; it is called under
+    ``torch.manual_seed(seed)`` and every candidate of a seed starts from that same state_dict.
+    ``train_one_epoch(model, *, seed, shift) -> float | dict`` trains the patched model (all
+    sites shifted by ``shift``) and returns its score, or a dict with ``score`` and/or
+    ``train_acc``, ``last_acc``, ``val_acc``, ``loss``, ``failed_step``, ``error`` (other plain
+    values land in ``extra``). ``sites`` default to a scan of the model (its hardtanh with
+    ``hardtanh=True``). ``config`` (JSON-able) is hashed into the journal key: put there what
+    changes a score (LR, data...). ``probe_batches``: inputs for the end +1 shares.
+    ``reuse_model=False`` builds a fresh model per candidate (for training code that rewraps
+    the model, e.g. DDP). Returns a :class:`SearchSummary`.
+    """
+    shifts = parse_shifts(shifts)
+    seeds = list(dict.fromkeys(int(s) for s in seeds))
+    if not seeds:
+        raise UsageError("no seeds")
+    shape = tuple(int(v) for v in input_shape)
+    if len(shape) == 4:
+        shape = shape[1:]
+    factory = _as_factory(model_factory)
+    config = dict(config or {})
+    probe = probe_batches
+    if sites is None:
+        m0 = factory(seeds[0])
+        batch = [probe.to(torch.float32).cpu()] if probe is not None else None
+        sites = _find_sites(m0, shape, hardtanh=hardtanh, name=name, batches=batch)
+    h = hashlib.sha256()
+    h.update(json.dumps({"config": config, "input_shape": list(shape), "sites": [s.name for s in sites],
+                         "metric": metric, "factory": getattr(model_factory, "__qualname__", str(model_factory)),
+                         "trainer": getattr(train_one_epoch, "__qualname__", type(train_one_epoch).__name__)},
+                        sort_keys=True, default=str).encode())
+    ctx = _Context(model=None, sites=list(sites), factory=factory, trainer=train_one_epoch,
+                   config_hash=h.hexdigest()[:16], input_shape=shape, probe_x=probe,
+                   recalib_x=[probe] if probe is not None else [], fresh_model=not reuse_model, name=name)
+    full_config = {"library": True, "input_shape": list(shape), "metric": metric, **config}
+    summary = _loop(ctx, shifts=shifts, seeds=seeds, metric=metric, config=full_config, out_dir=out_dir,
+                    resume=resume, force=force, progress=progress, train_one_epoch=train_one_epoch,
+                    step_progress_target=None)
+    _finish(summary, ctx, patch_out, force=force, cfg=None)
+    return summary
+
+
+def _finish(summary: SearchSummary, ctx: _Context, patch_out, *, force: bool, cfg: SearchConfig | None) -> None:
+    if patch_out is not None and summary.winner is not None:
+        from .report import write_patched
+
+        summary.patch_out = str(write_patched(ctx, summary, patch_out, force=force, cfg=cfg))
+        if summary.out_dir:
+            from .report import write_report
+
+            summary.files = write_report(summary, summary.out_dir)
+    if summary.all_failed:
+        first = next((c for c in summary.candidates if c.error), None)
+        raise TrainingError(f"all {len(summary.candidates)} candidates failed"
+                            + (f" (first: t={first.shift:g}: {first.error})" if first else ""),
+                            hint="lower --lr or check the model; the report lists each failure")
