@@ -280,14 +280,16 @@ def analyse(disc: Discovery, model: nn.Module) -> list[Site]:
             s.threshold = _threshold_stats(-p)  # x + b > 0  <=>  x > -b
         if s.foldable is None and pre is not None:
             base = _skip_transparent(gm, pre)
-            if s.producer == "BatchNorm" and producer_path and _single_use_chain(base, node):
+            # a hook on the producer's output is attached only when nothing else reads it
+            exclusive = (s.apply == APPLY_PRODUCER and s.module == producer_path) or _single_use_chain(base, node)
+            if s.producer == "BatchNorm" and producer_path and exclusive:
                 bn = mods[producer_path]
                 if getattr(bn, "affine", False):
                     s.foldable = f"bn:{producer_path}"
                     s.fold_reason = "BatchNorm output feeds only this binarizer: beta' = beta - t"
                 else:
                     s.fold_reason = "BatchNorm without affine bias: would need running_mean (eval only)"
-            elif s.producer == "learnable bias" and producer_path and _single_use_chain(base, node):
+            elif s.producer == "learnable bias" and producer_path and exclusive:
                 pname = next(iter(dict(mods[producer_path].named_parameters(recurse=False))))
                 s.foldable = f"bias:{producer_path}.{pname}"
                 s.fold_reason = "learnable bias feeds only this binarizer: b' = b - t"

@@ -360,8 +360,14 @@ def discover(model: nn.Module, input_shape: tuple[int, ...], *, include_hardtanh
             else:
                 s = Site(name="", kind=KIND_INLINE, op=opname, apply=APPLY_OP, scope=scope, op_index=j)
                 prod = first
-                if prod.op == "call_module" and len(prod.users) == 1:
+                # shift the producer's output when everything that reads it is this binarizer
+                # (the op itself, or an inline STE approximant that re-joins it): the STE
+                # window then moves with the threshold, as the paper's shift along x
+                if prod.op == "call_module" and _exclusive_to_binarizer(prod, n, mods):
                     s.apply, s.module, s.call_index = APPLY_PRODUCER, prod.target, call_index_of[prod]
+                elif len(prod.users) > 1 and _exclusive_to_binarizer(prod, n, mods):
+                    warnings.append(f"site at {n.name} in {scope or 'root'}: an inline STE reads the same input and "
+                                    "no module produces it; the shift moves the forward threshold only")
             s.alphabet = alphabet_of(out_sum, is_bool)
             sites.append(s)
             node_of_site[id(s)] = n
@@ -412,6 +418,34 @@ def discover(model: nn.Module, input_shape: tuple[int, ...], *, include_hardtanh
                      {s.name: node_of_site[id(s)] for s in sites if id(s) in node_of_site},
                      hardtanh_sites, warnings, trace_error, binary_params)
     return disc
+
+
+def _closure(node: fx.Node, mods: dict[str, nn.Module], limit: int = 32) -> set[fx.Node]:
+    """Nodes reached from ``node`` through users, stopping at module calls and weight ops."""
+    out: set[fx.Node] = set()
+    frontier = [node]
+    while frontier and len(out) < limit:
+        cur = frontier.pop()
+        for u in cur.users:
+            if u in out or u.op == "output":
+                continue
+            if u.op == "call_module" or (u.op == "call_function" and getattr(u.target, "__name__", "") in
+                                         ("conv1d", "conv2d", "conv3d", "linear")):
+                continue
+            out.add(u)
+            frontier.append(u)
+    return out
+
+
+def _exclusive_to_binarizer(x: fx.Node, site: fx.Node, mods: dict[str, nn.Module]) -> bool:
+    """Is every reader of ``x`` the binarizer ``site`` or part of its own STE expression?"""
+    site_closure = _closure(site, mods) | {site}
+    for u in x.users:
+        if u is site:
+            continue
+        if not ((_closure(u, mods) | {u}) & site_closure):
+            return False
+    return True
 
 
 def _param_ancestors(node: fx.Node) -> set[str]:

@@ -1,0 +1,163 @@
+"""``bnnshift search``: train one short epoch per candidate shift t, rank by train accuracy."""
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+from . import app
+from ._common import ARG, CHECKPOINT, INPUT_SHAPE, JSON, MODEL, NON_STRICT, QUIET, ArgList
+from ._errors import handle_errors
+from ._output import Output
+
+
+class _RichProgress:
+    """One progress bar per candidate on stderr (only for a human at a terminal)."""
+
+    def __init__(self, out: Output):
+        self.out = out
+        self.enabled = out.progress_enabled
+        self.bar = None
+        self.task = None
+
+    def __enter__(self):
+        if self.enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                TimeElapsedColumn(), console=self.out.err, transient=False)
+            self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
+
+    def start(self, shift, seed, i, n):
+        if self.bar is not None:
+            self.task = self.bar.add_task(f"[{i + 1}/{n}] t={shift:+g} seed={seed}", total=None)
+
+    def step(self, done, total):
+        if self.bar is not None and self.task is not None:
+            self.bar.update(self.task, completed=done, total=total)
+
+    def end(self, r, i, n):
+        if self.bar is not None and self.task is not None:
+            desc = f"[{i + 1}/{n}] t={r.shift:+g} seed={r.seed}: " + (
+                f"{r.score * 100:.2f}%" if r.ok else f"[red]failed[/red] ({r.error})")
+            self.bar.update(self.task, description=desc)
+        elif not self.out.json_mode and not self.out.quiet:
+            self.out.info(f"[{i + 1}/{n}] t={r.shift:+g} seed={r.seed}: "
+                          + (f"{r.score * 100:.2f}% ({r.seconds:.1f}s)" if r.ok else f"failed: {r.error}"))
+
+    def skip(self, r, i, n):
+        if not self.out.json_mode and not self.out.quiet:
+            self.out.info(f"[{i + 1}/{n}] t={r.shift:+g} seed={r.seed}: from the journal")
+
+
+@app.command("search")
+@handle_errors
+def search_command(
+    model: str = MODEL,
+    data: str = typer.Option(..., "--data", help="Data spec: fashion-mnist[:ROOT], mnist:ROOT, cifar10[:ROOT], "
+                                                 "imagefolder:PATH, module:function, synthetic[:N]."),
+    shifts: str = typer.Option("-1:2:0.25", "--shifts", help="START:STOP:STEP (STOP included on the grid) "
+                                                              "or a comma list, e.g. 0,0.5,1."),
+    epochs: int = typer.Option(1, "--epochs", help="Epochs per candidate (the paper: 1)."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Train this many batches instead of whole epochs."),
+    seeds: int = typer.Option(1, "--seeds", help="Seeds per shift (seeds 0..N-1): mean ± std per candidate."),
+    seed_list: Optional[str] = typer.Option(None, "--seed-list", help="Explicit seeds, e.g. 0,1,2."),
+    batch_size: int = typer.Option(256, "--batch-size"),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate (default: Adam 1e-3, SGD 0.05)."),
+    optimizer: str = typer.Option("adam", "--optimizer", help="adam or sgd."),
+    weight_decay: float = typer.Option(0.0, "--weight-decay"),
+    momentum: Optional[float] = typer.Option(None, "--momentum", help="SGD momentum (default 0.9)."),
+    train_config: Optional[str] = typer.Option(None, "--train-config",
+                                               help="module:function(model, config) -> optimizer / dict / TrainSetup."),
+    val: bool = typer.Option(False, "--val", help="Also measure held-out accuracy (after re-estimating BN stats)."),
+    metric: str = typer.Option("train_acc", "--metric", help="Rank by train_acc (paper), last_acc or val_acc."),
+    bn_recalib_batches: int = typer.Option(20, "--bn-recalib-batches"),
+    hardtanh: bool = typer.Option(False, "--hardtanh", "--hardtanh-shift",
+                                  help="Shift the hardtanh of a full-precision model instead of the signs."),
+    input_shape: Optional[str] = INPUT_SHAPE,
+    train_limit: Optional[int] = typer.Option(None, "--train-limit", help="Use this many training samples."),
+    val_limit: Optional[int] = typer.Option(None, "--val-limit"),
+    arg: ArgList = ARG,
+    checkpoint: Optional[str] = CHECKPOINT,
+    non_strict: bool = NON_STRICT,
+    out_dir: Optional[str] = typer.Option(None, "--out", help="Directory for journal.jsonl and search.json/md/png."),
+    resume: bool = typer.Option(False, "--resume", help="Skip candidates already in --out's journal."),
+    force: bool = typer.Option(False, "--force", help="Overwrite a non-empty --out / --patch-out."),
+    patch_out: Optional[str] = typer.Option(None, "--patch-out", help="Write the model patched with the winner."),
+    no_compile: bool = typer.Option(False, "--no-compile", help="Eager training step (no torch.compile)."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda or auto."),
+    dtype: str = typer.Option("float32", "--dtype", help="float32 or float64."),
+    download: bool = typer.Option(False, "--download", help="Allow torchvision data sets to download."),
+    storage: Optional[str] = typer.Option(None, "--storage", help="Distributed search: an Optuna storage URL."),
+    study: Optional[str] = typer.Option(None, "--study", help="Distributed search: the study name."),
+    json_: bool = JSON,
+    quiet: bool = QUIET,
+):
+    """Train one short epoch per candidate shift t and rank by train accuracy (paper claim 5).
+
+    Exit codes: 0 ok, 1 error or every candidate failed, 2 bad arguments / data spec,
+    3 no binary activation found.
+    """
+    from ..errors import BnnshiftError, UsageError
+    from ..load import parse_arg_pairs
+    from ..search import SearchConfig, parse_seeds, parse_shifts, search
+
+    out = Output(json_mode=json_, quiet=quiet)
+    shape = None
+    if input_shape:
+        from ..scan import resolve_input_shape
+
+        shape = resolve_input_shape(input_shape, None)
+    cfg = SearchConfig(
+        model=model, data=data, model_args=parse_arg_pairs(arg), checkpoint=checkpoint, input_shape=shape,
+        shifts=parse_shifts(shifts), seeds=parse_seeds(seeds, seed_list), epochs=epochs, steps=steps,
+        batch_size=batch_size, optimizer=optimizer, lr=lr, weight_decay=weight_decay, momentum=momentum,
+        train_config=train_config, hardtanh=hardtanh, val=val, bn_recalib_batches=bn_recalib_batches,
+        device=device, compile="off" if no_compile else "auto", dtype=dtype, train_limit=train_limit,
+        val_limit=val_limit, metric=metric, download=download, strict=not non_strict)
+    if (storage is None) != (study is None):
+        raise UsageError("--storage and --study go together")
+    if storage is not None:
+        try:
+            from .. import distributed
+        except ModuleNotFoundError as exc:
+            if exc.name and not exc.name.startswith("bnnshift"):
+                raise BnnshiftError(f"distributed search needs {exc.name}",
+                                    hint="pip install bnnshift[distributed]") from None
+            raise BnnshiftError("distributed search is not installed",
+                                hint="pip install bnnshift[distributed]") from None
+        from pathlib import Path
+
+        results = distributed.run_worker(cfg, storage, study, Path(out_dir) if out_dir else None, out)
+        payload = {"command": "search", "distributed": True, "study": study,
+                   "candidates": [r.to_json() for r in results]}
+        out.result(payload, human=f"worker finished {len(results)} candidates of study {study}")
+        return
+    with _RichProgress(out) as prog:
+        try:
+            summary = search(cfg, out_dir=out_dir, resume=resume, force=force, progress=prog, patch_out=patch_out)
+        except BnnshiftError:
+            raise
+    _print_summary(summary, out)
+
+
+def _print_summary(summary, out: Output) -> None:
+    from ..report import render_table
+
+    if out.json_mode:
+        out.result(summary.to_json())
+        return
+    out.table(render_table(summary))
+    if summary.winner is not None:
+        out.table(f"winner: t = {summary.winner:g}  ({summary.noise_note})")
+    if summary.compile_error:
+        out.warn(f"torch.compile failed, trained eagerly: {summary.compile_error}")
+    if summary.files:
+        out.info(f"report: {summary.files.get('md')}, {summary.files.get('png')}, {summary.files.get('json')}")
+    if summary.patch_out:
+        out.info(f"patched model with t = {summary.winner:g}: {summary.patch_out}")
