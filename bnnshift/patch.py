@@ -1,0 +1,485 @@
+"""Phase 5: patch a model — resolve a shift configuration to per-site thresholds, insert them
+into the user's own model (``shift.insert_shifts``), and write / rebuild the result.
+
+The artifact is a directory (never a pickled module)::
+
+    OUT/model.safetensors   the FULL state_dict: every original key + one threshold per site
+    OUT/patch.json          the recipe (written last): model spec, sites with their addressing,
+                            shifts, how each was applied, folded sites, versions, hashes
+
+``load_patched(OUT)`` rebuilds the model from the spec in any fresh process, re-applies the
+recipe (no re-scan: ``Site.to_json`` carries the addressing) and loads the weights strictly
+with safetensors. ``apply_recipe`` does the same on a model instance the user holds.
+
+Shift precedence (``ShiftConfig``): global < kind < pattern < exact name; ``exclude`` removes.
+"""
+from __future__ import annotations
+
+import fnmatch
+import json
+import math
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import torch
+from torch import nn
+
+from ._io import atomic_save_safetensors, atomic_write_json, prepare_output_dir, sha256_file
+from .errors import CheckpointError, NoSitesError, PatchError, UsageError
+from .shift import get_thresholds, insert_shifts, shifted_sites, threshold_key
+from .sites import KIND_HARDTANH, KIND_INLINE, KIND_INPUT, KIND_MODULE, ScanReport, Site
+
+__all__ = [
+    "ShiftConfig", "PatchRecipe", "patch_model", "build_recipe", "save_patched", "load_patched",
+    "apply_recipe", "read_recipe", "RECIPE_FILE", "WEIGHTS_FILE",
+]
+
+RECIPE_FILE = "patch.json"
+WEIGHTS_FILE = "model.safetensors"
+RECIPE_FORMAT = 1
+SITE_KINDS = (KIND_MODULE, KIND_INPUT, KIND_INLINE)
+_GLOB_CHARS = set("*?[")
+
+
+# --------------------------------------------------------------------------- config
+
+
+def parse_shift_value(value: Any, where: str) -> float:
+    """A shift as a finite float; anything else is a UsageError naming ``where``."""
+    if isinstance(value, bool):
+        raise UsageError(f"{where}: shift {value!r} is not a number", hint="give a number, e.g. 0.5")
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise UsageError(f"{where}: shift {value!r} is not a number", hint="give a number, e.g. 0.5") from None
+    if not math.isfinite(v):
+        raise UsageError(f"{where}: shift {value!r} is not finite", hint="give a finite number")
+    return v
+
+
+def is_pattern(key: str) -> bool:
+    """``re:...`` (regex) or a glob with ``* ? [``; anything else is an exact site name."""
+    return key.startswith("re:") or bool(_GLOB_CHARS & set(key))
+
+
+def _matcher(pattern: str):
+    if pattern.startswith("re:"):
+        try:
+            rx = re.compile(pattern[3:])
+        except re.error as exc:
+            raise UsageError(f"bad regex {pattern!r}: {exc}", hint="patterns are re:REGEX or a glob") from None
+        return lambda name: rx.fullmatch(name) is not None
+    if is_pattern(pattern):
+        return lambda name: fnmatch.fnmatchcase(name, pattern)
+    return lambda name: name == pattern
+
+
+def _few_names(names: list[str], n: int = 5) -> str:
+    return ", ".join(names[:n]) + (", ..." if len(names) > n else "")
+
+
+@dataclass
+class ShiftConfig:
+    """Which shift each site gets. Precedence (lowest first):
+
+    1. ``shift``: every activation site;
+    2. ``kinds``: per site kind (``module``, ``input``, ``inline``);
+    3. ``patterns``: glob (``layer1.*``) or regex (``re:layer[12]\\..*``) on site names, in order
+       (a later pattern wins over an earlier one);
+    4. ``names``: exact site names;
+
+    then ``exclude`` (names or patterns) removes sites. A pattern / name / exclude that matches
+    no site is a ``PatchError``.
+    """
+
+    shift: float | None = None
+    kinds: dict[str, float] = field(default_factory=dict)
+    patterns: dict[str, float] = field(default_factory=dict)
+    names: dict[str, float] = field(default_factory=dict)
+    exclude: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        if self.shift is not None:
+            self.shift = parse_shift_value(self.shift, "shift")
+        self.kinds = {str(k): parse_shift_value(v, f"kind {k}") for k, v in self.kinds.items()}
+        bad = [k for k in self.kinds if k not in SITE_KINDS]
+        if bad:
+            raise UsageError(f"unknown site kind {bad[0]!r}", hint=f"kinds: {', '.join(SITE_KINDS)}")
+        self.patterns = {str(k): parse_shift_value(v, f"site {k}") for k, v in self.patterns.items()}
+        self.names = {str(k): parse_shift_value(v, f"site {k}") for k, v in self.names.items()}
+        self.exclude = [str(e) for e in self.exclude]
+
+    @property
+    def empty(self) -> bool:
+        return self.shift is None and not (self.kinds or self.patterns or self.names)
+
+    def add_site(self, key: str, value: Any) -> None:
+        """``--site KEY=T``: KEY is an exact name unless it is a glob or ``re:`` pattern."""
+        v = parse_shift_value(value, f"--site {key}")
+        (self.patterns if is_pattern(key) else self.names)[key] = v
+        if is_pattern(key):
+            _matcher(key)  # fail early on a bad regex
+
+    def merged(self, other: "ShiftConfig") -> "ShiftConfig":
+        """``other`` layered on top of ``self`` (CLI options over a config file)."""
+        return ShiftConfig(
+            shift=other.shift if other.shift is not None else self.shift,
+            kinds={**self.kinds, **other.kinds},
+            patterns={**{k: v for k, v in self.patterns.items() if k not in other.patterns}, **other.patterns},
+            names={**self.names, **other.names},
+            exclude=list(dict.fromkeys(self.exclude + other.exclude)),
+        )
+
+    @classmethod
+    def from_mapping(cls, d: Mapping[str, Any], where: str = "config") -> "ShiftConfig":
+        known = {"shift", "kinds", "sites", "exclude"}
+        unknown = [k for k in d if k not in known]
+        if unknown:
+            raise UsageError(f"{where}: unknown key {unknown[0]!r}", hint=f"known keys: {', '.join(sorted(known))}")
+        kinds = d.get("kinds", {}) or {}
+        sites = d.get("sites", {}) or {}
+        exclude = d.get("exclude", []) or []
+        if not isinstance(kinds, Mapping) or not isinstance(sites, Mapping):
+            raise UsageError(f"{where}: [kinds] and [sites] must be tables", hint="see docs/patch.md")
+        if isinstance(exclude, str) or not isinstance(exclude, (list, tuple)):
+            raise UsageError(f"{where}: exclude must be a list of names or patterns", hint='exclude = ["fc*"]')
+        cfg = cls(shift=d.get("shift"), kinds=dict(kinds), exclude=list(exclude))
+        for k, v in sites.items():
+            cfg.add_site(str(k), v)
+        return cfg
+
+    @classmethod
+    def from_toml(cls, path: str | os.PathLike[str]) -> "ShiftConfig":
+        """Read a shifts file (format: docs/patch.md)."""
+        import tomllib
+
+        p = Path(path)
+        try:
+            with open(p, "rb") as fh:
+                data = tomllib.load(fh)
+        except FileNotFoundError:
+            raise UsageError(f"config file {p} not found", hint="check --config") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise UsageError(f"config file {p} is not valid TOML: {exc}", hint="see docs/patch.md") from None
+        except OSError as exc:
+            raise UsageError(f"cannot read config file {p}: {exc.strerror or exc}") from None
+        return cls.from_mapping(data, where=str(p))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"shift": self.shift, "kinds": dict(self.kinds), "patterns": dict(self.patterns),
+                "names": dict(self.names), "exclude": list(self.exclude)}
+
+    def resolve(self, sites: Iterable[Site]) -> dict[str, float]:
+        """Site name -> shift for every site that gets one (in site order)."""
+        sites = list(sites)
+        names = [s.name for s in sites]
+        hint = f"existing sites: {_few_names(names)}" if names else "the model has no activation site"
+        for key in list(self.patterns) + list(self.exclude):
+            m = _matcher(key)
+            if not any(m(n) for n in names):
+                what = "exclude pattern" if key in self.exclude else "pattern"
+                raise PatchError(f"{what} {key!r} matches no site", hint=hint)
+        for key in self.names:
+            if key not in names:
+                raise PatchError(f"no site named {key!r}", hint=hint)
+        out: dict[str, float] = {}
+        matchers = [(_matcher(k), v) for k, v in self.patterns.items()]
+        excluders = [_matcher(e) for e in self.exclude]
+        for s in sites:
+            v = self.shift
+            if s.kind in self.kinds:
+                v = self.kinds[s.kind]
+            for m, pv in matchers:
+                if m(s.name):
+                    v = pv
+            if s.name in self.names:
+                v = self.names[s.name]
+            if v is None or any(e(s.name) for e in excluders):
+                continue
+            out[s.name] = float(v)
+        return out
+
+
+# --------------------------------------------------------------------------- patch
+
+
+@dataclass
+class _PatchState:
+    """What a patch did, kept on the model (``model._bnnshift_patch``) for recipe and fold."""
+
+    shifts: dict[str, float]
+    hardtanh_shifts: dict[str, float]
+    trainable: bool
+    per_channel: bool
+    folded: dict[str, str] = field(default_factory=dict)  # site name -> 'bn:PATH' / 'bias:PATH.PARAM'
+    sites: list[Site] = field(default_factory=list)
+    hardtanh_sites: list[Site] = field(default_factory=list)
+    config: dict[str, Any] | None = None
+
+
+def patch_state(model: nn.Module) -> _PatchState | None:
+    return getattr(model, "_bnnshift_patch", None)
+
+
+def patch_model(model: nn.Module, report_or_sites: ScanReport | Iterable[Site], config: ShiftConfig | float | None,
+                *, trainable: bool = False, per_channel: bool = False, hardtanh_shift: float | None = None,
+                hardtanh_sites: Iterable[Site] | None = None) -> nn.Module:
+    """Insert ``x - t`` before every binarizer the config gives a shift (in place); returns ``model``.
+
+    ``report_or_sites``: a ``ScanReport`` (its ``sites`` and ``hardtanh_sites``) or a list of
+    sites. ``config``: a ``ShiftConfig`` or a number (one shift for every site).
+    ``hardtanh_shift``: also shift every ``nn.Hardtanh`` (full-precision pretraining stage).
+    Raises ``PatchError`` (unknown site / pattern), ``UsageError`` (bad value),
+    ``NoSitesError`` (nothing to shift).
+    """
+    if isinstance(config, (int, float)) and not isinstance(config, bool):
+        config = ShiftConfig(shift=config)
+    config = config or ShiftConfig()
+    if isinstance(report_or_sites, ScanReport):
+        sites = list(report_or_sites.sites)
+        ht_sites = list(hardtanh_sites if hardtanh_sites is not None else report_or_sites.hardtanh_sites)
+    else:
+        sites = list(report_or_sites)
+        ht_sites = list(hardtanh_sites or [])
+    shifts = config.resolve(sites)
+    ht_shifts: dict[str, float] = {}
+    if hardtanh_shift is not None:
+        t = parse_shift_value(hardtanh_shift, "--hardtanh-shift")
+        taken = {s.address for s in sites if s.name in shifts}
+        act_names = {s.name for s in sites}
+        ht_sites = [s for s in ht_sites if s.address not in taken and s.name not in act_names]
+        if not ht_sites:
+            raise NoSitesError("--hardtanh-shift: the model has no nn.Hardtanh activation to shift",
+                               hint="only nn.Hardtanh modules are shifted")
+        ht_shifts = {s.name: t for s in ht_sites}
+    else:
+        ht_sites = []
+    if not shifts and not ht_shifts:
+        if not sites:
+            raise NoSitesError("no binary activation to shift", hint="run `bnnshift scan` on the model")
+        raise PatchError("the configuration gives no site a shift",
+                         hint="pass --shift T, --site PATTERN=T or a config file")
+    all_sites = [s for s in sites if s.name in shifts] + ht_sites
+    insert_shifts(model, all_sites, {**shifts, **ht_shifts}, trainable=trainable, per_channel=per_channel)
+    model._bnnshift_patch = _PatchState(shifts=shifts, hardtanh_shifts=ht_shifts, trainable=trainable,
+                                        per_channel=per_channel, sites=[s for s in sites if s.name in shifts],
+                                        hardtanh_sites=ht_sites, config=config.to_json())
+    return model
+
+
+# --------------------------------------------------------------------------- recipe
+
+
+def _site_record(s: Site, shift: float, folded_into: str | None) -> dict[str, Any]:
+    d = s.to_json()
+    d["shift"] = shift
+    d["threshold_key"] = threshold_key(s)
+    d["folded_into"] = folded_into
+    d["applied"] = f"folded into {folded_into}" if folded_into else s.apply
+    return d
+
+
+@dataclass
+class PatchRecipe:
+    """The manifest of a patched model (``patch.json``). JSON schema: docs/patch.md.
+
+    ``sites`` / ``hardtanh_sites``: ``Site.to_json()`` plus ``shift`` (the value t the
+    threshold was initialised with), ``threshold_key`` (its state_dict key while unfolded),
+    ``folded_into`` (``bn:PATH`` / ``bias:PATH.PARAM`` or null) and ``applied``.
+    """
+
+    model: dict[str, Any] | None
+    input_shape: list[int] | None
+    sites: list[dict[str, Any]]
+    hardtanh_sites: list[dict[str, Any]] = field(default_factory=list)
+    trainable: bool = False
+    per_channel: bool = False
+    factory_args: dict[str, Any] = field(default_factory=dict)
+    checkpoint: str | None = None
+    config: dict[str, Any] | None = None
+    versions: dict[str, str] = field(default_factory=dict)
+    hashes: dict[str, str | None] = field(default_factory=dict)
+    format: int = RECIPE_FORMAT
+
+    @property
+    def folded(self) -> list[str]:
+        return [d["name"] for d in self.sites if d.get("folded_into")]
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["folded"] = self.folded
+        return d
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> "PatchRecipe":
+        if not isinstance(d, Mapping) or "sites" not in d:
+            raise CheckpointError("patch.json is not a bnnshift recipe (no 'sites')", hint="re-run bnnshift patch")
+        if int(d.get("format", 0)) > RECIPE_FORMAT:
+            raise CheckpointError(f"patch.json has format {d.get('format')}, newer than this bnnshift ({RECIPE_FORMAT})",
+                                  hint="upgrade bnnshift")
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def _versions() -> dict[str, str]:
+    from ._version import __version__
+
+    return {"bnnshift": __version__, "torch": torch.__version__}
+
+
+def build_recipe(model: nn.Module, *, spec: Any = None, input_shape: Iterable[int] | None = None,
+                 checkpoint: str | None = None, checkpoint_sha256: str | None = None) -> PatchRecipe:
+    """The recipe of a model patched by ``patch_model`` (``spec``: a ``load.ModelSpec`` or None)."""
+    st = patch_state(model)
+    if st is None:
+        raise PatchError("the model was not patched by bnnshift.patch.patch_model", hint="call patch_model first")
+    spec_json = spec.to_json() if spec is not None and hasattr(spec, "to_json") else (dict(spec) if spec else None)
+    return PatchRecipe(
+        model=spec_json,
+        factory_args=dict((spec_json or {}).get("args") or {}),
+        input_shape=list(input_shape) if input_shape is not None else None,
+        sites=[_site_record(s, st.shifts[s.name], st.folded.get(s.name)) for s in st.sites],
+        hardtanh_sites=[_site_record(s, st.hardtanh_shifts[s.name], None) for s in st.hardtanh_sites],
+        trainable=st.trainable, per_channel=st.per_channel, checkpoint=checkpoint, config=st.config,
+        versions=_versions(), hashes={"model.safetensors": None, "checkpoint": checkpoint_sha256},
+    )
+
+
+def _refresh_recipe(model: nn.Module, recipe: PatchRecipe) -> PatchRecipe:
+    """Record in ``recipe`` the sites that ``fold`` absorbed since it was built."""
+    st = patch_state(model)
+    if st is not None:
+        for d in recipe.sites:
+            if d["name"] in st.folded and not d.get("folded_into"):
+                d["folded_into"] = st.folded[d["name"]]
+                d["applied"] = f"folded into {d['folded_into']}"
+    return recipe
+
+
+def save_patched(model: nn.Module, recipe: PatchRecipe, out_dir: str | os.PathLike[str], *, force: bool = False) -> Path:
+    """Write ``OUT/model.safetensors`` (full state_dict) then ``OUT/patch.json`` (last), atomically.
+
+    Refuses an existing non-empty directory unless ``force``. On failure no new file is left
+    (an already existing directory keeps its previous complete pair). Returns the directory.
+    """
+    out = prepare_output_dir(out_dir, force=force)
+    recipe = _refresh_recipe(model, recipe)
+    weights = out / WEIGHTS_FILE
+    existed = weights.exists()
+    try:
+        sd = {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+        atomic_save_safetensors(sd, weights, metadata={"format": "pt", "bnnshift_recipe": RECIPE_FILE})
+        recipe.hashes = {**recipe.hashes, "model.safetensors": sha256_file(weights)}
+        recipe.versions = _versions()
+        atomic_write_json(out / RECIPE_FILE, recipe.to_json())
+    except BaseException:
+        if not existed:
+            try:
+                weights.unlink()
+            except OSError:
+                pass
+        raise
+    return out
+
+
+def read_recipe(path: str | os.PathLike[str]) -> PatchRecipe:
+    """Read ``patch.json`` (a directory or the file itself)."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / RECIPE_FILE
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{p} not found", hint="the directory must be written by `bnnshift patch`") from None
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot read {p}: {exc}", hint="re-run bnnshift patch") from None
+    return PatchRecipe.from_json(data)
+
+
+def _sites_of(records: list[dict[str, Any]]) -> list[Site]:
+    return [Site.from_json(d) for d in records]
+
+
+def apply_recipe(model: nn.Module, recipe_or_path: PatchRecipe | str | os.PathLike[str], *,
+                 include_folded: bool = True) -> nn.Module:
+    """Insert the recipe's thresholds into ``model`` (in place; no scan); returns ``model``.
+
+    For a model instance the user holds with its *original* weights: folded sites are applied
+    as hooks too (``include_folded``), since its BN biases do not contain them. Threshold
+    values are the recipe's shifts; load the directory's weights afterwards to get trained ones.
+    """
+    recipe = recipe_or_path if isinstance(recipe_or_path, PatchRecipe) else read_recipe(recipe_or_path)
+    act = [d for d in recipe.sites if include_folded or not d.get("folded_into")]
+    sites = _sites_of(act)
+    ht = _sites_of(recipe.hardtanh_sites)
+    shifts = {d["name"]: float(d["shift"]) for d in act}
+    ht_shifts = {d["name"]: float(d["shift"]) for d in recipe.hardtanh_sites}
+    if sites or ht:
+        insert_shifts(model, sites + ht, {**shifts, **ht_shifts}, trainable=recipe.trainable,
+                      per_channel=recipe.per_channel)
+    folded = {} if include_folded else {d["name"]: d["folded_into"] for d in recipe.sites if d.get("folded_into")}
+    model._bnnshift_patch = _PatchState(
+        shifts={d["name"]: float(d["shift"]) for d in recipe.sites}, hardtanh_shifts=ht_shifts,
+        trainable=recipe.trainable, per_channel=recipe.per_channel, folded=folded,
+        sites=_sites_of(recipe.sites), hardtanh_sites=ht, config=recipe.config)
+    return model
+
+
+def load_patched(out_dir: str | os.PathLike[str], *, device: str | torch.device = "cpu",
+                 verify_hash: bool = True) -> nn.Module:
+    """Rebuild a patched model written by ``save_patched`` / ``bnnshift patch`` (eval mode).
+
+    Builds the model from the recipe's spec (``load.build_model``; never downloads), applies
+    the unfolded sites (the weights already hold the folded BN biases), then loads
+    ``model.safetensors`` strictly (safetensors only: no unpickling). ``verify_hash`` checks the
+    weights against the sha256 in ``patch.json``.
+    """
+    from .load import ModelSpec, build_model, load_checkpoint
+
+    out = Path(out_dir)
+    recipe = read_recipe(out)
+    if not recipe.model:
+        raise UsageError(f"{out / RECIPE_FILE} has no model spec (the model was patched in memory)",
+                         hint="build the model yourself, then apply_recipe(model, dir) and load model.safetensors")
+    weights = out / WEIGHTS_FILE
+    if not weights.is_file():
+        raise CheckpointError(f"{weights} not found", hint="the directory is incomplete; re-run bnnshift patch")
+    expected = (recipe.hashes or {}).get("model.safetensors")
+    if verify_hash and expected and sha256_file(weights) != expected:
+        raise CheckpointError(f"{weights} does not match the sha256 recorded in patch.json",
+                              hint="the weights were replaced outside bnnshift; pass verify_hash=False to load anyway")
+    model = build_model(ModelSpec.from_json(recipe.model))
+    apply_recipe(model, recipe, include_folded=False)
+    load_checkpoint(model, weights, strict=True)
+    model.to(device)
+    model.eval()
+    return model
+
+
+def thresholds_summary(model: nn.Module) -> dict[str, list[float] | float]:
+    """Site name -> current threshold (float, or list for per-channel) of a patched model."""
+    out: dict[str, Any] = {}
+    for k, t in get_thresholds(model).items():
+        t = t.detach().cpu()
+        out[k] = float(t) if t.dim() == 0 else [float(v) for v in t]
+    return out
+
+
+def describe(model: nn.Module) -> list[dict[str, Any]]:
+    """One row per site of a patched model: name, kind, shift, applied, threshold key, fold reason."""
+    st = patch_state(model)
+    if st is None:
+        return []
+    live = {s.name for s in shifted_sites(model)}
+    rows = []
+    for s in st.sites + st.hardtanh_sites:
+        shift = st.shifts.get(s.name, st.hardtanh_shifts.get(s.name))
+        folded = st.folded.get(s.name)
+        rows.append({"name": s.name, "kind": s.kind, "op": s.op, "shift": shift,
+                     "applied": f"folded into {folded}" if folded else (s.apply if s.name in live else "none"),
+                     "threshold_key": None if folded else threshold_key(s),
+                     "foldable": s.foldable, "fold_reason": s.fold_reason})
+    return rows
