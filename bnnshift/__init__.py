@@ -1,4 +1,41 @@
-"""bnnshift: shift the thresholds of binary activations in PyTorch BNNs."""
+"""bnnshift: shift the thresholds of binary activations in PyTorch BNNs (Kim et al., CVPR 2021).
+
+The public API is re-exported here lazily (torch is imported on first use, so the CLI's
+``--help`` stays instant)::
+
+    from bnnshift import scan_model, insert_shifts, load_patched, search_with
+"""
+from __future__ import annotations
+
+import importlib
+
 from ._version import __version__
 
-__all__ = ["__version__"]
+_EXPORTS = {
+    # scan
+    "scan_model": "scan", "Site": "sites", "ScanReport": "sites", "probe_sites": "probe",
+    # load / data
+    "load_model": "load", "build_model": "load", "parse_model_spec": "load", "load_data": "data",
+    "DataBundle": "data",
+    # shift / patch / fold / export
+    "insert_shifts": "shift", "remove_shifts": "shift", "get_thresholds": "shift",
+    "ShiftConfig": "patch", "patch_model": "patch", "save_patched": "patch", "load_patched": "patch",
+    "apply_recipe": "patch", "fold_shifts": "fold", "export_onnx": "export",
+    # search
+    "SearchConfig": "search", "run_candidate": "search", "search_with": "search",
+    # plugins
+    "registry": None,
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'bnnshift' has no attribute {name!r}")
+    mod = _EXPORTS[name]
+    if mod is None:
+        return importlib.import_module(f".{name}", __name__)
+    value = getattr(importlib.import_module(f".{mod}", __name__), name)
+    globals()[name] = value
+    return value

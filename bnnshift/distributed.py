@@ -481,16 +481,14 @@ def run_worker(config: "SearchConfig", storage: str, study: str, out_dir: Path |
     with _storage_errors(spec):
         st = optuna.create_study(study_name=study, storage=store, sampler=sampler, direction="maximize",
                                  load_if_exists=True)
-        existing = st.user_attrs.get(ATTR_HASH)
+        config_hash = config.config_hash()
         state = grid_state(st.get_trials(deepcopy=False), grid)
-        if existing is not None and state.complete:
-            # a late worker: no need to build the model or load data to find out
-            _check_grid_only(st, grid)
+        if st.user_attrs.get(ATTR_HASH) is not None and state.complete:
+            _check_or_claim(st, config, config_hash, [])
             _info(output, f"nothing left to run: all {len(state.points)} candidates of study {study!r} are done "
                           f"(bnnshift report --storage ... --study {study})")
-            _finish(st, state, config_hash=existing, output=output, out_dir=out_dir)
+            _finish(st, state, config_hash=config_hash, output=output, out_dir=out_dir)
             return []
-        config_hash = config.config_hash()
         sites = _site_names(config)
         _check_or_claim(st, config, config_hash, sites)
         _info(output, f"worker {socket.gethostname()}:{os.getpid()} joined study {study!r} on {spec.display} "
@@ -559,15 +557,6 @@ def run_worker(config: "SearchConfig", storage: str, study: str, out_dir: Path |
             _info(output, f"nothing left to run: all {len(state.points)} candidates of study {study!r} are done")
         _finish(st, state, config_hash=config_hash, output=output, out_dir=out_dir)
     return mine
-
-
-def _check_grid_only(st, grid) -> None:
-    sg = st.user_attrs.get(ATTR_GRID) or {}
-    if [shift_key(v) for v in sg.get("shift", [])] != [shift_key(v) for v in grid["shift"]] or \
-            [int(v) for v in sg.get("seed", [])] != grid["seed"]:
-        raise StorageError(f"study {st.study_name!r} has another grid (shifts {sg.get('shift')}, seeds "
-                           f"{sg.get('seed')}; this worker: shifts {grid['shift']}, seeds {grid['seed']})",
-                           hint="use the same --shifts/--seeds on every worker, or a new --study name")
 
 
 def _site_names(config: "SearchConfig") -> list[str]:

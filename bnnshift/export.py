@@ -1,0 +1,470 @@
+"""Phase 7: export a (patched, possibly folded) model to ONNX and verify it with onnxruntime.
+
+How the verification works (and what it measures):
+
+1. The model is wrapped so that, besides the logits, it returns the value of every binary
+   activation site as extra outputs ("taps"): a binarizer module's output, the (shifted)
+   input of a conv that binarizes its own input, the (shifted) output of the producer of an
+   inline binarizer, or the output of an intercepted inline op. Taps are plain forward hooks
+   registered after bnnshift's own, so they see the shifted values; after ``fold`` the same
+   positions hold the folded values.
+2. The wrapper is exported with ``torch.onnx.export(dynamo=True)`` (batch dimension dynamic
+   when the model allows it), checked with ``onnx.checker``, and run with onnxruntime on
+   several random batches in eval mode. Checks: max abs logit difference (relative to the
+   logit scale), top-1 agreement, and the share of tapped binary activations whose sign
+   differs between torch and onnxruntime (``sign_flip_share``).
+3. If a check fails, the export is retried with onnxruntime's graph optimizations off, then
+   with the exporter's optimizer off (constant folding of weight binarization has been seen
+   to flip signs). ``VerificationError`` (exit 4) names the failed checks of the last try.
+4. On success the taps are removed from the graph (outputs dropped, dead nodes removed), the
+   clean graph is checked and run once more against torch, and written atomically.
+
+A model that ``torch.export`` cannot trace because of data-dependent Python control flow is
+exported with the TorchScript tracer instead (the branch taken on the sample input is baked
+into the graph; the report says so). Any other exporter failure is one ``ExportError`` line.
+Run risky exports through ``export_patched_dir(..., isolate=True)``: a subprocess, so that an
+exporter crash (segfault) becomes an error message too.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from ._io import atomic_write_bytes
+from .errors import BnnshiftError, VerificationError
+from .sites import APPLY_OP, APPLY_PRE_HOOK, APPLY_PRODUCER, KIND_HARDTANH, Site
+
+__all__ = ["ExportError", "ExportReport", "export_onnx", "export_patched_dir"]
+
+DEFAULT_BATCHES = 3
+DEFAULT_BATCH_SIZE = 4
+ATOL = 1e-3  # logit tolerance, times max(1, max |logit|)
+MAX_SIGN_FLIP_SHARE = 1e-4
+MIN_TOP1 = 0.99
+
+
+class ExportError(BnnshiftError):
+    """The model could not be exported to ONNX (exit 1)."""
+
+
+@dataclass
+class ExportReport:
+    """What ``export_onnx`` did. ``attempts``: one entry per try (exporter optimizer, onnxruntime
+    graph optimizations, the checks and whether they passed)."""
+
+    path: str
+    opset: int | None
+    exporter: str
+    dynamic_batch: bool
+    nodes: int
+    optimize: bool
+    ort_graph_optimizations: bool
+    max_abs_diff: float
+    top1_agreement: float
+    sign_flip_share: float | None
+    sites_checked: int
+    batches: int
+    passed: bool
+    attempts: list[dict[str, Any]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# --------------------------------------------------------------------------- taps
+
+
+class _Taps:
+    """Forward hooks that record each site's binary activation (in site order) during a forward."""
+
+    def __init__(self, model: nn.Module, sites: Iterable[Site]):
+        self.model = model
+        self.sites = [s for s in sites if s.kind != KIND_HARDTANH]
+        self.values: dict[str, torch.Tensor] = {}
+        self.calls: dict[tuple[str, str], int] = {}
+        self.handles: list[Any] = []
+        self.names: list[str] = []
+        self._op_sites: dict[tuple[str, int], str] = {}
+        self._rt = None
+        self._saved_record = None
+        mods = dict(model.named_modules())
+        post: dict[str, dict[int, str]] = {}
+        pre: dict[str, dict[int, str]] = {}
+        for s in self.sites:
+            if s.apply == APPLY_PRE_HOOK and s.scope is None and s.module in mods:
+                post.setdefault(s.module, {})[s.call_index] = s.name  # binarizer module output
+            elif s.apply == APPLY_PRE_HOOK and s.module in mods:
+                pre.setdefault(s.module, {})[s.call_index] = s.name  # shifted input of the conv
+            elif s.apply == APPLY_PRODUCER and s.module in mods:
+                post.setdefault(s.module, {})[s.call_index] = s.name  # shifted producer output
+            elif s.apply == APPLY_OP:
+                self._op_sites[(s.scope or "", s.op_index)] = s.name
+        for path, idx in pre.items():
+            self.handles.append(mods[path].register_forward_pre_hook(self._pre_hook(path, idx)))
+        for path, idx in post.items():
+            self.handles.append(mods[path].register_forward_hook(self._post_hook(path, idx)))
+        sr = getattr(model, "_bnnshift_shift", None)
+        if self._op_sites and sr is not None:
+            self._rt = sr.runtime
+            self._saved_record = self._rt.record_ops
+            self._rt.record_ops = self._record
+        tapped = {n for d in list(pre.values()) + list(post.values()) for n in d.values()}
+        if self._rt is not None:
+            tapped |= set(self._op_sites.values())
+        self.names = [s.name for s in self.sites if s.name in tapped]
+
+    def _pre_hook(self, path, idx):
+        def hook(module, args):
+            k = self.calls.get(("pre", path), 0)
+            self.calls[("pre", path)] = k + 1
+            if k in idx and args and isinstance(args[0], torch.Tensor):
+                self.values[idx[k]] = args[0]
+        return hook
+
+    def _post_hook(self, path, idx):
+        def hook(module, args, output):
+            k = self.calls.get(("post", path), 0)
+            self.calls[("post", path)] = k + 1
+            if k in idx and isinstance(output, torch.Tensor):
+                self.values[idx[k]] = output
+        return hook
+
+    def _record(self, ev):
+        if self._saved_record is not None:
+            self._saved_record(ev)
+        name = self._op_sites.get((ev.scope, ev.index))
+        if name is not None and isinstance(ev.output, torch.Tensor):
+            self.values[name] = ev.output
+
+    def reset(self):
+        self.values = {}
+        self.calls = {}
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+        if self._rt is not None:
+            self._rt.record_ops = self._saved_record
+            self._rt = None
+
+
+class _Tapped(nn.Module):
+    """``forward(x) -> (logits, *site values)`` (the order of ``taps.names``)."""
+
+    def __init__(self, model: nn.Module, taps: _Taps):
+        super().__init__()
+        self.model = model
+        self._taps = taps
+
+    def forward(self, x):
+        self._taps.reset()
+        out = self.model(x)
+        if isinstance(out, (tuple, list)):
+            out = out[0]
+        vals = [self._taps.values[n].float() if self._taps.values[n].dtype == torch.bool else self._taps.values[n]
+                for n in self._taps.names if n in self._taps.values]
+        return (out, *vals)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _one_line(exc: BaseException) -> str:
+    root = exc
+    while root.__cause__ is not None and root.__cause__ is not root:
+        root = root.__cause__
+    msg = (str(root).strip().splitlines() or [""])[0]
+    if len(msg) > 240:
+        msg = msg[:237] + "..."
+    return f"{type(root).__name__}: {msg}" if msg else type(root).__name__
+
+
+def _is_data_dependent(exc: BaseException) -> bool:
+    cur: BaseException | None = exc
+    while cur is not None:
+        name = type(cur).__name__
+        text = str(cur)
+        if "DataDependent" in name or "data-dependent" in text or "GuardOnDataDependent" in text:
+            return True
+        cur = cur.__cause__
+    return False
+
+
+@contextlib.contextmanager
+def _quiet():
+    """The exporter prints progress on stdout: keep stdout for --json."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+
+
+def _dce(proto) -> None:
+    """Drop nodes whose outputs no longer reach a graph output (after removing the taps)."""
+    g = proto.graph
+    needed = {o.name for o in g.output}
+    keep = []
+    for node in reversed(list(g.node)):
+        if any(o in needed for o in node.output) or not node.output:
+            keep.append(node)
+            needed.update(i for i in node.input if i)
+            for a in node.attribute:  # subgraphs (If/Loop) read outer names
+                for sg in list(a.g.node if a.HasField("g") else []) + [n for gg in a.graphs for n in gg.node]:
+                    needed.update(i for i in sg.input if i)
+    keep.reverse()
+    del g.node[:]
+    g.node.extend(keep)
+    used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
+    inits = [t for t in g.initializer if t.name in used]
+    del g.initializer[:]
+    g.initializer.extend(inits)
+
+
+def _session(model_bytes: bytes, ort_opt: bool):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = int(os.environ.get("BNNSHIFT_ORT_THREADS", "1"))
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if ort_opt
+                                   else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    return ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])
+
+
+def _compare(sess, wrapper: _Tapped, batches: list[torch.Tensor], n_taps: int | None) -> dict[str, Any]:
+    import numpy as np
+
+    max_diff, scale, agree, total = 0.0, 1.0, 0, 0
+    flips, elems = 0, 0
+    in_name = sess.get_inputs()[0].name
+    for xb in batches:
+        with torch.no_grad():
+            ref = wrapper(xb)
+        got = sess.run(None, {in_name: xb.numpy()})
+        r0 = ref[0].detach().float().numpy()
+        g0 = np.asarray(got[0], dtype=np.float32)
+        if r0.shape != g0.shape:
+            raise VerificationError(f"onnxruntime output shape {g0.shape} != torch {r0.shape}")
+        max_diff = max(max_diff, float(np.abs(r0 - g0).max()) if r0.size else 0.0)
+        scale = max(scale, float(np.abs(r0).max()) if r0.size else 1.0)
+        if r0.ndim == 2:
+            agree += int((r0.argmax(1) == g0.argmax(1)).sum())
+            total += r0.shape[0]
+        if n_taps:
+            for a, b in zip(ref[1:], got[1:]):
+                a = np.sign(a.detach().float().numpy())
+                b = np.sign(np.asarray(b, dtype=np.float32))
+                if a.shape != b.shape:
+                    flips += a.size
+                else:
+                    flips += int((a != b).sum())
+                elems += a.size
+    top1 = agree / total if total else 1.0
+    share = (flips / elems) if elems else None
+    failed = []
+    if max_diff > ATOL * scale:
+        failed.append(f"max abs logit diff {max_diff:.3g} > {ATOL * scale:.3g}")
+    if top1 < MIN_TOP1:
+        failed.append(f"top-1 agreement {top1:.3f} < {MIN_TOP1}")
+    if share is not None and share > MAX_SIGN_FLIP_SHARE:
+        failed.append(f"sign-flip share {share:.2e} > {MAX_SIGN_FLIP_SHARE:g}")
+    return {"max_abs_diff": max_diff, "top1_agreement": top1, "sign_flip_share": share, "failed": failed}
+
+
+def _export(wrapper: nn.Module, x: torch.Tensor, opset: int | None, optimize: bool, warn: list[str]):
+    """(ModelProto, exporter name, dynamic batch?) or raise ExportError."""
+    import torch.export as tex
+
+    errors = []
+    for dynamic in (True, False):
+        kw: dict[str, Any] = dict(dynamo=True, optimize=optimize, opset_version=opset,
+                                  input_names=["input"], external_data=False)
+        if dynamic:
+            kw["dynamic_shapes"] = ({0: tex.Dim("batch", min=1, max=4096)},)
+        try:
+            with _quiet():
+                prog = torch.onnx.export(wrapper, (x,), **kw)
+            return prog.model_proto, "dynamo", dynamic
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+            if _is_data_dependent(exc):
+                break
+    exc = errors[-1]
+    if _is_data_dependent(exc):
+        try:
+            import onnx
+
+            buf = io.BytesIO()
+            with _quiet():
+                torch.onnx.export(wrapper, (x,), buf, dynamo=False, opset_version=opset or 17,
+                                  input_names=["input"], dynamic_axes={"input": {0: "batch"}})
+            warn.append("torch.export cannot trace this model (data-dependent control flow: "
+                        f"{_one_line(exc)}); exported with the TorchScript tracer, which bakes in the "
+                        "branch taken on the sample input")
+            return onnx.load_from_string(buf.getvalue()), "torchscript", True
+        except Exception as exc2:  # noqa: BLE001
+            raise ExportError(f"ONNX export failed: {_one_line(exc)}; TorchScript fallback: {_one_line(exc2)}",
+                              hint="remove data-dependent Python control flow from forward") from None
+    raise ExportError(f"ONNX export failed: {_one_line(exc)}",
+                      hint="rerun with BNNSHIFT_DEBUG=1; see docs/patch.md (export)") from None
+
+
+def export_onnx(model: nn.Module, input_shape: Iterable[int], path: str | os.PathLike[str], opset: int | None = None, *,
+                sites: Iterable[Site] | None = None, batches: int = DEFAULT_BATCHES,
+                batch_size: int = DEFAULT_BATCH_SIZE, seed: int = 0) -> ExportReport:
+    """Export ``model`` (eval mode) to ONNX at ``path`` and verify it against torch with onnxruntime.
+
+    ``sites``: binary activations to compare (default: the sites of a model patched by
+    bnnshift, folded ones included). Returns an ``ExportReport``; raises ``ExportError`` when
+    the exporter fails and ``VerificationError`` when no try passes. Nothing is written then.
+    """
+    import onnx
+
+    shape = tuple(int(v) for v in input_shape)
+    if sites is None:
+        from .patch import patch_state
+
+        st = patch_state(model)
+        sites = list(st.sites) if st is not None else []
+    was_training = model.training
+    model.eval()
+    taps = _Taps(model, sites)
+    wrapper = _Tapped(model, taps)
+    g = torch.Generator().manual_seed(seed)
+    data = [torch.randn((batch_size, *shape), generator=g) for _ in range(max(1, batches))]
+    warn: list[str] = []
+    attempts: list[dict[str, Any]] = []
+    try:
+        for optimize in (True, False):
+            proto, exporter, dynamic = _export(wrapper, data[0], opset, optimize, warn)
+            try:
+                onnx.checker.check_model(proto)
+            except Exception as exc:  # noqa: BLE001
+                attempts.append({"optimize": optimize, "ort_graph_optimizations": None,
+                                 "failed": [f"onnx.checker: {_one_line(exc)}"]})
+                continue
+            n_out = len(proto.graph.output)
+            raw = proto.SerializeToString()
+            for ort_opt in (True, False):
+                try:
+                    res = _compare(_session(raw, ort_opt), wrapper, data if dynamic else [data[0]], n_out - 1)
+                except VerificationError as exc:
+                    res = {"failed": [exc.message]}
+                except Exception as exc:  # noqa: BLE001 - onnxruntime refusing the graph
+                    res = {"failed": [f"onnxruntime: {_one_line(exc)}"]}
+                attempts.append({"optimize": optimize, "ort_graph_optimizations": ort_opt, "exporter": exporter, **res})
+                if res["failed"]:
+                    continue
+                # the deliverable: the same graph without the taps
+                del proto.graph.output[1:]
+                _dce(proto)
+                onnx.checker.check_model(proto)
+                clean = proto.SerializeToString()
+                res2 = _compare(_session(clean, ort_opt), wrapper, data[:1], 0)
+                if res2["failed"]:
+                    attempts.append({"optimize": optimize, "ort_graph_optimizations": ort_opt, "exporter": exporter,
+                                     "failed": ["without taps: " + f for f in res2["failed"]]})
+                    break
+                if not ort_opt:
+                    warn.append("verified with onnxruntime graph optimizations OFF: run it with "
+                                "SessionOptions.graph_optimization_level = ORT_DISABLE_ALL")
+                atomic_write_bytes(path, clean)
+                return ExportReport(path=str(path), opset=opset, exporter=exporter, dynamic_batch=dynamic,
+                                    nodes=len(proto.graph.node), optimize=optimize, ort_graph_optimizations=ort_opt,
+                                    max_abs_diff=res["max_abs_diff"], top1_agreement=res["top1_agreement"],
+                                    sign_flip_share=res["sign_flip_share"], sites_checked=n_out - 1,
+                                    batches=len(data) if dynamic else 1, passed=True, attempts=attempts,
+                                    warnings=warn)
+            if exporter == "torchscript":
+                break  # the optimizer switch does not apply
+    finally:
+        taps.remove()
+        model.train(was_training)
+    last = attempts[-1]["failed"] if attempts else ["no attempt"]
+    raise VerificationError(f"ONNX verification failed after {len(attempts)} tries: {'; '.join(last)}",
+                            hint="the torch model is unchanged; see docs/patch.md (export)")
+
+
+# --------------------------------------------------------------------------- from a patched directory
+
+
+def _export_dir_inprocess(out_dir: str, onnx_path: str, opset: int | None, batches: int) -> ExportReport:
+    from .patch import load_patched, read_recipe
+
+    recipe = read_recipe(out_dir)
+    if not recipe.input_shape:
+        raise ExportError(f"{out_dir}/patch.json has no input_shape", hint="re-run bnnshift patch with --input-shape")
+    model = load_patched(out_dir)
+    return export_onnx(model, recipe.input_shape, onnx_path, opset, batches=batches)
+
+
+def export_patched_dir(out_dir: str | os.PathLike[str], onnx_path: str | os.PathLike[str], opset: int | None = None, *,
+                       batches: int = DEFAULT_BATCHES, isolate: bool = True, timeout: float | None = 1800) -> ExportReport:
+    """Export the model of a patched directory (``load_patched``) to ``onnx_path`` and verify it.
+
+    ``isolate`` runs the export in a subprocess, so an exporter crash is reported as an
+    ``ExportError`` instead of killing the caller. Raises ``ExportError`` / ``VerificationError``.
+    """
+    if not isolate:
+        return _export_dir_inprocess(str(out_dir), str(onnx_path), opset, batches)
+    with tempfile.TemporaryDirectory(prefix="bnnshift-export-") as tmp:
+        rep = Path(tmp) / "report.json"
+        cmd = [sys.executable, "-m", "bnnshift.export", str(out_dir), str(onnx_path), "--report", str(rep),
+               "--batches", str(batches)]
+        if opset is not None:
+            cmd += ["--opset", str(opset)]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise ExportError(f"ONNX export did not finish in {timeout:.0f}s", hint="export a smaller model") from None
+        data = json.loads(rep.read_text()) if rep.is_file() else None
+    if proc.returncode == 0 and data and "report" in data:
+        return ExportReport(**data["report"])
+    if data and "error" in data:
+        cls = VerificationError if data.get("exit_code") == VerificationError.exit_code else ExportError
+        raise cls(data["error"], hint=data.get("hint"))
+    if proc.returncode < 0:
+        raise ExportError(f"the ONNX exporter crashed (signal {-proc.returncode})",
+                          hint="the model may binarize in place (.data); export the folded model or simplify forward")
+    tail = (proc.stderr.strip().splitlines() or ["no output"])[-1][:240]
+    raise ExportError(f"the ONNX export process failed (exit {proc.returncode}): {tail}")
+
+
+def _main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m bnnshift.export")
+    ap.add_argument("out_dir")
+    ap.add_argument("onnx_path")
+    ap.add_argument("--opset", type=int, default=None)
+    ap.add_argument("--batches", type=int, default=DEFAULT_BATCHES)
+    ap.add_argument("--report", required=True)
+    a = ap.parse_args(argv)
+    try:
+        report = _export_dir_inprocess(a.out_dir, a.onnx_path, a.opset, a.batches)
+        payload, code = {"report": report.to_json()}, 0
+    except BnnshiftError as exc:
+        payload, code = {"error": exc.message, "hint": exc.hint, "exit_code": exc.exit_code}, exc.exit_code
+    except Exception as exc:  # noqa: BLE001
+        payload, code = {"error": f"ONNX export failed: {_one_line(exc)}", "hint": None, "exit_code": 1}, 1
+    Path(a.report).write_text(json.dumps(payload, default=str))
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(_main())
