@@ -310,12 +310,15 @@ def _export(wrapper: nn.Module, x: torch.Tensor, opset: int | None, optimize: bo
             import onnx
 
             buf = io.BytesIO()
+            # the tracer mis-records the taps' hooks on a wrapped model: export the model alone
+            # (the sign-flip check is then skipped; logits and top-1 are still compared)
+            inner = wrapper.model if isinstance(wrapper, _Tapped) else wrapper
             with _quiet():
-                torch.onnx.export(wrapper, (x,), buf, dynamo=False, opset_version=opset or 17,
+                torch.onnx.export(inner, (x,), buf, dynamo=False, opset_version=opset or 17,
                                   input_names=["input"], dynamic_axes={"input": {0: "batch"}})
             warn.append("torch.export cannot trace this model (data-dependent control flow: "
                         f"{_one_line(exc)}); exported with the TorchScript tracer, which bakes in the "
-                        "branch taken on the sample input")
+                        "branch taken on the sample input; sign flips per site not checked (logits only)")
             return onnx.load_from_string(buf.getvalue()), "torchscript", True
         except Exception as exc2:  # noqa: BLE001
             raise ExportError(f"ONNX export failed: {_one_line(exc)}; TorchScript fallback: {_one_line(exc2)}",

@@ -150,3 +150,20 @@ def test_zoo_lists_models_as_json():
     assert code == 0
     names = {m["name"] for m in json.loads(out)["models"]}
     assert {"mlp", "lenet5", "vgg-small", "reactnet-a", "style-control-flow"} <= names
+
+
+def test_scan_with_fashion_mnist_shows_the_paper_fig4_view():
+    code, out, err = run("scan", "zoo:mlp", "--arg", "width=0.25", "--data", "fashion-mnist", "--batch-size", "128",
+                         "--data-batches", "2", "--json")
+    assert code == 0, err
+    payload = json.loads(out)
+    assert payload["data"].startswith("fashion-mnist")
+    for s in payload["sites"]:
+        assert 0 < s["plus_fraction"] < 1
+        assert {"mean", "median", "skew"} <= set(s["preact"])
+
+
+def test_scan_of_a_full_precision_torchvision_model_exits_3():
+    code, _, err = run("scan", "torchvision:resnet18", "--input-shape", "3,64,64")
+    assert code == 3
+    _one_line_error(err)

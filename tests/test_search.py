@@ -134,7 +134,7 @@ def test_search_with_custom_train_one_epoch(tmp_path):
         loss = torch.nn.functional.cross_entropy(out, y)
         loss.backward()
         opt.step()
-        return {"train_acc": float((out.argmax(1) == y).float().mean()), "loss": float(loss), "note": "mine"}
+        return {"train_acc": float((out.argmax(1) == y).float().mean()), "loss": loss.item(), "note": "mine"}
 
     s = search_with(lambda: mlp(width=0.25), train_one_epoch, "0:1:0.5", [0], input_shape=(1, 28, 28),
                     metric="train_acc", probe_batches=x[:64], out_dir=tmp_path / "o")
