@@ -206,7 +206,10 @@ def open_storage(spec: StorageSpec | str, *, heartbeat: Any = None, max_retry: i
     if isinstance(spec, str):
         spec = parse_storage(spec)
     if spec.kind == "journal":
-        from optuna.storages.journal import JournalFileBackend, JournalStorage
+        try:
+            from optuna.storages.journal import JournalFileBackend, JournalStorage
+        except ImportError:  # optuna < 4.0
+            from optuna.storages import JournalFileStorage as JournalFileBackend, JournalStorage
 
         path = Path(spec.url)
         if path.exists() and not path.is_file():
@@ -234,13 +237,26 @@ def open_storage(spec: StorageSpec | str, *, heartbeat: Any = None, max_retry: i
             engine_kwargs={"connect_args": {"connect_timeout": timeout}, "pool_pre_ping": True},
             heartbeat_interval=interval,
             grace_period=grace,
-            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=max_retry),
+            **{_stale_kw(optuna): _retry_class(optuna)(max_retry=max_retry)},
         )
     except (SQLAlchemyError, OSError) as exc:
         raise StorageError(f"cannot reach PostgreSQL at {spec.display}: {_first_line(exc)}",
                            hint="check host, port, database and credentials; is the server running?") from None
     except ImportError as exc:
         raise StorageError(f"cannot use {spec.display}: {_first_line(exc)}", hint=INSTALL_HINT) from None
+
+
+def _retry_class(optuna):
+    """RetryHeartbeatStaleTrialCallback (optuna >= 4.9), RetryFailedTrialCallback before."""
+    return getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) or \
+        optuna.storages.RetryFailedTrialCallback
+
+
+def _stale_kw(optuna) -> str:
+    import inspect
+
+    params = inspect.signature(optuna.storages.RDBStorage.__init__).parameters
+    return "heartbeat_stale_trial_callback" if "heartbeat_stale_trial_callback" in params else "failed_trial_callback"
 
 
 @contextlib.contextmanager
@@ -412,7 +428,7 @@ def _alive(worker: dict[str, Any]) -> bool | None:
 
 def _requeue(optuna, study, trial) -> None:
     """The same grid point as a new WAITING trial (what the heartbeat retry callback does)."""
-    optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=None)(study, trial)
+    _retry_class(optuna)(max_retry=None)(study, trial)
 
 
 def _fail_dead_local(optuna, study, state: GridState, max_retry: int | None) -> int:

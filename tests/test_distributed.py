@@ -64,22 +64,36 @@ def _load(storage: str, study: str):
     return optuna.load_study(study_name=study, storage=open_storage(storage, heartbeat="1,3"))
 
 
-def _wait_for_running_trial(storage: str, study: str, proc: subprocess.Popen, log: Path, timeout: float = 90):
-    """Poll the study until ``proc`` (by pid) owns a RUNNING trial; return that trial's number."""
+def _wait_for_running_trial(storage: str, study: str, proc: subprocess.Popen, log: Path, timeout: float = 90,
+                            settle: float = 1.0) -> int:
+    """Poll the study until ``proc`` (by pid) owns a RUNNING trial, let it train ``settle`` s,
+    check it is still RUNNING; return that trial's number."""
     from optuna.trial import TrialState
 
+    cache: list = []
+
+    def running_of_proc():
+        if not cache:
+            cache.append(_load(storage, study))
+        for t in cache[0].get_trials(deepcopy=False):
+            w = t.user_attrs.get("bnnshift_worker") or {}
+            if t.state == TrialState.RUNNING and w.get("pid") == proc.pid and w.get("trial") == t.number:
+                return t.number
+        return None
+
     deadline = time.time() + timeout
-    st = None
     while time.time() < deadline:
         assert proc.poll() is None, f"worker exited early:\n{log.read_text()}"
         try:
-            st = st or _load(storage, study)
-            for t in st.get_trials(deepcopy=False):
-                w = t.user_attrs.get("bnnshift_worker") or {}
-                if t.state == TrialState.RUNNING and w.get("pid") == proc.pid and w.get("trial") == t.number:
-                    return t.number
+            number = running_of_proc()
         except Exception:  # noqa: BLE001 - the study may not exist yet
-            st = None
+            number = None
+        if number is not None:
+            # a process's first trial trains for seconds: kill it MID-training, not just after ask()
+            time.sleep(settle)
+            assert running_of_proc() == number, log.read_text()
+            assert f"trial {number}: t=" in log.read_text(), log.read_text()
+            return number
         time.sleep(0.1)
     raise AssertionError(f"worker {proc.pid} never ran a trial:\n{log.read_text()}")
 
@@ -182,13 +196,23 @@ def test_worker_with_another_config_is_refused(pg):
 
 
 def test_bad_storage_url_is_one_line_exit_1():
-    for bad in ("foo://x/y", "postgresql://user@localhost:5432", "postgresql://user@host:99999/db", "journal:"):
-        r = _run("search", MODEL, "--data", "synthetic:64", "--storage", bad, "--study", "s", timeout=60)
-        assert r.returncode == 1, (bad, r.stderr)
-        line = _one_error_line(r.stderr)
-        assert "storage" in line.lower() or "url" in line.lower(), line
-    r = _run("report", "--storage", "mysql://x@y/z", "--study", "s")
-    assert r.returncode == 1 and "unsupported scheme" in _one_error_line(r.stderr)
+    from bnnshift.distributed import parse_storage
+    from bnnshift.errors import EXIT_ERROR, StorageError
+
+    for bad in ("postgresql://user@localhost:5432", "postgresql://user@host:99999/db", "journal:", "", "x.db",
+                "sqlite:///x.db", "postgresql://us er@:x/db"):
+        with pytest.raises(StorageError) as e:
+            parse_storage(bad)
+        assert e.value.exit_code == EXIT_ERROR and "\n" not in e.value.one_line(), bad
+    assert parse_storage("postgres://u:pw@h/db").url.startswith("postgresql+psycopg://u:pw@h")
+    assert "pw" not in parse_storage("postgres://u:pw@h/db").display
+    assert parse_storage("journal:/tmp/x.log").kind == parse_storage("/tmp/x.log").kind == "journal"
+    # through the CLI: exit 1, one line, before any model is built
+    r = _run("search", MODEL, "--data", "synthetic:64", "--storage", "foo://x/y", "--study", "s", timeout=60)
+    assert r.returncode == 1, r.stderr
+    assert "unsupported scheme" in _one_error_line(r.stderr)
+    r = _run("report", "--storage", "postgresql://user@localhost", "--study", "s")
+    assert r.returncode == 1 and "no database name" in _one_error_line(r.stderr)
 
 
 def test_unreachable_server_is_one_line_exit_1_quickly():
@@ -226,13 +250,18 @@ def test_journal_backend_dead_worker_is_retried(tmp_path):
     args = ("search", *COMMON, "--shifts", shifts, "--storage", storage, "--study", study)
     log_a = tmp_path / "a.log"
     a = _start(log_a, *args)
+    # the local search of the same config, meanwhile (2 cores: one for it, one for the worker)
+    local = subprocess.Popen(_cmd("search", *COMMON, "--shifts", shifts, "--json"), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env=_env())
     try:
         killed = _wait_for_running_trial(storage, study, a, log_a)
         a.send_signal(signal.SIGKILL)
         a.wait(timeout=30)
+        b = _run(*args, timeout=240)
+        local_out, local_err = local.communicate(timeout=300)
     finally:
-        _stop(a)
-    b = _run(*args, timeout=240)
+        _stop(a, local)
+    assert local.returncode == 0, local_err
     assert b.returncode == 0, b.stderr
     st = _load(storage, study)
     trials = st.get_trials(deepcopy=False)
@@ -242,6 +271,18 @@ def test_journal_backend_dead_worker_is_retried(tmp_path):
     r = _run("report", "--storage", storage, "--study", study, "--json")
     assert r.returncode == 0, r.stderr
     got = {(c["shift"], c["seed"]): c["score"] for c in json.loads(r.stdout)["candidates"]}
-    assert got == _local_scores(tmp_path, shifts, "1")
+    assert got == {(c["shift"], c["seed"]): c["score"] for c in json.loads(local_out)["candidates"]}
     late = _run(*args)
     assert late.returncode == 0 and "nothing left to run" in late.stderr, late.stderr
+
+
+def test_without_optuna_local_search_imports_and_storage_is_one_line():
+    """The local search needs none of the extra; --storage without optuna is one clear line."""
+    code = ("import sys; sys.modules['optuna'] = None\n"
+            "import bnnshift.cli, bnnshift.search, bnnshift.distributed\n"
+            "from bnnshift.errors import StorageError\n"
+            "try:\n    bnnshift.distributed.run_worker(None, 'journal:/tmp/x.log', 's')\n"
+            "except StorageError as e:\n    print(e.exit_code, e.one_line())\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=_env())
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("1 ") and "bnnshift[distributed]" in r.stdout, r.stdout
