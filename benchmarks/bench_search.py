@@ -55,9 +55,11 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--quick", action="store_true", help="smoke run: 2048 samples")
     ap.add_argument("--skip-eager", action="store_true")
+    ap.add_argument("--breakdown", action="store_true",
+                    help="also time eager + channels_last and compiled + contiguous (sequential reuse)")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
-    from bnnshift.search import SearchConfig, _CONTEXTS, run_candidate, search
+    from bnnshift.search import _CONTEXTS, SearchConfig, _context, run_candidate, search
     from bnnshift.train import set_threads
 
     set_threads("cpu")
@@ -73,19 +75,25 @@ def main(argv=None) -> int:
     work = 3 * flops * steps * a.batch_size * a.k
 
     if not a.skip_eager:
-        cfg_e = SearchConfig(compile="off", **common)
-        run_candidate(cfg_e, 0.0, 0)  # load data + scan once (both paths share this setup cost)
+        cfg_e = SearchConfig(compile="off", memory_format="contiguous", **common)
+        _context(cfg_e)  # load data + scan once (every path gets this setup for free)
         t0 = time.perf_counter()
-        for s in shifts:
-            fresh = SearchConfig(compile="off", **common)
-            run_candidate(fresh, s, 0, model_factory=_factory(fresh))
+        for s in shifts:  # a plain loop: a fresh model per candidate, eager, NCHW
+            run_candidate(cfg_e, s, 0, model_factory=_factory(cfg_e))
         res["eager_seconds"] = time.perf_counter() - t0
         res["eager_peak_share"] = work / res["eager_seconds"] / peak
         _CONTEXTS.clear()
+    if a.breakdown:
+        for label, kw in (("eager_channels_last", dict(compile="off", memory_format="channels_last")),
+                          ("compiled_contiguous", dict(compile="auto", memory_format="contiguous"))):
+            c = SearchConfig(**kw, **common)
+            _context(c)
+            t0 = time.perf_counter()
+            search(c)
+            res[f"{label}_seconds"] = time.perf_counter() - t0
+            _CONTEXTS.clear()
 
-    cfg_d = SearchConfig(compile="auto", **common)
-    from bnnshift.search import _context
-
+    cfg_d = SearchConfig(**common)  # the defaults: compile auto, channels_last for conv models
     _context(cfg_d)  # data + scan, as above
     t0 = time.perf_counter()
     summary = search(cfg_d)

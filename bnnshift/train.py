@@ -289,6 +289,7 @@ class DefaultTrainer:
     train_y: torch.Tensor
     progress: Callable[[int, int], None] | None = None
     runners: dict = field(default_factory=dict)
+    channels_last: bool = False
 
     def num_steps(self) -> int:
         n = int(self.train_x.shape[0]) // self.cfg.batch_size
@@ -324,9 +325,15 @@ class DefaultTrainer:
         for i, (xb, yb) in enumerate(iterate_batches(self.train_x, self.train_y, cfg.batch_size,
                                                     seed=seed, steps=total)):
             opt.zero_grad(set_to_none=True)
+            if self.channels_last and xb.dim() == 4:
+                xb = xb.contiguous(memory_format=torch.channels_last)
             if not runner.verified:
                 snapshot = {k: v.clone() for k, v in model.state_dict().items()}
-                loss, logits = runner.first_call(xb, yb, lambda: model.load_state_dict(snapshot))
+                def restore():
+                    model.load_state_dict(snapshot)
+                    opt.zero_grad(set_to_none=True)
+
+                loss, logits = runner.first_call(xb, yb, restore)
             else:
                 loss, logits = runner(xb, yb)
                 loss.backward()

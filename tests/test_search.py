@@ -195,3 +195,50 @@ def test_journal_ignores_torn_and_foreign_lines(tmp_path):
     j.append(1.0, 0, "other", {"shift": 1.0, "seed": 0, "status": "ok", "score": 0.1})
     done = j.finished("abc")
     assert set(done) == {("0.5", 0, "abc"), ("1.0", 0, "abc")} and done[("1.0", 0, "abc")]["score"] == 0.6
+
+
+def test_compile_error_falls_back_to_eager_exactly(monkeypatch):
+    import bnnshift.train as train_mod
+
+    def fake_compile(fn, **kw):
+        def broken(xb, yb):
+            fn(xb, yb)  # runs the forward (BN running stats move), then "compile" fails
+            raise RuntimeError("boom in the compiler")
+        return broken
+
+    kw = dict(MLP, steps=4, bn_recalib_batches=0)  # no re-estimation: the BN stats must be restored
+    eager = run_candidate(SearchConfig(compile="off", **kw), 0.5, 0)
+    monkeypatch.setattr(train_mod.torch, "compile", fake_compile)
+    r = run_candidate(SearchConfig(compile="on", **kw), 0.5, 0)
+    assert r.compiled is False and r.compile_error == "RuntimeError: boom in the compiler"
+    assert r.first_losses == eager.first_losses and r.score == eager.score and r.loss == eager.loss
+    assert r.plus_fraction == eager.plus_fraction
+
+
+def test_hardtanh_grid_shifts_a_full_precision_model():
+    from bnnshift.shift import get_thresholds
+
+    def fp_model():
+        return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 32), torch.nn.BatchNorm1d(32),
+                                   torch.nn.Hardtanh(), torch.nn.Linear(32, 10))
+
+    x, y = _toy_data()
+    got = {}
+
+    def train(model, *, seed, shift):
+        got[shift] = {k: float(v) for k, v in get_thresholds(model).items()}
+        model.eval()
+        outs = []
+        handle = model[3].register_forward_hook(lambda m, a, o: outs.append(o))
+        with torch.no_grad():
+            model(x[:8])  # a root forward: bnnshift addresses calls per root forward
+        handle.remove()
+        h = outs[0]
+        got[(shift, "max")] = float(h.max())
+        got[(shift, "mean")] = float(h.mean())
+        return 0.5
+
+    s = search_with(fp_model, train, [0.0, 1.0], [0], input_shape=(1, 28, 28), hardtanh=True)
+    assert len(s.sites) == 1 and got[1.0] and all(v == 1.0 for v in got[1.0].values())
+    assert got[(0.0, "max")] <= 1.0 and got[(1.0, "max")] <= 1.0
+    assert got[(1.0, "mean")] < got[(0.0, "mean")] - 0.3  # hardtanh(x - 1): the window moved right

@@ -91,6 +91,8 @@ def search_command(
     patch_out: Optional[str] = typer.Option(None, "--patch-out", help="Write the model patched with the winner."),
     no_compile: bool = typer.Option(False, "--no-compile", help="Eager training step (no torch.compile)."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or auto."),
+    memory_format: str = typer.Option("auto", "--memory-format",
+                                      help="auto (channels_last for conv models), channels_last or contiguous."),
     dtype: str = typer.Option("float32", "--dtype", help="float32 or float64."),
     download: bool = typer.Option(False, "--download", help="Allow torchvision data sets to download."),
     storage: Optional[str] = typer.Option(None, "--storage", help="Distributed search: an Optuna storage URL."),
@@ -118,7 +120,8 @@ def search_command(
         shifts=parse_shifts(shifts), seeds=parse_seeds(seeds, seed_list), epochs=epochs, steps=steps,
         batch_size=batch_size, optimizer=optimizer, lr=lr, weight_decay=weight_decay, momentum=momentum,
         train_config=train_config, hardtanh=hardtanh, val=val, bn_recalib_batches=bn_recalib_batches,
-        device=device, compile="off" if no_compile else "auto", dtype=dtype, train_limit=train_limit,
+        device=device, compile="off" if no_compile else "auto", dtype=dtype,
+        memory_format=memory_format, train_limit=train_limit,
         val_limit=val_limit, metric=metric, download=download, strict=not non_strict)
     if (storage is None) != (study is None):
         raise UsageError("--storage and --study go together")
