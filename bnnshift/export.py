@@ -12,7 +12,9 @@ How the verification works (and what it measures):
    when the model allows it), checked with ``onnx.checker``, and run with onnxruntime on
    several random batches in eval mode. Checks: max abs logit difference (relative to the
    logit scale), top-1 agreement, and the share of tapped binary activations whose sign
-   differs between torch and onnxruntime (``sign_flip_share``).
+   differs between torch and onnxruntime (``sign_flip_share``). Pass: sign-flip share <= 1e-4,
+   top-1 agreement >= 0.99, and the logit bound (1e-3 x max(1, max |logit|)) whenever no
+   tapped activation flipped (or none could be tapped): a flip legitimately moves the logits.
 3. If a check fails, the export is retried with onnxruntime's graph optimizations off, then
    with the exporter's optimizer off (constant folding of weight binarization has been seen
    to flip signs). ``VerificationError`` (exit 4) names the failed checks of the last try.
@@ -277,7 +279,9 @@ def _compare(sess, wrapper: _Tapped, batches: list[torch.Tensor], n_taps: int | 
     top1 = agree / total if total else 1.0
     share = (flips / elems) if elems else None
     failed = []
-    if max_diff > ATOL * scale:
+    # a flipped binary activation legitimately moves the logits (BNNs amplify float noise at
+    # sign(0)): with the flips measured, the logit bound applies when none flipped
+    if max_diff > ATOL * scale and (share is None or flips == 0):
         failed.append(f"max abs logit diff {max_diff:.3g} > {ATOL * scale:.3g}")
     if top1 < MIN_TOP1:
         failed.append(f"top-1 agreement {top1:.3f} < {MIN_TOP1}")

@@ -1,0 +1,198 @@
+"""``bnnshift patch`` and ``bnnshift fold``: insert the shifts, write OUT/ (model.safetensors +
+patch.json), optionally fold and export. The work is done by ``bnnshift.patch`` / ``fold`` /
+``export``; this module parses options and prints."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from . import app
+from ._common import ARG, CHECKPOINT, INPUT_SHAPE, JSON, MODEL, NON_STRICT, QUIET, UNSAFE, ArgList
+from ._errors import handle_errors
+from ._output import Output
+
+
+def _split_pair(text: str, option: str) -> tuple[str, str]:
+    from ..errors import UsageError
+
+    key, sep, value = text.rpartition("=")
+    if not sep or not key.strip():
+        raise UsageError(f"bad {option} {text!r}: expected NAME=T", hint=f"e.g. {option} 'layer1.*=0.5'")
+    return key.strip(), value.strip()
+
+
+def _cli_config(shift, site, kind, exclude):
+    from ..patch import ShiftConfig, parse_shift_value
+
+    cfg = ShiftConfig(shift=parse_shift_value(shift, "--shift") if shift is not None else None)
+    for k in kind or []:
+        key, value = _split_pair(k, "--kind")
+        cfg = cfg.merged(ShiftConfig(kinds={key: parse_shift_value(value, f"--kind {key}")}))
+    for s in site or []:
+        key, value = _split_pair(s, "--site")
+        cfg.add_site(key, value)
+    cfg.exclude = list(exclude or [])
+    return cfg
+
+
+def _check_out_early(out: str, force: bool) -> tuple[Path, bool]:
+    """Fail before the (slow) scan if OUT cannot be used; returns (path, created by us)."""
+    from .._io import prepare_output_dir
+
+    p = Path(out)
+    existed = p.exists()
+    prepare_output_dir(p, force=force)
+    return p, not existed
+
+
+def sites_table(rows: list[dict], title: str):
+    from rich.table import Table
+
+    t = Table(title=title)
+    for c in ("site", "kind", "shift", "applied", "threshold key / fold"):
+        t.add_column(c, overflow="fold")
+    for r in rows:
+        last = r["threshold_key"] or ""
+        if r["applied"].startswith("folded"):
+            last = ""
+        elif r.get("foldable") is None and r.get("fold_reason"):
+            last = f"{last}  (not foldable: {r['fold_reason']})"
+        t.add_row(r["name"], r["kind"], f"{r['shift']:+g}" if r["shift"] is not None else "-", r["applied"], last)
+    return t
+
+
+@app.command("patch")
+@handle_errors
+def patch_command(
+    model: str = MODEL,
+    arg: ArgList = ARG,
+    checkpoint: Optional[str] = CHECKPOINT,
+    input_shape: Optional[str] = INPUT_SHAPE,
+    out: str = typer.Option(..., "-o", "--out", help="Output directory (model.safetensors + patch.json)."),
+    shift: Optional[str] = typer.Option(None, "--shift", help="Shift t for every activation site."),
+    site: Optional[List[str]] = typer.Option(None, "--site", help="PATTERN=T: exact site name, glob or re:REGEX "
+                                                               "(repeatable; later wins)."),
+    config: Optional[str] = typer.Option(None, "--config", help="Shifts file (TOML, see docs/patch.md)."),
+    kind: Optional[List[str]] = typer.Option(None, "--kind", help="KIND=T for sites of a kind: module, input, inline."),
+    exclude: Optional[List[str]] = typer.Option(None, "--exclude", help="Site name or pattern to leave unshifted."),
+    hardtanh_shift: Optional[str] = typer.Option(None, "--hardtanh-shift", help="Shift nn.Hardtanh activations "
+                                                                              "along x (full-precision stage)."),
+    trainable: bool = typer.Option(False, "--trainable", help="Thresholds become nn.Parameter (init t)."),
+    per_channel: bool = typer.Option(False, "--per-channel", help="One threshold per channel."),
+    fold: bool = typer.Option(False, "--fold", help="Absorb t into BN / bias where exact."),
+    onnx: Optional[str] = typer.Option(None, "--onnx", help="Also export (and verify) ONNX to this path."),
+    opset: Optional[int] = typer.Option(None, "--opset", help="ONNX opset (default: the exporter's)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite a non-empty output directory."),
+    non_strict: bool = NON_STRICT,
+    unsafe_load: bool = UNSAFE,
+    json_: bool = JSON,
+    quiet: bool = QUIET,
+):
+    """Shift the threshold of binary activations: sign(x) -> sign(x - t). Writes OUT/ for fine-tuning."""
+    from ..errors import UsageError
+    from ..patch import ShiftConfig, parse_shift_value
+
+    o = Output(json_mode=json_, quiet=quiet)
+    cfg = _cli_config(shift, site, kind, exclude)
+    if config:
+        cfg = ShiftConfig.from_toml(config).merged(cfg)
+    ht = parse_shift_value(hardtanh_shift, "--hardtanh-shift") if hardtanh_shift is not None else None
+    if cfg.empty and ht is None:
+        raise UsageError("no shift given", hint="pass --shift T, --site PATTERN=T, --config FILE or --hardtanh-shift T")
+    if fold and trainable:
+        raise UsageError("--fold and --trainable exclude each other",
+                         hint="fold after fine-tuning: bnnshift fold OUT/")
+    out_dir, created = _check_out_early(out, force)
+    try:
+        payload = _do_patch(o, model, arg, checkpoint, input_shape, out_dir, cfg, ht, trainable, per_channel, fold,
+                            onnx, opset, force, non_strict, unsafe_load)
+    except BaseException:
+        if created and out_dir.is_dir() and not any(out_dir.iterdir()):
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
+    o.result(payload)
+
+
+def _do_patch(o, model, arg, checkpoint, input_shape, out_dir, cfg, ht, trainable, per_channel, fold, onnx, opset,
+              force, non_strict, unsafe_load) -> dict:
+    from ..errors import NoSitesError
+    from ..load import load_model
+    from ..patch import build_recipe, describe, patch_model, save_patched
+    from ..scan import NO_SITES_HINT, resolve_input_shape, scan_model
+
+    loaded = load_model(model, args=arg, checkpoint=checkpoint, strict=not non_strict, allow_unsafe=unsafe_load)
+    shape = resolve_input_shape(input_shape, loaded.input_shape)
+    report = scan_model(loaded.model, shape, name=loaded.spec.canonical(), include_hardtanh=ht is not None)
+    if not report.sites and ht is None:
+        raise NoSitesError(f"no binary activation found in {loaded.spec.canonical()}", hint=NO_SITES_HINT)
+    if not report.sites and cfg.shift is not None and not (cfg.patterns or cfg.names or cfg.kinds):
+        cfg.shift = None  # a full-precision model: only --hardtanh-shift applies
+    patch_model(loaded.model, report, cfg, trainable=trainable, per_channel=per_channel, hardtanh_shift=ht)
+    recipe = build_recipe(loaded.model, spec=loaded.spec, input_shape=shape, checkpoint=loaded.checkpoint,
+                          checkpoint_sha256=loaded.checkpoint_sha256)
+    fold_report = None
+    if fold:
+        from ..fold import fold_shifts
+
+        fold_report = fold_shifts(loaded.model)
+    save_patched(loaded.model, recipe, out_dir, force=True)
+    rows = describe(loaded.model)
+    export_report = None
+    if onnx:
+        from ..export import export_patched_dir
+
+        export_report = export_patched_dir(out_dir, onnx, opset)
+    o.table(sites_table(rows, f"{loaded.spec.canonical()}: {sum(1 for r in rows if r['kind'] != 'hardtanh')} "
+                              f"sites shifted -> {out_dir}"))
+    if fold_report is not None:
+        for name, why in fold_report.kept.items():
+            o.info(f"kept {name}: {why}")
+    if export_report is not None:
+        _print_export(o, export_report)
+    return {
+        "out_dir": str(out_dir),
+        "files": [str(out_dir / "model.safetensors"), str(out_dir / "patch.json")],
+        "model": loaded.spec.canonical(),
+        "input_shape": list(shape),
+        "trainable": trainable,
+        "per_channel": per_channel,
+        "sites": [r for r in rows if r["kind"] != "hardtanh"],
+        "hardtanh_sites": [r for r in rows if r["kind"] == "hardtanh"],
+        "fold": fold_report.to_json() if fold_report is not None else None,
+        "onnx": export_report.to_json() if export_report is not None else None,
+    }
+
+
+def _print_export(o: Output, r) -> None:
+    flips = "not checked" if r.sign_flip_share is None else f"{r.sign_flip_share:.2e} over {r.sites_checked} sites"
+    o.info(f"ONNX {r.path}: {r.nodes} nodes ({r.exporter}, optimizer {'on' if r.optimize else 'off'}); "
+           f"onnxruntime vs torch: max |dlogit| {r.max_abs_diff:.2e}, top-1 agreement {r.top1_agreement:.3f}, "
+           f"sign flips {flips}")
+    for w in r.warnings:
+        o.warn(w)
+
+
+@app.command("fold")
+@handle_errors
+def fold_command(
+    out_dir: str = typer.Argument(..., help="A directory written by `bnnshift patch`."),
+    json_: bool = JSON,
+    quiet: bool = QUIET,
+):
+    """Absorb the thresholds into BatchNorm / bias where exact (in place); keep the others and say why."""
+    from ..fold import fold_shifts
+    from ..patch import describe, load_patched, read_recipe, save_patched
+
+    o = Output(json_mode=json_, quiet=quiet)
+    recipe = read_recipe(out_dir)
+    model = load_patched(out_dir)
+    rep = fold_shifts(model)
+    save_patched(model, recipe, out_dir, force=True)
+    rows = describe(model)
+    o.table(sites_table(rows, f"{out_dir}: {len(rep.folded)} folded, {len(rep.kept)} kept"))
+    for name, why in rep.kept.items():
+        o.info(f"kept {name}: {why}")
+    o.result({"out_dir": str(out_dir), **rep.to_json(), "sites": rows})
