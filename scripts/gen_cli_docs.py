@@ -1,0 +1,15 @@
+"""Regenerate docs/cli.md from the commands' own --help (so the reference cannot drift)."""
+import os
+import subprocess
+import sys
+
+COMMANDS = ["scan", "search", "patch", "fold", "export", "report", "zoo"]
+env = dict(os.environ, COLUMNS="110", NO_COLOR="1", TERM="dumb")
+print("# CLI reference\n")
+print("Generated from `bnnshift COMMAND --help` (`python scripts/gen_cli_docs.py > docs/cli.md`).")
+print("Exit codes for every command: 0 ok, 1 error, 2 usage / bad spec, 3 no binary activation found,")
+print("4 verification failed, 130 interrupted. With `--json`, stdout holds only JSON; messages go to")
+print("stderr. `BNNSHIFT_DEBUG=1` shows tracebacks. JSON schema of `scan --json`: docs/scan.schema.json.\n")
+for cmd in COMMANDS:
+    out = subprocess.run([sys.executable, "-m", "bnnshift", cmd, "--help"], capture_output=True, text=True, env=env)
+    print(f"## bnnshift {cmd}\n\n```\n{out.stdout.rstrip()}\n```\n")
