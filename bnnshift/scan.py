@@ -147,5 +147,21 @@ def scan(spec: str, *, args: Iterable[str] | dict | None = None, checkpoint: str
         data_name = bundle.name
         batches = [xb for xb, _ in iterate_batches(bundle.train_x, bundle.train_y, batch_size, seed=seed,
                                                     drop_last=False, steps=data_batches)]
-    return scan_model(loaded.model, shape, name=loaded.spec.canonical(), batches=batches, data_name=data_name,
-                      require_sites=True)
+    model = loaded.model
+    recalibrated = False
+    if batches is not None and checkpoint is None:
+        # untrained weights: BN running statistics are the init's (mean 0, var 1), which do not
+        # centre the pre-activations; measure as after training, on a copy, with BN re-estimated
+        import copy
+
+        from .train import recalibrate_bn
+
+        model = copy.deepcopy(model)
+        with torch.no_grad():
+            recalibrated = recalibrate_bn(model, batches) > 0
+    report = scan_model(model, shape, name=loaded.spec.canonical(), batches=batches, data_name=data_name,
+                        require_sites=True)
+    if recalibrated:
+        report.warnings.append("no --checkpoint: BatchNorm statistics were re-estimated on the data before "
+                               "measuring +1 shares (random-init running statistics do not centre)")
+    return report
