@@ -35,6 +35,15 @@ os.umask(_UMASK)
 _CHUNK = 1 << 20
 
 
+def jsonable(o: Any):
+    """``json.dumps(default=...)`` for tensors/arrays (``tolist``), sets and tuples."""
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    if isinstance(o, (set, tuple)):
+        return list(o)
+    return str(o)
+
+
 def _fsync_dir(directory: Path) -> None:
     """Persist the rename itself (best effort: not every platform/file system allows it)."""
     try:

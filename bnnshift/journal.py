@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .errors import OutputError
+from ._io import jsonable
 
 JOURNAL_NAME = "journal.jsonl"
 
@@ -68,7 +69,7 @@ class Journal:
 
     def append(self, shift: float, seed: int, config_hash: str, result: dict[str, Any]) -> None:
         line = json.dumps({"shift": float(shift), "seed": int(seed), "config_hash": config_hash,
-                           "result": result}, separators=(",", ":"), default=_jsonable) + "\n"
+                           "result": result}, separators=(",", ":"), default=jsonable) + "\n"
         self._repair_tail()
         try:
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
@@ -107,10 +108,3 @@ class Journal:
         except FileNotFoundError:
             pass
 
-
-def _jsonable(o: Any):
-    if hasattr(o, "tolist"):
-        return o.tolist()
-    if isinstance(o, (set, tuple)):
-        return list(o)
-    return str(o)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import sys
 from typing import Any
+from .._io import jsonable
 
 
 class Output:
@@ -42,15 +43,8 @@ class Output:
 
     def result(self, payload: dict[str, Any], human: str | None = None) -> None:
         if self.json_mode:
-            sys.stdout.write(json.dumps(payload, indent=2, default=_jsonable) + "\n")
+            sys.stdout.write(json.dumps(payload, indent=2, default=jsonable) + "\n")
             sys.stdout.flush()
         elif human and not self.quiet:
             self.out.print(human)
 
-
-def _jsonable(o: Any):
-    if hasattr(o, "tolist"):
-        return o.tolist()
-    if isinstance(o, (set, tuple)):
-        return list(o)
-    return str(o)
