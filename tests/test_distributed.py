@@ -286,3 +286,16 @@ def test_without_optuna_local_search_imports_and_storage_is_one_line():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=_env())
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("1 ") and "bnnshift[distributed]" in r.stdout, r.stdout
+
+
+def test_bad_heartbeat_option_is_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from bnnshift.cli import app
+
+    r = CliRunner().invoke(app, ["search", "zoo:mlp", "--arg", "width=0.25", "--data", "synthetic:64",
+                                 "--shifts", "0", "--steps", "1", "--batch-size", "16", "--no-compile",
+                                 "--storage", f"journal:{tmp_path / 'j.log'}", "--study", "hb", "--heartbeat", "soon"])
+    assert r.exit_code == 1, r.stderr
+    lines = [l for l in r.stderr.strip().splitlines() if l.strip()]
+    assert len(lines) == 1 and "heartbeat" in lines[0]

@@ -97,6 +97,12 @@ def search_command(
     download: bool = typer.Option(False, "--download", help="Allow torchvision data sets to download."),
     storage: Optional[str] = typer.Option(None, "--storage", help="Distributed search: an Optuna storage URL."),
     study: Optional[str] = typer.Option(None, "--study", help="Distributed search: the study name."),
+    heartbeat: Optional[str] = typer.Option(None, "--heartbeat",
+                                            help="Distributed search: INTERVAL[,GRACE] seconds before a silent "
+                                                 "worker's trial is retried (default 30,120; env BNNSHIFT_HEARTBEAT)."),
+    connect_timeout: Optional[int] = typer.Option(None, "--connect-timeout", min=1,
+                                                  help="Distributed search: seconds to wait for the database "
+                                                       "(default 10; env BNNSHIFT_CONNECT_TIMEOUT)."),
     json_: bool = JSON,
     quiet: bool = QUIET,
 ):
@@ -136,7 +142,10 @@ def search_command(
                                 hint="pip install bnnshift[distributed]") from None
         from pathlib import Path
 
-        results = distributed.run_worker(cfg, storage, study, Path(out_dir) if out_dir else None, out)
+        if heartbeat is not None:
+            distributed.parse_heartbeat(heartbeat)  # a bad value fails before any training
+        results = distributed.run_worker(cfg, storage, study, Path(out_dir) if out_dir else None, out,
+                                         heartbeat=heartbeat, connect_timeout=connect_timeout)
         payload = {"command": "search", "distributed": True, "study": study,
                    "candidates": [r.to_json() for r in results]}
         out.result(payload, human=f"worker finished {len(results)} candidates of study {study}")
