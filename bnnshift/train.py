@@ -279,7 +279,8 @@ class DefaultTrainer:
     """``train_one_epoch(model, *, seed, shift) -> dict`` for the CLI and ``search(cfg)``.
 
     Trains ``steps`` batches (one epoch by default) in the order fixed by ``seed``; returns
-    ``train_acc`` (accumulated over all steps: the paper's first-epoch signal), ``last_acc``
+    ``train_acc`` (accumulated over the first epoch, the paper's signal, even when ``epochs``
+    > 1 trains on: then ``epoch_train_acc`` has one value per epoch), ``last_acc``
     (last 25% of the steps), ``loss`` (mean), ``first_losses``, ``steps`` and, when a loss is
     NaN/inf, ``failed_step`` (1-based). ``progress(done, total)`` is called every few steps.
     """
@@ -312,6 +313,9 @@ class DefaultTrainer:
         setup = make_train_setup(model, cfg)
         runner = self.runner(model, setup.loss_fn)
         total = self.num_steps()
+        per_epoch = total if cfg.steps else max(1, int(self.train_x.shape[0]) // cfg.batch_size)
+        epoch_hits: list[int] = []
+        epoch_seen: list[int] = []
         last_from = total - max(1, int(round(total * LAST_PART)))
         torch.manual_seed(mix_seed(seed, "train"))  # dropout etc.: same stream for every t
         model.train()
@@ -350,6 +354,11 @@ class DefaultTrainer:
             hit = (logits.detach().argmax(1) == yb).sum()
             correct += hit
             seen += int(yb.shape[0])
+            if i % per_epoch == 0:
+                epoch_hits.append(0)
+                epoch_seen.append(0)
+            epoch_hits[-1] += int(hit)
+            epoch_seen[-1] += int(yb.shape[0])
             if i >= last_from:
                 last_correct += hit
                 last_seen += int(yb.shape[0])
@@ -358,7 +367,10 @@ class DefaultTrainer:
                 self.progress(i + 1, total)
         if seen == 0:
             raise TrainingError("no training step ran", hint="use more data or a smaller --batch-size")
-        return {"train_acc": int(correct) / seen, "last_acc": int(last_correct) / max(1, last_seen),
+        epoch_acc = [h / max(1, n) for h, n in zip(epoch_hits, epoch_seen)]
+        return {"train_acc": epoch_acc[0] if len(epoch_acc) > 1 else int(correct) / seen,
+                "epoch_train_acc": epoch_acc,
+                "last_acc": int(last_correct) / max(1, last_seen),
                 "loss": loss_sum / total, "first_losses": first_losses, "steps": total,
                 "compiled": runner.compiled, "compile_seconds": runner.compile_seconds,
                 "compile_error": runner.compile_error}

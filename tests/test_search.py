@@ -242,3 +242,14 @@ def test_hardtanh_grid_shifts_a_full_precision_model():
     assert len(s.sites) == 1 and got[1.0] and all(v == 1.0 for v in got[1.0].values())
     assert got[(0.0, "max")] <= 1.0 and got[(1.0, "max")] <= 1.0
     assert got[(1.0, "mean")] < got[(0.0, "mean")] - 0.3  # hardtanh(x - 1): the window moved right
+
+
+def test_with_several_epochs_the_score_is_still_the_first_epoch():
+    """Claim 5 trains on after the first epoch; the ranked signal stays the first epoch's."""
+    args = dict(MLP, train_limit=128, batch_size=32)
+    r = run_candidate(SearchConfig(epochs=2, compile="off", **args), 0.0, 0)
+    per_epoch = r.extra["epoch_train_acc"]
+    assert len(per_epoch) == 2
+    assert r.train_acc == per_epoch[0] != per_epoch[1]
+    one = run_candidate(SearchConfig(epochs=1, compile="off", **args), 0.0, 0)
+    assert one.train_acc == r.train_acc  # same init, same first-epoch batches

@@ -14,9 +14,10 @@ training per (t, seed):
 * ``extra``: per-epoch train and test accuracy, and the per-site +1 share and pre-activation
   stats at the end (``bnnshift.probe.probe_sites`` on test images).
 
-Why not ``bnnshift search --epochs E --val``: its ``train_acc`` is accumulated over all E
-epochs and it evaluates only at the end, so claim 5 (first-epoch vs final) would need two
-searches per grid. See the report in docs/reproduction.md ("API needs").
+Why not ``bnnshift search --epochs E --val``: when these runs were made its ``train_acc`` was
+accumulated over all E epochs (since fixed: it is the first epoch's, with ``epoch_train_acc``
+per epoch), and it still evaluates held-out accuracy only at the end, while these scripts
+record test accuracy per epoch. See docs/reproduction.md ("API needs").
 """
 from __future__ import annotations
 
