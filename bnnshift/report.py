@@ -88,7 +88,7 @@ def render_png(summary: "SearchSummary") -> bytes:
     ax.axvline(0.0, color="gray", linewidth=0.8, linestyle=":")
     ax.set_xlabel("threshold shift t  (sign(x - t))")
     ax.set_ylabel(f"{summary.metric} after one epoch (%)")
-    ax.set_title(f"{summary.config.get('model', 'model')}: first-epoch score vs shift (n={len(summary.seeds)} seeds)")
+    ax.set_title(f"{summary.config.get('model', 'model')}: first-epoch score vs shift ({len(summary.seeds)} seed{'s' if len(summary.seeds) != 1 else ''})")
     ax.grid(True, alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(loc="best", fontsize=8)

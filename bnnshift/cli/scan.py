@@ -31,7 +31,8 @@ def render_report(report, out: Output) -> None:
         thr = "-" if not s.threshold else f"{s.threshold['mean']:+.2f} [{s.threshold['min']:+.2f},{s.threshold['max']:+.2f}]"
         follower = "-" if not s.follower else (f"{s.follower}({s.follower_slope:.2f})" if s.follower_slope is not None
                                                 else s.follower)
-        t.add_row(s.name, f"{s.kind} ({s.op})", s.alphabet, s.producer, s.pool or "-", follower, thr,
+        op = s.op.split(":", 1)[1] if s.op.startswith("module:") else s.op
+        t.add_row(s.name, f"{s.kind}: {op}", s.alphabet, s.producer, s.pool or "-", follower, thr,
                   s.foldable or "no", _fmt(s.plus_fraction), s.advice[0] if s.advice else "")
     out.table(t)
     sm = report.summary
