@@ -1,0 +1,87 @@
+"""``imagefolder:PATH``: a torchvision ``ImageFolder`` decoded into memory."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..errors import DataError
+from .bundle import DataBundle, _as_shape, _normalise_uint8, _subset_indices
+
+def _load_imagefolder(path_arg: str, input_shape, train_limit, val_limit, seed) -> DataBundle:
+    from PIL import Image
+    from torchvision.datasets import ImageFolder
+    from torchvision.transforms.functional import pil_to_tensor
+
+    path = Path(path_arg).expanduser()
+    path = path.resolve() if path.exists() else path.absolute()
+    name = f"imagefolder:{path}"
+    if not path.is_dir():
+        raise DataError(f"image folder not found: {path}", hint="pass imagefolder:PATH with one sub-folder per class")
+    train_dir = path / "train" if (path / "train").is_dir() else path
+    val_dir = path / "val" if train_dir != path and (path / "val").is_dir() else None
+
+    def open_folder(d: Path):
+        try:
+            return ImageFolder(str(d))
+        except (FileNotFoundError, RuntimeError) as exc:
+            raise DataError(
+                f"no images found under {d}: {exc}",
+                hint="expected PATH/train/<class>/*.png (and optional PATH/val/<class>/...) or PATH/<class>/*.png",
+            ) from None
+
+    train_ds = open_folder(train_dir)
+    val_ds = open_folder(val_dir) if val_dir is not None and val_limit != 0 else None
+
+    shape = _as_shape(input_shape)
+    if shape is None:
+        with Image.open(train_ds.samples[0][0]) as im:
+            w0, h0 = im.size
+        shape = (3, h0, w0)
+    c, h, w = shape
+    if c not in (1, 3):
+        raise DataError(f"imagefolder can produce 1 (grey) or 3 (RGB) channels, the model expects {c}",
+                        hint="pass --input-shape 3,H,W or 1,H,W")
+    mode = "L" if c == 1 else "RGB"
+
+    def load(ds, limit: int | None, salt: int, class_map: dict[int, int] | None):
+        idx = _subset_indices(len(ds.samples), limit, seed, salt)
+        sel = range(len(ds.samples)) if idx is None else idx.tolist()
+        xs = torch.empty((len(sel), c, h, w), dtype=torch.uint8)
+        ys = torch.empty(len(sel), dtype=torch.int64)
+        for j, i in enumerate(sel):
+            p, t = ds.samples[i]
+            try:
+                with Image.open(p) as im:
+                    im = im.convert(mode)
+                    if im.size != (w, h):
+                        im = im.resize((w, h), Image.BILINEAR)
+                    xs[j] = pil_to_tensor(im)
+            except (OSError, ValueError) as exc:
+                raise DataError(f"corrupt image {p}: {exc}", hint="remove or replace the file") from None
+            ys[j] = t if class_map is None else class_map[t]
+        return xs, ys
+
+    tx, ty = load(train_ds, train_limit, 1, None)
+    vx = vy = None
+    if val_ds is not None:
+        missing = [cl for cl in val_ds.classes if cl not in train_ds.class_to_idx]
+        if missing:
+            raise DataError(f"{val_dir} has classes not in {train_dir}: {', '.join(missing[:5])}")
+        cmap = {val_ds.class_to_idx[cl]: train_ds.class_to_idx[cl] for cl in val_ds.classes}
+        vx, vy = load(val_ds, val_limit, 2, cmap)
+    # Normalise with the training set's own per-channel statistics.
+    f = tx.to(torch.float32).div_(255.0)
+    mean = tuple(float(v) for v in f.mean(dim=(0, 2, 3)))
+    std = tuple(max(float(v), 1e-6) for v in f.std(dim=(0, 2, 3)))
+    return DataBundle(
+        train_x=_normalise_uint8(tx, mean, std),
+        train_y=ty,
+        val_x=None if vx is None else _normalise_uint8(vx, mean, std),
+        val_y=vy,
+        input_shape=(c, h, w),
+        num_classes=len(train_ds.classes),
+        name=name,
+        mean=mean,
+        std=std,
+    )

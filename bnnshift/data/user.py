@@ -1,0 +1,177 @@
+"""``module:function`` / ``file.py:function``: data sets made by the user's own code."""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import inspect
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ..errors import DataError, SpecError
+from .bundle import DataBundle, _normalise_uint8, _subset_indices
+from .spec import _known_kinds_text
+
+def _resolve_function(kind: str, ref: str) -> tuple[Callable[..., Any], str]:
+    target, _, func_name = ref.rpartition(":")
+    if kind == "file":
+        path = Path(target).expanduser()
+        path = path.resolve() if path.exists() else path.absolute()
+        if not path.is_file():
+            raise DataError(f"data file not found: {path}", hint="pass path/to/file.py:function")
+        mod_name = "_bnnshift_data_" + hashlib.sha256(str(path).encode()).hexdigest()[:12]
+        spec = importlib.util.spec_from_file_location(mod_name, path)
+        if spec is None or spec.loader is None:
+            raise DataError(f"cannot import {path}", hint="is it a Python file?")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[mod_name] = module
+        try:
+            spec.loader.exec_module(module)
+        except Exception as exc:
+            sys.modules.pop(mod_name, None)
+            raise DataError(f"importing {path} failed: {type(exc).__name__}: {exc}") from exc
+        canonical = f"{path}:{func_name}"
+    else:
+        try:
+            module = importlib.import_module(target)
+        except ModuleNotFoundError as exc:
+            if exc.name and target.startswith(exc.name):
+                raise SpecError(
+                    f"unknown data spec {ref!r}: no module named {exc.name!r}",
+                    hint=f"known kinds: {_known_kinds_text()}",
+                ) from None
+            raise DataError(f"importing {target} failed: {exc}") from exc
+        except Exception as exc:
+            raise DataError(f"importing {target} failed: {type(exc).__name__}: {exc}") from exc
+        canonical = f"{target}:{func_name}"
+    fn = getattr(module, func_name, None)
+    if fn is None or not callable(fn):
+        raise SpecError(f"{target} has no function {func_name!r}", hint=f"check the data spec {ref!r}")
+    return fn, canonical
+
+
+def _call_with_supported(fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
+    """Call ``fn(*args, ...)`` passing only the keyword arguments it accepts."""
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return fn(*args)
+    params = list(sig.parameters.values())
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return fn(*args, **kw)
+    names = {p.name for p in params[len(args):] if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)}
+    return fn(*args, **{k: v for k, v in kw.items() if k in names})
+
+
+def _to_tensor(v: Any) -> torch.Tensor:
+    if isinstance(v, torch.Tensor):
+        return v.detach().cpu()
+    try:
+        from PIL import Image
+
+        if isinstance(v, Image.Image):
+            from torchvision.transforms.functional import pil_to_tensor
+
+            return pil_to_tensor(v)
+    except ImportError:  # pragma: no cover
+        pass
+    return torch.as_tensor(v)
+
+
+def _dataset_to_tensors(ds: Any, limit: int | None, seed: int, salt: int, where: str) -> tuple[torch.Tensor, torch.Tensor]:
+    try:
+        n = len(ds)
+    except TypeError:
+        raise DataError(f"{where}: the data set has no len(); return a map-style Dataset or tensors") from None
+    idx = _subset_indices(n, limit, seed, salt)
+    sel = range(n) if idx is None else idx.tolist()
+    xs, ys = [], []
+    for i in sel:
+        item = ds[i]
+        if not isinstance(item, (tuple, list)) or len(item) < 2:
+            raise DataError(f"{where}: data set items must be (x, y) pairs, got {type(item).__name__}")
+        xs.append(_to_tensor(item[0]))
+        ys.append(int(_to_tensor(item[1]).reshape(-1)[0]))
+    if not xs:
+        raise DataError(f"{where}: the data set is empty")
+    try:
+        x = torch.stack(xs)
+    except RuntimeError as exc:
+        raise DataError(f"{where}: samples have different shapes ({exc})", hint="resize them in the data set's transform") from None
+    return x, torch.tensor(ys, dtype=torch.int64)
+
+
+def _finish_user_tensors(
+    tx: torch.Tensor, ty: torch.Tensor, vx: torch.Tensor | None, vy: torch.Tensor | None, name: str
+) -> DataBundle:
+    """Make (N, C, H, W) float32; integer images are scaled to [0, 1] and normalised with their own stats."""
+
+    def nchw(x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 3:
+            return x.unsqueeze(1)
+        if x.dim() == 2:  # flat features -> (N, 1, 1, F)
+            return x.view(x.shape[0], 1, 1, x.shape[1])
+        if x.dim() != 4:
+            raise DataError(f"{name}: images must be (N, C, H, W) or (N, H, W), got {tuple(x.shape)}")
+        return x
+
+    tx = nchw(tx)
+    vx = nchw(vx) if vx is not None else None
+    ty = ty.reshape(-1).to(torch.int64)
+    vy = vy.reshape(-1).to(torch.int64) if vy is not None else None
+    c = int(tx.shape[1])
+    if not torch.is_floating_point(tx):
+        f = tx.to(torch.float32) / 255.0
+        mean = tuple(float(v) for v in f.mean(dim=(0, 2, 3)))
+        std = tuple(max(float(v), 1e-6) for v in f.std(dim=(0, 2, 3)))
+        tx = _normalise_uint8(tx, mean, std)
+        vx = _normalise_uint8(vx, mean, std) if vx is not None else None
+    else:  # float data is used as the user's transform left it
+        mean, std = (0.0,) * c, (1.0,) * c
+        tx = tx.to(torch.float32)
+        vx = vx.to(torch.float32) if vx is not None else None
+    labels = torch.cat([ty] + ([vy] if vy is not None else []))
+    num_classes = int(labels.max()) + 1 if labels.numel() else 0
+    return DataBundle(tx, ty, vx, vy, (c, int(tx.shape[2]), int(tx.shape[3])), num_classes, name, mean, std)
+
+
+def _load_user(kind: str, ref: str, input_shape, download, train_limit, val_limit, seed) -> DataBundle:
+    fn, canonical = _resolve_function(kind, ref)
+    where = f"data function {canonical}"
+    try:
+        out = _call_with_supported(
+            fn, input_shape=input_shape, seed=seed, download=download, train_limit=train_limit, val_limit=val_limit
+        )
+    except (DataError, SpecError):
+        raise
+    except Exception as exc:
+        raise DataError(f"{where} failed: {type(exc).__name__}: {exc}") from exc
+    if isinstance(out, DataBundle):
+        out.name = out.name or canonical
+        return out
+    if not isinstance(out, (tuple, list)) or len(out) not in (2, 4):
+        raise DataError(
+            f"{where} returned {type(out).__name__}",
+            hint="return a DataBundle, (train_dataset, val_dataset_or_None) or tensors (x, y)",
+        )
+
+    def is_array(v: Any) -> bool:
+        return isinstance(v, torch.Tensor) or type(v).__module__ == "numpy"
+
+    if len(out) == 4 and all(is_array(v) or v is None for v in out):  # (x, y, val_x, val_y)
+        tx, ty, vx, vy = (None if v is None else _to_tensor(v) for v in out)
+    elif len(out) == 2 and is_array(out[0]) and is_array(out[1]):
+        tx, ty, vx, vy = _to_tensor(out[0]), _to_tensor(out[1]), None, None
+    elif len(out) == 2:
+        tx, ty = _dataset_to_tensors(out[0], train_limit, seed, 1, where)
+        vx = vy = None
+        if out[1] is not None and val_limit != 0:
+            vx, vy = _dataset_to_tensors(out[1], val_limit, seed, 2, where)
+    else:
+        raise DataError(f"{where} returned a 4-tuple that is not tensors (x, y, val_x, val_y)")
+    if tx is None or ty is None or tx.shape[0] != ty.reshape(-1).shape[0]:
+        raise DataError(f"{where}: x and y have different lengths")
+    return _finish_user_tensors(tx, ty, vx, vy, canonical)
