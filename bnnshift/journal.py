@@ -5,6 +5,12 @@ so ``kill -9`` loses at most the candidate in flight. A torn last line (the proc
 mid-write) and any line that is not a complete record are ignored when reading.
 Records are keyed by ``(shift, seed, config_hash)``: a changed configuration never reuses
 stale results.
+
+Successive halving (``--schedule halving``) also writes *rung records*
+(``"kind": "rung"``): a candidate's score after ``steps`` training steps, the path of its saved
+training state (``states/...pt`` in the output directory, for continuing it) and whether it was
+eliminated there. They are keyed by ``(shift, seed, config_hash, steps)`` and never count as
+finished candidates (a full search does not mistake a half-trained candidate for a finished one).
 """
 from __future__ import annotations
 
@@ -58,7 +64,7 @@ class Journal:
         """Finished candidates of this configuration: key -> result record (last one wins)."""
         out: dict[tuple[str, int, str], dict[str, Any]] = {}
         for rec in self.records():
-            if rec.get("config_hash") != config_hash:
+            if rec.get("config_hash") != config_hash or rec.get("kind") == "rung":
                 continue
             try:
                 key = candidate_key(rec["shift"], rec["seed"], rec["config_hash"])
@@ -67,9 +73,33 @@ class Journal:
             out[key] = rec["result"]
         return out
 
+    def rungs(self, config_hash: str) -> dict[tuple[str, int, str, int], dict[str, Any]]:
+        """Rung records of this configuration: ``(shift_key, seed, config_hash, steps)`` -> record
+        (``result``, ``rung``, ``state``, ``eliminated``; last one wins)."""
+        out: dict[tuple[str, int, str, int], dict[str, Any]] = {}
+        for rec in self.records():
+            if rec.get("config_hash") != config_hash or rec.get("kind") != "rung":
+                continue
+            try:
+                key = (*candidate_key(rec["shift"], rec["seed"], rec["config_hash"]), int(rec["steps"]))
+            except (KeyError, TypeError, ValueError):
+                continue
+            out[key] = rec
+        return out
+
     def append(self, shift: float, seed: int, config_hash: str, result: dict[str, Any]) -> None:
-        line = json.dumps({"shift": float(shift), "seed": int(seed), "config_hash": config_hash,
-                           "result": result}, separators=(",", ":"), default=jsonable) + "\n"
+        self._write({"shift": float(shift), "seed": int(seed), "config_hash": config_hash, "result": result})
+
+    def append_rung(self, shift: float, seed: int, config_hash: str, *, rung: int, steps: int,
+                    result: dict[str, Any], state: str | None = None, eliminated: bool = False) -> None:
+        """One candidate reached rung ``rung`` (``steps`` training steps): its score so far, the
+        saved training state (relative path, or None), and whether it stops there."""
+        self._write({"kind": "rung", "shift": float(shift), "seed": int(seed), "config_hash": config_hash,
+                     "rung": int(rung), "steps": int(steps), "state": state, "eliminated": bool(eliminated),
+                     "result": result})
+
+    def _write(self, record: dict[str, Any]) -> None:
+        line = json.dumps(record, separators=(",", ":"), default=jsonable) + "\n"
         self._repair_tail()
         try:
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)

@@ -27,6 +27,31 @@ def _score_text(s) -> str:
     return f"{s.mean * 100:.2f} ± {(s.std or 0) * 100:.2f}" if s.n > 1 else f"{s.mean * 100:.2f}"
 
 
+def _is_halving(summary: "SearchSummary") -> bool:
+    return (getattr(summary, "schedule", None) or {}).get("name") == "halving"
+
+
+def _rung_text(summary: "SearchSummary", s) -> str:
+    """``2 (117/234)``: the rung a shift stopped at and its steps out of the epoch's."""
+    if s.rung is None:
+        return "-"
+    steps = (summary.schedule or {}).get("rung_steps") or []
+    return f"{s.rung} ({steps[s.rung]}/{steps[-1]})" if s.rung < len(steps) else str(s.rung)
+
+
+def _schedule_lines(summary: "SearchSummary") -> list[str]:
+    """The successive-halving schedule: each rung's steps, candidates and survivors; the cost."""
+    sch, cost = summary.schedule or {}, summary.cost or {}
+    out = [f"- schedule: successive halving (eta {sch.get('eta'):g}, first rung {sch.get('min_fraction'):g} of the "
+           f"epoch); {cost.get('candidate_steps')} candidate steps vs {cost.get('full_grid_candidate_steps')} for "
+           f"the full grid ({(cost.get('ratio') or 0):.2f}x)"]
+    for r in summary.rungs:
+        kept = ", ".join(f"{t:g}" for t in r.get("kept") or []) or "-"
+        out.append(f"  - rung {r['rung']} ({r['steps']} steps, {r['fraction'] * 100:.1f}% of the epoch): "
+                   f"{len(r['candidates'])} shifts, kept {kept}")
+    return out
+
+
 def render_markdown(summary: "SearchSummary") -> str:
     cfg = summary.config
     lines = [f"# bnnshift search: {cfg.get('model', 'model')} on {cfg.get('data', '-')}", ""]
@@ -42,10 +67,16 @@ def render_markdown(summary: "SearchSummary") -> str:
         comp += f"; compile failed, eager fallback: {summary.compile_error}"
     lines.append(f"- training step: {comp}; wall time {summary.seconds:.1f}s; resumed candidates: {summary.resumed}")
     lines.append(f"- config hash: `{summary.config_hash}`")
-    lines += ["", "| t | score | loss | +1 share (mean over sites) | n | status |", "|---|---|---|---|---|---|"]
+    halving = _is_halving(summary)
+    if halving:
+        lines += _schedule_lines(summary)
+    rung_col = "| rung " if halving else ""
+    lines += ["", f"| t {rung_col}| score | loss | +1 share (mean over sites) | n | status |",
+              "|---|" + ("---|" if halving else "") + "---|---|---|---|---|"]
     for s in summary.stats:
         mark = " **(winner)**" if summary.winner is not None and s.shift == summary.winner else ""
-        lines.append(f"| {s.shift:g}{mark} | {_score_text(s)} | {'-' if s.loss is None else f'{s.loss:.4f}'} | "
+        rung = f"| {_rung_text(summary, s)} " if halving else ""
+        lines.append(f"| {s.shift:g}{mark} {rung}| {_score_text(s)} | {'-' if s.loss is None else f'{s.loss:.4f}'} | "
                      f"{'-' if s.plus_fraction_mean is None else f'{s.plus_fraction_mean:.3f}'} | {s.n} | "
                      f"{s.status}{f' ({s.failed} failed)' if s.failed else ''} |")
     failed = [c for c in summary.candidates if not c.ok]
@@ -74,9 +105,18 @@ def render_png(summary: "SearchSummary") -> bytes:
     fig = Figure(figsize=(6, 4), dpi=100)
     ax = fig.add_subplot(111)
     ok = [s for s in summary.stats if s.mean is not None]
+    if _is_halving(summary) and summary.rungs:
+        # one curve per rung: the train accuracy so far of every shift that reached it
+        ok = [s for s in ok if s.rung == max(x.rung or 0 for x in ok)]
+        for r in summary.rungs[:-1]:
+            pts = sorted((float(k), v) for k, v in (r.get("scores") or {}).items() if v is not None)
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] * 100 for p in pts], marker=".", linestyle="--", alpha=0.7,
+                        label=f"rung {r['rung']} ({r['fraction'] * 100:.0f}% of the epoch)")
     if ok:
         ax.errorbar([s.shift for s in ok], [s.mean * 100 for s in ok], yerr=[(s.std or 0) * 100 for s in ok],
-                    marker="o", capsize=3, label=summary.metric)
+                    marker="o", capsize=3,
+                    label=summary.metric + (" (whole epoch, last rung)" if _is_halving(summary) else ""))
         if summary.winner is not None:
             w = next(s for s in ok if s.shift == summary.winner)
             ax.plot([w.shift], [w.mean * 100], marker="*", markersize=14, color="tab:red", linestyle="none",
@@ -120,13 +160,18 @@ def render_table(summary: "SearchSummary"):
 
     t = Table(title=f"first-epoch search ({summary.metric}, {len(summary.seeds)} seed"
                     f"{'s' if len(summary.seeds) != 1 else ''}, {len(summary.sites)} sites)")
-    for c in ("t", "score %", "loss", "+1 share", "n", "status"):
+    halving = _is_halving(summary)
+    for c in ("t", *(("rung",) if halving else ()), "score %", "loss", "+1 share", "n", "status"):
         t.add_column(c, justify="right" if c != "status" else "left")
     for s in summary.stats:
         win = summary.winner is not None and s.shift == summary.winner
-        t.add_row(f"{s.shift:g}" + (" *" if win else ""), _score_text(s), "-" if s.loss is None else f"{s.loss:.4f}",
+        t.add_row(f"{s.shift:g}" + (" *" if win else ""), *((_rung_text(summary, s),) if halving else ()),
+                  _score_text(s), "-" if s.loss is None else f"{s.loss:.4f}",
                   "-" if s.plus_fraction_mean is None else f"{s.plus_fraction_mean:.3f}", str(s.n),
                   s.status + (f" ({s.failed} failed)" if s.failed else ""), style="bold" if win else None)
+    if halving and summary.cost.get("ratio") is not None:
+        t.caption = (f"successive halving: {summary.cost['candidate_steps']} candidate steps, "
+                     f"{summary.cost['ratio']:.2f}x the full grid's")
     return t
 
 

@@ -20,6 +20,7 @@ Layers, from the bottom:
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -39,11 +40,15 @@ from .sites import Site
 
 __all__ = [
     "SearchConfig", "CandidateResult", "ShiftStats", "SearchSummary", "parse_shifts", "parse_seeds",
-    "run_candidate", "search", "search_with", "init_hash",
+    "run_candidate", "search", "search_with", "init_hash", "rung_steps", "survivors",
 ]
 
 PROBE_SAMPLES = 512  # training samples for the end-of-epoch +1 shares
 METRICS = ("train_acc", "last_acc", "val_acc")
+SCHEDULES = ("full", "halving")
+# successive halving keeps candidates' training states in memory while they fit in this many
+# bytes in total; beyond it they live only in --out (states/) and are read back per rung
+STATE_MEMORY_BUDGET = 1 << 30
 
 
 # ------------------------------------------------------------------------------ grids
@@ -156,9 +161,13 @@ class SearchConfig:
     metric: str = "train_acc"
     download: bool = False
     strict: bool = True
+    schedule: str = "full"
+    eta: float = 2.0
+    min_fraction: float = 0.125
 
-    # fields that do not change a score (or are the candidate itself)
-    _NOT_HASHED = ("shifts", "seeds", "device", "compile", "memory_format")
+    # fields that do not change a score (or are the candidate itself); the schedule decides
+    # which candidates train how far, not what a candidate scores after n steps
+    _NOT_HASHED = ("shifts", "seeds", "device", "compile", "memory_format", "schedule", "eta", "min_fraction")
 
     def __post_init__(self):
         if self.input_shape is not None:
@@ -179,6 +188,17 @@ class SearchConfig:
             raise UsageError(f"bad compile mode {self.compile!r}", hint="auto, on or off")
         if self.memory_format not in ("auto", "channels_last", "contiguous"):
             raise UsageError(f"bad memory format {self.memory_format!r}", hint="auto, channels_last or contiguous")
+        if self.schedule not in SCHEDULES:
+            raise UsageError(f"bad --schedule {self.schedule!r}", hint="full (the paper: every candidate trains the "
+                                                                       "whole epoch) or halving")
+        if not (isinstance(self.eta, (int, float)) and self.eta > 1):
+            raise UsageError(f"bad --eta {self.eta}", hint="use a number > 1 (2 keeps the better half at each rung)")
+        if not (isinstance(self.min_fraction, (int, float)) and 0 < self.min_fraction <= 1):
+            raise UsageError(f"bad --min-fraction {self.min_fraction}",
+                             hint="the first rung's share of the epoch, in (0, 1], e.g. 0.125")
+        if self.schedule == "halving" and self.metric != "train_acc":
+            raise UsageError(f"--schedule halving ranks by the train accuracy so far; --metric {self.metric} "
+                             "needs the whole epoch", hint="use --schedule full with this metric")
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -246,6 +266,8 @@ class CandidateResult:
     compile_seconds: float | None = None
     compile_error: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    rung: int | None = None  # successive halving: the last rung reached (0-based); None in a full search
+    rung_scores: list[float] = field(default_factory=list)  # train accuracy so far at each rung reached
     resumed: bool = False
 
     @property
@@ -277,6 +299,7 @@ class ShiftStats:
     plus_fraction_mean: float | None
     plus_fraction: dict[str, float | None]
     status: str  # 'ok' | 'failed' | 'partial'
+    rung: int | None = None  # successive halving: the rung this shift stopped at (its score is from there)
 
 
 @dataclass
@@ -305,6 +328,9 @@ class SearchSummary:
     out_dir: str | None = None
     files: dict[str, str] = field(default_factory=dict)
     patch_out: str | None = None
+    schedule: dict[str, Any] = field(default_factory=lambda: {"name": "full"})
+    rungs: list[dict[str, Any]] = field(default_factory=list)
+    cost: dict[str, Any] = field(default_factory=dict)
 
     @property
     def all_failed(self) -> bool:
@@ -333,6 +359,9 @@ class SearchSummary:
             "compile_error": self.compile_error,
             "seconds": self.seconds,
             "resumed": self.resumed,
+            "schedule": self.schedule,
+            "rungs": self.rungs,
+            "cost": self.cost,
             "stats": [asdict(s) for s in self.stats],
             "candidates": [c.to_json() for c in self.candidates],
             "files": self.files,
@@ -377,8 +406,8 @@ _CONTEXTS: dict[str, _Context] = {}
 
 def _cfg_key(cfg: SearchConfig) -> str:
     d = cfg.to_json()
-    d.pop("shifts", None)
-    d.pop("seeds", None)
+    for k in ("shifts", "seeds", "schedule", "eta", "min_fraction"):
+        d.pop(k, None)
     return json.dumps(d, sort_keys=True, default=str)
 
 
@@ -611,19 +640,24 @@ def _run_in_context(ctx: _Context, shift: float, seed: int, metric: str,
     seconds = time.perf_counter() - t0
     r = _result_from(out, shift=shift, seed=seed, ctx=ctx, metric=metric, seconds=seconds)
     if r.ok:
-        try:
-            plus, val_acc = _measure_after(ctx, model)
-        except Exception as exc:  # noqa: BLE001 - a probe problem must not lose the training
-            plus, val_acc = {}, None
-            r.extra["probe_error"] = f"{type(exc).__name__}: {exc}"[:200]
-        r.plus_fraction = plus
-        vals = [v for v in plus.values() if v is not None]
-        r.plus_fraction_mean = sum(vals) / len(vals) if vals else None
-        if val_acc is not None:
-            r.val_acc = val_acc
-            if metric == "val_acc":
-                r.score = val_acc
+        _finish_candidate(ctx, model, r, metric)
     return r
+
+
+def _finish_candidate(ctx: _Context, model: nn.Module, r: CandidateResult, metric: str) -> None:
+    """The end-of-training measurements of a finished candidate: +1 shares, held-out accuracy."""
+    try:
+        plus, val_acc = _measure_after(ctx, model)
+    except Exception as exc:  # noqa: BLE001 - a probe problem must not lose the training
+        plus, val_acc = {}, None
+        r.extra["probe_error"] = f"{type(exc).__name__}: {exc}"[:200]
+    r.plus_fraction = plus
+    vals = [v for v in plus.values() if v is not None]
+    r.plus_fraction_mean = sum(vals) / len(vals) if vals else None
+    if val_acc is not None:
+        r.val_acc = val_acc
+        if metric == "val_acc":
+            r.score = val_acc
 
 
 def run_candidate(cfg: SearchConfig, shift: float, seed: int, *, model_factory: Callable | None = None,
@@ -691,8 +725,27 @@ def _stats(candidates: list[CandidateResult], shifts: list[float], sites: list[s
                 vs = [c.plus_fraction.get(name) for c in ok if c.plus_fraction.get(name) is not None]
                 per_site[name] = sum(vs) / len(vs) if vs else None
         status = "ok" if cs and len(ok) == len(cs) else ("failed" if not ok else "partial")
+        rungs = [c.rung for c in cs if c.rung is not None]
         out.append(ShiftStats(shift=s, n=n, failed=len(cs) - len(ok), mean=mean, std=std, stderr=se, loss=loss,
-                              plus_fraction_mean=pm, plus_fraction=per_site, status=status if cs else "missing"))
+                              plus_fraction_mean=pm, plus_fraction=per_site, status=status if cs else "missing",
+                              rung=max(rungs) if rungs else None))
+    return out
+
+
+def _rung_view(stats: list[ShiftStats], candidates: list[CandidateResult], rung: int) -> list[ShiftStats]:
+    """The shifts' scores at ``rung`` (successive halving): mean/std over seeds of each candidate's
+    train accuracy after that rung's steps; shifts that did not reach it are left out."""
+    out = []
+    for st in stats:
+        vals = [c.rung_scores[rung] for c in candidates
+                if shift_key(c.shift) == shift_key(st.shift) and c.ok and len(c.rung_scores) > rung]
+        if not vals:
+            continue
+        n = len(vals)
+        mean = sum(vals) / n
+        std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (n - 1)) if n > 1 else 0.0
+        out.append(ShiftStats(shift=st.shift, n=n, failed=0, mean=mean, std=std, stderr=std / math.sqrt(n),
+                              loss=None, plus_fraction_mean=None, plus_fraction={}, status="ok", rung=rung))
     return out
 
 
@@ -720,8 +773,20 @@ def summarise(candidates: list[CandidateResult], *, shifts: list[float], seeds: 
               config: dict[str, Any], config_hash: str, metric: str, seconds: float) -> SearchSummary:
     stats = _stats(candidates, shifts, sites)
     ranked = [s for s in stats if s.mean is not None]
+    if any(s.rung is not None for s in ranked):  # successive halving: only the last rung's shifts compete
+        top = max(s.rung or 0 for s in ranked)
+        ranked = [s for s in ranked if (s.rung or 0) == top]
     winner = max(ranked, key=lambda s: (s.mean, -abs(s.shift))) if ranked else None
-    note, ahead, _ = _noise_note(stats, winner, len(seeds))
+    base = next((s for s in stats if shift_key(s.shift) == shift_key(0.0) and s.mean is not None), None)
+    if winner is not None and base is not None and base.rung is not None and base.rung != winner.rung:
+        # t = 0 was eliminated at an earlier rung: compare both at that rung (paired, same steps)
+        view = _rung_view(stats, candidates, base.rung)
+        w_at = next((s for s in view if shift_key(s.shift) == shift_key(winner.shift)), None)
+        note, ahead, _ = _noise_note(view, w_at, len(seeds)) if w_at is not None else _noise_note(stats, winner,
+                                                                                                  len(seeds))
+        note += f" (at rung {base.rung}, where t = 0 stopped)"
+    else:
+        note, ahead, _ = _noise_note(stats, winner, len(seeds))
     inits = {c.init_hash for c in candidates if c.init_hash}
     by_seed_init = {}
     by_seed_batch = {}
@@ -742,7 +807,19 @@ def summarise(candidates: list[CandidateResult], *, shifts: list[float], seeds: 
         noise_note=note, ahead_of_baseline=ahead, seconds=seconds,
         compiled=comp.compiled if comp else None, compile_seconds=csec,
         compile_error=next((c.compile_error for c in candidates if c.compile_error), None),
-        resumed=sum(1 for c in candidates if c.resumed), shared_init=shared_init, shared_batches=shared_batches)
+        resumed=sum(1 for c in candidates if c.resumed), shared_init=shared_init, shared_batches=shared_batches,
+        cost=_cost(candidates, len(shifts) * len(seeds)))
+
+
+def _cost(candidates: list[CandidateResult], n_grid: int) -> dict[str, Any]:
+    """Training steps of the schedule (each candidate counted from step 0, resumed ones too)
+    against the full grid: every candidate trained for as many steps as the longest one."""
+    steps = [c.steps for c in candidates if c.steps is not None]
+    if not steps:
+        return {"candidate_steps": None, "full_grid_candidate_steps": None, "ratio": None}
+    full = max(steps) * n_grid
+    return {"candidate_steps": sum(steps), "full_grid_candidate_steps": full,
+            "ratio": round(sum(steps) / full, 4) if full else None}
 
 
 # ------------------------------------------------------------------------------ the search loop
@@ -814,6 +891,328 @@ def _loop(ctx: _Context, *, shifts: list[float], seeds: list[int], metric: str, 
     return summary
 
 
+# ------------------------------------------------------------------------------ successive halving
+
+
+def rung_steps(total: int, eta: float, min_fraction: float) -> list[int]:
+    """The step counts at which successive halving ranks the candidates: ``min_fraction`` of the
+    epoch, times ``eta`` at each rung, the last rung the whole epoch (``total`` steps).
+
+    ``rung_steps(234, 2, 0.125) == [29, 58, 117, 234]``. Increasing, at least one step each.
+    """
+    out: list[int] = []
+    f = float(min_fraction)
+    while f < 1.0 - 1e-9:
+        n = max(1, int(round(f * total)))
+        if n < total and (not out or n > out[-1]):
+            out.append(n)
+        f *= eta
+    out.append(int(total))
+    return out
+
+
+def survivors(n: int, eta: float) -> int:
+    """How many of ``n`` candidates continue after a rung: the best ``ceil(n / eta)`` (at least 1)."""
+    return max(1, int(math.ceil(n / eta - 1e-9)))
+
+
+class _StateStore:
+    """Paused candidates' training states (``DefaultTrainer.snapshot``): in memory while they fit
+    in ``STATE_MEMORY_BUDGET``, and in ``OUT/states/`` whenever there is an output directory
+    (written atomically, before the rung record that names them, so ``--resume`` finds them)."""
+
+    def __init__(self, out_dir: Path | None):
+        self.dir = out_dir / "states" if out_dir is not None else None
+        self.mem: dict[tuple[str, int], tuple[int, dict]] = {}
+        self.in_memory = True
+        self.files: dict[tuple[str, int], tuple[int, Path]] = {}
+
+    @staticmethod
+    def _bytes(state: dict) -> int:
+        total = 0
+        stack = [state]
+        while stack:
+            o = stack.pop()
+            if isinstance(o, torch.Tensor):
+                total += o.numel() * o.element_size()
+            elif isinstance(o, dict):
+                stack.extend(o.values())
+            elif isinstance(o, (list, tuple)):
+                stack.extend(o)
+        return total
+
+    def put(self, key: tuple[str, int], steps: int, state: dict, n_candidates: int) -> str | None:
+        rel = None
+        if self.dir is not None:
+            from ._io import _atomic_target
+
+            self.dir.mkdir(parents=True, exist_ok=True)
+            path = self.dir / f"t{key[0]}_seed{key[1]}_step{steps}.pt"
+            with _atomic_target(path) as tmp:
+                torch.save(state, tmp)
+            old = self.files.get(key)
+            self.files[key] = (steps, path)
+            rel = f"states/{path.name}"
+            if old is not None and old[1] != path:
+                old[1].unlink(missing_ok=True)
+        if self.in_memory and self.dir is not None and self._bytes(state) * n_candidates > STATE_MEMORY_BUDGET:
+            self.in_memory = False  # large model: read the states back from --out
+            self.mem.clear()
+        if self.in_memory or self.dir is None:
+            self.mem[key] = (steps, state)
+        return rel
+
+    def known(self, key: tuple[str, int], steps: int, rel: str | None) -> None:
+        """A state written by an earlier (killed) process, named by its rung record."""
+        if rel and self.dir is not None:
+            path = self.dir.parent / rel
+            if path.is_file() and steps > self.files.get(key, (-1, None))[0]:
+                self.files[key] = (steps, path)
+
+    def get(self, key: tuple[str, int]) -> tuple[int, dict] | None:
+        if key in self.mem:
+            return self.mem[key]
+        got = self.files.get(key)
+        if got is None:
+            return None
+        try:
+            return got[0], torch.load(got[1], map_location="cpu", weights_only=True)
+        except Exception:  # noqa: BLE001 - a torn or foreign file: retrain from step 0 instead
+            return None
+
+    def drop(self, key: tuple[str, int]) -> None:
+        self.mem.pop(key, None)
+        got = self.files.pop(key, None)
+        if got is not None:
+            got[1].unlink(missing_ok=True)
+
+    def close(self) -> None:
+        self.mem.clear()
+        if self.dir is not None and self.dir.is_dir():
+            for key in list(self.files):
+                self.drop(key)
+            with contextlib.suppress(OSError):
+                self.dir.rmdir()
+
+
+def _halving_loop(ctx: _Context, cfg: SearchConfig, *, out_dir: str | Path | None, resume: bool, force: bool,
+                  progress: Any) -> SearchSummary:
+    """Successive halving over the shifts (Jamieson & Talwalkar 2016; Li et al. 2017, Hyperband's
+    inner loop): every shift trains to the first rung, the best ``ceil(n / eta)`` by the train
+    accuracy accumulated so far (mean over seeds) continue from where they paused, until the
+    survivors finish the epoch. Candidates stay paired: same init, same batches in the same order,
+    so a survivor's score equals its full-search score (bitwise on the same machine)."""
+    t0 = time.perf_counter()
+    trainer = ctx.trainer
+    shifts, seeds = list(cfg.shifts), list(cfg.seeds)
+    journal, done, rung_recs, out = None, {}, {}, None
+    if out_dir is not None:
+        out = Path(out_dir)
+        if resume:
+            out.mkdir(parents=True, exist_ok=True)
+            prepare_output_dir(out, force=True)
+        else:
+            prepare_output_dir(out, force=force)
+        journal = Journal(out / JOURNAL_NAME)
+        if resume:
+            done = journal.finished(ctx.config_hash)
+            rung_recs = journal.rungs(ctx.config_hash)
+        else:
+            journal.reset()
+    elif resume:
+        raise UsageError("--resume needs --out DIR (the journal lives there)")
+    store = _StateStore(out)
+    for (sk, seed, _h, steps), rec in rung_recs.items():
+        if not rec.get("eliminated"):
+            store.known((sk, seed), steps, rec.get("state"))
+    total = trainer.num_steps()
+    plan = rung_steps(total, cfg.eta, cfg.min_fraction)
+    pr = _Progress(progress)
+    alive = list(shifts)
+    final: dict[tuple[str, int], CandidateResult] = {}
+    rung_scores: dict[tuple[str, int], list[float]] = {}
+    rungs_out: list[dict[str, Any]] = []
+    trained_steps = 0
+    n_total = sum(len(seeds) * _alive_count(len(shifts), cfg.eta, r) for r in range(len(plan)))
+    i = 0
+
+    def finish_eliminated(s: float, seed: int, r: int, res: CandidateResult, state: dict | None) -> CandidateResult:
+        if state is not None:
+            model = _shared_model(ctx, seed)
+            _set_shift(model, s)
+            trainer.restore(model, state)
+            try:
+                plus, _val = _measure_after(ctx, model)
+            except Exception as exc:  # noqa: BLE001
+                plus = {}
+                res.extra["probe_error"] = f"{type(exc).__name__}: {exc}"[:200]
+            res.plus_fraction = plus
+            vals = [v for v in plus.values() if v is not None]
+            res.plus_fraction_mean = sum(vals) / len(vals) if vals else None
+        return res
+
+    try:
+        for r, n_r in enumerate(plan):
+            last = n_r == total
+            scores: dict[str, list[float | None]] = {}
+            current: dict[tuple[str, int], CandidateResult] = {}
+            for seed in seeds:
+                for s in alive:
+                    key = (shift_key(s), seed)
+                    hist = rung_scores.setdefault(key, [])
+                    ck = candidate_key(s, seed, ctx.config_hash)
+                    rec = rung_recs.get((*ck, n_r))
+                    if last and ck in done:
+                        res = CandidateResult.from_json(done[ck])
+                        res.resumed = True
+                        if res.ok:
+                            hist[:] = hist[:r] + [res.score]
+                        res.rung, res.rung_scores = r, list(hist)
+                        final[key] = res
+                        scores.setdefault(key[0], []).append(res.score if res.ok else None)
+                        current[key] = res
+                        pr.call("skip", res, i, n_total)
+                        i += 1
+                        continue
+                    if rec is not None and not last:
+                        res = CandidateResult.from_json(rec["result"])
+                        res.resumed = True
+                        hist[:] = hist[:r] + [res.score]
+                        if not res.ok:
+                            final[key] = res
+                        scores.setdefault(key[0], []).append(res.score if res.ok else None)
+                        current[key] = res
+                        pr.call("skip", res, i, n_total)
+                        i += 1
+                        continue
+                    pr.call("start", s, seed, i, n_total)
+                    trainer.progress = (lambda d, t: pr.call("step", d, t))
+                    t1 = time.perf_counter()
+                    model = _shared_model(ctx, seed)
+                    _set_shift(model, s)
+                    got = store.get(key)
+                    if got is not None and got[0] <= n_r:
+                        run = trainer.restore(model, got[1])
+                    else:
+                        run = trainer.start(model, seed=seed, shift=s)
+                    step0 = run.step
+                    try:
+                        failed = trainer.advance(run, model, n_r)
+                    finally:
+                        trainer.progress = None
+                    trained_steps += run.step - step0
+                    if failed is not None:
+                        res = _result_from(failed, shift=s, seed=seed, ctx=ctx, metric=cfg.metric,
+                                           seconds=time.perf_counter() - t1)
+                        res.rung, res.rung_scores = r, list(hist)
+                        final[key] = res
+                        store.drop(key)
+                        if journal is not None:
+                            if last:
+                                journal.append(s, seed, ctx.config_hash, res.to_json())
+                            else:
+                                journal.append_rung(s, seed, ctx.config_hash, rung=r, steps=n_r, result=res.to_json(),
+                                                    eliminated=True)
+                        scores.setdefault(key[0], []).append(None)
+                        pr.call("end", res, i, n_total)
+                        i += 1
+                        continue
+                    if last:
+                        res = _result_from(trainer.result(run), shift=s, seed=seed, ctx=ctx, metric=cfg.metric,
+                                           seconds=time.perf_counter() - t1)
+                        if res.ok:
+                            _finish_candidate(ctx, model, res, cfg.metric)
+                        hist[:] = hist[:r] + ([res.score] if res.ok else [])
+                        res.rung, res.rung_scores = r, list(hist)
+                        final[key] = res
+                        store.drop(key)
+                        if journal is not None:
+                            journal.append(s, seed, ctx.config_hash, res.to_json())
+                    else:
+                        res = _result_from(trainer.partial(run), shift=s, seed=seed, ctx=ctx, metric=cfg.metric,
+                                           seconds=time.perf_counter() - t1)
+                        hist[:] = hist[:r] + ([res.score] if res.ok else [])
+                        res.rung, res.rung_scores = r, list(hist)
+                        rel = store.put(key, n_r, trainer.snapshot(run, model), len(shifts) * len(seeds))
+                        if journal is not None:
+                            journal.append_rung(s, seed, ctx.config_hash, rung=r, steps=n_r, result=res.to_json(),
+                                                state=rel)
+                        if not res.ok:
+                            final[key] = res
+                    scores.setdefault(key[0], []).append(res.score if res.ok else None)
+                    current[key] = res
+                    pr.call("end", res, i, n_total)
+                    i += 1
+            ranked = sorted(
+                alive, key=lambda t: (_mean_or_none(scores.get(shift_key(t), [])) is not None,
+                                      _mean_or_none(scores.get(shift_key(t), [])) or 0.0, -abs(t)), reverse=True)
+            ranked = [t for t in ranked if _mean_or_none(scores.get(shift_key(t), [])) is not None]
+            keep = ranked[:survivors(len(alive), cfg.eta)] if not last else ranked
+            rungs_out.append({"rung": r, "steps": n_r, "fraction": round(n_r / total, 6), "candidates": list(alive),
+                              "kept": sorted(keep) if not last else [],
+                              "scores": {shift_key(t): _mean_or_none(scores.get(shift_key(t), [])) for t in alive}})
+            if last:
+                break
+            for t in alive:
+                if t in keep:
+                    continue
+                for seed in seeds:  # eliminated here: its record is its score at this rung
+                    key = (shift_key(t), seed)
+                    if key in final:
+                        continue
+                    ck = candidate_key(t, seed, ctx.config_hash)
+                    rec = rung_recs.get((*ck, n_r))
+                    if rec is not None and rec.get("eliminated"):
+                        res = CandidateResult.from_json(rec["result"])
+                        res.resumed = True
+                    else:
+                        res = current[key]
+                        got = store.get(key)
+                        res = finish_eliminated(t, seed, r, res, got[1] if got is not None and got[0] == n_r else None)
+                        res.rung, res.rung_scores = r, list(rung_scores.get(key, []))
+                        if journal is not None:
+                            journal.append_rung(t, seed, ctx.config_hash, rung=r, steps=n_r, result=res.to_json(),
+                                                eliminated=True)
+                    res.rung, res.rung_scores = r, list(rung_scores.get(key, []))
+                    final[key] = res
+                    store.drop(key)
+            alive = [t for t in alive if t in keep]
+            if not alive:
+                break
+    finally:
+        trainer.progress = None
+    store.close()
+    results = [final[(shift_key(s), seed)] for seed in seeds for s in shifts if (shift_key(s), seed) in final]
+    summary = summarise(results, shifts=shifts, seeds=seeds, sites=[s.name for s in ctx.sites], config=cfg.to_json(),
+                        config_hash=ctx.config_hash, metric=cfg.metric, seconds=time.perf_counter() - t0)
+    summary.schedule = {"name": "halving", "eta": cfg.eta, "min_fraction": cfg.min_fraction, "rung_steps": plan}
+    summary.rungs = rungs_out
+    summary.cost = {**_cost(results, len(shifts) * len(seeds)), "full_grid_candidate_steps": total * len(shifts) * len(seeds),
+                    "trained_steps_this_run": trained_steps}
+    cs = summary.cost["candidate_steps"]
+    summary.cost["ratio"] = round(cs / summary.cost["full_grid_candidate_steps"], 4) if cs is not None else None
+    if out_dir is not None:
+        from .report import write_report
+
+        summary.out_dir = str(out_dir)
+        summary.files = write_report(summary, out_dir)
+    return summary
+
+
+def _alive_count(k: int, eta: float, rung: int) -> int:
+    n = k
+    for _ in range(rung):
+        n = survivors(n, eta)
+    return n
+
+
+def _mean_or_none(vals: list[float | None]) -> float | None:
+    """The mean over seeds; None when any seed failed (a failed candidate does not continue)."""
+    if not vals or any(v is None for v in vals):
+        return None
+    return sum(vals) / len(vals)
+
+
 def search(cfg: SearchConfig, *, out_dir: str | Path | None = None, resume: bool = False, force: bool = False,
            progress: Any = None, patch_out: str | Path | None = None) -> SearchSummary:
     """Run every (shift, seed) candidate of ``cfg`` with the default trainer.
@@ -825,9 +1224,13 @@ def search(cfg: SearchConfig, *, out_dir: str | Path | None = None, resume: bool
     Raises ``TrainingError`` (exit 1) after writing the report if every candidate failed.
     """
     ctx = _context(cfg)
-    summary = _loop(ctx, shifts=list(cfg.shifts), seeds=list(cfg.seeds), metric=cfg.metric, config=cfg.to_json(),
-                    out_dir=out_dir, resume=resume, force=force, progress=progress, train_one_epoch=None,
-                    step_progress_target=ctx.trainer)
+    if cfg.schedule == "halving":
+        summary = _halving_loop(ctx, cfg, out_dir=out_dir, resume=resume, force=force, progress=progress)
+    else:
+        summary = _loop(ctx, shifts=list(cfg.shifts), seeds=list(cfg.seeds), metric=cfg.metric,
+                        config=cfg.to_json(), out_dir=out_dir, resume=resume, force=force, progress=progress,
+                        train_one_epoch=None, step_progress_target=ctx.trainer)
+        summary.schedule = {"name": "full"}
     _finish(summary, ctx, patch_out, force=force, cfg=cfg)
     return summary
 

@@ -17,6 +17,7 @@ import hashlib
 import importlib
 import importlib.util
 import inspect
+import itertools
 import math
 import os
 import sys
@@ -33,7 +34,7 @@ from .errors import SpecError, TrainingError
 
 __all__ = [
     "DEFAULT_LR", "DEFAULT_BATCH_SIZE", "DEFAULT_OPTIMIZER", "DEFAULT_SGD_MOMENTUM", "LAST_PART",
-    "TrainSetup", "make_train_setup", "load_train_config", "StepRunner", "DefaultTrainer",
+    "TrainSetup", "TrainRun", "make_train_setup", "load_train_config", "StepRunner", "DefaultTrainer",
     "recalibrate_bn", "evaluate", "mix_seed", "set_threads",
 ]
 
@@ -307,27 +308,37 @@ class DefaultTrainer:
         return r
 
     def __call__(self, model: nn.Module, *, seed: int, shift: float) -> dict[str, Any]:
+        run = self.start(model, seed=seed, shift=shift)
+        failed = self.advance(run, model, run.total)
+        return failed if failed is not None else self.result(run)
+
+    # -- resumable pieces (successive halving trains a candidate to a rung, pauses, continues)
+
+    def start(self, model: nn.Module, *, seed: int, shift: float) -> "TrainRun":
+        """A fresh run of one candidate at step 0 (optimizer built, dropout stream seeded)."""
+        setup = make_train_setup(model, self.cfg)
+        total = self.num_steps()
+        per_epoch = total if self.cfg.steps else max(1, int(self.train_x.shape[0]) // self.cfg.batch_size)
+        torch.manual_seed(mix_seed(seed, "train"))  # dropout etc.: same stream for every t
+        return TrainRun(seed=int(seed), shift=float(shift), total=total, per_epoch=per_epoch,
+                        last_from=total - max(1, int(round(total * LAST_PART))), setup=setup)
+
+    def advance(self, run: "TrainRun", model: nn.Module, until: int) -> dict[str, Any] | None:
+        """Train steps ``run.step .. until - 1`` in the seed's batch order (the data position is
+        ``run.step``). Returns None, or the failure dict on a NaN/inf loss."""
         from .data import iterate_batches
 
         cfg = self.cfg
-        setup = make_train_setup(model, cfg)
+        setup = run.setup
         runner = self.runner(model, setup.loss_fn)
-        total = self.num_steps()
-        per_epoch = total if cfg.steps else max(1, int(self.train_x.shape[0]) // cfg.batch_size)
-        epoch_hits: list[int] = []
-        epoch_seen: list[int] = []
-        last_from = total - max(1, int(round(total * LAST_PART)))
-        torch.manual_seed(mix_seed(seed, "train"))  # dropout etc.: same stream for every t
+        total = run.total
+        until = min(int(until), total)
         model.train()
-        correct = torch.zeros((), dtype=torch.int64, device=self.train_x.device)
-        last_correct = torch.zeros_like(correct)
-        seen = last_seen = 0
-        loss_sum = 0.0
-        first_losses: list[float] = []
         opt = setup.optimizer
         every = max(1, total // 50)
-        for i, (xb, yb) in enumerate(iterate_batches(self.train_x, self.train_y, cfg.batch_size,
-                                                    seed=seed, steps=total)):
+        batches = itertools.islice(iterate_batches(self.train_x, self.train_y, cfg.batch_size, seed=run.seed,
+                                                   steps=total), run.step, until)
+        for i, (xb, yb) in enumerate(batches, start=run.step):
             opt.zero_grad(set_to_none=True)
             if self.channels_last and xb.dim() == 4:
                 xb = xb.contiguous(memory_format=torch.channels_last)
@@ -343,37 +354,128 @@ class DefaultTrainer:
                 loss.backward()
             lv = float(loss.detach())
             if not math.isfinite(lv):
+                run.step = i + 1
                 return {"failed_step": i + 1, "error": f"loss is {lv} at step {i + 1}", "steps": i + 1,
-                        "first_losses": first_losses + [lv], "compiled": runner.compiled,
+                        "first_losses": run.first_losses + [lv], "compiled": runner.compiled,
                         "compile_seconds": runner.compile_seconds, "compile_error": runner.compile_error}
-            if len(first_losses) < 3:
-                first_losses.append(lv)
+            if len(run.first_losses) < 3:
+                run.first_losses.append(lv)
             opt.step()
             if setup.scheduler is not None:
                 setup.scheduler.step()
-            hit = (logits.detach().argmax(1) == yb).sum()
-            correct += hit
-            seen += int(yb.shape[0])
-            if i % per_epoch == 0:
-                epoch_hits.append(0)
-                epoch_seen.append(0)
-            epoch_hits[-1] += int(hit)
-            epoch_seen[-1] += int(yb.shape[0])
-            if i >= last_from:
-                last_correct += hit
-                last_seen += int(yb.shape[0])
-            loss_sum += lv
+            hit = int((logits.detach().argmax(1) == yb).sum())
+            n = int(yb.shape[0])
+            run.correct += hit
+            run.seen += n
+            if i % run.per_epoch == 0:
+                run.epoch_hits.append(0)
+                run.epoch_seen.append(0)
+            run.epoch_hits[-1] += hit
+            run.epoch_seen[-1] += n
+            if i >= run.last_from:
+                run.last_correct += hit
+                run.last_seen += n
+            run.loss_sum += lv
+            run.step = i + 1
             if self.progress is not None and ((i + 1) % every == 0 or i + 1 == total):
                 self.progress(i + 1, total)
-        if seen == 0:
+        run.compiled, run.compile_seconds, run.compile_error = (runner.compiled, runner.compile_seconds,
+                                                                runner.compile_error)
+        return None
+
+    def result(self, run: "TrainRun") -> dict[str, Any]:
+        """The candidate's record after its last step (the same keys as ``__call__``)."""
+        if run.seen == 0:
             raise TrainingError("no training step ran", hint="use more data or a smaller --batch-size")
-        epoch_acc = [h / max(1, n) for h, n in zip(epoch_hits, epoch_seen)]
-        return {"train_acc": epoch_acc[0] if len(epoch_acc) > 1 else int(correct) / seen,
+        epoch_acc = [h / max(1, n) for h, n in zip(run.epoch_hits, run.epoch_seen)]
+        return {"train_acc": epoch_acc[0] if len(epoch_acc) > 1 else run.correct / run.seen,
                 "epoch_train_acc": epoch_acc,
-                "last_acc": int(last_correct) / max(1, last_seen),
-                "loss": loss_sum / total, "first_losses": first_losses, "steps": total,
-                "compiled": runner.compiled, "compile_seconds": runner.compile_seconds,
-                "compile_error": runner.compile_error}
+                "last_acc": run.last_correct / max(1, run.last_seen),
+                "loss": run.loss_sum / run.step, "first_losses": list(run.first_losses), "steps": run.step,
+                "compiled": run.compiled, "compile_seconds": run.compile_seconds,
+                "compile_error": run.compile_error}
+
+    def partial(self, run: "TrainRun") -> dict[str, Any]:
+        """The score so far at a rung: train accuracy accumulated over the steps done (within the
+        first epoch), mean loss, steps."""
+        seen = run.epoch_seen[0] if run.epoch_seen else 0
+        acc = (run.epoch_hits[0] / seen) if seen else None
+        return {"train_acc": acc, "loss": run.loss_sum / max(1, run.step), "steps": run.step,
+                "first_losses": list(run.first_losses), "compiled": run.compiled,
+                "compile_seconds": run.compile_seconds, "compile_error": run.compile_error}
+
+    def snapshot(self, run: "TrainRun", model: nn.Module) -> dict[str, Any]:
+        """Everything needed to continue ``run`` later bitwise: model and optimizer/scheduler
+        state, the global RNG state (dropout stream), the data position and the accumulators.
+        Tensors are cloned to CPU; the dict saves with ``torch.save`` and loads with
+        ``weights_only=True``."""
+        def cpu(obj):
+            if isinstance(obj, torch.Tensor):
+                return obj.detach().to("cpu", copy=True)
+            if isinstance(obj, dict):
+                return {k: cpu(v) for k, v in obj.items()}
+            if isinstance(obj, (list, tuple)):
+                return type(obj)(cpu(v) for v in obj)
+            return obj
+
+        sched = run.setup.scheduler
+        state = {"model": cpu(model.state_dict()), "optimizer": cpu(run.setup.optimizer.state_dict()),
+                 "scheduler": cpu(sched.state_dict()) if sched is not None and hasattr(sched, "state_dict") else None,
+                 "rng": torch.get_rng_state(), "run": run.counters()}
+        if self.train_x.device.type == "cuda":
+            state["cuda_rng"] = torch.cuda.get_rng_state(self.train_x.device)
+        return state
+
+    def restore(self, model: nn.Module, state: dict[str, Any]) -> "TrainRun":
+        """Put ``model`` back at a snapshot and rebuild the run (a new optimizer loading the saved
+        state): continuing it gives bitwise the steps an uninterrupted run would have taken."""
+        with torch.no_grad():
+            for k, v in model.state_dict().items():
+                v.copy_(state["model"][k])
+        setup = make_train_setup(model, self.cfg)
+        setup.optimizer.load_state_dict(state["optimizer"])
+        if state.get("scheduler") is not None and setup.scheduler is not None:
+            setup.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+        if state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(state["cuda_rng"], self.train_x.device)
+        return TrainRun.from_counters(state["run"], setup)
+
+
+@dataclass
+class TrainRun:
+    """One candidate's training in progress (``DefaultTrainer.start`` / ``advance``): the data
+    position ``step`` and the accumulators of the scores (counts of correct samples, not rates,
+    so a paused and continued run adds up exactly as an uninterrupted one)."""
+
+    seed: int
+    shift: float
+    total: int
+    per_epoch: int
+    last_from: int
+    setup: TrainSetup | None = None
+    step: int = 0
+    correct: int = 0
+    seen: int = 0
+    last_correct: int = 0
+    last_seen: int = 0
+    loss_sum: float = 0.0
+    first_losses: list[float] = field(default_factory=list)
+    epoch_hits: list[int] = field(default_factory=list)
+    epoch_seen: list[int] = field(default_factory=list)
+    compiled: bool | None = None
+    compile_seconds: float | None = None
+    compile_error: str | None = None
+
+    _COUNTERS = ("seed", "shift", "total", "per_epoch", "last_from", "step", "correct", "seen", "last_correct",
+                 "last_seen", "loss_sum", "first_losses", "epoch_hits", "epoch_seen")
+
+    def counters(self) -> dict[str, Any]:
+        return {k: (list(v) if isinstance(v, list) else v) for k in self._COUNTERS for v in [getattr(self, k)]}
+
+    @classmethod
+    def from_counters(cls, d: dict[str, Any], setup: TrainSetup) -> "TrainRun":
+        return cls(setup=setup, **{k: (list(d[k]) if isinstance(d[k], list) else d[k]) for k in cls._COUNTERS})
 
 
 def signature_accepts(fn: Callable, name: str) -> bool:

@@ -89,6 +89,12 @@ def search_command(
     resume: bool = typer.Option(False, "--resume", help="Skip candidates already in --out's journal."),
     force: bool = typer.Option(False, "--force", help="Overwrite a non-empty --out / --patch-out."),
     patch_out: Optional[str] = typer.Option(None, "--patch-out", help="Write the model patched with the winner."),
+    schedule: str = typer.Option("full", "--schedule",
+                                 help="full (the paper: every candidate trains the whole epoch) or halving "
+                                      "(successive halving: the best 1/eta continue at each rung; docs/search.md)."),
+    eta: float = typer.Option(2.0, "--eta", help="Successive halving: keep the best 1/eta of the shifts at each rung."),
+    min_fraction: float = typer.Option(0.125, "--min-fraction",
+                                       help="Successive halving: the first rung's share of the epoch."),
     no_compile: bool = typer.Option(False, "--no-compile", help="Eager training step (no torch.compile)."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or auto."),
     memory_format: str = typer.Option("auto", "--memory-format",
@@ -128,10 +134,14 @@ def search_command(
         train_config=train_config, hardtanh=hardtanh, val=val, bn_recalib_batches=bn_recalib_batches,
         device=device, compile="off" if no_compile else "auto", dtype=dtype,
         memory_format=memory_format, train_limit=train_limit,
-        val_limit=val_limit, metric=metric, download=download, strict=not non_strict)
+        val_limit=val_limit, metric=metric, download=download, strict=not non_strict,
+        schedule=schedule, eta=eta, min_fraction=min_fraction)
     if (storage is None) != (study is None):
         raise UsageError("--storage and --study go together")
     if storage is not None:
+        if cfg.schedule != "full":
+            raise UsageError("--schedule halving is not offered for the distributed search yet",
+                             hint="run the halving search in one process (no --storage), or use --schedule full")
         try:
             from .. import distributed
         except ModuleNotFoundError as exc:
