@@ -66,6 +66,8 @@ def render_markdown(summary: "SearchSummary") -> str:
     if summary.compile_error:
         comp += f"; compile failed, eager fallback: {summary.compile_error}"
     lines.append(f"- training step: {comp}; wall time {summary.seconds:.1f}s; resumed candidates: {summary.resumed}")
+    if getattr(summary, "step_path", None):
+        lines.append(f"- --compile auto chose {summary.step_path['reason']}")
     lines.append(f"- config hash: `{summary.config_hash}`")
     halving = _is_halving(summary)
     if halving:

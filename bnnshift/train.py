@@ -35,7 +35,7 @@ from .errors import SpecError, TrainingError
 __all__ = [
     "DEFAULT_LR", "DEFAULT_BATCH_SIZE", "DEFAULT_OPTIMIZER", "DEFAULT_SGD_MOMENTUM", "LAST_PART",
     "TrainSetup", "TrainRun", "make_train_setup", "load_train_config", "StepRunner", "DefaultTrainer",
-    "recalibrate_bn", "evaluate", "mix_seed", "set_threads",
+    "recalibrate_bn", "evaluate", "mix_seed", "set_threads", "StepPathChoice", "choose_step_path", "record_compile",
 ]
 
 # Measured (docs/search.md): Adam 1e-3, batch 256 trains the zoo BNNs on Fashion-MNIST
@@ -223,6 +223,127 @@ class StepRunner:
         return self._fn(xb, yb)
 
 
+# ------------------------------------------------------------------------------ --compile auto
+
+# Priors for a model that has never been compiled here (measured on this project's CPU machine,
+# docs/search.md): a cold inductor compile of the forward+loss 20-120 s, a compiled step 5-15%
+# faster than the eager channels_last step. Without a record the compile must pay back the prior.
+COMPILE_PRIOR_SECONDS = 60.0
+COMPILE_PRIOR_GAIN = 0.10
+CALIBRATION_STEPS = 3  # timed eager steps per memory format (after one warm-up step)
+
+
+@dataclass
+class StepPathChoice:
+    """How the search trains (``--compile auto``): compiled or eager, channels_last or not, and why.
+
+    ``eager_step_seconds``: measured seconds per eager step per memory format;
+    ``expected_steps``: the schedule's candidate steps; ``record``: the last compile measured
+    for this model here (``compile_seconds``, ``compiled_step_seconds``), if any.
+    """
+
+    compile: bool
+    channels_last: bool
+    reason: str
+    expected_steps: int = 0
+    eager_step_seconds: dict[str, float] = field(default_factory=dict)
+    record: dict[str, Any] | None = None
+    key: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"compile": self.compile, "memory_format": "channels_last" if self.channels_last else "contiguous",
+                "reason": self.reason, "expected_steps": self.expected_steps,
+                "eager_step_seconds": self.eager_step_seconds, "record": self.record}
+
+
+def _cache_file() -> Path:
+    root = os.environ.get("BNNSHIFT_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "bnnshift")
+    return Path(root) / "step_times.json"
+
+
+def _read_records() -> dict[str, Any]:
+    import json
+
+    try:
+        d = json.loads(_cache_file().read_text())
+        return d if isinstance(d, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def record_compile(key: str, *, compile_seconds: float, compiled_step_seconds: float) -> None:
+    """Remember how long this model's compile took and its compiled step time (best effort;
+    the next ``--compile auto`` decision for the same model, shape, batch and torch uses it)."""
+    from ._io import atomic_write_json
+
+    recs = _read_records()
+    recs[key] = {"compile_seconds": round(float(compile_seconds), 3),
+                 "compiled_step_seconds": float(compiled_step_seconds), "when": time.time()}
+    with contextlib.suppress(Exception):
+        _cache_file().parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(_cache_file(), recs)
+
+
+def _time_eager_steps(model: nn.Module, cfg: Any, x: torch.Tensor, y: torch.Tensor, channels_last: bool) -> float:
+    """Median seconds of an eager training step on ``model`` (a throwaway copy)."""
+    setup = make_train_setup(model, cfg)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    model.train()
+    times = []
+    for i in range(CALIBRATION_STEPS + 1):
+        t0 = time.perf_counter()
+        setup.optimizer.zero_grad(set_to_none=True)
+        loss = setup.loss_fn(model(x), y)
+        loss.backward()
+        setup.optimizer.step()
+        if i:
+            times.append(time.perf_counter() - t0)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def choose_step_path(cfg: Any, build: Callable[[], nn.Module], x: torch.Tensor, y: torch.Tensor, *,
+                     expected_steps: int, has_conv: bool, key: str) -> StepPathChoice:
+    """``--compile auto``: compile only when the expected steps pay the compile back.
+
+    Eager step time is measured on throwaway copies of the patched model (``build()``), in
+    channels_last and contiguous for a model with 2-d convolutions (the faster is used). The
+    compile's cost and per-step gain come from the last compile of the same model here
+    (``record_compile``; torch's inductor cache makes a repeat compile cheap), else from the
+    priors ``COMPILE_PRIOR_SECONDS`` / ``COMPILE_PRIOR_GAIN``. Compiles iff
+    ``expected_steps * (eager - compiled step) > compile seconds``.
+    """
+    fmt = getattr(cfg, "memory_format", "auto")
+    formats = [True, False] if (fmt == "auto" and has_conv) else [fmt == "channels_last" and has_conv]
+    eager: dict[str, float] = {}
+    for cl in formats:
+        eager["channels_last" if cl else "contiguous"] = _time_eager_steps(build(), cfg, x, y, cl)
+    best_name = min(eager, key=eager.get)
+    best = eager[best_name]
+    cl = best_name == "channels_last"
+    rec = _read_records().get(key)
+    if rec and rec.get("compiled_step_seconds") and rec.get("compile_seconds") is not None:
+        gain_per_step = best - float(rec["compiled_step_seconds"])
+        cost = float(rec["compile_seconds"])
+        source = f"last compile here {cost:.1f}s, compiled step {float(rec['compiled_step_seconds']) * 1e3:.1f} ms"
+    else:
+        gain_per_step = best * COMPILE_PRIOR_GAIN
+        cost = COMPILE_PRIOR_SECONDS
+        source = (f"no compile recorded for this model: prior {COMPILE_PRIOR_SECONDS:.0f}s compile, "
+                  f"{COMPILE_PRIOR_GAIN:.0%} faster steps")
+    gain = expected_steps * gain_per_step
+    do = gain > cost
+    fmt_note = (f"{best_name} ({best * 1e3:.1f} ms/step" + (
+        f" vs {min(v for k, v in eager.items() if k != best_name) * 1e3:.1f} ms" if len(eager) > 1 else "") + ")")
+    reason = (f"{'compiled' if do else 'eager'}: {expected_steps} steps x {gain_per_step * 1e3:.1f} ms saved "
+              f"= {gain:.1f}s {'>' if do else '<='} compile {cost:.1f}s ({source}); eager {fmt_note}")
+    return StepPathChoice(compile=do, channels_last=cl, reason=reason, expected_steps=int(expected_steps),
+                          eager_step_seconds={k: round(v, 6) for k, v in eager.items()}, record=rec, key=key)
+
+
 # ------------------------------------------------------------------------------ BN, eval
 
 
@@ -292,6 +413,8 @@ class DefaultTrainer:
     progress: Callable[[int, int], None] | None = None
     runners: dict = field(default_factory=dict)
     channels_last: bool = False
+    compile_mode: str | None = None  # set by --compile auto's decision ('on'/'off'); None: cfg.compile
+    step_clock: list = field(default_factory=lambda: [0, 0.0])  # steps, seconds after each runner's first step
 
     def num_steps(self) -> int:
         n = int(self.train_x.shape[0]) // self.cfg.batch_size
@@ -300,10 +423,11 @@ class DefaultTrainer:
         return n * max(1, int(self.cfg.epochs))
 
     def runner(self, model: nn.Module, loss_fn: Callable) -> StepRunner:
-        key = (id(model), loss_fn)
+        mode = self.compile_mode or self.cfg.compile
+        key = (id(model), loss_fn, mode)
         r = self.runners.get(key)
         if r is None:
-            r = StepRunner(model, loss_fn, compile=self.cfg.compile)
+            r = StepRunner(model, loss_fn, compile=mode)
             self.runners[key] = r
         return r
 
@@ -342,6 +466,8 @@ class DefaultTrainer:
             opt.zero_grad(set_to_none=True)
             if self.channels_last and xb.dim() == 4:
                 xb = xb.contiguous(memory_format=torch.channels_last)
+            timed = runner.verified
+            t0 = time.perf_counter()
             if not runner.verified:
                 snapshot = {k: v.clone() for k, v in model.state_dict().items()}
                 def restore():
@@ -361,6 +487,9 @@ class DefaultTrainer:
             if len(run.first_losses) < 3:
                 run.first_losses.append(lv)
             opt.step()
+            if timed:
+                self.step_clock[0] += 1
+                self.step_clock[1] += time.perf_counter() - t0
             if setup.scheduler is not None:
                 setup.scheduler.step()
             hit = int((logits.detach().argmax(1) == yb).sum())

@@ -126,3 +126,56 @@ def test_cli_schedule_usage_errors(tmp_path):
     res = CliRunner().invoke(app, ["search", "zoo:mlp", "--data", "fashion-mnist", "--schedule", "halving",
                                    "--eta", "0.5"])
     assert res.exit_code == 2
+
+
+# ------------------------------------------------------------------------------ --compile auto
+
+
+def _tiny_model():
+    import torch
+
+    from bnnshift_zoo.models_paper import mlp
+
+    torch.manual_seed(0)
+    return mlp(width=0.25)
+
+
+def test_compile_auto_pays_back_or_stays_eager(tmp_path, monkeypatch):
+    import torch
+
+    from bnnshift.train import choose_step_path, record_compile
+
+    monkeypatch.setenv("BNNSHIFT_CACHE_DIR", str(tmp_path / "cache"))
+    cfg = SearchConfig(**MLP)
+    x, y = torch.randn(32, 1, 28, 28), torch.randint(0, 10, (32,))
+    few = choose_step_path(cfg, _tiny_model, x, y, expected_steps=10, has_conv=False, key="k")
+    many = choose_step_path(cfg, _tiny_model, x, y, expected_steps=10 ** 9, has_conv=False, key="k")
+    assert few.compile is False and "<= compile 60.0s" in few.reason and "no compile recorded" in few.reason
+    assert many.compile is True and few.eager_step_seconds["contiguous"] > 0
+    # a recorded compile replaces the priors: a slow compile that saves nothing is never chosen
+    record_compile("k", compile_seconds=500.0, compiled_step_seconds=10.0)
+    rec = choose_step_path(cfg, _tiny_model, x, y, expected_steps=10 ** 9, has_conv=False, key="k")
+    assert rec.compile is False and rec.record["compile_seconds"] == 500.0 and "last compile here 500.0s" in rec.reason
+    record_compile("k", compile_seconds=0.5, compiled_step_seconds=0.0)
+    assert choose_step_path(cfg, _tiny_model, x, y, expected_steps=10 ** 6, has_conv=False, key="k").compile
+    # a conv model measures both memory formats and keeps the faster one
+    from bnnshift_zoo.models_paper import lenet5
+
+    conv = choose_step_path(cfg, lambda: lenet5(), x, y, expected_steps=10, has_conv=True, key="c")
+    assert set(conv.eager_step_seconds) == {"channels_last", "contiguous"}
+    faster = min(conv.eager_step_seconds, key=conv.eager_step_seconds.get)
+    assert conv.channels_last == (faster == "channels_last")
+
+
+def test_search_reports_the_step_path_choice(tmp_path, monkeypatch):
+    monkeypatch.setenv("BNNSHIFT_CACHE_DIR", str(tmp_path / "cache"))
+    s = search(SearchConfig(steps=6, shifts=[0.0, 0.5], **MLP), out_dir=tmp_path / "few")
+    assert s.compiled is False and s.step_path["compile"] is False and "only 12 steps" in s.step_path["reason"]
+    s = search(SearchConfig(steps=40, shifts=[0.0, 0.5], **MLP), out_dir=tmp_path / "more")
+    assert s.compiled is False and s.step_path["expected_steps"] == 80 and "no compile recorded" in s.step_path["reason"]
+    assert json.loads((tmp_path / "more" / "search.json").read_text())["step_path"]["compile"] is False
+    assert "--compile auto chose eager" in (tmp_path / "more" / "search.md").read_text()
+    from bnnshift.search import expected_steps
+
+    assert expected_steps(SearchConfig(schedule="halving", shifts=[0.0, 0.5, 1.0, 1.5], **MLP), 16) == 24
+    assert expected_steps(SearchConfig(shifts=[0.0, 0.5, 1.0, 1.5], seeds=[0, 1], **MLP), 16) == 128

@@ -95,7 +95,10 @@ def search_command(
     eta: float = typer.Option(2.0, "--eta", help="Successive halving: keep the best 1/eta of the shifts at each rung."),
     min_fraction: float = typer.Option(0.125, "--min-fraction",
                                        help="Successive halving: the first rung's share of the epoch."),
-    no_compile: bool = typer.Option(False, "--no-compile", help="Eager training step (no torch.compile)."),
+    compile_: str = typer.Option("auto", "--compile",
+                                 help="auto (compile only when the expected steps pay back the measured compile "
+                                      "time, else eager; the reason is in the report), on or off."),
+    no_compile: bool = typer.Option(False, "--no-compile", help="Eager training step (same as --compile off)."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or auto."),
     memory_format: str = typer.Option("auto", "--memory-format",
                                       help="auto (channels_last for conv models), channels_last or contiguous."),
@@ -132,7 +135,7 @@ def search_command(
         shifts=parse_shifts(shifts), seeds=parse_seeds(seeds, seed_list), epochs=epochs, steps=steps,
         batch_size=batch_size, optimizer=optimizer, lr=lr, weight_decay=weight_decay, momentum=momentum,
         train_config=train_config, hardtanh=hardtanh, val=val, bn_recalib_batches=bn_recalib_batches,
-        device=device, compile="off" if no_compile else "auto", dtype=dtype,
+        device=device, compile="off" if no_compile else compile_, dtype=dtype,
         memory_format=memory_format, train_limit=train_limit,
         val_limit=val_limit, metric=metric, download=download, strict=not non_strict,
         schedule=schedule, eta=eta, min_fraction=min_fraction)

@@ -1,0 +1,152 @@
+"""Successive halving vs the full first-epoch search: the same pick for a fraction of the cost?
+
+    nice -n 10 python benchmarks/bench_halving.py --models mlp,lenet5 --seeds 5 --out bench-halving.jsonl
+    python benchmarks/bench_halving.py --report bench-halving.jsonl       # the table from saved cases
+
+For each model and seed, one full search (``--schedule full``: every shift trains one epoch)
+and one successive-halving search (``--schedule halving``, eta 2, first rung 1/8 of the epoch)
+over the same K shifts (default ``-1:2.5:0.5``, K = 8), both eager (``compile='off'``) in this
+process, so the wall-time ratio compares the schedules and not a compile. Each case is appended
+to ``--out`` as one JSON line as soon as it ends (a partial run keeps its cases).
+
+Printed per model:
+
+* agreement: the halving pick is the full search's pick;
+* within noise: the halving pick's full-search score is within the full search's seed noise of
+  the best (noise = the larger std over seeds of the full scores of the two shifts);
+* regret (pp): full-search score of the full pick minus that of the halving pick, mean and worst;
+* cost: halving / full candidate steps, and wall time.
+
+Models: ``mlp``, ``lenet5`` (zoo defaults), ``vgg-small`` and ``vgg-small-avgpool`` at quarter
+width (``in_chans=1, input_size=28``). Data: Fashion-MNIST in memory.
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import platform  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+MODELS = {
+    "mlp": ("zoo:mlp", {}),
+    "lenet5": ("zoo:lenet5", {}),
+    "vgg-small": ("zoo:vgg-small", {"in_chans": 1, "input_size": 28, "width": 0.25}),
+    "vgg-small-avgpool": ("zoo:vgg-small-avgpool", {"in_chans": 1, "input_size": 28, "width": 0.25}),
+}
+
+
+def run_case(name: str, seed: int, args) -> dict:
+    from bnnshift.search import SearchConfig, parse_shifts, search
+
+    spec, margs = MODELS[name]
+    kw = dict(model=spec, data=args.data, model_args=dict(margs), input_shape=(1, 28, 28),
+              shifts=parse_shifts(args.shifts), seeds=[seed], compile=args.compile, train_limit=args.train_limit,
+              batch_size=args.batch_size, bn_recalib_batches=0)
+    case = {"model": name, "seed": seed, "shifts": kw["shifts"], "train_limit": args.train_limit,
+            "eta": args.eta, "min_fraction": args.min_fraction, "compile": args.compile}
+    order = ("full", "halving") if seed % 2 == 0 else ("halving", "full")  # alternate: load drifts
+    for sched in order:
+        extra = {"schedule": sched, "eta": args.eta, "min_fraction": args.min_fraction} if sched == "halving" else {}
+        t0 = time.perf_counter()
+        s = search(SearchConfig(**kw, **extra))
+        wall = time.perf_counter() - t0
+        case[sched] = {"winner": s.winner, "wall": wall, "loop_seconds": s.seconds, "cost": s.cost,
+                       "scores": {repr(c.shift): c.score for c in s.candidates},
+                       "steps": {repr(c.shift): c.steps for c in s.candidates},
+                       "rungs": s.rungs}
+    return case
+
+
+def summarize(cases: list[dict]) -> list[dict]:
+    rows = []
+    for name in dict.fromkeys(c["model"] for c in cases):
+        cs = [c for c in cases if c["model"] == name and "full" in c and "halving" in c]
+        if not cs:
+            continue
+        shifts = [repr(float(t)) for t in cs[0]["shifts"]]
+        std = {}
+        for t in shifts:  # seed noise of the full search, per shift
+            vals = [c["full"]["scores"][t] for c in cs if c["full"]["scores"].get(t) is not None]
+            std[t] = statistics.stdev(vals) if len(vals) > 1 else float("nan")
+        agree = within = 0
+        regrets, steps_ratio, wall_ratio = [], [], []
+        for c in cs:
+            f, h = c["full"], c["halving"]
+            best, pick = repr(float(f["winner"])), repr(float(h["winner"]))
+            regret = (f["scores"][best] - f["scores"][pick]) * 100
+            regrets.append(regret)
+            noise = max(std[best], std[pick]) * 100
+            agree += best == pick
+            within += best == pick or (not math.isnan(noise) and regret <= noise)
+            steps_ratio.append(h["cost"]["candidate_steps"] / f["cost"]["candidate_steps"])
+            wall_ratio.append(h["loop_seconds"] / f["loop_seconds"])
+        rows.append({"model": name, "cases": len(cs), "agree": agree, "within_noise": within,
+                     "regret_mean_pp": statistics.mean(regrets), "regret_worst_pp": max(regrets),
+                     "steps_ratio": statistics.mean(steps_ratio), "wall_ratio": statistics.mean(wall_ratio),
+                     "full_wall_s": statistics.mean(c["full"]["loop_seconds"] for c in cs),
+                     "halving_wall_s": statistics.mean(c["halving"]["loop_seconds"] for c in cs)})
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    print("| model | cases | same pick | within seed noise | regret pp (mean / worst) | candidate steps | "
+          "wall time | full / halving s per search |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['model']} | {r['cases']} | {r['agree']}/{r['cases']} | {r['within_noise']}/{r['cases']} | "
+              f"{r['regret_mean_pp']:.2f} / {r['regret_worst_pp']:.2f} | {r['steps_ratio']:.3f}x | "
+              f"{r['wall_ratio']:.3f}x | {r['full_wall_s']:.1f} / {r['halving_wall_s']:.1f} |")
+    tot = sum(r["cases"] for r in rows)
+    if tot:
+        print(f"\nall models: within seed noise in {sum(r['within_noise'] for r in rows)}/{tot} cases, "
+              f"same pick in {sum(r['agree'] for r in rows)}/{tot}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="mlp,lenet5,vgg-small,vgg-small-avgpool")
+    ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--first-seed", type=int, default=0)
+    ap.add_argument("--shifts", default="-1:2.5:0.5")
+    ap.add_argument("--data", default="fashion-mnist")
+    ap.add_argument("--train-limit", type=int, default=None, help="training samples (default: all 60000)")
+    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--eta", type=float, default=2.0)
+    ap.add_argument("--min-fraction", type=float, default=0.125)
+    ap.add_argument("--compile", default="off", help="the trainer's compile mode for both schedules")
+    ap.add_argument("--out", default=None, help="append one JSON line per (model, seed) case")
+    ap.add_argument("--report", default=None, help="print the table from a saved --out file and exit")
+    args = ap.parse_args()
+    if args.report:
+        cases = [json.loads(line) for line in Path(args.report).read_text().splitlines() if line.strip()]
+        print_table(summarize(cases))
+        return
+    import torch
+
+    print(f"# torch {torch.__version__}, {platform.machine()}, threads {torch.get_num_threads()}, "
+          f"load average {os.getloadavg()}", flush=True)
+    cases = []
+    for name in args.models.split(","):
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
+            case = run_case(name, seed, args)
+            case["loadavg"] = os.getloadavg()
+            cases.append(case)
+            if args.out:
+                with open(args.out, "a") as fh:
+                    fh.write(json.dumps(case) + "\n")
+            f, h = case["full"], case["halving"]
+            print(f"{name} seed {seed}: full pick {f['winner']:g} ({f['loop_seconds']:.1f}s), halving pick "
+                  f"{h['winner']:g} ({h['loop_seconds']:.1f}s, {h['cost']['ratio']:.3f}x steps), "
+                  f"load {case['loadavg'][0]:.1f}", flush=True)
+    print_table(summarize(cases))
+
+
+if __name__ == "__main__":
+    main()
