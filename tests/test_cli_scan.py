@@ -167,3 +167,47 @@ def test_scan_of_a_full_precision_torchvision_model_exits_3():
     code, _, err = run("scan", "torchvision:resnet18", "--input-shape", "3,64,64")
     assert code == 3
     _one_line_error(err)
+
+
+PRINTING_PY = '''
+import torch, torch.nn as nn
+
+class SignSTE(nn.Module):
+    def forward(self, x):
+        c = x.clamp(-1, 1)
+        return (torch.sign(x) - c).detach() + c
+
+def _cnn():
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), SignSTE(),
+                         nn.Conv2d(8, 8, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+
+def print_at_build():
+    print("banner from the factory")
+    net = _cnn()
+    for m in net.modules():
+        print(type(m).__name__)
+    return net
+
+class PrintInForward(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = _cnn()
+    def forward(self, x):
+        print("forward", tuple(x.shape))
+        return self.net(x)
+'''
+
+
+@pytest.mark.parametrize("factory", ["print_at_build", "PrintInForward"])
+def test_json_stays_pure_json_when_user_code_prints(tmp_path, factory):
+    """--json: the user's print() goes to stderr, stdout parses as JSON (scan and patch)."""
+    p = tmp_path / "printing.py"
+    p.write_text(PRINTING_PY)
+    code, out, err = run("scan", f"{p}:{factory}", "--input-shape", "3,8,8", "--json")
+    assert code == 0, err
+    assert json.loads(out)["num_sites"] == 1
+    assert "forward (" in err or "banner from the factory" in err
+    code, out, err = run("patch", f"{p}:{factory}", "--input-shape", "3,8,8", "--shift", "0.5",
+                         "-o", tmp_path / f"out_{factory}", "--json")
+    assert code == 0, err
+    assert len(json.loads(out)["sites"]) == 1

@@ -24,6 +24,11 @@ class Output:
         width = None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 160
         self.err = Console(stderr=True, highlight=False, soft_wrap=False, width=width)
         self.out = Console(highlight=False, soft_wrap=True, width=width)
+        # --json promises only JSON on stdout: whatever the user's code prints while its model
+        # is built and run (banners, shape traces) goes to stderr until the result is written
+        self._stdout = sys.stdout
+        if json_mode:
+            sys.stdout = sys.stderr
 
     @property
     def progress_enabled(self) -> bool:
@@ -43,8 +48,9 @@ class Output:
 
     def result(self, payload: dict[str, Any], human: str | None = None) -> None:
         if self.json_mode:
-            sys.stdout.write(json.dumps(payload, indent=2, default=jsonable) + "\n")
-            sys.stdout.flush()
+            sys.stdout = self._stdout
+            self._stdout.write(json.dumps(payload, indent=2, default=jsonable) + "\n")
+            self._stdout.flush()
         elif human and not self.quiet:
             self.out.print(human)
 
