@@ -23,6 +23,7 @@ import torch
 from torch import fx, nn
 
 from . import registry
+from ._guard import changed_tensors, inplace_message, snapshot
 from ._runtime import OpEvent, SiteRuntime, graph_candidate_label
 from .errors import TraceError
 from .sites import (APPLY_OP, APPLY_PRE_HOOK, APPLY_PRODUCER, KIND_HARDTANH, KIND_INLINE, KIND_INPUT,
@@ -104,12 +105,37 @@ class DynamicPass:
     calls: list[CallRecord] = field(default_factory=list)
     ops: list[tuple[OpEvent, ValueSummary, ValueSummary]] = field(default_factory=list)
     error: str | None = None
+    # fingerprint of each binarizer input: ("call", path, k) / ("op", scope, j) -> fingerprint
+    fingerprints: dict[tuple, tuple] = field(default_factory=dict)
 
     def op(self, scope: str, index: int):
         for ev, i, o in self.ops:
             if ev.scope == scope and ev.index == index:
                 return ev, i, o
         return None
+
+
+def fingerprint(t: Any) -> tuple | None:
+    """A cheap identity of a tensor's values: shape, dtype, float64 sum and a strided sample."""
+    if isinstance(t, (tuple, list)) and t and isinstance(t[0], torch.Tensor):
+        t = t[0]
+    if not isinstance(t, torch.Tensor):
+        return None
+    flat = t.detach().reshape(-1)
+    sample = flat[:: max(1, flat.numel() // 1024)].double().cpu()
+    return (tuple(t.shape), str(t.dtype), float(flat.double().sum()) if flat.numel() else 0.0, tuple(sample.tolist()))
+
+
+def depends_on_input(a: DynamicPass, b: DynamicPass, key: tuple) -> bool | None:
+    """Did the value at ``key`` change when only the model's input changed (data flow)?
+
+    ``a`` and ``b`` are dynamic passes of two identical copies on two different inputs.
+    None when ``key`` was not seen in both (control flow took another path).
+    """
+    fa, fb = a.fingerprints.get(key), b.fingerprints.get(key)
+    if fa is None or fb is None:
+        return None
+    return fa != fb
 
 
 def example_input(input_shape: tuple[int, ...], batch: int = PROBE_BATCH, seed: int = 0) -> torch.Tensor:
@@ -131,18 +157,26 @@ def dynamic_pass(model: nn.Module, x: torch.Tensor, *, train_mode: bool = True) 
 
     def any_pre(path, k, args):
         pending[(path, k)] = summarize(args[0] if args else None)
+        result.fingerprints[("call", path, k)] = fingerprint(args[0] if args else None)
+
+    def record_op(ev):
+        result.ops.append((ev, summarize(ev.inputs[0] if ev.inputs else None), summarize(ev.output)))
+        result.fingerprints[("op", ev.scope, ev.index)] = fingerprint(ev.inputs[0] if ev.inputs else None)
 
     def any_post(path, k, output):
         result.calls.append(CallRecord(path, k, type(mods[path]), pending.pop((path, k), ValueSummary(False)),
                                        summarize(output)))
 
     rt.any_pre, rt.any_post = any_pre, any_post
-    rt.record_ops = lambda ev: result.ops.append((ev, summarize(ev.inputs[0] if ev.inputs else None), summarize(ev.output)))
+    rt.record_ops = record_op
     was_training = model.training
     model.train(train_mode)
     try:
         rt.install(track_all_calls=True)
-        with torch.no_grad():
+        # the same random stream on every pass: stochastic binarizers see the same noise, so
+        # only the model's input differs between the two passes of ``discover``
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
             model(x)
     except Exception as exc:  # noqa: BLE001
         result.error = f"{type(exc).__name__}: {exc}"
@@ -234,6 +268,7 @@ class Discovery:
     warnings: list[str] = field(default_factory=list)
     trace_error: str | None = None
     binary_params: set[str] = field(default_factory=set)  # weights that a weight binarizer reads
+    inplace_writes: list[str] = field(default_factory=list)  # parameters the forward assigns (.data = ...)
 
 
 def _name_sites(sites: list[Site], module_calls: dict[str, int]) -> None:
@@ -272,9 +307,16 @@ def discover(model: nn.Module, input_shape: tuple[int, ...], *, include_hardtanh
     Returns a ``Discovery``; ``sites`` are in execution order, with addressing filled in and
     context left to ``analyse``.
     """
-    work = copy.deepcopy(model)
+    work = copy.deepcopy(model)  # the user's model never runs here (its forward may write its weights)
+    twin = copy.deepcopy(model)
     x = example_input(tuple(input_shape))
+    before = snapshot(work)
     dyn = dynamic_pass(work, x)
+    inplace = changed_tensors(work, before, params_only=True)
+    # the same model on another input: what changes depends on the input (an activation),
+    # what does not is computed from parameters only (a weight binarizer), whatever the layout
+    dyn2 = dynamic_pass(twin, example_input(tuple(input_shape), seed=7)) if not dyn.error else dyn
+    del twin
     if dyn.error:
         raise TraceError(f"the model does not run on inputs of shape {tuple(x.shape)}: {dyn.error.splitlines()[0][:200]}",
                          hint="check --input-shape (C,H,W of one sample) and the model arguments")
@@ -284,7 +326,7 @@ def discover(model: nn.Module, input_shape: tuple[int, ...], *, include_hardtanh
     for rec in dyn.calls:
         calls_per_path[rec.path] = max(calls_per_path.get(rec.path, 0), rec.index + 1)
 
-    warnings: list[str] = []
+    warnings: list[str] = [inplace_message(inplace)] if inplace else []
     trace: TraceResult | None = None
     trace_error = None
     try:
@@ -380,7 +422,7 @@ def discover(model: nn.Module, input_shape: tuple[int, ...], *, include_hardtanh
         found_here: list[Site] = []
         for rec in dyn.calls:
             if rec.path in bin_paths and under(rec.path):
-                if rec.inp.is_tensor and rec.inp.shape[:1] == (PROBE_BATCH,):
+                if _is_activation(dyn, dyn2, ("call", rec.path, rec.index), rec.inp):
                     s = Site(name="", kind=KIND_MODULE, op=f"module:{rec.cls.__name__}", apply=APPLY_PRE_HOOK,
                              module=rec.path, call_index=rec.index, in_leaf=leaf or None, alphabet=alphabet_of(rec.out))
                     found_here.append(s)
@@ -392,7 +434,7 @@ def discover(model: nn.Module, input_shape: tuple[int, ...], *, include_hardtanh
             is_bool = isinstance(ev.output, torch.Tensor) and ev.output.dtype == torch.bool
             if not (out_sum.binary or is_bool):
                 continue
-            if not (in_sum.is_tensor and in_sum.shape[:1] == (PROBE_BATCH,)):
+            if not _is_activation(dyn, dyn2, ("op", ev.scope, ev.index), in_sum):
                 weight_binarizers += 1
                 continue
             if in_sum.binary:
@@ -416,8 +458,18 @@ def discover(model: nn.Module, input_shape: tuple[int, ...], *, include_hardtanh
         s.producer_module = s.module if s.apply == APPLY_PRODUCER else None
     disc = Discovery(sites, weight_binarizers, trace, dyn, bin_paths,
                      {s.name: node_of_site[id(s)] for s in sites if id(s) in node_of_site},
-                     hardtanh_sites, warnings, trace_error, binary_params)
+                     hardtanh_sites, warnings, trace_error, binary_params, inplace)
     return disc
+
+
+def _is_activation(dyn: DynamicPass, dyn2: DynamicPass, key: tuple, inp: ValueSummary) -> bool:
+    """Does the binarizer's input depend on the model's input (data flow, not its layout)?"""
+    if not inp.is_tensor:
+        return False
+    dep = depends_on_input(dyn, dyn2, key)
+    if dep is not None:
+        return dep
+    return inp.shape[:1] == (PROBE_BATCH,)  # not seen on the second input: best guess by layout
 
 
 def _closure(node: fx.Node, mods: dict[str, nn.Module], limit: int = 32) -> set[fx.Node]:

@@ -4,6 +4,7 @@
 """
 from __future__ import annotations
 
+import copy
 from typing import Any, Iterable
 
 import torch
@@ -85,13 +86,16 @@ def scan_model(model: nn.Module, input_shape: Iterable[int], *, name: str = "mod
     input_shape = tuple(int(v) for v in input_shape)
     disc: Discovery = discover(model, input_shape, include_hardtanh=include_hardtanh)
     analyse(disc, model)
+    # every forward below runs on a copy: the user's model (weights, buffers, Python
+    # attributes its forward sets) is exactly as it was handed in
+    work = copy.deepcopy(model)
     if require_sites and not disc.sites:
         raise NoSitesError(f"no binary activation found in {name}", hint=NO_SITES_HINT)
     sites = disc.sites
     probe_batches = list(batches) if batches is not None else [example_input(input_shape, batch=PROBE_BATCH, seed=1)]
     warnings = list(disc.warnings)
     if sites:
-        probe_sites(model, sites, probe_batches)
+        probe_sites(work, sites, probe_batches)
         for s in sites:
             if not s.fired:
                 warnings.append(f"site {s.name} did not fire at run time (control flow?)")
@@ -101,13 +105,13 @@ def scan_model(model: nn.Module, input_shape: Iterable[int], *, name: str = "mod
             for s in sites:  # random inputs say nothing about the real distribution
                 s.plus_fraction, s.preact = None, None
     if disc.hardtanh_sites:
-        probe_sites(model, disc.hardtanh_sites, probe_batches[:1])
-    summary = model_summary(model, input_shape, disc.binary_params, set())
+        probe_sites(work, disc.hardtanh_sites, probe_batches[:1])
+    summary = model_summary(work, input_shape, disc.binary_params, set())
     return ScanReport(model=name, input_shape=input_shape, sites=sites, weight_binarizers=disc.weight_binarizers,
                       leaves=disc.trace.leaves if disc.trace is not None else [],
                       leaf_errors=disc.trace.failures if disc.trace is not None else {},
                       traced=disc.trace is not None, hardtanh_sites=disc.hardtanh_sites, summary=summary,
-                      warnings=warnings, data=data_name)
+                      warnings=warnings, data=data_name, inplace_writes=list(disc.inplace_writes))
 
 
 def resolve_input_shape(input_shape: Iterable[int] | str | None, default: tuple[int, ...] | None) -> tuple[int, ...]:
@@ -152,8 +156,6 @@ def scan(spec: str, *, args: Iterable[str] | dict | None = None, checkpoint: str
     if batches is not None and checkpoint is None:
         # untrained weights: BN running statistics are the init's (mean 0, var 1), which do not
         # centre the pre-activations; measure as after training, on a copy, with BN re-estimated
-        import copy
-
         from .train import recalibrate_bn
 
         model = copy.deepcopy(model)

@@ -444,7 +444,7 @@ def _context(cfg: SearchConfig) -> _Context:
     if len(shape) != 3:
         raise DataError(f"input shape {shape} is not C,H,W", hint="pass --input-shape C,H,W")
     bundle = _load_bundle(cfg, shape)
-    _check_forward(loaded.model, bundle.train_x[:2], bundle)
+    _check_forward(copy.deepcopy(loaded.model), bundle.train_x[:2], bundle)  # the loaded model never runs
     if cfg.val and bundle.val_x is None:
         raise DataError(f"data set {bundle.name} has no held-out split for --val",
                         hint="use a data set with a test/val split, or drop --val")

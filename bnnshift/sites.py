@@ -85,6 +85,7 @@ class ScanReport:
     summary: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     data: str | None = None
+    inplace_writes: list[str] = field(default_factory=list)  # parameters the model's forward assigns in place
 
     @property
     def num_sites(self) -> int:
@@ -113,4 +114,5 @@ class ScanReport:
             "hardtanh_sites": [s.to_json() for s in self.hardtanh_sites],
             "summary": self.summary,
             "warnings": self.warnings,
+            "inplace_writes": self.inplace_writes,
         }

@@ -174,3 +174,48 @@ def test_detection_does_not_depend_on_the_zoo_detectors(name, monkeypatch):
     report = scan_model(model, shape)
     entry = ZOO.get(name)
     assert (report.num_sites, report.weight_binarizers) == (entry.activation_sites, entry.weight_binarizers)
+
+
+class _PointSignFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return torch.sign(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return g * (x.abs() <= 1).to(g.dtype)
+
+
+class _PointBinLinear(nn.Linear):
+    def forward(self, x):
+        return nn.functional.linear(_PointSignFn.apply(x), _PointSignFn.apply(self.weight), self.bias)
+
+
+class _PointNetLike(nn.Module):
+    """Points folded into the batch, (B*N, C), and a Python loop over the batch: not traceable (case 22).
+    The head has 5 outputs: its weight's dim 0 equals the probe batch size."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc0 = nn.Linear(3, 16)
+        self.bn0 = nn.BatchNorm1d(16)
+        self.lin = _PointBinLinear(16, 32)
+        self.bn1 = nn.BatchNorm1d(32)
+        self.head = _PointBinLinear(32, 5)
+
+    def forward(self, x):
+        h = torch.cat([x[i].t() for i in range(x.shape[0])], 0)
+        h = nn.functional.hardtanh(self.bn0(self.fc0(h)))
+        h = nn.functional.hardtanh(self.bn1(self.lin(h)))
+        return self.head(h.view(x.shape[0], x.shape[2], -1).mean(1))
+
+
+def test_sites_follow_the_data_flow_not_the_batch_layout():
+    """A binarizer input that depends on the model input is an activation, whatever its dim 0."""
+    report = scan_model(_PointNetLike(), (3, 64))
+    assert not report.traced
+    assert [s.name for s in report.sites] == ["lin:input", "head:input"]
+    assert report.weight_binarizers == 2
+    assert all(s.fired and s.binary_checked for s in report.sites)

@@ -126,6 +126,8 @@ def _do_patch(o, model, arg, checkpoint, input_shape, out_dir, cfg, ht, trainabl
     loaded = load_model(model, args=arg, checkpoint=checkpoint, strict=not non_strict, allow_unsafe=unsafe_load)
     shape = resolve_input_shape(input_shape, loaded.input_shape)
     report = scan_model(loaded.model, shape, name=loaded.spec.canonical(), include_hardtanh=ht is not None)
+    for w in report.warnings:
+        o.warn(w)
     if not report.sites and ht is None:
         raise NoSitesError(f"no binary activation found in {loaded.spec.canonical()}", hint=NO_SITES_HINT)
     if not report.sites and cfg.shift is not None and not (cfg.patterns or cfg.names or cfg.kinds):
@@ -163,6 +165,7 @@ def _do_patch(o, model, arg, checkpoint, input_shape, out_dir, cfg, ht, trainabl
         "hardtanh_sites": [r for r in rows if r["kind"] == "hardtanh"],
         "fold": fold_report.to_json() if fold_report is not None else None,
         "onnx": export_report.to_json() if export_report is not None else None,
+        "warnings": list(report.warnings),
     }
 
 

@@ -1,0 +1,106 @@
+"""The user's model is never changed by bnnshift.
+
+Every forward bnnshift runs for its own purposes (the dynamic pass of ``detect``, the probe,
+the summary, the export pre-check) runs on a ``copy.deepcopy`` of the user's model. This
+module holds the tools that make that checkable:
+
+* ``snapshot`` / ``changed_tensors``: the values of every parameter and buffer, and which of
+  them differ later (BatchNorm running statistics excluded: a train-mode forward updates
+  them by design);
+* ``kept_state``: a context that restores every parameter and buffer (same tensor objects,
+  same storage) after a block that has to touch the user's model itself;
+* ``inplace_writers``: run one forward under ``no_grad`` on a copy and name the parameters
+  and buffers it wrote, e.g. BinaryNet-style ``self.weight.data = sign(self.latent)``. Such a
+  model binarizes its own weights in place: its saved weights would be the binarized ones if
+  bnnshift ran it, and ``torch.onnx`` cannot trace the ``.data`` assignment.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+from typing import Iterator
+
+import torch
+from torch import nn
+
+__all__ = ["snapshot", "changed_tensors", "kept_state", "inplace_writers", "inplace_message"]
+
+
+def _bn_stat_names(model: nn.Module) -> set[str]:
+    out: set[str] = set()
+    for path, m in model.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            for b in ("running_mean", "running_var", "num_batches_tracked"):
+                out.add(f"{path}.{b}" if path else b)
+    return out
+
+
+def _tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    yield from model.named_parameters(remove_duplicate=True)
+    yield from model.named_buffers(remove_duplicate=True)
+
+
+def snapshot(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """name -> (the tensor object, its ``.data`` at this moment, a clone of its values)."""
+    return {n: (t, t.data, t.detach().clone()) for n, t in _tensors(model) if isinstance(t, torch.Tensor)}
+
+
+def changed_tensors(model: nn.Module, snap: dict, *, include_bn_stats: bool = False,
+                    params_only: bool = False) -> list[str]:
+    """Names of parameters/buffers of ``model`` whose values (or storage) differ from ``snap``."""
+    skip = set() if include_bn_stats else _bn_stat_names(model)
+    out = []
+    for n, t in (model.named_parameters() if params_only else _tensors(model)):
+        if n in skip or n not in snap:
+            continue
+        _, data, value = snap[n]
+        cur = t.detach()
+        if cur.shape != value.shape or cur.dtype != value.dtype or not torch.equal(cur, value):
+            out.append(n)
+    return out
+
+
+@contextlib.contextmanager
+def kept_state(model: nn.Module) -> Iterator[list[str]]:
+    """Restore every parameter and buffer of ``model`` on exit (objects and storage kept).
+
+    Yields a list that is filled, on exit, with the names whose values had changed.
+    """
+    snap = snapshot(model)
+    changed: list[str] = []
+    try:
+        yield changed
+    finally:
+        changed.extend(changed_tensors(model, snap, include_bn_stats=True))
+        with torch.no_grad():
+            for n in changed:
+                t, data, value = snap[n]
+                if t.data is not data:
+                    t.data = data  # a forward that assigned .data: give back the original storage
+                if data.shape == value.shape:
+                    data.copy_(value)
+
+
+def inplace_writers(model: nn.Module, x: torch.Tensor) -> list[str]:
+    """Parameters that one ``no_grad`` eval forward of ``x`` writes (run on a copy).
+
+    Returns [] when the forward fails (the caller reports that failure its own way).
+    """
+    work = copy.deepcopy(model)
+    work.eval()
+    snap = snapshot(work)
+    try:
+        with torch.no_grad():
+            work(x)
+    except Exception:  # noqa: BLE001 - only writes are asked here
+        return []
+    return changed_tensors(work, snap, params_only=True)
+
+
+def inplace_message(names: list[str]) -> str:
+    """The one warning bnnshift gives for a forward that writes its own parameters."""
+    shown = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
+    return (f"the model's forward writes {shown} in place (binarizes weights in place, e.g. "
+            "`weight.data = sign(latent)`): bnnshift ran it only on copies, saved weights are the loaded ones; "
+            "ONNX export needs a forward that computes the binary weight without assigning .data "
+            "(w = SignSTE.apply(self.weight))")
