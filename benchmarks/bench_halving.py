@@ -8,6 +8,9 @@ and one successive-halving search (``--schedule halving``, eta 2, first rung 1/8
 over the same K shifts (default ``-1:2.5:0.5``, K = 8), both eager (``compile='off'``) in this
 process, so the wall-time ratio compares the schedules and not a compile. Each case is appended
 to ``--out`` as one JSON line as soon as it ends (a partial run keeps its cases).
+With ``--real-seeds N < --seeds`` the halving pick of the other seeds is computed exactly from the
+full search's per-step correct counts (``simulate_halving``); for the real runs the benchmark
+asserts that the simulation gives the real pick and step count.
 
 Printed per model:
 
@@ -16,6 +19,13 @@ Printed per model:
   the best (noise = the larger std over seeds of the full scores of the two shifts);
 * regret (pp): full-search score of the full pick minus that of the halving pick, mean and worst;
 * cost: halving / full candidate steps, and wall time.
+
+``--default-path``: the end-to-end wall time of the DEFAULT search (``--compile auto``: the
+calibration and any compile included) with ``--schedule full`` and ``--schedule halving`` against
+an eager sequential loop (a fresh model per candidate, eager, NCHW: what a user's plain loop does),
+K = 6 shifts, one seed, vgg-small at quarter width (``--models``' first entry):
+
+    nice -n 10 python benchmarks/bench_halving.py --default-path --models vgg-small --k 6
 
 Models: ``mlp``, ``lenet5`` (zoo defaults), ``vgg-small`` and ``vgg-small-avgpool`` at quarter
 width (``in_chans=1, input_size=28``). Data: Fashion-MNIST in memory.
@@ -42,8 +52,31 @@ MODELS = {
 }
 
 
+def simulate_halving(curves: dict[float, list[int]], batch: int, total: int, eta: float, min_fraction: float):
+    """The pick of ``--schedule halving`` from a full search's per-step correct counts.
+
+    Exact, not an approximation: a halving candidate's score at a rung is its train accuracy
+    accumulated over the same first steps with the same batches (tests/test_search_halving.py
+    checks bitwise equality of the paused-and-continued training). Same ranking rule as
+    ``bnnshift.search._halving_loop``: best score, then smaller |t|. Returns (pick, candidate steps).
+    """
+    from bnnshift.search import rung_steps, survivors
+
+    alive = sorted(curves)
+    steps = {t: 0 for t in alive}
+    for n in rung_steps(total, eta, min_fraction):
+        for t in alive:
+            steps[t] = n
+        score = {t: curves[t][n - 1] / (n * batch) for t in alive}
+        ranked = sorted(alive, key=lambda t: (score[t], -abs(t)), reverse=True)
+        if n == total:
+            return ranked[0], sum(steps.values())
+        alive = ranked[:survivors(len(alive), eta)]
+    raise AssertionError("no last rung")
+
+
 def run_case(name: str, seed: int, args) -> dict:
-    from bnnshift.search import SearchConfig, parse_shifts, search
+    from bnnshift.search import SearchConfig, _context, parse_shifts, search
 
     spec, margs = MODELS[name]
     kw = dict(model=spec, data=args.data, model_args=dict(margs), input_shape=(1, 28, 28),
@@ -51,8 +84,10 @@ def run_case(name: str, seed: int, args) -> dict:
               batch_size=args.batch_size, bn_recalib_batches=0)
     case = {"model": name, "seed": seed, "shifts": kw["shifts"], "train_limit": args.train_limit,
             "eta": args.eta, "min_fraction": args.min_fraction, "compile": args.compile}
+    _context(SearchConfig(**kw)).trainer.record_curve = True
+    real = seed - args.first_seed < args.real_seeds
     order = ("full", "halving") if seed % 2 == 0 else ("halving", "full")  # alternate: load drifts
-    for sched in order:
+    for sched in (order if real else ("full",)):
         extra = {"schedule": sched, "eta": args.eta, "min_fraction": args.min_fraction} if sched == "halving" else {}
         t0 = time.perf_counter()
         s = search(SearchConfig(**kw, **extra))
@@ -61,13 +96,58 @@ def run_case(name: str, seed: int, args) -> dict:
                        "scores": {repr(c.shift): c.score for c in s.candidates},
                        "steps": {repr(c.shift): c.steps for c in s.candidates},
                        "rungs": s.rungs}
+        if sched == "full":
+            curves = {c.shift: c.extra["correct_curve"] for c in s.candidates if c.ok}
+            pick, csteps = simulate_halving(curves, args.batch_size, s.candidates[0].steps, args.eta,
+                                            args.min_fraction)
+            case["simulated"] = {"winner": pick, "cost": {"candidate_steps": csteps}}
+            for c in s.candidates:
+                c.extra.pop("correct_curve", None)
+    if real:
+        assert case["simulated"]["winner"] == case["halving"]["winner"], "simulation != real halving"
+        assert case["simulated"]["cost"]["candidate_steps"] == case["halving"]["cost"]["candidate_steps"]
     return case
+
+
+def default_path(args) -> dict:
+    from bnnshift.load import load_model
+    from bnnshift.search import _CONTEXTS, SearchConfig, _context, run_candidate, search
+
+    name = args.models.split(",")[0]
+    spec, margs = MODELS[name]
+    shifts = [round(-0.5 + 0.5 * i, 3) for i in range(args.k)]
+    common = dict(model=spec, data=args.data, model_args=dict(margs), input_shape=(1, 28, 28), shifts=shifts,
+                  seeds=[0], batch_size=args.batch_size, train_limit=args.train_limit)
+    res: dict = {"model": name, "k": args.k, "train_limit": args.train_limit, "loadavg_start": os.getloadavg()}
+    cfg_e = SearchConfig(compile="off", memory_format="contiguous", **common)
+    _context(cfg_e)  # data + scan once (every path gets this setup for free)
+    t0 = time.perf_counter()
+    for t in shifts:  # a plain loop: a fresh model per candidate, eager, NCHW
+        run_candidate(cfg_e, t, 0, model_factory=lambda seed: load_model(spec, args=margs).model)
+    res["eager_sequential_s"] = time.perf_counter() - t0
+    print(f"eager sequential {res['eager_sequential_s']:.1f}s (load {os.getloadavg()[0]:.1f})", flush=True)
+    for sched in ("halving", "full"):
+        _CONTEXTS.clear()
+        cfg = SearchConfig(schedule=sched, **common)
+        _context(cfg)
+        t0 = time.perf_counter()
+        s = search(cfg)
+        res[f"default_{sched}_s"] = time.perf_counter() - t0
+        res[f"default_{sched}_ratio"] = res[f"default_{sched}_s"] / res["eager_sequential_s"]
+        res[f"default_{sched}_step_path"] = s.step_path
+        res[f"default_{sched}_winner"] = s.winner
+        res[f"default_{sched}_cost"] = s.cost
+        print(f"default {sched}: {res[f'default_{sched}_s']:.1f}s = {res[f'default_{sched}_ratio']:.3f}x eager "
+              f"sequential; {s.step_path['reason'] if s.step_path else ''} (load {os.getloadavg()[0]:.1f})",
+              flush=True)
+    res["loadavg_end"] = os.getloadavg()
+    return res
 
 
 def summarize(cases: list[dict]) -> list[dict]:
     rows = []
     for name in dict.fromkeys(c["model"] for c in cases):
-        cs = [c for c in cases if c["model"] == name and "full" in c and "halving" in c]
+        cs = [c for c in cases if c["model"] == name and "full" in c and ("halving" in c or "simulated" in c)]
         if not cs:
             continue
         shifts = [repr(float(t)) for t in cs[0]["shifts"]]
@@ -78,7 +158,7 @@ def summarize(cases: list[dict]) -> list[dict]:
         agree = within = 0
         regrets, steps_ratio, wall_ratio = [], [], []
         for c in cs:
-            f, h = c["full"], c["halving"]
+            f, h = c["full"], c.get("halving") or c["simulated"]
             best, pick = repr(float(f["winner"])), repr(float(h["winner"]))
             regret = (f["scores"][best] - f["scores"][pick]) * 100
             regrets.append(regret)
@@ -86,23 +166,27 @@ def summarize(cases: list[dict]) -> list[dict]:
             agree += best == pick
             within += best == pick or (not math.isnan(noise) and regret <= noise)
             steps_ratio.append(h["cost"]["candidate_steps"] / f["cost"]["candidate_steps"])
-            wall_ratio.append(h["loop_seconds"] / f["loop_seconds"])
+            if "loop_seconds" in h:
+                wall_ratio.append(h["loop_seconds"] / f["loop_seconds"])
         rows.append({"model": name, "cases": len(cs), "agree": agree, "within_noise": within,
                      "regret_mean_pp": statistics.mean(regrets), "regret_worst_pp": max(regrets),
-                     "steps_ratio": statistics.mean(steps_ratio), "wall_ratio": statistics.mean(wall_ratio),
+                     "steps_ratio": statistics.mean(steps_ratio),
+                     "wall_ratio": statistics.mean(wall_ratio) if wall_ratio else float("nan"),
+                     "real_halving_runs": len(wall_ratio),
                      "full_wall_s": statistics.mean(c["full"]["loop_seconds"] for c in cs),
-                     "halving_wall_s": statistics.mean(c["halving"]["loop_seconds"] for c in cs)})
+                     "halving_wall_s": statistics.mean([c["halving"]["loop_seconds"] for c in cs if "halving" in c]
+                                                       or [float("nan")])})
     return rows
 
 
 def print_table(rows: list[dict]) -> None:
     print("| model | cases | same pick | within seed noise | regret pp (mean / worst) | candidate steps | "
-          "wall time | full / halving s per search |")
+          "wall time (real halving runs) | full / halving s per search |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['model']} | {r['cases']} | {r['agree']}/{r['cases']} | {r['within_noise']}/{r['cases']} | "
               f"{r['regret_mean_pp']:.2f} / {r['regret_worst_pp']:.2f} | {r['steps_ratio']:.3f}x | "
-              f"{r['wall_ratio']:.3f}x | {r['full_wall_s']:.1f} / {r['halving_wall_s']:.1f} |")
+              f"{r['wall_ratio']:.3f}x ({r['real_halving_runs']}) | {r['full_wall_s']:.1f} / {r['halving_wall_s']:.1f} |")
     tot = sum(r["cases"] for r in rows)
     if tot:
         print(f"\nall models: within seed noise in {sum(r['within_noise'] for r in rows)}/{tot} cases, "
@@ -121,8 +205,15 @@ def main() -> None:
     ap.add_argument("--eta", type=float, default=2.0)
     ap.add_argument("--min-fraction", type=float, default=0.125)
     ap.add_argument("--compile", default="off", help="the trainer's compile mode for both schedules")
+    ap.add_argument("--real-seeds", type=int, default=5,
+                    help="run the real halving search for the first N seeds (wall time, and a check that the "
+                         "simulated pick from the full search's per-step counts is the real one); the other "
+                         "seeds' picks are simulated exactly")
     ap.add_argument("--out", default=None, help="append one JSON line per (model, seed) case")
     ap.add_argument("--report", default=None, help="print the table from a saved --out file and exit")
+    ap.add_argument("--default-path", action="store_true",
+                    help="time the default search (compile auto) full and halving vs an eager sequential loop")
+    ap.add_argument("--k", type=int, default=6, help="--default-path: number of shifts")
     args = ap.parse_args()
     if args.report:
         cases = [json.loads(line) for line in Path(args.report).read_text().splitlines() if line.strip()]
@@ -132,6 +223,13 @@ def main() -> None:
 
     print(f"# torch {torch.__version__}, {platform.machine()}, threads {torch.get_num_threads()}, "
           f"load average {os.getloadavg()}", flush=True)
+    if args.default_path:
+        res = default_path(args)
+        print(json.dumps(res, indent=1, default=str))
+        if args.out:
+            with open(args.out, "a") as fh:
+                fh.write(json.dumps(res, default=str) + "\n")
+        return
     cases = []
     for name in args.models.split(","):
         for seed in range(args.first_seed, args.first_seed + args.seeds):
@@ -141,9 +239,10 @@ def main() -> None:
             if args.out:
                 with open(args.out, "a") as fh:
                     fh.write(json.dumps(case) + "\n")
-            f, h = case["full"], case["halving"]
+            f, h = case["full"], case.get("halving") or case["simulated"]
             print(f"{name} seed {seed}: full pick {f['winner']:g} ({f['loop_seconds']:.1f}s), halving pick "
-                  f"{h['winner']:g} ({h['loop_seconds']:.1f}s, {h['cost']['ratio']:.3f}x steps), "
+                  f"{h['winner']:g} ({h.get('loop_seconds', float('nan')):.1f}s{'' if 'halving' in case else ', simulated'}, "
+                  f"{h['cost']['candidate_steps'] / f['cost']['candidate_steps']:.3f}x steps), "
                   f"load {case['loadavg'][0]:.1f}", flush=True)
     print_table(summarize(cases))
 

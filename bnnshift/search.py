@@ -925,11 +925,22 @@ class _StateStore:
     in ``STATE_MEMORY_BUDGET``, and in ``OUT/states/`` whenever there is an output directory
     (written atomically, before the rung record that names them, so ``--resume`` finds them)."""
 
-    def __init__(self, out_dir: Path | None):
+    PATTERN = "t*_seed*_step*.pt"
+
+    def __init__(self, out_dir: Path | None, *, fresh: bool):
         self.dir = out_dir / "states" if out_dir is not None else None
         self.mem: dict[tuple[str, int], tuple[int, dict]] = {}
         self.in_memory = True
         self.files: dict[tuple[str, int], tuple[int, Path]] = {}
+        if fresh:  # a new search into a --force'd directory: states of an older one are stale
+            self._clear()
+
+    def _clear(self) -> None:
+        if self.dir is not None and self.dir.is_dir():
+            for p in self.dir.glob(self.PATTERN):
+                p.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                self.dir.rmdir()
 
     @staticmethod
     def _bytes(state: dict) -> int:
@@ -992,11 +1003,8 @@ class _StateStore:
 
     def close(self) -> None:
         self.mem.clear()
-        if self.dir is not None and self.dir.is_dir():
-            for key in list(self.files):
-                self.drop(key)
-            with contextlib.suppress(OSError):
-                self.dir.rmdir()
+        self.files.clear()
+        self._clear()
 
 
 def _halving_loop(ctx: _Context, cfg: SearchConfig, *, out_dir: str | Path | None, resume: bool, force: bool,
@@ -1025,7 +1033,7 @@ def _halving_loop(ctx: _Context, cfg: SearchConfig, *, out_dir: str | Path | Non
             journal.reset()
     elif resume:
         raise UsageError("--resume needs --out DIR (the journal lives there)")
-    store = _StateStore(out)
+    store = _StateStore(out, fresh=not resume)
     for (sk, seed, _h, steps), rec in rung_recs.items():
         if not rec.get("eliminated"):
             store.known((sk, seed), steps, rec.get("state"))

@@ -415,6 +415,7 @@ class DefaultTrainer:
     channels_last: bool = False
     compile_mode: str | None = None  # set by --compile auto's decision ('on'/'off'); None: cfg.compile
     step_clock: list = field(default_factory=lambda: [0, 0.0])  # steps, seconds after each runner's first step
+    record_curve: bool = False  # benchmarks: keep the first epoch's cumulative correct count per step
 
     def num_steps(self) -> int:
         n = int(self.train_x.shape[0]) // self.cfg.batch_size
@@ -501,6 +502,8 @@ class DefaultTrainer:
                 run.epoch_seen.append(0)
             run.epoch_hits[-1] += hit
             run.epoch_seen[-1] += n
+            if self.record_curve and len(run.epoch_hits) == 1:
+                run.curve.append(run.epoch_hits[0])
             if i >= run.last_from:
                 run.last_correct += hit
                 run.last_seen += n
@@ -522,7 +525,7 @@ class DefaultTrainer:
                 "last_acc": run.last_correct / max(1, run.last_seen),
                 "loss": run.loss_sum / run.step, "first_losses": list(run.first_losses), "steps": run.step,
                 "compiled": run.compiled, "compile_seconds": run.compile_seconds,
-                "compile_error": run.compile_error}
+                "compile_error": run.compile_error, **({"correct_curve": list(run.curve)} if run.curve else {})}
 
     def partial(self, run: "TrainRun") -> dict[str, Any]:
         """The score so far at a rung: train accuracy accumulated over the steps done (within the
@@ -592,19 +595,21 @@ class TrainRun:
     first_losses: list[float] = field(default_factory=list)
     epoch_hits: list[int] = field(default_factory=list)
     epoch_seen: list[int] = field(default_factory=list)
+    curve: list[int] = field(default_factory=list)
     compiled: bool | None = None
     compile_seconds: float | None = None
     compile_error: str | None = None
 
     _COUNTERS = ("seed", "shift", "total", "per_epoch", "last_from", "step", "correct", "seen", "last_correct",
-                 "last_seen", "loss_sum", "first_losses", "epoch_hits", "epoch_seen")
+                 "last_seen", "loss_sum", "first_losses", "epoch_hits", "epoch_seen", "curve")
 
     def counters(self) -> dict[str, Any]:
         return {k: (list(v) if isinstance(v, list) else v) for k in self._COUNTERS for v in [getattr(self, k)]}
 
     @classmethod
     def from_counters(cls, d: dict[str, Any], setup: TrainSetup) -> "TrainRun":
-        return cls(setup=setup, **{k: (list(d[k]) if isinstance(d[k], list) else d[k]) for k in cls._COUNTERS})
+        return cls(setup=setup, **{k: (list(d[k]) if isinstance(d[k], list) else d[k]) for k in cls._COUNTERS
+                                   if k in d})
 
 
 def signature_accepts(fn: Callable, name: str) -> bool:
