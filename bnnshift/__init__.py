@@ -21,6 +21,8 @@ _EXPORTS = {
     "insert_shifts": "shift", "remove_shifts": "shift", "get_thresholds": "shift",
     "ShiftConfig": "patch", "patch_model": "patch", "save_patched": "patch", "load_patched": "patch",
     "apply_recipe": "patch", "fold_shifts": "fold", "export_onnx": "export",
+    # BatchNorm statistics after a shift / fine-tuning
+    "recalibrate_bn": "recalibrate", "bn_staleness": "recalibrate",
     # search
     "SearchConfig": "search", "run_candidate": "search", "search_with": "search",
     # plugins

@@ -436,6 +436,14 @@ def load_patched(out_dir: str | os.PathLike[str], *, device: str | torch.device 
     the unfolded sites (the weights already hold the folded BN biases), then loads
     ``model.safetensors`` strictly (safetensors only: no unpickling). ``verify_hash`` checks the
     weights against the sha256 in ``patch.json``.
+
+    After fine-tuning the loaded model, re-estimate its BatchNorm statistics before evaluating,
+    saving or exporting (the running averages lag behind the weights; docs/finetune.md)::
+
+        model = load_patched("OUT/")
+        train(model)                                          # your loop
+        bnnshift.recalibrate_bn(model, loader, max_batches=20)
+        save_patched(model, read_recipe("OUT/"), "OUT_ft/")
     """
     from .load import ModelSpec, build_model, load_checkpoint
 

@@ -24,7 +24,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -347,36 +347,8 @@ def choose_step_path(cfg: Any, build: Callable[[], nn.Module], x: torch.Tensor, 
 # ------------------------------------------------------------------------------ BN, eval
 
 
-def _bn_modules(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
-    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-
-
-@torch.no_grad()
-def recalibrate_bn(model: nn.Module, batches: Iterable[torch.Tensor]) -> int:
-    """Re-estimate every BatchNorm's running statistics on ``batches`` (cumulative average).
-
-    Resets running stats, sets ``momentum=None`` (exact average over the batches), runs them in
-    train mode without grad, restores momentum and the training flag. Returns the number of
-    BN modules. Why: a shift changes every later layer's input distribution, the stale running
-    statistics left by the short training made held-out accuracy collapse (47% vs 74% train).
-    """
-    bns = _bn_modules(model)
-    if not bns:
-        return 0
-    saved = [(m, m.momentum) for m in bns]
-    was = model.training
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None
-    model.train()
-    try:
-        for xb in batches:
-            model(xb)
-    finally:
-        for m, mom in saved:
-            m.momentum = mom
-        model.train(was)
-    return len(bns)
+# recalibrate_bn lives in bnnshift.recalibrate (public: bnnshift.recalibrate_bn); kept importable here
+from .recalibrate import recalibrate_bn  # noqa: E402
 
 
 @torch.no_grad()

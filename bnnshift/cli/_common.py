@@ -17,4 +17,9 @@ UNSAFE = typer.Option(False, "--unsafe-load", help="Allow unpickling code from t
 JSON = typer.Option(False, "--json", help="Print only JSON on stdout.")
 QUIET = typer.Option(False, "--quiet", "-q", help="Print nothing but errors.")
 
+BN_DATA = typer.Option(None, "--data", help="Data spec (as in search): re-estimate the BatchNorm statistics on "
+                                            "it first, and say whether they were stale (docs/finetune.md).")
+BN_RECALIB_BATCHES = typer.Option(20, "--bn-recalib-batches", min=1,
+                                  help="Batches of 256 training samples for the BN re-estimation (with --data).")
+
 ArgList = Optional[List[str]]

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from . import app
-from ._common import JSON, QUIET
+from ._common import BN_DATA, BN_RECALIB_BATCHES, JSON, QUIET
 from ._errors import handle_errors
 from ._output import Output
 
@@ -20,14 +20,32 @@ def export_command(
     onnx: str = typer.Option(..., "--onnx", help="Path of the ONNX file to write."),
     opset: Optional[int] = typer.Option(None, "--opset", help="ONNX opset (default: the exporter's)."),
     batches: int = typer.Option(3, "--batches", min=1, help="Random batches compared with onnxruntime."),
+    data: Optional[str] = BN_DATA,
+    bn_recalib_batches: int = BN_RECALIB_BATCHES,
     json_: bool = JSON,
     quiet: bool = QUIET,
 ):
-    """Export to ONNX and verify with onnxruntime (logits, top-1, sign flips per binary activation)."""
+    """Export to ONNX and verify with onnxruntime (logits, top-1, sign flips per binary activation).
+
+    With --data, the BatchNorm statistics are re-estimated for the ONNX file (the directory is
+    left as it is: `bnnshift fold OUT/ --data SPEC` updates it)."""
+    import tempfile
+
     from ..export import export_patched_dir
-    from .patch import _print_export
+    from ..patch import load_patched, read_recipe, save_patched
+    from .patch import _print_export, bn_note, refresh_bn
 
     o = Output(json_mode=json_, quiet=quiet)
-    report = export_patched_dir(out_dir, onnx, opset, batches=batches)
+    recipe = read_recipe(out_dir)
+    model = load_patched(out_dir)
+    bn = refresh_bn(o, model, recipe, data, bn_recalib_batches, out_dir)
+    if bn is None or not bn["recalibrated"]:
+        report = export_patched_dir(out_dir, onnx, opset, batches=batches)
+    else:
+        with tempfile.TemporaryDirectory(prefix="bnnshift-bn-") as tmp:
+            save_patched(model, recipe, tmp, force=True)
+            report = export_patched_dir(tmp, onnx, opset, batches=batches)
     _print_export(o, report)
-    o.result(report.to_json())
+    if bn is None:
+        bn_note(o, model, out_dir)
+    o.result({**report.to_json(), "bn_statistics": bn})

@@ -10,7 +10,8 @@ from typing import List, Optional
 import typer
 
 from . import app
-from ._common import ARG, CHECKPOINT, INPUT_SHAPE, JSON, MODEL, NON_STRICT, QUIET, UNSAFE, ArgList
+from ._common import (ARG, BN_DATA, BN_RECALIB_BATCHES, CHECKPOINT, INPUT_SHAPE, JSON, MODEL, NON_STRICT, QUIET,
+                      UNSAFE, ArgList)
 from ._errors import handle_errors
 from ._output import Output
 
@@ -178,24 +179,81 @@ def _print_export(o: Output, r) -> None:
         o.warn(w)
 
 
+BN_PROBE = 1000  # held-out samples that measure the BN statistics before and after re-estimation
+BN_BATCH = 256
+
+
+def refresh_bn(o: Output, model, recipe, data: str | None, n_batches: int, out_dir: str) -> dict | None:
+    """With ``--data``: measure how stale the BN statistics are, re-estimate them, measure again.
+
+    Returns the ``bn_statistics`` JSON (``None`` without --data; call ``bn_note`` after the
+    command's work then)."""
+    if data is None:
+        return None
+    from ..data import load_data
+    from ..recalibrate import bn_staleness, recalibrate_bn
+
+    bundle = load_data(data, input_shape=tuple(recipe.input_shape) if recipe.input_shape else None,
+                       train_limit=n_batches * BN_BATCH, val_limit=BN_PROBE, seed=0)
+    if bundle.val_x is not None and len(bundle.val_x):
+        px, py, probe_from = bundle.val_x, bundle.val_y, "held-out"
+    else:
+        px, py, probe_from = bundle.train_x[:BN_PROBE], bundle.train_y[:BN_PROBE], "training"
+    before = bn_staleness(model, px, py)
+    batches = [bundle.train_x[i:i + BN_BATCH] for i in range(0, len(bundle.train_x), BN_BATCH)]
+    n_bn = recalibrate_bn(model, batches)
+    after = bn_staleness(model, px, py)
+    if not n_bn:
+        o.info(f"{out_dir}: no BatchNorm with running statistics; nothing to re-estimate")
+    elif before.stale:
+        o.warn(before.summary())
+        o.info(f"re-estimated on {len(batches)} batches of {bundle.name}: "
+               + after.summary().replace("BN running statistics ", "now "))
+    else:
+        o.info(f"{before.summary()}; re-estimated on {len(batches)} batches of {bundle.name} anyway")
+    return {"data": bundle.name, "recalibrated": n_bn > 0, "batches": len(batches), "probe": probe_from,
+            "before": before.to_json(), "after": after.to_json()}
+
+
+def bn_note(o: Output, model, out_dir: str) -> None:
+    """Without --data: one line when the model has BatchNorm (its statistics were not checked)."""
+    import torch
+
+    if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats for m in model.modules()):
+        o.info(f"note: BN running statistics not checked; after fine-tuning, re-estimate them with "
+               f"--data SPEC (bnnshift fold {out_dir} --data SPEC; docs/finetune.md)")
+
+
 @app.command("fold")
 @handle_errors
 def fold_command(
     out_dir: str = typer.Argument(..., help="A directory written by `bnnshift patch`."),
+    data: Optional[str] = BN_DATA,
+    bn_recalib_batches: int = BN_RECALIB_BATCHES,
     json_: bool = JSON,
     quiet: bool = QUIET,
 ):
-    """Absorb the thresholds into BatchNorm / bias where exact (in place); keep the others and say why."""
-    from ..fold import fold_shifts
+    """Absorb the thresholds into BatchNorm / bias where exact (in place); keep the others and say why.
+
+    With --data, the BatchNorm statistics are re-estimated first (needed after fine-tuning)."""
+    from ..fold import FoldReport, fold_shifts
     from ..patch import describe, load_patched, read_recipe, save_patched
+    from ..shift import shifted_sites
 
     o = Output(json_mode=json_, quiet=quiet)
     recipe = read_recipe(out_dir)
     model = load_patched(out_dir)
-    rep = fold_shifts(model)
+    bn = refresh_bn(o, model, recipe, data, bn_recalib_batches, out_dir)
+    if bn is not None and not shifted_sites(model):  # folded before: only the statistics change
+        rep = FoldReport()
+        o.info(f"{out_dir}: no threshold left to fold")
+    else:
+        rep = fold_shifts(model)
     save_patched(model, recipe, out_dir, force=True)
     rows = describe(model)
     o.table(sites_table(rows, f"{out_dir}: {len(rep.folded)} folded, {len(rep.kept)} kept"))
     for name, why in rep.kept.items():
         o.info(f"kept {name}: {why}")
-    o.result({"out_dir": str(out_dir), **rep.to_json(), "sites": rows})
+    if bn is None:
+        bn_note(o, model, out_dir)
+    o.result({"out_dir": str(out_dir), **rep.to_json(), "sites": rows, "bn_statistics": bn})
