@@ -14,7 +14,8 @@ from ._io import atomic_save_safetensors, atomic_write_bytes, atomic_write_json,
 if TYPE_CHECKING:  # pragma: no cover
     from .search import SearchSummary
 
-__all__ = ["write_report", "render_markdown", "render_png", "render_table", "write_patched"]
+__all__ = ["write_report", "render_markdown", "render_png", "render_table", "write_patched", "verdict",
+           "paired_differences", "val_stats", "budget_text"]
 
 
 def _pct(v: float | None, nd: int = 2) -> str:
@@ -25,6 +26,102 @@ def _score_text(s) -> str:
     if s.mean is None:
         return "-"
     return f"{s.mean * 100:.2f} ± {(s.std or 0) * 100:.2f}" if s.n > 1 else f"{s.mean * 100:.2f}"
+
+
+def _key(t: float) -> float:
+    return round(float(t), 9)
+
+
+def budget_text(summary: "SearchSummary") -> str:
+    """What a score is measured after: "one epoch", or "N steps" with --steps."""
+    steps = (summary.config or {}).get("steps")
+    return f"{steps} steps" if steps else "one epoch"
+
+
+def _values(summary: "SearchSummary", field: str) -> dict[float, dict[int, float]]:
+    """shift -> seed -> value of ``field`` ('score', 'val_acc') over the ok candidates."""
+    out: dict[float, dict[int, float]] = {}
+    for c in summary.candidates:
+        v = getattr(c, field, None)
+        if c.ok and v is not None:
+            out.setdefault(_key(c.shift), {})[c.seed] = float(v)
+    return out
+
+
+def _mean_std(vals: list[float]) -> tuple[float | None, float | None]:
+    if not vals:
+        return None, None
+    m = sum(vals) / len(vals)
+    sd = (sum((v - m) ** 2 for v in vals) / (len(vals) - 1)) ** 0.5 if len(vals) > 1 else 0.0
+    return m, sd
+
+
+def val_stats(summary: "SearchSummary") -> dict[float, tuple[float, float, int]] | None:
+    """shift -> (mean, std, n) of the held-out accuracy over seeds; ``None`` without --val."""
+    vals = _values(summary, "val_acc")
+    if not vals:
+        return None
+    return {t: (*_mean_std(list(by.values())), len(by)) for t, by in vals.items()}  # type: ignore[misc]
+
+
+def paired_differences(summary: "SearchSummary") -> dict[float, list[float]]:
+    """shift -> per-seed ``score(t, seed) - score(0, seed)`` over the seeds where both trained
+    the same number of steps (every candidate of a seed starts from the same weights and sees
+    the same batches, so the pair differs only in t). Empty without t = 0."""
+    scores = _values(summary, "score")
+    steps = {(_key(c.shift), c.seed): c.steps for c in summary.candidates if c.ok}
+    base = scores.get(_key(0.0))
+    if not base:
+        return {}
+    out = {}
+    for t, by in scores.items():
+        out[t] = [v - base[seed] for seed, v in sorted(by.items())
+                  if seed in base and steps.get((t, seed)) == steps.get((_key(0.0), seed))]
+    return out
+
+
+def _diff_text(d: list[float] | None) -> str:
+    if not d:
+        return "-"
+    m, sd = _mean_std(d)
+    return f"{m * 100:+.2f}" + (f" ± {sd * 100:.2f}" if len(d) > 1 else "")
+
+
+def verdict(summary: "SearchSummary") -> dict[str, Any]:
+    """The search's answer in words, honest about the noise.
+
+    ``{"text": str, "winner": float | None, "tie": bool, "notes": [str]}``: ``winner`` is the
+    best mean score (``summary.winner``), but the text names it only when it is ahead of t = 0
+    beyond the seed noise (``summary.ahead_of_baseline``, search.py); else "tie within noise".
+    Notes: one seed (no noise estimate), a winner at the edge of the grid, a search from a
+    trained checkpoint (the paper searches from scratch, PAPER.md / docs/paper.md).
+    """
+    w = summary.winner
+    notes: list[str] = []
+    tie = False
+    if w is None:
+        text = "no winner: every candidate failed"
+    elif summary.ahead_of_baseline:
+        text = f"t = {w:g} ({summary.noise_note})"
+    elif _key(w) == _key(0.0):
+        text = "t = 0 (no shift) scores best"
+    elif summary.baseline is None:
+        text = f"best t = {w:g} (t = 0 is not in the grid: nothing to compare with)"
+    else:
+        tie = True
+        diff = next((st.mean for st in summary.stats if _key(st.shift) == _key(w)), 0.0) - summary.baseline
+        text = f"tie within noise (best mean t = {w:g}: {diff * 100:+.2f} points vs t = 0)"
+        notes.append(summary.noise_note)
+    if len(summary.seeds) < 2 and w is not None:
+        notes.append("one seed: no noise estimate; rerun with --seeds 3 before trusting a difference")
+    grid = sorted({_key(t) for t in summary.shifts})
+    if w is not None and len(grid) > 2 and _key(w) in (grid[0], grid[-1]) and _key(w) != _key(0.0):
+        side = "below" if _key(w) == grid[0] else "above"
+        notes.append(f"the best t = {w:g} is at the edge of the grid: extend --shifts {side} it")
+    if (summary.config or {}).get("checkpoint"):
+        notes.append("searched from a trained checkpoint: the paper searches from scratch (random or full-precision "
+                     "init, docs/paper.md); weights and BN statistics trained at t = 0 favour t = 0")
+    return {"text": text, "winner": w, "tie": tie, "notes": notes}
 
 
 def _is_halving(summary: "SearchSummary") -> bool:
@@ -52,12 +149,21 @@ def _schedule_lines(summary: "SearchSummary") -> list[str]:
     return out
 
 
+def _val_text(vs: dict[float, tuple[float, float, int]] | None, shift: float) -> str:
+    if not vs or _key(shift) not in vs:
+        return "-"
+    m, sd, n = vs[_key(shift)]
+    return f"{m * 100:.2f}" + (f" ± {sd * 100:.2f}" if n > 1 else "")
+
+
 def render_markdown(summary: "SearchSummary") -> str:
     cfg = summary.config
     lines = [f"# bnnshift search: {cfg.get('model', 'model')} on {cfg.get('data', '-')}", ""]
-    lines.append(f"- metric: `{summary.metric}` (percent), seeds: {summary.seeds}, sites: {len(summary.sites)}")
-    lines.append(f"- winner: **t = {summary.winner:g}**" if summary.winner is not None else "- winner: none (all failed)")
-    lines.append(f"- {summary.noise_note}")
+    v = verdict(summary)
+    lines.append(f"- metric: `{summary.metric}` (percent) after {budget_text(summary)}, seeds: {summary.seeds}, "
+                 f"sites: {len(summary.sites)}")
+    lines.append(f"- verdict: **{v['text']}**")
+    lines += [f"- note: {n}" for n in v["notes"]]
     lines.append(f"- same initial weights across candidates of a seed: {summary.shared_init}; "
                  f"same batch order: {summary.shared_batches}")
     comp = ("compiled" if summary.compiled else "eager") if summary.compiled is not None else "-"
@@ -73,12 +179,20 @@ def render_markdown(summary: "SearchSummary") -> str:
     if halving:
         lines += _schedule_lines(summary)
     rung_col = "| rung " if halving else ""
-    lines += ["", f"| t {rung_col}| score | loss | +1 share (mean over sites) | n | status |",
-              "|---|" + ("---|" if halving else "") + "---|---|---|---|---|"]
+    vs, diffs = val_stats(summary), paired_differences(summary)
+    val_col = "| val % " if vs else ""
+    diff_col = "| score - t=0, per seed " if diffs else ""
+    lines += ["", f"| t {rung_col}| score {val_col}{diff_col}| loss | +1 share (mean over sites) | n | status |",
+              "|---|" + ("---|" if halving else "") + "---|" + ("---|" if vs else "") + ("---|" if diffs else "")
+              + "---|---|---|---|"]
     for s in summary.stats:
-        mark = " **(winner)**" if summary.winner is not None and s.shift == summary.winner else ""
+        mark = (" **(best)**" if v["tie"] else " **(winner)**") if summary.winner is not None and \
+            s.shift == summary.winner else ""
         rung = f"| {_rung_text(summary, s)} " if halving else ""
-        lines.append(f"| {s.shift:g}{mark} {rung}| {_score_text(s)} | {'-' if s.loss is None else f'{s.loss:.4f}'} | "
+        val = f"| {_val_text(vs, s.shift)} " if vs else ""
+        diff = f"| {_diff_text(diffs.get(_key(s.shift)))} " if diffs else ""
+        lines.append(f"| {s.shift:g}{mark} {rung}| {_score_text(s)} {val}{diff}| "
+                     f"{'-' if s.loss is None else f'{s.loss:.4f}'} | "
                      f"{'-' if s.plus_fraction_mean is None else f'{s.plus_fraction_mean:.3f}'} | {s.n} | "
                      f"{s.status}{f' ({s.failed} failed)' if s.failed else ''} |")
     failed = [c for c in summary.candidates if not c.ok]
@@ -93,8 +207,11 @@ def render_markdown(summary: "SearchSummary") -> str:
         for s in summary.stats:
             lines.append(f"| {s.shift:g} | " + " | ".join(
                 "-" if s.plus_fraction.get(n) is None else f"{s.plus_fraction[n]:.3f}" for n in summary.sites) + " |")
-    lines += ["", "Score = train accuracy accumulated over the first epoch (Kim et al. CVPR 2021, claim 5: its trend "
-              "over t follows the final validation accuracy). ![score vs shift](search.png)", ""]
+    over = "the first epoch" if budget_text(summary) == "one epoch" else f"the first {budget_text(summary)}"
+    lines += ["", f"Score = train accuracy accumulated over {over} (Kim et al. CVPR 2021, claim 5: over one "
+              "epoch its trend over t follows the final validation accuracy). \"score - t=0\": the difference to "
+              "t = 0 of the same seed (same initial weights, same batches), mean ± std over seeds. "
+              "![score vs shift](search.png)", ""]
     return "\n".join(lines)
 
 
@@ -104,9 +221,16 @@ def render_png(summary: "SearchSummary") -> bytes:
     matplotlib.use("Agg", force=True)
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(6, 4), dpi=100)
-    ax = fig.add_subplot(111)
+    diffs = paired_differences(summary)
+    vs = val_stats(summary)
+    fig = Figure(figsize=(6, 6.5 if diffs else 4), dpi=100)
+    if diffs:
+        ax, dax = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 2]})
+    else:
+        ax, dax = fig.add_subplot(111), None
     ok = [s for s in summary.stats if s.mean is not None]
+    v = verdict(summary)
+    budget = budget_text(summary)
     if _is_halving(summary) and summary.rungs:
         # one curve per rung: the train accuracy so far of every shift that reached it
         ok = [s for s in ok if s.rung == max(x.rung or 0 for x in ok)]
@@ -122,15 +246,35 @@ def render_png(summary: "SearchSummary") -> bytes:
         if summary.winner is not None:
             w = next(s for s in ok if s.shift == summary.winner)
             ax.plot([w.shift], [w.mean * 100], marker="*", markersize=14, color="tab:red", linestyle="none",
-                    label=f"winner t={w.shift:g}")
+                    label=f"best t={w.shift:g} (tie within noise)" if v["tie"] else f"winner t={w.shift:g}")
+    if vs:
+        pts = sorted(vs.items())
+        ax.errorbar([t for t, _ in pts], [m * 100 for _, (m, _, _) in pts], yerr=[sd * 100 for _, (_, sd, _) in pts],
+                    marker="s", capsize=3, color="tab:green", label="val_acc (held-out, BN re-estimated)")
+    if dax is not None:
+        for t, d in sorted(diffs.items()):
+            dax.plot([t] * len(d), [x * 100 for x in d], marker="o", linestyle="none", color="tab:blue", alpha=0.5,
+                     markersize=4)
+        means = [(t, sum(d) / len(d)) for t, d in sorted(diffs.items()) if d]
+        dax.plot([t for t, _ in means], [m * 100 for _, m in means], color="tab:blue", label="mean over seeds")
+        dax.axhline(0.0, color="gray", linewidth=0.8)
+        dax.axvline(0.0, color="gray", linewidth=0.8, linestyle=":")
+        dax.set_xlabel("threshold shift t  (sign(x - t))")
+        dax.set_ylabel("score - score(t=0)\nsame seed (points)")
+        dax.grid(True, alpha=0.3)
+        dax.legend(loc="best", fontsize=8)
     bad = [s for s in summary.stats if s.mean is None]
     if bad and ok:
         lo = min(s.mean for s in ok) * 100
         ax.plot([s.shift for s in bad], [lo] * len(bad), marker="x", color="gray", linestyle="none", label="failed")
     ax.axvline(0.0, color="gray", linewidth=0.8, linestyle=":")
-    ax.set_xlabel("threshold shift t  (sign(x - t))")
-    ax.set_ylabel(f"{summary.metric} after one epoch (%)")
-    ax.set_title(f"{summary.config.get('model', 'model')}: first-epoch score vs shift ({len(summary.seeds)} seed{'s' if len(summary.seeds) != 1 else ''})")
+    if dax is None:
+        ax.set_xlabel("threshold shift t  (sign(x - t))")
+    ax.set_ylabel(f"{summary.metric} after {budget} (%)")
+    n_seeds = len(summary.seeds)
+    ax.set_title(f"{summary.config.get('model', 'model')}: score after {budget} vs shift "
+                 f"({n_seeds} seed{'s' if n_seeds != 1 else ''})" + ("\ntie within noise" if v["tie"] else ""),
+                 fontsize=10)
     ax.grid(True, alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(loc="best", fontsize=8)
@@ -152,7 +296,7 @@ def write_report(summary: "SearchSummary", out_dir: str | Path) -> dict[str, str
     summary.files = files
     atomic_write_text(files["md"], render_markdown(summary))
     atomic_write_bytes(files["png"], render_png(summary))
-    atomic_write_json(files["json"], summary.to_json())
+    atomic_write_json(files["json"], {**summary.to_json(), "verdict": verdict(summary)})
     return files
 
 
@@ -160,15 +304,19 @@ def render_table(summary: "SearchSummary"):
     """The final rich table: t, score mean ± std, loss, +1 share (mean over sites), status."""
     from rich.table import Table
 
-    t = Table(title=f"first-epoch search ({summary.metric}, {len(summary.seeds)} seed"
+    t = Table(title=f"search: {summary.metric} after {budget_text(summary)} ({len(summary.seeds)} seed"
                     f"{'s' if len(summary.seeds) != 1 else ''}, {len(summary.sites)} sites)")
     halving = _is_halving(summary)
-    for c in ("t", *(("rung",) if halving else ()), "score %", "loss", "+1 share", "n", "status"):
+    vs, diffs = val_stats(summary), paired_differences(summary)
+    extra = (*(("val %",) if vs else ()), *(("vs t=0",) if diffs else ()))
+    for c in ("t", *(("rung",) if halving else ()), "score %", *extra, "loss", "+1 share", "n", "status"):
         t.add_column(c, justify="right" if c != "status" else "left")
     for s in summary.stats:
         win = summary.winner is not None and s.shift == summary.winner
+        cols = (*((_val_text(vs, s.shift),) if vs else ()),
+                *((_diff_text(diffs.get(_key(s.shift))),) if diffs else ()))
         t.add_row(f"{s.shift:g}" + (" *" if win else ""), *((_rung_text(summary, s),) if halving else ()),
-                  _score_text(s), "-" if s.loss is None else f"{s.loss:.4f}",
+                  _score_text(s), *cols, "-" if s.loss is None else f"{s.loss:.4f}",
                   "-" if s.plus_fraction_mean is None else f"{s.plus_fraction_mean:.3f}", str(s.n),
                   s.status + (f" ({s.failed} failed)" if s.failed else ""), style="bold" if win else None)
     if halving and summary.cost.get("ratio") is not None:

@@ -55,7 +55,7 @@ def test_three_candidate_search_end_to_end(tmp_path):
     assert json.loads((out / "search.json").read_text())["winner"] == data["winner"]
     assert (out / "search.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (out / "search.md").read_text()
-    assert "winner" in md and "| 0.5 |" in md
+    assert "verdict" in md and "| 0.5 |" in md
     # a repeated candidate with the same t gives the same score (fresh output dir)
     res2 = _run(BASE + ["--shifts", "0.5", "--steps", "6", "--out", str(tmp_path / "again"), "--json"])
     assert res2.exit_code == 0, _stderr(res2)
@@ -68,7 +68,7 @@ def test_human_output_and_patch_out(tmp_path):
     res = _run(BASE + ["--shifts", "0,1", "--steps", "3", "--out", str(tmp_path / "r"),
                        "--patch-out", str(tmp_path / "p")])
     assert res.exit_code == 0, _stderr(res)
-    assert "first-epoch search" in res.stdout and "winner: t =" in res.stdout
+    assert "search: train_acc after 3 steps" in res.stdout and "verdict:" in res.stdout
     p = tmp_path / "p"
     files = {f.name for f in p.iterdir()}
     assert files and not any(f.endswith(".tmp") for f in files)

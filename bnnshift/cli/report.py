@@ -38,16 +38,18 @@ def report_command(
         prepare_output_dir(out_dir, force=True)
         summary.out_dir = str(out_dir)
         summary.files = write_report(summary, out_dir)
+    from ..report import render_table, verdict
+
+    v = verdict(summary)
     if out.json_mode:
-        payload = summary.to_json()
+        payload = {**summary.to_json(), "verdict": v}
         payload["distributed"] = info
         out.result(payload)
         return
-    from ..report import render_table
-
     out.table(render_table(summary))
-    if summary.winner is not None:
-        out.table(f"winner: t = {summary.winner:g}  ({summary.noise_note})")
+    out.table(f"verdict: {v['text']}")
+    for n in v["notes"]:
+        out.table(f"note: {n}")
     line = (f"study {study!r}: {info['complete']}/{info['grid']} candidates done, {info['trials']} trials "
             f"({info['failed_trials']} failed, {info['retried_trials']} retries, {info['duplicates']} duplicates, "
             f"{info['running']} running, {info['waiting']} waiting)")

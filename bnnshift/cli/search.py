@@ -172,14 +172,16 @@ def search_command(
 
 
 def _print_summary(summary, out: Output) -> None:
-    from ..report import render_table
+    from ..report import render_table, verdict
 
+    v = verdict(summary)
     if out.json_mode:
-        out.result(summary.to_json())
+        out.result({**summary.to_json(), "verdict": v})
         return
     out.table(render_table(summary))
-    if summary.winner is not None:
-        out.table(f"winner: t = {summary.winner:g}  ({summary.noise_note})")
+    out.table(f"verdict: {v['text']}")
+    for n in v["notes"]:
+        out.table(f"note: {n}")
     if summary.compile_error:
         out.warn(f"torch.compile failed, trained eagerly: {summary.compile_error}")
     if summary.files:

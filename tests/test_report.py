@@ -1,0 +1,75 @@
+"""Honest search verdicts (issue 12): tie within noise, per-seed differences to t = 0, val column
+and curve, grid-edge and checkpoint notes, "after N steps" labels; tables at 100 columns."""
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+from rich.console import Console
+
+from bnnshift.report import paired_differences, render_markdown, render_png, render_table, verdict, write_report
+from bnnshift.search import search_with
+
+
+def run(table, shifts, seeds, config=None, val=None):
+    from bnnshift_zoo.models_paper import mlp
+
+    def fake(model, *, seed, shift):
+        out = {"score": table[(shift, seed)]}
+        if val is not None:
+            out["val_acc"] = val[(shift, seed)]
+        return out
+
+    return search_with(lambda: mlp(width=0.25), fake, shifts, seeds, input_shape=(1, 28, 28), config=config)
+
+
+def render(table_or_text) -> str:
+    buf = io.StringIO()
+    Console(file=buf, width=100, force_terminal=False).print(table_or_text)
+    return buf.getvalue()
+
+
+def test_tie_within_noise_is_not_a_winner():
+    table = {(0.0, 0): 0.80, (0.0, 1): 0.84, (0.5, 0): 0.83, (0.5, 1): 0.82, (1.0, 0): 0.81, (1.0, 1): 0.80}
+    s = run(table, [0.0, 0.5, 1.0], [0, 1])
+    v = verdict(s)
+    assert v["tie"] and v["text"].startswith("tie within noise") and s.winner == 0.5
+    assert v["notes"] == [s.noise_note]  # 0.5 is inside the grid, two seeds, no checkpoint
+    assert "+0.50 points vs t = 0" in v["text"]
+    d = paired_differences(s)
+    assert d[0.5] == pytest.approx([0.03, -0.02]) and d[0.0] == [0.0, 0.0]
+    md = render_markdown(s)
+    assert "tie within noise" in md and "**(best)**" in md and "+0.50 ± 3.54" in md  # mean ± std of +3, -2 points
+    out = render(render_table(s))
+    assert "vs t=0" in out and "+0.50 ± 3.54" in out
+
+
+def test_clear_winner_and_grid_edge():
+    table = {(0.0, 0): 0.80, (0.0, 1): 0.81, (0.5, 0): 0.83, (0.5, 1): 0.84, (1.0, 0): 0.90, (1.0, 1): 0.91}
+    s = run(table, [0.0, 0.5, 1.0], [0, 1])
+    v = verdict(s)
+    assert not v["tie"] and v["text"].startswith("t = 1 (")
+    assert any("edge of the grid" in n and "above" in n for n in v["notes"])
+
+
+def test_one_seed_is_a_tie_with_a_note():
+    s = run({(0.0, 0): 0.80, (0.5, 0): 0.80008, (1.0, 0): 0.7}, [0.0, 0.5, 1.0], [0])
+    v = verdict(s)
+    assert v["tie"] and any("--seeds 3" in n for n in v["notes"])
+
+
+def test_checkpoint_note_steps_label_and_val(tmp_path):
+    table = {(0.0, 0): 0.80, (0.5, 0): 0.79}
+    val = {(0.0, 0): 0.70, (0.5, 0): 0.72}
+    s = run(table, [0.0, 0.5], [0], config={"checkpoint": "ck.pt", "steps": 60}, val=val)
+    v = verdict(s)
+    assert v["text"] == "t = 0 (no shift) scores best"
+    assert any("from scratch" in n for n in v["notes"])
+    md = render_markdown(s)
+    assert "after 60 steps" in md and "| val % " in md and "72.00" in md
+    assert "search: score after 60 steps" in render(render_table(s))
+    files = write_report(s, tmp_path)
+    data = json.loads(open(files["json"]).read())
+    assert data["verdict"]["text"] == v["text"]
+    assert render_png(s)[:4] == b"\x89PNG"
