@@ -166,10 +166,17 @@ class SearchConfig:
     schedule: str = "full"
     eta: float = 2.0
     min_fraction: float = 0.125
-
+    # streaming data path and precision (bnnshift.data.stream, docs/search.md)
+    augment: str = "none"
+    stream: str = "auto"
+    workers: int | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    precision: str = "fp32"
     # fields that do not change a score (or are the candidate itself); the schedule decides
     # which candidates train how far, not what a candidate scores after n steps
-    _NOT_HASHED = ("shifts", "seeds", "device", "compile", "memory_format", "schedule", "eta", "min_fraction")
+    _NOT_HASHED = ("shifts", "seeds", "device", "compile", "memory_format", "schedule", "eta", "min_fraction",
+                   "workers")
 
     def __post_init__(self):
         if self.input_shape is not None:
@@ -201,6 +208,20 @@ class SearchConfig:
         if self.schedule == "halving" and self.metric != "train_acc":
             raise UsageError(f"--schedule halving ranks by the train accuracy so far; --metric {self.metric} "
                              "needs the whole epoch", hint="use --schedule full with this metric")
+        self._check_streaming()
+
+    def _check_streaming(self) -> None:
+        from .data.stream import AUGMENTS, STREAM_MODES, StreamOptions, parse_floats
+        from .train import PRECISIONS
+
+        if self.augment not in AUGMENTS:
+            raise UsageError(f"unknown --augment {self.augment!r}", hint=f"use one of {', '.join(AUGMENTS)}")
+        if self.stream not in STREAM_MODES:
+            raise UsageError(f"bad --stream {self.stream!r}", hint=f"use one of {', '.join(STREAM_MODES)}")
+        if self.precision not in PRECISIONS:
+            raise UsageError(f"unknown --precision {self.precision!r}", hint=f"use one of {', '.join(PRECISIONS)}")
+        self.mean, self.std = parse_floats(self.mean, "--mean"), parse_floats(self.std, "--std")
+        StreamOptions(augment=self.augment, mean=self.mean, std=self.std, workers=self.workers)  # validates
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -231,12 +252,12 @@ def _dtype(cfg: SearchConfig) -> torch.dtype:
 
 
 def _device(cfg: SearchConfig) -> torch.device:
-    dev = cfg.device
-    if dev == "auto":
-        dev = "cuda" if torch.cuda.is_available() else "cpu"
-    if dev.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {cfg.device}: CUDA is not available here", hint="use --device cpu")
-    return torch.device(dev)
+    from .parallel import resolve_device
+    from .train import check_precision
+
+    dev = resolve_device(cfg.device)
+    check_precision(cfg.precision, dev, cfg.dtype)
+    return dev
 
 
 # ------------------------------------------------------------------------------ results
@@ -443,6 +464,12 @@ def _context(cfg: SearchConfig) -> _Context:
     shape = resolve_input_shape(cfg.input_shape, loaded.input_shape)
     if len(shape) != 3:
         raise DataError(f"input shape {shape} is not C,H,W", hint="pass --input-shape C,H,W")
+    from .data.stream import should_stream
+
+    if should_stream(cfg.stream, cfg.data, cfg.augment, shape):
+        ctx = _stream_context(cfg, loaded, shape, device, dtype)
+        _CONTEXTS[key] = ctx
+        return ctx
     bundle = _load_bundle(cfg, shape)
     _check_forward(copy.deepcopy(loaded.model), bundle.train_x[:2], bundle)  # the loaded model never runs
     if cfg.val and bundle.val_x is None:
@@ -457,7 +484,7 @@ def _context(cfg: SearchConfig) -> _Context:
     train_y = bundle.train_y.to(device)
     channels_last = cfg.memory_format == "channels_last" or (
         cfg.memory_format == "auto" and any(isinstance(m, nn.Conv2d) for m in loaded.model.modules()))
-    trainer = DefaultTrainer(cfg, train_x, train_y, channels_last=channels_last)
+    trainer = DefaultTrainer(cfg, train_x, train_y, channels_last=channels_last, precision=cfg.precision)
     h = hashlib.sha256()
     h.update(json.dumps(cfg.hashed_fields(), sort_keys=True, default=str).encode())
     h.update(f"|data={bundle.fingerprint()}|ckpt={loaded.checkpoint_sha256}|shape={shape}".encode())
@@ -474,6 +501,76 @@ def _context(cfg: SearchConfig) -> _Context:
                             batches=[train_x[:256].to(torch.float32).cpu()])
     _CONTEXTS[key] = ctx
     return ctx
+
+
+def _timm_data_defaults(model: nn.Module) -> dict[str, Any]:
+    """mean/std/crop_pct/interpolation of a timm model's ``pretrained_cfg`` ({} for other models)."""
+    if not isinstance(getattr(model, "pretrained_cfg", None), dict):
+        return {}
+    try:
+        from timm.data import resolve_data_config
+
+        got = resolve_data_config({}, model=model)
+    except Exception:  # noqa: BLE001 - no timm or an odd cfg: the documented defaults apply
+        return {}
+    return {k: got.get(k) for k in ("mean", "std", "crop_pct", "interpolation") if got.get(k) is not None}
+
+
+def _stream_context(cfg: SearchConfig, loaded: Any, shape: tuple[int, ...], device: torch.device,
+                    dtype: torch.dtype) -> _Context:
+    """The context of a streamed data set (bnnshift.data.stream): DataLoader workers decode and
+    augment; probes, BN re-estimation and --val stream through the eval transform."""
+    from .data.stream import SeededBatchSampler, StreamOptions, eval_batches, make_loader, open_stream
+    from .parallel import dist_info
+    from .train import DefaultTrainer, StreamTrain
+
+    opts = StreamOptions(augment=cfg.augment, mean=cfg.mean, std=cfg.std, workers=cfg.workers)
+    src = open_stream(cfg.data, input_shape=shape, options=opts, download=cfg.download,
+                      train_limit=cfg.train_limit, val_limit=(cfg.val_limit if cfg.val else 0), seed=0,
+                      model_defaults=_timm_data_defaults(loaded.model))
+    if cfg.val and src.val is None:
+        raise DataError(f"data set {src.name} has no held-out split for --val",
+                        hint="use a data set with a test/val split (PATH/val), or drop --val")
+    workers, pin = src.options.num_workers(), device.type == "cuda"
+    n, bs = src.num_train, cfg.batch_size
+    per_sample = 4 * math.prod(src.input_shape)
+    probe_n = max(1, min(PROBE_SAMPLES, n, max(16, (64 << 20) // per_sample)))  # <= 64 MB of probes
+    probe = [src.train_eval[i] for i in range(probe_n)]
+    probe_x = torch.stack([x for x, _ in probe]).to(device=device, dtype=dtype)
+    probe_y = torch.tensor([y for _, y in probe], dtype=torch.int64, device=device)
+    _check_forward(loaded.model, probe_x[:2].float().cpu(), src)
+    info = dist_info()
+    sampler = SeededBatchSampler(n, bs, rank=info.rank, world=info.world)
+    loader = make_loader(src.train, sampler, workers=workers, pin_memory=pin)
+    channels_last = cfg.memory_format == "channels_last" or (
+        cfg.memory_format == "auto" and any(isinstance(m, nn.Conv2d) for m in loaded.model.modules()))
+    trainer = DefaultTrainer(cfg, probe_x, probe_y,
+                             channels_last=channels_last, stream=StreamTrain(loader, sampler, n),
+                             precision=cfg.precision)
+    h = hashlib.sha256()
+    h.update(json.dumps(cfg.hashed_fields(), sort_keys=True, default=str).encode())
+    h.update(f"|data={src.fingerprint()}|ckpt={loaded.checkpoint_sha256}|shape={shape}".encode())
+    rg = torch.Generator().manual_seed(12345)  # the in-memory path's BN re-estimation draws
+    recalib_idx = [i for _ in range(max(0, cfg.bn_recalib_batches)) for i in torch.randperm(n, generator=rg)[:bs].tolist()]
+    recalib = eval_batches(src.train_eval, recalib_idx, bs, device=device, dtype=dtype, workers=workers,
+                           pin_memory=pin, labels=False) if recalib_idx else []
+    val = None
+    if cfg.val and src.val is not None:
+        val = (eval_batches(src.val, list(range(src.num_val)), bs, device=device, dtype=dtype, workers=workers,
+                            pin_memory=pin), None)
+    ctx = _Context(model=None, sites=[], factory=lambda seed: _build(cfg, seed), trainer=trainer,
+                   config_hash=h.hexdigest()[:16], input_shape=shape, probe_x=probe_x, recalib_x=recalib,
+                   val=val, name=loaded.spec.canonical(), loaded=loaded)
+    ctx.sites = _find_sites(loaded.model, shape, hardtanh=cfg.hardtanh, name=ctx.name,
+                            batches=[probe_x[:256].to(torch.float32).cpu()])
+    return ctx
+
+
+def _build(cfg: SearchConfig, seed: int) -> nn.Module:
+    from .load import load_model
+
+    torch.manual_seed(seed)
+    return load_model(cfg.model, args=cfg.model_args, checkpoint=cfg.checkpoint, strict=cfg.strict).model
 
 
 def _check_forward(model: nn.Module, xb: torch.Tensor, bundle) -> None:
@@ -1301,7 +1398,12 @@ def search(cfg: SearchConfig, *, out_dir: str | Path | None = None, resume: bool
     ``start(shift, seed, i, n)``, ``step(done, total)``, ``end(result, i, n)``, ``skip(result, i, n)``.
     ``patch_out``: write the patched model with the winning shift (``bnnshift.patch``).
     Raises ``TrainingError`` (exit 1) after writing the report if every candidate failed.
+    Under ``torchrun`` every rank trains each candidate with DDP (:mod:`bnnshift.parallel`).
     """
+    from .parallel import launched_by_torchrun
+
+    if launched_by_torchrun():
+        return _search_ranks(cfg, out_dir=out_dir, resume=resume, force=force, progress=progress, patch_out=patch_out)
     ctx = _context(cfg)
     saved = (getattr(ctx.trainer, "compile_mode", None), getattr(ctx.trainer, "channels_last", False))
     try:
@@ -1325,6 +1427,58 @@ def search(cfg: SearchConfig, *, out_dir: str | Path | None = None, resume: bool
 
             summary.files = write_report(summary, summary.out_dir)
     _finish(summary, ctx, patch_out, force=force, cfg=cfg)
+    return summary
+
+
+def _search_ranks(cfg: SearchConfig, *, out_dir, resume: bool, force: bool, progress: Any,
+                  patch_out) -> SearchSummary:
+    """:func:`search` as one rank of a torchrun job: rank 0 writes the journal and the report; the
+    other ranks run the same loop on a private copy of rank 0's journal (same candidates skipped
+    on --resume) in a temporary directory; all ranks check they agree."""
+    import shutil
+    import tempfile
+
+    from .parallel import agree, barrier, broadcast_object, init_from_env
+
+    if cfg.schedule == "halving" and resume:
+        raise UsageError("--resume of a --schedule halving search under torchrun is not supported "
+                         "(paused states live on rank 0 only)", hint="resume it in one process, or use --schedule full")
+    info = init_from_env(cfg.device)
+    ctx = _context(cfg)
+    agree([[shift_key(v) for v in cfg.shifts], list(cfg.seeds), ctx.config_hash], "the candidates and the configuration")
+    # --compile auto: rank 0 measures and decides, every rank trains the same way
+    choice = _choose_step_path(ctx, cfg) if info.is_main else None
+    path = broadcast_object((choice.compile, choice.channels_last) if choice is not None else None)
+    if path is not None:
+        _set_path(ctx, "on" if path[0] else "off", path[1])
+    journal_text = None
+    if info.is_main and resume and out_dir is not None and (Path(out_dir) / JOURNAL_NAME).is_file():
+        journal_text = (Path(out_dir) / JOURNAL_NAME).read_text(encoding="utf-8", errors="replace")
+    journal_text = broadcast_object(journal_text)
+    tmp = None
+    my_out, my_patch = out_dir, patch_out
+    if not info.is_main:
+        tmp = Path(tempfile.mkdtemp(prefix=f"bnnshift-rank{info.rank}-"))
+        if out_dir is not None and journal_text:
+            (tmp / JOURNAL_NAME).write_text(journal_text, encoding="utf-8")
+        my_out, my_patch, progress = (tmp if out_dir is not None else None), None, None
+    try:
+        if cfg.schedule == "halving":
+            summary = _halving_loop(ctx, cfg, out_dir=my_out, resume=resume, force=force or not info.is_main,
+                                    progress=progress)
+        else:
+            summary = _loop(ctx, shifts=list(cfg.shifts), seeds=list(cfg.seeds), metric=cfg.metric,
+                            config=cfg.to_json(), out_dir=my_out, resume=resume, force=force or not info.is_main,
+                            progress=progress, train_one_epoch=None, step_progress_target=ctx.trainer)
+            summary.schedule = {"name": "full"}
+        agree([[shift_key(c.shift), c.seed, c.status, c.score] for c in summary.candidates], "the candidates' scores")
+        _finish(summary, ctx, my_patch, force=force, cfg=cfg)
+        barrier()
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    if not info.is_main:
+        summary.out_dir, summary.files = None, {}
     return summary
 
 

@@ -36,6 +36,8 @@ __all__ = [
     "DEFAULT_LR", "DEFAULT_BATCH_SIZE", "DEFAULT_OPTIMIZER", "DEFAULT_SGD_MOMENTUM", "LAST_PART",
     "TrainSetup", "TrainRun", "make_train_setup", "load_train_config", "StepRunner", "DefaultTrainer",
     "recalibrate_bn", "evaluate", "mix_seed", "set_threads", "StepPathChoice", "choose_step_path", "record_compile",
+    "StreamTrain", "PRECISIONS", "check_precision",
+    "autocast_dtype",
 ]
 
 # Measured (docs/search.md): Adam 1e-3, batch 256 trains the zoo BNNs on Fashion-MNIST
@@ -45,6 +47,27 @@ DEFAULT_LR = {"adam": 1e-3, "sgd": 0.05}
 DEFAULT_SGD_MOMENTUM = 0.9
 DEFAULT_BATCH_SIZE = 256
 LAST_PART = 0.25  # the score's second part: accuracy over the last 25% of the steps
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def check_precision(precision: str, device: torch.device | str, dtype: str = "float32") -> None:
+    """Raise UsageError (exit 2) for a precision this device cannot train in: fp16 needs CUDA
+    (CPU autocast to float16 has no GradScaler path and is slower than bf16), mixed precision
+    needs float32 weights."""
+    from .errors import UsageError
+
+    if precision not in PRECISIONS:
+        raise UsageError(f"unknown --precision {precision!r}", hint=f"use one of {', '.join(PRECISIONS)}")
+    dev = torch.device(device).type
+    if precision == "fp16" and dev != "cuda":
+        raise UsageError("--precision fp16 needs a CUDA device", hint="use --precision bf16 on CPU (or --device cuda)")
+    if precision != "fp32" and dtype != "float32":
+        raise UsageError(f"--precision {precision} needs --dtype float32 weights")
+
+
+def autocast_dtype(precision: str) -> torch.dtype | None:
+    """The ``torch.autocast`` dtype of a precision (None: fp32, no autocast)."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 
 
 def mix_seed(*parts: Any) -> int:
@@ -154,10 +177,14 @@ def make_train_setup(model: nn.Module, cfg: Any) -> TrainSetup:
 # ------------------------------------------------------------------------------ the step
 
 
-def _forward_loss(model: nn.Module, loss_fn: Callable):
+def _forward_loss(model: nn.Module, loss_fn: Callable, precision: str = "fp32", device_type: str = "cpu"):
+    amp = autocast_dtype(precision)
+
     def step(xb: torch.Tensor, yb: torch.Tensor):
-        logits = model(xb)
-        return loss_fn(logits, yb), logits
+        with torch.autocast(device_type, dtype=amp) if amp is not None else contextlib.nullcontext():
+            logits = model(xb)
+            loss = loss_fn(logits, yb)
+        return loss, logits
     return step
 
 
@@ -172,6 +199,8 @@ class StepRunner:
     model: nn.Module
     loss_fn: Callable
     compile: str = "auto"
+    precision: str = "fp32"  # forward + loss under torch.autocast (bf16, fp16) or not (fp32)
+    device_type: str = "cpu"
     compiled: bool = False
     compile_seconds: float | None = None
     compile_error: str | None = None
@@ -180,7 +209,7 @@ class StepRunner:
     _verified: bool = False
 
     def __post_init__(self):
-        self._eager = _forward_loss(self.model, self.loss_fn)
+        self._eager = _forward_loss(self.model, self.loss_fn, self.precision, self.device_type)
         self._fn = self._eager
         if self.compile in ("auto", "on", True):
             try:
@@ -199,21 +228,23 @@ class StepRunner:
     def verified(self) -> bool:
         return self._verified or not self.compiled
 
-    def first_call(self, xb, yb, restore: Callable[[], None]):
+    def first_call(self, xb, yb, restore: Callable[[], None], backward: Callable | None = None):
         """The first compiled forward+loss+backward: fall back to eager on any error.
 
         ``restore`` puts the model back to its state before the step (the failed attempt may
         have updated BN running statistics), so the fallback is bitwise the eager path.
+        ``backward(loss)`` (default ``loss.backward()``; a GradScaler's scaled backward for fp16).
         """
+        backward = backward or (lambda loss: loss.backward())
         t0 = time.perf_counter()
         try:
             loss, logits = self._fn(xb, yb)
-            loss.backward()
+            backward(loss)
         except Exception as exc:  # noqa: BLE001
             self._fail(exc)
             restore()
             loss, logits = self._eager(xb, yb)
-            loss.backward()
+            backward(loss)
         else:
             self.compile_seconds = time.perf_counter() - t0
         self._verified = True
@@ -352,20 +383,38 @@ from .recalibrate import recalibrate_bn  # noqa: E402
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1024) -> float:
-    """Top-1 accuracy in eval mode."""
+def evaluate(model: nn.Module, x: torch.Tensor | Iterable, y: torch.Tensor | None = None,
+             batch_size: int = 1024) -> float:
+    """Top-1 accuracy in eval mode on tensors ``x`` (N, ...) / ``y`` (N,), or, with ``y=None``, on
+    an iterable ``x`` of ``(xb, yb)`` batches (the streaming path's eval loader)."""
     was = model.training
     model.eval()
-    correct = 0
+    correct = seen = 0
     try:
-        for i in range(0, int(x.shape[0]), batch_size):
-            correct += int((model(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]).sum())
+        if y is None:
+            for xb, yb in x:
+                correct += int((model(xb).argmax(1) == yb).sum())
+                seen += int(yb.shape[0])
+        else:
+            for i in range(0, int(x.shape[0]), batch_size):
+                correct += int((model(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]).sum())
+            seen = int(x.shape[0])
     finally:
         model.train(was)
-    return correct / max(1, int(x.shape[0]))
+    return correct / max(1, seen)
 
 
 # ------------------------------------------------------------------------------ trainer
+
+
+@dataclass
+class StreamTrain:
+    """The streaming path's training batches: a DataLoader whose batch sampler
+    (:class:`bnnshift.data.stream.SeededBatchSampler`) is re-ordered per candidate."""
+
+    loader: Any
+    sampler: Any
+    num_train: int
 
 
 @dataclass
@@ -377,6 +426,13 @@ class DefaultTrainer:
     > 1 trains on: then ``epoch_train_acc`` has one value per epoch), ``last_acc``
     (last 25% of the steps), ``loss`` (mean), ``first_losses``, ``steps`` and, when a loss is
     NaN/inf, ``failed_step`` (1-based). ``progress(done, total)`` is called every few steps.
+
+    Batches come from ``train_x``/``train_y`` in memory, or from ``stream`` (then the result
+    also has ``batch_order_hash``: a hash of the augmented batches, ``BatchHasher``).
+    ``precision``: forward + loss under ``torch.autocast`` (bf16, fp16 with a GradScaler).
+    Under torchrun (``bnnshift.parallel``) the model is wrapped in DistributedDataParallel,
+    each rank trains on its shard of every global batch of ``cfg.batch_size``, the loss and
+    the accuracy counts are summed over ranks every step.
     """
 
     cfg: Any
@@ -388,9 +444,16 @@ class DefaultTrainer:
     compile_mode: str | None = None  # set by --compile auto's decision ('on'/'off'); None: cfg.compile
     step_clock: list = field(default_factory=lambda: [0, 0.0])  # steps, seconds after each runner's first step
     record_curve: bool = False  # benchmarks: keep the first epoch's cumulative correct count per step
+    stream: StreamTrain | None = None
+    precision: str = "fp32"
+    ddp: dict = field(default_factory=dict)
+
+    @property
+    def num_train(self) -> int:
+        return self.stream.num_train if self.stream is not None else int(self.train_x.shape[0])
 
     def num_steps(self) -> int:
-        n = int(self.train_x.shape[0]) // self.cfg.batch_size
+        n = self.num_train // self.cfg.batch_size
         if self.cfg.steps:
             return int(self.cfg.steps)
         return n * max(1, int(self.cfg.epochs))
@@ -400,9 +463,44 @@ class DefaultTrainer:
         key = (id(model), loss_fn, mode)
         r = self.runners.get(key)
         if r is None:
-            r = StepRunner(model, loss_fn, compile=mode)
+            r = StepRunner(model, loss_fn, compile=mode, precision=self.precision,
+                           device_type=self.train_x.device.type)
             self.runners[key] = r
         return r
+
+    def _wrap(self, model: nn.Module) -> nn.Module:
+        """The DDP wrapper of ``model`` under torchrun (one per model object, reused)."""
+        from .parallel import dist_info, wrap_ddp
+
+        if not dist_info().active:
+            return model
+        w = self.ddp.get(id(model))
+        if w is None or w.module is not model:
+            w = self.ddp[id(model)] = wrap_ddp(model, self.train_x.device)
+        return w
+
+    def _batches(self, run: "TrainRun", until: int):
+        """(xb, yb) of steps ``run.step .. until - 1`` on the training device: this rank's shard
+        of each global batch (the augmented batches are hashed into ``run.hasher``)."""
+        from .parallel import dist_info
+
+        info = dist_info()
+        if self.stream is not None:
+            dev, dt = self.train_x.device, self.train_x.dtype
+            self.stream.sampler.set_order(run.seed, steps=run.total, start=run.step, stop=until)
+            for xb, yb in self.stream.loader:
+                if run.hasher is not None:
+                    run.hasher.update(xb, yb)
+                yield xb.to(device=dev, dtype=dt, non_blocking=True), yb.to(dev, non_blocking=True)
+            return
+        from .data import iterate_batches
+
+        batches = itertools.islice(iterate_batches(self.train_x, self.train_y, self.cfg.batch_size, seed=run.seed,
+                                                   steps=run.total), run.step, until)
+        for xb, yb in batches:
+            if info.active:
+                xb, yb = xb[info.rank::info.world], yb[info.rank::info.world]
+            yield xb, yb
 
     def __call__(self, model: nn.Module, *, seed: int, shift: float) -> dict[str, Any]:
         run = self.start(model, seed=seed, shift=shift)
@@ -413,29 +511,44 @@ class DefaultTrainer:
 
     def start(self, model: nn.Module, *, seed: int, shift: float) -> "TrainRun":
         """A fresh run of one candidate at step 0 (optimizer built, dropout stream seeded)."""
+        from .data.stream import BatchHasher
+        from .parallel import dist_info
+
+        world = dist_info().world
+        if world > 1 and self.cfg.batch_size % world:
+            raise TrainingError(f"--batch-size {self.cfg.batch_size} is not divisible by the {world} processes",
+                                hint=f"use a multiple of {world}")
         setup = make_train_setup(model, self.cfg)
         total = self.num_steps()
-        per_epoch = total if self.cfg.steps else max(1, int(self.train_x.shape[0]) // self.cfg.batch_size)
+        per_epoch = total if self.cfg.steps else max(1, self.num_train // self.cfg.batch_size)
         torch.manual_seed(mix_seed(seed, "train"))  # dropout etc.: same stream for every t
         return TrainRun(seed=int(seed), shift=float(shift), total=total, per_epoch=per_epoch,
-                        last_from=total - max(1, int(round(total * LAST_PART))), setup=setup)
+                        last_from=total - max(1, int(round(total * LAST_PART))), setup=setup,
+                        scaler=self._scaler(),
+                        hasher=BatchHasher(self.num_train, self.cfg.batch_size) if self.stream is not None else None)
+
+    def _scaler(self):
+        return torch.amp.GradScaler(self.train_x.device.type) if self.precision == "fp16" else None
 
     def advance(self, run: "TrainRun", model: nn.Module, until: int) -> dict[str, Any] | None:
         """Train steps ``run.step .. until - 1`` in the seed's batch order (the data position is
         ``run.step``). Returns None, or the failure dict on a NaN/inf loss."""
-        from .data import iterate_batches
+        from .parallel import all_reduce_, dist_info, sync_buffers
 
-        cfg = self.cfg
+        info = dist_info()
         setup = run.setup
-        runner = self.runner(model, setup.loss_fn)
+        runner = self.runner(self._wrap(model), setup.loss_fn)
         total = run.total
         until = min(int(until), total)
         model.train()
         opt = setup.optimizer
+        scaler = run.scaler
+
+        def backward(loss: torch.Tensor) -> None:
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+
         every = max(1, total // 50)
-        batches = itertools.islice(iterate_batches(self.train_x, self.train_y, cfg.batch_size, seed=run.seed,
-                                                   steps=total), run.step, until)
-        for i, (xb, yb) in enumerate(batches, start=run.step):
+        for i, (xb, yb) in enumerate(self._batches(run, until), start=run.step):
             opt.zero_grad(set_to_none=True)
             if self.channels_last and xb.dim() == 4:
                 xb = xb.contiguous(memory_format=torch.channels_last)
@@ -447,11 +560,18 @@ class DefaultTrainer:
                     model.load_state_dict(snapshot)
                     opt.zero_grad(set_to_none=True)
 
-                loss, logits = runner.first_call(xb, yb, restore)
+                loss, logits = runner.first_call(xb, yb, restore, backward)
             else:
                 loss, logits = runner(xb, yb)
-                loss.backward()
-            lv = float(loss.detach())
+                backward(loss)
+            hit_t = (logits.detach().argmax(1) == yb).sum()
+            if info.active:  # the global batch: mean loss, summed hits; NaN on any rank stops every rank
+                g = all_reduce_(torch.stack([loss.detach().double(), hit_t.double(),
+                                             torch.tensor(float(yb.shape[0]), dtype=torch.float64,
+                                                          device=hit_t.device)]))
+                lv, hit, n = float(g[0]) / info.world, int(g[1]), int(g[2])
+            else:
+                lv, hit, n = float(loss.detach()), int(hit_t), int(yb.shape[0])
             if not math.isfinite(lv):
                 run.step = i + 1
                 return {"failed_step": i + 1, "error": f"loss is {lv} at step {i + 1}", "steps": i + 1,
@@ -459,14 +579,16 @@ class DefaultTrainer:
                         "compile_seconds": runner.compile_seconds, "compile_error": runner.compile_error}
             if len(run.first_losses) < 3:
                 run.first_losses.append(lv)
-            opt.step()
+            if scaler is not None:
+                scaler.step(opt)
+                scaler.update()
+            else:
+                opt.step()
             if timed:
                 self.step_clock[0] += 1
                 self.step_clock[1] += time.perf_counter() - t0
             if setup.scheduler is not None:
                 setup.scheduler.step()
-            hit = int((logits.detach().argmax(1) == yb).sum())
-            n = int(yb.shape[0])
             run.correct += hit
             run.seen += n
             if i % run.per_epoch == 0:
@@ -485,6 +607,7 @@ class DefaultTrainer:
                 self.progress(i + 1, total)
         run.compiled, run.compile_seconds, run.compile_error = (runner.compiled, runner.compile_seconds,
                                                                 runner.compile_error)
+        sync_buffers(model)  # rank 0's BN statistics everywhere: probes and pauses agree
         return None
 
     def result(self, run: "TrainRun") -> dict[str, Any]:
@@ -492,12 +615,15 @@ class DefaultTrainer:
         if run.seen == 0:
             raise TrainingError("no training step ran", hint="use more data or a smaller --batch-size")
         epoch_acc = [h / max(1, n) for h, n in zip(run.epoch_hits, run.epoch_seen)]
-        return {"train_acc": epoch_acc[0] if len(epoch_acc) > 1 else run.correct / run.seen,
-                "epoch_train_acc": epoch_acc,
-                "last_acc": run.last_correct / max(1, run.last_seen),
-                "loss": run.loss_sum / run.step, "first_losses": list(run.first_losses), "steps": run.step,
-                "compiled": run.compiled, "compile_seconds": run.compile_seconds,
-                "compile_error": run.compile_error, **({"correct_curve": list(run.curve)} if run.curve else {})}
+        out = {"train_acc": epoch_acc[0] if len(epoch_acc) > 1 else run.correct / run.seen,
+               "epoch_train_acc": epoch_acc,
+               "last_acc": run.last_correct / max(1, run.last_seen),
+               "loss": run.loss_sum / run.step, "first_losses": list(run.first_losses), "steps": run.step,
+               "compiled": run.compiled, "compile_seconds": run.compile_seconds,
+               "compile_error": run.compile_error, **({"correct_curve": list(run.curve)} if run.curve else {})}
+        if run.hasher is not None:  # streaming: the hash of the augmented batches this run saw
+            out["batch_order_hash"] = run.hasher.hexdigest()
+        return out
 
     def partial(self, run: "TrainRun") -> dict[str, Any]:
         """The score so far at a rung: train accuracy accumulated over the steps done (within the
@@ -525,7 +651,8 @@ class DefaultTrainer:
         sched = run.setup.scheduler
         state = {"model": cpu(model.state_dict()), "optimizer": cpu(run.setup.optimizer.state_dict()),
                  "scheduler": cpu(sched.state_dict()) if sched is not None and hasattr(sched, "state_dict") else None,
-                 "rng": torch.get_rng_state(), "run": run.counters()}
+                 "rng": torch.get_rng_state(), "run": run.counters(),
+                 "scaler": run.scaler.state_dict() if run.scaler is not None else None}
         if self.train_x.device.type == "cuda":
             state["cuda_rng"] = torch.cuda.get_rng_state(self.train_x.device)
         return state
@@ -543,7 +670,12 @@ class DefaultTrainer:
         torch.set_rng_state(state["rng"])
         if state.get("cuda_rng") is not None:
             torch.cuda.set_rng_state(state["cuda_rng"], self.train_x.device)
-        return TrainRun.from_counters(state["run"], setup)
+        run = TrainRun.from_counters(state["run"], setup)
+        run.scaler = self._scaler()
+        if run.scaler is not None and state.get("scaler"):
+            run.scaler.load_state_dict(state["scaler"])
+        # a streamed run continued from a snapshot has no hash of its earlier batches
+        return run
 
 
 @dataclass
@@ -571,6 +703,8 @@ class TrainRun:
     compiled: bool | None = None
     compile_seconds: float | None = None
     compile_error: str | None = None
+    scaler: Any = None  # torch.amp.GradScaler for fp16
+    hasher: Any = None  # streaming: BatchHasher over the batches trained so far
 
     _COUNTERS = ("seed", "shift", "total", "per_epoch", "last_from", "step", "correct", "seen", "last_correct",
                  "last_seen", "loss_sum", "first_losses", "epoch_hits", "epoch_seen", "curve")

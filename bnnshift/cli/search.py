@@ -99,7 +99,20 @@ def search_command(
                                  help="auto (compile only when the expected steps pay back the measured compile "
                                       "time, else eager; the reason is in the report), on or off."),
     no_compile: bool = typer.Option(False, "--no-compile", help="Eager training step (same as --compile off)."),
-    device: str = typer.Option("cpu", "--device", help="cpu, cuda or auto."),
+    device: str = typer.Option("auto", "--device", help="cpu, cuda, cuda:N or auto (CUDA when available; "
+                                                        "cuda:LOCAL_RANK under torchrun)."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32, bf16 or fp16 (torch.autocast; fp16 needs "
+                                                               "CUDA and uses a GradScaler)."),
+    augment: str = typer.Option("none", "--augment", help="Train augmentation: imagenet (random resized crop + "
+                                                           "flip), cifar (pad-4 crop + flip) or none. Streams."),
+    stream: str = typer.Option("auto", "--stream", help="auto (stream with --augment or image folders too big "
+                                                         "for memory), on, off (load into memory)."),
+    workers: Optional[int] = typer.Option(None, "--workers", min=0, help="DataLoader worker processes when "
+                                                                        "streaming (default min(4, CPUs))."),
+    mean: Optional[str] = typer.Option(None, "--mean", help="Per-channel normalisation mean in [0,1] pixel "
+                                                            "units, e.g. 0.485,0.456,0.406 (streaming path)."),
+    std: Optional[str] = typer.Option(None, "--std", help="Per-channel normalisation std, e.g. "
+                                                          "0.229,0.224,0.225 (with --mean)."),
     memory_format: str = typer.Option("auto", "--memory-format",
                                       help="auto (channels_last for conv models), channels_last or contiguous."),
     dtype: str = typer.Option("float32", "--dtype", help="float32 or float64."),
@@ -122,9 +135,13 @@ def search_command(
     """
     from ..errors import BnnshiftError, UsageError
     from ..load import parse_arg_pairs
+    from ..parallel import launched_by_torchrun
     from ..search import SearchConfig, parse_seeds, parse_shifts, search
 
-    out = Output(json_mode=json_, quiet=quiet)
+    import os
+
+    follower = launched_by_torchrun() and int(os.environ.get("RANK", "0")) != 0
+    out = Output(json_mode=json_, quiet=quiet or follower)  # under torchrun rank 0 alone reports
     shape = None
     if input_shape:
         from ..scan import resolve_input_shape
@@ -138,7 +155,8 @@ def search_command(
         device=device, compile="off" if no_compile else compile_, dtype=dtype,
         memory_format=memory_format, train_limit=train_limit,
         val_limit=val_limit, metric=metric, download=download, strict=not non_strict,
-        schedule=schedule, eta=eta, min_fraction=min_fraction)
+        schedule=schedule, eta=eta, min_fraction=min_fraction,
+        augment=augment, stream=stream, workers=workers, mean=mean, std=std, precision=precision)
     if (storage is None) != (study is None):
         raise UsageError("--storage and --study go together")
     if storage is not None:
@@ -168,7 +186,8 @@ def search_command(
             summary = search(cfg, out_dir=out_dir, resume=resume, force=force, progress=prog, patch_out=patch_out)
         except BnnshiftError:
             raise
-    _print_summary(summary, out)
+    if not follower:
+        _print_summary(summary, out)
 
 
 def _print_summary(summary, out: Output) -> None:

@@ -9,6 +9,24 @@ from ..errors import DataError
 from .bundle import NORMALISATION, DataBundle, _atomic_extract, _normalise_uint8, _source_key, _subset_indices, data_cache_dir
 
 def _load_cifar(kind: str, root_arg: str | None, download: bool, train_limit, val_limit, seed) -> DataBundle:
+    tx, ty, vx, vy, name = read_cifar_uint8(kind, root_arg, download, train_limit, val_limit, seed)
+    mean, std = NORMALISATION[kind]
+    return DataBundle(
+        train_x=_normalise_uint8(tx, mean, std),
+        train_y=ty,
+        val_x=None if vx is None else _normalise_uint8(vx, mean, std),
+        val_y=vy,
+        input_shape=(3, int(tx.shape[2]), int(tx.shape[3])),
+        num_classes=10 if kind == "cifar10" else 100,
+        name=name,
+        mean=mean,
+        std=std,
+    )
+
+
+def read_cifar_uint8(kind: str, root_arg: str | None, download: bool, train_limit, val_limit, seed):
+    """The raw images: ``(train_x, train_y, val_x, val_y, name)``, x uint8 (N, 3, 32, 32), y int64 (N,);
+    val is None with ``val_limit=0``."""
     from torchvision.datasets import CIFAR10, CIFAR100
 
     cls = CIFAR10 if kind == "cifar10" else CIFAR100
@@ -45,7 +63,6 @@ def _load_cifar(kind: str, root_arg: str | None, download: bool, train_limit, va
         x = torch.as_tensor(ds.data)  # uint8 (N, H, W, 3)
         return x.permute(0, 3, 1, 2).contiguous(), torch.as_tensor(ds.targets, dtype=torch.int64)
 
-    mean, std = NORMALISATION[kind]
     tx, ty = load(True)
     ti = _subset_indices(tx.shape[0], train_limit, seed, 1)
     if ti is not None:
@@ -56,14 +73,4 @@ def _load_cifar(kind: str, root_arg: str | None, download: bool, train_limit, va
         vi = _subset_indices(vx.shape[0], val_limit, seed, 2)
         if vi is not None:
             vx, vy = vx[vi], vy[vi]
-    return DataBundle(
-        train_x=_normalise_uint8(tx, mean, std),
-        train_y=ty,
-        val_x=None if vx is None else _normalise_uint8(vx, mean, std),
-        val_y=vy,
-        input_shape=(3, int(tx.shape[2]), int(tx.shape[3])),
-        num_classes=10 if kind == "cifar10" else 100,
-        name=name,
-        mean=mean,
-        std=std,
-    )
+    return tx, ty, vx, vy, name

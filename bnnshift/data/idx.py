@@ -46,6 +46,24 @@ def _locate_idx(kind: str, root: Path, download: bool) -> tuple[str, Path | None
 
 
 def _load_idx(kind: str, root_arg: str | None, download: bool, train_limit, val_limit, seed) -> DataBundle:
+    tx, ty, vx, vy, name = read_idx_uint8(kind, root_arg, download, train_limit, val_limit, seed)
+    mean, std = NORMALISATION[kind]
+    return DataBundle(
+        train_x=_normalise_uint8(tx, mean, std),
+        train_y=ty,
+        val_x=None if vx is None else _normalise_uint8(vx, mean, std),
+        val_y=vy,
+        input_shape=(1, int(tx.shape[2]), int(tx.shape[3])),
+        num_classes=10,
+        name=name,
+        mean=mean,
+        std=std,
+    )
+
+
+def read_idx_uint8(kind: str, root_arg: str | None, download: bool, train_limit, val_limit, seed):
+    """The raw images: ``(train_x, train_y, val_x, val_y, name)``, x uint8 (N, 1, H, W), y int64 (N,);
+    val is None with ``val_limit=0``. Subsets as :func:`bnnshift.data.load_data`."""
     from torchvision.datasets import MNIST, FashionMNIST
     from torchvision.datasets.mnist import read_image_file, read_label_file
 
@@ -97,7 +115,6 @@ def _load_idx(kind: str, root_arg: str | None, download: bool, train_limit, val_
             )
         return x, y.to(torch.int64)
 
-    mean, std = NORMALISATION[kind]
     tx, ty = load(True)
     vx, vy = load(False)
     ti = _subset_indices(tx.shape[0], train_limit, seed, 1)
@@ -108,15 +125,6 @@ def _load_idx(kind: str, root_arg: str | None, download: bool, train_limit, val_
         vx, vy = vx[vi], vy[vi]
     if ty.numel() and (int(ty.min()) < 0 or int(ty.max()) > 9):
         raise DataError(f"corrupt {kind} labels under {where}: values outside 0..9")
-    h, w = int(tx.shape[1]), int(tx.shape[2])
-    return DataBundle(
-        train_x=_normalise_uint8(tx.unsqueeze(1), mean, std),
-        train_y=ty,
-        val_x=None if val_limit == 0 else _normalise_uint8(vx.unsqueeze(1), mean, std),
-        val_y=None if val_limit == 0 else vy,
-        input_shape=(1, h, w),
-        num_classes=10,
-        name=name,
-        mean=mean,
-        std=std,
-    )
+    if val_limit == 0:
+        return tx.unsqueeze(1), ty, None, None, name
+    return tx.unsqueeze(1), ty, vx.unsqueeze(1), vy, name
