@@ -62,6 +62,7 @@ IN_MEMORY_LIMIT_BYTES = 2 << 30
 STATS_SAMPLES = 256
 HASH_VALUES = 4096  # values of each augmented batch that go into the batch hash
 IMAGENET_CROP_PCT = 0.875
+EVAL_WORKERS_FROM = 4096  # eval passes over fewer samples decode in the training process
 
 
 @dataclass
@@ -491,8 +492,10 @@ class eval_batches:  # noqa: N801 - used like a function returning a re-iterable
         return -(-len(self.indices) // self.batch_size)
 
     def __iter__(self):
+        # starting worker processes costs more than decoding a few thousand images in place
+        workers = self.workers if len(self.indices) >= EVAL_WORKERS_FROM else 0
         loader = make_loader(self.dataset, _SequentialBatches(self.indices, self.batch_size),
-                             workers=self.workers, pin_memory=self.pin, persistent=False)
+                             workers=workers, pin_memory=self.pin, persistent=False)
         for xb, yb in loader:
             xb = xb.to(device=self.device, dtype=self.dtype, non_blocking=True)
             yield (xb, yb.to(self.device, non_blocking=True)) if self.labels else xb
