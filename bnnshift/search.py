@@ -173,6 +173,7 @@ class SearchConfig:
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
     precision: str = "fp32"
+
     # fields that do not change a score (or are the candidate itself); the schedule decides
     # which candidates train how far, not what a candidate scores after n steps
     _NOT_HASHED = ("shifts", "seeds", "device", "compile", "memory_format", "schedule", "eta", "min_fraction",
