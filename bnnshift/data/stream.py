@@ -12,7 +12,7 @@ Common random numbers (paper claim 5: only ``t`` differs between candidates):
   path's, a pure function of (n, batch size, seed, epoch);
 * every sample's augmentation draws come from its own seed ``mix(seed, step, index)``, set on
   the torch RNG around its transform, so they do not depend on which worker decoded it, on the
-  number of workers or on the global RNG (``torch.random.fork_rng`` restores it);
+  number of workers or on the global RNG (its state is restored after each sample);
 * :class:`BatchHasher` hashes the indices, the labels and 4,096 evenly spaced values of every
   augmented batch that reaches the model: the candidate's ``batch_order_hash``. Equal hashes
   mean equal images, order and augmentation.
@@ -183,9 +183,15 @@ class _Transformed(torch.utils.data.Dataset):
         img, label = self.images.load(int(i))
         if sample_seed is None:
             return self.transform(img), label
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(sample_seed))
+        # the CPU generator only: torch.manual_seed would also queue a lazy CUDA seeding with a
+        # stack trace per call (a third of the per-sample time)
+        gen = torch.default_generator
+        saved = gen.get_state()
+        gen.manual_seed(int(sample_seed))
+        try:
             return self.transform(img), label
+        finally:
+            gen.set_state(saved)
 
 
 @dataclass
