@@ -127,7 +127,7 @@ def bench_memory(sizes: list[int], steps: int, tmp: Path) -> list[dict]:
         cmd = [sys.executable, "-m", "bnnshift", "search", f"{model}:tiny", "--input-shape", "3,8,8",
                "--data", f"imagefolder:{folder}", "--stream", "on", "--augment", "cifar", "--workers", "2",
                "--shifts", "0,0.5", "--batch-size", "256", "--steps", str(steps), "--no-compile", "--device", "cpu",
-               "--json"]
+               "--bn-recalib-batches", "2", "--json"]
         own, tree, secs, _ = run_measured(cmd)
         rows.append({"images": n, "own_peak_mb": own / 2**20, "tree_peak_mb": tree / 2**20, "seconds": secs,
                      "write_seconds": made})
