@@ -107,7 +107,10 @@ def scan_model(model: nn.Module, input_shape: Iterable[int], *, name: str = "mod
     if disc.hardtanh_sites:
         probe_sites(work, disc.hardtanh_sites, probe_batches[:1])
     summary = model_summary(work, input_shape, disc.binary_params, set())
-    return ScanReport(model=name, input_shape=input_shape, sites=sites, weight_binarizers=disc.weight_binarizers,
+    from .summary import layer_summary
+
+    layers = layer_summary(work, example_input(input_shape, batch=1), disc.binary_params)
+    return ScanReport(layer_summary=layers, model=name, input_shape=input_shape, sites=sites, weight_binarizers=disc.weight_binarizers,
                       leaves=disc.trace.leaves if disc.trace is not None else [],
                       leaf_errors=disc.trace.failures if disc.trace is not None else {},
                       traced=disc.trace is not None, hardtanh_sites=disc.hardtanh_sites, summary=summary,

@@ -86,6 +86,7 @@ class ScanReport:
     warnings: list[str] = field(default_factory=list)
     data: str | None = None
     inplace_writes: list[str] = field(default_factory=list)  # parameters the model's forward assigns in place
+    layer_summary: dict[str, Any] = field(default_factory=dict)  # summary.layer_summary: per-layer rows + totals
 
     @property
     def num_sites(self) -> int:

@@ -211,3 +211,61 @@ def test_json_stays_pure_json_when_user_code_prints(tmp_path, factory):
                          "-o", tmp_path / f"out_{factory}", "--json")
     assert code == 0, err
     assert len(json.loads(out)["sites"]) == 1
+
+
+# ------------------------------------------------------------------------------ readable at 100 columns
+
+
+def _render_100(fn, report) -> str:
+    import io
+
+    from rich.console import Console
+
+    from bnnshift.cli._output import Output
+
+    o = Output()
+    buf = io.StringIO()
+    o.out = Console(file=buf, width=100, force_terminal=False, highlight=False, soft_wrap=True)
+    fn(report, o)
+    return buf.getvalue()
+
+
+def test_scan_table_fits_100_columns_without_breaking_words():
+    from bnnshift.cli.scan import render_layer_summary, render_report
+    from bnnshift.scan import scan_model
+    from conftest import zoo_small
+
+    model, shape = zoo_small("xnor-resnet18")
+    report = scan_model(model, shape, name="zoo:xnor-resnet18")
+    text = _render_100(render_report, report)
+    lines = text.splitlines()
+    assert max(len(line) for line in lines) <= 100, text
+    for s in report.sites:  # each name whole on one line: the name --site takes
+        assert any(s.name in line.split() for line in lines), s.name
+    assert "\u2026" not in text  # nothing cut short
+    advice = {a for s in report.sites for a in s.advice}
+    for i, a in enumerate(sorted(advice, key=lambda a: text.index(a)), 1):
+        assert f"[{i}] {a}"[:60] in text.replace("\n", " ")
+    header = next(line for line in lines if line.split()[:2] == ["site", "kind"])
+    assert "pool" in header and "+1 share" not in header  # no data: the +1 share column is dropped, pool is not
+
+    summary = _render_100(render_layer_summary, report)
+    assert max(len(line) for line in summary.splitlines()) <= 100 and "\u2026" not in summary
+    longest = max((r["layer"] for r in report.layer_summary["layers"]), key=len)
+    assert longest in summary and "compression" in summary
+
+
+def test_scan_summary_json_totals(model_file):
+    code, out, err = run("scan", f"{model_file}:Net", "--input-shape", "12", "--summary", "--json")
+    assert code == 0, err
+    payload = json.loads(out)
+    jsonschema.validate(payload, SCHEMA)
+    ls = payload["layer_summary"]
+    rows = {r["layer"]: r for r in ls["layers"]}
+    assert rows["fc1"]["params_32bit"] == 12 * 16 + 16 and rows["fc1"]["output_shape"] == [16]
+    assert rows["fc1"]["float_macs"] == 12 * 16 and rows["fc2"]["float_macs"] == 16 * 3
+    t = ls["totals"]
+    assert t["params_32bit"] == sum(r["params_32bit"] for r in ls["layers"]) == payload["summary"]["params"]
+    assert t["memory_fp32_bytes"] == 4 * payload["summary"]["params"]
+    code, out, _ = run("scan", f"{model_file}:Net", "--input-shape", "12", "--json")
+    assert "layer_summary" not in json.loads(out)

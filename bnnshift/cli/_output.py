@@ -46,6 +46,11 @@ class Output:
         if not (self.json_mode or self.quiet):
             self.out.print(table)
 
+    def text(self, msg: str) -> None:
+        """A human paragraph on stdout (not in json mode), wrapped at word boundaries."""
+        if not (self.json_mode or self.quiet):
+            self.out.print(msg, soft_wrap=False, overflow="fold")
+
     def result(self, payload: dict[str, Any], human: str | None = None) -> None:
         if self.json_mode:
             sys.stdout = self._stdout
