@@ -249,3 +249,32 @@ def test_torchrun_two_processes_gloo(tmp_path):
         assert a["shift"] == b["shift"] and a["batch_order_hash"] == b["batch_order_hash"]
         assert a["init_hash"] == b["init_hash"]
         assert abs(a["score"] - b["score"]) <= 0.01, (a["score"], b["score"])
+
+
+def test_idx_streams_uint8_with_the_in_memory_normalisation(tmp_path, monkeypatch):
+    """mnist:ROOT streamed: the same images and constants as in memory; --augment none equals
+    the in-memory tensors, and the in-memory path refuses nothing it used to load."""
+    import struct
+
+    from bnnshift.data import NORMALISATION, load_data
+
+    monkeypatch.setenv("BNNSHIFT_CACHE", str(tmp_path / "cache"))
+    g = torch.Generator().manual_seed(1)
+    blobs = {"train": (torch.randint(0, 256, (40, 8, 8), generator=g), torch.arange(40) % 10),
+             "t10k": (torch.randint(0, 256, (20, 8, 8), generator=g), torch.arange(20) % 10)}
+    for prefix, (x, y) in blobs.items():
+        (tmp_path / f"{prefix}-images-idx3-ubyte").write_bytes(
+            struct.pack(">IIII", 0x0803, x.shape[0], 8, 8) + x.to(torch.uint8).numpy().tobytes())
+        (tmp_path / f"{prefix}-labels-idx1-ubyte").write_bytes(
+            struct.pack(">II", 0x0801, y.shape[0]) + y.to(torch.uint8).numpy().tobytes())
+    mem = load_data(f"mnist:{tmp_path}")
+    src = open_stream(f"mnist:{tmp_path}", options=StreamOptions(augment="none"))
+    assert src.input_shape == (1, 8, 8) and src.num_train == 40 and src.num_val == 20
+    assert (src.mean, src.std) == NORMALISATION["mnist"]
+    for i in (0, 7, 39):
+        x, y = src.train[(i, 123)]
+        assert y == int(mem.train_y[i]) and torch.allclose(x, mem.train_x[i], atol=1e-5)
+    aug = open_stream(f"mnist:{tmp_path}", options=StreamOptions(augment="cifar"))
+    xs = [aug.train[(0, s)][0] for s in range(12)]
+    assert any(not torch.allclose(x, mem.train_x[0], atol=1e-5) for x in xs)  # crops/flips happen
+    assert all(x.shape == (1, 8, 8) for x in xs)
