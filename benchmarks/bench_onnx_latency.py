@@ -52,7 +52,7 @@ def main(argv=None) -> int:
             pat = copy.deepcopy(orig)
             patch_model(pat, rep, a.shift)
             fol = copy.deepcopy(pat)
-            fr = fold_shifts(fol)
+            fr = fold_shifts(fol, shape)
             sessions, nodes = [], []
             try:
                 for tag, m in (("orig", orig), ("unfolded", pat), ("folded", fol)):

@@ -8,6 +8,7 @@ whether a shift can be *folded* into an existing parameter.
 """
 from __future__ import annotations
 
+import copy
 import operator
 from typing import Any
 
@@ -15,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .detect import Discovery, is_weight_layer
-from .sites import APPLY_PRE_HOOK, APPLY_PRODUCER, KIND_INPUT, KIND_MODULE, Site
+from .detect import Discovery, _closure, activation_nodes, is_weight_layer, node_scope
+from .sites import APPLY_OP, APPLY_PRE_HOOK, APPLY_PRODUCER, KIND_INPUT, KIND_MODULE, Site
 
 _TRANSPARENT_METHODS = {"view", "reshape", "flatten", "contiguous", "clone", "float", "to", "type_as", "squeeze",
                         "unsqueeze", "detach"}
@@ -28,6 +29,74 @@ _POOL_FUNCS = {F.max_pool1d: "MaxPool", F.max_pool2d: "MaxPool", F.adaptive_max_
                F.avg_pool1d: "AvgPool", F.avg_pool2d: "AvgPool", F.adaptive_avg_pool2d: "AvgPool"}
 _WEIGHT_FUNCS = {F.conv1d, F.conv2d, F.conv3d, F.linear, torch.conv2d, torch.matmul}
 _ADD = {operator.add, operator.iadd, torch.add}
+_SUB = {operator.sub, operator.isub, torch.sub}
+# ops that give a parameter's own values another shape or dtype (never change them)
+_RESHAPE_METHODS = {"view", "reshape", "expand", "expand_as", "unsqueeze", "squeeze", "contiguous", "float",
+                    "to", "type_as", "view_as", "reshape_as", "clone", "detach", "double", "half"}
+_RESHAPE_FUNCS = {torch.reshape, torch.unsqueeze, torch.squeeze, torch.clone}
+# methods whose second argument is read for its shape / dtype only
+_SHAPE_ARG_METHODS = {"expand_as", "view_as", "reshape_as", "type_as"}
+_SHAPE_READS = {"size", "dim", "numel", "shape", "dtype", "device"}
+
+
+def _param_source(node: Any) -> str | None:
+    """The ``get_attr`` target when ``node`` is one parameter/buffer, reshaped or broadcast only."""
+    cur = node
+    for _ in range(8):
+        if not isinstance(cur, fx.Node):
+            return None
+        if cur.op == "get_attr":
+            return str(cur.target)
+        if (cur.op == "call_method" and cur.target in _RESHAPE_METHODS) or \
+                (cur.op == "call_function" and cur.target in _RESHAPE_FUNCS):
+            cur = cur.args[0] if cur.args else None
+            continue
+        return None
+    return None
+
+
+def _param_owner(target: str) -> str | None:
+    return target.rpartition(".")[0] or None
+
+
+def _bias_add(node: fx.Node) -> tuple[fx.Node, str, int] | None:
+    """(activation operand, parameter target, +1 for ``x + b`` / -1 for ``x - b``) when ``node``
+    adds one parameter (any spelling: ``x + b``, ``b + x``, ``x + b.expand_as(x)``, ``x - b``,
+    ``torch.add``, ``x.add(b)``) to a value that is not itself a parameter; else None."""
+    if node.op == "call_function" and (node.target in _ADD or node.target is torch.Tensor.add):
+        sign = +1
+    elif node.op == "call_method" and node.target in ("add", "add_", "__add__", "__radd__"):
+        sign = +1
+    elif node.op == "call_function" and (node.target in _SUB or node.target is torch.Tensor.sub):
+        sign = -1
+    elif node.op == "call_method" and node.target in ("sub", "sub_", "__sub__"):
+        sign = -1
+    else:
+        return None
+    if len(node.args) < 2 or node.kwargs.get("alpha", 1) != 1:
+        return None
+    a, b = node.args[0], node.args[1]
+    pa, pb = _param_source(a), _param_source(b)
+    if isinstance(a, fx.Node) and pa is None and pb is not None:
+        return a, pb, sign
+    if sign > 0 and isinstance(b, fx.Node) and pb is None and pa is not None:
+        return b, pa, sign
+    return None
+
+
+def _value_users(node: fx.Node) -> set[fx.Node]:
+    """Users that read ``node``'s values (not only its shape: ``b.expand_as(node)``, ``node.size()``)."""
+    out = set()
+    for u in node.users:
+        if u.op == "call_method" and u.target in _SHAPE_READS:
+            continue
+        if u.op == "call_function" and u.target is getattr and len(u.args) > 1 and u.args[1] in _SHAPE_READS:
+            continue
+        if u.op == "call_method" and u.target in _SHAPE_ARG_METHODS and u.args and u.args[0] is not node \
+                and node not in u.args[:1]:
+            continue
+        out.add(u)
+    return out
 
 
 def _module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
@@ -118,11 +187,12 @@ def classify_producer(gm: fx.GraphModule, node: fx.Node | None) -> tuple[str, st
         if is_weight_layer(m):
             return f"weight layer ({type(m).__name__})", node.target
         return type(m).__name__, node.target
+    ba = _bias_add(node)
+    if ba is not None:
+        return "learnable bias", _param_owner(ba[1])
     if node.op == "call_function":
         if node.target in _ADD or node.target is torch.Tensor.add:
-            a = [x for x in node.args if isinstance(x, fx.Node)]
-            if any(x.op == "get_attr" for x in a):
-                return "learnable bias", None
+            a = [x for x in node.args if isinstance(x, fx.Node) and _param_source(x) is None]
             return ("residual add" if len(a) >= 2 else "add"), None
         if node.target is F.hardtanh:
             return "hardtanh", None
@@ -133,10 +203,8 @@ def classify_producer(gm: fx.GraphModule, node: fx.Node | None) -> tuple[str, st
         return getattr(node.target, "__name__", str(node.target)), None
     if node.op == "call_method":
         if node.target in ("add", "add_", "__add__"):
-            a = [x for x in node.args if isinstance(x, fx.Node)]
-            if any(x.op == "get_attr" for x in a):
-                return "learnable bias", None
-            return "residual add", None
+            a = [x for x in node.args if isinstance(x, fx.Node) and _param_source(x) is None]
+            return ("residual add" if len(a) >= 2 else "add"), None
         if node.target in ("div", "clamp"):
             return f"{node.target}", None
         return str(node.target), None
@@ -212,19 +280,6 @@ def _threshold_stats(t: torch.Tensor) -> dict[str, float]:
     return {"mean": float(t.mean()), "min": float(t.min()), "max": float(t.max()), "numel": int(t.numel())}
 
 
-def _single_use_chain(node: fx.Node, site_node: fx.Node) -> bool:
-    """Does ``node`` feed only the site (possibly through transparent single-use ops)?"""
-    cur = node
-    for _ in range(8):
-        users = list(cur.users)
-        if len(users) != 1:
-            return False
-        if users[0] is site_node:
-            return True
-        cur = users[0]
-    return False
-
-
 def advice_for(site: Site) -> list[str]:
     out: list[str] = []
     if site.follower in ("PReLU", "RPReLU"):
@@ -248,58 +303,445 @@ def advice_for(site: Site) -> list[str]:
     return out
 
 
-def analyse(disc: Discovery, model: nn.Module) -> list[Site]:
-    """Fill in the context fields of every site of ``disc`` (in place); returns the sites."""
+
+
+# ------------------------------------------------------------------ fold targets (data flow)
+#
+# A fold moves t out of the hook into a parameter: the shift then happens where the parameter
+# enters the data flow, for *every* reader of that value and at *every* use of the parameter.
+# It equals the hooked model only when both shift the same values. So, per site:
+#
+# 1. the *bias chain*: from the binarizer's input back through ops that commute with
+#    subtracting a constant (reshapes, identity, ``x + b`` / ``x - b`` with b a parameter) to
+#    the first op that does not (a BN, a conv, a residual add). Each parameter add on it and
+#    an affine BN at its root are candidate targets;
+# 2. where the hook shifts (the edge into the binarizer, the conv's input, the producer's
+#    whole output) and where a fold at each candidate shifts (the candidate's whole output),
+#    both pushed downstream while the value has exactly one reader: equal end points means
+#    the same values move;
+# 3. every use of the candidate parameter or BN module in the graph (every get_attr, every
+#    call of the module, every untraced leaf that owns it) must be such an exact fold point
+#    of a site; those sites form the fold group (folded together, only with equal t).
+#
+# The binarizer module's own parameters (RSign written as one module) are tried first, by
+# measurement: the parameter whose change by -d moves the module's output exactly as
+# shifting its input by d does is the additive one (centre, not scale; declaration order
+# does not matter). ``fold.fold_shifts`` then proves every fold on a probe batch.
+
+
+class _Link:
+    __slots__ = ("node", "target")
+
+    def __init__(self, node: fx.Node, target: tuple[str, str, int] | None):
+        self.node, self.target = node, target  # target: ("bias", "path.param", sign) / ("bn", path, +1)
+
+
+def _transparent(gm: fx.GraphModule, node: fx.Node) -> bool:
+    if node.op == "call_method" and node.target in _TRANSPARENT_METHODS:
+        return True
+    if node.op == "call_function" and node.target in _TRANSPARENT_FUNCS:
+        return True
+    return node.op == "call_module" and isinstance(_module(gm, node), (nn.Identity, nn.Dropout, nn.Flatten))
+
+
+def _bias_chain(gm: fx.GraphModule, start: fx.Node | None, mods: dict[str, nn.Module]) -> list[_Link]:
+    chain: list[_Link] = []
+    cur = start
+    for _ in range(32):
+        if not isinstance(cur, fx.Node):
+            break
+        ba = _bias_add(cur)
+        if ba is not None:
+            chain.append(_Link(cur, ("bias", ba[1], ba[2])))
+            cur = ba[0]
+            continue
+        if _transparent(gm, cur):
+            chain.append(_Link(cur, None))
+            cur = _first_arg(cur)
+            continue
+        m = mods.get(str(cur.target)) if cur.op == "call_module" else None
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine and m.bias is not None:
+            chain.append(_Link(cur, ("bn", str(cur.target), +1)))
+        else:
+            chain.append(_Link(cur, None))
+        break
+    return chain
+
+
+def _ste_siblings(x: fx.Node, site_node: fx.Node, mods: dict[str, nn.Module]) -> set[fx.Node]:
+    """Readers of the binarizer's input that re-join its output (the other half of an inline
+    STE, ``h + (sign(x) - h).detach()``): part of the binarizer, not other consumers."""
+    outs = [u for u in site_node.users]
+    if outs and all(u.op == "call_function" and u.target is operator.getitem for u in outs):
+        # a multi-output Function: only its binary output (index 0) is the binarizer's; a reader
+        # re-joining another output (a scale, a clipped copy) is another consumer
+        site_closure = {site_node}
+        for u in outs:
+            if len(u.args) > 1 and u.args[1] == 0:
+                site_closure |= _closure(u, mods) | {u}
+    else:
+        site_closure = _closure(site_node, mods) | {site_node}
+    return {u for u in x.users if u is not site_node and (_closure(u, mods) | {u}) & site_closure}
+
+
+def _readers(chain: list[_Link], j: int, site_node: fx.Node, mods) -> set[fx.Node]:
+    node = chain[j].node
+    us = _value_users(node)
+    if j == 0:
+        us -= _ste_siblings(node, site_node, mods)
+    return us
+
+
+def _normalise(chain: list[_Link], state: tuple[str, int], site_node: fx.Node, mods) -> tuple[str, int]:
+    """Push a shift downstream while it is the same set of values: ("whole", j) = every reader of
+    chain[j] sees it; ("edge", j) = only chain[j-1] (the binarizer for j = 0) sees it."""
+    kind, j = state
+    for _ in range(2 * len(chain) + 2):
+        if kind == "whole":
+            nxt = chain[j - 1].node if j > 0 else site_node
+            if _readers(chain, j, site_node, mods) == {nxt}:
+                kind = "edge"
+            else:
+                return kind, j
+        else:
+            if j == 0:
+                return kind, j
+            kind, j = "whole", j - 1
+    return kind, j
+
+
+def _in_scope(node: fx.Node, scope: str | None) -> bool:
+    s, _ = node_scope(node)
+    return bool(scope) and (s == scope or s.startswith(scope + "."))
+
+
+def _hook_state(s: Site, node: fx.Node, chain: list[_Link], gm: fx.GraphModule, mods) -> tuple[str, int] | str:
+    """Where the hook of ``s`` shifts, in chain coordinates, or why that is not on the chain."""
+    index = {l.node: i for i, l in enumerate(chain)}
+    if s.apply == APPLY_OP or (s.apply == APPLY_PRE_HOOK and s.kind == KIND_MODULE):
+        return ("edge", 0)
+    if s.apply == APPLY_PRODUCER:
+        p = _first_arg(node)
+        return ("whole", index[p]) if p in index else "the shifted producer is not on the pre-activation's path"
+    if s.kind == KIND_INPUT:
+        x = _preact_node(s, node, gm)
+        if x not in index:
+            return "the conv's input reaches its binarizer through ops that do not commute with a shift"
+        j = index[x]
+        inside = {u for u in _value_users(x) if _in_scope(u, s.module)}
+        if j == 0:
+            inside -= _ste_siblings(x, node, mods)
+        if inside != ({chain[j - 1].node} if j > 0 else {node}):
+            return "the conv reads its input elsewhere too (the shift moves more than the binarizer)"
+        return ("edge", j)
+    return "unknown placement"
+
+
+def _resolve(model: nn.Module, target: str) -> Any:
+    owner, _, name = target.rpartition(".")
+    try:
+        m = model.get_submodule(owner) if owner else model
+    except AttributeError:
+        return None
+    return getattr(m, name, None)
+
+
+def _measure_sign(module: nn.Module, param: torch.Tensor, x: torch.Tensor) -> int | None:
+    """+1 if ``module(x)`` depends on ``param`` as ``x + b``, -1 as ``x - b``, None otherwise.
+
+    Shifting the input by -d must equal moving the parameter by -d (or +d) on >= 99.9% of the
+    outputs (a binary output flips only where the two differ by rounding at the threshold), and
+    moving the parameter must change the output at all.
+    """
+    d = 0.37
+    was = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            ref = module.forward(x - d)
+            base = module.forward(x)
+            if not isinstance(ref, torch.Tensor) or not isinstance(base, torch.Tensor):
+                return None
+            ok = []
+            for sign in (+1, -1):
+                saved = param.detach().clone()
+                param.sub_(sign * d)
+                try:
+                    out = module.forward(x)
+                finally:
+                    param.copy_(saved)
+                ok.append(isinstance(out, torch.Tensor) and out.shape == ref.shape
+                          and bool(torch.isclose(out, ref, atol=1e-5, rtol=1e-5).float().mean() > 0.999))
+            changed = not torch.allclose(base, ref)
+    except Exception:  # noqa: BLE001 - any failure means "cannot tell"
+        return None
+    finally:
+        module.train(was)
+    if not changed:
+        return None
+    if ok[0] and not ok[1]:
+        return +1
+    if ok[1] and not ok[0]:
+        return -1
+    return None
+
+
+def _own_additive_param(model: nn.Module, path: str, in_shape: tuple[int, ...] | None) -> tuple[str, int] | None:
+    """(parameter name, sign) of the binarizer module's additive parameter, found by measurement."""
+    m = model.get_submodule(path)
+    if not in_shape or len(in_shape) < 2:
+        return None
+    g = torch.Generator().manual_seed(1234)
+    for name, p in m.named_parameters():
+        if not p.is_floating_point() or p.numel() > 65536:
+            continue
+        if p.numel() != 1 and in_shape[1] not in p.shape:
+            continue  # not per-channel on dim 1: not a threshold
+        x = (torch.randn(in_shape, generator=g) * 2).to(device=p.device, dtype=p.dtype)
+        sign = _measure_sign(m, p, x)
+        if sign is not None:
+            return name, sign
+    return None
+
+
+def _owners(model: nn.Module, obj: Any) -> set[str]:
+    """Paths of modules that hold ``obj`` (a tensor or module) anywhere below them."""
+    out = set()
+    for path, m in model.named_modules():
+        if isinstance(obj, nn.Module):
+            if any(sub is obj for sub in m.modules()):
+                out.add(path)
+        elif any(t is obj for t in list(m.parameters()) + list(m.buffers())):
+            out.add(path)
+    return out
+
+
+def _fold_analysis(disc: Discovery, model: nn.Module) -> None:
+    """Set ``foldable`` / ``fold_with`` / ``fold_sign`` / ``fold_reason`` / ``threshold`` per site."""
     mods = dict(model.named_modules())
     gm = disc.trace.graph_module if disc.trace is not None else None
+    graph_nodes = list(gm.graph.nodes) if gm is not None else []
+    module_calls = [n for n in graph_nodes if n.op == "call_module"]
+    get_attrs = [n for n in graph_nodes if n.op == "get_attr"]
+    in_shapes = {(r.path, r.index): r.inp.shape for r in disc.dyn.calls if r.inp.is_tensor}
+
+    # candidates per site: (target key, spec, sign, exact, reason); nearest to the binarizer first
+    cands: dict[str, list[tuple[Any, str, int, bool, str]]] = {}
+    points: dict[Any, list[tuple[fx.Node | None, str]]] = {}  # target key -> exact fold points (node, site)
+    for s in disc.sites:
+        lst: list[tuple[Any, str, int, bool, str]] = []
+        if s.kind in (KIND_MODULE, KIND_INPUT) and s.apply == APPLY_PRE_HOOK and s.module in mods:
+            own = _own_additive_param(model, s.module, in_shapes.get((s.module, s.call_index)))
+            if own is not None:
+                p = _resolve(model, f"{s.module}.{own[0]}")
+                key = ("own", id(p))
+                lst.append((key, f"bias:{s.module}.{own[0]}", own[1], True, ""))
+                points.setdefault(key, []).append((None, s.name))
+                s.threshold = _threshold_stats(-own[1] * p)  # x + b > 0  <=>  x > -b
+        node = disc.node_of_site.get(s.name)
+        if node is not None and gm is not None:
+            chain = _bias_chain(gm, _first_arg(node), mods)
+            hook = _hook_state(s, node, chain, gm, mods)
+            for i, link in enumerate(chain):
+                if link.target is None:
+                    continue
+                kind, path, sign = link.target
+                obj = _resolve(model, path) if kind == "bias" else mods.get(path)
+                if obj is None:
+                    continue
+                if kind == "bias" and s.threshold is None:
+                    s.threshold = _threshold_stats(-sign * obj)
+                if isinstance(hook, str):
+                    exact, why = False, hook
+                else:
+                    exact = _normalise(chain, ("whole", i), node, mods) == _normalise(chain, hook, node, mods)
+                    why = "" if exact else (f"{path} also feeds other layers (a fold would move them too)")
+                key = (kind, id(obj))
+                spec = f"bias:{path}" if kind == "bias" else f"bn:{path}"
+                lst.append((key, spec, sign, exact, why))
+                if exact:
+                    points.setdefault(key, []).append((link.node, s.name))
+        cands[s.name] = lst
+
+    # every use of each target must be an exact fold point of some site
+    def uses_ok(key: Any, spec: str) -> tuple[bool, str, list[str]]:
+        kind = key[0]
+        pts = points.get(key, [])
+        group = sorted({name for _, name in pts}, key=[s.name for s in disc.sites].index)
+        nodes = {n for n, _ in pts if n is not None}
+        path = spec.split(":", 1)[1]
+        if kind == "own":
+            obj = _resolve(model, path)
+            owner = _param_owner(path)
+            calls = {n for n in module_calls if str(n.target) == owner}
+            sites_of_owner = {s.name for s in disc.sites if s.module == owner and s.apply == APPLY_PRE_HOOK}
+            if len(calls) > len(sites_of_owner & set(group)) and gm is not None:
+                return False, f"{owner} is called where it is not a shifted binarizer", group
+            if any(_resolve(model, str(g.target)) is obj and not _in_scope(g, owner) for g in get_attrs):
+                return False, f"{path} is also read outside {owner}", group
+            others = _owners(model, obj) - {p for p in mods if p == owner or p.startswith(owner + ".")
+                                             or owner.startswith(p + ".") or p == ""}
+            if any(str(n.target) in others for n in module_calls):
+                return False, f"{path} is also used inside {sorted(others)[0]}", group
+            return True, "", group
+        obj = _resolve(model, path) if kind == "bias" else mods.get(path)
+        entries: set[fx.Node] = set()
+        if kind == "bias":
+            frontier = [g for g in get_attrs if _resolve(model, str(g.target)) is obj]
+            seen: set[fx.Node] = set()
+            while frontier:
+                cur = frontier.pop()
+                for u in cur.users:
+                    if u in seen:
+                        continue
+                    seen.add(u)
+                    if _param_source(u) is not None:
+                        frontier.append(u)
+                    else:
+                        entries.add(u)
+        else:
+            entries = {n for n in module_calls if mods.get(str(n.target)) is obj}
+        stray = entries - nodes
+        if stray:
+            n = next(iter(stray))
+            return False, f"{path} is also read by {n.name} (not only by shifted binarizers)", group
+        # untraced leaves that hold the parameter / module
+        leaf_calls = {str(n.target) for n in module_calls} - ({path} if kind == "bn" else set())
+        holders = {p for p in _owners(model, obj) if p in leaf_calls}
+        holders -= {p for p in holders if kind == "bias" and p == _param_owner(path)}
+        if holders:
+            return False, f"{path} is also used inside {sorted(holders)[0]}", group
+        return True, "", group
+
+    checked: dict[Any, tuple[bool, str, list[str]]] = {}
+    choice: dict[str, tuple[Any, str, int]] = {}
+    refused: dict[str, str] = {}
+    for _ in range(8):  # a target is valid only if every site of its group chose it
+        choice.clear()
+        refused.clear()
+        for s in disc.sites:
+            for key, spec, sign, exact, why in cands.get(s.name, []):
+                if not exact:
+                    refused.setdefault(s.name, why)
+                    continue
+                if key not in checked:
+                    checked[key] = uses_ok(key, spec)
+                ok, reason, _ = checked[key]
+                if ok:
+                    choice[s.name] = (key, spec, sign)
+                    break
+                refused.setdefault(s.name, reason)
+        split = [key for key, (ok, _, group) in checked.items()
+                 if ok and any(choice.get(n, (None,))[0] != key for n in group)]
+        for key in split:
+            ok, _, group = checked[key]
+            checked[key] = (False, f"shared with {', '.join(group)}, which do not all fold into it", group)
+        if not split:
+            break
+    for s in disc.sites:
+        if s.name in choice:
+            key, spec, sign = choice[s.name]
+            group = checked[key][2] if key in checked else [s.name]
+            s.foldable, s.fold_sign, s.fold_with = spec, sign, group
+            what = "BatchNorm" if spec.startswith("bn:") else "learnable bias"
+            formula = "beta' = beta - t" if spec.startswith("bn:") else ("b' = b - t" if sign > 0 else "b' = b + t")
+            if len(group) > 1:
+                s.fold_reason = (f"{what} {spec.split(':', 1)[1]} feeds only the binarizers {', '.join(group)}: "
+                                 f"{formula}, folded when their t are equal")
+            else:
+                s.fold_reason = f"{what} feeds only this binarizer: {formula}"
+        else:
+            s.foldable, s.fold_with, s.fold_sign = None, None, None
+            if s.name in refused:
+                s.fold_reason = refused[s.name]
+
+
+def _flat_tensors(y: Any) -> list[torch.Tensor]:
+    out, stack = [], [y]
+    while stack:
+        v = stack.pop(0)
+        if isinstance(v, torch.Tensor):
+            out.append(v.detach())
+        elif isinstance(v, (tuple, list)):
+            stack[:0] = list(v)
+        elif isinstance(v, dict):
+            stack[:0] = list(v.values())
+    return out
+
+
+def _check_producer_hooks(disc: Discovery, model: nn.Module, t: float = 0.5) -> None:
+    """A shift on a producer's output must move only its binarizer's input: measured, not assumed.
+
+    The graph can miss a reader (another output of a multi-output ``Function`` re-joining the
+    binarizer's output, a call outside the traced graph). So the model is run with ``t`` on each
+    producer and with ``t`` on the op itself (which moves only the binarizer's input); a site
+    whose forward outputs differ is moved onto its op, with a warning.
+    """
+    from .shift import insert_shifts
+
+    prod = [s for s in disc.sites if s.apply == APPLY_PRODUCER]
+    root = next((r for r in disc.dyn.calls if r.path == ""), None)
+    if not prod or root is None or not root.inp.is_tensor or not root.inp.is_float:
+        return
+    x = torch.randn(root.inp.shape, generator=torch.Generator().manual_seed(4321))
+
+    def on_op(s: Site) -> Site:
+        c = copy.copy(s)
+        c.apply, c.module, c.call_index = APPLY_OP, None, 0
+        return c
+
+    def run(sites: list[Site]) -> list[torch.Tensor]:
+        m = copy.deepcopy(model).eval()
+        insert_shifts(m, sites, {s.name: t for s in sites})
+        with torch.no_grad():
+            return _flat_tensors(m(x.to(next(iter(m.parameters())).dtype) if any(True for _ in m.parameters()) else x))
+
+    def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+        return len(a) == len(b) and all(
+            u.shape == v.shape and (torch.allclose(u.double(), v.double(), atol=1e-5 * max(1.0, float(u.abs().max())),
+                                                   rtol=1e-5) if u.is_floating_point() and u.numel() else torch.equal(u, v))
+            for u, v in zip(a, b))
+
+    try:
+        if same(run(prod), run([on_op(s) for s in prod])):
+            return
+        bad = [s for s in prod if not same(run([s]), run([on_op(s)]))]
+    except Exception:  # noqa: BLE001 - cannot measure: keep the graph's decision
+        return
+    for s in bad:
+        s.apply, s.module, s.call_index, s.producer_module = APPLY_OP, None, 0, None
+        disc.warnings.append(f"site {s.name}: the producer's output is also read elsewhere (measured); "
+                             "the shift is applied to the binarizer's own input")
+
+
+def analyse(disc: Discovery, model: nn.Module) -> list[Site]:
+    """Fill in the context fields of every site of ``disc`` (in place); returns the sites.
+
+    Fold targets come from the data flow (``_fold_analysis``): ``foldable`` is set only where a
+    fold moves exactly the values the hook moves and every use of the target is such a site.
+    """
+    gm = disc.trace.graph_module if disc.trace is not None else None
     site_nodes = set(disc.node_of_site.values())
+    _check_producer_hooks(disc, model)
     for s in disc.sites:
         node = disc.node_of_site.get(s.name)
-        if s.kind == KIND_MODULE:
-            m = mods.get(s.module)
-            params = dict(m.named_parameters(recurse=True)) if m is not None else {}
-            small = {k: v for k, v in params.items() if v.dim() <= 4 and v.numel() <= 4096}
-            if small:
-                k, v = next(iter(small.items()))
-                s.threshold = _threshold_stats(v)
-                s.foldable = f"bias:{s.module}.{k}"
-                s.fold_reason = "the binarizer module has its own learnable bias"
         if node is None or gm is None:
             if s.in_leaf:
                 s.producer = f"inside untraced leaf {s.in_leaf}"
                 s.fold_reason = s.fold_reason or "found inside an untraced module: context unknown"
-            s.advice = advice_for(s)
             continue
         pre = _preact_node(s, node, gm)
-        s.producer, producer_path = classify_producer(gm, pre)
+        s.producer, _ = classify_producer(gm, pre)
         s.pool = find_pool(gm, pre)
         s.follower, s.follower_slope = find_follower(gm, node, site_nodes)
-        if s.producer == "learnable bias" and producer_path:
-            pm = mods.get(producer_path)
-            p = next(iter(pm.parameters(recurse=False)))
-            s.threshold = _threshold_stats(-p)  # x + b > 0  <=>  x > -b
-        if s.foldable is None and pre is not None:
-            base = _skip_transparent(gm, pre)
-            # a hook on the producer's output is attached only when nothing else reads it
-            exclusive = (s.apply == APPLY_PRODUCER and s.module == producer_path) or _single_use_chain(base, node)
-            if s.producer == "BatchNorm" and producer_path and exclusive:
-                bn = mods[producer_path]
-                if getattr(bn, "affine", False):
-                    s.foldable = f"bn:{producer_path}"
-                    s.fold_reason = "BatchNorm output feeds only this binarizer: beta' = beta - t"
-                else:
-                    s.fold_reason = "BatchNorm without affine bias: would need running_mean (eval only)"
-            elif s.producer == "learnable bias" and producer_path and exclusive:
-                pname = next(iter(dict(mods[producer_path].named_parameters(recurse=False))))
-                s.foldable = f"bias:{producer_path}.{pname}"
-                s.fold_reason = "learnable bias feeds only this binarizer: b' = b - t"
-            elif s.producer == "residual add":
+    _fold_analysis(disc, model)
+    for s in disc.sites:
+        if not s.foldable and not s.fold_reason:
+            if s.producer == "residual add":
                 s.fold_reason = "the pre-activation is the residual stream (also feeds the shortcut)"
-            elif not s.fold_reason:
+            elif s.producer == "BatchNorm":
+                s.fold_reason = "the BatchNorm output also feeds other layers, or the BN has no affine bias"
+            else:
                 s.fold_reason = f"producer {s.producer} has no bias to absorb t, or feeds other layers"
-        if s.apply == APPLY_PRE_HOOK and s.kind == KIND_INPUT and s.foldable and pre is not None:
-            # the conv's input must go nowhere else for the fold to be exact
-            if len(_skip_transparent(gm, pre).users) != 1:
-                s.foldable, s.fold_reason = None, "the pre-activation also feeds other layers"
         s.advice = advice_for(s)
     return disc.sites

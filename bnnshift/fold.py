@@ -14,6 +14,7 @@ reason (``Site.fold_reason``).
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +22,8 @@ import torch
 from torch import nn
 
 from .errors import PatchError
+
+PROBE_BATCH = 8
 from .shift import host_path, remove_shifts, shifted_sites, threshold_attr
 from .sites import APPLY_OP, APPLY_PRE_HOOK, APPLY_PRODUCER, Site
 
@@ -108,7 +111,8 @@ def _fold_target(model: nn.Module, site: Site, t: torch.Tensor) -> tuple[torch.T
         param = getattr(owner, pname, None) if owner is not None else None
         if not isinstance(param, torch.Tensor):
             return f"parameter {spec[5:]} not found"
-        direction = _bias_direction(owner, pname, param, site.channels)
+        direction = site.fold_sign if site.fold_sign in (1, -1) else _bias_direction(owner, pname, param,
+                                                                                     site.channels)
         if direction is None:
             return f"{spec[5:]} does not act as an additive bias on the pre-activation (measured)"
     else:
@@ -141,11 +145,190 @@ def _drop_site(model: nn.Module, site: Site) -> None:
     sr.sites = [s for s in sr.sites if s.name != site.name]
 
 
-def fold_shifts(model: nn.Module) -> FoldReport:
+def _live_t(model: nn.Module, site: Site) -> torch.Tensor:
+    return getattr(_module(model, host_path(site)), threshold_attr(site))
+
+
+@dataclass
+class _Group:
+    """Sites folded together into one target (``spec``), all with the same threshold ``t``."""
+
+    spec: str
+    sites: list[Site]
+
+
+def _plan(model: nn.Module, kept: dict[str, str]) -> list[_Group]:
+    """Fold groups of the live sites; the others go to ``kept`` with the reason."""
+    from .patch import patch_state
+
+    st = patch_state(model)
+    ht_names = {s.name for s in (st.hardtanh_sites if st else [])}
+    live = {s.name: s for s in shifted_sites(model)}
+    folded_before = set(st.folded) if st is not None else set()
+    by_spec: dict[str, list[Site]] = {}
+    for s in live.values():
+        if s.name in ht_names:
+            kept[s.name] = "hardtanh shift (full-precision model): no bias to absorb it"
+        elif not s.foldable:
+            kept[s.name] = s.fold_reason or "no BatchNorm or learnable bias to absorb t"
+        else:
+            by_spec.setdefault(s.foldable, []).append(s)
+    groups: list[_Group] = []
+    for spec, members in by_spec.items():
+        names = {m.name for m in members}
+        for m in members:
+            names.update(m.fold_with or ())
+        missing = sorted(n for n in names if n not in live)
+        why = None
+        if missing:
+            gone = [n for n in missing if n in folded_before]
+            why = (f"{spec} also feeds {', '.join(missing)}, " +
+                   ("already folded into it" if gone else "which has no threshold here") +
+                   ": folding would move that binarizer too")
+        else:
+            ts = [_live_t(model, m).detach() for m in members]
+            if any(t.shape != ts[0].shape or not torch.equal(t, ts[0]) for t in ts[1:]):
+                vals = ", ".join(f"{m.name} t={_fmt_t(t)}" for m, t in zip(members, ts))
+                why = f"{spec} feeds several binarizers with different t ({vals}): folds only with equal t"
+        if why:
+            for m in members:
+                kept[m.name] = why
+        else:
+            groups.append(_Group(spec, members))
+    return groups
+
+
+def _fmt_t(t: torch.Tensor) -> str:
+    return f"{float(t):g}" if t.numel() == 1 else f"[{float(t.min()):g}..{float(t.max()):g}]"
+
+
+def _apply_group(model: nn.Module, g: _Group) -> str | None:
+    """Fold ``g`` into ``model`` (in place); the reason when it cannot be folded."""
+    first = g.sites[0]
+    target = _fold_target(model, first, _live_t(model, first))
+    if isinstance(target, str):
+        return target
+    param, delta = target
+    with torch.no_grad():
+        param.add_(delta)
+    for s in g.sites:
+        _drop_site(model, s)
+    return None
+
+
+def _probe_batch(input_shape: Any, example: torch.Tensor | None) -> torch.Tensor:
+    if example is not None:
+        return example
+    if input_shape is None:
+        raise PatchError("fold proves itself on a probe batch: the model's input shape is needed",
+                         hint="pass input_shape=(C, H, W) (the CLI takes it from patch.json)")
+    shape = tuple(int(v) for v in input_shape)
+    return torch.randn((PROBE_BATCH, *shape), generator=torch.Generator().manual_seed(20210611))
+
+
+def _outputs(model: nn.Module, x: torch.Tensor) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+    """Every tensor the model returns and every binary site output that can be tapped."""
+    from .export import _Taps
+
+    sites = [s for s in shifted_sites(model) + list(getattr(model, "_bnnshift_fold_taps", []))
+             if s.apply == APPLY_OP or (s.apply == APPLY_PRE_HOOK and s.scope is None)]
+    taps = _Taps(model, sites)
+    try:
+        with torch.no_grad():
+            y = model(x)
+        vals = {n: taps.values[n].detach().clone() for n in taps.names if n in taps.values}
+    finally:
+        taps.remove()
+    flat: list[torch.Tensor] = []
+    stack = [y]
+    while stack:
+        v = stack.pop(0)
+        if isinstance(v, torch.Tensor):
+            flat.append(v.detach())
+        elif isinstance(v, (tuple, list)):
+            stack[:0] = list(v)
+        elif isinstance(v, dict):
+            stack[:0] = list(v.values())
+    return flat, vals
+
+
+def _differs(ref, got, exact: bool) -> str | None:
+    """Why ``got`` is not the same model as ``ref`` on the probe batch (None: the same)."""
+    (ya, va), (yb, vb) = ref, got
+    if len(ya) != len(yb):
+        return "the folded model returns different outputs"
+    flips = sum(int((torch.sign(va[n].double()) != torch.sign(vb[n].double())).sum()) for n in va if n in vb)
+    total = sum(va[n].numel() for n in va if n in vb)
+    if (flips and exact) or (total and flips / total > 1e-4):
+        return f"{flips} of {total} binary activations change on a probe batch"
+    for a, b in zip(ya, yb):
+        if a.shape != b.shape:
+            return "the folded model's outputs have another shape"
+        if a.is_floating_point():
+            scale = max(1.0, float(a.abs().max())) if a.numel() else 1.0
+            d = float((a.double() - b.double()).abs().max()) if a.numel() else 0.0
+            if d > (1e-9 if exact else 1e-4) * scale:
+                return f"the outputs change on a probe batch (max |diff| {d:.3g})"
+        elif not torch.equal(a, b):
+            return "the outputs change on a probe batch"
+    return None
+
+
+def _verified(model: nn.Module, groups: list[_Group], x: torch.Tensor, kept: dict[str, str]) -> list[_Group]:
+    """The groups whose fold leaves every output and binary activation unchanged on ``x``
+    (float64 copies where the model runs in float64, else float32 with a tie tolerance)."""
+    def copy_as(dtype):
+        m = copy.deepcopy(model).eval()
+        return m.to(dtype) if dtype is not None else m
+
+    dtype, exact = torch.float64, True
+    try:
+        ref = _outputs(copy_as(dtype), x.to(dtype))
+    except Exception:  # noqa: BLE001 - the model does not run in float64 (hard-coded float32 tensors)
+        dtype, exact = None, False
+        ref = _outputs(copy_as(None), x)
+    xd = x.to(dtype) if dtype is not None else x
+
+    def trial(gs: list[_Group]) -> str | None:
+        m = copy_as(dtype)
+        for g in gs:
+            why = _apply_group(m, g)
+            if why:
+                return why
+        m._bnnshift_fold_taps = [s for g in gs for s in g.sites]
+        try:
+            return _differs(ref, _outputs(m, xd), exact)
+        except Exception as exc:  # noqa: BLE001
+            return f"the folded model does not run: {type(exc).__name__}: {exc}"[:200]
+
+    if not groups or trial(groups) is None:
+        return groups
+    ok: list[_Group] = []
+    for g in groups:
+        why = trial([g])
+        if why is None:
+            ok.append(g)
+        else:
+            for s in g.sites:
+                kept[s.name] = f"fold into {g.spec} refused: {why}"
+    if ok and trial(ok) is not None:
+        for g in ok:
+            for s in g.sites:
+                kept[s.name] = f"fold into {g.spec} refused: the folds change the model together"
+        return []
+    return ok
+
+
+def fold_shifts(model: nn.Module, input_shape: Any = None, *, example: torch.Tensor | None = None) -> FoldReport:
     """Absorb every foldable site's threshold into its BN / bias (in place); returns a ``FoldReport``.
 
-    Sites are folded one at a time; two sites folding into the same parameter keep the second
-    as a hook. When no site is left, every bnnshift hook is removed (a plain model again).
+    Sites that share one target (a BN or bias called before several binarizers) fold together
+    and only when their thresholds are equal. Every fold is then *proved*: the folded model is
+    compared with the unfolded one on a probe batch (``example``, or random inputs of
+    ``input_shape`` = (C, H, W) without the batch dimension), in float64 where the model runs in
+    float64; a fold that changes any output or tapped binary activation is refused and its hooks
+    kept, with the reason. When no site is left, every bnnshift hook is removed.
+    Raises ``PatchError`` when the model has no threshold or no probe input is given.
     """
     sites = shifted_sites(model)
     if not sites:
@@ -153,30 +336,24 @@ def fold_shifts(model: nn.Module) -> FoldReport:
     from .patch import patch_state
 
     st = patch_state(model)
-    ht_names = {s.name for s in (st.hardtanh_sites if st else [])}
-    hosts = {s.name: _module(model, host_path(s)) for s in sites}
     report = FoldReport()
-    used: set[int] = set()
-    for s in sites:
-        if s.name in ht_names:
-            report.kept[s.name] = "hardtanh shift (full-precision model): no bias to absorb it"
+    groups = _plan(model, report.kept)
+    if groups:
+        x = _probe_batch(input_shape, example)
+        groups = _verified(model, groups, x, report.kept)
+    for g in groups:
+        why = _apply_group(model, g)
+        if why:
+            for s in g.sites:
+                report.kept[s.name] = why
             continue
-        t = getattr(hosts[s.name], threshold_attr(s))
-        target = _fold_target(model, s, t)
-        if isinstance(target, str):
-            report.kept[s.name] = target
-            continue
-        param, delta = target
-        if id(param) in used:
-            report.kept[s.name] = f"{s.foldable} already absorbs another site's threshold"
-            continue
-        with torch.no_grad():
-            param.add_(delta)
-        used.add(id(param))
-        _drop_site(model, s)
-        report.folded[s.name] = s.foldable
-        if st is not None:
-            st.folded[s.name] = s.foldable
+        for s in g.sites:
+            report.folded[s.name] = g.spec
+            if st is not None:
+                st.folded[s.name] = g.spec
+    order = [s.name for s in sites]
+    report.folded = {n: report.folded[n] for n in order if n in report.folded}
+    report.kept = {n: report.kept[n] for n in order if n in report.kept}
     if not shifted_sites(model):
         remove_shifts(model)
     return report

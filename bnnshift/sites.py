@@ -47,6 +47,8 @@ class Site:
     threshold: dict[str, float] | None = None
     foldable: str | None = None  # 'bn:PATH', 'bias:PATH.PARAM' or None
     fold_reason: str = ""
+    fold_with: list[str] | None = None  # every site whose fold target is the same (all fold together, equal t)
+    fold_sign: int | None = None  # +1: the target enters as x + b (BN beta too), -1: as x - b
     advice: list[str] = field(default_factory=list)
     in_leaf: str | None = None  # found inside this untraced leaf
     channels: int | None = None  # size of dim 1 of the pre-activation (for per-channel thresholds)

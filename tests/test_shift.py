@@ -36,23 +36,25 @@ def test_shift_equals_bn_bias_minus_t_in_outputs_and_gradients(name):
         return
     torch.manual_seed(1)
     x = torch.randn(8, *shape)
-    patched = insert_shifts(copy.deepcopy(model), sites, {s.name: T for s in sites})
-    reference = copy.deepcopy(model)
-    mods = dict(reference.named_modules())
-    with torch.no_grad():
-        for s in sites:
-            mods[s.foldable[3:]].bias -= T
-    patched.train()
-    reference.train()
-    yp, yr = patched(x), reference(x)
-    assert torch.allclose(yp, yr, atol=1e-4, rtol=1e-4)
-    yp.square().mean().backward()
-    yr.square().mean().backward()
-    for (n, a), (_, b) in zip(reference.named_parameters(), patched.named_parameters()):
-        if a.grad is None:
-            assert b.grad is None or torch.count_nonzero(b.grad) == 0
-            continue
-        assert torch.allclose(a.grad, b.grad, atol=1e-4, rtol=1e-3), n
+    # one site at a time: with several, beta - t and (BN - t) round differently and an ulp can
+    # change which element a later MaxPool picks among equal binary-conv outputs (its gradient)
+    for site in sites:
+        patched = insert_shifts(copy.deepcopy(model), [site], {site.name: T})
+        reference = copy.deepcopy(model)
+        mods = dict(reference.named_modules())
+        with torch.no_grad():
+            mods[site.foldable[3:]].bias -= T
+        patched.train()
+        reference.train()
+        yp, yr = patched(x), reference(x)
+        assert torch.allclose(yp, yr, atol=1e-4, rtol=1e-4), site.name
+        yp.square().mean().backward()
+        yr.square().mean().backward()
+        for (n, a), (_, b) in zip(reference.named_parameters(), patched.named_parameters()):
+            if a.grad is None:
+                assert b.grad is None or torch.count_nonzero(b.grad) == 0
+                continue
+            assert torch.allclose(a.grad, b.grad, atol=1e-4, rtol=1e-3), (site.name, n)
 
 
 def test_threshold_keys_are_added_and_original_keys_kept():

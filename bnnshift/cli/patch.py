@@ -140,7 +140,7 @@ def _do_patch(o, model, arg, checkpoint, input_shape, out_dir, cfg, ht, trainabl
     if fold:
         from ..fold import fold_shifts
 
-        fold_report = fold_shifts(loaded.model)
+        fold_report = fold_shifts(loaded.model, shape)
     save_patched(loaded.model, recipe, out_dir, force=True)
     rows = describe(loaded.model)
     export_report = None
@@ -248,7 +248,7 @@ def fold_command(
         rep = FoldReport()
         o.info(f"{out_dir}: no threshold left to fold")
     else:
-        rep = fold_shifts(model)
+        rep = fold_shifts(model, recipe.input_shape)
     save_patched(model, recipe, out_dir, force=True)
     rows = describe(model)
     o.table(sites_table(rows, f"{out_dir}: {len(rep.folded)} folded, {len(rep.kept)} kept"))
