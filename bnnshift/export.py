@@ -46,6 +46,7 @@ from torch import nn
 
 from ._io import atomic_write_bytes
 from .errors import BnnshiftError, VerificationError
+from .shift import _shaped
 from .sites import APPLY_OP, APPLY_PRE_HOOK, APPLY_PRODUCER, KIND_HARDTANH, Site
 
 __all__ = ["ExportError", "ExportReport", "export_onnx", "export_patched_dir"]
@@ -55,6 +56,7 @@ DEFAULT_BATCH_SIZE = 4
 ATOL = 1e-3  # logit tolerance, times max(1, max |logit|)
 MAX_SIGN_FLIP_SHARE = 1e-4
 MIN_TOP1 = 0.99
+TIE_RTOL = 1e-5  # |pre-activation - t| <= TIE_RTOL x max(1, max |pre-activation|): a tie
 
 
 class ExportError(BnnshiftError):
@@ -75,12 +77,15 @@ class ExportReport:
     ort_graph_optimizations: bool
     max_abs_diff: float
     top1_agreement: float
-    sign_flip_share: float | None
+    sign_flip_share: float | None  # flips with a margin (ties and what follows them excluded)
     sites_checked: int
     batches: int
     passed: bool
     attempts: list[dict[str, Any]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    tie_flips: int = 0  # flips where |pre-activation - t| is within float tolerance: not failures
+    flips_after_tie: int = 0  # flips at later sites of a sample that had a tie (consequences)
+    tied_samples: int = 0  # samples left out of the logit / top-1 comparison because of a tie
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -96,6 +101,8 @@ class _Taps:
         self.model = model
         self.sites = [s for s in sites if s.kind != KIND_HARDTANH]
         self.values: dict[str, torch.Tensor] = {}
+        # torch side only (never exported): each site's pre-activation, x - t, to judge ties
+        self.pre_values: dict[str, torch.Tensor] = {}
         self.calls: dict[tuple[str, str], int] = {}
         self.handles: list[Any] = []
         self.names: list[str] = []
@@ -114,6 +121,12 @@ class _Taps:
                 post.setdefault(s.module, {})[s.call_index] = s.name  # shifted producer output
             elif s.apply == APPLY_OP:
                 self._op_sites[(s.scope or "", s.op_index)] = s.name
+        self._module_pre: dict[str, dict[int, str]] = {}
+        for s in self.sites:
+            if s.apply == APPLY_PRE_HOOK and s.scope is None and s.module in mods:
+                self._module_pre.setdefault(s.module, {})[s.call_index] = s.name  # binarizer module input
+        for path, idx in self._module_pre.items():
+            self.handles.append(mods[path].register_forward_pre_hook(self._input_hook(path, idx)))
         for path, idx in pre.items():
             self.handles.append(mods[path].register_forward_pre_hook(self._pre_hook(path, idx)))
         for path, idx in post.items():
@@ -128,12 +141,21 @@ class _Taps:
             tapped |= set(self._op_sites.values())
         self.names = [s.name for s in self.sites if s.name in tapped]
 
+    def _input_hook(self, path, idx):
+        def hook(module, args):
+            k = self.calls.get(("in", path), 0)
+            self.calls[("in", path)] = k + 1
+            if k in idx and args and isinstance(args[0], torch.Tensor):
+                self.pre_values[idx[k]] = args[0].detach()
+        return hook
+
     def _pre_hook(self, path, idx):
         def hook(module, args):
             k = self.calls.get(("pre", path), 0)
             self.calls[("pre", path)] = k + 1
             if k in idx and args and isinstance(args[0], torch.Tensor):
                 self.values[idx[k]] = args[0]
+                self.pre_values[idx[k]] = args[0].detach()  # the shifted input is the pre-activation
         return hook
 
     def _post_hook(self, path, idx):
@@ -142,6 +164,8 @@ class _Taps:
             self.calls[("post", path)] = k + 1
             if k in idx and isinstance(output, torch.Tensor):
                 self.values[idx[k]] = output
+                if path not in self._module_pre or k not in self._module_pre[path]:
+                    self.pre_values[idx[k]] = output.detach()  # a producer's shifted output
         return hook
 
     def _record(self, ev):
@@ -150,9 +174,22 @@ class _Taps:
         name = self._op_sites.get((ev.scope, ev.index))
         if name is not None and isinstance(ev.output, torch.Tensor):
             self.values[name] = ev.output
+            if ev.inputs and isinstance(ev.inputs[0], torch.Tensor):
+                x = ev.inputs[0].detach()  # the op's input before the shift: subtract the live t
+                t = self._thresholds().get(name)
+                self.pre_values[name] = x - _shaped(t, x) if t is not None else x
+
+    def _thresholds(self) -> dict[str, torch.Tensor]:
+        from .shift import get_thresholds
+
+        try:
+            return get_thresholds(self.model)
+        except Exception:  # noqa: BLE001 - not a bnnshift-patched model
+            return {}
 
     def reset(self):
         self.values = {}
+        self.pre_values = {}
         self.calls = {}
 
     def remove(self):
@@ -248,13 +285,24 @@ def _session(model_bytes: bytes, ort_opt: bool):
     return ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])
 
 
-def _compare(sess, wrapper: _Tapped, batches: list[torch.Tensor], n_taps: int | None) -> dict[str, Any]:
+def _compare(sess, wrapper: _Tapped, batches: list[torch.Tensor], n_taps: int | None,
+             exclude: list[Any] | None = None) -> dict[str, Any]:
+    """onnxruntime vs torch on ``batches``: logits, top-1 and the binary activations.
+
+    A flipped binary activation whose torch pre-activation is within ``TIE_RTOL`` (relative to
+    the site's value scale) of the threshold is a *tie*: both runtimes are right to within float
+    rounding. Ties are counted apart, and so is every flip of the same sample at later sites and
+    its logits/top-1 (a tie upstream legitimately moves what follows). Only flips with a margin,
+    in samples without an earlier tie, fail verification.
+    """
     import numpy as np
 
     max_diff, scale, agree, total = 0.0, 1.0, 0, 0
-    flips, elems = 0, 0
+    flips, elems, ties, after_tie, tied_samples, samples = 0, 0, 0, 0, 0, 0
     in_name = sess.get_inputs()[0].name
-    for xb in batches:
+    names = [n for n in wrapper._taps.names]
+    masks = []
+    for bi, xb in enumerate(batches):
         with torch.no_grad():
             ref = wrapper(xb)
         got = sess.run(None, {in_name: xb.numpy()})
@@ -262,20 +310,49 @@ def _compare(sess, wrapper: _Tapped, batches: list[torch.Tensor], n_taps: int | 
         g0 = np.asarray(got[0], dtype=np.float32)
         if r0.shape != g0.shape:
             raise VerificationError(f"onnxruntime output shape {g0.shape} != torch {r0.shape}")
-        max_diff = max(max_diff, float(np.abs(r0 - g0).max()) if r0.size else 0.0)
-        scale = max(scale, float(np.abs(r0).max()) if r0.size else 1.0)
-        if r0.ndim == 2:
-            agree += int((r0.argmax(1) == g0.argmax(1)).sum())
-            total += r0.shape[0]
+        n = r0.shape[0] if r0.ndim >= 1 else 1
+        tied = np.zeros(n, dtype=bool)  # samples with a tie flip at an earlier site
+        if exclude is not None and bi < len(exclude) and exclude[bi] is not None and exclude[bi].shape == tied.shape:
+            tied |= exclude[bi]  # ties found by the tapped run (the clean graph has no taps)
         if n_taps:
-            for a, b in zip(ref[1:], got[1:]):
+            present = [nm for nm in names if nm in wrapper._taps.values]
+            for name, a, b in zip(present, ref[1:], got[1:]):
                 a = np.sign(a.detach().float().numpy())
                 b = np.sign(np.asarray(b, dtype=np.float32))
+                elems += a.size
                 if a.shape != b.shape:
                     flips += a.size
+                    continue
+                flip = a != b
+                if not flip.any():
+                    continue
+                per_sample = flip.reshape(flip.shape[0], -1) if flip.ndim >= 1 and flip.shape[0] == n else None
+                pre = wrapper._taps.pre_values.get(name)
+                tie = np.zeros_like(flip)
+                if pre is not None and tuple(pre.shape) == flip.shape:
+                    p = pre.detach().double().numpy()
+                    tol = TIE_RTOL * max(1.0, float(np.abs(p).max()) if p.size else 1.0)
+                    tie = np.abs(p) <= tol
+                if per_sample is not None:
+                    earlier = np.broadcast_to(tied.reshape(-1, *([1] * (flip.ndim - 1))), flip.shape)
+                    after_tie += int((flip & earlier).sum())
+                    ties += int((flip & tie & ~earlier).sum())
+                    flips += int((flip & ~tie & ~earlier).sum())
+                    tied |= (flip & tie).reshape(n, -1).any(1)
                 else:
-                    flips += int((a != b).sum())
-                elems += a.size
+                    ties += int((flip & tie).sum())
+                    flips += int((flip & ~tie).sum())
+        masks.append(tied.copy())
+        clean = ~tied
+        samples += n
+        tied_samples += int(tied.sum())
+        if clean.any() or not n_taps:
+            rc, gc = (r0[clean], g0[clean]) if r0.ndim >= 1 and r0.shape[0] == n else (r0, g0)
+            max_diff = max(max_diff, float(np.abs(rc - gc).max()) if rc.size else 0.0)
+            scale = max(scale, float(np.abs(rc).max()) if rc.size else 1.0)
+            if rc.ndim == 2:
+                agree += int((rc.argmax(1) == gc.argmax(1)).sum())
+                total += rc.shape[0]
     top1 = agree / total if total else 1.0
     share = (flips / elems) if elems else None
     failed = []
@@ -286,8 +363,11 @@ def _compare(sess, wrapper: _Tapped, batches: list[torch.Tensor], n_taps: int | 
     if top1 < MIN_TOP1:
         failed.append(f"top-1 agreement {top1:.3f} < {MIN_TOP1}")
     if share is not None and share > MAX_SIGN_FLIP_SHARE:
-        failed.append(f"sign-flip share {share:.2e} > {MAX_SIGN_FLIP_SHARE:g}")
-    return {"max_abs_diff": max_diff, "top1_agreement": top1, "sign_flip_share": share, "failed": failed}
+        failed.append(f"sign-flip share {share:.2e} > {MAX_SIGN_FLIP_SHARE:g} (flips with a margin, ties excluded)")
+    if samples and tied_samples == samples:
+        failed.append("every sample had a tie at the threshold: nothing left to compare")
+    return {"max_abs_diff": max_diff, "top1_agreement": top1, "sign_flip_share": share, "tie_flips": ties,
+            "flips_after_tie": after_tie, "tied_samples": tied_samples, "tied_masks": masks, "failed": failed}
 
 
 def _export(wrapper: nn.Module, x: torch.Tensor, opset: int | None, optimize: bool, warn: list[str]):
@@ -383,7 +463,8 @@ def export_onnx(model: nn.Module, input_shape: Iterable[int], path: str | os.Pat
                     res = {"failed": [exc.message]}
                 except Exception as exc:  # noqa: BLE001 - onnxruntime refusing the graph
                     res = {"failed": [f"onnxruntime: {_one_line(exc)}"]}
-                attempts.append({"optimize": optimize, "ort_graph_optimizations": ort_opt, "exporter": exporter, **res})
+                attempts.append({"optimize": optimize, "ort_graph_optimizations": ort_opt, "exporter": exporter,
+                                 **{k: v for k, v in res.items() if k != "tied_masks"}})
                 if res["failed"]:
                     continue
                 # the deliverable: the same graph without the taps
@@ -391,7 +472,7 @@ def export_onnx(model: nn.Module, input_shape: Iterable[int], path: str | os.Pat
                 _dce(proto)
                 onnx.checker.check_model(proto)
                 clean = proto.SerializeToString()
-                res2 = _compare(_session(clean, ort_opt), wrapper, data[:1], 0)
+                res2 = _compare(_session(clean, ort_opt), wrapper, data[:1], 0, exclude=res["tied_masks"][:1])
                 if res2["failed"]:
                     attempts.append({"optimize": optimize, "ort_graph_optimizations": ort_opt, "exporter": exporter,
                                      "failed": ["without taps: " + f for f in res2["failed"]]})
@@ -405,7 +486,8 @@ def export_onnx(model: nn.Module, input_shape: Iterable[int], path: str | os.Pat
                                     max_abs_diff=res["max_abs_diff"], top1_agreement=res["top1_agreement"],
                                     sign_flip_share=res["sign_flip_share"], sites_checked=n_out - 1,
                                     batches=len(data) if dynamic else 1, passed=True, attempts=attempts,
-                                    warnings=warn)
+                                    warnings=warn, tie_flips=res["tie_flips"],
+                                    flips_after_tie=res["flips_after_tie"], tied_samples=res["tied_samples"])
             if exporter == "torchscript":
                 break  # the optimizer switch does not apply
     finally:

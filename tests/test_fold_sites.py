@@ -362,3 +362,71 @@ def test_fold_refuses_a_wrong_target_after_measuring(monkeypatch):
     rep = fold_shifts(folded, shape)
     assert not rep.folded and "refused" in rep.kept["act"] and "change" in rep.kept["act"]
     assert _same(hooked, folded, shape, atol=0.0)
+
+
+# ------------------------------------------------------------------------------ export ties
+
+
+class _SignMod(nn.Module):
+    def forward(self, x):
+        return torch.sign(x)
+
+
+class _TieNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(4, 4, bias=False)
+        self.act = _SignMod()
+        self.fc2 = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class _FakeSession:
+    """Stands for onnxruntime: returns given outputs."""
+
+    def __init__(self, outs):
+        self.outs = outs
+
+    def get_inputs(self):
+        import types
+
+        return [types.SimpleNamespace(name="input")]
+
+    def run(self, _names, _feed):
+        return self.outs
+
+
+def test_export_counts_a_tie_apart_and_fails_a_margin_flip():
+    """A flip where |x - t| is at float rounding is a tie (counted, not failed); a flip with a
+    margin fails; the sample with the tie is left out of the logit comparison."""
+    from bnnshift.export import _compare, _Taps, _Tapped
+
+    torch.manual_seed(0)
+    model = _TieNet().eval()
+    with torch.no_grad():
+        model.fc1.weight.copy_(torch.eye(4))
+    t = 0.5
+    report = scan_model(model, (4,))
+    patch_model(model, report, t)
+    x = torch.tensor([[t + 1e-7, 2.0, -1.0, 3.0], [1.5, -2.0, 2.0, -3.0], [1.0, 1.0, -1.0, -1.0]])
+    taps = _Taps(model, report.sites)
+    wrapper = _Tapped(model, taps)
+    try:
+        with torch.no_grad():
+            logits, binary = (v.clone() for v in wrapper(x))
+        tie_flip = binary.clone()
+        tie_flip[0, 0] *= -1  # |x - t| = 1e-7: a tie
+        moved = logits.clone()
+        moved[0] += 5.0  # sample 0's logits follow its tie
+        res = _compare(_FakeSession([moved.numpy(), tie_flip.numpy()]), wrapper, [x], 1)
+        assert res["tie_flips"] == 1 and res["sign_flip_share"] == 0.0 and res["tied_samples"] == 1
+        assert not res["failed"]  # sample 0's logits moved, but only because of its tie
+        margin_flip = binary.clone()
+        margin_flip[1, 1] *= -1  # |x - t| = 2.5
+        res = _compare(_FakeSession([logits.numpy(), margin_flip.numpy()]), wrapper, [x], 1)
+        assert res["tie_flips"] == 0 and res["sign_flip_share"] == pytest.approx(1 / 12)
+        assert any("sign-flip share" in f for f in res["failed"])
+    finally:
+        taps.remove()
