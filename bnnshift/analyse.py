@@ -488,9 +488,9 @@ def _measure_sign(module: nn.Module, param: torch.Tensor, x: torch.Tensor) -> in
 
 def _own_additive_param(model: nn.Module, path: str, in_shape: tuple[int, ...] | None) -> tuple[str, int] | None:
     """(parameter name, sign) of the binarizer module's additive parameter, found by measurement."""
-    m = model.get_submodule(path)
     if not in_shape or len(in_shape) < 2:
         return None
+    m = copy.deepcopy(model.get_submodule(path))  # measured on a copy: a forward may write its own weights
     g = torch.Generator().manual_seed(1234)
     for name, p in m.named_parameters():
         if not p.is_floating_point() or p.numel() > 65536:
