@@ -83,6 +83,7 @@ def run_case(name: str, seed: int, args) -> dict:
               shifts=parse_shifts(args.shifts), seeds=[seed], compile=args.compile, train_limit=args.train_limit,
               batch_size=args.batch_size, bn_recalib_batches=0)
     case = {"model": name, "seed": seed, "shifts": kw["shifts"], "train_limit": args.train_limit,
+            "batch_size": args.batch_size,
             "eta": args.eta, "min_fraction": args.min_fraction, "compile": args.compile}
     _context(SearchConfig(**kw)).trainer.record_curve = True
     real = seed - args.first_seed < args.real_seeds
@@ -101,6 +102,8 @@ def run_case(name: str, seed: int, args) -> dict:
             pick, csteps = simulate_halving(curves, args.batch_size, s.candidates[0].steps, args.eta,
                                             args.min_fraction)
             case["simulated"] = {"winner": pick, "cost": {"candidate_steps": csteps}}
+            case["full"]["curves"] = {repr(t): v for t, v in curves.items()}  # for --schedules
+            case["full"]["total_steps"] = s.candidates[0].steps
             for c in s.candidates:
                 c.extra.pop("correct_curve", None)
     if real:
@@ -174,9 +177,29 @@ def summarize(cases: list[dict]) -> list[dict]:
                      "wall_ratio": statistics.mean(wall_ratio) if wall_ratio else float("nan"),
                      "real_halving_runs": len(wall_ratio),
                      "full_wall_s": statistics.mean(c["full"]["loop_seconds"] for c in cs),
-                     "halving_wall_s": statistics.mean([c["halving"]["loop_seconds"] for c in cs if "halving" in c]
+                     "halving_wall_s": statistics.mean([c["halving"]["loop_seconds"] for c in cs if c.get("halving")]
                                                        or [float("nan")])})
     return rows
+
+
+def schedule_table(cases: list[dict], etas=(2.0, 3.0), fractions=(0.0625, 0.125, 0.25)) -> None:
+    """Other (eta, first rung) choices, simulated exactly from the saved full searches' curves."""
+    print("\n| model | eta | first rung | same pick | within seed noise | regret pp (mean / worst) | candidate steps |")
+    print("|---|---|---|---|---|---|---|")
+    for name in dict.fromkeys(c["model"] for c in cases):
+        cs = [c for c in cases if c["model"] == name and "curves" in c.get("full", {})]
+        if not cs:
+            continue
+        for eta in etas:
+            for frac in fractions:
+                sim = []
+                for c in cs:
+                    curves = {float(k): v for k, v in c["full"]["curves"].items()}
+                    pick, steps = simulate_halving(curves, c.get("batch_size", 256), c["full"]["total_steps"], eta, frac)
+                    sim.append({**c, "halving": None, "simulated": {"winner": pick, "cost": {"candidate_steps": steps}}})
+                r = summarize(sim)[0]
+                print(f"| {name} | {eta:g} | {frac:g} | {r['agree']}/{r['cases']} | {r['within_noise']}/{r['cases']} | "
+                      f"{r['regret_mean_pp']:.2f} / {r['regret_worst_pp']:.2f} | {r['steps_ratio']:.3f}x |")
 
 
 def print_table(rows: list[dict]) -> None:
@@ -218,6 +241,7 @@ def main() -> None:
     if args.report:
         cases = [json.loads(line) for line in Path(args.report).read_text().splitlines() if line.strip()]
         print_table(summarize(cases))
+        schedule_table(cases)
         return
     import torch
 
@@ -245,6 +269,7 @@ def main() -> None:
                   f"{h['cost']['candidate_steps'] / f['cost']['candidate_steps']:.3f}x steps), "
                   f"load {case['loadavg'][0]:.1f}", flush=True)
     print_table(summarize(cases))
+    schedule_table(cases)
 
 
 if __name__ == "__main__":
