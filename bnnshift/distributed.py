@@ -364,7 +364,8 @@ def grid_state(trials, grid: dict[str, list]) -> GridState:
         p = _point(t)
         if p is None or p not in wanted:
             continue
-        if t.state == TrialState.COMPLETE and ATTR_RESULT in t.user_attrs:
+        if t.state in (TrialState.COMPLETE, TrialState.PRUNED) and ATTR_RESULT in t.user_attrs:
+            # PRUNED with a result: stopped at a successive-halving rung (duplicates have none)
             if p in st.done:
                 st.duplicates += 1
             else:
@@ -494,9 +495,10 @@ def run_worker(config: "SearchConfig", storage: str, study: str, out_dir: Path |
     interval = parse_heartbeat(heartbeat)[0] if spec.kind == "postgresql" else None
     grid = _grid_of(config)
     sampler = optuna.samplers.GridSampler(grid, seed=GRID_SAMPLER_SEED)
+    pruner = _halving_pruner(optuna, config)
     with _storage_errors(spec):
         st = optuna.create_study(study_name=study, storage=store, sampler=sampler, direction="maximize",
-                                 load_if_exists=True)
+                                 load_if_exists=True, pruner=pruner)
         config_hash = config.config_hash()
         state = grid_state(st.get_trials(deepcopy=False), grid)
         if st.user_attrs.get(ATTR_HASH) is not None and state.complete:
@@ -529,12 +531,22 @@ def run_worker(config: "SearchConfig", storage: str, study: str, out_dir: Path |
                     trial.set_user_attr(ATTR_DUPLICATE, other.number)
                     raise optuna.TrialPruned(f"t={shift:g} seed={seed} is trial {other.number}'s")
             _info(output, f"trial {trial.number}: t={shift:+g} seed={seed} ...")
-            r = run_candidate(config, float(shift), int(seed))
+            at_rung = None
+            if pruner is not None:
+                def at_rung(rung: int, steps: int, score: float) -> bool:
+                    trial.report(float(score), int(steps))
+                    return trial.should_prune()
+            r = run_candidate(config, float(shift), int(seed), at_rung=at_rung)
             trial.set_user_attr(ATTR_RESULT, r.to_json())
             trial.set_user_attr(ATTR_HASH, config_hash)
             mine.append(r)
+            stopped = pruner is not None and r.ok and r.rung is not None and r.steps is not None and \
+                r.steps < _total_steps(config)
             _info(output, f"trial {trial.number}: t={shift:+g} seed={seed}: "
-                          + (f"{r.score * 100:.2f}% ({r.seconds or 0:.1f}s)" if r.ok else f"failed: {r.error}"))
+                          + (f"{r.score * 100:.2f}% ({r.seconds or 0:.1f}s)" if r.ok else f"failed: {r.error}")
+                          + (f", stopped at rung {r.rung} ({r.steps} steps)" if stopped else ""))
+            if stopped:
+                raise optuna.TrialPruned(f"successive halving: stopped at rung {r.rung}")
             return _score_value(r)
 
         waited_note = False
@@ -573,6 +585,28 @@ def run_worker(config: "SearchConfig", storage: str, study: str, out_dir: Path |
             _info(output, f"nothing left to run: all {len(state.points)} candidates of study {study!r} are done")
         _finish(st, state, config_hash=config_hash, output=output, out_dir=out_dir)
     return mine
+
+
+def _total_steps(config: "SearchConfig") -> int:
+    from .search import _context
+
+    return _context(config).trainer.num_steps()
+
+
+def _halving_pruner(optuna, config: "SearchConfig"):
+    """``--schedule halving`` on a study: Optuna's ``SuccessiveHalvingPruner`` (asynchronous
+    successive halving, Li et al. 2020) with the local schedule's first rung and eta; every
+    worker passes the same pruner. None for ``--schedule full``."""
+    if getattr(config, "schedule", "full") != "halving":
+        return None
+    from .errors import UsageError
+    from .search import rung_steps
+
+    if float(config.eta) != int(config.eta):
+        raise UsageError(f"--eta {config.eta:g}: the distributed search needs a whole number", hint="e.g. --eta 2")
+    first = rung_steps(_total_steps(config), config.eta, config.min_fraction)[0]
+    return optuna.pruners.SuccessiveHalvingPruner(min_resource=int(first), reduction_factor=int(config.eta),
+                                                  min_early_stopping_rate=0)
 
 
 def _site_names(config: "SearchConfig") -> list[str]:
@@ -639,9 +673,22 @@ def _summary_from(st, state: GridState | None = None) -> "SearchSummary":
         end = max((t.datetime_complete or t.datetime_start) for t in times)
         seconds = (end - min(t.datetime_start for t in times)).total_seconds()
     config = dict(attrs.get(ATTR_CONFIG) or {})
-    return summarise(results, shifts=[float(s) for s in grid["shift"]], seeds=[int(s) for s in grid["seed"]],
-                     sites=sites, config=config, config_hash=attrs.get(ATTR_HASH, ""),
-                     metric=attrs.get(ATTR_METRIC) or config.get("metric", "train_acc"), seconds=seconds)
+    summary = summarise(results, shifts=[float(s) for s in grid["shift"]], seeds=[int(s) for s in grid["seed"]],
+                        sites=sites, config=config, config_hash=attrs.get(ATTR_HASH, ""),
+                        metric=attrs.get(ATTR_METRIC) or config.get("metric", "train_acc"), seconds=seconds)
+    if config.get("schedule") == "halving":
+        from .search import _cost, rung_steps, rungs_from
+
+        total = max((r.steps or 0 for r in results), default=0)  # asynchronous halving: the first trial finishes
+        plan = rung_steps(total, config.get("eta", 2), config.get("min_fraction", 0.125)) if total else []
+        summary.schedule = {"name": "halving", "eta": config.get("eta"), "min_fraction": config.get("min_fraction"),
+                            "rung_steps": plan, "pruner": "optuna SuccessiveHalvingPruner (asynchronous)"}
+        summary.rungs = rungs_from(results, plan)
+        summary.cost = {**_cost(results, len(grid["shift"]) * len(grid["seed"])),
+                        "full_grid_candidate_steps": total * len(grid["shift"]) * len(grid["seed"])}
+        cs = summary.cost.get("candidate_steps")
+        summary.cost["ratio"] = round(cs / summary.cost["full_grid_candidate_steps"], 4) if cs and total else None
+    return summary
 
 
 def study_summary(storage: str, study: str, *, connect_timeout: int | None = None) -> tuple["SearchSummary", dict]:

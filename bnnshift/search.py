@@ -764,7 +764,8 @@ def _finish_candidate(ctx: _Context, model: nn.Module, r: CandidateResult, metri
 
 def run_candidate(cfg: SearchConfig, shift: float, seed: int, *, model_factory: Callable | None = None,
                   train_one_epoch: Callable | None = None,
-                  progress: Callable[[int, int], None] | None = None) -> CandidateResult:
+                  progress: Callable[[int, int], None] | None = None,
+                  at_rung: Callable[[int, int, float], bool] | None = None) -> CandidateResult:
     """Train one candidate: ``cfg``'s model from the ``seed``'s initial weights (or the checkpoint),
     all sites shifted by ``shift``, one epoch (or ``cfg.steps``) in the batch order of ``seed``.
 
@@ -772,8 +773,15 @@ def run_candidate(cfg: SearchConfig, shift: float, seed: int, *, model_factory: 
     process (bitwise on the same machine and torch build). ``model_factory(seed)`` overrides the
     model (must build the same architecture), ``train_one_epoch`` the default trainer.
     Returns a :class:`CandidateResult` (``status='failed'`` with ``failed_step`` on NaN/inf loss).
+
+    ``at_rung(rung, steps, score_so_far) -> stop`` (default trainer only): called at each of
+    ``cfg``'s successive-halving rungs (:func:`rung_steps`) before the last; returning True stops
+    the candidate there (its result then has ``rung`` and the score so far). The distributed
+    search's pruner decides through it.
     """
     ctx = _context(cfg)
+    if at_rung is not None and train_one_epoch is None and model_factory is None:
+        return _run_with_rungs(ctx, cfg, shift, seed, at_rung)
     if model_factory is not None:
         ctx = copy.copy(ctx)
         ctx.factory, ctx.model, ctx.fresh_model = _as_factory(model_factory), None, True
@@ -786,6 +794,55 @@ def run_candidate(cfg: SearchConfig, shift: float, seed: int, *, model_factory: 
     finally:
         if trainer is None:
             ctx.trainer.progress = None
+
+
+def _run_with_rungs(ctx: _Context, cfg: SearchConfig, shift: float, seed: int,
+                    at_rung: Callable[[int, int, float], bool]) -> CandidateResult:
+    trainer = ctx.trainer
+    model = _shared_model(ctx, seed)
+    _set_shift(model, shift)
+    t0 = time.perf_counter()
+    run = trainer.start(model, seed=seed, shift=shift)
+    plan = rung_steps(run.total, cfg.eta, cfg.min_fraction)
+    hist: list[float] = []
+    for r, n in enumerate(plan):
+        failed = trainer.advance(run, model, n)
+        if failed is not None:
+            res = _result_from(failed, shift=shift, seed=seed, ctx=ctx, metric=cfg.metric,
+                               seconds=time.perf_counter() - t0)
+        elif n == run.total:
+            res = _result_from(trainer.result(run), shift=shift, seed=seed, ctx=ctx, metric=cfg.metric,
+                               seconds=time.perf_counter() - t0)
+        else:
+            part = trainer.partial(run)
+            hist.append(part["train_acc"])
+            if not at_rung(r, n, part["train_acc"]):
+                continue
+            res = _result_from(part, shift=shift, seed=seed, ctx=ctx, metric=cfg.metric,
+                               seconds=time.perf_counter() - t0)
+        if res.ok:
+            _finish_candidate(ctx, model, res, cfg.metric)
+            if n == run.total:
+                hist.append(res.score)
+        res.rung, res.rung_scores = r, list(hist)
+        return res
+    raise AssertionError("unreachable: the last rung is the whole run")
+
+
+def rungs_from(candidates: list[CandidateResult], plan: list[int]) -> list[dict[str, Any]]:
+    """The ``rungs`` of a report rebuilt from candidates' ``rung_scores`` (distributed search)."""
+    out = []
+    total = plan[-1] if plan else 0
+    for r, n in enumerate(plan):
+        reached = [c for c in candidates if c.ok and len(c.rung_scores) > r]
+        if not reached:
+            break
+        shifts = list(dict.fromkeys(c.shift for c in reached))
+        scores = {shift_key(t): _mean_or_none([c.rung_scores[r] for c in reached if c.shift == t]) for t in shifts}
+        kept = sorted({c.shift for c in reached if (c.rung or 0) > r})
+        out.append({"rung": r, "steps": n, "fraction": round(n / total, 6) if total else None, "candidates": shifts,
+                    "kept": kept, "scores": scores})
+    return out
 
 
 def _as_factory(model_factory: Callable) -> Callable[[int], nn.Module]:

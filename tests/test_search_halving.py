@@ -179,3 +179,34 @@ def test_search_reports_the_step_path_choice(tmp_path, monkeypatch):
 
     assert expected_steps(SearchConfig(schedule="halving", shifts=[0.0, 0.5, 1.0, 1.5], **MLP), 16) == 24
     assert expected_steps(SearchConfig(shifts=[0.0, 0.5, 1.0, 1.5], seeds=[0, 1], **MLP), 16) == 128
+
+
+# ------------------------------------------------------------------------------ distributed
+
+
+def test_distributed_halving_prunes_at_rungs_with_local_scores(tmp_path):
+    """--storage with --schedule halving: Optuna's SuccessiveHalvingPruner stops trials at the
+    local schedule's rungs; a stopped candidate's rung scores are the local halving's (paired)."""
+    pytest.importorskip("optuna")
+    from optuna.trial import TrialState
+
+    from bnnshift import distributed
+    from bnnshift.search import run_candidate
+
+    cfg = SearchConfig(steps=16, compile="off", shifts=SHIFTS, schedule="halving", **MLP)
+    storage = f"journal:{tmp_path / 'study.log'}"
+    mine = distributed.run_worker(cfg, storage, "h", tmp_path / "rep")
+    assert len(mine) == 4
+    st = distributed._load_study(distributed._optuna(), distributed.open_storage(storage), "h")
+    states = [t.state for t in st.get_trials(deepcopy=False)]
+    assert TrialState.PRUNED in states and TrialState.COMPLETE in states
+    summary, _ = distributed.study_summary(storage, "h")
+    stopped = [c for c in summary.candidates if c.steps < 16]
+    assert stopped and all(c.steps in (2, 4, 8) and c.rung_scores[-1] == c.score for c in stopped)
+    finished = [c for c in summary.candidates if c.steps == 16]
+    assert summary.winner in [c.shift for c in finished]
+    full = {t: run_candidate(SearchConfig(steps=16, compile="off", **MLP), t, 0) for t in [c.shift for c in finished]}
+    assert all(c.score == full[c.shift].score for c in finished)  # paired with the local search
+    data = json.loads((tmp_path / "rep" / "search.json").read_text())
+    assert data["schedule"]["name"] == "halving" and data["cost"]["candidate_steps"] < 64
+    assert data["cost"]["full_grid_candidate_steps"] == 64 and data["rungs"][0]["steps"] == 2

@@ -160,9 +160,6 @@ def search_command(
     if (storage is None) != (study is None):
         raise UsageError("--storage and --study go together")
     if storage is not None:
-        if cfg.schedule != "full":
-            raise UsageError("--schedule halving is not offered for the distributed search yet",
-                             hint="run the halving search in one process (no --storage), or use --schedule full")
         try:
             from .. import distributed
         except ModuleNotFoundError as exc:
