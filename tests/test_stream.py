@@ -278,3 +278,28 @@ def test_idx_streams_uint8_with_the_in_memory_normalisation(tmp_path, monkeypatc
     xs = [aug.train[(0, s)][0] for s in range(12)]
     assert any(not torch.allclose(x, mem.train_x[0], atol=1e-5) for x in xs)  # crops/flips happen
     assert all(x.shape == (1, 8, 8) for x in xs)
+
+
+def test_timm_pretrained_cfg_gives_the_normalisation(folder):
+    import timm
+
+    from bnnshift.search import _timm_data_defaults
+
+    model = timm.create_model("resnet18", pretrained=False, num_classes=3)
+    md = _timm_data_defaults(model)
+    assert md["mean"] == pytest.approx((0.485, 0.456, 0.406)) and md["std"] == pytest.approx((0.229, 0.224, 0.225))
+    assert _timm_data_defaults(torch.nn.Linear(2, 2)) == {}
+    src = open_stream(f"imagefolder:{folder}", input_shape=(3, 8, 8), options=StreamOptions(augment="imagenet"),
+                      model_defaults={**md, "crop_pct": 0.5})
+    assert src.mean == pytest.approx(md["mean"]) and src.options.crop_pct == 0.5
+    # --mean/--std win over the model's
+    own = open_stream(f"imagefolder:{folder}", input_shape=(3, 8, 8),
+                      options=StreamOptions(mean=(0.5,) * 3, std=(0.5,) * 3), model_defaults=md)
+    assert own.mean == (0.5, 0.5, 0.5)
+
+
+def test_storage_under_torchrun_is_a_usage_error(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    res = _run(["search", "zoo:mlp", "--data", "synthetic:64", "--storage", "sqlite:///x.db", "--study", "s"])
+    assert res.exit_code == 2 and "under torchrun" in _stderr(res)

@@ -159,6 +159,9 @@ def search_command(
         augment=augment, stream=stream, workers=workers, mean=mean, std=std, precision=precision)
     if (storage is None) != (study is None):
         raise UsageError("--storage and --study go together")
+    if storage is not None and launched_by_torchrun():
+        raise UsageError("--storage (Optuna workers) under torchrun is not supported: every rank would take "
+                         "its own trials", hint="run the Optuna workers as plain processes, or torchrun without --storage")
     if storage is not None:
         try:
             from .. import distributed
