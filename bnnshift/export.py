@@ -411,13 +411,42 @@ def _export(wrapper: nn.Module, x: torch.Tensor, opset: int | None, optimize: bo
                       hint="rerun with BNNSHIFT_DEBUG=1; see docs/patch.md (export)") from None
 
 
+def _default_opset(proto, asked: int | None) -> int | None:
+    """The opset of the default ONNX domain the file really uses (the exporter's when none was asked)."""
+    for imp in proto.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return int(imp.version)
+    return asked
+
+
+def _set_metadata(proto, model: nn.Module, extra: dict[str, str] | None) -> None:
+    """ONNX ``metadata_props``: bnnshift's version and the shifts per site (JSON), plus ``extra``
+    (``export_patched_dir``: the recipe's sha256), so a deployed file says what it is."""
+    import onnx
+
+    from ._version import __version__
+    from .patch import patch_state
+
+    st = patch_state(model)
+    props = {"bnnshift_version": __version__}
+    if st is not None:
+        props["bnnshift_shifts"] = json.dumps({k: float(v) for k, v in st.shifts.items()}, sort_keys=True)
+        if st.folded:
+            props["bnnshift_folded"] = json.dumps(dict(st.folded), sort_keys=True)
+    props.update(extra or {})
+    onnx.helper.set_model_props(proto, props)
+
+
 def export_onnx(model: nn.Module, input_shape: Iterable[int], path: str | os.PathLike[str], opset: int | None = None, *,
                 sites: Iterable[Site] | None = None, batches: int = DEFAULT_BATCHES,
-                batch_size: int = DEFAULT_BATCH_SIZE, seed: int = 0) -> ExportReport:
+                batch_size: int = DEFAULT_BATCH_SIZE, seed: int = 0,
+                metadata: dict[str, str] | None = None) -> ExportReport:
     """Export ``model`` (eval mode) to ONNX at ``path`` and verify it against torch with onnxruntime.
 
     ``sites``: binary activations to compare (default: the sites of a model patched by
-    bnnshift, folded ones included). Returns an ``ExportReport``; raises ``ExportError`` when
+    bnnshift, folded ones included). ``metadata``: extra ONNX ``metadata_props`` (bnnshift's
+    version and the shifts are always written). ``ExportReport.opset`` is the opset the file
+    uses. Returns an ``ExportReport``; raises ``ExportError`` when
     the exporter fails and ``VerificationError`` when no try passes. Nothing is written then.
     """
     import onnx
@@ -470,6 +499,7 @@ def export_onnx(model: nn.Module, input_shape: Iterable[int], path: str | os.Pat
                 # the deliverable: the same graph without the taps
                 del proto.graph.output[1:]
                 _dce(proto)
+                _set_metadata(proto, model, metadata)
                 onnx.checker.check_model(proto)
                 clean = proto.SerializeToString()
                 res2 = _compare(_session(clean, ort_opt), wrapper, data[:1], 0, exclude=res["tied_masks"][:1])
@@ -481,7 +511,7 @@ def export_onnx(model: nn.Module, input_shape: Iterable[int], path: str | os.Pat
                     warn.append("verified with onnxruntime graph optimizations OFF: run it with "
                                 "SessionOptions.graph_optimization_level = ORT_DISABLE_ALL")
                 atomic_write_bytes(path, clean)
-                return ExportReport(path=str(path), opset=opset, exporter=exporter, dynamic_batch=dynamic,
+                return ExportReport(path=str(path), opset=_default_opset(proto, opset), exporter=exporter, dynamic_batch=dynamic,
                                     nodes=len(proto.graph.node), optimize=optimize, ort_graph_optimizations=ort_opt,
                                     max_abs_diff=res["max_abs_diff"], top1_agreement=res["top1_agreement"],
                                     sign_flip_share=res["sign_flip_share"], sites_checked=n_out - 1,
@@ -508,7 +538,10 @@ def _export_dir_inprocess(out_dir: str, onnx_path: str, opset: int | None, batch
     if not recipe.input_shape:
         raise ExportError(f"{out_dir}/patch.json has no input_shape", hint="re-run bnnshift patch with --input-shape")
     model = load_patched(out_dir)
-    return export_onnx(model, recipe.input_shape, onnx_path, opset, batches=batches)
+    from ._io import sha256_file
+
+    return export_onnx(model, recipe.input_shape, onnx_path, opset, batches=batches,
+                       metadata={"bnnshift_recipe_sha256": sha256_file(Path(out_dir) / "patch.json")})
 
 
 def export_patched_dir(out_dir: str | os.PathLike[str], onnx_path: str | os.PathLike[str], opset: int | None = None, *,

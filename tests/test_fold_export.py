@@ -218,6 +218,7 @@ def test_cli_fold_then_export(tmp_path):
     assert r.exit_code == 0, r.output
     rep = json.loads(r.stdout)
     assert rep["passed"] and rep["sign_flip_share"] == 0.0 and rep["sites_checked"] == 2
+    assert isinstance(rep["opset"], int) and rep["opset"] >= 7  # the file's opset, not null
 
 
 def test_cli_export_exit_4(tmp_path, monkeypatch):

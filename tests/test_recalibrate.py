@@ -135,6 +135,14 @@ def test_fold_and_export_with_data(finetuned, tmp_path):
     bn = payload["bn_statistics"]
     assert bn["before"]["stale"] and not bn["after"]["stale"] and bn["recalibrated"]
     assert "stale" in r.stderr
+    import onnx
+
+    proto = onnx.load(str(tmp_path / "m.onnx"))
+    props = {p.key: p.value for p in proto.metadata_props}
+    assert props["bnnshift_version"] == bnnshift.__version__
+    assert json.loads(props["bnnshift_shifts"]) == {"act1": 1.0, "act2": 1.0}
+    assert len(props["bnnshift_recipe_sha256"]) == 64
+    assert payload["opset"] == next(i.version for i in proto.opset_import if i.domain in ("", "ai.onnx"))
     import numpy as np
     import onnxruntime as ort
 

@@ -12,9 +12,29 @@ app = typer.Typer(
          "(Kim et al., CVPR 2021). Exit codes: 0 ok, 1 error, 2 usage, 3 no binary activation, "
          "4 verification failed.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion (bash, zsh, fish, PowerShell)
+    context_settings={"help_option_names": ["-h", "--help"]},
     pretty_exceptions_enable=False,
 )
+
+
+def _flags_without_type() -> None:
+    """typer's rich help prints ``<bool>`` after every on/off flag (``--json <bool>``), as if it
+    took a value; a flag takes none, so its type column stays empty."""
+    from typer.core import TyperOption
+
+    shown = TyperOption.display_type_rich
+    if getattr(shown, "_bnnshift", False):
+        return
+
+    def display_type_rich(self, ctx):
+        return None if self.is_flag else shown(self, ctx)
+
+    display_type_rich._bnnshift = True  # type: ignore[attr-defined]
+    TyperOption.display_type_rich = display_type_rich
+
+
+_flags_without_type()
 
 
 def _version_callback(value: bool):
@@ -26,7 +46,11 @@ def _version_callback(value: bool):
 @app.callback()
 def _root(version: bool = typer.Option(False, "--version", callback=_version_callback, is_eager=True,
                                        help="Print the version and exit.")):
-    pass
+    import logging
+
+    # torch.compile imports cpp_extension, which logs "No CUDA runtime is found, using CUDA_HOME=..."
+    # on every CPU-only run: noise for a bnnshift user (the device is reported in search.json)
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 
 
 def _register_commands() -> None:
@@ -43,4 +67,4 @@ _register_commands()
 
 
 def main() -> None:
-    app()
+    app(prog_name="bnnshift")

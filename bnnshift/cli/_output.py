@@ -7,6 +7,17 @@ from typing import Any
 from .._io import jsonable
 
 
+_REDIRECTED: list = []  # the real stdout while --json sends everything else to stderr
+
+
+def restore_stdout():
+    """Undo the --json redirect (an error is reported after it); returns the real stdout."""
+    if _REDIRECTED:
+        sys.stdout = _REDIRECTED[0]
+        _REDIRECTED.clear()
+    return sys.stdout
+
+
 class Output:
     """``json``: only JSON on stdout; everything else goes to stderr.
 
@@ -28,6 +39,7 @@ class Output:
         # is built and run (banners, shape traces) goes to stderr until the result is written
         self._stdout = sys.stdout
         if json_mode:
+            _REDIRECTED.append(sys.stdout)
             sys.stdout = sys.stderr
 
     @property
@@ -53,9 +65,164 @@ class Output:
 
     def result(self, payload: dict[str, Any], human: str | None = None) -> None:
         if self.json_mode:
+            restore_stdout()
             sys.stdout = self._stdout
             self._stdout.write(json.dumps(payload, indent=2, default=jsonable) + "\n")
             self._stdout.flush()
         elif human and not self.quiet:
             self.out.print(human)
 
+
+
+HEARTBEAT_SECONDS = 30.0  # plain progress lines when stderr is not a terminal (env BNNSHIFT_PROGRESS_EVERY)
+
+
+def _hms(seconds: float | None) -> str:
+    if seconds is None or seconds != seconds or seconds < 0:
+        return "?"
+    s = int(round(seconds))
+    return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else (f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s")
+
+
+class SearchProgress:
+    """The search's progress on stderr: the hooks ``start / step / end / skip`` of ``search``.
+
+    At a terminal (rich): one overall bar across candidates with its ETA (fractional: the
+    current candidate's steps count), one bar for the current candidate's steps labelled
+    "compiling / first step" until its first step reports, and one line per finished candidate.
+    Not at a terminal (CI logs, pipes): one line per finished candidate and a heartbeat line
+    every ``BNNSHIFT_PROGRESS_EVERY`` seconds (default 30) from a background thread, so a long
+    compile or epoch is never silent. Nothing with --json / --quiet.
+    """
+
+    def __init__(self, out: Output, every: float | None = None):
+        import os
+        import threading
+        import time
+
+        self.out = out
+        self.enabled = out.progress_enabled
+        self.plain = not self.enabled and not (out.json_mode or out.quiet)
+        env = os.environ.get("BNNSHIFT_PROGRESS_EVERY")
+        self.every = every if every is not None else (float(env) if env else HEARTBEAT_SECONDS)
+        self.bar = self.total_task = self.task = None
+        self._clock = time.monotonic
+        self._t0 = self._clock()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = None
+        self.n = 0
+        self.finished = 0  # candidates trained in this run
+        self.skipped = 0  # from the journal
+        self.current: tuple | None = None  # (shift, seed, i)
+        self.done = 0
+        self.steps: int | None = None
+        self._last_line = self._t0
+        self._first: tuple[float, float] | None = None  # (time, fraction) at the first step report
+
+    # ------------------------------------------------------------------ context
+    def __enter__(self):
+        if self.enabled:
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn,
+                                       TimeElapsedColumn, TimeRemainingColumn)
+
+            self.bar = Progress(TextColumn("{task.description}", markup=False), BarColumn(), TaskProgressColumn(),
+                                MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                                console=self.out.err, transient=False)
+            self.bar.__enter__()
+        elif self.plain and self.every > 0:
+            import threading
+
+            self._thread = threading.Thread(target=self._beat, name="bnnshift-heartbeat", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=1)
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
+
+    # ------------------------------------------------------------------ state
+    def fraction(self) -> float:
+        """Share of this run's candidates done, the current one's steps included."""
+        todo = max(1, self.n - self.skipped)
+        cur = (self.done / self.steps) if self.steps else 0.0
+        return min(1.0, (self.finished + (cur if self.current else 0.0)) / todo)
+
+    def eta(self) -> float | None:
+        """Seconds left at the rate measured since the first training step (a compile before it
+        would make the first candidate look slow)."""
+        f = self.fraction()
+        if self._first is None or f <= self._first[1]:
+            return None
+        t1, f1 = self._first
+        return (1.0 - f) * (self._clock() - t1) / (f - f1)
+
+    def status_line(self) -> str:
+        with self._lock:
+            if self.current is None:
+                return f"search: {self.finished + self.skipped}/{self.n} candidates, {_hms(self._clock() - self._t0)}"
+            shift, seed, i = self.current
+            what = ("compiling / first step" if self.steps is None else f"step {self.done}/{self.steps}")
+            return (f"[{i + 1}/{self.n}] t={shift:+g} seed={seed}: {what}; search {self.fraction() * 100:.0f}% done, "
+                    f"{_hms(self._clock() - self._t0)} elapsed, ETA {_hms(self.eta())}")
+
+    def _beat(self) -> None:
+        while not self._stop.wait(min(self.every, 1.0)):
+            if self._clock() - self._last_line >= self.every:
+                self._last_line = self._clock()
+                self.out.info(self.status_line())
+
+    # ------------------------------------------------------------------ hooks
+    def start(self, shift, seed, i, n):
+        with self._lock:
+            self.n, self.current, self.done, self.steps = n, (shift, seed, i), 0, None
+        if self.bar is not None:
+            if self.total_task is None:
+                self.total_task = self.bar.add_task("search", total=n - self.skipped)
+            desc = f"[{i + 1}/{n}] t={shift:+g} seed={seed}: compiling / first step"
+            if self.task is None:
+                self.task = self.bar.add_task(desc, total=None)
+            else:
+                self.bar.reset(self.task, description=desc, total=None)
+
+    def step(self, done, total):
+        with self._lock:
+            first = self.steps is None
+            self.done, self.steps = done, total
+            if self._first is None:
+                self._first = (self._clock(), self.fraction())
+            cur = self.current
+        if self.bar is not None and self.task is not None:
+            kw = {}
+            if first and cur is not None:
+                kw["description"] = f"[{cur[2] + 1}/{self.n}] t={cur[0]:+g} seed={cur[1]}"
+            self.bar.update(self.task, completed=done, total=total, **kw)
+            if self.total_task is not None:
+                self.bar.update(self.total_task, completed=self.fraction() * max(1, self.n - self.skipped))
+
+    def end(self, r, i, n):
+        with self._lock:
+            self.n = n
+            self.finished += 1
+            self.current = None
+        line = f"[{i + 1}/{n}] t={r.shift:+g} seed={r.seed}: " + (
+            f"{r.score * 100:.2f}% ({(r.seconds or 0):.1f}s)" if r.ok else f"failed: {r.error}")
+        if self.bar is not None:
+            from rich.markup import escape
+
+            self.bar.console.print(escape(line) if r.ok else escape(line).replace("failed", "[red]failed[/red]", 1))
+            if self.total_task is not None:
+                self.bar.update(self.total_task, completed=self.finished)
+        elif self.plain:
+            self._last_line = self._clock()
+            self.out.info(line + f"; ETA {_hms(self.eta())}")
+
+    def skip(self, r, i, n):
+        with self._lock:
+            self.n = n
+            self.skipped += 1
+        if not self.out.json_mode and not self.out.quiet:
+            self.out.info(f"[{i + 1}/{n}] t={r.shift:+g} seed={r.seed}: from the journal")

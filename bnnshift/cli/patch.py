@@ -172,7 +172,7 @@ def _do_patch(o, model, arg, checkpoint, input_shape, out_dir, cfg, ht, trainabl
 
 def _print_export(o: Output, r) -> None:
     flips = "not checked" if r.sign_flip_share is None else f"{r.sign_flip_share:.2e} over {r.sites_checked} sites"
-    o.info(f"ONNX {r.path}: {r.nodes} nodes ({r.exporter}, optimizer {'on' if r.optimize else 'off'}); "
+    o.text(f"ONNX {r.path}: opset {r.opset}, {r.nodes} nodes ({r.exporter}, optimizer {'on' if r.optimize else 'off'}); "
            f"onnxruntime vs torch: max |dlogit| {r.max_abs_diff:.2e}, top-1 agreement {r.top1_agreement:.3f}, "
            f"sign flips {flips}")
     for w in r.warnings:

@@ -8,51 +8,11 @@ import typer
 from . import app
 from ._common import ARG, CHECKPOINT, INPUT_SHAPE, JSON, MODEL, NON_STRICT, QUIET, ArgList
 from ._errors import handle_errors
-from ._output import Output
+from ._output import Output, SearchProgress
 
 
-class _RichProgress:
-    """One progress bar per candidate on stderr (only for a human at a terminal)."""
-
-    def __init__(self, out: Output):
-        self.out = out
-        self.enabled = out.progress_enabled
-        self.bar = None
-        self.task = None
-
-    def __enter__(self):
-        if self.enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                TimeElapsedColumn(), console=self.out.err, transient=False)
-            self.bar.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        if self.bar is not None:
-            self.bar.__exit__(*exc)
-
-    def start(self, shift, seed, i, n):
-        if self.bar is not None:
-            self.task = self.bar.add_task(f"[{i + 1}/{n}] t={shift:+g} seed={seed}", total=None)
-
-    def step(self, done, total):
-        if self.bar is not None and self.task is not None:
-            self.bar.update(self.task, completed=done, total=total)
-
-    def end(self, r, i, n):
-        if self.bar is not None and self.task is not None:
-            desc = f"[{i + 1}/{n}] t={r.shift:+g} seed={r.seed}: " + (
-                f"{r.score * 100:.2f}%" if r.ok else f"[red]failed[/red] ({r.error})")
-            self.bar.update(self.task, description=desc)
-        elif not self.out.json_mode and not self.out.quiet:
-            self.out.info(f"[{i + 1}/{n}] t={r.shift:+g} seed={r.seed}: "
-                          + (f"{r.score * 100:.2f}% ({r.seconds:.1f}s)" if r.ok else f"failed: {r.error}"))
-
-    def skip(self, r, i, n):
-        if not self.out.json_mode and not self.out.quiet:
-            self.out.info(f"[{i + 1}/{n}] t={r.shift:+g} seed={r.seed}: from the journal")
+# the progress display (overall bar with ETA, current candidate's steps, heartbeat lines off a terminal)
+_RichProgress = SearchProgress
 
 
 @app.command("search")
@@ -77,7 +37,7 @@ def search_command(
     val: bool = typer.Option(False, "--val", help="Also measure held-out accuracy (after re-estimating BN stats)."),
     metric: str = typer.Option("train_acc", "--metric", help="Rank by train_acc (paper), last_acc or val_acc."),
     bn_recalib_batches: int = typer.Option(20, "--bn-recalib-batches"),
-    hardtanh: bool = typer.Option(False, "--hardtanh", "--hardtanh-shift",
+    hardtanh: bool = typer.Option(False, "--hardtanh",
                                   help="Shift the hardtanh of a full-precision model instead of the signs."),
     input_shape: Optional[str] = INPUT_SHAPE,
     train_limit: Optional[int] = typer.Option(None, "--train-limit", help="Use this many training samples."),

@@ -1,0 +1,54 @@
+"""CLI conventions (issue 12): -h, shell completion, flags shown as flags, one meaning per option
+name, a JSON error object on stdout with --json."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jsonschema
+import pytest
+from typer.testing import CliRunner
+
+from bnnshift.cli import app
+
+ERROR_SCHEMA = json.loads((Path(__file__).resolve().parents[1] / "docs" / "error.schema.json").read_text())
+COMMANDS = ["scan", "zoo", "patch", "fold", "search", "export", "report"]
+runner = CliRunner()
+
+
+def help_of(*cmd) -> str:
+    r = runner.invoke(app, [*cmd, "-h"], prog_name="bnnshift", env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
+    return r.output
+
+
+@pytest.mark.parametrize("cmd", [[], *[[c] for c in COMMANDS]])
+def test_dash_h_and_flags_shown_as_flags(cmd):
+    text = help_of(*cmd)
+    assert "Usage:" in text and "-h" in text
+    assert "<bool>" not in text  # an on/off flag takes no value
+
+
+def test_show_completion():
+    r = runner.invoke(app, ["--show-completion", "bash"], prog_name="bnnshift")
+    assert r.exit_code == 0 and "complete" in r.output and "bnnshift" in r.output
+
+
+def test_hardtanh_shift_means_one_thing():
+    assert "--hardtanh-shift" in help_of("patch")  # a number there
+    assert "--hardtanh-shift" not in help_of("search")  # the flag is --hardtanh
+
+
+@pytest.mark.parametrize("args,code", [
+    (["scan", "zoo:no-such-model", "--json"], 2),
+    (["fold", "/nonexistent/dir", "--json"], 1),
+    (["export", "/nonexistent/dir", "--onnx", "/tmp/x.onnx", "--json"], 1),
+])
+def test_json_failure_is_a_json_error_object(args, code):
+    r = runner.invoke(app, args)
+    assert r.exit_code == code, r.output
+    payload = json.loads(r.stdout)
+    jsonschema.validate(payload, ERROR_SCHEMA)
+    assert payload["exit_code"] == code and r.stderr.startswith("error: ")
+    r = runner.invoke(app, [a for a in args if a != "--json"])
+    assert r.stdout == ""  # without --json: only the line on stderr
