@@ -16,7 +16,7 @@ import bnnshift
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 ROOT = Path(bnnshift.__file__).resolve().parent.parent
-RUNNABLE = ["finetune.md"]
+RUNNABLE = ["finetune.md", "your-model.md"]
 FENCE = re.compile(r"^```([^\n`]*)\n(.*?)^```\s*$", re.S | re.M)
 
 
