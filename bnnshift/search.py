@@ -953,7 +953,9 @@ def summarise(candidates: list[CandidateResult], *, shifts: list[float], seeds: 
     for c in candidates:
         if by_seed_init.setdefault(c.seed, c.init_hash) != c.init_hash:
             shared_init = False
-        if by_seed_batch.setdefault(c.seed, c.batch_order_hash) != c.batch_order_hash:
+        # a streamed candidate's hash covers the batches it trained (halving stops some early):
+        # compare candidates of a seed that trained the same number of steps
+        if by_seed_batch.setdefault((c.seed, c.steps), c.batch_order_hash) != c.batch_order_hash:
             shared_batches = False
     del inits
     comp = next((c for c in candidates if c.compiled is not None and not c.resumed), None) or \

@@ -511,7 +511,6 @@ class DefaultTrainer:
 
     def start(self, model: nn.Module, *, seed: int, shift: float) -> "TrainRun":
         """A fresh run of one candidate at step 0 (optimizer built, dropout stream seeded)."""
-        from .data.stream import BatchHasher
         from .parallel import dist_info
 
         world = dist_info().world
@@ -522,10 +521,15 @@ class DefaultTrainer:
         total = self.num_steps()
         per_epoch = total if self.cfg.steps else max(1, self.num_train // self.cfg.batch_size)
         torch.manual_seed(mix_seed(seed, "train"))  # dropout etc.: same stream for every t
-        return TrainRun(seed=int(seed), shift=float(shift), total=total, per_epoch=per_epoch,
-                        last_from=total - max(1, int(round(total * LAST_PART))), setup=setup,
-                        scaler=self._scaler(),
-                        hasher=BatchHasher(self.num_train, self.cfg.batch_size) if self.stream is not None else None)
+        run = TrainRun(seed=int(seed), shift=float(shift), total=total, per_epoch=per_epoch,
+                       last_from=total - max(1, int(round(total * LAST_PART))), setup=setup, scaler=self._scaler())
+        run.hasher = self._hasher(run.batch_digests)
+        return run
+
+    def _hasher(self, digests: list[str] | None):
+        from .data.stream import BatchHasher
+
+        return BatchHasher(self.num_train, self.cfg.batch_size, digests) if self.stream is not None else None
 
     def _scaler(self):
         return torch.amp.GradScaler(self.train_x.device.type) if self.precision == "fp16" else None
@@ -630,9 +634,12 @@ class DefaultTrainer:
         first epoch), mean loss, steps."""
         seen = run.epoch_seen[0] if run.epoch_seen else 0
         acc = (run.epoch_hits[0] / seen) if seen else None
-        return {"train_acc": acc, "loss": run.loss_sum / max(1, run.step), "steps": run.step,
-                "first_losses": list(run.first_losses), "compiled": run.compiled,
-                "compile_seconds": run.compile_seconds, "compile_error": run.compile_error}
+        out = {"train_acc": acc, "loss": run.loss_sum / max(1, run.step), "steps": run.step,
+               "first_losses": list(run.first_losses), "compiled": run.compiled,
+               "compile_seconds": run.compile_seconds, "compile_error": run.compile_error}
+        if run.hasher is not None:  # streaming: the batches trained so far
+            out["batch_order_hash"] = run.hasher.hexdigest()
+        return out
 
     def snapshot(self, run: "TrainRun", model: nn.Module) -> dict[str, Any]:
         """Everything needed to continue ``run`` later bitwise: model and optimizer/scheduler
@@ -674,7 +681,7 @@ class DefaultTrainer:
         run.scaler = self._scaler()
         if run.scaler is not None and state.get("scaler"):
             run.scaler.load_state_dict(state["scaler"])
-        # a streamed run continued from a snapshot has no hash of its earlier batches
+        run.hasher = self._hasher(run.batch_digests)  # a streamed run's hash continues
         return run
 
 
@@ -704,10 +711,12 @@ class TrainRun:
     compile_seconds: float | None = None
     compile_error: str | None = None
     scaler: Any = None  # torch.amp.GradScaler for fp16
-    hasher: Any = None  # streaming: BatchHasher over the batches trained so far
+    hasher: Any = None  # streaming: BatchHasher over the batches trained so far (its digests below)
+    batch_digests: list[str] = field(default_factory=list)
 
     _COUNTERS = ("seed", "shift", "total", "per_epoch", "last_from", "step", "correct", "seen", "last_correct",
-                 "last_seen", "loss_sum", "first_losses", "epoch_hits", "epoch_seen", "curve")
+                 "last_seen", "loss_sum", "first_losses", "epoch_hits", "epoch_seen", "curve",
+                 "batch_digests")
 
     def counters(self) -> dict[str, Any]:
         return {k: (list(v) if isinstance(v, list) else v) for k in self._COUNTERS for v in [getattr(self, k)]}

@@ -303,3 +303,22 @@ def test_storage_under_torchrun_is_a_usage_error(monkeypatch):
     monkeypatch.setenv("RANK", "0")
     res = _run(["search", "zoo:mlp", "--data", "synthetic:64", "--storage", "sqlite:///x.db", "--study", "s"])
     assert res.exit_code == 2 and "under torchrun" in _stderr(res)
+
+
+def test_halving_keeps_the_streamed_batch_hash(folder, tiny_model):
+    """--schedule halving pauses and continues candidates: the survivor's hash is the hash of the
+    whole seeded, augmented sequence; candidates stopped at the same rung share theirs."""
+    res = _run(["search", tiny_model, "--input-shape", "3,8,8", "--data", f"imagefolder:{folder}",
+                "--augment", "cifar", "--workers", "0", "--shifts", "0,0.5,1,1.5", "--batch-size", "32",
+                "--steps", "8", "--schedule", "halving", "--min-fraction", "0.25", "--bn-recalib-batches", "1",
+                "--no-compile", "--json"])
+    assert res.exit_code == 0, _stderr(res)
+    data = json.loads(res.stdout)
+    assert data["shared_batches"] is True and data["shared_init"] is True
+    src = open_stream(f"imagefolder:{folder}", input_shape=(3, 8, 8), options=StreamOptions(augment="cifar"))
+    by_steps: dict[int, set] = {}
+    for c in data["candidates"]:
+        by_steps.setdefault(c["steps"], set()).add(c["batch_order_hash"])
+    assert all(len(v) == 1 for v in by_steps.values()) and max(by_steps) == 8 and len(by_steps) >= 2
+    for steps, hashes in by_steps.items():  # a rung's batches are the first of the same sequence
+        assert hashes == {_epoch_hash(src, seed=0, workers=0, steps=steps, batch=32)}

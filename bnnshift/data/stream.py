@@ -508,20 +508,22 @@ class eval_batches:  # noqa: N801 - used like a function returning a re-iterable
 
 
 class BatchHasher:
-    """sha256 over the batches a candidate trains on: sample count, batch size, indices (when known),
-    labels and :data:`HASH_VALUES` evenly spaced values of each (augmented) input batch, hashed on
-    the CPU tensor before it moves to the device. 16 hex digits."""
+    """sha256 over the batches a candidate trains on: sample count, batch size, and per batch a
+    digest of its labels and :data:`HASH_VALUES` evenly spaced values of the (augmented) input,
+    taken on the CPU tensor before it moves to the device. ``digests`` (one 16-hex string per
+    batch) is plain data, so a paused run's hash survives a snapshot. 16 hex digits."""
 
-    def __init__(self, n: int, batch_size: int):
-        self.h = hashlib.sha256(f"stream;n={n};bs={batch_size};".encode())
+    def __init__(self, n: int, batch_size: int, digests: list[str] | None = None):
+        self.header = f"stream;n={n};bs={batch_size};"
+        self.digests = digests if digests is not None else []
 
     def update(self, xb: torch.Tensor, yb: torch.Tensor) -> None:
         flat = xb.detach().reshape(-1)
         k = min(HASH_VALUES, flat.numel())
         pick = flat[torch.linspace(0, flat.numel() - 1, k).round().long()] if k else flat
-        self.h.update(pick.to(torch.float32).contiguous().numpy().tobytes())
-        self.h.update(yb.detach().to(torch.int64).contiguous().numpy().tobytes())
-        self.h.update(b"|")
+        h = hashlib.sha256(pick.to(torch.float32).contiguous().numpy().tobytes())
+        h.update(yb.detach().to(torch.int64).contiguous().numpy().tobytes())
+        self.digests.append(h.hexdigest()[:16])
 
     def hexdigest(self) -> str:
-        return self.h.hexdigest()[:16]
+        return hashlib.sha256((self.header + "|".join(self.digests)).encode()).hexdigest()[:16]
