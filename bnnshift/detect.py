@@ -164,6 +164,7 @@ def dynamic_pass(model: nn.Module, x: torch.Tensor, *, train_mode: bool = True) 
         result.fingerprints[("op", ev.scope, ev.index)] = fingerprint(ev.inputs[0] if ev.inputs else None)
 
     def any_post(path, k, output):
+        result.fingerprints[("out", path, k)] = fingerprint(output)
         result.calls.append(CallRecord(path, k, type(mods[path]), pending.pop((path, k), ValueSummary(False)),
                                        summarize(output)))
 
@@ -271,10 +272,23 @@ class Discovery:
     inplace_writes: list[str] = field(default_factory=list)  # parameters the forward assigns (.data = ...)
 
 
-def _name_sites(sites: list[Site], module_calls: dict[str, int]) -> None:
-    """Give each site a unique, readable name (per call site)."""
+def _name_sites(sites: list[Site], module_calls: dict[str, int], bases: dict[int, str] | None = None) -> None:
+    """Give each site a unique, readable name (per call site) that says where it is.
+
+    Module sites are the module path (``layer1.act``, ``layer1.act@1`` per call), input
+    quantizers ``conv:input``; an inline op is named after the module whose output it
+    binarizes (``bn1:output``, from ``bases``) or, when the value is computed in the same
+    forward, ``scope:op`` (``layer1.0:sign``, ``root:sign``).
+    """
+    bases = bases or {}
     counters: dict[str, int] = {}
     for s in sites:
+        if s.kind == KIND_INLINE and id(s) in bases:
+            base = bases[id(s)]
+            n = counters.get(base, 0)
+            counters[base] = n + 1
+            s.name = base if n == 0 else f"{base}_{n}"
+            continue
         if s.kind == KIND_MODULE or s.kind == KIND_HARDTANH:
             s.name = s.module if module_calls.get(s.module, 1) <= 1 else f"{s.module}@{s.call_index}"
         elif s.kind == KIND_INPUT:
@@ -292,6 +306,63 @@ def _name_sites(sites: list[Site], module_calls: dict[str, int]) -> None:
             s.name = f"{s.name}#{seen[s.name]}"
         else:
             seen[s.name] = 0
+
+
+_PASS_METHODS = {"view", "reshape", "flatten", "contiguous", "clone", "detach", "float", "to", "type_as"}
+
+
+def _stack_call(node: fx.Node, path: str) -> int:
+    """Which call of module ``path`` was running when ``node`` executed (from nn_module_stack)."""
+    for key, val in (node.meta.get("nn_module_stack") or {}).items():
+        p = val[0] if isinstance(val, tuple) else str(val)
+        if p == path and "@" in str(key):
+            try:
+                return int(str(key).rsplit("@", 1)[1])
+            except ValueError:
+                return 0
+    return 0
+
+
+def _with_call(path: str, k: int, calls: dict[str, int]) -> str:
+    return f"{path}:output" if calls.get(path, 1) <= 1 else f"{path}:output@{k}"
+
+
+def _graph_output_name(first: fx.Node, scope: str, call_index_of: dict, calls: dict[str, int]) -> str | None:
+    """``module:output`` when the op binarizes the output of a module call, else None."""
+    p = first
+    for _ in range(8):
+        if p.op == "call_method" and p.target in _PASS_METHODS and p.args and isinstance(p.args[0], fx.Node):
+            p = p.args[0]
+        else:
+            break
+    if p.op == "call_module":
+        return _with_call(str(p.target), call_index_of.get(p, 0), calls)
+    ps, _ = node_scope(p)
+    inside = ps.startswith(scope + ".") if scope else bool(ps)
+    if not inside or p.op in ("placeholder", "get_attr"):
+        return None
+    # computed inside a child of ``scope``: the value left that child as its output
+    rest = ps[len(scope) + 1:] if scope else ps
+    child = (f"{scope}." if scope else "") + rest.split(".")[0]
+    return _with_call(child, _stack_call(p, child), calls)
+
+
+def _dynamic_output_name(dyn: DynamicPass, ev: OpEvent, bin_paths: set[str], calls: dict[str, int]) -> str | None:
+    """Untraced: the module call whose output has the values the op reads (deepest, latest)."""
+    fp = dyn.fingerprints.get(("op", ev.scope, ev.index))
+    if fp is None:
+        return None
+    best = None
+    for key, other in dyn.fingerprints.items():
+        if key[0] != "out" or other != fp or not key[1]:
+            continue
+        path, k = key[1], key[2]
+        if path == ev.scope or ev.scope.startswith(path + ".") or path in bin_paths:
+            continue  # still running when the op ran, or a binarizer
+        rank = (path.count("."), k)
+        if best is None or rank > best[0]:
+            best = (rank, path, k)
+    return _with_call(best[1], best[2], calls) if best else None
 
 
 def _op_name(ev: OpEvent | None, label: str, target: Any = None) -> str:
@@ -337,6 +408,8 @@ def discover(model: nn.Module, input_shape: tuple[int, ...], *, include_hardtanh
         warnings.append(f"the model could not be traced ({exc.message}); sites come from the dynamic pass only, without context")
 
     sites: list[Site] = []
+    bases: dict[int, str] = {}  # id(site) -> "module:output" name base
+    site_notes: list[tuple[Site, str]] = []  # warnings about a site, worded once it has its name
     node_of_site: dict[str, fx.Node] = {}
     weight_binarizers = 0
     binary_params: set[str] = set()
@@ -379,7 +452,8 @@ def discover(model: nn.Module, input_shape: tuple[int, ...], *, include_hardtanh
             op_counts[scope] = j + 1
             rec = dyn.op(scope, j)
             if rec is None or rec[0].label != label:
-                warnings.append(f"op {n.name} in {scope or 'root'} was not seen at run time as op #{j}; skipped")
+                warnings.append(f"binarizing op #{j} in {scope or 'the root forward'} was not seen "
+                                "at run time in the same order; skipped")
                 continue
             ev, in_sum, out_sum = rec
             is_bool = isinstance(ev.output, torch.Tensor) and ev.output.dtype == torch.bool
@@ -391,7 +465,8 @@ def discover(model: nn.Module, input_shape: tuple[int, ...], *, include_hardtanh
                 binary_params.update(_param_ancestors(n))
                 continue
             if in_sum.binary:
-                warnings.append(f"{n.name} in {scope or 'root'} binarizes an input that is already binary; not a site")
+                warnings.append(f"binarizing op #{j} in {scope or 'the root forward'} reads an "
+                                "input that is already binary; not a site")
                 continue
             opname = _op_name(ev, label, n.target)
             owner = mods.get(scope)
@@ -401,6 +476,9 @@ def discover(model: nn.Module, input_shape: tuple[int, ...], *, include_hardtanh
                          call_index=scope_call, scope=scope, op_index=j)
             else:
                 s = Site(name="", kind=KIND_INLINE, op=opname, apply=APPLY_OP, scope=scope, op_index=j)
+                base = _graph_output_name(first, scope, call_index_of, calls_per_path)
+                if base:
+                    bases[id(s)] = base
                 prod = first
                 # shift the producer's output when everything that reads it is this binarizer
                 # (the op itself, or an inline STE approximant that re-joins it): the STE
@@ -408,8 +486,8 @@ def discover(model: nn.Module, input_shape: tuple[int, ...], *, include_hardtanh
                 if prod.op == "call_module" and _exclusive_to_binarizer(prod, n, mods):
                     s.apply, s.module, s.call_index = APPLY_PRODUCER, prod.target, call_index_of[prod]
                 elif len(prod.users) > 1 and _exclusive_to_binarizer(prod, n, mods):
-                    warnings.append(f"site at {n.name} in {scope or 'root'}: an inline STE reads the same input and "
-                                    "no module produces it; the shift moves the forward threshold only")
+                    site_notes.append((s, "an inline STE reads the same input and no module produces it; the "
+                                          "shift moves the forward threshold only"))
             s.alphabet = alphabet_of(out_sum, is_bool)
             sites.append(s)
             node_of_site[id(s)] = n
@@ -448,12 +526,16 @@ def discover(model: nn.Module, input_shape: tuple[int, ...], *, include_hardtanh
             else:
                 s = Site(name="", kind=KIND_INLINE, op=opname, apply=APPLY_OP, scope=ev.scope, op_index=ev.index,
                          in_leaf=leaf or None)
+                base = _dynamic_output_name(dyn, ev, bin_paths, calls_per_path)
+                if base:
+                    bases[id(s)] = base
             s.alphabet = alphabet_of(out_sum, is_bool)
             found_here.append(s)
         sites.extend(found_here)
 
-    _name_sites(sites, calls_per_path)
+    _name_sites(sites, calls_per_path, bases)
     _name_sites(hardtanh_sites, calls_per_path)
+    warnings.extend(f"site {s.name}: {note}" for s, note in site_notes)
     for s in sites + hardtanh_sites:
         s.producer_module = s.module if s.apply == APPLY_PRODUCER else None
     disc = Discovery(sites, weight_binarizers, trace, dyn, bin_paths,

@@ -28,12 +28,18 @@ class _Acc:
     channels: int | None = None
     fired: int = 0
     max_distinct: int = 0
+    zeros: float = 0.0  # outputs exactly 0: sign(0) = 0 makes a "binary" site ternary
+    pre_min: float = float("inf")
+    pre_max: float = float("-inf")
 
     def add_pre(self, x: torch.Tensor):
         x = x.detach()
         if x.dim() >= 2:
             self.channels = int(x.shape[1])
         flat = x.float().reshape(-1)
+        if flat.numel():
+            self.pre_min = min(self.pre_min, float(flat.min()))
+            self.pre_max = max(self.pre_max, float(flat.max()))
         kept = sum(t.numel() for t in self.samples)
         if kept < _SAMPLE:
             step = max(1, flat.numel() // max(1, (_SAMPLE - kept)))
@@ -44,6 +50,7 @@ class _Acc:
         self.fired += 1
         yf = y.float()
         self.plus += float((yf > 0).sum())
+        self.zeros += float((yf == 0).sum())
         self.total += yf.numel()
         # distinct values within one sample (a per-sample scale keeps a sign binary)
         u = torch.unique((yf[0] if yf.dim() >= 2 else yf).reshape(-1)[:100_000])
@@ -144,13 +151,20 @@ def probe_sites(model: nn.Module, sites: Iterable[Site], batches: Iterable[torch
     for s in sites:
         a = acc[s.name]
         binary = a.fired > 0 and a.max_distinct <= 3
+        preact = _preact_stats(a.samples)
+        if preact is not None and a.pre_min <= a.pre_max:
+            preact["min"], preact["max"] = a.pre_min, a.pre_max
+        # {0,1} / boolean sites emit 0 by design; for a sign the zeros are sign(0) = 0
+        signed = a.fired > 0 and any(v < 0 for v in a.distinct)
         res = {"fired": a.fired > 0, "binary": binary,
                "plus_fraction": (a.plus / a.total) if a.total else None,
-               "preact": _preact_stats(a.samples), "channels": a.channels}
+               "zero_fraction": (a.zeros / a.total) if (a.total and signed) else None,
+               "preact": preact, "channels": a.channels}
         out[s.name] = res
         if update:
             s.fired, s.binary_checked = res["fired"], res["binary"]
             s.plus_fraction, s.preact = res["plus_fraction"], res["preact"]
+            s.zero_fraction = res["zero_fraction"]
             if res["channels"] is not None:
                 s.channels = res["channels"]
     return out
@@ -158,3 +172,71 @@ def probe_sites(model: nn.Module, sites: Iterable[Site], batches: Iterable[torch
 
 def _noop(module, args):
     return None
+
+
+@dataclass
+class GradientCheck:
+    """Where the loss's gradient goes (one backward on one batch, eval mode).
+
+    ``reaches``: site name -> does a non-zero gradient reach the site's input (None: its input
+    does not depend on a parameter, e.g. the model input itself). ``frozen``: trainable
+    parameters that receive no gradient at all (a binarizer without a straight-through
+    estimator upstream of them: ``torch.sign``'s derivative is 0 everywhere).
+    """
+
+    reaches: dict[str, bool | None]
+    frozen: list[str]
+
+
+def gradient_check(model: nn.Module, sites: Iterable[Site], x: torch.Tensor) -> GradientCheck | None:
+    """Run ``x`` forward and one backward through ``model`` (pass a copy: gradients are left on it).
+
+    The loss is a random projection of the output (a plain sum can cancel, e.g. after a
+    softmax). Returns None when the forward or backward fails.
+    """
+    sites = list(sites)
+    seen: dict[str, torch.Tensor] = {}
+
+    def keep(name):
+        def h(module, args_or_out):
+            t = args_or_out[0] if isinstance(args_or_out, tuple) else args_or_out
+            if isinstance(t, torch.Tensor) and t.requires_grad:
+                t.retain_grad()
+                seen[name] = t
+            return None
+        return h
+
+    rt = SiteRuntime(model, watch_scopes={s.scope or "" for s in sites if s.apply == APPLY_OP})
+    for s in sites:
+        if s.apply == APPLY_PRE_HOOK:
+            rt.pre_call[(s.module, s.call_index)] = keep(s.name)
+        elif s.apply == APPLY_PRODUCER:
+            rt.post_call[(s.module, s.call_index)] = keep(s.name)
+        elif s.apply == APPLY_OP:
+            rt.op_handlers[(s.scope or "", s.op_index)] = keep(s.name)
+    was_training = model.training
+    model.eval()
+    model.zero_grad(set_to_none=True)
+    rt.install(apply_wrapper=any(s.apply == APPLY_OP for s in sites))
+    try:
+        with torch.enable_grad():
+            out = model(x)
+            if isinstance(out, (tuple, list)):
+                out = next((o for o in out if isinstance(o, torch.Tensor)), None)
+            if not isinstance(out, torch.Tensor) or not out.is_floating_point() or not out.requires_grad:
+                return None
+            g = torch.Generator().manual_seed(3)
+            proj = torch.randn(out.shape, generator=g).to(device=out.device, dtype=out.dtype)
+            (out * proj).sum().backward()
+    except Exception:  # noqa: BLE001 - best effort: a model that cannot backprop here is told elsewhere
+        return None
+    finally:
+        rt.remove()
+        model.train(was_training)
+    reaches: dict[str, bool | None] = {}
+    for s in sites:
+        t = seen.get(s.name)
+        reaches[s.name] = None if t is None else bool(t.grad is not None and bool((t.grad != 0).any()))
+    frozen = [n for n, p in model.named_parameters()
+              if p.requires_grad and (p.grad is None or not bool((p.grad != 0).any()))]
+    return GradientCheck(reaches, frozen)

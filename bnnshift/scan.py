@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any, Iterable
 
 import torch
@@ -13,8 +14,8 @@ from torch import nn
 from .analyse import analyse
 from .detect import PROBE_BATCH, Discovery, discover, example_input
 from .errors import NoSitesError, UsageError
-from .probe import probe_sites
-from .sites import ScanReport
+from .probe import gradient_check, probe_sites
+from .sites import ScanReport, Site
 
 NO_SITES_HINT = ("if your binarizer is custom, declare it in a plugin: "
                  "registry.register_detector(Detector(name=..., module_types=(YourSign,))) - see docs/plugins.md")
@@ -101,6 +102,17 @@ def scan_model(model: nn.Module, input_shape: Iterable[int], *, name: str = "mod
                 warnings.append(f"site {s.name} did not fire at run time (control flow?)")
             elif not s.binary_checked:
                 warnings.append(f"site {s.name} output more than two values at run time")
+            if batches is None:
+                s.zero_fraction = None  # random inputs through untrained BatchNorm: zeros say nothing
+            if s.zero_fraction:
+                s.alphabet = "{-1,0,+1}"
+                warnings.append(f"site {s.name} is ternary: it outputs 0 on {100 * s.zero_fraction:.1f}% of its outputs "
+                                "(signum(0) = 0 where the pre-activation is exactly 0, e.g. an integer sum of +-1 products); "
+                                "a shift t that is not a pre-activation value makes it binary")
+            rng = producer_range(s, model)
+            if rng is not None:
+                bound_advice(s, rng)
+        warnings.extend(_gradient_warnings(work, sites, probe_batches[0][:8]))
         if batches is None:
             for s in sites:  # random inputs say nothing about the real distribution
                 s.plus_fraction, s.preact = None, None
@@ -115,6 +127,54 @@ def scan_model(model: nn.Module, input_shape: Iterable[int], *, name: str = "mod
                       leaf_errors=disc.trace.failures if disc.trace is not None else {},
                       traced=disc.trace is not None, hardtanh_sites=disc.hardtanh_sites, summary=summary,
                       warnings=warnings, data=data_name, inplace_writes=list(disc.inplace_writes))
+
+
+_PRODUCER_RANGES = {"hardtanh": (-1.0, 1.0), "tanh": (-1.0, 1.0), "Tanh": (-1.0, 1.0), "sigmoid": (0.0, 1.0),
+                    "Sigmoid": (0.0, 1.0), "ReLU": (0.0, math.inf), "relu": (0.0, math.inf), "ReLU6": (0.0, 6.0),
+                    "relu6": (0.0, 6.0)}
+
+
+def producer_range(site: Site, model: nn.Module | None = None) -> tuple[float, float] | None:
+    """The interval the site's pre-activation cannot leave, from its producer (hardtanh, clamp,
+    tanh, sigmoid, ReLU), or None when it is unbounded. ``clamp`` and non-default ``nn.Hardtanh``
+    bounds are read from the measured range / the module."""
+    prod = site.producer or ""
+    rng = _PRODUCER_RANGES.get(prod)
+    if prod == "hardtanh" and model is not None and site.producer_module:
+        m = dict(model.named_modules()).get(site.producer_module)
+        if isinstance(m, nn.Hardtanh):
+            rng = (float(m.min_val), float(m.max_val))
+    if prod in ("clamp", "clamp_", "clip") and site.preact and "min" in site.preact:
+        rng = (site.preact["min"], site.preact["max"])
+    return rng
+
+
+def bound_advice(site: Site, rng: tuple[float, float]) -> None:
+    """Replace the unbounded search advice by the producer's range (outside it the site is constant)."""
+    lo, hi = rng
+    where = f"({lo:g}, {hi:g})" if math.isfinite(hi) else f"t > {lo:g}"
+    msg = (f"pre-activation bounded to [{lo:g}, {hi:g}] by {site.producer}: a shift outside {where} makes the site "
+           f"constant (no gradient, no information); search t in {where}")
+    site.advice = [a for a in site.advice if not a.startswith("search t in [-1, 2]")] + [msg]
+
+
+def _gradient_warnings(work: nn.Module, sites: list[Site], x: torch.Tensor) -> list[str]:
+    """Flag sites that no gradient passes (no straight-through estimator) and the layers that cannot learn."""
+    gc = gradient_check(work, sites, x)
+    if gc is None:
+        return []
+    out = []
+    for s in sites:
+        s.gradient = gc.reaches.get(s.name)
+    blocked = [s.name for s in sites if s.gradient is False]
+    if blocked:
+        frozen = gc.frozen
+        shown = ", ".join(frozen[:8]) + (", ..." if len(frozen) > 8 else "")
+        out.append(f"no gradient reaches {', '.join(blocked)}: a binarizer without a straight-through estimator "
+                   "(a plain signum has derivative 0) at or after these sites; training cannot change "
+                   f"{shown or 'the layers before them'} (wrap the binarizer in an STE, e.g. an autograd.Function "
+                   "with a clipped identity backward)")
+    return out
 
 
 def resolve_input_shape(input_shape: Iterable[int] | str | None, default: tuple[int, ...] | None) -> tuple[int, ...]:

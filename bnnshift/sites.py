@@ -55,7 +55,9 @@ class Site:
     fired: bool | None = None  # seen at run time by the probe
     binary_checked: bool | None = None  # the probe saw only two values
     plus_fraction: float | None = None
-    preact: dict[str, float] | None = None  # mean, median, std, skew of the pre-activation
+    zero_fraction: float | None = None  # share of outputs exactly 0 (sign(0) = 0: ternary), sign sites only
+    preact: dict[str, float] | None = None  # mean, median, std, skew, min, max of the pre-activation
+    gradient: bool | None = None  # does the loss's gradient reach the site's input (an STE)?
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

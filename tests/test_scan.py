@@ -219,3 +219,73 @@ def test_sites_follow_the_data_flow_not_the_batch_layout():
     assert [s.name for s in report.sites] == ["lin:input", "head:input"]
     assert report.weight_binarizers == 2
     assert all(s.fired and s.binary_checked for s in report.sites)
+
+
+class _SignLinear(nn.Linear):
+    def forward(self, x):
+        w = self.weight
+        return nn.functional.linear(x, (torch.sign(w) - w).detach() + w)
+
+
+class _NoBNBinaryMLP(nn.Module):
+    """The second sign reads an even integer (a sum of 16 products of +-1): exact zeros (case 09)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc_in = nn.Linear(12, 16)
+        self.bin1 = _SignLinear(16, 16, bias=False)
+        self.fc_out = nn.Linear(16, 3)
+
+    def forward(self, x):
+        x = self.fc_in(x.flatten(1))
+        x = self.bin1((torch.sign(x) - x).detach() + x)
+        x = (torch.sign(x) - x).detach() + x
+        return self.fc_out(x)
+
+
+def test_ternary_sign_site_reports_its_zero_share_and_names_say_where():
+    torch.manual_seed(0)
+    report = scan_model(_NoBNBinaryMLP(), (12,), batches=[torch.randn(256, 12)])
+    first, second = report.sites
+    # named after the module whose output they binarize, not an FX node name like root:sign_1
+    assert (first.name, second.name) == ("fc_in:output", "bin1:output")
+    assert first.zero_fraction == 0.0 and first.alphabet == "{-1,+1}"
+    assert 0.05 < second.zero_fraction < 0.5 and second.alphabet == "{-1,0,+1}"
+    assert any("bin1:output" in w and "ternary" in w for w in report.warnings)
+    names = {s.name for s in report.sites}
+    assert not any("root:" in w or "sign_" in w for w in report.warnings), report.warnings
+    assert all(w.split(" ")[1].rstrip(":") in names for w in report.warnings if w.startswith("site "))
+
+
+class _PlainSignConv(nn.Conv2d):
+    def __init__(self, *a, ste: bool = False, **k):
+        super().__init__(*a, **k)
+        self.ste = ste
+
+    def forward(self, x):
+        xb = _PointSignFn.apply(x) if self.ste else torch.sign(x)
+        return nn.functional.conv2d(xb, _PointSignFn.apply(self.weight), None, self.stride, self.padding)
+
+
+class _NoSteNet(nn.Module):
+    def __init__(self, ste: bool):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 8, 3, padding=1, bias=False)
+        self.bn0 = nn.BatchNorm2d(8)
+        self.conv1 = _PlainSignConv(8, 8, 3, padding=1, bias=False, ste=ste)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = self.bn1(self.conv1(self.bn0(self.stem(x))))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_a_site_without_ste_is_flagged_with_the_layers_that_cannot_learn():
+    bad = scan_model(_NoSteNet(ste=False), (1, 8, 8))
+    good = scan_model(_NoSteNet(ste=True), (1, 8, 8))
+    assert [s.gradient for s in bad.sites] == [False]
+    assert [s.gradient for s in good.sites] == [True]
+    msg = [w for w in bad.warnings if "no gradient reaches conv1:input" in w]
+    assert len(msg) == 1 and "stem.weight" in msg[0] and "bn0.weight" in msg[0] and "fc.weight" not in msg[0]
+    assert not any("no gradient" in w for w in good.warnings)

@@ -59,7 +59,7 @@ def test_candidates_share_init_and_batches_and_repeat_exactly():
     assert a.first_losses[0] != b.first_losses[0]  # t changes the forward
     assert a2.score == a.score and a2.first_losses == a.first_losses and a2.loss == a.loss
     assert 0.0 <= a.score <= 1.0 and a.steps == 6
-    assert set(a.plus_fraction) == {"root:sign", "root:sign_1"}
+    assert set(a.plus_fraction) == {"bn1:output", "bn2:output"}
     # a larger t means fewer +1 outputs (sign(x - t))
     assert b.plus_fraction_mean < a.plus_fraction_mean
     other_seed = run_candidate(cfg, 0.0, 1)
