@@ -158,6 +158,30 @@ def bound_advice(site: Site, rng: tuple[float, float]) -> None:
     site.advice = [a for a in site.advice if not a.startswith("search t in [-1, 2]")] + [msg]
 
 
+def constant_site_warnings(patched: nn.Module, sites: list[Site], shifts: dict[str, float],
+                           batches: list[torch.Tensor]) -> list[str]:
+    """Warnings for sites that a patch makes constant on ``batches`` (+1 share 0 or 1).
+
+    Runs a copy of the patched model (the patch's own hooks apply). A constant site carries
+    no information and, behind a clipped STE, no gradient: typically ``t`` outside the range
+    a hardtanh / clamp / tanh / sigmoid / ReLU producer leaves the pre-activation in.
+    """
+    work = copy.deepcopy(patched)
+    res = probe_sites(work, [s for s in sites if s.name in shifts], batches, update=False)
+    out = []
+    for s in sites:
+        r = res.get(s.name)
+        if r is None or r.get("plus_fraction") is None or 0.0 < r["plus_fraction"] < 1.0:
+            continue
+        rng = producer_range(s)
+        why = (f"its pre-activation is bounded to [{rng[0]:g}, {rng[1]:g}] by {s.producer}" if rng
+               else "the shift is outside the range of its pre-activation")
+        out.append(f"site {s.name} is constant at t = {shifts[s.name]:g} on the probe batch (+1 share "
+                   f"{r['plus_fraction']:.3f}): {why}; it carries no information and passes no gradient "
+                   "- pick a shift inside that range or exclude the site")
+    return out
+
+
 def _gradient_warnings(work: nn.Module, sites: list[Site], x: torch.Tensor) -> list[str]:
     """Flag sites that no gradient passes (no straight-through estimator) and the layers that cannot learn."""
     gc = gradient_check(work, sites, x)

@@ -285,6 +285,9 @@ class CandidateResult:
     first_losses: list[float] = field(default_factory=list)
     plus_fraction: dict[str, float | None] = field(default_factory=dict)
     plus_fraction_mean: float | None = None
+    # sites whose +1 share on the probe batch is 0 or 1 after training: constant, they carry no
+    # information (e.g. a shift outside a hardtanh's [-1, 1]); the candidate is degenerate
+    degenerate: list[str] = field(default_factory=list)
     seconds: float | None = None
     compiled: bool | None = None
     compile_seconds: float | None = None
@@ -746,6 +749,11 @@ def _run_in_context(ctx: _Context, shift: float, seed: int, metric: str,
     return r
 
 
+def constant_sites(plus: dict[str, float | None]) -> list[str]:
+    """Sites whose measured +1 share is exactly 0 or 1 (constant on the probe batch)."""
+    return [name for name, v in plus.items() if v is not None and (v <= 0.0 or v >= 1.0)]
+
+
 def _finish_candidate(ctx: _Context, model: nn.Module, r: CandidateResult, metric: str) -> None:
     """The end-of-training measurements of a finished candidate: +1 shares, held-out accuracy."""
     try:
@@ -754,6 +762,7 @@ def _finish_candidate(ctx: _Context, model: nn.Module, r: CandidateResult, metri
         plus, val_acc = {}, None
         r.extra["probe_error"] = f"{type(exc).__name__}: {exc}"[:200]
     r.plus_fraction = plus
+    r.degenerate = constant_sites(plus)
     vals = [v for v in plus.values() if v is not None]
     r.plus_fraction_mean = sum(vals) / len(vals) if vals else None
     if val_acc is not None:
@@ -1216,6 +1225,7 @@ def _halving_loop(ctx: _Context, cfg: SearchConfig, *, out_dir: str | Path | Non
                 plus = {}
                 res.extra["probe_error"] = f"{type(exc).__name__}: {exc}"[:200]
             res.plus_fraction = plus
+            res.degenerate = constant_sites(plus)
             vals = [v for v in plus.values() if v is not None]
             res.plus_fraction_mean = sum(vals) / len(vals) if vals else None
         return res

@@ -134,6 +134,18 @@ def _do_patch(o, model, arg, checkpoint, input_shape, out_dir, cfg, ht, trainabl
     if not report.sites and cfg.shift is not None and not (cfg.patterns or cfg.names or cfg.kinds):
         cfg.shift = None  # a full-precision model: only --hardtanh-shift applies
     patch_model(loaded.model, report, cfg, trainable=trainable, per_channel=per_channel, hardtanh_shift=ht)
+    warnings = list(report.warnings)
+    if report.sites:
+        from ..detect import example_input
+        from ..patch import patch_state
+        from ..scan import constant_site_warnings
+
+        st = patch_state(loaded.model)
+        const = constant_site_warnings(loaded.model, report.sites, st.shifts if st else {},
+                                       [example_input(shape, batch=64, seed=1)])
+        for w in const:
+            o.warn(w)
+        warnings += const
     recipe = build_recipe(loaded.model, spec=loaded.spec, input_shape=shape, checkpoint=loaded.checkpoint,
                           checkpoint_sha256=loaded.checkpoint_sha256)
     fold_report = None
@@ -166,7 +178,7 @@ def _do_patch(o, model, arg, checkpoint, input_shape, out_dir, cfg, ht, trainabl
         "hardtanh_sites": [r for r in rows if r["kind"] == "hardtanh"],
         "fold": fold_report.to_json() if fold_report is not None else None,
         "onnx": export_report.to_json() if export_report is not None else None,
-        "warnings": list(report.warnings),
+        "warnings": warnings,
     }
 
 

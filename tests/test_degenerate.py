@@ -1,0 +1,100 @@
+"""Degenerate and lossy set-ups are said, never silent (issue 9, item 5; cases 08 and 25).
+
+A binarizer behind a hardtanh sees a pre-activation in [-1, 1]: sign(h - t) is constant for
+t >= 1. scan's advice is bounded by that range, patch warns naming the site, search marks
+the candidate degenerate.
+"""
+from __future__ import annotations
+
+import json
+
+import torch
+from typer.testing import CliRunner
+
+from bnnshift.cli import app
+from bnnshift.scan import scan_model
+
+HARDTANH_PY = '''
+import torch, torch.nn as nn, torch.nn.functional as F
+
+class SignSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return torch.sign(x)
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return g * (x.abs() <= 1).to(g.dtype)
+
+class BinConv(nn.Conv2d):
+    def forward(self, x):
+        return F.conv2d(SignSTE.apply(x), SignSTE.apply(self.weight), None, self.stride, self.padding)
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv0 = nn.Conv2d(1, 8, 3, padding=1, bias=False)
+        self.bn0 = nn.BatchNorm2d(8)
+        self.htanh0 = nn.Hardtanh()
+        self.conv1 = BinConv(8, 8, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8 * 8 * 8, 10)
+    def forward(self, x):
+        x = self.htanh0(self.bn0(self.conv0(x)))
+        x = F.hardtanh(self.bn1(self.conv1(x)))
+        return self.fc(torch.flatten(x, 1))
+
+def build():
+    return Net()
+'''
+
+
+def _model_file(tmp_path):
+    p = tmp_path / "htanh.py"
+    p.write_text(HARDTANH_PY)
+    return p
+
+
+def _load(p):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("htanh_for_test", p)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_scan_advice_is_bounded_by_the_hardtanh_range(tmp_path):
+    report = scan_model(_load(_model_file(tmp_path)).build(), (1, 8, 8))
+    (site,) = report.sites
+    assert site.name == "conv1:input" and site.producer == "hardtanh"
+    assert any("bounded to [-1, 1]" in a and "(-1, 1)" in a for a in site.advice), site.advice
+    assert not any(a.startswith("search t in [-1, 2]") for a in site.advice)
+
+
+def test_patch_warns_naming_a_site_it_makes_constant(tmp_path):
+    p = _model_file(tmp_path)
+    runner = CliRunner()
+    r = runner.invoke(app, ["patch", f"{p}:build", "--input-shape", "1,8,8", "--shift", "1.5", "-o",
+                            str(tmp_path / "t15"), "--json"])
+    assert r.exit_code == 0, r.stderr
+    warned = [w for w in json.loads(r.stdout)["warnings"] if "constant" in w]
+    assert len(warned) == 1 and "conv1:input" in warned[0] and "[-1, 1]" in warned[0]
+    r = runner.invoke(app, ["patch", f"{p}:build", "--input-shape", "1,8,8", "--shift", "0.5", "-o",
+                            str(tmp_path / "t05"), "--json"])
+    assert r.exit_code == 0, r.stderr
+    assert not any("constant" in w for w in json.loads(r.stdout)["warnings"])
+
+
+def test_search_marks_a_candidate_whose_site_is_constant_degenerate(tmp_path):
+    from bnnshift.search import SearchConfig, run_candidate
+
+    p = _model_file(tmp_path)
+    cfg = SearchConfig(model=f"{p}:build", data="synthetic:128", input_shape=(1, 8, 8), steps=2, batch_size=32,
+                       train_limit=128, compile="off")
+    ok = run_candidate(cfg, 0.0, 0)
+    dead = run_candidate(cfg, 1.5, 0)
+    assert ok.degenerate == [] and 0 < ok.plus_fraction["conv1:input"] < 1
+    assert dead.degenerate == ["conv1:input"] and dead.plus_fraction["conv1:input"] == 0.0
+    assert dead.to_json()["degenerate"] == ["conv1:input"]
