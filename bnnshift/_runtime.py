@@ -17,6 +17,7 @@ and ``Function.apply`` through a wrapper on ``torch.autograd.Function.apply``; i
 """
 from __future__ import annotations
 
+import copy
 import operator
 import threading
 from dataclasses import dataclass, field
@@ -354,3 +355,115 @@ class _PostHook:
 
     def __call__(self, module, args, kwargs, output):
         return self.runtime._post(self.path, self.in_scope, module, args, kwargs, output)
+
+
+# ---------------------------------------------------------------- per-instance modules
+
+
+def _shallow_clone(m: nn.Module) -> nn.Module:
+    """A new module object with the same parameters, buffers and children, and its own dicts
+    (hooks, registries), so hooks and thresholds added to it stay off the original."""
+    new = m.__class__.__new__(m.__class__)
+    new.__dict__.update({k: (copy.copy(v) if isinstance(v, (dict, set, list)) else v) for k, v in m.__dict__.items()})
+    return new
+
+
+def own_modules(model: nn.Module, hooked_paths: set[str]) -> list[str]:
+    """Give ``model`` its own module objects where hooks / thresholds go, if they are shared.
+
+    A binarizer object can be shared beyond one model instance (a default argument
+    ``act=BinAct()``, a module-level instance): hooks and threshold buffers put on it would
+    shift every model that uses it. Each module on the path from the root to a hooked module
+    that is also referenced from outside ``model`` (or lies under such a module) is replaced,
+    inside ``model`` only, by a shallow clone (same parameters and buffers, own hook dicts).
+    Returns the paths that were cloned.
+    """
+    import gc
+
+    by_path = dict(model.named_modules(remove_duplicate=False))
+    need: set[str] = set()
+    for p in hooked_paths:
+        parts = p.split(".") if p else []
+        for i in range(1, len(parts) + 1):
+            need.add(".".join(parts[:i]))
+    need &= set(by_path)
+    if not need:
+        return []
+    objs = {id(by_path[p]): by_path[p] for p in need}
+    inside: set[int] = {id(model)}
+    for m in by_path.values():
+        inside.add(id(m.__dict__))
+        inside.add(id(m._modules))
+        for v in m.__dict__.values():
+            if isinstance(v, (list, tuple, dict, set)):
+                inside.add(id(v))
+    gc.collect()
+    foreign: set[int] = set()
+    import types
+
+    for r in gc.get_referrers(*objs.values()):
+        if id(r) in inside or isinstance(r, (types.FrameType, types.MethodType)):
+            continue
+        if isinstance(r, dict):
+            vals = r.values()
+        elif isinstance(r, (list, tuple, set, frozenset)):
+            vals = r
+        else:
+            vals = [getattr(r, "cell_contents", None)] if isinstance(r, types.CellType) else []
+        foreign.update(id(v) for v in vals if id(v) in objs)
+    if not foreign:
+        return []
+    # clone a shared module and everything under it on the way to a hooked module
+    clone_paths = sorted((p for p in need if any(id(by_path[q]) in foreign for q in _self_and_ancestors(p))),
+                         key=lambda p: p.count("."))
+    clone_ids = {id(by_path[p]) for p in clone_paths}
+    memo: dict[int, nn.Module] = {}
+    for p in sorted(by_path, key=lambda q: q.count(".")):
+        if not p or id(by_path[p]) not in clone_ids:
+            continue
+        parent_path, _, name = p.rpartition(".")
+        parent = _resolve(model, parent_path)
+        orig = parent._modules.get(name)
+        if orig is None or id(orig) not in clone_ids:
+            continue
+        if id(orig) not in memo:
+            memo[id(orig)] = _shallow_clone(orig)
+        parent._modules[name] = memo[id(orig)]
+    # plain containers of the clones that listed the originals (self._acts = [self.act])
+    for new in memo.values():
+        for k, v in new.__dict__.items():
+            if k == "_modules":
+                continue
+            if isinstance(v, list):
+                new.__dict__[k] = [memo.get(id(e), e) for e in v]
+            elif isinstance(v, dict):
+                for kk, e in list(v.items()):
+                    if id(e) in memo:
+                        v[kk] = memo[id(e)]
+    return clone_paths
+
+
+def site_hook_paths(model: nn.Module, sites) -> set[str]:
+    """Module paths that hooks or thresholds of ``sites`` go on (hosts, hooked calls, watched scopes)."""
+    out: set[str] = set()
+    scopes: set[str] = set()
+    for s in sites:
+        if s.apply == "op":
+            scopes.add(s.scope or "")
+        out.add((s.scope or "") if s.apply == "op" else (s.module or ""))
+    for p, _ in model.named_modules():
+        if any(sc == "" or p == sc or p.startswith(sc + ".") for sc in scopes):
+            out.add(p)
+    return out
+
+
+def _self_and_ancestors(p: str) -> list[str]:
+    parts = p.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+
+
+def _resolve(model: nn.Module, path: str) -> nn.Module:
+    m = model
+    for part in path.split(".") if path else []:
+        m = m._modules[part]
+    return m

@@ -16,7 +16,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from ._runtime import SiteRuntime, _PostHook, _PreHook, _RootPre
+from ._runtime import SiteRuntime, _PostHook, _PreHook, _RootPre, own_modules, site_hook_paths
 from .errors import PatchError
 from .sites import APPLY_OP, APPLY_PRE_HOOK, APPLY_PRODUCER, Site
 
@@ -94,6 +94,7 @@ def insert_shifts(model: nn.Module, sites: Iterable[Site], shifts: dict[str, flo
     if getattr(model, "_bnnshift_shift", None) is not None:
         raise PatchError("the model already has bnnshift shifts", hint="patch a freshly built model")
     sites = [s for s in sites if s.name in shifts]
+    own_modules(model, site_hook_paths(model, sites))  # thresholds live on this instance only
     mods = dict(model.named_modules())
     rt = SiteRuntime(model, watch_scopes={s.scope or "" for s in sites if s.apply == APPLY_OP})
     for s in sites:

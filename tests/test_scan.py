@@ -148,7 +148,8 @@ def test_scan_with_data_measures_plus_fraction_and_preactivation():
     r = scan_model(model, shape, batches=batches, data_name="test")
     for s in r.sites:
         assert 0.0 <= s.plus_fraction <= 1.0
-        assert set(s.preact) == {"mean", "median", "std", "skew"}
+        assert set(s.preact) == {"mean", "median", "std", "skew", "min", "max"}
+        assert s.preact["min"] < s.preact["median"] < s.preact["max"]
     # MaxPool skews the pre-activation: mean above median after BN (paper Fig. 4)
     after_pool = [s for s in r.sites if s.pool == "MaxPool"]
     assert after_pool and all(s.preact["mean"] > s.preact["median"] for s in after_pool)

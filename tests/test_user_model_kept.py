@@ -147,3 +147,61 @@ def test_patch_saves_the_loaded_weights_and_export_names_the_data_assignment(tmp
     lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and ".data" in lines[0] and "fc1.weight" in lines[0]
     assert not onnx_path.exists()
+
+
+class _BinAct(nn.Module):
+    def forward(self, x):
+        return _SignFn.apply(x)
+
+
+SHARED_ACT = _BinAct()  # a module-level instance every model uses
+
+
+class _SharedActNet(nn.Module):
+    def __init__(self, act=_BinAct()):  # the default argument: one object for every instance
+        super().__init__()
+        self.fc1 = nn.Linear(6, 16)
+        self.bn = nn.BatchNorm1d(16)
+        self.act = act
+        self.act2 = SHARED_ACT
+        self.fc2 = nn.Linear(16, 16)
+        self.fc3 = nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = self.fc2(self.act(self.bn(self.fc1(x))))
+        return self.fc3(self.act2(h))
+
+
+def test_patching_one_instance_never_shifts_another_sharing_its_binarizer():
+    from bnnshift.patch import patch_model
+    from bnnshift.shift import get_thresholds
+
+    torch.manual_seed(0)
+    a, b = _SharedActNet(), _SharedActNet()
+    assert a.act is b.act and a.act2 is b.act2
+    b.load_state_dict(a.state_dict())
+    a.eval(), b.eval()
+    x = torch.randn(16, 6)
+    with torch.no_grad():
+        ya = a(x)
+    keys_a = set(a.state_dict())
+    report = scan_model(b, (6,))
+    assert [s.name for s in report.sites] == ["act", "act2"]
+    patch_model(b, report, 0.5)
+    with torch.no_grad():
+        assert torch.equal(a(x), ya), "patching B shifted A"
+        yb = b(x)
+    assert set(a.state_dict()) == keys_a, "patching B added thresholds to A's state_dict"
+    assert not hasattr(a.act, "bnnshift_threshold_call0") and not a.act._forward_pre_hooks
+    assert set(get_thresholds(b)) == {"act", "act2"}
+    # B really computes sign(x - 0.5) at both sites
+    with torch.no_grad():
+        h = b.fc2(torch.sign(b.bn(b.fc1(x)) - 0.5))
+        want = b.fc3(torch.sign(h - 0.5))
+    assert torch.equal(yb, want)
+    # a third instance built after the patch is not shifted either
+    c = _SharedActNet()
+    c.load_state_dict(a.state_dict())
+    c.eval()
+    with torch.no_grad():
+        assert torch.equal(c(x), ya)
