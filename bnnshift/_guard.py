@@ -100,7 +100,7 @@ def inplace_writers(model: nn.Module, x: torch.Tensor) -> list[str]:
 def inplace_message(names: list[str]) -> str:
     """The one warning bnnshift gives for a forward that writes its own parameters."""
     shown = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
-    return (f"the model's forward writes {shown} in place (binarizes weights in place, e.g. "
+    return (f"the model's forward writes {shown} in place (binarizes or clamps weights in place, e.g. "
             "`weight.data = binarize(latent)`): bnnshift ran it only on copies, saved weights are the loaded ones; "
             "ONNX export needs a forward that computes the binary weight without assigning .data "
             "(w = SignSTE.apply(self.weight))")

@@ -46,9 +46,10 @@ class ValueSummary:
 
     @property
     def binary(self) -> bool:
-        if not self.is_tensor or self.distinct == 0:
+        # one value is a constant (a scale, a zero point), not a binarization
+        if not self.is_tensor or self.distinct <= 1:
             return False
-        if self.distinct <= 2:
+        if self.distinct == 2:
             return True
         # sign(0) = 0 leaves a third value {-a, 0, +a}
         return self.distinct == 3 and 0.0 in self.values and abs(self.values[0] + self.values[2]) < 1e-6
@@ -216,8 +217,22 @@ def binarizer_module_paths(model: nn.Module, dyn: DynamicPass) -> set[str]:
         if rec.out.binary and rec.inp.is_tensor and rec.inp.is_float and rec.inp.distinct > 8 \
                 and not _has_weight_layer(mods[rec.path]):
             found.add(rec.path)
-    # keep the innermost: drop a module if one of its descendants binarizes
+    # a binarizer wrapped in layers that pass the same values in and out (brevitas:
+    # QuantIdentity > act_quant > proxy > tensor_quant > delay_wrapper) is one site: the
+    # outermost, the module the user wrote
+    found = {p for p in found if not any(q != p and p.startswith(q + ".") and _same_call_values(dyn, p, q)
+                                         for q in found)}
+    # otherwise keep the innermost: drop a module if one of its descendants binarizes
     return {p for p in found if not any(q != p and q.startswith(p + ".") for q in found)}
+
+
+def _same_call_values(dyn: DynamicPass, a: str, b: str) -> bool:
+    """Do module paths ``a`` and ``b`` see the same inputs and give the same outputs on every call?"""
+    def values(path: str, kind: str) -> set:
+        return {fp for (k, p, *_), fp in dyn.fingerprints.items() if k == kind and p == path}
+
+    ia, ib = values(a, "call"), values(b, "call")
+    return bool(ia) and ia == ib and values(a, "out") == values(b, "out")
 
 
 # ---------------------------------------------------------------- graph helpers
@@ -456,7 +471,7 @@ def discover(model: nn.Module, input_shape: tuple[int, ...], *, include_hardtanh
                                 "at run time in the same order; skipped")
                 continue
             ev, in_sum, out_sum = rec
-            is_bool = isinstance(ev.output, torch.Tensor) and ev.output.dtype == torch.bool
+            is_bool = isinstance(ev.output, torch.Tensor) and ev.output.dtype == torch.bool and out_sum.distinct == 2
             if not (out_sum.binary or is_bool):
                 continue  # e.g. an apply that is not a binarizer
             first = n.args[0] if n.args else None
@@ -509,7 +524,7 @@ def discover(model: nn.Module, input_shape: tuple[int, ...], *, include_hardtanh
         for ev, in_sum, out_sum in dyn.ops:
             if not under(ev.scope) or any(under_bin(ev.scope, b) for b in bin_paths):
                 continue
-            is_bool = isinstance(ev.output, torch.Tensor) and ev.output.dtype == torch.bool
+            is_bool = isinstance(ev.output, torch.Tensor) and ev.output.dtype == torch.bool and out_sum.distinct == 2
             if not (out_sum.binary or is_bool):
                 continue
             if not _is_activation(dyn, dyn2, ("op", ev.scope, ev.index), in_sum):

@@ -290,3 +290,61 @@ def test_a_site_without_ste_is_flagged_with_the_layers_that_cannot_learn():
     msg = [w for w in bad.warnings if "no gradient reaches conv1:input" in w]
     assert len(msg) == 1 and "stem.weight" in msg[0] and "bn0.weight" in msg[0] and "fc.weight" not in msg[0]
     assert not any("no gradient" in w for w in good.warnings)
+
+
+def test_a_brevitas_binary_activation_is_exactly_one_site():
+    """brevitas wraps one binarization in five modules and computes constant scales: one site, the user's module."""
+    from brevitas.nn import QuantIdentity, QuantLinear
+    from brevitas.quant.binary import SignedBinaryActPerTensorConst, SignedBinaryWeightPerTensorConst
+
+    from bnnshift.patch import patch_model
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1 = nn.Linear(20, 32)
+            self.bn1 = nn.BatchNorm1d(32)
+            self.act1 = QuantIdentity(act_quant=SignedBinaryActPerTensorConst)
+            self.fc2 = QuantLinear(32, 10, bias=False, weight_quant=SignedBinaryWeightPerTensorConst)
+
+        def forward(self, x):
+            return self.fc2(self.act1(self.bn1(self.fc1(x))))
+
+    torch.manual_seed(0)
+    model = Net().eval()
+    report = scan_model(model, (20,))
+    assert [(s.name, s.kind, s.alphabet) for s in report.sites] == [("act1", "module", "{-1,+1}")]
+    assert report.sites[0].gradient is True
+    x = torch.randn(8, 20)
+    patch_model(model, report, 0.5)
+    with torch.no_grad():
+        got = model(x)
+        h = torch.where(model.bn1(model.fc1(x)) - 0.5 >= 0, 1.0, -1.0)
+        want = model.fc2(h)
+    assert torch.allclose(got, want, atol=1e-6)
+
+
+def test_a_constant_compare_or_scale_is_not_a_site():
+    """Outputs constant on real inputs (a mask that is always true, a constant scale) do not binarize."""
+
+    class ConstScale(nn.Module):
+        def forward(self, x):
+            return torch.ones(1) * 0.5 + 0 * x.mean()
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1 = nn.Linear(12, 16)
+            self.bn = nn.BatchNorm1d(16)
+            self.scale = ConstScale()
+            self.fc2 = nn.Linear(16, 3)
+
+        def forward(self, x):
+            h = self.bn(self.fc1(x))
+            valid = (h.abs() >= 0).float()  # a compare with 0 that is always true: a mask, not a binarizer
+            s = self.scale(h)
+            return self.fc2(torch.sign(h) * valid * s)
+
+    report = scan_model(Net(), (12,))
+    assert [s.name for s in report.sites] == ["bn:output"]
+    assert report.weight_binarizers == 0
