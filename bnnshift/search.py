@@ -359,6 +359,7 @@ class SearchSummary:
     rungs: list[dict[str, Any]] = field(default_factory=list)
     cost: dict[str, Any] = field(default_factory=dict)
     step_path: dict[str, Any] | None = None  # --compile auto: compiled or eager, memory format, and why
+    warnings: list[str] = field(default_factory=list)  # no-STE layers, grid outside a site's range, degenerate
 
     @property
     def all_failed(self) -> bool:
@@ -395,6 +396,7 @@ class SearchSummary:
             "candidates": [c.to_json() for c in self.candidates],
             "files": self.files,
             "patch_out": self.patch_out,
+            "warnings": self.warnings,
         }
 
 
@@ -428,6 +430,7 @@ class _Context:
     fresh_model: bool = False
     name: str = "model"
     loaded: Any = None
+    warnings: list[str] = field(default_factory=list)  # the scan's (no STE, in-place writes...)
 
 
 _CONTEXTS: dict[str, _Context] = {}
@@ -501,7 +504,7 @@ def _context(cfg: SearchConfig) -> _Context:
         val=((bundle.val_x.to(device=device, dtype=dtype), bundle.val_y.to(device)) if cfg.val else None),
         batch_hash=lambda seed: batch_order_hash(n, bs, seed=seed, steps=steps),
         name=loaded.spec.canonical(), loaded=loaded)
-    ctx.sites = _find_sites(loaded.model, shape, hardtanh=cfg.hardtanh, name=ctx.name,
+    ctx.sites = _find_sites(loaded.model, shape, hardtanh=cfg.hardtanh, name=ctx.name, notes=ctx.warnings,
                             batches=[train_x[:256].to(torch.float32).cpu()])
     _CONTEXTS[key] = ctx
     return ctx
@@ -598,10 +601,13 @@ def _check_forward(model: nn.Module, xb: torch.Tensor, bundle) -> None:
                         hint=f"pass --arg num_classes={bundle.num_classes}")
 
 
-def _find_sites(model: nn.Module, shape, *, hardtanh: bool, name: str, batches=None) -> list[Site]:
+def _find_sites(model: nn.Module, shape, *, hardtanh: bool, name: str, batches=None,
+                notes: list[str] | None = None) -> list[Site]:
     from .scan import NO_SITES_HINT, scan_model
 
     report = scan_model(copy.deepcopy(model), shape, name=name, batches=batches)
+    if notes is not None:
+        notes.extend(w for w in report.warnings if "no gradient" in w or "in place" in w)
     sites = report.hardtanh_sites if hardtanh else report.sites
     if not sites:
         if hardtanh:
@@ -1496,6 +1502,7 @@ def search(cfg: SearchConfig, *, out_dir: str | Path | None = None, resume: bool
             from .report import write_report
 
             summary.files = write_report(summary, summary.out_dir)
+    summary.warnings = search_warnings(ctx.sites, summary.candidates, list(cfg.shifts), ctx.warnings)
     _finish(summary, ctx, patch_out, force=force, cfg=cfg)
     return summary
 
@@ -1542,6 +1549,7 @@ def _search_ranks(cfg: SearchConfig, *, out_dir, resume: bool, force: bool, prog
                             progress=progress, train_one_epoch=None, step_progress_target=ctx.trainer)
             summary.schedule = {"name": "full"}
         agree([[shift_key(c.shift), c.seed, c.status, c.score] for c in summary.candidates], "the candidates' scores")
+        summary.warnings = search_warnings(ctx.sites, summary.candidates, list(cfg.shifts), ctx.warnings)
         _finish(summary, ctx, my_patch, force=force, cfg=cfg)
         barrier()
     finally:
@@ -1550,6 +1558,27 @@ def _search_ranks(cfg: SearchConfig, *, out_dir, resume: bool, force: bool, prog
     if not info.is_main:
         summary.out_dir, summary.files = None, {}
     return summary
+
+
+def search_warnings(sites: Sequence[Site], candidates: Sequence[CandidateResult], shifts: Sequence[float],
+                    scan_warnings: Sequence[str] = ()) -> list[str]:
+    """What makes a search's ranking lossy: layers that cannot learn (no STE), grid points outside
+    a site's bounded range (hardtanh, clamp, tanh, sigmoid, ReLU) and degenerate candidates."""
+    from .scan import producer_range
+
+    out = list(scan_warnings)
+    for s in sites:
+        rng = producer_range(s)
+        if rng is None:
+            continue
+        outside = [t for t in shifts if not rng[0] < t < rng[1]]
+        if outside:
+            out.append(f"shifts {', '.join(f'{t:g}' for t in outside)} lie outside ({rng[0]:g}, {rng[1]:g}), the "
+                       f"range {s.producer} leaves the pre-activation of {s.name} in: there the site is constant")
+    for c in candidates:
+        if c.degenerate:
+            out.append(f"t = {c.shift:g} (seed {c.seed}) is degenerate: constant sites {', '.join(c.degenerate)}")
+    return out
 
 
 def search_with(model_factory: Callable[..., nn.Module], train_one_epoch: Callable[..., Any],

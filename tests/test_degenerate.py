@@ -98,3 +98,22 @@ def test_search_marks_a_candidate_whose_site_is_constant_degenerate(tmp_path):
     assert ok.degenerate == [] and 0 < ok.plus_fraction["conv1:input"] < 1
     assert dead.degenerate == ["conv1:input"] and dead.plus_fraction["conv1:input"] == 0.0
     assert dead.to_json()["degenerate"] == ["conv1:input"]
+
+
+def test_search_says_grid_points_outside_the_range_and_layers_that_cannot_learn(tmp_path):
+    from bnnshift.search import SearchConfig, search
+
+    p = _model_file(tmp_path)
+    cfg = SearchConfig(model=f"{p}:build", data="synthetic:64", input_shape=(1, 8, 8), steps=1, batch_size=32,
+                       train_limit=64, compile="off", shifts=[0.0, 1.5])
+    summary = search(cfg)
+    ws = summary.to_json()["warnings"]
+    assert any("1.5" in w and "outside (-1, 1)" in w and "conv1:input" in w for w in ws), ws
+    assert any("t = 1.5" in w and "degenerate" in w for w in ws), ws
+    assert not any("t = 0 " in w for w in ws)
+
+    nograd = tmp_path / "nograd.py"
+    nograd.write_text(HARDTANH_PY.replace("SignSTE.apply(x)", "torch.sign(x)"))
+    summary = search(SearchConfig(model=f"{nograd}:build", data="synthetic:64", input_shape=(1, 8, 8), steps=1,
+                                  batch_size=32, train_limit=64, compile="off", shifts=[0.0]))
+    assert any("no gradient reaches conv1:input" in w and "conv0.weight" in w for w in summary.warnings)

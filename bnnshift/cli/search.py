@@ -163,6 +163,8 @@ def _print_summary(summary, out: Output) -> None:
         out.table(f"note: {n}")
     if summary.compile_error:
         out.warn(f"torch.compile failed, trained eagerly: {summary.compile_error}")
+    for w in getattr(summary, "warnings", []):
+        out.warn(w)
     if summary.files:
         out.info(f"report: {summary.files.get('md')}, {summary.files.get('png')}, {summary.files.get('json')}")
     if summary.patch_out:
