@@ -348,3 +348,25 @@ def test_a_constant_compare_or_scale_is_not_a_site():
     report = scan_model(Net(), (12,))
     assert [s.name for s in report.sites] == ["bn:output"]
     assert report.weight_binarizers == 0
+
+
+def test_a_recipe_written_with_the_old_fx_site_names_still_loads(tmp_path):
+    """Names are labels: a patch.json whose inline sites carry the old names (root:sign, root:sign_1)
+    rebuilds the same patched model."""
+    from bnnshift.patch import build_recipe, load_patched, patch_model, save_patched
+
+    model, shape = zoo_small("mlp")
+    report = scan_model(model, shape)
+    assert [s.name for s in report.sites] == ["bn1:output", "bn2:output"]
+    patch_model(model, report, 0.5)
+    recipe = build_recipe(model, spec={"kind": "zoo", "target": "mlp", "args": {"width": 0.25}}, input_shape=shape)
+    out = save_patched(model, recipe, tmp_path / "new")
+    data = json.loads((out / "patch.json").read_text())
+    for d, old in zip(data["sites"], ["root:sign", "root:sign_1"]):
+        d["name"] = old
+    (out / "patch.json").write_text(json.dumps(data))
+    again = load_patched(out, verify_hash=False)
+    x = torch.randn(8, *shape)
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(again(x), model(x))
