@@ -135,7 +135,7 @@ def test_patch_saves_the_loaded_weights_and_export_names_the_data_assignment(tmp
                             "-o", str(tmp_path / "out"), "--json"])
     assert r.exit_code == 0, r.stderr
     payload = json.loads(r.stdout)
-    assert [s["name"].split(":")[0] for s in payload["sites"]] == ["fc2", "fc3"]
+    assert [s["name"] for s in payload["sites"]] == ["act1:output", "act2:output"]  # the inputs of fc2, fc3
     assert any("fc1.weight" in w for w in payload["warnings"])
     saved = load_file(str(tmp_path / "out" / "model.safetensors"))
     for k in ("fc1.weight", "fc2.weight", "fc3.weight"):
