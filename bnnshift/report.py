@@ -15,7 +15,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .search import SearchSummary
 
 __all__ = ["write_report", "render_markdown", "render_png", "render_table", "write_patched", "verdict",
-           "paired_differences", "val_stats", "budget_text"]
+           "paired_differences", "val_stats", "budget_text", "run_info", "search_json"]
 
 
 def _pct(v: float | None, nd: int = 2) -> str:
@@ -122,6 +122,25 @@ def verdict(summary: "SearchSummary") -> dict[str, Any]:
         notes.append("searched from a trained checkpoint: the paper searches from scratch (random or full-precision "
                      "init, docs/paper.md); weights and BN statistics trained at t = 0 favour t = 0")
     return {"text": text, "winner": w, "tie": tie, "notes": notes}
+
+
+def run_info(summary: "SearchSummary") -> dict[str, Any]:
+    """Where the scores came from: the command line, torch's version, CPU threads and device
+    (scores depend on the thread count under one config hash: reductions run in another order)."""
+    import os
+    import sys
+
+    import torch
+
+    return {"argv": list(sys.argv), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+            "device": (summary.config or {}).get("device") or "cpu", "python": sys.version.split()[0]}
+
+
+def search_json(summary: "SearchSummary") -> dict[str, Any]:
+    """``search.json`` / ``search --json``: the summary, the verdict and the run's environment
+    (docs/search.schema.json)."""
+    return {**summary.to_json(), "verdict": verdict(summary), "run": run_info(summary)}
 
 
 def _is_halving(summary: "SearchSummary") -> bool:
@@ -296,7 +315,7 @@ def write_report(summary: "SearchSummary", out_dir: str | Path) -> dict[str, str
     summary.files = files
     atomic_write_text(files["md"], render_markdown(summary))
     atomic_write_bytes(files["png"], render_png(summary))
-    atomic_write_json(files["json"], {**summary.to_json(), "verdict": verdict(summary)})
+    atomic_write_json(files["json"], search_json(summary))
     return files
 
 

@@ -67,4 +67,27 @@ _register_commands()
 
 
 def main() -> None:
-    app(prog_name="bnnshift")
+    """The console script. A usage error found by the parser (unknown option, bad value) happens
+    before any command runs: with --json it still gets the JSON error object on stdout."""
+    import sys
+
+    if "--json" not in sys.argv[1:]:
+        app(prog_name="bnnshift")
+        return
+    try:  # typer >= 0.20 vendors click as typer._click; older ones use click itself
+        from typer._click import exceptions as click_exc
+    except ImportError:  # pragma: no cover
+        from click import exceptions as click_exc
+
+    try:
+        rv = app(prog_name="bnnshift", standalone_mode=False)
+    except click_exc.UsageError as exc:
+        exc.show()
+        import json
+
+        sys.stdout.write(json.dumps({"error": exc.format_message(), "hint": "see bnnshift COMMAND -h",
+                                     "exit_code": exc.exit_code}) + "\n")
+        sys.exit(exc.exit_code)
+    except click_exc.Abort:
+        sys.exit(130)
+    sys.exit(rv if isinstance(rv, int) else 0)

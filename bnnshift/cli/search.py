@@ -151,11 +151,11 @@ def search_command(
 
 
 def _print_summary(summary, out: Output) -> None:
-    from ..report import render_table, verdict
+    from ..report import render_table, search_json, verdict
 
     v = verdict(summary)
     if out.json_mode:
-        out.result({**summary.to_json(), "verdict": v})
+        out.result(search_json(summary))
         return
     out.table(render_table(summary))
     out.table(f"verdict: {v['text']}")
