@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ._io import atomic_save_safetensors, atomic_write_bytes, atomic_write_json, atomic_write_text, prepare_output_dir
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .search import SearchSummary
+# bnnshift.search.SearchSummary: report sits below search (search writes its report), so it
+# does not import search, not even for type checking (no import circle)
+SearchSummary = Any
 
 __all__ = ["write_report", "render_markdown", "render_png", "render_table", "write_patched", "verdict",
            "paired_differences", "val_stats", "budget_text", "run_info", "search_json"]

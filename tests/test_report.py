@@ -73,3 +73,16 @@ def test_checkpoint_note_steps_label_and_val(tmp_path):
     data = json.loads(open(files["json"]).read())
     assert data["verdict"]["text"] == v["text"]
     assert render_png(s)[:4] == b"\x89PNG"
+
+
+def test_report_does_not_import_search():
+    """search writes its report; report never imports search (no import circle)."""
+    import ast
+    from pathlib import Path
+
+    import bnnshift.report as rep
+
+    tree = ast.parse(Path(rep.__file__).read_text())
+    mods = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    mods |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert not any(m and m.endswith("search") for m in mods), mods

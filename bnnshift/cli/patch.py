@@ -4,8 +4,9 @@ patch.json), optionally fold and export. The work is done by ``bnnshift.patch`` 
 from __future__ import annotations
 
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, List, Optional
 
 import typer
 
@@ -107,9 +108,11 @@ def patch_command(
         raise UsageError("--fold and --trainable exclude each other",
                          hint="fold after fine-tuning: bnnshift fold OUT/")
     out_dir, created = _check_out_early(out, force)
+    opts = PatchOptions(model=model, args=arg, checkpoint=checkpoint, input_shape=input_shape, out_dir=out_dir,
+                        config=cfg, hardtanh_shift=ht, trainable=trainable, per_channel=per_channel, fold=fold,
+                        onnx=onnx, opset=opset, strict=not non_strict, allow_unsafe=unsafe_load)
     try:
-        payload = _do_patch(o, model, arg, checkpoint, input_shape, out_dir, cfg, ht, trainable, per_channel, fold,
-                            onnx, opset, force, non_strict, unsafe_load)
+        payload = _do_patch(o, opts)
     except BaseException:
         if created and out_dir.is_dir() and not any(out_dir.iterdir()):
             shutil.rmtree(out_dir, ignore_errors=True)
@@ -117,15 +120,37 @@ def patch_command(
     o.result(payload)
 
 
-def _do_patch(o, model, arg, checkpoint, input_shape, out_dir, cfg, ht, trainable, per_channel, fold, onnx, opset,
-              force, non_strict, unsafe_load) -> dict:
+@dataclass
+class PatchOptions:
+    """What ``bnnshift patch`` was asked to do (the parsed command line)."""
+
+    model: str
+    out_dir: Path
+    config: Any  # patch.ShiftConfig
+    args: list[str] | None = None
+    checkpoint: str | None = None
+    input_shape: str | None = None
+    hardtanh_shift: float | None = None
+    trainable: bool = False
+    per_channel: bool = False
+    fold: bool = False
+    onnx: str | None = None
+    opset: int | None = None
+    strict: bool = True
+    allow_unsafe: bool = False
+
+
+def _do_patch(o, opts: PatchOptions) -> dict:
     from ..errors import NoSitesError
     from ..load import load_model
     from ..patch import build_recipe, describe, patch_model, save_patched
     from ..scan import NO_SITES_HINT, resolve_input_shape, scan_model
 
-    loaded = load_model(model, args=arg, checkpoint=checkpoint, strict=not non_strict, allow_unsafe=unsafe_load)
-    shape = resolve_input_shape(input_shape, loaded.input_shape)
+    cfg, ht, out_dir = opts.config, opts.hardtanh_shift, opts.out_dir
+    trainable, per_channel = opts.trainable, opts.per_channel
+    loaded = load_model(opts.model, args=opts.args, checkpoint=opts.checkpoint, strict=opts.strict,
+                        allow_unsafe=opts.allow_unsafe)
+    shape = resolve_input_shape(opts.input_shape, loaded.input_shape)
     report = scan_model(loaded.model, shape, name=loaded.spec.canonical(), include_hardtanh=ht is not None)
     for w in report.warnings:
         o.warn(w)
@@ -149,17 +174,17 @@ def _do_patch(o, model, arg, checkpoint, input_shape, out_dir, cfg, ht, trainabl
     recipe = build_recipe(loaded.model, spec=loaded.spec, input_shape=shape, checkpoint=loaded.checkpoint,
                           checkpoint_sha256=loaded.checkpoint_sha256)
     fold_report = None
-    if fold:
+    if opts.fold:
         from ..fold import fold_shifts
 
         fold_report = fold_shifts(loaded.model, shape)
     save_patched(loaded.model, recipe, out_dir, force=True)
     rows = describe(loaded.model)
     export_report = None
-    if onnx:
+    if opts.onnx:
         from ..export import export_patched_dir
 
-        export_report = export_patched_dir(out_dir, onnx, opset)
+        export_report = export_patched_dir(out_dir, opts.onnx, opts.opset)
     o.table(sites_table(rows, f"{loaded.spec.canonical()}: {sum(1 for r in rows if r['kind'] != 'hardtanh')} "
                               f"sites shifted -> {out_dir}"))
     if fold_report is not None:
