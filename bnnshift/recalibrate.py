@@ -1,7 +1,7 @@
 """BatchNorm statistics after a shift: re-estimate them, and tell when they are stale.
 
 A shift ``t`` changes the input distribution of every layer after a binary activation
-(PAPER.md, claim 1: the +1 share of ``sign(x - t)`` moves with ``t``). Fine-tuning in train
+(docs/paper.md: the +1 share of ``sign(x - t)`` moves with ``t``). Fine-tuning in train
 mode then moves the weights faster than BatchNorm's running averages follow (momentum 0.1,
 binary weights whose signs flip), so the *eval-mode* model can be far worse than the same
 model in train mode (issue 12: 24.5% eval vs 73% after re-estimation). Re-estimating the

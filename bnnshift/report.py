@@ -95,7 +95,7 @@ def verdict(summary: "SearchSummary") -> dict[str, Any]:
     best mean score (``summary.winner``), but the text names it only when it is ahead of t = 0
     beyond the seed noise (``summary.ahead_of_baseline``, search.py); else "tie within noise".
     Notes: one seed (no noise estimate), a winner at the edge of the grid, a search from a
-    trained checkpoint (the paper searches from scratch, PAPER.md / docs/paper.md).
+    trained checkpoint (the paper searches from scratch, docs/paper.md claim 5).
     """
     w = summary.winner
     notes: list[str] = []

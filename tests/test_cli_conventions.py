@@ -52,3 +52,12 @@ def test_json_failure_is_a_json_error_object(args, code):
     assert payload["exit_code"] == code and r.stderr.startswith("error: ")
     r = runner.invoke(app, [a for a in args if a != "--json"])
     assert r.stdout == ""  # without --json: only the line on stderr
+
+
+def test_non_empty_out_suggests_resume(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "journal.jsonl").write_text("")
+    r = runner.invoke(app, ["search", "zoo:mlp", "--arg", "width=0.25", "--data", "synthetic:256",
+                            "--input-shape", "1,28,28", "--shifts", "0", "--steps", "1", "--out", str(out)])
+    assert r.exit_code == 1 and "--resume" in r.stderr and len(r.stderr.strip().splitlines()) == 1

@@ -144,7 +144,9 @@ def search_command(
     with _RichProgress(out) as prog:
         try:
             summary = search(cfg, out_dir=out_dir, resume=resume, force=force, progress=prog, patch_out=patch_out)
-        except BnnshiftError:
+        except BnnshiftError as exc:
+            if out_dir and "not empty" in exc.message and str(out_dir) in exc.message and not resume:
+                exc.hint = "continue an earlier search there with --resume, or pass --force to start over"
             raise
     if not follower:
         _print_summary(summary, out)
