@@ -7,8 +7,6 @@ module holds the tools that make that checkable:
 * ``snapshot`` / ``changed_tensors``: the values of every parameter and buffer, and which of
   them differ later (BatchNorm running statistics excluded: a train-mode forward updates
   them by design);
-* ``kept_state``: a context that restores every parameter and buffer (same tensor objects,
-  same storage) after a block that has to touch the user's model itself;
 * ``inplace_writers``: run one forward under ``no_grad`` on a copy and name the parameters
   and buffers it wrote, e.g. BinaryNet-style ``self.weight.data = sign(self.latent)``. Such a
   model binarizes its own weights in place: its saved weights would be the binarized ones if
@@ -16,14 +14,13 @@ module holds the tools that make that checkable:
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 from typing import Iterator
 
 import torch
 from torch import nn
 
-__all__ = ["snapshot", "changed_tensors", "kept_state", "inplace_writers", "inplace_message"]
+__all__ = ["snapshot", "changed_tensors", "inplace_writers", "inplace_message"]
 
 
 def _bn_stat_names(model: nn.Module) -> set[str]:
@@ -58,27 +55,6 @@ def changed_tensors(model: nn.Module, snap: dict, *, include_bn_stats: bool = Fa
         if cur.shape != value.shape or cur.dtype != value.dtype or not torch.equal(cur, value):
             out.append(n)
     return out
-
-
-@contextlib.contextmanager
-def kept_state(model: nn.Module) -> Iterator[list[str]]:
-    """Restore every parameter and buffer of ``model`` on exit (objects and storage kept).
-
-    Yields a list that is filled, on exit, with the names whose values had changed.
-    """
-    snap = snapshot(model)
-    changed: list[str] = []
-    try:
-        yield changed
-    finally:
-        changed.extend(changed_tensors(model, snap, include_bn_stats=True))
-        with torch.no_grad():
-            for n in changed:
-                t, data, value = snap[n]
-                if t.data is not data:
-                    t.data = data  # a forward that assigned .data: give back the original storage
-                if data.shape == value.shape:
-                    data.copy_(value)
 
 
 def inplace_writers(model: nn.Module, x: torch.Tensor) -> list[str]:
