@@ -71,7 +71,8 @@ ATTR_WORKER = "bnnshift_worker"
 ATTR_DUPLICATE = "bnnshift_duplicate_of"
 
 INSTALL_HINT = "pip install 'bnnshift[distributed]'"
-STORAGE_FORMS = "postgresql://USER[:PASSWORD]@HOST[:PORT]/DB or journal:PATH (one machine)"
+STORAGE_FORMS = ("postgresql://USER[:PASSWORD]@HOST[:PORT]/DB, sqlite:///PATH.db or journal:PATH "
+                 "(the last two: one machine or a shared file system)")
 
 
 # ------------------------------------------------------------------------------ optuna import
@@ -122,6 +123,13 @@ def parse_storage(text: str) -> StorageSpec:
         p = str(Path(s).expanduser())
         return StorageSpec("journal", p, f"journal:{p}")
     scheme = s.split("://", 1)[0].lower() if "://" in s else ""
+    if scheme == "sqlite":  # optuna's usual local storage: RDBStorage with heartbeats, like PostgreSQL
+        path = s[len("sqlite:///"):] if s.lower().startswith("sqlite:///") else ""
+        if not path or path == ":memory:":
+            raise StorageError(f"bad --storage {s!r}: need a database file",
+                               hint="e.g. sqlite:///runs/study.db (relative) or sqlite:////abs/path/study.db")
+        p = str(Path(path).expanduser())
+        return StorageSpec("sqlite", f"sqlite:///{p}", f"sqlite:///{p}")
     if scheme in ("postgresql", "postgres", "postgresql+psycopg", "postgresql+psycopg2", "postgresql+psycopg3"):
         try:
             from sqlalchemy.engine import make_url
@@ -223,6 +231,20 @@ def open_storage(spec: StorageSpec | str, *, heartbeat: Any = None, max_retry: i
             raise StorageError(f"cannot open journal storage {path}: {exc.strerror or exc}") from None
     interval, grace = parse_heartbeat(heartbeat)
     timeout = _connect_timeout(connect_timeout)
+    if spec.kind == "sqlite":
+        path = Path(spec.url[len("sqlite:///"):])
+        if not path.parent.is_dir():
+            raise StorageError(f"sqlite storage {path}: directory {path.parent} does not exist",
+                               hint="create it, or use another path")
+        from sqlalchemy.exc import SQLAlchemyError
+
+        try:
+            return optuna.storages.RDBStorage(
+                spec.url, engine_kwargs={"connect_args": {"timeout": max(timeout, 30)}},
+                heartbeat_interval=interval, grace_period=grace,
+                **{_stale_kw(optuna): _retry_class(optuna)(max_retry=max_retry)})
+        except (SQLAlchemyError, OSError) as exc:
+            raise StorageError(f"cannot open {spec.display}: {_first_line(exc)}") from None
     try:
         import psycopg  # noqa: F401 - the driver the URL names
     except ModuleNotFoundError:
@@ -492,7 +514,7 @@ def run_worker(config: "SearchConfig", storage: str, study: str, out_dir: Path |
     if not study or not str(study).strip():
         raise StorageError("empty --study name")
     store = open_storage(spec, heartbeat=heartbeat, max_retry=max_retry, connect_timeout=connect_timeout)
-    interval = parse_heartbeat(heartbeat)[0] if spec.kind == "postgresql" else None
+    interval = parse_heartbeat(heartbeat)[0] if spec.kind in ("postgresql", "sqlite") else None
     grid = _grid_of(config)
     sampler = optuna.samplers.GridSampler(grid, seed=GRID_SAMPLER_SEED)
     pruner = _halving_pruner(optuna, config)

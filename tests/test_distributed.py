@@ -200,7 +200,7 @@ def test_bad_storage_url_is_one_line_exit_1():
     from bnnshift.errors import EXIT_ERROR, StorageError
 
     for bad in ("postgresql://user@localhost:5432", "postgresql://user@host:99999/db", "journal:", "", "x.db",
-                "sqlite:///x.db", "postgresql://us er@:x/db"):
+                "sqlite://", "sqlite:///:memory:", "postgresql://us er@:x/db"):
         with pytest.raises(StorageError) as e:
             parse_storage(bad)
         assert e.value.exit_code == EXIT_ERROR and "\n" not in e.value.one_line(), bad
@@ -299,3 +299,19 @@ def test_bad_heartbeat_option_is_one_line(tmp_path):
     assert r.exit_code == 1, r.stderr
     lines = [l for l in r.stderr.strip().splitlines() if l.strip()]
     assert len(lines) == 1 and "heartbeat" in lines[0]
+
+
+def test_sqlite_storage_runs_the_grid(tmp_path):
+    """Optuna's usual local storage, sqlite:///PATH (issue 12): a worker runs the grid, report reads it."""
+    from bnnshift.distributed import parse_storage
+
+    assert parse_storage(f"sqlite:///{tmp_path}/s.db").kind == "sqlite"
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    r = _run("search", *COMMON, "--shifts", "0,0.5", "--storage", storage, "--study", "sq", timeout=240)
+    assert r.returncode == 0, r.stderr
+    r = _run("report", "--storage", storage, "--study", "sq", "--json")
+    assert r.returncode == 0, r.stderr
+    cands = json.loads(r.stdout)["candidates"]
+    assert sorted(c["shift"] for c in cands) == [0.0, 0.5] and all(c["status"] == "ok" for c in cands)
+    r = _run("report", "--storage", f"sqlite:///{tmp_path / 'nodir' / 'x.db'}", "--study", "sq")
+    assert r.returncode == 1 and "does not exist" in _one_error_line(r.stderr)
