@@ -61,3 +61,18 @@ def test_non_empty_out_suggests_resume(tmp_path):
     r = runner.invoke(app, ["search", "zoo:mlp", "--arg", "width=0.25", "--data", "synthetic:256",
                             "--input-shape", "1,28,28", "--shifts", "0", "--steps", "1", "--out", str(out)])
     assert r.exit_code == 1 and "--resume" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_local_module_named_like_an_alias_wins(tmp_path, monkeypatch):
+    from bnnshift.data import load_data
+    from bnnshift.data.spec import parse_data_spec
+
+    (tmp_path / "fmnist.py").write_text(
+        "import torch\n\ndef my_data():\n    return torch.zeros(8, 1, 4, 4), torch.arange(8) % 2\n")
+    monkeypatch.chdir(tmp_path)
+    kind, arg = parse_data_spec("fmnist:my_data")
+    assert kind == "file" and arg == f"{tmp_path.resolve() / 'fmnist.py'}:my_data"
+    assert load_data("fmnist:my_data").train_x.shape == (8, 1, 4, 4)
+    assert parse_data_spec("fmnist")[0] == "fashion-mnist"  # no function: still the alias
+    (tmp_path / "data").mkdir()
+    assert parse_data_spec("fmnist:data")[0] == "fashion-mnist"  # an existing directory: a ROOT

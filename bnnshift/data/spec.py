@@ -39,6 +39,17 @@ def _looks_like_python_ref(spec: str) -> bool:
     return target.endswith(".py") or bool(_DOTTED.match(target))
 
 
+def _local_module_file(module: str, func: str) -> str | None:
+    """``MODULE:FUNC`` where MODULE.py is a file in the current directory and FUNC an identifier
+    that is not an existing path: the user's own module (returns its path), not a data-set alias."""
+    import os
+
+    if not (module.isidentifier() and func.isidentifier()) or os.path.exists(func):
+        return None
+    path = os.path.join(os.path.realpath(os.getcwd()), f"{module}.py")
+    return path if os.path.isfile(path) else None
+
+
 def parse_data_spec(spec: str) -> tuple[str, str | None]:
     """Split a data spec into ``(kind, argument)``.
 
@@ -54,6 +65,9 @@ def parse_data_spec(spec: str) -> tuple[str, str | None]:
     kind = _ALIASES.get(head.lower(), head.lower())
     arg: str | None = rest if sep and rest != "" else None
 
+    local = _local_module_file(head, arg) if kind in BUILTIN_KINDS and arg is not None else None
+    if local is not None:
+        return "file", f"{local}:{arg}"  # the user's own fmnist.py:my_data wins over the alias
     if kind in BUILTIN_KINDS:
         if kind == "synthetic" and arg is not None:
             try:
