@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
@@ -19,10 +20,13 @@ from .errors import OutputError
 
 __all__ = [
     "atomic_write_bytes",
+    "atomic_write_from",
     "atomic_write_text",
     "atomic_write_json",
     "atomic_save_safetensors",
     "prepare_output_dir",
+    "replace_dir",
+    "sweep_stale",
     "sha256_file",
     "sha256_state_dict",
 ]
@@ -33,6 +37,8 @@ _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 
 _CHUNK = 1 << 20
+LOCK_NAME = ".bnnshift.lock"  # an output's owner lock (journal.OutputLock); not "content"
+TMP_PREFIX = ".bnnshift-"  # + PID + "-": temp files and directories beside their destination
 
 
 def jsonable(o: Any):
@@ -58,13 +64,24 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def _write_hint(exc: OSError) -> str | None:
+    import errno
+
+    return {errno.ENOSPC: "free some space or write elsewhere", errno.EDQUOT: "free some space (disk quota)",
+            errno.EFBIG: "the file is larger than this file system or ulimit allows",
+            errno.EROFS: "the file system is read-only: write elsewhere",
+            errno.EACCES: "check the permissions or write elsewhere"}.get(exc.errno or -1)
+
+
 @contextlib.contextmanager
 def _atomic_target(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temp path next to ``path``; on normal exit fsync it and move it over ``path``."""
     dest = Path(path)
     directory = dest.parent if str(dest.parent) else Path(".")
     try:
-        fd, tmp_name = tempfile.mkstemp(dir=directory, prefix=f".{dest.name}.", suffix=".tmp")
+        # a short name that does not grow with dest's (a legal 255-byte name still works) and
+        # carries our PID, so that a later run can tell a dead writer's leftover (sweep_stale)
+        fd, tmp_name = tempfile.mkstemp(dir=directory, prefix=f"{TMP_PREFIX}{os.getpid()}-", suffix=".tmp")
     except OSError as exc:
         raise OutputError(f"cannot write {dest}: {exc.strerror or exc}") from exc
     os.close(fd)
@@ -82,7 +99,10 @@ def _atomic_target(path: str | os.PathLike[str]) -> Iterator[Path]:
         with contextlib.suppress(OSError):
             tmp.unlink()
         if isinstance(exc, OSError):
-            raise OutputError(f"cannot write {dest}: {exc.strerror or exc}") from exc
+            raise OutputError(f"cannot write {dest}: {exc.strerror or exc}", hint=_write_hint(exc)) from exc
+        if type(exc).__name__ == "SafetensorError":  # safetensors' Rust writer: ENOSPC etc. arrive here
+            text = (str(exc).splitlines() or [""])[0]
+            raise OutputError(f"cannot write {dest}: {text}", hint="free some space or write elsewhere") from exc
         raise
     _fsync_dir(directory)
 
@@ -99,6 +119,15 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     """Atomically replace ``path`` with ``data``."""
     data = bytes(data) if not isinstance(data, bytes) else data  # fail before touching disk
     return _write_with(path, lambda fh: fh.write(data))
+
+
+def atomic_write_from(src: str | os.PathLike[str], path: str | os.PathLike[str]) -> Path:
+    """Atomically replace ``path`` with a copy of the file ``src`` (e.g. from another file system)."""
+    import shutil
+
+    with _atomic_target(path) as tmp:
+        shutil.copyfile(src, tmp)
+    return Path(path)
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
@@ -168,7 +197,7 @@ def prepare_output_dir(path: str | os.PathLike[str], force: bool = False) -> Pat
         raise OutputError(f"output path {out} exists and is not a directory", hint="choose another --out")
     if out.is_dir():
         try:
-            non_empty = any(out.iterdir())
+            non_empty = any(c.name != LOCK_NAME for c in out.iterdir())
         except OSError as exc:
             raise OutputError(f"output directory {out} is not readable: {exc.strerror or exc}") from exc
         if non_empty and not force:
@@ -183,9 +212,16 @@ def prepare_output_dir(path: str | os.PathLike[str], force: bool = False) -> Pat
         fd, probe = tempfile.mkstemp(dir=out, prefix=".bnnshift-write-test.", suffix=".tmp")
     except OSError as exc:
         raise OutputError(f"output directory {out} is not writable: {exc.strerror or exc}") from exc
-    os.close(fd)
-    with contextlib.suppress(OSError):
-        os.unlink(probe)
+    try:  # a few real bytes: an empty file still fits on a full disk
+        os.write(fd, b"\0" * 4096)
+        os.fsync(fd)
+    except OSError as exc:
+        raise OutputError(f"output directory {out} is not writable: {exc.strerror or exc}",
+                          hint=_write_hint(exc)) from exc
+    finally:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(probe)
     return out
 
 
@@ -232,3 +268,176 @@ def sha256_state_dict(sd: Mapping[str, Any]) -> str:
             _frame(h, b"<object>")
             _frame(h, repr(value).encode("utf-8"))
     return h.hexdigest()
+
+
+# --------------------------------------------------------------------------- crash safety
+# Directories are replaced whole: the new one is built beside the old one under a temp name,
+# then swapped in with renames (one atomic renameat2(RENAME_EXCHANGE) on Linux). A killed run
+# leaves the old directory intact plus a temp directory named with its PID, which the next run
+# removes (sweep_stale).
+
+STALE_LEGACY_SECONDS = 3600.0  # temp files of older versions (no PID in the name): removed after this age
+
+
+def fault_point(name: str) -> None:
+    """Die like ``kill -9`` here when ``BNNSHIFT_FAULT`` names this point (crash tests only)."""
+    if os.environ.get("BNNSHIFT_FAULT") == name:
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this PID exists (a PID we may not signal counts as alive)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OSError:
+        return False
+    return True
+
+
+def _stale_owner(name: str, prefix: str) -> int | None:
+    """The PID in ``<prefix><pid>-...``, or None when the name is not ours."""
+    if not name.startswith(prefix):
+        return None
+    head = name[len(prefix):].split("-", 1)[0]
+    return int(head) if head.isdigit() else None
+
+
+_LEGACY_TMP = re.compile(r"^\.(model\.safetensors|patch\.json|journal\.jsonl|search\.(json|md|png)|recipe\.json"
+                         r"|.+\.onnx)\.[A-Za-z0-9_]+\.tmp$|^\.bnnshift-write-test\..+\.tmp$")
+
+
+def _remove(p: Path) -> bool:
+    import shutil
+
+    try:
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+    except OSError:
+        return False
+    return True
+
+
+def sweep_stale(directory: str | os.PathLike[str], *, prefix: str = TMP_PREFIX,
+                legacy_age: float = STALE_LEGACY_SECONDS) -> list[str]:
+    """Remove what killed bnnshift runs left in ``directory``; returns the removed names.
+
+    Ours: ``<prefix><pid>-*`` files and directories whose process is gone, and temp files of
+    older versions (``.model.safetensors.XXXX.tmp``...) older than ``legacy_age`` seconds.
+    Never touches a live process's temp files or anything else.
+    """
+    import time
+
+    d = Path(directory)
+    removed: list[str] = []
+    try:
+        entries = list(d.iterdir())
+    except OSError:
+        return removed
+    now = time.time()
+    for p in entries:
+        pid = _stale_owner(p.name, prefix)
+        if pid is not None:
+            if pid != os.getpid() and not pid_alive(pid) and _remove(p):
+                removed.append(p.name)
+        elif _LEGACY_TMP.match(p.name) or (prefix != TMP_PREFIX and p.name.startswith(prefix)):
+            try:
+                old = now - p.stat().st_mtime > legacy_age
+            except OSError:
+                continue
+            if old and _remove(p):
+                removed.append(p.name)
+    return removed
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False when unsupported."""
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if fn(at_fdcwd, os.fsencode(str(a)), at_fdcwd, os.fsencode(str(b)), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    import errno as _errno
+
+    if err in (_errno.EINVAL, _errno.ENOSYS, _errno.EOPNOTSUPP, _errno.EPERM):
+        return False  # file system without RENAME_EXCHANGE: the two-rename fallback
+    raise OSError(err, os.strerror(err), str(b))
+
+
+@contextlib.contextmanager
+def replace_dir(path: str | os.PathLike[str], *, force: bool = False) -> Iterator[Path]:
+    """Build a directory's new content beside it, then swap it in whole.
+
+    Yields an empty temp directory ``<parent>/.bnnshift-<pid>-XXXX.d``; write everything there.
+    On normal exit it replaces ``path``: one atomic exchange on Linux (then the old content is
+    deleted), else ``path -> .bnnshift-<pid>-XXXX.old``, temp -> ``path``. Interrupted at any
+    point (even ``kill -9``), ``path`` is the complete old directory or the complete new one
+    (with the fallback, for an instant no directory); on an exception the temp directory is
+    removed and ``path`` untouched. An existing non-empty ``path`` needs ``force``.
+    Raises ``OutputError``.
+    """
+    import shutil
+
+    dest = Path(path)
+    parent = dest.parent if str(dest.parent) else Path(".")
+    if dest.exists() and not dest.is_dir():
+        raise OutputError(f"output path {dest} exists and is not a directory", hint="choose another output directory")
+    if dest.is_dir() and not force and any(dest.iterdir()):
+        raise OutputError(f"output directory {dest} is not empty", hint="pass --force to overwrite")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create {parent}: {exc.strerror or exc}", hint=_write_hint(exc)) from exc
+    sweep_stale(parent)
+    try:
+        tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f"{TMP_PREFIX}{os.getpid()}-", suffix=".d"))
+    except OSError as exc:
+        raise OutputError(f"cannot write in {parent}: {exc.strerror or exc}", hint=_write_hint(exc)) from exc
+    try:
+        os.chmod(tmp, 0o777 & ~_UMASK)
+        yield tmp
+        _fsync_dir(tmp)
+        fault_point("swap:before")
+        if dest.is_dir():
+            if _exchange(tmp, dest):
+                fault_point("swap:exchanged")
+            else:
+                old = Path(str(tmp)[:-2] + ".old")
+                os.rename(dest, old)
+                fault_point("swap:between")
+                try:
+                    os.rename(tmp, dest)
+                except BaseException:
+                    os.rename(old, dest)
+                    raise
+                tmp = old
+            _fsync_dir(parent)
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            os.rename(tmp, dest)
+            _fsync_dir(parent)
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise OutputError(f"cannot replace {dest}: {exc.strerror or exc}", hint=_write_hint(exc)) from exc
+        raise

@@ -82,5 +82,13 @@ class VerificationError(BnnshiftError):
     exit_code = EXIT_VERIFY
 
 
+class ResourceError(BnnshiftError):
+    """The machine cannot do it: not enough memory for the requested input (exit 1)."""
+
+
+class LockedError(OutputError):
+    """Another process owns the output (its PID is in the message; exit 1)."""
+
+
 class StorageError(BnnshiftError):
     """A distributed-search storage URL is bad or unreachable."""

@@ -553,17 +553,28 @@ def export_patched_dir(out_dir: str | os.PathLike[str], onnx_path: str | os.Path
     """
     if not isolate:
         return _export_dir_inprocess(str(out_dir), str(onnx_path), opset, batches)
-    with tempfile.TemporaryDirectory(prefix="bnnshift-export-") as tmp:
+    from ._io import atomic_write_from, sweep_stale
+
+    tmp_root = tempfile.gettempdir()
+    sweep_stale(tmp_root, prefix=_EXPORT_TMP_PREFIX)  # leftovers of killed exports
+    # the child writes only inside this directory; the parent moves the file into place, so a
+    # child that outlives a killed parent can never write (or overwrite) the destination
+    with tempfile.TemporaryDirectory(prefix=f"{_EXPORT_TMP_PREFIX}{os.getpid()}-") as tmp:
         rep = Path(tmp) / "report.json"
-        cmd = [sys.executable, "-m", "bnnshift.export", str(out_dir), str(onnx_path), "--report", str(rep),
-               "--batches", str(batches)]
+        child_onnx = Path(tmp) / "model.onnx"
+        cmd = [sys.executable, "-m", "bnnshift.export", str(out_dir), str(child_onnx), "--report", str(rep),
+               "--batches", str(batches), "--parent-pid", str(os.getpid())]
         if opset is not None:
             cmd += ["--opset", str(opset)]
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                                  preexec_fn=_die_with_parent(os.getpid()) if os.name == "posix" else None)
         except subprocess.TimeoutExpired:
             raise ExportError(f"ONNX export did not finish in {timeout:.0f}s", hint="export a smaller model") from None
         data = json.loads(rep.read_text()) if rep.is_file() else None
+        if proc.returncode == 0 and data and "report" in data and child_onnx.is_file():
+            atomic_write_from(child_onnx, onnx_path)
+            data["report"]["path"] = str(onnx_path)
     if proc.returncode == 0 and data and "report" in data:
         return ExportReport(**data["report"])
     if data and "error" in data:
@@ -576,6 +587,43 @@ def export_patched_dir(out_dir: str | os.PathLike[str], onnx_path: str | os.Path
     raise ExportError(f"the ONNX export process failed (exit {proc.returncode}): {tail}")
 
 
+_EXPORT_TMP_PREFIX = "bnnshift-export-"  # + parent PID + "-": the exporter's temp directory
+
+
+def _die_with_parent(parent_pid: int):
+    """``preexec_fn`` for the exporter child: SIGKILL it when the parent dies (Linux
+    PR_SET_PDEATHSIG); exit at once if the parent is already gone (the race before prctl)."""
+
+    def pre() -> None:
+        import signal
+
+        if sys.platform.startswith("linux"):
+            try:
+                import ctypes
+
+                ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
+            except (OSError, AttributeError):
+                pass
+        if os.getppid() != parent_pid:
+            os._exit(1)
+
+    return pre
+
+
+def _watch_parent(parent_pid: int, interval: float = 0.5) -> None:
+    """Exit the child when its parent is gone (where PR_SET_PDEATHSIG does not exist)."""
+    import threading
+    import time
+
+    def watch() -> None:
+        while True:
+            if os.getppid() != parent_pid:
+                os._exit(1)
+            time.sleep(interval)
+
+    threading.Thread(target=watch, daemon=True, name="bnnshift-parent-watch").start()
+
+
 def _main(argv: list[str] | None = None) -> int:
     import argparse
 
@@ -585,7 +633,10 @@ def _main(argv: list[str] | None = None) -> int:
     ap.add_argument("--opset", type=int, default=None)
     ap.add_argument("--batches", type=int, default=DEFAULT_BATCHES)
     ap.add_argument("--report", required=True)
+    ap.add_argument("--parent-pid", type=int, default=None)
     a = ap.parse_args(argv)
+    if a.parent_pid is not None:
+        _watch_parent(a.parent_pid)
     try:
         report = _export_dir_inprocess(a.out_dir, a.onnx_path, a.opset, a.batches)
         payload, code = {"report": report.to_json()}, 0

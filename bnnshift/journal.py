@@ -11,6 +11,10 @@ Successive halving (``--schedule halving``) also writes *rung records*
 training state (``states/...pt`` in the output directory, for continuing it) and whether it was
 eliminated there. They are keyed by ``(shift, seed, config_hash, steps)`` and never count as
 finished candidates (a full search does not mistake a half-trained candidate for a finished one).
+
+One process owns an output directory at a time (``OutputLock``: an exclusive ``flock`` on
+``OUT/.bnnshift.lock`` holding the owner's PID): a second search on the same ``--out`` is
+refused before any work, so ``--force`` can never delete another run's journal.
 """
 from __future__ import annotations
 
@@ -19,8 +23,8 @@ import os
 from pathlib import Path
 from typing import Any, Iterator
 
-from .errors import OutputError
-from ._io import jsonable
+from .errors import LockedError, OutputError
+from ._io import LOCK_NAME, jsonable, sweep_stale
 
 JOURNAL_NAME = "journal.jsonl"
 
@@ -138,3 +142,92 @@ class Journal:
         except FileNotFoundError:
             pass
 
+
+
+class OutputLock:
+    """Exclusive ownership of an output directory for the life of a search.
+
+    ``fcntl.flock`` on ``<dir>/.bnnshift.lock`` (released by the kernel when the process dies,
+    so a killed run never leaves a stale lock); the file holds the owner's PID for the error
+    message. Reentrant within one process. Use as a context manager; ``directory=None`` is a
+    no-op. Raises ``LockedError`` (exit 1) naming the holder's PID.
+    """
+
+    _held: dict[str, int] = {}  # realpath -> depth, for reentrancy within this process
+
+    def __init__(self, directory: str | os.PathLike[str] | None):
+        self.directory = Path(directory) if directory is not None else None
+        self._fd: int | None = None
+        self._key: str | None = None
+
+    def __enter__(self) -> "OutputLock":
+        if self.directory is None:
+            return self
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputError(f"cannot create output directory {self.directory}: {exc.strerror or exc}") from exc
+        self._key = os.path.realpath(self.directory)
+        if self._key in OutputLock._held:
+            OutputLock._held[self._key] += 1
+            return self
+        path = self.directory / LOCK_NAME
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as exc:
+            raise OutputError(f"cannot lock {self.directory}: {exc.strerror or exc}",
+                              hint="choose a directory you can write to") from exc
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no lock (documented)
+            fcntl = None
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                holder = _read_pid(fd)
+                os.close(fd)
+                who = f"pid {holder}" if holder else "another process"
+                raise LockedError(f"{self.directory} is in use by another bnnshift search ({who})",
+                                  hint="wait for it to finish, or choose another --out") from None
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError:
+            pass
+        self._fd = fd
+        OutputLock._held[self._key] = 1
+        sweep_stale(self.directory)  # we own it: leftovers of killed runs go
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._key is None:
+            return
+        OutputLock._held[self._key] -= 1
+        if OutputLock._held[self._key] > 0:
+            return
+        del OutputLock._held[self._key]
+        if self._fd is not None:
+            try:
+                os.ftruncate(self._fd, 0)
+            except OSError:
+                pass
+            os.close(self._fd)  # releases the flock
+            self._fd = None
+
+
+def _read_pid(fd: int) -> int | None:
+    try:
+        text = os.pread(fd, 32, 0).decode("ascii", errors="replace").strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def check_unlocked(directory: str | os.PathLike[str]) -> None:
+    """Raise ``LockedError`` if another process holds ``directory``'s lock (a quick early check)."""
+    d = Path(directory)
+    if os.path.realpath(d) in OutputLock._held or not (d / LOCK_NAME).is_file():
+        return
+    with OutputLock(d):
+        pass

@@ -458,7 +458,8 @@ def load_patched(out_dir: str | os.PathLike[str], *, device: str | torch.device 
     expected = (recipe.hashes or {}).get("model.safetensors")
     if verify_hash and expected and sha256_file(weights) != expected:
         raise CheckpointError(f"{weights} does not match the sha256 recorded in patch.json",
-                              hint="the weights were replaced outside bnnshift; pass verify_hash=False to load anyway")
+                              hint="the weights were replaced outside bnnshift: re-run `bnnshift patch ... -o DIR "
+                                   "--force` (library: load_patched(dir, verify_hash=False))")
     model = build_model(ModelSpec.from_json(recipe.model))
     apply_recipe(model, recipe, include_folded=False)
     load_checkpoint(model, weights, strict=True)

@@ -381,7 +381,11 @@ def _via_patch_module(patch_mod, ctx, shifts, out_dir, *, force, cfg) -> Path:
     recipe = patch_mod.build_recipe(model, spec=getattr(loaded, "spec", None), input_shape=ctx.input_shape,
                                     checkpoint=getattr(loaded, "checkpoint", None),
                                     checkpoint_sha256=getattr(loaded, "checkpoint_sha256", None))
-    return Path(patch_mod.save_patched(model, recipe, Path(out_dir), force=force))
+    from ._io import replace_dir
+
+    with replace_dir(out_dir, force=force) as tmp:  # swapped in whole
+        patch_mod.save_patched(model, recipe, tmp, force=True)
+    return Path(out_dir)
 
 
 def _adapter(ctx, shifts, out_dir, *, force, cfg, summary) -> Path:

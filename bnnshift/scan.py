@@ -233,6 +233,9 @@ def scan(spec: str, *, args: Iterable[str] | dict | None = None, checkpoint: str
     data_name = None
     if data:
         from .data import iterate_batches, load_data
+        from .validate import check_batch_norm_batch
+
+        check_batch_norm_batch(loaded.model, batch_size)
 
         bundle = load_data(data, input_shape=shape, train_limit=batch_size * data_batches, seed=seed)
         data_name = bundle.name

@@ -33,9 +33,10 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import nn
 
+from . import validate
 from ._io import prepare_output_dir, sha256_state_dict
 from .errors import DataError, NoSitesError, TrainingError, UsageError
-from .journal import JOURNAL_NAME, Journal, candidate_key, shift_key
+from .journal import JOURNAL_NAME, Journal, OutputLock, candidate_key, shift_key
 from .sites import Site
 
 __all__ = [
@@ -72,16 +73,12 @@ def parse_shifts(text: str | Sequence[float]) -> list[float]:
                 if len(parts) != 3:
                     raise ValueError
                 a, b, st = (float(p) for p in parts)
-                if not st > 0:
-                    raise UsageError(f"bad --shifts {text!r}: the step must be > 0", hint="e.g. -1:2:0.25")
-                if b < a:
-                    raise UsageError(f"bad --shifts {text!r}: empty grid (stop < start)", hint="e.g. -1:2:0.25")
-                n = int(math.floor((b - a) / st + 1e-9))
-                if n > 10_000:
-                    raise UsageError(f"bad --shifts {text!r}: {n + 1} candidates", hint="use a coarser step")
+                n = validate.grid_size(a, b, st, f"bad --shifts {text[:40]!r}") - 1
                 vals = [round(a + i * st, 10) for i in range(n + 1)]
             else:
-                vals = [float(p) for p in s.split(",") if p.strip()]
+                items = [p for p in s.split(",") if p.strip()]
+                validate.check_grid_size(len(items), f"bad --shifts {text[:40]!r}")
+                vals = [float(p) for p in items]
         except UsageError:
             raise
         except ValueError:
@@ -91,6 +88,9 @@ def parse_shifts(text: str | Sequence[float]) -> list[float]:
         raise UsageError("empty shift grid", hint="e.g. --shifts -1:2:0.25 or --shifts 0,0.5,1")
     if any(not math.isfinite(v) for v in vals):
         raise UsageError("shifts must be finite numbers")
+    validate.check_grid_size(len(vals))
+    for v in vals:
+        validate.check_shift_bound(v)
     out: list[float] = []
     seen: set[str] = set()
     for v in vals:
@@ -103,18 +103,17 @@ def parse_shifts(text: str | Sequence[float]) -> list[float]:
 
 def parse_seeds(n: int | None = None, seed_list: str | Sequence[int] | None = None) -> list[int]:
     """``--seeds N`` -> [0..N-1]; ``--seed-list 0,3`` -> [0, 3]."""
+    if isinstance(seed_list, str) and not seed_list.strip():
+        raise UsageError("empty --seed-list", hint="e.g. --seed-list 0,1,2, or --seeds N")
     if seed_list is not None and seed_list != "":
         try:
             vals = [int(v) for v in (seed_list.split(",") if isinstance(seed_list, str) else seed_list)
                     if str(v).strip() != ""]
         except ValueError:
             raise UsageError(f"bad --seed-list {seed_list!r}", hint="e.g. --seed-list 0,1,2") from None
-        if not vals:
-            raise UsageError("empty --seed-list")
-        return list(dict.fromkeys(vals))
+        return validate.check_seeds(list(dict.fromkeys(vals)))
     n = 1 if n is None else int(n)
-    if n < 1:
-        raise UsageError(f"bad --seeds {n}", hint="use a positive number")
+    validate.check_seed_count(n)
     return list(range(n))
 
 
@@ -209,6 +208,15 @@ class SearchConfig:
         if self.schedule == "halving" and self.metric != "train_acc":
             raise UsageError(f"--schedule halving ranks by the train accuracy so far; --metric {self.metric} "
                              "needs the whole epoch", hint="use --schedule full with this metric")
+        validate.check_lr(self.lr)
+        validate.check_weight_decay(self.weight_decay)
+        validate.check_momentum(self.momentum)
+        if str(self.optimizer).lower() not in ("adam", "sgd") and self.train_config is None:
+            raise UsageError(f"bad --optimizer {self.optimizer!r}", hint="adam or sgd")
+        for name in ("train_limit", "val_limit", "bn_recalib_batches"):
+            v = getattr(self, name)
+            if v is not None and v < (0 if name == "bn_recalib_batches" else 1):
+                raise UsageError(f"bad --{name.replace('_', '-')} {v}", hint="use a positive number")
         self._check_streaming()
 
     def _check_streaming(self) -> None:
@@ -471,6 +479,8 @@ def _context(cfg: SearchConfig) -> _Context:
     shape = resolve_input_shape(cfg.input_shape, loaded.input_shape)
     if len(shape) != 3:
         raise DataError(f"input shape {shape} is not C,H,W", hint="pass --input-shape C,H,W")
+    validate.check_batch_norm_batch(loaded.model, cfg.batch_size)
+    validate.check_input_memory(shape, cfg.batch_size)
     from .data.stream import should_stream
 
     if should_stream(cfg.stream, cfg.data, cfg.augment, shape):
@@ -1480,6 +1490,13 @@ def search(cfg: SearchConfig, *, out_dir: str | Path | None = None, resume: bool
 
     if launched_by_torchrun():
         return _search_ranks(cfg, out_dir=out_dir, resume=resume, force=force, progress=progress, patch_out=patch_out)
+    with OutputLock(out_dir):  # one owner per --out: a second search is refused before any work
+        return _search_owned(cfg, out_dir=out_dir, resume=resume, force=force, progress=progress,
+                             patch_out=patch_out)
+
+
+def _search_owned(cfg: SearchConfig, *, out_dir, resume: bool, force: bool, progress: Any,
+                  patch_out) -> SearchSummary:
     ctx = _context(cfg)
     saved = (getattr(ctx.trainer, "compile_mode", None), getattr(ctx.trainer, "channels_last", False))
     try:
@@ -1623,10 +1640,11 @@ def search_with(model_factory: Callable[..., nn.Module], train_one_epoch: Callab
                    config_hash=h.hexdigest()[:16], input_shape=shape, probe_x=probe,
                    recalib_x=[probe] if probe is not None else [], fresh_model=not reuse_model, name=name)
     full_config = {"library": True, "input_shape": list(shape), "metric": metric, **config}
-    summary = _loop(ctx, shifts=shifts, seeds=seeds, metric=metric, config=full_config, out_dir=out_dir,
-                    resume=resume, force=force, progress=progress, train_one_epoch=train_one_epoch,
-                    step_progress_target=None)
-    _finish(summary, ctx, patch_out, force=force, cfg=None)
+    with OutputLock(out_dir):
+        summary = _loop(ctx, shifts=shifts, seeds=seeds, metric=metric, config=full_config, out_dir=out_dir,
+                        resume=resume, force=force, progress=progress, train_one_epoch=train_one_epoch,
+                        step_progress_target=None)
+        _finish(summary, ctx, patch_out, force=force, cfg=None)
     return summary
 
 

@@ -4,12 +4,13 @@ Set BNNSHIFT_DEBUG=1 to see tracebacks.
 """
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import sys
 from typing import Callable
 
-from ..errors import EXIT_ERROR, EXIT_INTERRUPTED, BnnshiftError
+from ..errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_USAGE, BnnshiftError
 
 
 def _print_error(msg: str, json_mode: bool = False, exit_code: int = EXIT_ERROR, hint: str | None = None,
@@ -27,6 +28,30 @@ def _print_error(msg: str, json_mode: bool = False, exit_code: int = EXIT_ERROR,
         out.write(json.dumps({"error": message if message is not None else msg, "hint": hint,
                               "exit_code": exit_code}) + "\n")
         out.flush()
+
+
+_OS_HINTS = {
+    errno.ENOSPC: "free some space or write elsewhere",
+    errno.EDQUOT: "free some space (disk quota)",
+    errno.EACCES: "check the permissions or choose another path",
+    errno.EPERM: "check the permissions or choose another path",
+    errno.EROFS: "the file system is read-only: choose another path",
+    errno.ENOENT: "check the path",
+    errno.ENOTDIR: "check the path",
+    errno.EISDIR: "give a file path, not a directory",
+    errno.ENAMETOOLONG: "choose a shorter file name (at most 255 bytes per name)",
+    errno.EMFILE: "too many open files: raise `ulimit -n`",
+}
+
+
+def _os_error_line(exc: OSError) -> tuple[str, int]:
+    """One line and an exit code for an OSError (2 for a name that is too long: usage)."""
+    where = f"{exc.filename}: " if exc.filename else ""
+    if len(where) > 80:
+        where = where[:60] + "...: "
+    hint = _OS_HINTS.get(exc.errno or -1, "check the path and the disk")
+    code = EXIT_USAGE if exc.errno == errno.ENAMETOOLONG else EXIT_ERROR
+    return f"{where}{exc.strerror or exc} ({hint})", code
 
 
 def handle_errors(fn: Callable) -> Callable:
@@ -52,6 +77,17 @@ def handle_errors(fn: Callable) -> Callable:
             _print_error("interrupted" + (f" ({hint})" if hint else ""), json_mode, EXIT_INTERRUPTED, hint,
                          "interrupted")
             raise typer.Exit(EXIT_INTERRUPTED) from None
+        except MemoryError:
+            if os.environ.get("BNNSHIFT_DEBUG"):
+                raise
+            _print_error("out of memory (lower --batch-size, --input-shape or the model's size)")
+            raise typer.Exit(EXIT_ERROR) from None
+        except OSError as exc:  # the environment: full disk, permissions, name too long...
+            if os.environ.get("BNNSHIFT_DEBUG"):
+                raise
+            msg, code = _os_error_line(exc)
+            _print_error(msg)
+            raise typer.Exit(code) from None
         except Exception as exc:  # noqa: BLE001 - last resort: still one line
             if os.environ.get("BNNSHIFT_DEBUG"):
                 raise

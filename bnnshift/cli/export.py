@@ -36,6 +36,10 @@ def export_command(
     from .patch import _print_export, bn_note, refresh_bn
 
     o = Output(json_mode=json_, quiet=quiet)
+    from .. import validate
+
+    validate.check_path(out_dir, "OUT_DIR")
+    validate.check_output_file(onnx, "--onnx")
     recipe = read_recipe(out_dir)
     model = load_patched(out_dir)
     bn = refresh_bn(o, model, recipe, data, bn_recalib_batches, out_dir)

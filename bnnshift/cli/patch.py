@@ -42,12 +42,10 @@ def _cli_config(shift, site, kind, exclude):
 
 def _check_out_early(out: str, force: bool) -> tuple[Path, bool]:
     """Fail before the (slow) scan if OUT cannot be used; returns (path, created by us)."""
-    from .._io import prepare_output_dir
+    from .. import validate
 
-    p = Path(out)
-    existed = p.exists()
-    prepare_output_dir(p, force=force)
-    return p, not existed
+    p = validate.check_output_dir(out, "-o/--out", force=force)
+    return p, not p.exists()  # nothing is created here: the directory is swapped in whole at the end
 
 
 def sites_table(rows: list[dict], title: str):
@@ -98,6 +96,13 @@ def patch_command(
     from ..patch import ShiftConfig, parse_shift_value
 
     o = Output(json_mode=json_, quiet=quiet)
+    from .. import validate
+    from ..detect import PROBE_BATCH
+
+    validate.check_inputs(model=model, checkpoint=checkpoint, config=config)
+    validate.check_input_shape_text(input_shape, PROBE_BATCH)
+    if onnx:
+        validate.check_output_file(onnx, "--onnx")
     cfg = _cli_config(shift, site, kind, exclude)
     if config:
         cfg = ShiftConfig.from_toml(config).merged(cfg)
@@ -178,7 +183,10 @@ def _do_patch(o, opts: PatchOptions) -> dict:
         from ..fold import fold_shifts
 
         fold_report = fold_shifts(loaded.model, shape)
-    save_patched(loaded.model, recipe, out_dir, force=True)
+    from .._io import replace_dir
+
+    with replace_dir(out_dir, force=True) as tmp:  # refused early without --force; the old OUT stays whole
+        save_patched(loaded.model, recipe, tmp, force=True)
     rows = describe(loaded.model)
     export_report = None
     if opts.onnx:
@@ -278,6 +286,9 @@ def fold_command(
     from ..shift import shifted_sites
 
     o = Output(json_mode=json_, quiet=quiet)
+    from .. import validate
+
+    validate.check_path(out_dir, "OUT_DIR")
     recipe = read_recipe(out_dir)
     model = load_patched(out_dir)
     bn = refresh_bn(o, model, recipe, data, bn_recalib_batches, out_dir)
@@ -286,7 +297,10 @@ def fold_command(
         o.info(f"{out_dir}: no threshold left to fold")
     else:
         rep = fold_shifts(model, recipe.input_shape)
-    save_patched(model, recipe, out_dir, force=True)
+    from .._io import replace_dir
+
+    with replace_dir(out_dir, force=True) as tmp:  # never half-rewritten: built beside, swapped in
+        save_patched(model, recipe, tmp, force=True)
     rows = describe(model)
     o.table(sites_table(rows, f"{out_dir}: {len(rep.folded)} folded, {len(rep.kept)} kept"))
     for name, why in rep.kept.items():

@@ -151,6 +151,11 @@ def scan_command(
     from ..scan import scan
 
     out = Output(json_mode=json_, quiet=quiet)
+    from .. import validate
+    from ..detect import PROBE_BATCH
+
+    validate.check_inputs(model=model, checkpoint=checkpoint, data=data)
+    validate.check_input_shape_text(input_shape, max(PROBE_BATCH, batch_size if data else 0))
     report = scan(model, args=arg, checkpoint=checkpoint, input_shape=input_shape, data=data,
                   data_batches=data_batches, batch_size=batch_size, strict=not non_strict, allow_unsafe=unsafe_load)
     if json_:

@@ -102,6 +102,15 @@ def search_command(
 
     follower = launched_by_torchrun() and int(os.environ.get("RANK", "0")) != 0
     out = Output(json_mode=json_, quiet=quiet or follower)  # under torchrun rank 0 alone reports
+    from .. import validate
+
+    validate.check_inputs(model=model, checkpoint=checkpoint, data=data)
+    validate.check_device(device)
+    validate.check_input_shape_text(input_shape, batch_size)
+    if out_dir is not None and not follower:  # under torchrun rank 0 owns the outputs
+        validate.check_output_dir(out_dir, "--out", force=force, reuse=resume)
+    if patch_out is not None and not follower:
+        validate.check_output_dir(patch_out, "--patch-out", force=force)
     shape = None
     if input_shape:
         from ..scan import resolve_input_shape
