@@ -347,6 +347,8 @@ def sweep_stale(directory: str | os.PathLike[str], *, prefix: str = TMP_PREFIX,
     for p in entries:
         pid = _stale_owner(p.name, prefix)
         if pid is not None:
+            if p.name.endswith(".old"):
+                continue  # an interrupted two-rename swap: the user's previous directory, never deleted
             if pid != os.getpid() and not pid_alive(pid) and _remove(p):
                 removed.append(p.name)
         elif _LEGACY_TMP.match(p.name) or (prefix != TMP_PREFIX and p.name.startswith(prefix)):

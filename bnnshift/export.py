@@ -553,7 +553,7 @@ def export_patched_dir(out_dir: str | os.PathLike[str], onnx_path: str | os.Path
     """
     if not isolate:
         return _export_dir_inprocess(str(out_dir), str(onnx_path), opset, batches)
-    from ._io import atomic_write_from, sweep_stale
+    from ._io import atomic_write_from, fault_point, sweep_stale
 
     tmp_root = tempfile.gettempdir()
     sweep_stale(tmp_root, prefix=_EXPORT_TMP_PREFIX)  # leftovers of killed exports
@@ -573,6 +573,7 @@ def export_patched_dir(out_dir: str | os.PathLike[str], onnx_path: str | os.Path
             raise ExportError(f"ONNX export did not finish in {timeout:.0f}s", hint="export a smaller model") from None
         data = json.loads(rep.read_text()) if rep.is_file() else None
         if proc.returncode == 0 and data and "report" in data and child_onnx.is_file():
+            fault_point("export:before-move")
             atomic_write_from(child_onnx, onnx_path)
             data["report"]["path"] = str(onnx_path)
     if proc.returncode == 0 and data and "report" in data:

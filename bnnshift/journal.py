@@ -18,6 +18,7 @@ refused before any work, so ``--force`` can never delete another run's journal.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -159,10 +160,12 @@ class OutputLock:
         self.directory = Path(directory) if directory is not None else None
         self._fd: int | None = None
         self._key: str | None = None
+        self._created = False
 
     def __enter__(self) -> "OutputLock":
         if self.directory is None:
             return self
+        self._created = not self.directory.exists()
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -200,7 +203,7 @@ class OutputLock:
         sweep_stale(self.directory)  # we own it: leftovers of killed runs go
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
         if self._key is None:
             return
         OutputLock._held[self._key] -= 1
@@ -212,6 +215,10 @@ class OutputLock:
                 os.ftruncate(self._fd, 0)
             except OSError:
                 pass
+            if exc_type is not None and self._created:  # a failed run leaves no directory it made
+                with contextlib.suppress(OSError):
+                    (self.directory / LOCK_NAME).unlink()
+                    self.directory.rmdir()
             os.close(self._fd)  # releases the flock
             self._fd = None
 

@@ -351,3 +351,48 @@ def check_input_shape_text(text: str | None, batch: int, option: str = "--input-
     from .scan import resolve_input_shape
 
     check_input_memory(resolve_input_shape(text, None), batch, option=option)
+
+
+# ----------------------------------------------------------------------------- the catalogue
+# Every refused input, its exit code and where the one line points (docs/cli.md "Bad input" and
+# README are generated / written from this; tests/test_reliability.py checks each entry).
+
+CATALOGUE: dict[str, tuple[str, int]] = {
+    "grid-inf": ("`--shifts 0:inf:1` (a bound or step not finite)", 2),
+    "grid-nan-step": ("`--shifts 0:1:nan` (step not a finite number > 0)", 2),
+    "grid-huge-bounds": (f"`--shifts 0:1e300:1e-300` (|bound| > {MAX_ABS_SHIFT:g})", 2),
+    "grid-too-many-range": (f"`--shifts 0:1000:0.01` (more than {MAX_GRID} candidates)", 2),
+    "grid-too-many-comma": (f"a comma list of more than {MAX_GRID} shifts (the same cap)", 2),
+    "grid-comma-huge": (f"`--shifts 0,1e308` (|t| > {MAX_ABS_SHIFT:g})", 2),
+    "seeds-huge": (f"`--seeds 1000000000000` (more than {MAX_GRID} seeds)", 2),
+    "seed-list-empty": ("`--seed-list ''` (no seed; was silently seed 0)", 2),
+    "seed-list-commas": ("`--seed-list ,,`", 2),
+    "seed-list-64bit": ("`--seed-list 99999999999999999999999` (not a 64-bit integer)", 2),
+    "lr-nan": ("`--lr nan`", 2),
+    "lr-negative": ("`--lr -1` (the learning rate must be > 0)", 2),
+    "weight-decay-negative": ("`--weight-decay -1`", 2),
+    "momentum": ("`--momentum 5` (not in [0, 1))", 2),
+    "device-tpu": ("`--device tpu` (cpu, cuda, cuda:N, auto)", 2),
+    "device-meta": ("`--device meta`", 2),
+    "device-empty": ("`--device ''`", 2),
+    "batch-1-batchnorm": ("`search --batch-size 1` on a model with BatchNorm", 2),
+    "scan-batch-1-batchnorm": ("`scan --data ... --batch-size 1` on a model with BatchNorm", 2),
+    "input-shape-memory": ("`--input-shape 100000,100000,100000` (one batch exceeds the available memory)", 1),
+    "search-input-shape-memory": ("the same for `search`", 1),
+    "patch-o-long": ("`patch -o NAME` with a name over 255 bytes", 2),
+    "search-out-long": ("`search --out NAME` over 255 bytes", 2),
+    "search-patch-out-long": ("`search --patch-out NAME` over 255 bytes", 2),
+    "checkpoint-long": ("`--checkpoint NAME` over 255 bytes", 2),
+    "model-path-long": ("a model spec `NAME.py:fn` over 255 bytes", 2),
+    "data-root-long": ("`--data fashion-mnist:ROOT` with a name over 255 bytes", 2),
+    "export-onnx-long": ("`export --onnx NAME` over 255 bytes (242-255 bytes work)", 2),
+    "patch-onnx-long": ("`patch --onnx NAME` over 255 bytes", 2),
+    "fold-long": ("`fold DIR` over 255 bytes", 2),
+    "out-not-writable": ("`--out` where nothing can be written (a few bytes are written first)", 1),
+    "patch-o-not-writable": ("`patch -o` where nothing can be written", 1),
+    "onnx-not-writable": ("`--onnx` in a directory that cannot be written", 1),
+    "full-disk-search": ("a full disk at `search --out` (found before any training)", 1),
+    "full-disk-patch": ("a full disk while `patch` writes (the old OUT stays whole)", 1),
+    "out-locked": ("`search --out DIR` while another search owns DIR (the line names its PID)", 1),
+    "out-not-empty": ("an existing non-empty output directory without `--force`", 1),
+}

@@ -13,3 +13,14 @@ print("stderr. `BNNSHIFT_DEBUG=1` shows tracebacks. JSON schema of `scan --json`
 for cmd in COMMANDS:
     out = subprocess.run([sys.executable, "-m", "bnnshift", cmd, "--help"], capture_output=True, text=True, env=env)
     print(f"## bnnshift {cmd}\n\n```\n{out.stdout.rstrip()}\n```\n")
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from bnnshift.validate import CATALOGUE  # noqa: E402
+
+print("## Bad input\n")
+print("Each is refused before any expensive work (model build, data loading, training) with one line")
+print("on stderr that says what to do, and leaves no partial output (tests/test_reliability.py).\n")
+print("| input | exit |\n|---|---|")
+for what, code in CATALOGUE.values():
+    print(f"| {what} | {code} |")
+print()
