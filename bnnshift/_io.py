@@ -386,8 +386,31 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(b))
 
 
+def _link_or_copy(src: str, dst: str) -> None:
+    import shutil
+
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _carry_over(old: Path, new: Path) -> None:
+    import shutil
+
+    for p in old.iterdir():
+        if p.name == LOCK_NAME or (new / p.name).exists() or os.path.lexists(new / p.name):
+            continue
+        if p.is_symlink():
+            os.symlink(os.readlink(p), new / p.name)
+        elif p.is_dir():
+            shutil.copytree(p, new / p.name, symlinks=True, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(str(p), str(new / p.name))
+
+
 @contextlib.contextmanager
-def replace_dir(path: str | os.PathLike[str], *, force: bool = False) -> Iterator[Path]:
+def replace_dir(path: str | os.PathLike[str], *, force: bool = False, carry_over: bool = True) -> Iterator[Path]:
     """Build a directory's new content beside it, then swap it in whole.
 
     Yields an empty temp directory ``<parent>/.bnnshift-<pid>-XXXX.d``; write everything there.
@@ -396,7 +419,9 @@ def replace_dir(path: str | os.PathLike[str], *, force: bool = False) -> Iterato
     point (even ``kill -9``), ``path`` is the complete old directory or the complete new one
     (with the fallback, for an instant no directory); on an exception the temp directory is
     removed and ``path`` untouched. An existing non-empty ``path`` needs ``force``.
-    Raises ``OutputError``.
+    ``carry_over``: files of the old directory that the new one does not have (a user's notes,
+    an exported .onnx) are hard-linked (else copied) into it first, so only what was rewritten
+    changes. Raises ``OutputError``.
     """
     import shutil
 
@@ -418,6 +443,8 @@ def replace_dir(path: str | os.PathLike[str], *, force: bool = False) -> Iterato
     try:
         os.chmod(tmp, 0o777 & ~_UMASK)
         yield tmp
+        if carry_over and dest.is_dir():
+            _carry_over(dest, tmp)
         _fsync_dir(tmp)
         fault_point("swap:before")
         if dest.is_dir():

@@ -222,7 +222,7 @@ def test_kill_export_before_move_then_legal_long_name(patched, tmp_path):
 
 
 SEARCH = ["search", "zoo:mlp", "--arg", "width=0.25", "--data", "synthetic:512", "--batch-size", "32",
-          "--steps", "12", "--no-compile", "--shifts", "0,0.5,1,1.5"]
+          "--steps", "6", "--no-compile", "--shifts", "0,0.5,1,1.5"]
 
 
 def test_second_search_on_same_out_is_refused(tmp_path):
