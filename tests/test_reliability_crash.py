@@ -21,6 +21,8 @@ import pytest
 from typer.testing import CliRunner
 
 from bnnshift import _io, validate
+
+pytestmark = pytest.mark.slow  # subprocesses killed at several moments: ~2-4 min on a loaded 2-core machine
 from bnnshift.cli import app
 from bnnshift.patch import load_patched, read_recipe
 
