@@ -360,10 +360,10 @@ def check_input_shape_text(text: str | None, batch: int, option: str = "--input-
 CATALOGUE: dict[str, tuple[str, int]] = {
     "grid-inf": ("`--shifts 0:inf:1` (a bound or step not finite)", 2),
     "grid-nan-step": ("`--shifts 0:1:nan` (step not a finite number > 0)", 2),
-    "grid-huge-bounds": (f"`--shifts 0:1e300:1e-300` (|bound| > {MAX_ABS_SHIFT:g})", 2),
+    "grid-huge-bounds": (f"`--shifts 0:1e300:1e-300` (a bound beyond ±{MAX_ABS_SHIFT:g})", 2),
     "grid-too-many-range": (f"`--shifts 0:1000:0.01` (more than {MAX_GRID} candidates)", 2),
     "grid-too-many-comma": (f"a comma list of more than {MAX_GRID} shifts (the same cap)", 2),
-    "grid-comma-huge": (f"`--shifts 0,1e308` (|t| > {MAX_ABS_SHIFT:g})", 2),
+    "grid-comma-huge": (f"`--shifts 0,1e308` (a shift beyond ±{MAX_ABS_SHIFT:g})", 2),
     "seeds-huge": (f"`--seeds 1000000000000` (more than {MAX_GRID} seeds)", 2),
     "seed-list-empty": ("`--seed-list ''` (no seed; was silently seed 0)", 2),
     "seed-list-commas": ("`--seed-list ,,`", 2),

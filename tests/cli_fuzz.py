@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Iterator
+from typing import Any, Iterator
 
-import click
 import typer
 from hypothesis import strategies as st
 
@@ -38,16 +37,42 @@ VALUES = [
 ]
 
 
-def commands() -> dict[str, click.Command]:
+# plausible values per option / argument: half of the draws use them so that runs get past
+# click's own type checks and into bnnshift's
+GOOD = {
+    "model": ["zoo:mlp", "zoo:lenet5", "zoo:mlp"], "out_dir": ["out", "p"], "--data": ["synthetic:16", "fashion-mnist"],
+    "--shifts": ["0,0.5", "-1:2:0.25", "0:1:0.5"], "--seeds": ["1", "2"], "--seed-list": ["0,1", "3"],
+    "--batch-size": ["16", "2"], "--steps": ["1", "2"], "--epochs": ["1"], "--lr": ["0.001", "0.05"],
+    "--out": ["out", "o2"], "-o": ["out"], "--patch-out": ["pout"], "--onnx": ["m.onnx"], "--shift": ["0.5", "-1"],
+    "--site": ["*=0.5", "re:.*=1"], "--kind": ["module=0.5", "inline=0"], "--arg": ["width=0.25"],
+    "--input-shape": ["1,28,28", "3,32,32"], "--device": ["cpu", "auto"], "--optimizer": ["adam", "sgd"],
+    "--metric": ["train_acc", "val_acc"], "--storage": ["journal:j.log"], "--study": ["s"],
+    "--checkpoint": ["ck.pt", "ck.safetensors"], "--config": ["c.toml"], "--opset": ["17", "18"],
+    "--batches": ["1", "2"], "--data-batches": ["1", "2"], "--heartbeat": ["30,120", "5"],
+}
+
+
+def _values_for(key: str) -> st.SearchStrategy[str]:
+    good = GOOD.get(key)
+    return st.one_of(st.sampled_from(good), st.sampled_from(VALUES)) if good else st.sampled_from(VALUES)
+
+
+def _often(n: int) -> st.SearchStrategy[bool]:
+    """True with probability (n-1)/n (and True is what hypothesis shrinks to)."""
+    return st.integers(0, n - 1).map(lambda i: i < n - 1)
+
+
+def commands() -> dict[str, Any]:
     group = typer.main.get_command(app)
     return dict(group.commands)  # type: ignore[attr-defined]
 
 
-def _option_tokens(opt: click.Option) -> st.SearchStrategy[list[str]]:
+def _option_tokens(opt: Any) -> st.SearchStrategy[list[str]]:
     name = st.sampled_from(list(opt.opts) + list(opt.secondary_opts))
     if opt.is_flag or opt.count:
         return name.map(lambda n: [n])
-    return st.tuples(name, st.sampled_from(VALUES)).map(lambda t: [t[0], t[1]])
+    key = next((o for o in opt.opts if o.startswith("--")), opt.opts[0])
+    return st.tuples(name, _values_for(key)).map(lambda t: [t[0], t[1]])
 
 
 def command_line(cmd_names: list[str] | None = None) -> st.SearchStrategy[list[str]]:
@@ -60,18 +85,19 @@ def command_line(cmd_names: list[str] | None = None) -> st.SearchStrategy[list[s
         name = draw(st.sampled_from(names))
         cmd = cmds[name]
         argv = [name]
-        params_args = [p for p in cmd.params if isinstance(p, click.Argument)]
-        params_opts = [p for p in cmd.params if isinstance(p, click.Option) and "--help" not in p.opts]
-        for _ in params_args:
-            if draw(st.integers(0, 9)) > 0:  # sometimes missing
-                argv.append(draw(st.sampled_from(VALUES)))
+        # typer may vendor its own click: tell arguments from options by click's own tag
+        params_args = [p for p in cmd.params if p.param_type_name == "argument"]
+        params_opts = [p for p in cmd.params if p.param_type_name == "option" and "--help" not in p.opts]
+        for p in params_args:
+            if draw(_often(10)):  # sometimes missing
+                argv.append(draw(_values_for(p.name or "")))
         # required options usually present, so the run gets past click to our own checks
         for p in params_opts:
-            if p.required and draw(st.integers(0, 9)) > 0:
+            if p.required and draw(_often(10)):
                 argv += draw(_option_tokens(p))
         n = draw(st.integers(0, 6))
         for _ in range(n):
-            if params_opts and draw(st.integers(0, 19)) > 0:
+            if params_opts and draw(_often(20)):
                 argv += draw(_option_tokens(draw(st.sampled_from(params_opts))))
             else:
                 argv += [draw(st.sampled_from(["--nope", "-x", "--json", "--", "extra"]))]

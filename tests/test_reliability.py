@@ -106,6 +106,21 @@ def test_existing_out_is_kept_on_refusal(tmp_path):
     assert (out / "journal.jsonl").read_text() == "{}\n"  # --force deletes nothing before validation
 
 
+def test_non_empty_out_without_force(tmp_path):
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "notes.txt").write_text("mine")
+    res = _invoke(SEARCH + ["--out", "o"], tmp_path)
+    assert res.exit_code == validate.CATALOGUE["out-not-empty"][1] == 1
+    assert "pass --force" in _one_line(res)
+    assert [p.name for p in (tmp_path / "o").iterdir()] == ["notes.txt"]
+
+
+def test_every_catalogue_entry_is_tested():
+    tested = {c[0] for c in CATALOGUE} | {"full-disk-search", "full-disk-patch", "out-not-empty"}
+    tested |= {"out-locked"}  # tests/test_reliability_crash.py::test_second_search_on_same_out_is_refused
+    assert set(validate.CATALOGUE) == tested
+
+
 def test_full_disk_before_search_trains(tmp_path, monkeypatch):
     """The writability probe writes real bytes: a full disk fails in a second, not after a candidate."""
     real_write = os.write
@@ -119,7 +134,8 @@ def test_full_disk_before_search_trains(tmp_path, monkeypatch):
     finally:
         monkeypatch.setattr(os, "write", real_write)
     line = _one_line(res)
-    assert res.exit_code == 1 and "No space left on device" in line and "free some space" in line
+    assert res.exit_code == validate.CATALOGUE["full-disk-search"][1] == 1
+    assert "No space left on device" in line and "free some space" in line
     assert not (tmp_path / "o").exists()
 
 
@@ -139,7 +155,8 @@ def test_full_disk_during_patch_keeps_old_dir(tmp_path, monkeypatch):
     monkeypatch.setattr(safetensors.torch, "save_file", full)
     res = _invoke(["patch", "zoo:mlp", "--arg", "width=0.25", "--shift", "1", "-o", "p", "--force"], tmp_path)
     line = _one_line(res)
-    assert res.exit_code == 1 and "No space left" in line and "free some space" in line
+    assert res.exit_code == validate.CATALOGUE["full-disk-patch"][1] == 1
+    assert "No space left" in line and "free some space" in line
     assert {p.name: p.read_bytes() for p in (tmp_path / "p").iterdir()} == before
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".bnnshift-")]
     res = _invoke(["patch", "zoo:mlp", "--arg", "width=0.25", "--shift", "1", "-o", "q"], tmp_path)
