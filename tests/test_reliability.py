@@ -213,3 +213,24 @@ def test_stale_temp_files_are_swept(tmp_path):
     removed = set(_io.sweep_stale(tmp_path))
     assert removed == {f".bnnshift-{dead}-abc.tmp", f".bnnshift-{dead}-abc.d", legacy.name}
     assert live.exists() and fresh_legacy.exists() and user.exists()
+
+
+def test_weights_replaced_hint_names_real_options(tmp_path):
+    """A directory whose weights no longer match patch.json: the hint names a real command."""
+    res = _invoke(["patch", "zoo:mlp", "--arg", "width=0.25", "--shift", "0.5", "-o", "p", "-q"], tmp_path)
+    assert res.exit_code == 0, res.stderr
+    w = tmp_path / "p" / "model.safetensors"
+    data = bytearray(w.read_bytes())
+    data[-1] ^= 1
+    w.write_bytes(bytes(data))
+    res = _invoke(["fold", "p"], tmp_path)
+    line = _one_line(res)
+    assert res.exit_code == 1 and "does not match the sha256" in line
+    assert "bnnshift patch" in line and "--force" in line
+    import re
+
+    from cli_fuzz import commands
+
+    opts = {o for c in commands().values() for p in c.params for o in getattr(p, "opts", [])}
+    for opt in re.findall(r"(?<![\w(])--[a-z][a-z-]+", line):
+        assert opt in opts, opt  # every option the hint names exists
