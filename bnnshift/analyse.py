@@ -336,12 +336,21 @@ class _Link:
         self.node, self.target = node, target  # target: ("bias", "path.param", sign) / ("bn", path, +1)
 
 
+_MAX_POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d,
+              nn.AdaptiveMaxPool3d)
+_MAX_POOL_FUNCS = {F.max_pool1d, F.max_pool2d, F.max_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d,
+                   F.adaptive_max_pool3d}
+
+
 def _transparent(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Ops that commute with subtracting a per-channel constant (max(y - t) = max(y) - t: max
+    pooling pads with -inf; average pooling counting zero padding does not commute)."""
     if node.op == "call_method" and node.target in _TRANSPARENT_METHODS:
         return True
-    if node.op == "call_function" and node.target in _TRANSPARENT_FUNCS:
+    if node.op == "call_function" and (node.target in _TRANSPARENT_FUNCS or node.target in _MAX_POOL_FUNCS):
         return True
-    return node.op == "call_module" and isinstance(_module(gm, node), (nn.Identity, nn.Dropout, nn.Flatten))
+    return node.op == "call_module" and isinstance(_module(gm, node), (nn.Identity, nn.Dropout, nn.Flatten)
+                                                   + _MAX_POOLS)
 
 
 def _bias_chain(gm: fx.GraphModule, start: fx.Node | None, mods: dict[str, nn.Module]) -> list[_Link]:
