@@ -743,7 +743,13 @@ def analyse(disc: Discovery, model: nn.Module) -> list[Site]:
         s.producer, _ = classify_producer(gm, pre)
         s.pool = find_pool(gm, pre)
         s.follower, s.follower_slope = find_follower(gm, node, site_nodes)
-    _fold_analysis(disc, model)
+    try:
+        _fold_analysis(disc, model)
+    except Exception as exc:  # noqa: BLE001 - a model the analysis cannot read: no fold, said
+        for s in disc.sites:
+            s.foldable, s.fold_with, s.fold_sign = None, None, None
+            s.fold_reason = f"fold analysis failed ({type(exc).__name__}): hooks kept"
+        disc.warnings.append(f"fold analysis failed ({type(exc).__name__}: {str(exc)[:120]}); every shift stays a hook")
     for s in disc.sites:
         if not s.foldable and not s.fold_reason:
             if s.producer == "residual add":
