@@ -405,10 +405,10 @@ def test_export_counts_a_tie_apart_and_fails_a_margin_flip():
 
     torch.manual_seed(0)
     model = _TieNet().eval()
-    with torch.no_grad():
-        model.fc1.weight.copy_(torch.eye(4))
     t = 0.5
     report = scan_model(model, (4,))
+    with torch.no_grad():  # after the scan: the pre-activation is then the input itself
+        model.fc1.weight.copy_(torch.eye(4))
     patch_model(model, report, t)
     x = torch.tensor([[t + 1e-7, 2.0, -1.0, 3.0], [1.5, -2.0, 2.0, -3.0], [1.0, 1.0, -1.0, -1.0]])
     taps = _Taps(model, report.sites)
