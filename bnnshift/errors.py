@@ -50,6 +50,11 @@ class UnsafeCheckpointError(CheckpointError):
     """The checkpoint needs unpickling of code; refused unless explicitly allowed."""
 
 
+class UntrustedRecipeError(BnnshiftError):
+    """A patch directory's recipe names code to import (``file.py:fn`` / ``pkg.mod:fn``) and
+    neither the user named the model nor did bnnshift write the recipe for this user (exit 1)."""
+
+
 class TraceError(BnnshiftError):
     """The model could not be analysed."""
 

@@ -531,13 +531,14 @@ def export_onnx(model: nn.Module, input_shape: Iterable[int], path: str | os.Pat
 # --------------------------------------------------------------------------- from a patched directory
 
 
-def _export_dir_inprocess(out_dir: str, onnx_path: str, opset: int | None, batches: int) -> ExportReport:
+def _export_dir_inprocess(out_dir: str, onnx_path: str, opset: int | None, batches: int, *, model: Any = None,
+                          model_args: Any = None, trust: bool = False) -> ExportReport:
     from .patch import load_patched, read_recipe
 
     recipe = read_recipe(out_dir)
     if not recipe.input_shape:
         raise ExportError(f"{out_dir}/patch.json has no input_shape", hint="re-run bnnshift patch with --input-shape")
-    model = load_patched(out_dir)
+    model = load_patched(out_dir, model=model, args=model_args, trust=trust)
     from ._io import sha256_file
 
     return export_onnx(model, recipe.input_shape, onnx_path, opset, batches=batches,
@@ -545,14 +546,22 @@ def _export_dir_inprocess(out_dir: str, onnx_path: str, opset: int | None, batch
 
 
 def export_patched_dir(out_dir: str | os.PathLike[str], onnx_path: str | os.PathLike[str], opset: int | None = None, *,
-                       batches: int = DEFAULT_BATCHES, isolate: bool = True, timeout: float | None = 1800) -> ExportReport:
+                       batches: int = DEFAULT_BATCHES, isolate: bool = True, timeout: float | None = 1800,
+                       model: Any = None, model_args: Any = None, trust: bool = False) -> ExportReport:
     """Export the model of a patched directory (``load_patched``) to ``onnx_path`` and verify it.
 
+    ``model`` / ``model_args`` / ``trust``: as ``load_patched`` (the model from the user, or
+    trust the recipe's code spec); an ``nn.Module`` instance exports in this process.
     ``isolate`` runs the export in a subprocess, so an exporter crash is reported as an
     ``ExportError`` instead of killing the caller. Raises ``ExportError`` / ``VerificationError``.
     """
+    from .load import ModelSpec
+
+    if model is not None and not isinstance(model, (str, ModelSpec)):
+        isolate = False  # an instance cannot cross the process boundary
     if not isolate:
-        return _export_dir_inprocess(str(out_dir), str(onnx_path), opset, batches)
+        return _export_dir_inprocess(str(out_dir), str(onnx_path), opset, batches, model=model,
+                                     model_args=model_args, trust=trust)
     from ._io import atomic_write_from, fault_point, sweep_stale
 
     tmp_root = tempfile.gettempdir()
@@ -566,6 +575,12 @@ def export_patched_dir(out_dir: str | os.PathLike[str], onnx_path: str | os.Path
                "--batches", str(batches), "--parent-pid", str(os.getpid())]
         if opset is not None:
             cmd += ["--opset", str(opset)]
+        if model is not None:
+            cmd += ["--model", str(model)]
+        for a in _arg_pairs(model_args):
+            cmd += ["--arg", a]
+        if trust:
+            cmd += ["--trust-recipe"]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
                                   preexec_fn=_die_with_parent(os.getpid()) if os.name == "posix" else None)
@@ -625,6 +640,15 @@ def _watch_parent(parent_pid: int, interval: float = 0.5) -> None:
     threading.Thread(target=watch, daemon=True, name="bnnshift-parent-watch").start()
 
 
+def _arg_pairs(args: Any) -> list[str]:
+    """``--arg`` pairs for the export subprocess (a dict of factory arguments, or the pairs)."""
+    if args is None:
+        return []
+    if isinstance(args, dict):
+        return [f"{k}={v!r}" for k, v in args.items()]
+    return [str(a) for a in args]
+
+
 def _main(argv: list[str] | None = None) -> int:
     import argparse
 
@@ -635,11 +659,15 @@ def _main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batches", type=int, default=DEFAULT_BATCHES)
     ap.add_argument("--report", required=True)
     ap.add_argument("--parent-pid", type=int, default=None)
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--arg", action="append", default=None)
+    ap.add_argument("--trust-recipe", action="store_true")
     a = ap.parse_args(argv)
     if a.parent_pid is not None:
         _watch_parent(a.parent_pid)
     try:
-        report = _export_dir_inprocess(a.out_dir, a.onnx_path, a.opset, a.batches)
+        report = _export_dir_inprocess(a.out_dir, a.onnx_path, a.opset, a.batches, model=a.model, model_args=a.arg,
+                                       trust=a.trust_recipe)
         payload, code = {"report": report.to_json()}, 0
     except BnnshiftError as exc:
         payload, code = {"error": exc.message, "hint": exc.hint, "exit_code": exc.exit_code}, exc.exit_code

@@ -35,7 +35,7 @@ from torch import nn
 
 from . import registry
 from ._io import sha256_file
-from .errors import CheckpointError, ModelLoadError, SpecError, UnsafeCheckpointError
+from .errors import CheckpointError, ModelLoadError, SpecError, UnsafeCheckpointError, UsageError
 
 __all__ = [
     "KINDS",
@@ -46,7 +46,11 @@ __all__ = [
     "parse_arg_pairs",
     "parse_arg_value",
     "build_model",
+    "unwrap_model",
+    "coerce_args",
     "default_input_shape",
+    "infer_input_shape",
+    "choose_input_shape",
     "load_state_dict_file",
     "load_checkpoint",
     "load_model",
@@ -54,9 +58,6 @@ __all__ = [
 
 KINDS = ("zoo", "file", "module", "timm", "torchvision")
 _PREFIX_KINDS = ("zoo", "timm", "torchvision")  # "KIND:NAME"
-_INNER_KEYS = ("state_dict", "model", "net", "module", "state_dict_ema", "model_ema")
-_INNER_KEYS_EMA = ("state_dict_ema", "model_ema", "state_dict", "model", "net", "module")
-_STRIP_PREFIXES = ("module.", "_orig_mod.")
 _SPEC_HINT = (
     "use zoo:NAME, path/to/file.py:FACTORY, package.module:FACTORY, timm:NAME or torchvision:NAME"
 )
@@ -386,10 +387,24 @@ def _build_torchvision(spec: ModelSpec) -> nn.Module:
     return model
 
 
-def build_model(spec: ModelSpec | str) -> nn.Module:
-    """Build (never download) the model a spec names; raises SpecError/ModelLoadError."""
-    if isinstance(spec, str):
-        spec = parse_model_spec(spec)
+def unwrap_model(model: nn.Module) -> tuple[nn.Module, list[str]]:
+    """The module inside ``nn.DataParallel`` / ``DistributedDataParallel`` (``.module``) and
+    ``torch.compile`` (``OptimizedModule._orig_mod``), nested in any order; returns
+    ``(inner, notes)`` with one note per wrapper removed (empty if none)."""
+    notes: list[str] = []
+    for _ in range(8):  # bounded: wrappers do not nest deeper in practice
+        name = type(model).__name__
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        elif name == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            break
+        notes.append(f"the factory returned {name}: using the module inside it")
+    return model, notes
+
+
+def _build(spec: ModelSpec) -> nn.Module:
     if spec.kind == "zoo":
         return _build_zoo(spec)
     if spec.kind == "timm":
@@ -409,6 +424,102 @@ def build_model(spec: ModelSpec | str) -> nn.Module:
     raise SpecError(f"unknown model spec kind {spec.kind!r}", hint=f"kinds: {', '.join(KINDS)}")
 
 
+def build_model(spec: ModelSpec | str, *, notes: list[str] | None = None) -> nn.Module:
+    """Build (never download) the model a spec names; raises SpecError/ModelLoadError.
+
+    A DataParallel / DistributedDataParallel / compiled wrapper returned by the factory is
+    removed (:func:`unwrap_model`); what was removed is appended to ``notes``."""
+    if isinstance(spec, str):
+        spec = parse_model_spec(spec)
+    model, removed = unwrap_model(_build(spec))
+    if notes is not None:
+        notes.extend(removed)
+    return model
+
+
+coerce_args = _coerce_args
+
+
+def _cfg_shape(model: nn.Module | None) -> tuple[int, ...] | None:
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+    size = cfg.get("input_size") if isinstance(cfg, Mapping) else None
+    if size:
+        with contextlib.suppress(TypeError, ValueError):
+            return tuple(int(x) for x in size)
+    return None
+
+
+def _first_layer_shape(model: nn.Module) -> tuple[tuple[int, ...], str] | None:
+    """(shape, what it came from) from the first conv / linear in registration order."""
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            side = (64,) if isinstance(m, nn.Conv1d) else (16, 16, 16) if isinstance(m, nn.Conv3d) else (32, 32)
+            return (int(m.in_channels), *side), f"in_channels={m.in_channels} of the first conv {name}"
+        if isinstance(m, nn.Linear) and not isinstance(m, nn.LazyLinear):
+            return (int(m.in_features),), f"in_features={m.in_features} of the first linear layer {name}"
+    return None
+
+
+def _forward_ok(model: nn.Module, shape: tuple[int, ...]) -> bool:
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros((2, *shape)))
+        return True
+    except Exception:  # noqa: BLE001 - any failure means the guess is wrong
+        return False
+    finally:
+        model.train(was)
+
+
+def infer_input_shape(spec: ModelSpec, model: nn.Module | None = None) -> tuple[tuple[int, ...] | None, str]:
+    """One sample's input shape (no batch dimension) and where it came from, or (None, reason).
+
+    In order: zoo metadata (with the factory's ``in_chans`` / ``input_size`` arguments), a
+    ``pretrained_cfg`` / ``default_cfg`` ``input_size`` (timm), torchvision's 224 (299 for
+    inception), then the first conv's ``in_channels`` at 32x32 (or the first linear layer's
+    ``in_features``), kept only if a forward pass of zeros accepts it. ``--data`` and
+    ``--input-shape`` take precedence in the commands.
+    """
+    shape = default_input_shape(spec, model)
+    if shape is not None:
+        return shape, f"{spec.kind} metadata"
+    cfg = _cfg_shape(model)
+    if cfg is not None:
+        return cfg, "the model's pretrained_cfg input_size"
+    if model is not None:
+        first = _first_layer_shape(model)
+        if first is not None and _forward_ok(model, first[0]):
+            return first[0], first[1]
+    return None, "no zoo metadata, pretrained_cfg or first conv/linear layer that accepts a guessed size"
+
+
+def choose_input_shape(explicit: Iterable[int] | None, loaded: "LoadedModel", data: str | None = None, *,
+                       seed: int = 0) -> tuple[tuple[int, ...], str]:
+    """The input shape a command uses, and where it came from (said to the user).
+
+    Precedence: ``explicit`` (``--input-shape``, already parsed) > the model's declared size
+    (zoo metadata, ``pretrained_cfg``, torchvision; data are resized to it) > the sample shape of
+    ``data`` (not ``synthetic``, which follows the model) > a guess from the first conv /
+    linear layer that a forward pass accepts. Raises UsageError (exit 2) when none applies.
+    """
+    if explicit is not None:
+        return tuple(int(v) for v in explicit), "--input-shape"
+    if loaded.input_shape is not None and loaded.input_shape_source not in (None, "guess"):
+        return tuple(loaded.input_shape), loaded.input_shape_source
+    if data:
+        from .data import load_data, parse_data_spec
+
+        if parse_data_spec(data)[0] != "synthetic":
+            bundle = load_data(data, input_shape=None, train_limit=8, val_limit=0, seed=seed)
+            return tuple(int(v) for v in bundle.input_shape), f"the samples of --data {bundle.name}"
+    if loaded.guessed_input_shape is not None:
+        return tuple(loaded.guessed_input_shape), f"guessed from {loaded.guessed_from} (pass --input-shape to set it)"
+    raise UsageError("the model's input shape is unknown",
+                     hint="pass --input-shape C,H,W (e.g. 3,32,32) or --data with real samples")
+
+
 def default_input_shape(spec: ModelSpec, model: nn.Module | None = None) -> tuple[int, ...] | None:
     """One sample's input shape (no batch dimension) if the spec's source knows it, else None."""
     if spec.kind == "zoo":
@@ -423,10 +534,8 @@ def default_input_shape(spec: ModelSpec, model: nn.Module | None = None) -> tupl
             shape[1] = shape[2] = int(spec.args["input_size"])
         return tuple(shape)
     if spec.kind == "timm":
-        cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
-        size = cfg.get("input_size") if isinstance(cfg, Mapping) else None
-        if size:
-            shape = tuple(int(x) for x in size)
+        shape = _cfg_shape(model)
+        if shape:
             in_chans = spec.args.get("in_chans")
             if isinstance(in_chans, int) and shape:
                 shape = (in_chans,) + shape[1:]
@@ -443,12 +552,29 @@ def default_input_shape(spec: ModelSpec, model: nn.Module | None = None) -> tupl
 
 @dataclass
 class LoadReport:
-    """What :func:`load_checkpoint` matched; ``shape_mismatch`` is (key, ckpt shape, model shape)."""
+    """What :func:`load_checkpoint` read and matched; ``to_json()`` is the ``checkpoint`` object
+    of every ``--json`` output, ``patch.json`` and ``search.json``.
+
+    ``path``/``sha256``: the file; ``inner_key``: the wrapper keys descended (``"state_dict"``,
+    ``"model/state_dict"``, None for a bare state_dict); ``prefix``: what was stripped from every
+    key (``"module."``, ``"_orig_mod.module."``, None); ``tensors``: tensors found under the
+    inner key; ``loaded`` of ``total`` (the model's state_dict entries) were loaded;
+    ``shape_mismatch`` is (key, ckpt shape, model shape); ``notes``: EMA present / used,
+    wrappers removed, non-finite values allowed.
+    """
 
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
     shape_mismatch: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
     loaded: int = 0
+    total: int = 0
+    path: str | None = None
+    sha256: str | None = None
+    inner_key: str | None = None
+    prefix: str | None = None
+    tensors: int = 0
+    strict: bool = True
+    notes: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -463,12 +589,37 @@ class LoadReport:
             + _few([f"{k}: checkpoint {list(a)} vs model {list(b)}" for k, a, b in self.shape_mismatch])
         )
 
+    def line(self) -> str:
+        """The one stderr line: ``checkpoint F: loaded K of N (key 'state_dict', prefix 'module.'
+        stripped)`` plus, when not everything fitted, the key summary."""
+        where = []
+        if self.inner_key:
+            where.append(f"key {self.inner_key!r}")
+        if self.prefix:
+            where.append(f"prefix {self.prefix!r} stripped")
+        text = f"checkpoint {self.path}: loaded {self.loaded} of {self.total}"
+        if where:
+            text += " (" + ", ".join(where) + ")"
+        if not self.ok:
+            text += "; " + self.summary()
+        for n in self.notes:
+            text += f"; {n}"
+        return text
+
     def to_json(self) -> dict[str, Any]:
         return {
+            "path": self.path,
+            "sha256": self.sha256,
+            "inner_key": self.inner_key,
+            "prefix": self.prefix,
+            "tensors": self.tensors,
+            "loaded": self.loaded,
+            "total": self.total,
+            "strict": self.strict,
             "missing": list(self.missing),
             "unexpected": list(self.unexpected),
             "shape_mismatch": [[k, list(a), list(b)] for k, a, b in self.shape_mismatch],
-            "loaded": self.loaded,
+            "notes": list(self.notes),
         }
 
 
@@ -480,12 +631,23 @@ def _few(keys: list[str], n: int = 3) -> str:
 
 @dataclass
 class LoadedModel:
+    """A built model with its checkpoint loaded. ``input_shape``: one sample's shape if known
+    (``input_shape_source`` says from where); ``notes``: wrappers removed and the like."""
+
     model: nn.Module
     spec: ModelSpec
     checkpoint: str | None = None
     checkpoint_sha256: str | None = None
     load_report: LoadReport | None = None
     input_shape: tuple[int, ...] | None = None
+    input_shape_source: str | None = None
+    guessed_input_shape: tuple[int, ...] | None = None
+    guessed_from: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def checkpoint_json(self) -> dict[str, Any] | None:
+        """The ``checkpoint`` object of JSON outputs (None without a checkpoint)."""
+        return self.load_report.to_json() if self.load_report is not None else None
 
 
 _SAFETENSORS_SUFFIXES = (".safetensors", ".st")
@@ -505,12 +667,48 @@ def _looks_like_safetensors(path: Path) -> bool:
 
 
 _GLOBAL_RE = re.compile(r"GLOBAL ([\w.]+)")
+# Globals whose only use in a pickle is to run something: refused even with --unsafe-load.
+_DANGEROUS_MODULES = ("os", "posix", "nt", "subprocess", "shutil", "socket", "pty", "runpy", "importlib", "sys",
+                      "ctypes", "webbrowser", "pickle", "_pickle", "marshal", "code", "codeop", "commands",
+                      "multiprocessing", "asyncio", "platform", "signal", "tempfile", "urllib", "http", "ftplib")
+_DANGEROUS_BUILTINS = ("eval", "exec", "compile", "__import__", "getattr", "setattr", "delattr", "open",
+                       "input", "breakpoint", "globals", "locals", "vars", "apply", "execfile")
+
+
+def _is_dangerous(name: str) -> bool:
+    mod, _, attr = name.rpartition(".")
+    top = mod.split(".", 1)[0]
+    if top in ("builtins", "__builtin__"):
+        return attr in _DANGEROUS_BUILTINS
+    return top in _DANGEROUS_MODULES
+
+
+def _data_globals() -> list[Any]:
+    """Classes and functions that only rebuild data (numpy scalars, dtypes and arrays,
+    ``argparse.Namespace``): allowed to ``weights_only=True`` through ``safe_globals``."""
+    import argparse
+
+    allowed: list[Any] = [argparse.Namespace]
+    try:
+        import numpy as np
+    except ImportError:
+        return allowed
+    allowed += [np.dtype, np.ndarray]
+    for modname in ("numpy._core.multiarray", "numpy.core.multiarray"):
+        with contextlib.suppress(Exception):
+            mod = importlib.import_module(modname)
+            allowed += [getattr(mod, n) for n in ("scalar", "_reconstruct") if hasattr(mod, n)]
+    with contextlib.suppress(Exception):
+        import numpy.dtypes as npd
+
+        allowed += [getattr(npd, n) for n in dir(npd) if n.endswith("DType") and isinstance(getattr(npd, n), type)]
+    return allowed
 
 
 def _is_globals_refusal(exc: BaseException) -> bool:
-    msg = str(exc)
+    msg = str(exc).lower()
     return isinstance(exc, pickle.UnpicklingError) and (
-        "Unsupported global" in msg or "was not an allowed global" in msg
+        "unsupported global" in msg or "not an allowed global" in msg or "is blocked" in msg
     )
 
 
@@ -534,7 +732,7 @@ def _corrupt(path: Path, exc: BaseException | None = None) -> CheckpointError:
     return err
 
 
-def _read_raw(path: Path, allow_unsafe: bool) -> Any:
+def _read_raw(path: Path, allow_unsafe: bool, search_dirs: Iterable[str] = ()) -> Any:
     if path.suffix in _SAFETENSORS_SUFFIXES or _looks_like_safetensors(path):
         from safetensors.torch import load_file
 
@@ -545,12 +743,19 @@ def _read_raw(path: Path, allow_unsafe: bool) -> Any:
         except BaseException as exc:  # SafetensorError is not an Exception subclass in some versions
             raise _corrupt(path, exc) from exc
     try:
-        return torch.load(str(path), map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(_data_globals()):
+            return torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         if not _is_globals_refusal(exc):
             raise _corrupt(path, exc) from exc
+        globs = _unsafe_globals(path, exc)
+        bad = [g for g in globs if _is_dangerous(g)]
+        if bad:
+            raise UnsafeCheckpointError(
+                f"checkpoint {path} would call {', '.join(bad)} when unpickled: refused, also with --unsafe-load",
+                hint="this file runs code on load; do not use it (re-save the weights as a state_dict or safetensors)",
+            ) from None
         if not allow_unsafe:
-            globs = _unsafe_globals(path, exc)
             raise UnsafeCheckpointError(
                 f"checkpoint {path} needs unpickling of code (globals: {', '.join(globs) or 'unknown'})",
                 hint="re-save it as a state_dict (torch.save(model.state_dict(), ...)) or, "
@@ -560,9 +765,14 @@ def _read_raw(path: Path, allow_unsafe: bool) -> Any:
         raise CheckpointError(f"cannot read checkpoint {path}: {exc.strerror or exc}") from exc
     except Exception as exc:  # zip/pickle/EOF/index errors from random or truncated bytes
         raise _corrupt(path, exc) from exc
-    # Explicitly allowed: full unpickling (may run code from the file).
+    # Explicitly allowed: full unpickling (may run code from the file). Classes are found as
+    # `python` run from here would find them: the current folder and the model file's folder.
+    dirs = [os.getcwd(), *search_dirs]
     try:
-        return torch.load(str(path), map_location="cpu", weights_only=False)
+        with contextlib.ExitStack() as stack:
+            for d in dict.fromkeys(dirs):
+                stack.enter_context(_sys_path(d))
+            return torch.load(str(path), map_location="cpu", weights_only=False)
     except (ModuleNotFoundError, AttributeError) as exc:
         raise CheckpointError(
             f"checkpoint {path} refers to code that cannot be imported: {_exc_text(exc)}",
@@ -578,6 +788,12 @@ def _tensors_only(obj: Mapping[Any, Any]) -> dict[str, torch.Tensor]:
     return {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
 
 
+_INNER_KEYS = ("model_state_dict", "state_dict", "model", "net", "module", "network", "weights")
+_EMA_KEYS = ("state_dict_ema", "model_ema", "ema_state_dict", "ema_model")
+_STRIP_PREFIXES = ("module.", "_orig_mod.", "model.", "net.")
+_LEGACY_PREFIXES = ("module.", "_orig_mod.")  # stripped when the model's keys are not known
+
+
 def _is_weights(value: Any, allow_unsafe: bool, depth: int = 3) -> bool:
     """A dict of tensors (or a module, when unsafe), possibly inside further wrapper keys."""
     if allow_unsafe and isinstance(value, nn.Module):
@@ -586,50 +802,88 @@ def _is_weights(value: Any, allow_unsafe: bool, depth: int = 3) -> bool:
         return False
     if any(isinstance(v, torch.Tensor) for v in value.values()):
         return True
-    return depth > 0 and any(k in value and _is_weights(value[k], allow_unsafe, depth - 1) for k in _INNER_KEYS)
+    return depth > 0 and any(
+        k in value and _is_weights(value[k], allow_unsafe, depth - 1) for k in _INNER_KEYS + _EMA_KEYS
+    )
 
 
-def _unwrap(obj: Any, allow_unsafe: bool, use_ema: bool) -> Any:
-    keys = _INNER_KEYS_EMA if use_ema else _INNER_KEYS
+def _unwrap(obj: Any, allow_unsafe: bool, use_ema: bool, where: Path) -> tuple[Any, list[str], list[str]]:
+    """Descend wrapper keys; returns (state dict or other, keys descended, notes). With
+    ``use_ema`` a checkpoint without EMA weights is a CheckpointError."""
+    path: list[str] = []
+    notes: list[str] = []
+    used_ema = False
     for _ in range(4):  # e.g. {"model": {"state_dict": ...}}; bounded
-        if isinstance(obj, nn.Module):
-            return obj.state_dict()
         if not isinstance(obj, Mapping):
-            return obj
-        inner = next((obj[k] for k in keys if k in obj and _is_weights(obj[k], allow_unsafe)), None)
-        if inner is None:
-            return obj
-        obj = inner
-    return obj.state_dict() if isinstance(obj, nn.Module) else obj
-
-
-def _strip_prefixes(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    while sd:
-        for prefix in _STRIP_PREFIXES:
-            if all(k.startswith(prefix) for k in sd):
-                sd = {k[len(prefix):]: v for k, v in sd.items()}
-                break
+            break
+        plain = next((k for k in _INNER_KEYS if k in obj and _is_weights(obj[k], allow_unsafe)), None)
+        ema = next((k for k in _EMA_KEYS if k in obj and _is_weights(obj[k], allow_unsafe)), None)
+        if use_ema and ema is not None:
+            key, used_ema = ema, True
+            notes.append(f"EMA weights {ema!r} used (--use-ema)")
+        elif plain is not None:
+            key = plain
+            if ema is not None:
+                notes.append(f"the checkpoint also holds EMA weights {ema!r} (--use-ema to load them)")
+        elif ema is not None:
+            key, used_ema = ema, True
+            notes.append(f"only EMA weights {ema!r} in the checkpoint: loaded them")
         else:
-            return sd
-    return sd
+            break
+        path.append(key)
+        obj = obj[key]
+    if use_ema and not used_ema:
+        raise CheckpointError(f"--use-ema: checkpoint {where} holds no EMA weights ({' / '.join(_EMA_KEYS[:2])})",
+                              hint="drop --use-ema")
+    return (obj.state_dict() if isinstance(obj, nn.Module) else obj), path, notes
 
 
-def load_state_dict_file(
-    path: str | os.PathLike[str], *, allow_unsafe: bool = False, use_ema: bool = False
-) -> dict[str, torch.Tensor]:
-    """Read a checkpoint into a flat ``{key: tensor}`` dict on the CPU.
+def _matches(keys: Iterable[str], model_keys: set[str]) -> int:
+    return sum(1 for k in keys if k in model_keys)
 
-    safetensors or ``torch.load(weights_only=True)``; a file that needs code to unpickle raises
-    UnsafeCheckpointError unless ``allow_unsafe``. Wrapper dicts (``state_dict``, ``model``,
-    ``net``, ``module``, then ``state_dict_ema``/``model_ema``; EMA first with ``use_ema``) are
-    unwrapped, ``module.``/``_orig_mod.`` prefixes shared by all keys stripped, non-tensors dropped.
-    """
+
+def _strip_prefixes(sd: dict[str, torch.Tensor], model_keys: Iterable[str] | None = None
+                    ) -> tuple[dict[str, torch.Tensor], str | None]:
+    """Strip a prefix shared by every key (``module.``, ``_orig_mod.``, ``model.``, ``net.``,
+    repeatedly) when the model's keys lack it and stripping fits no fewer keys. Without the
+    model's keys only ``module.`` / ``_orig_mod.`` are stripped. Returns (dict, prefix or None)."""
+    own = set(model_keys) if model_keys is not None else None
+    prefixes = _STRIP_PREFIXES if own is not None else _LEGACY_PREFIXES
+    stripped = ""
+    while sd:
+        for prefix in prefixes:
+            if not all(k.startswith(prefix) for k in sd):
+                continue
+            if own is not None:
+                if own and all(k.startswith(prefix) for k in own):
+                    continue  # the model's own keys carry it (e.g. a top-level `model` child)
+                cand = {k[len(prefix):]: v for k, v in sd.items()}
+                if _matches(cand, own) < _matches(sd, own):
+                    continue
+            sd = {k[len(prefix):]: v for k, v in sd.items()}
+            stripped += prefix
+            break
+        else:
+            break
+    return sd, (stripped or None)
+
+
+@dataclass
+class _Read:
+    sd: dict[str, torch.Tensor]
+    inner_key: str | None
+    prefix: str | None
+    notes: list[str]
+
+
+def _read_state_dict(path: str | os.PathLike[str], *, allow_unsafe: bool, use_ema: bool,
+                     model_keys: Iterable[str] | None, search_dirs: Iterable[str] = ()) -> _Read:
     p = Path(path).expanduser()
     if not p.exists():
         raise CheckpointError(f"checkpoint {p} not found", hint="check the --checkpoint path")
     if not p.is_file():
         raise CheckpointError(f"checkpoint {p} is not a file", hint="check the --checkpoint path")
-    obj = _unwrap(_read_raw(p, allow_unsafe), allow_unsafe, use_ema)
+    obj, keys, notes = _unwrap(_read_raw(p, allow_unsafe, search_dirs), allow_unsafe, use_ema, p)
     if not isinstance(obj, Mapping):
         raise CheckpointError(
             f"checkpoint {p} holds a {type(obj).__name__}, not a state dict",
@@ -642,7 +896,26 @@ def load_state_dict_file(
             f"checkpoint {p} holds no tensors (top-level keys: {top})",
             hint="save it with torch.save(model.state_dict(), ...)",
         )
-    return _strip_prefixes(sd)
+    sd, prefix = _strip_prefixes(sd, model_keys)
+    return _Read(sd, "/".join(keys) or None, prefix, notes)
+
+
+def load_state_dict_file(
+    path: str | os.PathLike[str], *, allow_unsafe: bool = False, use_ema: bool = False,
+    model_keys: Iterable[str] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Read a checkpoint into a flat ``{key: tensor}`` dict on the CPU.
+
+    safetensors or ``torch.load(weights_only=True)`` with data-only globals allowed (numpy
+    scalars, dtypes and arrays, ``argparse.Namespace``); a file that needs code to unpickle
+    raises UnsafeCheckpointError unless ``allow_unsafe``, and one that would call a dangerous
+    global (``os.system``, ``subprocess.*``, ``builtins.eval``...) always. Wrapper dicts
+    (``model_state_dict``, ``state_dict``, ``model``, ``net``, ``module``; EMA weights
+    ``state_dict_ema`` / ``model_ema`` with ``use_ema`` or when alone) are unwrapped, a prefix
+    shared by all keys stripped (see ``_strip_prefixes``; ``model_keys`` are the model's
+    state_dict keys), non-tensors dropped.
+    """
+    return _read_state_dict(path, allow_unsafe=allow_unsafe, use_ema=use_ema, model_keys=model_keys).sd
 
 
 def _prefix_hint(report: LoadReport) -> str | None:
@@ -659,6 +932,10 @@ def _prefix_hint(report: LoadReport) -> str | None:
     return None
 
 
+def _nonfinite(sd: Mapping[str, torch.Tensor]) -> list[str]:
+    return [k for k, v in sd.items() if v.is_floating_point() and v.numel() and not bool(torch.isfinite(v).all())]
+
+
 def load_checkpoint(
     model: nn.Module,
     path: str | os.PathLike[str],
@@ -666,13 +943,24 @@ def load_checkpoint(
     strict: bool = True,
     allow_unsafe: bool = False,
     use_ema: bool = False,
+    allow_nonfinite: bool = False,
+    search_dirs: Iterable[str] = (),
 ) -> LoadReport:
-    """Load a checkpoint into ``model``; strict refuses any missing/unexpected/mis-shaped key
-    (before touching the model); non-strict loads what fits but refuses a checkpoint of which
-    nothing fits."""
-    sd = load_state_dict_file(path, allow_unsafe=allow_unsafe, use_ema=use_ema)
+    """Load a checkpoint into ``model`` and return the :class:`LoadReport`.
+
+    Strict refuses any missing/unexpected/mis-shaped key (before touching the model); non-strict
+    loads what fits but refuses a checkpoint of which no parameter fits. NaN/inf values in the
+    keys to load are refused naming them unless ``allow_nonfinite``. ``search_dirs``: folders
+    put on ``sys.path`` (after the current one) while unpickling with ``allow_unsafe``.
+    Raises CheckpointError / UnsafeCheckpointError.
+    """
     own = model.state_dict()
-    report = LoadReport()
+    read = _read_state_dict(path, allow_unsafe=allow_unsafe, use_ema=use_ema, model_keys=own.keys(),
+                            search_dirs=search_dirs)
+    sd = read.sd
+    p = Path(path).expanduser()
+    report = LoadReport(path=str(p), inner_key=read.inner_key, prefix=read.prefix, tensors=len(sd),
+                        total=len(own), strict=strict, notes=list(read.notes))
     report.missing = [k for k in own if k not in sd]
     report.unexpected = [k for k in sd if k not in own]
     for k, v in sd.items():
@@ -684,11 +972,11 @@ def load_checkpoint(
                 continue
             if tuple(v.shape) != tuple(target.shape):
                 report.shape_mismatch.append((k, tuple(v.shape), tuple(target.shape)))
-    p = Path(path).expanduser()
 
     def fail(what: str) -> CheckpointError:
+        where = f" (under {read.inner_key!r})" if read.inner_key else ""
         return CheckpointError(
-            f"checkpoint {p} {what}: {report.summary()}",
+            f"checkpoint {p}{where} {what}: {report.summary()}",
             hint=_prefix_hint(report) or "check the model spec and --arg values, or pass --non-strict to load what fits",
         )
 
@@ -697,8 +985,17 @@ def load_checkpoint(
     bad = {k for k, _, _ in report.shape_mismatch}
     fitting = {k: v for k, v in sd.items() if k not in bad}
     report.loaded = sum(1 for k in fitting if k in own)
-    if not strict and report.loaded == 0 and own:
-        raise fail("has no key that fits the model")
+    params = {k for k, _ in model.named_parameters()}
+    if not strict and own and (report.loaded == 0 or (params and not any(k in params for k in fitting))):
+        raise fail(f"has no parameter that fits the model (loaded {report.loaded} of {len(own)})")
+    nonfinite = _nonfinite({k: v for k, v in fitting.items() if k in own})
+    if nonfinite:
+        if not allow_nonfinite:
+            raise CheckpointError(
+                f"checkpoint {p} holds NaN/inf values in {len(nonfinite)} tensor(s){_few(nonfinite)}",
+                hint="the training diverged before this checkpoint; use an earlier one, or pass --allow-nonfinite",
+            )
+        report.notes.append(f"non-finite values loaded (--allow-nonfinite) in {', '.join(nonfinite[:3])}")
     try:
         result = model.load_state_dict(fitting, strict=strict)
     except RuntimeError as exc:  # e.g. a module's own _load_from_state_dict refusing a value
@@ -720,27 +1017,41 @@ def load_model(
     strict: bool = True,
     allow_unsafe: bool = False,
     use_ema: bool = False,
+    allow_nonfinite: bool = False,
 ) -> LoadedModel:
-    """Build the model, load its checkpoint (if any) and put it in eval mode."""
+    """Build the model (wrappers removed), load its checkpoint (if any) and put it in eval mode.
+
+    The result carries the :class:`LoadReport` (``load_report``), the input shape the model's
+    metadata gives (:func:`infer_input_shape`) and notes for the user (wrappers removed, ...)."""
     if isinstance(spec, str):
         mspec = parse_model_spec(spec, args)
     else:
         mspec = ModelSpec(spec.kind, spec.target, spec.attr, {**spec.args, **_coerce_args(args)})
-    model = build_model(mspec)
+    notes: list[str] = []
+    model = build_model(mspec, notes=notes)
     report = None
     ckpt = None
     digest = None
     if checkpoint is not None:
         ckpt_path = Path(checkpoint).expanduser()
-        report = load_checkpoint(model, ckpt_path, strict=strict, allow_unsafe=allow_unsafe, use_ema=use_ema)
+        dirs = [str(Path(mspec.target).parent)] if mspec.kind == "file" else []
+        report = load_checkpoint(model, ckpt_path, strict=strict, allow_unsafe=allow_unsafe, use_ema=use_ema,
+                                 allow_nonfinite=allow_nonfinite, search_dirs=dirs)
         ckpt = str(ckpt_path.resolve())
         digest = sha256_file(ckpt_path)
+        report.path, report.sha256 = ckpt, digest
     model.eval()
+    shape, source = infer_input_shape(mspec, model)
+    guessed = source.startswith(("in_channels", "in_features"))
     return LoadedModel(
         model=model,
         spec=mspec,
         checkpoint=ckpt,
         checkpoint_sha256=digest,
         load_report=report,
-        input_shape=default_input_shape(mspec, model),
+        input_shape=None if guessed else shape,
+        input_shape_source=None if guessed or shape is None else source,
+        guessed_input_shape=shape if guessed else None,
+        guessed_from=source if guessed else None,
+        notes=notes,
     )

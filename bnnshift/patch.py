@@ -28,13 +28,14 @@ import torch
 from torch import nn
 
 from ._io import atomic_save_safetensors, atomic_write_json, prepare_output_dir, sha256_file
-from .errors import CheckpointError, NoSitesError, PatchError, UsageError
+from ._trust import CODE_KINDS, is_trusted, record_trusted
+from .errors import CheckpointError, NoSitesError, PatchError, UntrustedRecipeError, UsageError
 from .shift import get_thresholds, insert_shifts, shifted_sites, threshold_key
 from .sites import KIND_HARDTANH, KIND_INLINE, KIND_INPUT, KIND_MODULE, ScanReport, Site
 
 __all__ = [
     "ShiftConfig", "PatchRecipe", "patch_model", "build_recipe", "save_patched", "load_patched",
-    "apply_recipe", "read_recipe", "RECIPE_FILE", "WEIGHTS_FILE",
+    "apply_recipe", "read_recipe", "recipe_model_spec", "RECIPE_FILE", "WEIGHTS_FILE",
 ]
 
 RECIPE_FILE = "patch.json"
@@ -289,6 +290,12 @@ class PatchRecipe:
     ``sites`` / ``hardtanh_sites``: ``Site.to_json()`` plus ``shift`` (the value t the
     threshold was initialised with), ``threshold_key`` (its state_dict key while unfolded),
     ``folded_into`` (``bn:PATH`` / ``bias:PATH.PARAM`` or null) and ``applied``.
+
+    ``model``: ``ModelSpec.to_json()``; in ``patch.json`` a file target is relative to the
+    directory (``path_at_patch`` keeps where it was, ``sha256`` its bytes). ``checkpoint``: the
+    load report (``load.LoadReport.to_json()``: path, sha256, inner key, prefix, loaded K of N,
+    missing / unexpected / shape-mismatched keys) or null; its path relative like the model's.
+    In memory (after ``read_recipe``) both paths are absolute again.
     """
 
     model: dict[str, Any] | None
@@ -298,7 +305,7 @@ class PatchRecipe:
     trainable: bool = False
     per_channel: bool = False
     factory_args: dict[str, Any] = field(default_factory=dict)
-    checkpoint: str | None = None
+    checkpoint: dict[str, Any] | None = None
     config: dict[str, Any] | None = None
     versions: dict[str, str] = field(default_factory=dict)
     hashes: dict[str, str | None] = field(default_factory=dict)
@@ -331,8 +338,11 @@ def _versions() -> dict[str, str]:
 
 
 def build_recipe(model: nn.Module, *, spec: Any = None, input_shape: Iterable[int] | None = None,
-                 checkpoint: str | None = None, checkpoint_sha256: str | None = None) -> PatchRecipe:
-    """The recipe of a model patched by ``patch_model`` (``spec``: a ``load.ModelSpec`` or None)."""
+                 checkpoint: str | None = None, checkpoint_sha256: str | None = None,
+                 load_report: Any = None) -> PatchRecipe:
+    """The recipe of a model patched by ``patch_model`` (``spec``: a ``load.ModelSpec`` or None;
+    ``load_report``: the ``load.LoadReport`` of its checkpoint, written as the ``checkpoint``
+    record)."""
     st = patch_state(model)
     if st is None:
         raise PatchError("the model was not patched by bnnshift.patch.patch_model", hint="call patch_model first")
@@ -343,9 +353,65 @@ def build_recipe(model: nn.Module, *, spec: Any = None, input_shape: Iterable[in
         input_shape=list(input_shape) if input_shape is not None else None,
         sites=[_site_record(s, st.shifts[s.name], st.folded.get(s.name)) for s in st.sites],
         hardtanh_sites=[_site_record(s, st.hardtanh_shifts[s.name], None) for s in st.hardtanh_sites],
-        trainable=st.trainable, per_channel=st.per_channel, checkpoint=checkpoint, config=st.config,
+        trainable=st.trainable, per_channel=st.per_channel, config=st.config,
+        checkpoint=_checkpoint_record(checkpoint, checkpoint_sha256, load_report),
         versions=_versions(), hashes={"model.safetensors": None, "checkpoint": checkpoint_sha256},
     )
+
+
+def _checkpoint_record(path: str | None, sha: str | None, load_report: Any) -> dict[str, Any] | None:
+    if load_report is not None and hasattr(load_report, "to_json"):
+        rec = dict(load_report.to_json())
+    elif isinstance(load_report, Mapping):
+        rec = dict(load_report)
+    elif path is None:
+        return None
+    else:
+        rec = {}
+    if path is not None:
+        rec["path"] = str(path)
+    if sha is not None:
+        rec["sha256"] = sha
+    return rec
+
+
+def _rel(path: str, base: Path) -> str:
+    """``path`` relative to ``base`` (POSIX separators) where possible, else unchanged."""
+    try:
+        return Path(os.path.relpath(os.path.abspath(path), os.path.abspath(base))).as_posix()
+    except ValueError:  # another drive on Windows
+        return path
+
+
+def _portable(d: dict[str, Any], out: Path) -> dict[str, Any]:
+    """The recipe as written to ``out/patch.json``: file paths relative to ``out`` + sha256."""
+    d = json.loads(json.dumps(d, default=str))
+    m = d.get("model")
+    if isinstance(m, dict) and m.get("kind") == "file" and m.get("target"):
+        target = str(m["target"])
+        if os.path.isabs(target):
+            if os.path.isfile(target) and not m.get("sha256"):
+                m["sha256"] = sha256_file(target)
+            m["path_at_patch"] = target
+            m["target"] = _rel(target, out)
+    c = d.get("checkpoint")
+    if isinstance(c, dict) and c.get("path") and os.path.isabs(str(c["path"])):
+        c["path_at_patch"] = str(c["path"])
+        c["path"] = _rel(str(c["path"]), out)
+    return d
+
+
+def _localise(recipe: PatchRecipe, directory: Path) -> PatchRecipe:
+    """Relative paths of a recipe read from ``directory`` made absolute (inverse of ``_portable``)."""
+    m = recipe.model
+    if isinstance(m, dict) and m.get("kind") == "file" and m.get("target") and not os.path.isabs(str(m["target"])):
+        m["target"] = os.path.normpath(os.path.join(os.path.abspath(directory), str(m["target"])))
+    c = recipe.checkpoint
+    if isinstance(c, str):  # recipes before the load report: a bare path
+        c = recipe.checkpoint = {"path": c, "sha256": (recipe.hashes or {}).get("checkpoint")}
+    if isinstance(c, dict) and c.get("path") and not os.path.isabs(str(c["path"])):
+        c["path"] = os.path.normpath(os.path.join(os.path.abspath(directory), str(c["path"])))
+    return recipe
 
 
 def _refresh_recipe(model: nn.Module, recipe: PatchRecipe) -> PatchRecipe:
@@ -374,7 +440,10 @@ def save_patched(model: nn.Module, recipe: PatchRecipe, out_dir: str | os.PathLi
         atomic_save_safetensors(sd, weights, metadata={"format": "pt", "bnnshift_recipe": RECIPE_FILE})
         recipe.hashes = {**recipe.hashes, "model.safetensors": sha256_file(weights)}
         recipe.versions = _versions()
-        atomic_write_json(out / RECIPE_FILE, recipe.to_json())
+        atomic_write_json(out / RECIPE_FILE, _portable(recipe.to_json(), out))
+        # written by bnnshift for this user: a code spec in it may be rebuilt without a flag
+        if isinstance(recipe.model, Mapping) and recipe.model.get("kind") in CODE_KINDS:
+            record_trusted(sha256_file(out / RECIPE_FILE), out)
     except BaseException:
         if not existed:
             try:
@@ -386,17 +455,23 @@ def save_patched(model: nn.Module, recipe: PatchRecipe, out_dir: str | os.PathLi
 
 
 def read_recipe(path: str | os.PathLike[str]) -> PatchRecipe:
-    """Read ``patch.json`` (a directory or the file itself)."""
+    """Read ``patch.json`` (a directory or the file itself); relative paths in it are resolved
+    against its directory. ``recipe.sha256`` is the hash of the bytes read (the trust key)."""
+    import hashlib
+
     p = Path(path)
     if p.is_dir():
         p = p / RECIPE_FILE
     try:
-        data = json.loads(p.read_text(encoding="utf-8"))
+        raw = p.read_bytes()
+        data = json.loads(raw.decode("utf-8"))
     except FileNotFoundError:
         raise CheckpointError(f"{p} not found", hint="the directory must be written by `bnnshift patch`") from None
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"cannot read {p}: {exc}", hint="re-run bnnshift patch") from None
-    return PatchRecipe.from_json(data)
+    recipe = _localise(PatchRecipe.from_json(data), p.parent)
+    recipe.sha256 = hashlib.sha256(raw).hexdigest()
+    return recipe
 
 
 def _sites_of(records: list[dict[str, Any]]) -> list[Site]:
@@ -428,14 +503,60 @@ def apply_recipe(model: nn.Module, recipe_or_path: PatchRecipe | str | os.PathLi
     return model
 
 
-def load_patched(out_dir: str | os.PathLike[str], *, device: str | torch.device = "cpu",
-                 verify_hash: bool = True) -> nn.Module:
+def _describe_spec(m: Mapping[str, Any]) -> str:
+    where = m.get("path_at_patch") or m.get("target")
+    args = m.get("args") or {}
+    return f"{m.get('kind')} {where}:{m.get('attr')}" + (f" with args {json.dumps(args)[:80]}" if args else "")
+
+
+def recipe_model_spec(recipe: PatchRecipe, directory: str | os.PathLike[str], *, trust: bool = False):
+    """The ``load.ModelSpec`` to rebuild ``recipe``'s model, after the trust rules (module
+    ``bnnshift._trust``): zoo/timm/torchvision specs always; a ``file.py:fn`` / ``pkg.mod:fn``
+    spec only if ``trust`` or the recipe's bytes are in the local trust record, and a file only
+    if its sha256 still matches the one recorded. Raises ``UntrustedRecipeError`` (exit 1),
+    ``CheckpointError`` (file changed or missing), ``UsageError`` (no spec)."""
+    from .load import ModelSpec
+
+    out = Path(directory)
+    if not recipe.model:
+        raise UsageError(f"{out / RECIPE_FILE} has no model spec (the model was patched in memory)",
+                         hint="pass the model: --model SPEC, or load_patched(dir, model=...)")
+    m = dict(recipe.model)
+    spec = ModelSpec.from_json(m)
+    if spec.kind not in CODE_KINDS:
+        return spec
+    sha = getattr(recipe, "sha256", None)
+    if not trust and not (sha and is_trusted(sha)):
+        raise UntrustedRecipeError(
+            f"{out / RECIPE_FILE} names code to import and call ({_describe_spec(m)}) and was not written by "
+            "bnnshift for you on this machine; nothing was run",
+            hint="pass --model SPEC to build the model yourself, or --trust-recipe if you trust this directory")
+    if spec.kind == "file":
+        candidates = [spec.target] + ([m["path_at_patch"]] if m.get("path_at_patch") else [])
+        found = next((c for c in candidates if os.path.isfile(c)), None)
+        if found is None:
+            raise CheckpointError(f"the model file of {out / RECIPE_FILE} is not found ({' or '.join(candidates)})",
+                                  hint="pass --model path/to/file.py:" + str(spec.attr))
+        want = m.get("sha256")
+        if want and sha256_file(found) != want and not trust:
+            raise CheckpointError(f"model file {found} changed since it was patched (sha256 differs from "
+                                  f"{out / RECIPE_FILE})",
+                                  hint=f"pass --model {found}:{spec.attr} to use it as it is now, or --trust-recipe")
+        spec.target = os.path.abspath(found)
+    return spec
+
+
+def load_patched(out_dir: str | os.PathLike[str], *, model: Any = None, args: Any = None, trust: bool = False,
+                 device: str | torch.device = "cpu", verify_hash: bool = True) -> nn.Module:
     """Rebuild a patched model written by ``save_patched`` / ``bnnshift patch`` (eval mode).
 
-    Builds the model from the recipe's spec (``load.build_model``; never downloads), applies
-    the unfolded sites (the weights already hold the folded BN biases), then loads
-    ``model.safetensors`` strictly (safetensors only: no unpickling). ``verify_hash`` checks the
-    weights against the sha256 in ``patch.json``.
+    ``model``: None (rebuild from the recipe's spec, subject to the trust rules of
+    :func:`recipe_model_spec`), a spec string / ``load.ModelSpec`` named by the user (built with
+    ``args``, default the recipe's factory arguments), or an ``nn.Module`` instance of the same
+    architecture (used in place). Never downloads. The unfolded sites are applied (the weights
+    already hold the folded BN biases), then ``model.safetensors`` is loaded strictly
+    (safetensors only: no unpickling). ``verify_hash`` checks the weights against the sha256 in
+    ``patch.json``. Raises ``UntrustedRecipeError``, ``CheckpointError``, ``UsageError``.
 
     After fine-tuning the loaded model, re-estimate its BatchNorm statistics before evaluating,
     saving or exporting (the running averages lag behind the weights; docs/finetune.md)::
@@ -445,13 +566,10 @@ def load_patched(out_dir: str | os.PathLike[str], *, device: str | torch.device 
         bnnshift.recalibrate_bn(model, loader, max_batches=20)
         save_patched(model, read_recipe("OUT/"), "OUT_ft/")
     """
-    from .load import ModelSpec, build_model, load_checkpoint
+    from .load import ModelSpec, build_model, coerce_args, load_checkpoint, parse_model_spec, unwrap_model
 
     out = Path(out_dir)
     recipe = read_recipe(out)
-    if not recipe.model:
-        raise UsageError(f"{out / RECIPE_FILE} has no model spec (the model was patched in memory)",
-                         hint="build the model yourself, then apply_recipe(model, dir) and load model.safetensors")
     weights = out / WEIGHTS_FILE
     if not weights.is_file():
         raise CheckpointError(f"{weights} not found", hint="the directory is incomplete; re-run bnnshift patch")
@@ -460,12 +578,20 @@ def load_patched(out_dir: str | os.PathLike[str], *, device: str | torch.device 
         raise CheckpointError(f"{weights} does not match the sha256 recorded in patch.json",
                               hint="the weights were replaced outside bnnshift: re-run `bnnshift patch ... -o DIR "
                                    "--force` (library: load_patched(dir, verify_hash=False))")
-    model = build_model(ModelSpec.from_json(recipe.model))
-    apply_recipe(model, recipe, include_folded=False)
-    load_checkpoint(model, weights, strict=True)
-    model.to(device)
-    model.eval()
-    return model
+    if isinstance(model, nn.Module):
+        net = unwrap_model(model)[0]
+    elif model is not None:
+        spec = model if isinstance(model, ModelSpec) else parse_model_spec(str(model))
+        if args is not None or not spec.args:
+            spec.args = coerce_args(args) if args is not None else dict(recipe.factory_args)
+        net = build_model(spec)
+    else:
+        net = build_model(recipe_model_spec(recipe, out, trust=trust))
+    apply_recipe(net, recipe, include_folded=False)
+    load_checkpoint(net, weights, strict=True)
+    net.to(device)
+    net.eval()
+    return net
 
 
 def thresholds_summary(model: nn.Module) -> dict[str, list[float] | float]:

@@ -223,12 +223,23 @@ def resolve_input_shape(input_shape: Iterable[int] | str | None, default: tuple[
 
 def scan(spec: str, *, args: Iterable[str] | dict | None = None, checkpoint: str | None = None,
          input_shape: Iterable[int] | str | None = None, data: str | None = None, data_batches: int = 4,
-         batch_size: int = 256, strict: bool = True, allow_unsafe: bool = False, seed: int = 0) -> ScanReport:
-    """Scan a model given by spec (``zoo:mlp``, ``file.py:factory``...). See ``scan_model``."""
-    from .load import load_model
+         batch_size: int = 256, strict: bool = True, allow_unsafe: bool = False, seed: int = 0,
+         use_ema: bool = False, allow_nonfinite: bool = False, notes: list[str] | None = None) -> ScanReport:
+    """Scan a model given by spec (``zoo:mlp``, ``file.py:factory``...). See ``scan_model``.
+    The input shape: ``input_shape``, else ``load.choose_input_shape``; ``notes`` receives what
+    the user should be told (wrappers removed, the checkpoint's load report, the shape's source)."""
+    from .load import choose_input_shape, load_model
 
-    loaded = load_model(spec, args=args, checkpoint=checkpoint, strict=strict, allow_unsafe=allow_unsafe)
-    shape = resolve_input_shape(input_shape, loaded.input_shape)
+    loaded = load_model(spec, args=args, checkpoint=checkpoint, strict=strict, allow_unsafe=allow_unsafe,
+                        use_ema=use_ema, allow_nonfinite=allow_nonfinite)
+    explicit = resolve_input_shape(input_shape, None) if input_shape not in (None, "") else None
+    shape, source = choose_input_shape(explicit, loaded, data, seed=seed)
+    if notes is not None:
+        notes.extend(loaded.notes)
+        if loaded.load_report is not None:
+            notes.append(loaded.load_report.line())
+        if explicit is None and loaded.input_shape is None:  # not declared by the model: say where from
+            notes.append(f"input shape {','.join(map(str, shape))} from {source}")
     batches = None
     data_name = None
     if data:
@@ -253,6 +264,7 @@ def scan(spec: str, *, args: Iterable[str] | dict | None = None, checkpoint: str
             recalibrated = recalibrate_bn(model, batches) > 0
     report = scan_model(model, shape, name=loaded.spec.canonical(), batches=batches, data_name=data_name,
                         require_sites=True)
+    report.checkpoint = loaded.checkpoint_json()
     if recalibrated:
         report.warnings.append("no --checkpoint: BatchNorm statistics were re-estimated on the data before "
                                "measuring +1 shares (random-init running statistics do not centre)")

@@ -91,6 +91,7 @@ class ScanReport:
     data: str | None = None
     inplace_writes: list[str] = field(default_factory=list)  # parameters the model's forward assigns in place
     layer_summary: dict[str, Any] = field(default_factory=dict)  # summary.layer_summary: per-layer rows + totals
+    checkpoint: dict[str, Any] | None = None  # load.LoadReport.to_json() of the checkpoint, or None
 
     @property
     def num_sites(self) -> int:
@@ -110,6 +111,7 @@ class ScanReport:
             "model": self.model,
             "input_shape": list(self.input_shape),
             "data": self.data,
+            "checkpoint": self.checkpoint,
             "traced": self.traced,
             "num_sites": self.num_sites,
             "weight_binarizers": self.weight_binarizers,

@@ -7,6 +7,9 @@ import pytest
 import torch
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# recipes written by tests are recorded in a throw-away trust record, not the developer's own
+os.environ.setdefault("BNNSHIFT_TRUST_FILE", os.path.join(__import__("tempfile").mkdtemp(prefix="bnnshift-trust-"),
+                                                          "trusted_recipes"))
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 
 IMAGENET_STYLE = {"xnor-resnet18", "bireal-resnet18", "bireal-resnet34", "reactnet-a"}

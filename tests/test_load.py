@@ -533,17 +533,27 @@ def test_non_strict_partial_and_nothing_fits(tmp_path):
     assert torch.equal(m.fc.weight, sd["fc.weight"])
     q = tmp_path / "alien.pt"
     torch.save({"foo": torch.zeros(1)}, q)
-    with pytest.raises(CheckpointError, match="has no key that fits"):
+    with pytest.raises(CheckpointError, match="has no parameter that fits"):
         load_checkpoint(TinyNet(), q, strict=False)
 
 
-def test_extra_prefix_hint(tmp_path):
-    sd = {"model." + k: v for k, v in _tiny_sd().items()}  # e.g. a Lightning module's state_dict
+def test_lightning_model_prefix_stripped_and_reported(tmp_path):
+    sd = _tiny_sd()
     p = tmp_path / "lightning.ckpt"
+    torch.save({"state_dict": {"model." + k: v for k, v in sd.items()}, "epoch": 3}, p)  # a LightningModule's
+    m = TinyNet()
+    rep = load_checkpoint(m, p)
+    assert rep.ok and _same(m, sd)
+    assert (rep.inner_key, rep.prefix, rep.loaded, rep.total) == ("state_dict", "model.", len(sd), len(sd))
+
+
+def test_extra_prefix_hint(tmp_path):
+    sd = {"encoder." + k: v for k, v in _tiny_sd().items()}  # not a wrapper prefix: never guessed
+    p = tmp_path / "enc.ckpt"
     torch.save({"state_dict": sd}, p)
     with pytest.raises(CheckpointError) as ei:
         load_checkpoint(TinyNet(), p)
-    assert "'model.' prefix" in ei.value.hint
+    assert "'encoder.' prefix" in ei.value.hint
 
 
 def test_missing_checkpoint(tmp_path):

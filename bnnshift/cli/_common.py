@@ -1,4 +1,4 @@
-"""Options shared by several commands (model spec, checkpoint, args, input shape)."""
+"""Options shared by several commands (model spec, checkpoint, args, input shape, recipe trust)."""
 from __future__ import annotations
 
 from typing import List, Optional
@@ -8,12 +8,30 @@ import typer
 MODEL = typer.Argument(..., help="Model spec: zoo:NAME, path/to/file.py:factory, package.module:factory, "
                                   "timm:NAME or torchvision:NAME (never pretrained).")
 ARG = typer.Option(None, "--arg", help="Factory argument key=value (repeatable).")
-CHECKPOINT = typer.Option(None, "--checkpoint", help="Weights: .safetensors or a torch state_dict "
-                                                   "(loaded with weights_only=True).")
-INPUT_SHAPE = typer.Option(None, "--input-shape", help="One sample's shape C,H,W (or N,C,H,W).")
-NON_STRICT = typer.Option(False, "--non-strict", help="Load only the checkpoint keys that fit (reported).")
-UNSAFE = typer.Option(False, "--unsafe-load", help="Allow unpickling code from the checkpoint. Only for files "
-                                                  "you trust.")
+CHECKPOINT = typer.Option(None, "--checkpoint", help="Weights: .safetensors or a torch checkpoint loaded with "
+                                                   "weights_only=True (inner keys and wrapper prefixes found; "
+                                                   "docs/checkpoints.md).")
+INPUT_SHAPE = typer.Option(None, "--input-shape", help="One sample's shape C,H,W (or N,C,H,W). Default: the "
+                                                     "model's declared size, else the --data samples, else a "
+                                                     "guess from the first conv/linear layer.")
+NON_STRICT = typer.Option(False, "--non-strict", help="Load only the checkpoint keys that fit; prints "
+                                                    "'loaded K of N' and the keys left out; fails when no "
+                                                    "parameter fits.")
+UNSAFE = typer.Option(False, "--unsafe-load", help="Allow unpickling code from the checkpoint (classes found "
+                                                  "from the current folder and the model file's). Only for "
+                                                  "files you trust.")
+USE_EMA = typer.Option(False, "--use-ema", help="Load the checkpoint's EMA weights (state_dict_ema / model_ema).")
+ALLOW_NONFINITE = typer.Option(False, "--allow-nonfinite", help="Load a checkpoint with NaN/inf values "
+                                                              "(refused by default, naming the keys).")
+OUTPUT_INDEX = typer.Option(None, "--output-index", min=0, help="The logits are element N of a tuple/list "
+                                                              "output (default: the first tensor).")
+OUTPUT_KEY = typer.Option(None, "--output-key", help="The logits are item K of a dict output.")
+RECIPE_MODEL = typer.Option(None, "--model", help="Build the model from this spec instead of the one "
+                                                  "patch.json names (a moved directory, or a recipe not "
+                                                  "written by you).")
+TRUST_RECIPE = typer.Option(False, "--trust-recipe", help="Import and call the file.py:fn / pkg.mod:fn spec "
+                                                          "patch.json names although bnnshift did not write "
+                                                          "it for you on this machine.")
 JSON = typer.Option(False, "--json", help="Print only JSON on stdout.")
 QUIET = typer.Option(False, "--quiet", "-q", help="Print nothing but errors.")
 
@@ -23,3 +41,12 @@ BN_RECALIB_BATCHES = typer.Option(20, "--bn-recalib-batches", min=1,
                                   help="Batches of 256 training samples for the BN re-estimation (with --data).")
 
 ArgList = Optional[List[str]]
+
+
+def print_load_notes(out, notes: list[str], checkpoint: dict | None = None) -> None:
+    """The load report line and other notes on stderr; the line is a warning (shown even with
+    --quiet) when some checkpoint keys did not fit (``checkpoint``: ``LoadReport.to_json()``)."""
+    c = checkpoint or {}
+    partial = bool(c.get("missing") or c.get("unexpected") or c.get("shape_mismatch"))
+    for n in notes:
+        (out.warn if partial and n.startswith("checkpoint ") else out.info)(n)

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from . import app
-from ._common import BN_DATA, BN_RECALIB_BATCHES, JSON, QUIET
+from ._common import ARG, BN_DATA, BN_RECALIB_BATCHES, JSON, QUIET, RECIPE_MODEL, TRUST_RECIPE, ArgList
 from ._errors import handle_errors
 from ._output import Output
 
@@ -22,6 +22,9 @@ def export_command(
     batches: int = typer.Option(3, "--batches", min=1, help="Random batches compared with onnxruntime."),
     data: Optional[str] = BN_DATA,
     bn_recalib_batches: int = BN_RECALIB_BATCHES,
+    model_spec: Optional[str] = RECIPE_MODEL,
+    arg: ArgList = ARG,
+    trust_recipe: bool = TRUST_RECIPE,
     json_: bool = JSON,
     quiet: bool = QUIET,
 ):
@@ -41,15 +44,17 @@ def export_command(
     validate.check_path(out_dir, "OUT_DIR")
     validate.check_output_file(onnx, "--onnx")
     recipe = read_recipe(out_dir)
-    model = load_patched(out_dir)
+    model = load_patched(out_dir, model=model_spec, args=arg, trust=trust_recipe)
     bn = refresh_bn(o, model, recipe, data, bn_recalib_batches, out_dir)
     if bn is None or not bn["recalibrated"]:
-        report = export_patched_dir(out_dir, onnx, opset, batches=batches)
+        report = export_patched_dir(out_dir, onnx, opset, batches=batches, model=model_spec, model_args=arg,
+                                    trust=trust_recipe)
     else:
         with tempfile.TemporaryDirectory(prefix="bnnshift-bn-") as tmp:
             save_patched(model, recipe, tmp, force=True)
-            report = export_patched_dir(tmp, onnx, opset, batches=batches)
+            report = export_patched_dir(tmp, onnx, opset, batches=batches, model=model_spec, model_args=arg,
+                                        trust=trust_recipe)
     _print_export(o, report)
     if bn is None:
         bn_note(o, model, out_dir)
-    o.result({**report.to_json(), "bn_statistics": bn})
+    o.result({**report.to_json(), "bn_statistics": bn, "checkpoint": recipe.checkpoint})

@@ -11,8 +11,8 @@ from typing import Any, List, Optional
 import typer
 
 from . import app
-from ._common import (ARG, BN_DATA, BN_RECALIB_BATCHES, CHECKPOINT, INPUT_SHAPE, JSON, MODEL, NON_STRICT, QUIET,
-                      UNSAFE, ArgList)
+from ._common import (ALLOW_NONFINITE, ARG, BN_DATA, BN_RECALIB_BATCHES, CHECKPOINT, INPUT_SHAPE, JSON, MODEL,
+                      NON_STRICT, QUIET, RECIPE_MODEL, TRUST_RECIPE, UNSAFE, USE_EMA, ArgList, print_load_notes)
 from ._errors import handle_errors
 from ._output import Output
 
@@ -88,6 +88,8 @@ def patch_command(
     force: bool = typer.Option(False, "--force", help="Overwrite a non-empty output directory."),
     non_strict: bool = NON_STRICT,
     unsafe_load: bool = UNSAFE,
+    use_ema: bool = USE_EMA,
+    allow_nonfinite: bool = ALLOW_NONFINITE,
     json_: bool = JSON,
     quiet: bool = QUIET,
 ):
@@ -115,7 +117,8 @@ def patch_command(
     out_dir, created = _check_out_early(out, force)
     opts = PatchOptions(model=model, args=arg, checkpoint=checkpoint, input_shape=input_shape, out_dir=out_dir,
                         config=cfg, hardtanh_shift=ht, trainable=trainable, per_channel=per_channel, fold=fold,
-                        onnx=onnx, opset=opset, strict=not non_strict, allow_unsafe=unsafe_load)
+                        onnx=onnx, opset=opset, strict=not non_strict, allow_unsafe=unsafe_load, use_ema=use_ema,
+                        allow_nonfinite=allow_nonfinite)
     try:
         payload = _do_patch(o, opts)
     except BaseException:
@@ -143,19 +146,26 @@ class PatchOptions:
     opset: int | None = None
     strict: bool = True
     allow_unsafe: bool = False
+    use_ema: bool = False
+    allow_nonfinite: bool = False
 
 
 def _do_patch(o, opts: PatchOptions) -> dict:
     from ..errors import NoSitesError
-    from ..load import load_model
+    from ..load import choose_input_shape, load_model
     from ..patch import build_recipe, describe, patch_model, save_patched
     from ..scan import NO_SITES_HINT, resolve_input_shape, scan_model
 
     cfg, ht, out_dir = opts.config, opts.hardtanh_shift, opts.out_dir
     trainable, per_channel = opts.trainable, opts.per_channel
     loaded = load_model(opts.model, args=opts.args, checkpoint=opts.checkpoint, strict=opts.strict,
-                        allow_unsafe=opts.allow_unsafe)
-    shape = resolve_input_shape(opts.input_shape, loaded.input_shape)
+                        allow_unsafe=opts.allow_unsafe, use_ema=opts.use_ema, allow_nonfinite=opts.allow_nonfinite)
+    explicit = resolve_input_shape(opts.input_shape, None) if opts.input_shape else None
+    shape, source = choose_input_shape(explicit, loaded)
+    notes = list(loaded.notes) + ([loaded.load_report.line()] if loaded.load_report is not None else [])
+    if explicit is None and loaded.input_shape is None:  # not declared by the model: say where from
+        notes.append(f"input shape {','.join(map(str, shape))} from {source}")
+    print_load_notes(o, notes, loaded.checkpoint_json())
     report = scan_model(loaded.model, shape, name=loaded.spec.canonical(), include_hardtanh=ht is not None)
     for w in report.warnings:
         o.warn(w)
@@ -177,7 +187,7 @@ def _do_patch(o, opts: PatchOptions) -> dict:
             o.warn(w)
         warnings += const
     recipe = build_recipe(loaded.model, spec=loaded.spec, input_shape=shape, checkpoint=loaded.checkpoint,
-                          checkpoint_sha256=loaded.checkpoint_sha256)
+                          checkpoint_sha256=loaded.checkpoint_sha256, load_report=loaded.load_report)
     fold_report = None
     if opts.fold:
         from ..fold import fold_shifts
@@ -204,6 +214,7 @@ def _do_patch(o, opts: PatchOptions) -> dict:
         "out_dir": str(out_dir),
         "files": [str(out_dir / "model.safetensors"), str(out_dir / "patch.json")],
         "model": loaded.spec.canonical(),
+        "checkpoint": loaded.checkpoint_json(),
         "input_shape": list(shape),
         "trainable": trainable,
         "per_channel": per_channel,
@@ -278,6 +289,9 @@ def fold_command(
     out_dir: str = typer.Argument(..., help="A directory written by `bnnshift patch`."),
     data: Optional[str] = BN_DATA,
     bn_recalib_batches: int = BN_RECALIB_BATCHES,
+    model_spec: Optional[str] = RECIPE_MODEL,
+    arg: ArgList = ARG,
+    trust_recipe: bool = TRUST_RECIPE,
     json_: bool = JSON,
     quiet: bool = QUIET,
 ):
@@ -285,6 +299,7 @@ def fold_command(
 
     With --data, the BatchNorm statistics are re-estimated first (needed after fine-tuning)."""
     from ..fold import FoldReport, fold_shifts
+    from ..load import parse_model_spec
     from ..patch import describe, load_patched, read_recipe, save_patched
     from ..shift import shifted_sites
 
@@ -293,7 +308,10 @@ def fold_command(
 
     validate.check_path(out_dir, "OUT_DIR")
     recipe = read_recipe(out_dir)
-    model = load_patched(out_dir)
+    model = load_patched(out_dir, model=model_spec, args=arg, trust=trust_recipe)
+    if model_spec is not None:  # the recipe now names the model the user gave
+        spec = parse_model_spec(model_spec, arg if arg is not None else recipe.factory_args)
+        recipe.model, recipe.factory_args = spec.to_json(), dict(spec.args)
     bn = refresh_bn(o, model, recipe, data, bn_recalib_batches, out_dir)
     if bn is not None and not shifted_sites(model):  # folded before: only the statistics change
         rep = FoldReport()
@@ -310,4 +328,5 @@ def fold_command(
         o.info(f"kept {name}: {why}")
     if bn is None:
         bn_note(o, model, out_dir)
-    o.result({"out_dir": str(out_dir), **rep.to_json(), "sites": rows, "bn_statistics": bn})
+    o.result({"out_dir": str(out_dir), "checkpoint": recipe.checkpoint, **rep.to_json(), "sites": rows,
+              "bn_statistics": bn})

@@ -6,7 +6,8 @@ from typing import Optional
 import typer
 
 from . import app
-from ._common import ARG, CHECKPOINT, INPUT_SHAPE, JSON, MODEL, NON_STRICT, QUIET, UNSAFE, ArgList
+from ._common import (ALLOW_NONFINITE, ARG, CHECKPOINT, INPUT_SHAPE, JSON, MODEL, NON_STRICT, QUIET, UNSAFE, USE_EMA,
+                      ArgList, print_load_notes)
 from ._errors import handle_errors
 from ._output import Output
 
@@ -144,6 +145,8 @@ def scan_command(
     batch_size: int = typer.Option(256, "--batch-size", min=1),
     non_strict: bool = NON_STRICT,
     unsafe_load: bool = UNSAFE,
+    use_ema: bool = USE_EMA,
+    allow_nonfinite: bool = ALLOW_NONFINITE,
     json_: bool = JSON,
     quiet: bool = QUIET,
 ):
@@ -156,8 +159,11 @@ def scan_command(
 
     validate.check_inputs(model=model, checkpoint=checkpoint, data=data)
     validate.check_input_shape_text(input_shape, max(PROBE_BATCH, batch_size if data else 0))
+    notes: list[str] = []
     report = scan(model, args=arg, checkpoint=checkpoint, input_shape=input_shape, data=data,
-                  data_batches=data_batches, batch_size=batch_size, strict=not non_strict, allow_unsafe=unsafe_load)
+                  data_batches=data_batches, batch_size=batch_size, strict=not non_strict, allow_unsafe=unsafe_load,
+                  use_ema=use_ema, allow_nonfinite=allow_nonfinite, notes=notes)
+    print_load_notes(out, notes, report.checkpoint)
     if json_:
         payload = report.to_json()
         if summary:
