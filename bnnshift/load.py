@@ -51,6 +51,7 @@ __all__ = [
     "default_input_shape",
     "infer_input_shape",
     "choose_input_shape",
+    "pick_logits",
     "load_state_dict_file",
     "load_checkpoint",
     "load_model",
@@ -547,6 +548,62 @@ def default_input_shape(spec: ModelSpec, model: nn.Module | None = None) -> tupl
     return None
 
 
+# --------------------------------------------------------------------------- outputs
+
+
+def pick_logits(out: Any, index: int | None = None, key: str | None = None) -> tuple[torch.Tensor, str | None]:
+    """The logits ``(N, classes)`` in a model's output, and a note saying how they were chosen.
+
+    A tensor is the logits (note None). A tuple/list (e.g. a distillation model's
+    ``(logits, features)``): element ``index``, default the first tensor. A dict (or a
+    ``ModelOutput``): item ``key``, default ``"logits"``. Raises UsageError (exit 2) naming the
+    output's structure and ``--output-index`` / ``--output-key`` when none fits.
+    """
+    if isinstance(out, torch.Tensor):
+        return out, None
+    if isinstance(out, Mapping):
+        k = key if key is not None else ("logits" if "logits" in out else None)
+        if k is None or k not in out or not isinstance(out[k], torch.Tensor):
+            raise UsageError(f"the model returns a dict (keys: {', '.join(map(str, list(out)[:8]))}); "
+                             f"{'no tensor under ' + repr(key) if key is not None else 'which item are the logits?'}",
+                             hint="pass --output-key KEY")
+        return out[k], f"the model returns a dict: item {k!r} used as the logits (--output-key to change)"
+    if isinstance(out, (tuple, list)):
+        kind = type(out).__name__
+        if index is not None:
+            if not (0 <= index < len(out)) or not isinstance(out[index], torch.Tensor):
+                raise UsageError(f"the model returns a {kind} of {len(out)}; element {index} is not a tensor",
+                                 hint="pass --output-index N of the logits")
+            return out[index], f"the model returns a {kind} of {len(out)}: element {index} used as the logits"
+        first = next((i for i, v in enumerate(out) if isinstance(v, torch.Tensor)), None)
+        if first is None:
+            raise UsageError(f"the model returns a {kind} of {len(out)} without a tensor at its top level",
+                             hint="pass --output-index N of the logits")
+        return out[first], (f"the model returns a {kind} of {len(out)}: element {first} used as the logits "
+                            "(--output-index to change; a --train-config loss_fn receives the whole output)")
+    raise UsageError(f"the model returns a {type(out).__name__}, not a tensor of logits",
+                     hint="return the logits, a tuple/list (--output-index) or a dict (--output-key)")
+
+
+def logits_picker(index: int | None = None, key: str | None = None):
+    """``out -> logits`` for :func:`pick_logits` with fixed ``index`` / ``key``."""
+
+    def pick(out: Any) -> torch.Tensor:
+        return out if isinstance(out, torch.Tensor) else pick_logits(out, index, key)[0]
+
+    return pick
+
+
+def _float32_if_half(model: nn.Module) -> str | None:
+    """A float16/bfloat16 model runs here in float32 (CPU analysis and training); returns the note."""
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    low = sorted(str(d).replace("torch.", "") for d in dtypes if d in (torch.float16, torch.bfloat16))
+    if not low:
+        return None
+    model.float()
+    return f"the model's parameters are {', '.join(low)}: running it in float32 (the shifts are the same)"
+
+
 # --------------------------------------------------------------------------- checkpoints
 
 
@@ -1029,6 +1086,9 @@ def load_model(
         mspec = ModelSpec(spec.kind, spec.target, spec.attr, {**spec.args, **_coerce_args(args)})
     notes: list[str] = []
     model = build_model(mspec, notes=notes)
+    half = _float32_if_half(model)
+    if half:
+        notes.append(half)
     report = None
     ckpt = None
     digest = None

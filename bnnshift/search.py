@@ -162,6 +162,10 @@ class SearchConfig:
     metric: str = "train_acc"
     download: bool = False
     strict: bool = True
+    use_ema: bool = False
+    allow_nonfinite: bool = False
+    output_index: int | None = None
+    output_key: str | None = None
     schedule: str = "full"
     eta: float = 2.0
     min_fraction: float = 0.125
@@ -246,6 +250,9 @@ class SearchConfig:
         d = self.to_json()
         for k in self._NOT_HASHED:
             d.pop(k, None)
+        for k, default in _HASHED_IF_SET.items():  # added later: journals written before keep their hash
+            if d.get(k) == default:
+                d.pop(k, None)
         return d
 
     def config_hash(self) -> str:
@@ -254,6 +261,9 @@ class SearchConfig:
         output paths are excluded (so a resume with more shifts reuses finished candidates)."""
         ctx = _context(self)
         return ctx.config_hash
+
+
+_HASHED_IF_SET = {"use_ema": False, "allow_nonfinite": False, "output_index": None, "output_key": None}
 
 
 def _dtype(cfg: SearchConfig) -> torch.dtype:
@@ -363,6 +373,8 @@ class SearchSummary:
     out_dir: str | None = None
     files: dict[str, str] = field(default_factory=dict)
     patch_out: str | None = None
+    checkpoint: dict[str, Any] | None = None  # load.LoadReport.to_json() of cfg.checkpoint
+    notes: list[str] = field(default_factory=list)  # load report line, input shape source, fallbacks
     schedule: dict[str, Any] = field(default_factory=lambda: {"name": "full"})
     rungs: list[dict[str, Any]] = field(default_factory=list)
     cost: dict[str, Any] = field(default_factory=dict)
@@ -405,6 +417,8 @@ class SearchSummary:
             "files": self.files,
             "patch_out": self.patch_out,
             "warnings": self.warnings,
+            "checkpoint": self.checkpoint,
+            "notes": self.notes,
         }
 
 
@@ -439,6 +453,7 @@ class _Context:
     name: str = "model"
     loaded: Any = None
     warnings: list[str] = field(default_factory=list)  # the scan's (no STE, in-place writes...)
+    notes: list[str] = field(default_factory=list)  # said to the user once: load report, shape source, fallbacks
 
 
 _CONTEXTS: dict[str, _Context] = {}
@@ -465,7 +480,7 @@ def _context(cfg: SearchConfig) -> _Context:
     if ctx is not None:
         return ctx
     from .data import batch_order_hash
-    from .load import load_model
+    from .load import choose_input_shape
     from .scan import resolve_input_shape
     from .train import DefaultTrainer, set_threads
 
@@ -475,32 +490,44 @@ def _context(cfg: SearchConfig) -> _Context:
 
     parse_data_spec(cfg.data)  # a bad spec fails before the model is built
     torch.manual_seed(0)
-    loaded = load_model(cfg.model, args=cfg.model_args, checkpoint=cfg.checkpoint, strict=cfg.strict)
-    shape = resolve_input_shape(cfg.input_shape, loaded.input_shape)
+    loaded = _load(cfg)
+    notes = list(loaded.notes) + ([loaded.load_report.line()] if loaded.load_report is not None else [])
+    explicit = resolve_input_shape(cfg.input_shape, None) if cfg.input_shape is not None else None
+    shape, source = choose_input_shape(explicit, loaded, cfg.data)  # docs/checkpoints.md: input shape
+    if explicit is None and loaded.input_shape is None:
+        notes.append(f"input shape {','.join(map(str, shape))} from {source}")
     if len(shape) != 3:
-        raise DataError(f"input shape {shape} is not C,H,W", hint="pass --input-shape C,H,W")
+        raise UsageError(f"input shape {shape} is not C,H,W", hint="search trains on images: pass --input-shape C,H,W")
     validate.check_batch_norm_batch(loaded.model, cfg.batch_size)
     validate.check_input_memory(shape, cfg.batch_size)
     from .data.stream import should_stream
 
     if should_stream(cfg.stream, cfg.data, cfg.augment, shape):
         ctx = _stream_context(cfg, loaded, shape, device, dtype)
+        ctx.notes = notes
         _CONTEXTS[key] = ctx
         return ctx
     bundle = _load_bundle(cfg, shape)
-    _check_forward(copy.deepcopy(loaded.model), bundle.train_x[:2], bundle)  # the loaded model never runs
+    note = _check_forward(copy.deepcopy(loaded.model), bundle.train_x[:2], bundle, cfg)  # the loaded model never runs
+    if note:
+        notes.append(note)
     if cfg.val and bundle.val_x is None:
         raise DataError(f"data set {bundle.name} has no held-out split for --val",
                         hint="use a data set with a test/val split, or drop --val")
 
     def factory(seed: int) -> nn.Module:
         torch.manual_seed(seed)
-        return load_model(cfg.model, args=cfg.model_args, checkpoint=cfg.checkpoint, strict=cfg.strict).model
+        return _load(cfg).model
 
     train_x = bundle.train_x.to(device=device, dtype=dtype)
     train_y = bundle.train_y.to(device)
     channels_last = cfg.memory_format == "channels_last" or (
         cfg.memory_format == "auto" and any(isinstance(m, nn.Conv2d) for m in loaded.model.modules()))
+    if channels_last and cfg.memory_format == "auto":
+        why = _channels_last_fails(loaded.model, bundle.train_x[:2])
+        if why:
+            channels_last = False
+            notes.append(f"channels_last fails on this model ({why}): trained in the contiguous format")
     trainer = DefaultTrainer(cfg, train_x, train_y, channels_last=channels_last, precision=cfg.precision)
     h = hashlib.sha256()
     h.update(json.dumps(cfg.hashed_fields(), sort_keys=True, default=str).encode())
@@ -513,7 +540,7 @@ def _context(cfg: SearchConfig) -> _Context:
         input_shape=shape, probe_x=train_x[:PROBE_SAMPLES], recalib_x=recalib,
         val=((bundle.val_x.to(device=device, dtype=dtype), bundle.val_y.to(device)) if cfg.val else None),
         batch_hash=lambda seed: batch_order_hash(n, bs, seed=seed, steps=steps),
-        name=loaded.spec.canonical(), loaded=loaded)
+        name=loaded.spec.canonical(), loaded=loaded, notes=notes)
     ctx.sites = _find_sites(loaded.model, shape, hardtanh=cfg.hardtanh, name=ctx.name, notes=ctx.warnings,
                             batches=[train_x[:256].to(torch.float32).cpu()])
     _CONTEXTS[key] = ctx
@@ -555,7 +582,7 @@ def _stream_context(cfg: SearchConfig, loaded: Any, shape: tuple[int, ...], devi
     probe = [src.train_eval[i] for i in range(probe_n)]
     probe_x = torch.stack([x for x, _ in probe]).to(device=device, dtype=dtype)
     probe_y = torch.tensor([y for _, y in probe], dtype=torch.int64, device=device)
-    _check_forward(loaded.model, probe_x[:2].float().cpu(), src)
+    _check_forward(loaded.model, probe_x[:2].float().cpu(), src, cfg)
     info = dist_info()
     sampler = SeededBatchSampler(n, bs, rank=info.rank, world=info.world)
     loader = make_loader(src.train, sampler, workers=workers, pin_memory=pin)
@@ -584,14 +611,41 @@ def _stream_context(cfg: SearchConfig, loaded: Any, shape: tuple[int, ...], devi
 
 
 def _build(cfg: SearchConfig, seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return _load(cfg).model
+
+
+def _checkpoint_json(ctx: "_Context") -> dict[str, Any] | None:
+    loaded = getattr(ctx, "loaded", None)
+    return loaded.checkpoint_json() if loaded is not None and hasattr(loaded, "checkpoint_json") else None
+
+
+def _load(cfg: SearchConfig):
     from .load import load_model
 
-    torch.manual_seed(seed)
-    return load_model(cfg.model, args=cfg.model_args, checkpoint=cfg.checkpoint, strict=cfg.strict).model
+    return load_model(cfg.model, args=cfg.model_args, checkpoint=cfg.checkpoint, strict=cfg.strict,
+                      use_ema=cfg.use_ema, allow_nonfinite=cfg.allow_nonfinite)
 
 
-def _check_forward(model: nn.Module, xb: torch.Tensor, bundle) -> None:
-    """A shape mismatch between data and model is a DataError before any training."""
+def _channels_last_fails(model: nn.Module, xb: torch.Tensor) -> str | None:
+    """Why a forward in channels_last fails (None if it runs): the speed default must never
+    make a model fail that runs in plain eager."""
+    if xb.dim() != 4:
+        return None
+    m = copy.deepcopy(model).to(memory_format=torch.channels_last).eval()
+    try:
+        with torch.no_grad():
+            m(xb.contiguous(memory_format=torch.channels_last))
+    except Exception as exc:  # noqa: BLE001
+        return f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:120]}"
+    return None
+
+
+def _check_forward(model: nn.Module, xb: torch.Tensor, bundle, cfg: SearchConfig | None = None) -> str | None:
+    """A shape mismatch between data and model is a DataError before any training. Returns the
+    note on how the logits were taken from a tuple/dict output (``load.pick_logits``), or None."""
+    from .load import pick_logits
+
     was = model.training
     model.eval()
     try:
@@ -604,11 +658,14 @@ def _check_forward(model: nn.Module, xb: torch.Tensor, bundle) -> None:
                         hint="pass the model's --input-shape C,H,W or a model --arg such as input_size") from None
     finally:
         model.train(was)
-    if not isinstance(out, torch.Tensor) or out.dim() != 2:
-        raise DataError(f"the model's output has shape {tuple(getattr(out, 'shape', ()))}, not (N, classes)")
+    out, note = pick_logits(out, getattr(cfg, "output_index", None), getattr(cfg, "output_key", None))
+    if out.dim() != 2:
+        raise DataError(f"the model's output has shape {tuple(out.shape)}, not (N, classes)",
+                        hint="for a tuple/dict output pass --output-index N / --output-key K")
     if out.shape[1] < bundle.num_classes:
         raise DataError(f"the model outputs {out.shape[1]} classes but {bundle.name} has {bundle.num_classes}",
                         hint=f"pass --arg num_classes={bundle.num_classes}")
+    return note
 
 
 def _find_sites(model: nn.Module, shape, *, hardtanh: bool, name: str, batches=None,
@@ -696,7 +753,12 @@ def _measure_after(ctx: _Context, model: nn.Module) -> tuple[dict[str, float | N
         plus = {name: r.get("plus_fraction") for name, r in res.items()}
     val_acc = None
     if ctx.val is not None:
-        val_acc = evaluate(probe_model, ctx.val[0], ctx.val[1])
+        from .load import logits_picker
+
+        val_acc = evaluate(probe_model, ctx.val[0], ctx.val[1],
+                           pick=logits_picker(getattr(ctx.trainer.cfg, "output_index", None),
+                                              getattr(ctx.trainer.cfg, "output_key", None))
+                           if hasattr(ctx.trainer, "cfg") else None)
     return plus, val_acc
 
 
@@ -1069,6 +1131,7 @@ def _loop(ctx: _Context, *, shifts: list[float], seeds: list[int], metric: str, 
         pr.call("end", r, i, len(todo))
     summary = summarise(results, shifts=shifts, seeds=seeds, sites=[s.name for s in ctx.sites], config=config,
                         config_hash=ctx.config_hash, metric=metric, seconds=time.perf_counter() - t0)
+    summary.checkpoint, summary.notes = _checkpoint_json(ctx), list(getattr(ctx, "notes", []))
     if out_dir is not None:
         from .report import write_report
 
@@ -1380,6 +1443,7 @@ def _halving_loop(ctx: _Context, cfg: SearchConfig, *, out_dir: str | Path | Non
     results = [final[(shift_key(s), seed)] for seed in seeds for s in shifts if (shift_key(s), seed) in final]
     summary = summarise(results, shifts=shifts, seeds=seeds, sites=[s.name for s in ctx.sites], config=cfg.to_json(),
                         config_hash=ctx.config_hash, metric=cfg.metric, seconds=time.perf_counter() - t0)
+    summary.checkpoint, summary.notes = _checkpoint_json(ctx), list(getattr(ctx, "notes", []))
     summary.schedule = {"name": "halving", "eta": cfg.eta, "min_fraction": cfg.min_fraction, "rung_steps": plan}
     summary.rungs = rungs_out
     summary.cost = {**_cost(results, len(shifts) * len(seeds)), "full_grid_candidate_steps": total * len(shifts) * len(seeds),

@@ -93,6 +93,7 @@ class TrainSetup:
     optimizer: torch.optim.Optimizer
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy
     scheduler: Any = None
+    raw_output: bool = False  # loss_fn receives the model's whole output (a --train-config's own loss)
 
 
 def _fused_ok(params: list[torch.Tensor]) -> bool:
@@ -164,11 +165,13 @@ def make_train_setup(model: nn.Module, cfg: Any) -> TrainSetup:
     if getattr(cfg, "train_config", None):
         got = load_train_config(cfg.train_config)(model, cfg)
         if isinstance(got, TrainSetup):
+            got.raw_output = got.loss_fn is not F.cross_entropy
             return got
         if isinstance(got, torch.optim.Optimizer):
             return TrainSetup(got)
         if isinstance(got, dict) and isinstance(got.get("optimizer"), torch.optim.Optimizer):
-            return TrainSetup(got["optimizer"], got.get("loss_fn") or F.cross_entropy, got.get("scheduler"))
+            return TrainSetup(got["optimizer"], got.get("loss_fn") or F.cross_entropy, got.get("scheduler"),
+                              raw_output=got.get("loss_fn") is not None)
         raise SpecError(f"train config {cfg.train_config!r} returned {type(got).__name__}",
                         hint="return a TrainSetup, an optimizer or a dict with 'optimizer'")
     return TrainSetup(default_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.momentum))
@@ -177,13 +180,17 @@ def make_train_setup(model: nn.Module, cfg: Any) -> TrainSetup:
 # ------------------------------------------------------------------------------ the step
 
 
-def _forward_loss(model: nn.Module, loss_fn: Callable, precision: str = "fp32", device_type: str = "cpu"):
+def _forward_loss(model: nn.Module, loss_fn: Callable, precision: str = "fp32", device_type: str = "cpu",
+                  pick: Callable | None = None, raw_output: bool = False):
+    """forward + loss -> (loss, logits); ``pick`` takes the logits out of a tuple/dict output
+    (``load.pick_logits``), the user's own loss gets the whole output (``raw_output``)."""
     amp = autocast_dtype(precision)
 
     def step(xb: torch.Tensor, yb: torch.Tensor):
         with torch.autocast(device_type, dtype=amp) if amp is not None else contextlib.nullcontext():
-            logits = model(xb)
-            loss = loss_fn(logits, yb)
+            out = model(xb)
+            logits = pick(out) if pick is not None else out
+            loss = loss_fn(out if raw_output else logits, yb)
         return loss, logits
     return step
 
@@ -201,6 +208,8 @@ class StepRunner:
     compile: str = "auto"
     precision: str = "fp32"  # forward + loss under torch.autocast (bf16, fp16) or not (fp32)
     device_type: str = "cpu"
+    pick: Callable | None = None  # logits of a tuple/dict output (load.pick_logits)
+    raw_output: bool = False
     compiled: bool = False
     compile_seconds: float | None = None
     compile_error: str | None = None
@@ -209,7 +218,8 @@ class StepRunner:
     _verified: bool = False
 
     def __post_init__(self):
-        self._eager = _forward_loss(self.model, self.loss_fn, self.precision, self.device_type)
+        self._eager = _forward_loss(self.model, self.loss_fn, self.precision, self.device_type, self.pick,
+                                     self.raw_output)
         self._fn = self._eager
         if self.compile in ("auto", "on", True):
             try:
@@ -384,20 +394,25 @@ from .recalibrate import recalibrate_bn  # noqa: E402
 
 @torch.no_grad()
 def evaluate(model: nn.Module, x: torch.Tensor | Iterable, y: torch.Tensor | None = None,
-             batch_size: int = 1024) -> float:
+             batch_size: int = 1024, pick: Callable | None = None) -> float:
     """Top-1 accuracy in eval mode on tensors ``x`` (N, ...) / ``y`` (N,), or, with ``y=None``, on
-    an iterable ``x`` of ``(xb, yb)`` batches (the streaming path's eval loader)."""
+    an iterable ``x`` of ``(xb, yb)`` batches (the streaming path's eval loader). ``pick``: the
+    logits of a tuple/dict output (``load.logits_picker``)."""
+    def fwd(xb):
+        out = model(xb)
+        return pick(out) if pick is not None else out
+
     was = model.training
     model.eval()
     correct = seen = 0
     try:
         if y is None:
             for xb, yb in x:
-                correct += int((model(xb).argmax(1) == yb).sum())
+                correct += int((fwd(xb).argmax(1) == yb).sum())
                 seen += int(yb.shape[0])
         else:
             for i in range(0, int(x.shape[0]), batch_size):
-                correct += int((model(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]).sum())
+                correct += int((fwd(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]).sum())
             seen = int(x.shape[0])
     finally:
         model.train(was)
@@ -458,13 +473,16 @@ class DefaultTrainer:
             return int(self.cfg.steps)
         return n * max(1, int(self.cfg.epochs))
 
-    def runner(self, model: nn.Module, loss_fn: Callable) -> StepRunner:
+    def runner(self, model: nn.Module, loss_fn: Callable, raw_output: bool = False) -> StepRunner:
+        from .load import logits_picker
+
         mode = self.compile_mode or self.cfg.compile
-        key = (id(model), loss_fn, mode)
+        key = (id(model), loss_fn, mode, raw_output)
         r = self.runners.get(key)
         if r is None:
+            pick = logits_picker(getattr(self.cfg, "output_index", None), getattr(self.cfg, "output_key", None))
             r = StepRunner(model, loss_fn, compile=mode, precision=self.precision,
-                           device_type=self.train_x.device.type)
+                           device_type=self.train_x.device.type, pick=pick, raw_output=raw_output)
             self.runners[key] = r
         return r
 
@@ -541,7 +559,7 @@ class DefaultTrainer:
 
         info = dist_info()
         setup = run.setup
-        runner = self.runner(self._wrap(model), setup.loss_fn)
+        runner = self.runner(self._wrap(model), setup.loss_fn, setup.raw_output)
         total = run.total
         until = min(int(until), total)
         model.train()

@@ -6,7 +6,8 @@ from typing import Optional
 import typer
 
 from . import app
-from ._common import ARG, CHECKPOINT, INPUT_SHAPE, JSON, MODEL, NON_STRICT, QUIET, ArgList
+from ._common import (ALLOW_NONFINITE, ARG, CHECKPOINT, INPUT_SHAPE, JSON, MODEL, NON_STRICT, OUTPUT_INDEX, OUTPUT_KEY,
+                      QUIET, USE_EMA, ArgList, print_load_notes)
 from ._errors import handle_errors
 from ._output import Output, SearchProgress
 
@@ -45,6 +46,10 @@ def search_command(
     arg: ArgList = ARG,
     checkpoint: Optional[str] = CHECKPOINT,
     non_strict: bool = NON_STRICT,
+    use_ema: bool = USE_EMA,
+    allow_nonfinite: bool = ALLOW_NONFINITE,
+    output_index: Optional[int] = OUTPUT_INDEX,
+    output_key: Optional[str] = OUTPUT_KEY,
     out_dir: Optional[str] = typer.Option(None, "--out", help="Directory for journal.jsonl and search.json/md/png."),
     resume: bool = typer.Option(False, "--resume", help="Skip candidates already in --out's journal."),
     force: bool = typer.Option(False, "--force", help="Overwrite a non-empty --out / --patch-out."),
@@ -124,6 +129,7 @@ def search_command(
         device=device, compile="off" if no_compile else compile_, dtype=dtype,
         memory_format=memory_format, train_limit=train_limit,
         val_limit=val_limit, metric=metric, download=download, strict=not non_strict,
+        use_ema=use_ema, allow_nonfinite=allow_nonfinite, output_index=output_index, output_key=output_key,
         schedule=schedule, eta=eta, min_fraction=min_fraction,
         augment=augment, stream=stream, workers=workers, mean=mean, std=std, precision=precision)
     if (storage is None) != (study is None):
@@ -164,6 +170,7 @@ def search_command(
 def _print_summary(summary, out: Output) -> None:
     from ..report import render_table, search_json, verdict
 
+    print_load_notes(out, list(getattr(summary, "notes", None) or []), getattr(summary, "checkpoint", None))
     v = verdict(summary)
     if out.json_mode:
         out.result(search_json(summary))
