@@ -49,7 +49,8 @@ __all__ = [
     "unwrap_model",
     "coerce_args",
     "default_input_shape",
-    "infer_input_shape",
+    "declared_input_shape",
+    "guess_input_shape",
     "choose_input_shape",
     "pick_logits",
     "load_state_dict_file",
@@ -462,37 +463,38 @@ def _first_layer_shape(model: nn.Module) -> tuple[tuple[int, ...], str] | None:
 
 
 def _forward_ok(model: nn.Module, shape: tuple[int, ...]) -> bool:
-    was = model.training
-    model.eval()
+    """Does a forward of zeros of ``shape`` run? On a copy: a forward may write in place."""
+    import copy
+
     try:
+        probe = copy.deepcopy(model).eval()
         with torch.no_grad():
-            model(torch.zeros((2, *shape)))
+            probe(torch.zeros((2, *shape)))
         return True
     except Exception:  # noqa: BLE001 - any failure means the guess is wrong
         return False
-    finally:
-        model.train(was)
 
 
-def infer_input_shape(spec: ModelSpec, model: nn.Module | None = None) -> tuple[tuple[int, ...] | None, str]:
-    """One sample's input shape (no batch dimension) and where it came from, or (None, reason).
-
-    In order: zoo metadata (with the factory's ``in_chans`` / ``input_size`` arguments), a
-    ``pretrained_cfg`` / ``default_cfg`` ``input_size`` (timm), torchvision's 224 (299 for
-    inception), then the first conv's ``in_channels`` at 32x32 (or the first linear layer's
-    ``in_features``), kept only if a forward pass of zeros accepts it. ``--data`` and
-    ``--input-shape`` take precedence in the commands.
-    """
+def declared_input_shape(spec: ModelSpec, model: nn.Module | None = None) -> tuple[tuple[int, ...] | None, str | None]:
+    """The input shape the model declares (no batch dimension) and where from, or (None, None):
+    zoo metadata (with the factory's ``in_chans`` / ``input_size`` arguments), torchvision's 224
+    (299 for inception), a ``pretrained_cfg`` / ``default_cfg`` ``input_size`` (timm or any
+    model carrying one)."""
     shape = default_input_shape(spec, model)
     if shape is not None:
         return shape, f"{spec.kind} metadata"
     cfg = _cfg_shape(model)
     if cfg is not None:
         return cfg, "the model's pretrained_cfg input_size"
-    if model is not None:
-        first = _first_layer_shape(model)
-        if first is not None and _forward_ok(model, first[0]):
-            return first[0], first[1]
+    return None, None
+
+
+def guess_input_shape(model: nn.Module) -> tuple[tuple[int, ...] | None, str]:
+    """A guess from the first conv's ``in_channels`` at 32x32 (or the first linear layer's
+    ``in_features``), kept only if a forward pass of zeros on a copy accepts it; (None, reason)."""
+    first = _first_layer_shape(model)
+    if first is not None and _forward_ok(model, first[0]):
+        return first
     return None, "no zoo metadata, pretrained_cfg or first conv/linear layer that accepts a guessed size"
 
 
@@ -507,16 +509,17 @@ def choose_input_shape(explicit: Iterable[int] | None, loaded: "LoadedModel", da
     """
     if explicit is not None:
         return tuple(int(v) for v in explicit), "--input-shape"
-    if loaded.input_shape is not None and loaded.input_shape_source not in (None, "guess"):
-        return tuple(loaded.input_shape), loaded.input_shape_source
+    if loaded.input_shape is not None:
+        return tuple(loaded.input_shape), loaded.input_shape_source or "the model's metadata"
     if data:
         from .data import load_data, parse_data_spec
 
         if parse_data_spec(data)[0] != "synthetic":
             bundle = load_data(data, input_shape=None, train_limit=8, val_limit=0, seed=seed)
             return tuple(int(v) for v in bundle.input_shape), f"the samples of --data {bundle.name}"
-    if loaded.guessed_input_shape is not None:
-        return tuple(loaded.guessed_input_shape), f"guessed from {loaded.guessed_from} (pass --input-shape to set it)"
+    guess, source = guess_input_shape(loaded.model)
+    if guess is not None:
+        return tuple(guess), f"guessed from {source} (pass --input-shape to set it)"
     raise UsageError("the model's input shape is unknown",
                      hint="pass --input-shape C,H,W (e.g. 3,32,32) or --data with real samples")
 
@@ -698,8 +701,6 @@ class LoadedModel:
     load_report: LoadReport | None = None
     input_shape: tuple[int, ...] | None = None
     input_shape_source: str | None = None
-    guessed_input_shape: tuple[int, ...] | None = None
-    guessed_from: str | None = None
     notes: list[str] = field(default_factory=list)
 
     def checkpoint_json(self) -> dict[str, Any] | None:
@@ -1079,7 +1080,7 @@ def load_model(
     """Build the model (wrappers removed), load its checkpoint (if any) and put it in eval mode.
 
     The result carries the :class:`LoadReport` (``load_report``), the input shape the model's
-    metadata gives (:func:`infer_input_shape`) and notes for the user (wrappers removed, ...)."""
+    metadata declares (:func:`declared_input_shape`) and notes for the user (wrappers removed, ...)."""
     if isinstance(spec, str):
         mspec = parse_model_spec(spec, args)
     else:
@@ -1101,17 +1102,14 @@ def load_model(
         digest = sha256_file(ckpt_path)
         report.path, report.sha256 = ckpt, digest
     model.eval()
-    shape, source = infer_input_shape(mspec, model)
-    guessed = source.startswith(("in_channels", "in_features"))
+    shape, source = declared_input_shape(mspec, model)
     return LoadedModel(
         model=model,
         spec=mspec,
         checkpoint=ckpt,
         checkpoint_sha256=digest,
         load_report=report,
-        input_shape=None if guessed else shape,
-        input_shape_source=None if guessed or shape is None else source,
-        guessed_input_shape=shape if guessed else None,
-        guessed_from=source if guessed else None,
+        input_shape=shape,
+        input_shape_source=source,
         notes=notes,
     )

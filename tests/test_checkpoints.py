@@ -304,3 +304,26 @@ def test_kd_model_searched_through_the_cli(tmp_path):
     assert all(c["status"] == "ok" for c in json.loads(r.stdout)["candidates"])
     r = invoke("search", kd, *common, "--output-index", "1")
     assert r.exit_code == 2 and "element 1" in r.stderr
+
+
+def test_pick_logits_of_output_structures():
+    from bnnshift.errors import UsageError
+    from bnnshift.load import pick_logits
+
+    t, f = torch.zeros(2, 3), torch.ones(2, 4, 5, 5)
+    assert pick_logits(t) == (t, None)
+    got, note = pick_logits((t, [f]))
+    assert got is t and "element 0" in note
+    assert pick_logits([f.flatten(1), t], index=1)[0] is t
+    assert pick_logits({"logits": t, "aux": f})[0] is t
+    assert pick_logits({"out": t}, key="out")[0] is t
+    with pytest.raises(UsageError, match="--output-key"):
+        pick_logits({"out": t})
+    with pytest.raises(UsageError, match="element 1 is not a tensor"):
+        pick_logits((t, [f]), index=1)
+
+
+def test_half_model_runs_in_float32_and_says_so():
+    r = invoke("scan", f"{MODELS}:build_half", "--input-shape", "1,16,16", "--json")
+    assert r.exit_code == 0, r.stderr
+    assert "float16" in r.stderr and json.loads(r.stdout)["num_sites"] == 2

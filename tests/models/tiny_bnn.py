@@ -59,3 +59,7 @@ def build_compiled():
 
 def build_kd():
     return KDNet()
+
+
+def build_half():
+    return TinyBNN().half()
