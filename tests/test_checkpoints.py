@@ -317,8 +317,9 @@ def test_pick_logits_of_output_structures():
     assert pick_logits([f.flatten(1), t], index=1)[0] is t
     assert pick_logits({"logits": t, "aux": f})[0] is t
     assert pick_logits({"out": t}, key="out")[0] is t
-    with pytest.raises(UsageError, match="--output-key"):
+    with pytest.raises(UsageError, match="keys: out") as ei:
         pick_logits({"out": t})
+    assert "--output-key" in ei.value.hint
     with pytest.raises(UsageError, match="element 1 is not a tensor"):
         pick_logits((t, [f]), index=1)
 
