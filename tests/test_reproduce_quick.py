@@ -81,3 +81,55 @@ def test_reproduce_quick(tmp_path, monkeypatch):
     d = json.loads((tmp_path / "claim7_trainable.json").read_text())
     trainable = [r for r in d["summary"] if r["trainable"]]
     assert trainable and all(r["mirror_corr_mean"] < -0.9 for r in trainable)  # dbeta = -dt per channel
+
+
+def test_promise_paired_interval():
+    """The 95% interval is the t-interval over seeds (t_{0.975, 2} = 4.303)."""
+    sys.path.insert(0, str(SCRIPTS))
+    import promise
+
+    p = promise.paired([0.01, 0.02, 0.03])
+    assert p["mean_gain_pp"] == pytest.approx(2.0)
+    assert p["ci95_pp"] == pytest.approx([2.0 - 2.484, 2.0 + 2.484], abs=2e-3)
+    assert (p["wins"], p["ties"], p["losses"]) == (3, 0, 0)
+    assert promise.verdict(p) == "no difference resolved (95% interval contains 0)"
+    assert promise.verdict(promise.paired([0.01, 0.011, 0.012])).startswith("pick beats t = 0")
+    assert promise.paired([0.0, 0.01])["ties"] == 1
+
+
+def test_promise_quick_and_resume(tmp_path, monkeypatch):
+    """promise.py --quick (MLP only, to stay fast): search picks per seed, pick and t = 0 trained
+    from the search's init, promise.json with the issue's keys; a second run trains nothing."""
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    import promise
+
+    argv = [str(SCRIPTS / "promise.py"), "--quick", "--models", "mlp", "--out", str(tmp_path), "--threads", "1"]
+    monkeypatch.setattr(sys, "argv", argv)
+    promise.main()
+    d = json.loads((tmp_path / "promise.json").read_text())
+    for k in META:
+        assert k in d, k
+    assert d["mode"] == "quick" and d["torch_threads"] == 1
+    flat, m = d["mlp"], d["models"]["mlp"]
+    assert set(flat) == {"seeds", "wins", "mean_gain_pp", "ci95_pp", "pick_per_seed"}
+    assert flat["seeds"] == [0, 1] and m["complete"]
+    assert all(p in (-0.5, 0.0, 0.5) for p in flat["pick_per_seed"])
+    assert m["same_init_as_search"] and m["first_epoch_batches_as_search"]
+    gains = [a - b for a, b in zip(m["test_acc_pick"], m["test_acc_t0"])]
+    assert flat["mean_gain_pp"] == pytest.approx(100 * sum(gains) / 2, abs=1e-3)
+    assert flat["wins"] == sum(g > 0 for g in gains)
+    lo, hi = flat["ci95_pp"]
+    assert lo <= flat["mean_gain_pp"] <= hi
+    assert 0.0 in m["hindsight"]["shifts_trained_for_all_seeds"]
+    assert all(_acc(v) for v in m["test_acc_t0"] + m["test_acc_pick"])
+    assert "| mlp (2) | 2 |" in d["table_md"]
+
+    # resume: every candidate comes from the journals, nothing is trained again
+    def boom(*a, **k):
+        raise AssertionError("trained again on resume")
+
+    monkeypatch.setattr(promise.CosineTrainer, "__call__", boom)
+    monkeypatch.setattr("bnnshift.train.DefaultTrainer.__call__", boom)
+    promise.main()
+    assert json.loads((tmp_path / "promise.json").read_text())["mlp"] == flat

@@ -33,6 +33,7 @@ a second phase that trains every seed's pick for every other seed (the hindsight
 """
 from __future__ import annotations
 
+import json
 import math
 import sys
 import time
@@ -341,15 +342,26 @@ def main() -> None:
                                "training to the end", "models": {}}
 
     def write(phase: str) -> None:
-        payload["models"] = {n: analyse(n, *state[n]["args"]) for n in names if n in state}
-        payload["table_md"] = table_md(payload["models"])
-        payload["phase"] = phase
-        payload.update(C.meta(args, seeds=sorted({s for n in names for s in specs[n]["seeds"]}),
-                              settings={"mode": mode, "models": {n: specs[n] for n in names}}, t0=t0))
-        payload["torch_threads"] = torch.get_num_threads()
-        for k, v in payload["models"].items():  # flat keys the issue asks for, per model
-            payload[k] = {key: v[key] for key in ("seeds", "wins", "mean_gain_pp", "ci95_pp", "pick_per_seed")}
-        C.write_json(out / "promise.json", payload)
+        # several processes may each run some models into the same --out (e.g. --models mlp and
+        # --models lenet5 side by side): merge with what the others wrote, under a lock
+        from filelock import FileLock
+
+        path = out / "promise.json"
+        with FileLock(str(path) + ".lock"):
+            old = json.loads(path.read_text()) if path.is_file() else {}
+            keep = old.get("models", {}) if old.get("mode") == ("quick" if args.quick else "full") else {}
+            mine = {n: analyse(n, *state[n]["args"]) for n in names if n in state}
+            mine = {**{k: v for k, v in keep.items() if k not in mine}, **mine}
+            payload["models"] = {k: mine[k] for k in sorted(mine, key=lambda k: list(MODELS).index(k)
+                                                            if k in MODELS else 99)}
+            payload["table_md"] = table_md(payload["models"])
+            payload["phase"] = phase
+            payload.update(C.meta(args, seeds=sorted({s for n in names for s in specs[n]["seeds"]}),
+                                  settings={"mode": mode, "models": {n: specs[n] for n in names}}, t0=t0))
+            payload["torch_threads"] = torch.get_num_threads()
+            for k, v in payload["models"].items():  # flat keys the issue asks for, per model
+                payload[k] = {key: v[key] for key in ("seeds", "wins", "mean_gain_pp", "ci95_pp", "pick_per_seed")}
+            C.write_json(path, payload)
 
     # phase 1: search, then pick vs 0, model after model
     for n in names:
