@@ -47,6 +47,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from bnnshift.data import batch_order_hash, iterate_batches  # noqa: E402
 from bnnshift.journal import shift_key  # noqa: E402
+from bnnshift.scan import scan_model  # noqa: E402
 from bnnshift.search import SearchConfig, parse_shifts, search, search_with, summarise  # noqa: E402
 from bnnshift.train import StepRunner, default_optimizer, evaluate, mix_seed, recalibrate_bn  # noqa: E402
 
@@ -215,10 +216,14 @@ def run_final(name: str, spec: dict, args, mode: dict, out: Path, margs: dict, s
             print(f" test {r.val_acc or float('nan'):.4f} ({r.seconds:.0f}s, {time.perf_counter() - t0:.0f}s total)",
                   flush=True, file=sys.stderr)
 
+    # the sites, found once by bnnshift's scan (search_with would rescan the model per call)
+    torch.manual_seed(0)
+    sites = scan_model(C.factory(spec["zoo"], margs)(), shape, name=f"zoo:{spec['zoo']}",
+                       batches=[bundle.train_x[:512]], require_sites=True).sites
     candidates = []
     for seed, shifts in plan.items():
         summary = search_with(C.factory(spec["zoo"], margs), trainer, shifts=shifts, seeds=[seed], input_shape=shape,
-                              out_dir=run_dir / f"seed{seed}", resume=not args.fresh, force=True, metric="val_acc",
+                              sites=sites, out_dir=run_dir / f"seed{seed}", resume=not args.fresh, force=True, metric="val_acc",
                               config=config, probe_batches=bundle.train_x[:512], progress=_P(),
                               name=f"zoo:{spec['zoo']}")
         candidates += summary.candidates
