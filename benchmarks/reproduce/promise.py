@@ -254,6 +254,8 @@ def paired(gains: list[float]) -> dict[str, Any]:
 def verdict(p: dict) -> str:
     if not p["n"]:
         return "not measured"
+    if p["ties"] == p["n"]:
+        return "the search picked t = 0 (or an equal model) on every seed: no gain, no loss"
     if p["ci95_pp"] is None:
         return "one seed: no interval"
     lo, hi = p["ci95_pp"]

@@ -48,6 +48,17 @@ def main() -> None:
     ap.add_argument("--out", default=str(REPO / "docs" / "reproduction"))
     out = Path(ap.parse_args().out)
     lines: list[str] = []
+    d = load(out, "promise")
+    if d:
+        lines += ["### the promise (promise.json)", "", d["table_md"], ""]
+        for name, m in d["models"].items():
+            lines.append(f"- {name}: test accuracy t = 0 {pp(sum(m['test_acc_t0']) / max(1, len(m['test_acc_t0'])), None, False)}"
+                         f" %, pick {pp(sum(m['test_acc_pick']) / max(1, len(m['test_acc_pick'])), None, False)} % (seed means);"
+                         f" gain per seed {m['gain_pp_per_seed']} pp; same init as the search: {m['same_init_as_search']},"
+                         f" first-epoch batches as the search: {m['first_epoch_batches_as_search']}; search "
+                         f"{m['search_seconds']:.0f} s + training {m['final_training_seconds']:.0f} s summed")
+        lines += [f"- `{d['command']}`: torch {d['torch_version']}, {d['torch_threads']} thread(s), wall "
+                  f"{d['wall_seconds']:.0f} s this invocation", ""]
     d = load(out, "claim23_pooling")
     if d:
         lines += ["### claims 2/3", ""] + curve_table(d["models"], {"max": "vgg-small, MaxPool", "avg": "vgg-small, AvgPool"})
