@@ -335,11 +335,20 @@ def main() -> None:
     ap = C.parser(__doc__)
     ap.add_argument("--models", default=None, help="comma list of mlp,lenet5,vgg-small (default all, in that order)")
     ap.add_argument("--no-hindsight", action="store_true", help="skip phase 2 (every pick for every seed)")
+    ap.add_argument("--seeds", default=None,
+                    help="worker mode: only these seeds (comma list, in this order), trained into the journals; "
+                         "no promise.json and no hindsight phase (run again without --seeds to write them). "
+                         "Several workers with disjoint seeds can share one --out")
     args = ap.parse_args()
     out = C.setup(args)
     t0 = time.perf_counter()
     mode = QUICK if args.quick else FULL
-    specs = QUICK_MODELS if args.quick else MODELS
+    specs = {k: dict(v) for k, v in (QUICK_MODELS if args.quick else MODELS).items()}
+    worker = args.seeds is not None
+    if worker:
+        only = [int(v) for v in args.seeds.split(",") if v.strip()]
+        for v in specs.values():
+            v["seeds"] = [s for s in only if s in v["seeds"]]
     names = [m.strip() for m in args.models.split(",")] if args.models else list(specs)
     unknown = [m for m in names if m not in specs]
     if unknown:
@@ -353,6 +362,8 @@ def main() -> None:
         # --models lenet5 side by side): merge with what the others wrote, under a lock
         from filelock import FileLock
 
+        if worker:
+            return
         path = out / "promise.json"
         with FileLock(str(path) + ".lock"):
             old = json.loads(path.read_text()) if path.is_file() else {}
@@ -371,6 +382,7 @@ def main() -> None:
             C.write_json(path, payload)
 
     # phase 1: search, then pick vs 0, model after model
+    names = [n for n in names if specs[n]["seeds"]]
     for n in names:
         spec = specs[n]
         ssum, picks, grid, margs, shape = run_search(n, spec, args, mode, out)
@@ -379,7 +391,7 @@ def main() -> None:
         state[n] = {"args": (spec, ssum, picks, final, grid), "margs": margs, "shape": shape, "picks": picks}
         write(f"pick vs 0 done for {', '.join(state)}")
     # phase 2: every seed's pick for every seed (the hindsight set)
-    if not args.no_hindsight:
+    if not args.no_hindsight and not worker:
         for n in names:
             spec, st = specs[n], state[n]
             hs = sorted(set(st["picks"].values()) | {0.0})
@@ -388,7 +400,8 @@ def main() -> None:
             st["args"] = (spec, st["args"][1], st["picks"], final, st["args"][4])
             write(f"hindsight done for {n}")
     write("done")
-    print(payload["table_md"])
+    if not worker:
+        print(payload["table_md"])
 
 
 if __name__ == "__main__":
