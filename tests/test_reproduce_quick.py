@@ -105,6 +105,12 @@ def test_promise_quick_and_resume(tmp_path, monkeypatch):
     import promise
 
     argv = [str(SCRIPTS / "promise.py"), "--quick", "--models", "mlp", "--out", str(tmp_path), "--threads", "1"]
+    # a worker (seed 1 only) trains into the journals and writes no promise.json ...
+    monkeypatch.setattr(sys, "argv", argv + ["--seeds", "1"])
+    promise.main()
+    assert not (tmp_path / "promise.json").exists()
+    assert (tmp_path / "runs" / "promise_mlp" / "final" / "seed1" / "journal.jsonl").is_file()
+    # ... and the full run picks its work up
     monkeypatch.setattr(sys, "argv", argv)
     promise.main()
     d = json.loads((tmp_path / "promise.json").read_text())

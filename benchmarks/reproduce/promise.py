@@ -222,6 +222,12 @@ def run_final(name: str, spec: dict, args, mode: dict, out: Path, margs: dict, s
                        batches=[bundle.train_x[:512]], require_sites=True).sites
     candidates = []
     for seed, shifts in plan.items():
+        if len(shifts) > 1:  # one call per training first: the journal is re-read before each one,
+            for t in shifts:  # so parallel workers (--seeds, --only) never train the same run twice
+                search_with(C.factory(spec["zoo"], margs), trainer, shifts=[t], seeds=[seed], input_shape=shape,
+                            sites=sites, out_dir=run_dir / f"seed{seed}", resume=not args.fresh, force=True,
+                            metric="val_acc", config=config, probe_batches=bundle.train_x[:512], progress=_P(),
+                            name=f"zoo:{spec['zoo']}")
         summary = search_with(C.factory(spec["zoo"], margs), trainer, shifts=shifts, seeds=[seed], input_shape=shape,
                               sites=sites, out_dir=run_dir / f"seed{seed}", resume=not args.fresh, force=True, metric="val_acc",
                               config=config, probe_batches=bundle.train_x[:512], progress=_P(),
@@ -339,7 +345,11 @@ def main() -> None:
                     help="worker mode: only these seeds (comma list, in this order), trained into the journals; "
                          "no promise.json and no hindsight phase (run again without --seeds to write them). "
                          "Several workers with disjoint seeds can share one --out")
+    ap.add_argument("--only", choices=("pick", "zero"), default=None,
+                    help="worker mode (with --seeds): train only t = pick, or only t = 0 (no search)")
     args = ap.parse_args()
+    if args.only and args.seeds is None:
+        ap.error("--only needs --seeds (it is a worker option)")
     out = C.setup(args)
     t0 = time.perf_counter()
     mode = QUICK if args.quick else FULL
@@ -385,8 +395,15 @@ def main() -> None:
     names = [n for n in names if specs[n]["seeds"]]
     for n in names:
         spec = specs[n]
+        if args.only == "zero":  # t = 0 needs no search
+            shape = C.data_shape(args.data)
+            margs = C.model_args(shape, {"input_size": shape[1], **spec["args"]})
+            run_final(n, spec, args, mode, out, margs, shape, {seed: [0.0] for seed in spec["seeds"]})
+            continue
         ssum, picks, grid, margs, shape = run_search(n, spec, args, mode, out)
         plan = {seed: list(dict.fromkeys([picks[seed], 0.0])) for seed in spec["seeds"]}
+        if args.only == "pick":
+            plan = {seed: [picks[seed]] for seed in spec["seeds"]}
         final, _ = run_final(n, spec, args, mode, out, margs, shape, plan)
         state[n] = {"args": (spec, ssum, picks, final, grid), "margs": margs, "shape": shape, "picks": picks}
         write(f"pick vs 0 done for {', '.join(state)}")
