@@ -293,7 +293,8 @@ def analyse(name: str, spec: dict, search_summary, picks: dict, final, grid: str
     shifts_all = sorted({float(k) for (k, s) in acc})
     full = [t for t in shifts_all if seeds_done and all((shift_key(t), s) in acc for s in seeds_done)]
     means = {t: sum(acc[(shift_key(t), s)] for s in seeds_done) / len(seeds_done) for t in full}
-    best = max(full, key=lambda t: (means[t], -abs(t))) if full else None
+    # with only t = 0 trained for every seed there is no hindsight choice to report
+    best = max(full, key=lambda t: (means[t], -abs(t))) if len(full) > 1 else None
     hind = paired([acc[(shift_key(best), s)] - acc[(z, s)] for s in seeds_done]) if best is not None else paired([])
     same_init = all(init.get((k, s)) == s_init.get(s) for (k, s) in acc)
     same_batches = all(batch.get(s) == s_batch.get(s) for s in batch)
@@ -328,9 +329,11 @@ def table_md(models: dict) -> str:
         picks = ", ".join(f"{p:+g}" for p in a["pick_per_seed"])
         done = "" if a["complete"] else f" (partial: {len(a['seeds'])}/{len(a['seeds_planned'])} seeds)"
         mg = "n/a" if a["mean_gain_pp"] is None else f"{a['mean_gain_pp']:+.2f} pp"
-        hg = "n/a" if h["mean_gain_pp"] is None else f"t = {h['best_shift']:+g}: {h['mean_gain_pp']:+.2f} pp"
+        hg = ("not measured (no shift but 0 trained for every seed)" if h["best_shift"] is None
+              else f"t = {h['best_shift']:+g}: {h['mean_gain_pp']:+.2f} pp")
         rows.append(f"| {name} ({a['epochs']}) | {len(a['seeds'])}{done} | {picks} | {a['wins']}/{len(a['seeds'])} "
-                    f"| {mg} {ci(a['ci95_pp'])} | {hg} {ci(h['ci95_pp'])} | {a['verdict']} |")
+                    f"| {mg} {ci(a['ci95_pp'])} | {hg}{'' if h['best_shift'] is None else ' ' + ci(h['ci95_pp'])} "
+                    f"| {a['verdict']} |")
     return "\n".join(rows)
 
 
