@@ -14,7 +14,7 @@ full Fashion-MNIST training set:
    resume). The initial weights are those the search used for that seed (checked: the
    ``init_hash`` of both runs is compared) and the first epoch's batch order is the search's.
 3. **evaluate** -- test accuracy on the 10k test images after re-estimating the BN statistics on
-   20 training batches (``bnnshift.train.recalibrate_bn``, as ``bnnshift search --val``).
+   20 training batches (``bnnshift.recalibrate_bn``, as ``bnnshift search --val``).
 
 Reported per model: seeds where the pick beats ``t = 0`` (``wins``), the mean paired gain with a
 95% t-interval over seeds, and the same for the best fixed shift in hindsight: the shift with
@@ -45,11 +45,12 @@ import _common as C  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from bnnshift import recalibrate_bn  # noqa: E402  (public BN re-estimation)
 from bnnshift.data import batch_order_hash, iterate_batches  # noqa: E402
 from bnnshift.journal import shift_key  # noqa: E402
 from bnnshift.scan import scan_model  # noqa: E402
 from bnnshift.search import SearchConfig, parse_shifts, search, search_with, summarise  # noqa: E402
-from bnnshift.train import StepRunner, default_optimizer, evaluate, mix_seed, recalibrate_bn  # noqa: E402
+from bnnshift.train import StepRunner, default_optimizer, evaluate, mix_seed  # noqa: E402
 
 MODELS = {
     "mlp": dict(zoo="mlp", args={}, epochs=15, seeds=[0, 1, 2, 3, 4]),
