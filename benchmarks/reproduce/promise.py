@@ -351,9 +351,12 @@ def main() -> None:
                          "Several workers with disjoint seeds can share one --out")
     ap.add_argument("--only", choices=("pick", "zero"), default=None,
                     help="worker mode (with --seeds): train only t = pick, or only t = 0 (no search)")
+    ap.add_argument("--train-shift", type=float, default=None,
+                    help="worker mode (with --seeds): train this fixed shift to the end (no search), e.g. a shift "
+                         "the search is expected to pick, or one of the hindsight set")
     args = ap.parse_args()
-    if args.only and args.seeds is None:
-        ap.error("--only needs --seeds (it is a worker option)")
+    if (args.only or args.train_shift is not None) and args.seeds is None:
+        ap.error("--only and --train-shift need --seeds (they are worker options)")
     out = C.setup(args)
     t0 = time.perf_counter()
     mode = QUICK if args.quick else FULL
@@ -399,6 +402,11 @@ def main() -> None:
     names = [n for n in names if specs[n]["seeds"]]
     for n in names:
         spec = specs[n]
+        if args.train_shift is not None:  # a fixed shift needs no search
+            shape = C.data_shape(args.data)
+            margs = C.model_args(shape, {"input_size": shape[1], **spec["args"]})
+            run_final(n, spec, args, mode, out, margs, shape, {seed: [args.train_shift] for seed in spec["seeds"]})
+            continue
         if args.only == "zero":  # t = 0 needs no search
             shape = C.data_shape(args.data)
             margs = C.model_args(shape, {"input_size": shape[1], **spec["args"]})
