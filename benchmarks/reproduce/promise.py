@@ -47,7 +47,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from bnnshift import recalibrate_bn  # noqa: E402  (public BN re-estimation)
 from bnnshift.data import batch_order_hash, iterate_batches  # noqa: E402
-from bnnshift.journal import shift_key  # noqa: E402
+from bnnshift.journal import Journal, shift_key  # noqa: E402
 from bnnshift.scan import scan_model  # noqa: E402
 from bnnshift.search import SearchConfig, parse_shifts, search, search_with, summarise  # noqa: E402
 from bnnshift.train import StepRunner, default_optimizer, evaluate, mix_seed  # noqa: E402
@@ -237,6 +237,18 @@ def run_final(name: str, spec: dict, args, mode: dict, out: Path, margs: dict, s
     return candidates, config
 
 
+def journaled(out: Path, name: str, plan: dict[int, list[float]]) -> dict[int, list[float]]:
+    """``plan`` cut to the (seed, shift) trainings already in the journals (``--report-only``)."""
+    kept = {}
+    for seed, shifts in plan.items():
+        path = out / "runs" / f"promise_{name}" / "final" / f"seed{seed}" / "journal.jsonl"
+        have = {shift_key(r["shift"]) for r in Journal(path).records()} if path.is_file() else set()
+        got = [t for t in shifts if shift_key(t) in have]
+        if got:
+            kept[seed] = got
+    return kept
+
+
 # ------------------------------------------------------------------------------ statistics
 
 
@@ -351,6 +363,9 @@ def main() -> None:
                          "Several workers with disjoint seeds can share one --out")
     ap.add_argument("--only", choices=("pick", "zero"), default=None,
                     help="worker mode (with --seeds): train only t = pick, or only t = 0 (no search)")
+    ap.add_argument("--report-only", action="store_true",
+                    help="train nothing: write promise.json from the trainings already in the journals "
+                         "(unfinished ones are reported as missing seeds)")
     ap.add_argument("--train-shift", type=float, default=None,
                     help="worker mode (with --seeds): train this fixed shift to the end (no search), e.g. a shift "
                          "the search is expected to pick, or one of the hindsight set")
@@ -416,6 +431,8 @@ def main() -> None:
         plan = {seed: list(dict.fromkeys([picks[seed], 0.0])) for seed in spec["seeds"]}
         if args.only == "pick":
             plan = {seed: [picks[seed]] for seed in spec["seeds"]}
+        if args.report_only:
+            plan = journaled(out, n, plan)
         final, _ = run_final(n, spec, args, mode, out, margs, shape, plan)
         state[n] = {"args": (spec, ssum, picks, final, grid), "margs": margs, "shape": shape, "picks": picks}
         write(f"pick vs 0 done for {', '.join(state)}")
@@ -425,6 +442,8 @@ def main() -> None:
             spec, st = specs[n], state[n]
             hs = sorted(set(st["picks"].values()) | {0.0})
             plan = {seed: hs for seed in spec["seeds"]}
+            if args.report_only:
+                plan = journaled(out, n, plan)
             final, _ = run_final(n, spec, args, mode, out, st["margs"], st["shape"], plan)
             st["args"] = (spec, st["args"][1], st["picks"], final, st["args"][4])
             write(f"hindsight done for {n}")
