@@ -37,10 +37,11 @@ class Output:
         self.out = Console(highlight=False, soft_wrap=True, width=width)
         # --json promises only JSON on stdout: whatever the user's code prints while its model
         # is built and run (banners, shape traces) goes to stderr until the result is written
-        self._stdout = sys.stdout
         if json_mode:
-            _REDIRECTED.append(sys.stdout)
+            if sys.stdout is not sys.stderr:  # not yet redirected: this is the real stdout
+                _REDIRECTED[:] = [sys.stdout]
             sys.stdout = sys.stderr
+        self._stdout = _REDIRECTED[0] if json_mode and _REDIRECTED else sys.stdout
 
     @property
     def progress_enabled(self) -> bool:
