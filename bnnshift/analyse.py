@@ -290,13 +290,15 @@ def advice_for(site: Site) -> list[str]:
         out.append("after MaxPool: already unbalanced towards -1; search t >= 0 (claims 2-3)")
     elif site.pool == "AvgPool":
         out.append("after AvgPool: the accuracy curve is symmetric; search both signs of t (claim 3)")
-    if site.producer == "residual add":
+    if site.foldable and site.foldable.startswith("bias:"):
+        out.append(f"t folds into the learnable bias {site.foldable[5:]} at zero inference cost")
+    elif site.producer == "residual add" and not site.foldable:
         out.append("input is the residual stream: t needs its own subtraction (cannot fold); a compare-with-t is free on XNOR hardware")
     if site.threshold is not None:
         out.append("a learnable threshold exists: a fixed shift only sets its init, which decides the result (claim 7)")
     if site.alphabet == "{0,1}":
         out.append("Heaviside {0,1}: the shift means x > t")
-    if site.producer == "BatchNorm" and site.foldable:
+    if site.producer == "BatchNorm" and site.foldable and site.foldable.startswith("bn:"):
         out.append("BatchNorm before: t folds into the BN bias (beta - t) at zero inference cost")
     if not out:
         out.append("search t in [-1, 2] (claim 2: best t = 1.2 for binary vgg-small on CIFAR-10)")

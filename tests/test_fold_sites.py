@@ -281,6 +281,10 @@ def test_rsign_function_ste_threshold_and_fold():
         assert s.threshold["mean"] == pytest.approx(float(-act.move.mean()), abs=1e-6)
     assert sorted(rep.folded.values()) == ["bias:act1.move", "bias:act2.move"]
     assert _same(hooked, folded, shape)
+    for s in report.sites:  # the advice agrees with the fold target (no "cannot fold", no BN fold)
+        text = " ".join(s.advice)
+        assert f"learnable bias {s.foldable[5:]}" in text, s.advice
+        assert "cannot fold" not in text and "beta - t" not in text, s.advice
     # the unfolded model is sign(x - 0.5) by hand
     ref = copy.deepcopy(model)
     for a in (ref.act1, ref.act2):
