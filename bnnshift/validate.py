@@ -320,7 +320,7 @@ OWN_FILES = (".bnnshift.lock",)  # files of ours that do not make an output dire
 
 
 def check_output_dir(path: str | os.PathLike[str], option: str, *, force: bool = False,
-                     reuse: bool = False) -> Path:
+                     reuse: bool = False, hint: str = "pass --force to overwrite") -> Path:
     """An output directory: short enough names, writable (a few bytes written), and empty
     unless ``force`` (overwrite) or ``reuse`` (resume) — without creating anything.
     Raises ``UsageError`` / ``OutputError``."""
@@ -335,7 +335,7 @@ def check_output_dir(path: str | os.PathLike[str], option: str, *, force: bool =
         except OSError as exc:
             raise OutputError(f"{option} {p} is not readable: {exc.strerror or exc}") from None
         if non_empty:
-            raise OutputError(f"output directory {p} is not empty", hint="pass --force to overwrite")
+            raise OutputError(f"output directory {p} is not empty", hint=hint)
     return p
 
 

@@ -113,7 +113,8 @@ def search_command(
     validate.check_device(device)
     validate.check_input_shape_text(input_shape, batch_size)
     if out_dir is not None and not follower:  # under torchrun rank 0 owns the outputs
-        validate.check_output_dir(out_dir, "--out", force=force, reuse=resume)
+        validate.check_output_dir(out_dir, "--out", force=force, reuse=resume,
+                                  hint="continue an earlier search there with --resume, or pass --force to start over")
     if patch_out is not None and not follower:
         validate.check_output_dir(patch_out, "--patch-out", force=force)
     shape = None
