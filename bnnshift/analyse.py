@@ -457,7 +457,7 @@ def _resolve(model: nn.Module, target: str) -> Any:
     return getattr(m, name, None)
 
 
-def _measure_sign(module: nn.Module, param: torch.Tensor, x: torch.Tensor) -> int | None:
+def measure_bias_sign(module: nn.Module, param: torch.Tensor, x: torch.Tensor) -> int | None:
     """+1 if ``module(x)`` depends on ``param`` as ``x + b``, -1 as ``x - b``, None otherwise.
 
     Shifting the input by -d must equal moving the parameter by -d (or +d) on >= 99.9% of the
@@ -509,7 +509,7 @@ def _own_additive_param(model: nn.Module, path: str, in_shape: tuple[int, ...] |
         if p.numel() != 1 and in_shape[1] not in p.shape:
             continue  # not per-channel on dim 1: not a threshold
         x = (torch.randn(in_shape, generator=g) * 2).to(device=p.device, dtype=p.dtype)
-        sign = _measure_sign(m, p, x)
+        sign = measure_bias_sign(m, p, x)
         if sign is not None:
             return name, sign
     return None

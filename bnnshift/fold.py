@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .analyse import measure_bias_sign
 from .errors import PatchError
 
 PROBE_BATCH = 8
@@ -61,37 +62,7 @@ def _bias_direction(module: nn.Module, pname: str, param: torch.Tensor, channels
         shape = (4, c)
     g = torch.Generator().manual_seed(1234)
     x = torch.randn(shape, generator=g).to(device=param.device, dtype=param.dtype) * 2
-    d = 0.37
-    was = module.training
-    module.eval()
-    try:
-        with torch.no_grad():
-            ref = module.forward(x - d)
-            if not isinstance(ref, torch.Tensor):
-                return None
-            results = []
-            for direction in (+1, -1):
-                saved = param.detach().clone()
-                param.sub_(direction * d)
-                try:
-                    out = module.forward(x)
-                finally:
-                    param.copy_(saved)
-                results.append(isinstance(out, torch.Tensor) and out.shape == ref.shape
-                               and bool(torch.isclose(out, ref, atol=1e-5, rtol=1e-5).float().mean() > 0.999))
-            # the change must matter at all (a parameter the output ignores is no bias)
-            changed = not torch.allclose(module.forward(x), ref)
-    except Exception:  # noqa: BLE001 - any failure means "cannot tell": keep the hook
-        return None
-    finally:
-        module.train(was)
-    if not changed:
-        return None
-    if results[0] and not results[1]:
-        return +1
-    if results[1] and not results[0]:
-        return -1
-    return None
+    return measure_bias_sign(module, param, x)
 
 
 def _fold_target(model: nn.Module, site: Site, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | str:
