@@ -96,12 +96,18 @@ class Journal:
         self._write({"shift": float(shift), "seed": int(seed), "config_hash": config_hash, "result": result})
 
     def append_rung(self, shift: float, seed: int, config_hash: str, *, rung: int, steps: int,
-                    result: dict[str, Any], state: str | None = None, eliminated: bool = False) -> None:
+                    result: dict[str, Any], state: str | None = None, eliminated: bool = False,
+                    stop: dict[str, Any] | None = None) -> None:
         """One candidate reached rung ``rung`` (``steps`` training steps): its score so far, the
-        saved training state (relative path, or None), and whether it stops there."""
-        self._write({"kind": "rung", "shift": float(shift), "seed": int(seed), "config_hash": config_hash,
-                     "rung": int(rung), "steps": int(steps), "state": state, "eliminated": bool(eliminated),
-                     "result": result})
+        saved training state (relative path, or None), and whether it stops there. ``stop``: the
+        rung ended early (``--stop-when-stable``, ``bnnshift.search.stable_decision``'s record), so
+        a resumed run ends it at the same step."""
+        rec = {"kind": "rung", "shift": float(shift), "seed": int(seed), "config_hash": config_hash,
+               "rung": int(rung), "steps": int(steps), "state": state, "eliminated": bool(eliminated),
+               "result": result}
+        if stop is not None:
+            rec["stop"] = stop
+        self._write(rec)
 
     def _write(self, record: dict[str, Any]) -> None:
         line = json.dumps(record, separators=(",", ":"), default=jsonable) + "\n"

@@ -16,7 +16,7 @@ from ._io import atomic_save_safetensors, atomic_write_bytes, atomic_write_json,
 SearchSummary = Any
 
 __all__ = ["write_report", "render_markdown", "render_png", "render_table", "write_patched", "verdict",
-           "paired_differences", "val_stats", "budget_text", "run_info", "search_json"]
+           "paired_differences", "val_stats", "budget_text", "run_info", "search_json", "halving_groups"]
 
 
 def _pct(v: float | None, nd: int = 2) -> str:
@@ -148,12 +148,60 @@ def _is_halving(summary: "SearchSummary") -> bool:
     return (getattr(summary, "schedule", None) or {}).get("name") == "halving"
 
 
-def _rung_text(summary: "SearchSummary", s) -> str:
-    """``2 (117/234)``: the rung a shift stopped at and its steps out of the epoch's."""
-    if s.rung is None:
-        return "-"
+def _epoch_steps(summary: "SearchSummary") -> int | None:
     steps = (summary.schedule or {}).get("rung_steps") or []
-    return f"{s.rung} ({steps[s.rung]}/{steps[-1]})" if s.rung < len(steps) else str(s.rung)
+    return steps[-1] if steps else None
+
+
+def _steps_text(summary: "SearchSummary", s) -> str:
+    """``58/234``: the training steps a shift's score covers out of the epoch's."""
+    total = _epoch_steps(summary)
+    if s.steps is None:
+        return "-"
+    return f"{s.steps}/{total}" if total else str(s.steps)
+
+
+def halving_groups(summary: "SearchSummary") -> list[tuple[str, list]]:
+    """Successive halving's table order, survivors first: ``[(label, [ShiftStats...]), ...]``.
+
+    The shifts of the last rung reached (they finished the epoch) come first, then the
+    eliminated ones by the rung they stopped at, latest rung first; within a group by score
+    (best first; failed last). A group's scores cover the same number of steps; across groups
+    they do not (an eliminated shift's score is its train accuracy after fewer steps)."""
+    groups: dict = {}
+    for s in summary.stats:
+        groups.setdefault(s.rung, []).append(s)
+    order = sorted(groups, key=lambda r: -1 if r is None else r, reverse=True)
+    total = _epoch_steps(summary)
+    out = []
+    for i, rung in enumerate(order):
+        rows = sorted(groups[rung], key=lambda s: (s.mean is None, -(s.mean or 0.0), abs(s.shift)))
+        steps = max((s.steps for s in rows if s.steps is not None), default=None)
+        if rung is None:
+            label = "not trained"
+        elif i == 0 and steps == total:
+            label = f"finished the epoch (rung {rung}, {steps}/{total} steps)"
+        else:
+            label = (f"eliminated at rung {rung}: scores after {steps}/{total} steps, not comparable with the rows "
+                     "above")
+        out.append((label, rows))
+    return out
+
+
+def _status_text(summary: "SearchSummary", s, finished: bool) -> str:
+    failed = f" ({s.failed} failed)" if s.failed else ""
+    if not _is_halving(summary) or s.rung is None or s.status == "failed":
+        return s.status + failed
+    return ("finished" if finished else f"eliminated at rung {s.rung}") + failed
+
+
+def _stop_text(stop: dict) -> str:
+    tight = stop.get("tightest") or {}
+    lead = (f"; tightest lead t = {tight['ahead']:g} over t = {tight['behind']:g}: "
+            f"{tight['margin'] * 100:.2f} points, {tight['z']:.1f} paired SE" if tight.get("z") is not None else
+            (f"; t = {tight['ahead']:g} led t = {tight['behind']:g} at every step" if tight else ""))
+    return (f"stopped early at step {stop['steps']} of {stop['planned_steps']}: the kept shifts held for "
+            f"{stop['window']} steps{lead}; {stop['steps_saved']} candidate steps saved")
 
 
 def _schedule_lines(summary: "SearchSummary") -> list[str]:
@@ -162,10 +210,17 @@ def _schedule_lines(summary: "SearchSummary") -> list[str]:
     out = [f"- schedule: successive halving (eta {sch.get('eta'):g}, first rung {sch.get('min_fraction'):g} of the "
            f"epoch); {cost.get('candidate_steps')} candidate steps vs {cost.get('full_grid_candidate_steps')} for "
            f"the full grid ({(cost.get('ratio') or 0):.2f}x)"]
+    if sch.get("stop_when_stable"):
+        out.append(f"- --stop-when-stable: a rung ends once the shifts it keeps held for {sch['stable_fraction']:g} "
+                   f"of its steps and each leads each eliminated shift by more than {sch['stable_z']:g} paired standard "
+                   f"errors; {cost.get('steps_saved_by_stable_stop', 0)} candidate steps saved")
     for r in summary.rungs:
         kept = ", ".join(f"{t:g}" for t in r.get("kept") or []) or "-"
-        out.append(f"  - rung {r['rung']} ({r['steps']} steps, {r['fraction'] * 100:.1f}% of the epoch): "
-                   f"{len(r['candidates'])} shifts, kept {kept}")
+        line = (f"  - rung {r['rung']} ({r['steps']} steps, {r['fraction'] * 100:.1f}% of the epoch): "
+                f"{len(r['candidates'])} shifts, kept {kept}")
+        if r.get("stopped_early"):
+            line += f"; {_stop_text(r['stopped_early'])}"
+        out.append(line)
     return out
 
 
@@ -198,23 +253,35 @@ def render_markdown(summary: "SearchSummary") -> str:
     halving = _is_halving(summary)
     if halving:
         lines += _schedule_lines(summary)
-    rung_col = "| rung " if halving else ""
     vs, diffs = val_stats(summary), paired_differences(summary)
     val_col = "| val % " if vs else ""
     diff_col = "| score - t=0, per seed " if diffs else ""
-    lines += ["", f"| t {rung_col}| score {val_col}{diff_col}| loss | +1 share (mean over sites) | n | status |",
-              "|---|" + ("---|" if halving else "") + "---|" + ("---|" if vs else "") + ("---|" if diffs else "")
-              + "---|---|---|---|"]
-    for s in summary.stats:
-        mark = (" **(best)**" if v["tie"] else " **(winner)**") if summary.winner is not None and \
-            s.shift == summary.winner else ""
-        rung = f"| {_rung_text(summary, s)} " if halving else ""
-        val = f"| {_val_text(vs, s.shift)} " if vs else ""
-        diff = f"| {_diff_text(diffs.get(_key(s.shift)))} " if diffs else ""
-        lines.append(f"| {s.shift:g}{mark} {rung}| {_score_text(s)} {val}{diff}| "
-                     f"{'-' if s.loss is None else f'{s.loss:.4f}'} | "
-                     f"{'-' if s.plus_fraction_mean is None else f'{s.plus_fraction_mean:.3f}'} | {s.n} | "
-                     f"{s.status}{f' ({s.failed} failed)' if s.failed else ''} |")
+    if halving:  # survivors first; each score says how many steps it covers
+        lines += ["", f"| # | t | score | after steps | rung {val_col}{diff_col}| loss | +1 share (mean over sites) | n "
+                      "| status |",
+                  "|---|---|---|---|---|" + ("---|" if vs else "") + ("---|" if diffs else "") + "---|---|---|---|"]
+        groups = halving_groups(summary)
+    else:
+        lines += ["", f"| t | score {val_col}{diff_col}| loss | +1 share (mean over sites) | n | status |",
+                  "|---|---|" + ("---|" if vs else "") + ("---|" if diffs else "") + "---|---|---|---|"]
+        groups = [("", list(summary.stats))]
+    rank = 0
+    for gi, (_label, rows) in enumerate(groups):
+        for s in rows:
+            rank += 1
+            mark = (" **(best)**" if v["tie"] else " **(winner)**") if summary.winner is not None and \
+                s.shift == summary.winner else ""
+            head = (f"| {rank} | {s.shift:g}{mark} | {_score_text(s)} | {_steps_text(summary, s)} | "
+                    f"{'-' if s.rung is None else s.rung} " if halving else f"| {s.shift:g}{mark} | {_score_text(s)} ")
+            val = f"| {_val_text(vs, s.shift)} " if vs else ""
+            diff = f"| {_diff_text(diffs.get(_key(s.shift)))} " if diffs else ""
+            lines.append(f"{head}{val}{diff}| {'-' if s.loss is None else f'{s.loss:.4f}'} | "
+                         f"{'-' if s.plus_fraction_mean is None else f'{s.plus_fraction_mean:.3f}'} | {s.n} | "
+                         f"{_status_text(summary, s, gi == 0)} |")
+    if halving:
+        lines += ["", "Successive halving: the shifts that finished the epoch are ranked first, then the eliminated "
+                      "ones by the rung they stopped at; a score is the train accuracy over its row's steps, so "
+                      "compare scores within one rung (each rung's scores at equal steps are listed above)."]
     failed = [c for c in summary.candidates if not c.ok]
     if failed:
         lines += ["", "## Failed candidates", ""]
@@ -329,19 +396,31 @@ def render_table(summary: "SearchSummary"):
     halving = _is_halving(summary)
     vs, diffs = val_stats(summary), paired_differences(summary)
     extra = (*(("val %",) if vs else ()), *(("vs t=0",) if diffs else ()))
-    for c in ("t", *(("rung",) if halving else ()), "score %", *extra, "loss", "+1 share", "n", "status"):
+    cols = ("#", "t", "score %", "after steps", "rung") if halving else ("t", "score %")
+    for c in (*cols, *extra, "loss", "+1 share", "n", "status"):
         t.add_column(c, justify="right" if c != "status" else "left")
-    for s in summary.stats:
-        win = summary.winner is not None and s.shift == summary.winner
-        cols = (*((_val_text(vs, s.shift),) if vs else ()),
-                *((_diff_text(diffs.get(_key(s.shift))),) if diffs else ()))
-        t.add_row(f"{s.shift:g}" + (" *" if win else ""), *((_rung_text(summary, s),) if halving else ()),
-                  _score_text(s), *cols, "-" if s.loss is None else f"{s.loss:.4f}",
-                  "-" if s.plus_fraction_mean is None else f"{s.plus_fraction_mean:.3f}", str(s.n),
-                  s.status + (f" ({s.failed} failed)" if s.failed else ""), style="bold" if win else None)
+    groups = halving_groups(summary) if halving else [("", list(summary.stats))]
+    rank = 0
+    for gi, (_label, rows) in enumerate(groups):
+        if gi:
+            t.add_section()  # a line between the finished shifts and each rung's eliminated ones
+        for s in rows:
+            rank += 1
+            win = summary.winner is not None and s.shift == summary.winner
+            more = (*((_val_text(vs, s.shift),) if vs else ()),
+                    *((_diff_text(diffs.get(_key(s.shift))),) if diffs else ()))
+            head = ((str(rank), f"{s.shift:g}" + (" *" if win else ""), _score_text(s), _steps_text(summary, s),
+                     "-" if s.rung is None else str(s.rung)) if halving
+                    else (f"{s.shift:g}" + (" *" if win else ""), _score_text(s)))
+            t.add_row(*head, *more, "-" if s.loss is None else f"{s.loss:.4f}",
+                      "-" if s.plus_fraction_mean is None else f"{s.plus_fraction_mean:.3f}", str(s.n),
+                      _status_text(summary, s, gi == 0), style="bold" if win else None)
     if halving and summary.cost.get("ratio") is not None:
-        t.caption = (f"successive halving: {summary.cost['candidate_steps']} candidate steps, "
-                     f"{summary.cost['ratio']:.2f}x the full grid's")
+        saved = summary.cost.get("steps_saved_by_stable_stop")
+        t.caption = (f"successive halving: finished shifts first, then the eliminated ones by rung (their scores "
+                     f"cover fewer steps); {summary.cost['candidate_steps']} candidate steps, "
+                     f"{summary.cost['ratio']:.2f}x the full grid's"
+                     + (f", {saved} saved by --stop-when-stable" if saved else ""))
     return t
 
 

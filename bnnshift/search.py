@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
+import itertools
 import json
 import math
 import time
@@ -41,11 +42,14 @@ from .sites import Site
 
 __all__ = [
     "SearchConfig", "CandidateResult", "ShiftStats", "SearchSummary", "parse_shifts", "parse_seeds",
-    "run_candidate", "search", "search_with", "init_hash", "rung_steps", "survivors",
+    "run_candidate", "search", "search_with", "init_hash", "rung_steps", "survivors", "stable_decision",
 ]
 
 PROBE_SAMPLES = 512  # training samples for the end-of-epoch +1 shares
 METRICS = ("train_acc", "last_acc", "val_acc")
+# --stop-when-stable: every survivor must lead every eliminated shift by more than this many
+# paired standard errors of the per-step accuracy differences (stable_decision)
+STABLE_Z = 2.0
 SCHEDULES = ("full", "halving")
 # successive halving keeps candidates' training states in memory while they fit in this many
 # bytes in total; beyond it they live only in --out (states/) and are read back per rung
@@ -169,6 +173,8 @@ class SearchConfig:
     schedule: str = "full"
     eta: float = 2.0
     min_fraction: float = 0.125
+    stop_when_stable: bool = False  # stop a rung once its decision held for stable_fraction of its steps
+    stable_fraction: float = 0.25
     # streaming data path and precision (bnnshift.data.stream, docs/search.md)
     augment: str = "none"
     stream: str = "auto"
@@ -180,7 +186,7 @@ class SearchConfig:
     # fields that do not change a score (or are the candidate itself); the schedule decides
     # which candidates train how far, not what a candidate scores after n steps
     _NOT_HASHED = ("shifts", "seeds", "device", "compile", "memory_format", "schedule", "eta", "min_fraction",
-                   "workers")
+                   "workers", "stop_when_stable", "stable_fraction")
 
     def __post_init__(self):
         if self.input_shape is not None:
@@ -209,6 +215,7 @@ class SearchConfig:
         if not (isinstance(self.min_fraction, (int, float)) and 0 < self.min_fraction <= 1):
             raise UsageError(f"bad --min-fraction {self.min_fraction}",
                              hint="the first rung's share of the epoch, in (0, 1], e.g. 0.125")
+        validate.check_stop_when_stable(self.stop_when_stable, self.stable_fraction, self.schedule)
         if self.schedule == "halving" and self.metric != "train_acc":
             raise UsageError(f"--schedule halving ranks by the train accuracy so far; --metric {self.metric} "
                              "needs the whole epoch", hint="use --schedule full with this metric")
@@ -345,6 +352,7 @@ class ShiftStats:
     plus_fraction: dict[str, float | None]
     status: str  # 'ok' | 'failed' | 'partial'
     rung: int | None = None  # successive halving: the rung this shift stopped at (its score is from there)
+    steps: int | None = None  # training steps its score covers (halving: fewer than the epoch when eliminated)
 
 
 @dataclass
@@ -461,7 +469,7 @@ _CONTEXTS: dict[str, _Context] = {}
 
 def _cfg_key(cfg: SearchConfig) -> str:
     d = cfg.to_json()
-    for k in ("shifts", "seeds", "schedule", "eta", "min_fraction"):
+    for k in ("shifts", "seeds", "schedule", "eta", "min_fraction", "stop_when_stable", "stable_fraction"):
         d.pop(k, None)
     return json.dumps(d, sort_keys=True, default=str)
 
@@ -972,9 +980,10 @@ def _stats(candidates: list[CandidateResult], shifts: list[float], sites: list[s
                 per_site[name] = sum(vs) / len(vs) if vs else None
         status = "ok" if cs and len(ok) == len(cs) else ("failed" if not ok else "partial")
         rungs = [c.rung for c in cs if c.rung is not None]
+        steps = [c.steps for c in ok if c.steps is not None]
         out.append(ShiftStats(shift=s, n=n, failed=len(cs) - len(ok), mean=mean, std=std, stderr=se, loss=loss,
                               plus_fraction_mean=pm, plus_fraction=per_site, status=status if cs else "missing",
-                              rung=max(rungs) if rungs else None))
+                              rung=max(rungs) if rungs else None, steps=max(steps) if steps else None))
     return out
 
 
@@ -1160,6 +1169,71 @@ def rung_steps(total: int, eta: float, min_fraction: float) -> list[int]:
     return out
 
 
+def stable_decision(hits: dict[float, list[list[int]]], seen: dict[float, list[list[int]]], *, keep: int,
+                    start: int, at: int, window: int, z: float | None = None) -> dict[str, Any] | None:
+    """``--stop-when-stable``: may a successive-halving rung stop at step ``at``?
+
+    ``hits[t]`` / ``seen[t]``: for each seed (the same seed order for every shift t), the correct
+    and the seen samples of every training step of the first epoch (ints, at least ``at`` long).
+    A shift's score after j steps is the halving ranking's: the mean over seeds of
+    ``sum(hits[:j]) / sum(seen[:j])``. The rung's *decision* is the set of the best ``keep``
+    shifts (ties to the smaller |t|). The rung may stop when
+
+    1. the decision was the same after every step j in ``[at - window, at]``, all inside the
+       rung (``at - window >= start``): the ranking that decides has held for ``window`` steps;
+    2. every kept shift a is ahead of every dropped shift b beyond the paired noise: with the
+       per-step differences ``d_i = mean over seeds of hits_a[i]/seen_a[i] - hits_b[i]/seen_b[i]``
+       (i < at; same batches for every shift, so the batch difficulty cancels),
+       ``score_a(at) - score_b(at) > z * stdev(d) / sqrt(at)`` (z = ``STABLE_Z`` = 2, steps
+       taken as independent samples: a heuristic, not a test at a stated level).
+
+    Returns None, or ``{"steps": at, "window", "stable_from", "kept": [t...], "tightest": {"ahead",
+    "behind", "margin", "se", "z"}}`` (margin and se as accuracy fractions; the tightest pair is
+    the one with the smallest margin / se, then the smallest margin; z None when the differences
+    have no spread).
+    """
+    z = STABLE_Z if z is None else float(z)
+    shifts = list(hits)
+    if at - window < max(start, 1) or at < 2 or not (0 < keep < len(shifts)):
+        return None
+    if any(len(h) < at or len(n) < at for t in shifts for h, n in zip(hits[t], seen[t])):
+        return None  # a history is missing (a state from an older bnnshift): never stop blind
+    cum: dict[float, list[list[int]]] = {}
+    cseen: dict[float, list[list[int]]] = {}
+    for t in shifts:
+        cum[t] = [list(itertools.accumulate(h[:at])) for h in hits[t]]
+        cseen[t] = [list(itertools.accumulate(n[:at])) for n in seen[t]]
+
+    def score(t: float, j: int) -> float | None:  # after j steps, as the rung ranks (bnnshift.search._halving_loop)
+        return _mean_or_none([c[j - 1] / n[j - 1] if n[j - 1] else None for c, n in zip(cum[t], cseen[t])])
+
+    def decision(j: int) -> frozenset:
+        ranked = sorted(shifts, key=lambda t: (score(t, j) is not None, score(t, j) or 0.0, -abs(t)), reverse=True)
+        return frozenset(ranked[:keep])
+
+    kept = decision(at)
+    if any(decision(j) != kept for j in range(at - window, at)):
+        return None
+    tight = None
+    for a in kept:
+        for b in shifts:
+            if b in kept:
+                continue
+            d = [sum(ha[i] / na[i] - hb[i] / nb[i] for ha, na, hb, nb in zip(hits[a], seen[a], hits[b], seen[b]))
+                 / len(hits[a]) for i in range(at)]
+            margin = (score(a, at) or 0.0) - (score(b, at) or 0.0)
+            mean = sum(d) / at
+            se = math.sqrt(sum((v - mean) ** 2 for v in d) / (at - 1) / at)
+            ratio = margin / se if se > 0 else (math.inf if margin > 0 else 0.0)
+            if not ratio > z:
+                return None
+            if tight is None or (ratio, margin) < (tight["z"], tight["margin"]):
+                tight = {"ahead": a, "behind": b, "margin": margin, "se": se, "z": ratio}
+    if tight is not None and math.isinf(tight["z"]):
+        tight["z"] = None  # strict JSON: no infinity (the differences had no spread at all)
+    return {"steps": at, "window": window, "stable_from": at - window, "kept": sorted(kept), "tightest": tight}
+
+
 def survivors(n: int, eta: float) -> int:
     """How many of ``n`` candidates continue after a rung: the best ``ceil(n / eta)`` (at least 1)."""
     return max(1, int(math.ceil(n / eta - 1e-9)))
@@ -1221,6 +1295,14 @@ class _StateStore:
         if self.in_memory or self.dir is None:
             self.mem[key] = (steps, state)
         return rel
+
+    def hold(self, key: tuple[str, int], steps: int, state: dict, n_candidates: int) -> None:
+        """A state between two turns of ``--stop-when-stable`` (not journaled): in memory while the
+        states fit, else written to ``states/`` like :meth:`put`."""
+        if self.dir is None or (self.in_memory and self._bytes(state) * n_candidates <= STATE_MEMORY_BUDGET):
+            self.mem[key] = (steps, state)
+        else:
+            self.put(key, steps, state, n_candidates)
 
     def known(self, key: tuple[str, int], steps: int, rel: str | None) -> None:
         """A state written by an earlier (killed) process, named by its rung record."""
@@ -1284,6 +1366,10 @@ def _halving_loop(ctx: _Context, cfg: SearchConfig, *, out_dir: str | Path | Non
             store.known((sk, seed), steps, rec.get("state"))
     total = trainer.num_steps()
     plan = rung_steps(total, cfg.eta, cfg.min_fraction)
+    runs = list(plan)  # the rungs this run trains: an early-stopped last rung adds the winner's finish
+    recs_by_cand: dict[tuple[str, int], dict[int, dict]] = {}
+    for (sk, seed, _h, steps), rec in rung_recs.items():
+        recs_by_cand.setdefault((sk, seed), {})[steps] = rec
     pr = _Progress(progress)
     alive = list(shifts)
     final: dict[tuple[str, int], CandidateResult] = {}
@@ -1309,8 +1395,105 @@ def _halving_loop(ctx: _Context, cfg: SearchConfig, *, out_dir: str | Path | Non
             res.plus_fraction_mean = sum(vals) / len(vals) if vals else None
         return res
 
+    def rung_plan(r: int, n_r: int, prev: int) -> tuple[int, dict | None, bool]:
+        """Where rung ``r`` ends on this run: (steps, journaled early stop or None, train it
+        interleaved with the stability test). A resumed run repeats a journaled early stop
+        exactly; a rung some candidate already finished at its planned steps is not stopped early."""
+        keys = [(shift_key(t), seed) for seed in seeds for t in alive]
+        for key in keys:
+            for steps, rec in recs_by_cand.get(key, {}).items():
+                st = rec.get("stop")
+                if (isinstance(st, dict) and rec.get("rung") == r and st.get("planned_steps") == n_r
+                        and st.get("from_steps") == prev and prev < steps < n_r):
+                    return steps, st, False
+        if any(n_r in recs_by_cand.get(key, {}) or (n_r == total and (key[0], key[1], ctx.config_hash) in done)
+               for key in keys):
+            return n_r, None, False
+        return n_r, None, True
+
+    def train_interleaved(r: int, prev: int, n_r: int, keep_n: int, forced: int | None, i0: int
+                          ) -> tuple[int, dict | None, dict, dict]:
+        """--stop-when-stable: train the rung's candidates in turns of a few steps (each pausing
+        with its full state, so the scores are bitwise the uninterrupted ones) and stop the rung
+        at the first turn where :func:`stable_decision` holds; ``forced``: train to that step
+        (a journaled decision). Returns (steps, stop record, failed candidates, seconds)."""
+        nonlocal trained_steps
+        rung_len = n_r - prev
+        window = max(1, int(math.ceil(cfg.stable_fraction * rung_len)))
+        turn = max(1, int(math.ceil(window / 2)))
+        if forced is not None:
+            marks = [forced]
+        else:
+            first = max(prev + window, window + 1)  # the earliest step stable_decision can accept
+            marks = sorted(set(list(range(min(n_r, first), n_r, turn)) + [n_r]))
+        failed: dict = {}
+        secs: dict = {}
+        hist: dict = {}
+        order = [(seed, t) for seed in seeds for t in alive]
+        for c in marks:
+            for j, (seed, t) in enumerate(order):
+                key = (shift_key(t), seed)
+                if key in failed:
+                    continue
+                got = store.get(key)
+                if got is not None and got[0] >= c:
+                    if key not in hist:
+                        cnt = got[1].get("run", {})
+                        hist[key] = (list(cnt.get("step_hits") or []), list(cnt.get("step_seen") or []))
+                    continue
+                pr.call("start", t, seed, i0 + j, n_total)
+                trainer.progress = (lambda d, tt: pr.call("step", d, tt))
+                t1 = time.perf_counter()
+                model = _shared_model(ctx, seed)
+                _set_shift(model, t)
+                run = trainer.restore(model, got[1]) if got is not None else trainer.start(model, seed=seed, shift=t)
+                step0 = run.step
+                try:
+                    bad = trainer.advance(run, model, c)
+                finally:
+                    trainer.progress = None
+                trained_steps += run.step - step0
+                if bad is not None:
+                    failed[key] = bad
+                    store.drop(key)
+                else:
+                    store.hold(key, c, trainer.snapshot(run, model), len(shifts) * len(seeds))
+                    hist[key] = (list(run.step_hits), list(run.step_seen))
+                secs[key] = secs.get(key, 0.0) + time.perf_counter() - t1
+            if forced is not None or c == n_r:
+                return c, None, failed, secs
+            ok = [t for t in alive if all((shift_key(t), sd) not in failed for sd in seeds)]
+            if len(ok) <= keep_n:
+                continue  # nothing left to decide: every candidate continues anyway
+            h = {t: [hist.get((shift_key(t), sd), ([], []))[0] for sd in seeds] for t in ok}
+            n = {t: [hist.get((shift_key(t), sd), ([], []))[1] for sd in seeds] for t in ok}
+            stop = stable_decision(h, n, keep=keep_n, start=prev, at=c, window=window)
+            if stop is not None:
+                dropped = [(shift_key(t), sd) for t in alive for sd in seeds
+                           if t not in stop["kept"] and (shift_key(t), sd) not in failed]
+                stop.update({"rung": r, "planned_steps": n_r, "from_steps": prev, "fraction": cfg.stable_fraction,
+                             "steps_saved": (n_r - c) * len(dropped)})
+                return c, stop, failed, secs
+        return n_r, None, failed, secs
+
     try:
-        for r, n_r in enumerate(plan):
+        r, prev = 0, 0
+        while r < len(runs):
+            n_plan = runs[r]
+            winner_run = r >= len(plan)  # the winner's steps to the end after an early-stopped last rung
+            keep_n = 1 if n_plan == total else survivors(len(alive), cfg.eta)
+            pr.call("rung", r, len(runs), n_plan, total)
+            n_r, stop, pre_failed, pre_secs = n_plan, None, {}, {}
+            if cfg.stop_when_stable and not winner_run and len(alive) > keep_n:
+                n_r, stop, interleave = rung_plan(r, n_plan, prev)
+                if interleave or (stop is not None and not all(
+                        n_r in recs_by_cand.get((shift_key(t), sd), {}) for sd in seeds for t in alive)):
+                    n_r, fresh_stop, pre_failed, pre_secs = train_interleaved(
+                        r, prev, n_plan, keep_n, n_r if stop is not None else None, i)
+                    stop = stop if stop is not None else fresh_stop
+            if stop is not None and n_plan == total:
+                runs.append(total)  # the winner alone finishes the epoch
+                n_total += len(seeds)
             last = n_r == total
             scores: dict[str, list[float | None]] = {}
             current: dict[tuple[str, int], CandidateResult] = {}
@@ -1345,20 +1528,23 @@ def _halving_loop(ctx: _Context, cfg: SearchConfig, *, out_dir: str | Path | Non
                         continue
                     pr.call("start", s, seed, i, n_total)
                     trainer.progress = (lambda d, t: pr.call("step", d, t))
-                    t1 = time.perf_counter()
+                    t1 = time.perf_counter() - pre_secs.get(key, 0.0)
                     model = _shared_model(ctx, seed)
                     _set_shift(model, s)
-                    got = store.get(key)
-                    if got is not None and got[0] <= n_r:
-                        run = trainer.restore(model, got[1])
-                    else:
-                        run = trainer.start(model, seed=seed, shift=s)
-                    step0 = run.step
-                    try:
-                        failed = trainer.advance(run, model, n_r)
-                    finally:
-                        trainer.progress = None
-                    trained_steps += run.step - step0
+                    failed = pre_failed.get(key)
+                    if failed is None:
+                        got = store.get(key)
+                        if got is not None and got[0] <= n_r:
+                            run = trainer.restore(model, got[1])
+                        else:
+                            run = trainer.start(model, seed=seed, shift=s)
+                        step0 = run.step
+                        try:
+                            failed = trainer.advance(run, model, n_r)
+                        finally:
+                            trainer.progress = None
+                        trained_steps += run.step - step0
+                    trainer.progress = None
                     if failed is not None:
                         res = _result_from(failed, shift=s, seed=seed, ctx=ctx, metric=cfg.metric,
                                            seconds=time.perf_counter() - t1)
@@ -1370,7 +1556,7 @@ def _halving_loop(ctx: _Context, cfg: SearchConfig, *, out_dir: str | Path | Non
                                 journal.append(s, seed, ctx.config_hash, res.to_json())
                             else:
                                 journal.append_rung(s, seed, ctx.config_hash, rung=r, steps=n_r, result=res.to_json(),
-                                                    eliminated=True)
+                                                    eliminated=True, stop=stop)
                         scores.setdefault(key[0], []).append(None)
                         pr.call("end", res, i, n_total)
                         i += 1
@@ -1394,7 +1580,7 @@ def _halving_loop(ctx: _Context, cfg: SearchConfig, *, out_dir: str | Path | Non
                         rel = store.put(key, n_r, trainer.snapshot(run, model), len(shifts) * len(seeds))
                         if journal is not None:
                             journal.append_rung(s, seed, ctx.config_hash, rung=r, steps=n_r, result=res.to_json(),
-                                                state=rel)
+                                                state=rel, stop=stop)
                         if not res.ok:
                             final[key] = res
                     scores.setdefault(key[0], []).append(res.score if res.ok else None)
@@ -1405,10 +1591,18 @@ def _halving_loop(ctx: _Context, cfg: SearchConfig, *, out_dir: str | Path | Non
                 alive, key=lambda t: (_mean_or_none(scores.get(shift_key(t), [])) is not None,
                                       _mean_or_none(scores.get(shift_key(t), [])) or 0.0, -abs(t)), reverse=True)
             ranked = [t for t in ranked if _mean_or_none(scores.get(shift_key(t), [])) is not None]
-            keep = ranked[:survivors(len(alive), cfg.eta)] if not last else ranked
+            keep = ranked[:keep_n] if not last else ranked
+            if stop is not None and not last:
+                # a journaled stop keeps the shifts it named (a resumed run makes the same decision, even
+                # if its float rounding would rank them otherwise); a fresh stop's are the ranking's
+                named = [t for t in ranked if any(shift_key(t) == shift_key(k) for k in stop.get("kept") or [])]
+                if len(named) == keep_n:
+                    keep = named
+                stop["kept"] = sorted(keep)
             rungs_out.append({"rung": r, "steps": n_r, "fraction": round(n_r / total, 6), "candidates": list(alive),
                               "kept": sorted(keep) if not last else [],
-                              "scores": {shift_key(t): _mean_or_none(scores.get(shift_key(t), [])) for t in alive}})
+                              "scores": {shift_key(t): _mean_or_none(scores.get(shift_key(t), [])) for t in alive},
+                              **({"planned_steps": n_plan, "stopped_early": stop} if cfg.stop_when_stable else {})})
             if last:
                 break
             for t in alive:
@@ -1430,13 +1624,15 @@ def _halving_loop(ctx: _Context, cfg: SearchConfig, *, out_dir: str | Path | Non
                         res.rung, res.rung_scores = r, list(rung_scores.get(key, []))
                         if journal is not None:
                             journal.append_rung(t, seed, ctx.config_hash, rung=r, steps=n_r, result=res.to_json(),
-                                                eliminated=True)
+                                                eliminated=True, stop=stop)
                     res.rung, res.rung_scores = r, list(rung_scores.get(key, []))
                     final[key] = res
                     store.drop(key)
             alive = [t for t in alive if t in keep]
             if not alive:
                 break
+            prev = n_r
+            r += 1
     finally:
         trainer.progress = None
     store.close()
@@ -1445,9 +1641,14 @@ def _halving_loop(ctx: _Context, cfg: SearchConfig, *, out_dir: str | Path | Non
                         config_hash=ctx.config_hash, metric=cfg.metric, seconds=time.perf_counter() - t0)
     summary.checkpoint, summary.notes = _checkpoint_json(ctx), list(getattr(ctx, "notes", []))
     summary.schedule = {"name": "halving", "eta": cfg.eta, "min_fraction": cfg.min_fraction, "rung_steps": plan}
+    if cfg.stop_when_stable:
+        summary.schedule.update({"stop_when_stable": True, "stable_fraction": cfg.stable_fraction, "stable_z": STABLE_Z})
     summary.rungs = rungs_out
     summary.cost = {**_cost(results, len(shifts) * len(seeds)), "full_grid_candidate_steps": total * len(shifts) * len(seeds),
                     "trained_steps_this_run": trained_steps}
+    if cfg.stop_when_stable:
+        summary.cost["steps_saved_by_stable_stop"] = sum((x.get("stopped_early") or {}).get("steps_saved", 0)
+                                                         for x in rungs_out)
     cs = summary.cost["candidate_steps"]
     summary.cost["ratio"] = round(cs / summary.cost["full_grid_candidate_steps"], 4) if cs is not None else None
     if out_dir is not None:
@@ -1545,7 +1746,8 @@ def search(cfg: SearchConfig, *, out_dir: str | Path | None = None, resume: bool
 
     ``out_dir``: journal + search.json/.md/.png (atomic). ``resume`` reuses finished candidates
     of the same config_hash from the journal. ``progress``: an object with optional methods
-    ``start(shift, seed, i, n)``, ``step(done, total)``, ``end(result, i, n)``, ``skip(result, i, n)``.
+    ``start(shift, seed, i, n)``, ``step(done, total)``, ``end(result, i, n)``, ``skip(result, i, n)``
+    and, with ``--schedule halving``, ``rung(rung, n_rungs, steps, epoch_steps)`` at each rung.
     ``patch_out``: write the patched model with the winning shift (``bnnshift.patch``).
     Raises ``TrainingError`` (exit 1) after writing the report if every candidate failed.
     Under ``torchrun`` every rank trains each candidate with DDP (:mod:`bnnshift.parallel`).

@@ -620,6 +620,9 @@ class DefaultTrainer:
             run.epoch_seen[-1] += n
             if self.record_curve and len(run.epoch_hits) == 1:
                 run.curve.append(run.epoch_hits[0])
+            if len(run.epoch_hits) == 1:  # the first epoch's per-step counts (--stop-when-stable's paired noise)
+                run.step_hits.append(hit)
+                run.step_seen.append(n)
             if i >= run.last_from:
                 run.last_correct += hit
                 run.last_seen += n
@@ -725,6 +728,8 @@ class TrainRun:
     epoch_hits: list[int] = field(default_factory=list)
     epoch_seen: list[int] = field(default_factory=list)
     curve: list[int] = field(default_factory=list)
+    step_hits: list[int] = field(default_factory=list)  # correct samples per step, first epoch
+    step_seen: list[int] = field(default_factory=list)  # samples per step, first epoch
     compiled: bool | None = None
     compile_seconds: float | None = None
     compile_error: str | None = None
@@ -734,7 +739,7 @@ class TrainRun:
 
     _COUNTERS = ("seed", "shift", "total", "per_epoch", "last_from", "step", "correct", "seen", "last_correct",
                  "last_seen", "loss_sum", "first_losses", "epoch_hits", "epoch_seen", "curve",
-                 "batch_digests")
+                 "batch_digests", "step_hits", "step_seen")
 
     def counters(self) -> dict[str, Any]:
         return {k: (list(v) if isinstance(v, list) else v) for k in self._COUNTERS for v in [getattr(self, k)]}

@@ -119,6 +119,20 @@ def check_momentum(m: float | None, option: str = "--momentum") -> float | None:
     return m
 
 
+# ----------------------------------------------------------------------------- schedule
+
+
+def check_stop_when_stable(stop: bool, fraction: float, schedule: str) -> None:
+    """``--stop-when-stable`` stops the rungs of ``--schedule halving`` (docs/search.md); with
+    ``--schedule full`` every shift trains the whole epoch by definition, so it is refused."""
+    if not (isinstance(fraction, (int, float)) and math.isfinite(fraction) and 0 < fraction <= 1):
+        raise UsageError(f"bad --stable-fraction {fraction!r}: must be in (0, 1]",
+                         hint="the share of a rung's steps the ranking must hold, e.g. 0.25")
+    if stop and schedule != "halving":
+        raise UsageError(f"--stop-when-stable stops the rungs of --schedule halving; --schedule {schedule} trains "
+                         "every shift the whole epoch", hint="add --schedule halving, or drop --stop-when-stable")
+
+
 # ----------------------------------------------------------------------------- device
 
 
@@ -372,6 +386,8 @@ CATALOGUE: dict[str, tuple[str, int]] = {
     "lr-negative": ("`--lr -1` (the learning rate must be > 0)", 2),
     "weight-decay-negative": ("`--weight-decay -1`", 2),
     "momentum": ("`--momentum 5` (not in [0, 1))", 2),
+    "stop-when-stable-full": ("`search --stop-when-stable` without `--schedule halving` (it stops halving rungs)", 2),
+    "stable-fraction": ("`--stable-fraction 0` (not in (0, 1])", 2),
     "device-tpu": ("`--device tpu` (cpu, cuda, cuda:N, auto)", 2),
     "device-meta": ("`--device meta`", 2),
     "device-empty": ("`--device ''`", 2),

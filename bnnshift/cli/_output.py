@@ -120,6 +120,7 @@ class SearchProgress:
         self.steps: int | None = None
         self._last_line = self._t0
         self._first: tuple[float, float] | None = None  # (time, fraction) at the first step report
+        self.rung_at: tuple[int, int, int] | None = None  # successive halving: (rung, its steps, epoch steps)
 
     # ------------------------------------------------------------------ context
     def __enter__(self):
@@ -161,14 +162,31 @@ class SearchProgress:
         t1, f1 = self._first
         return (1.0 - f) * (self._clock() - t1) / (f - f1)
 
+    def _rung_label(self) -> str:
+        """``rung 1 (to step 58 of 234) `` in a successive-halving search (rungs numbered as in the
+        report), else empty."""
+        if self.rung_at is None:
+            return ""
+        r, steps, total = self.rung_at
+        return f"rung {r} (to step {steps} of {total}) "
+
     def status_line(self) -> str:
         with self._lock:
+            elapsed = _hms(self._clock() - self._t0)
             if self.current is None:
-                return f"search: {self.finished + self.skipped}/{self.n} candidates, {_hms(self._clock() - self._t0)}"
+                if self.n == 0:  # before the first candidate: data, the model's scan, --compile auto's timing
+                    return f"search: preparing (loading data, scanning the model, choosing the training step), {elapsed}"
+                return f"search: {self.finished + self.skipped}/{self.n} candidates, {elapsed}"
             shift, seed, i = self.current
             what = ("compiling / first step" if self.steps is None else f"step {self.done}/{self.steps}")
-            return (f"[{i + 1}/{self.n}] t={shift:+g} seed={seed}: {what}; search {self.fraction() * 100:.0f}% done, "
-                    f"{_hms(self._clock() - self._t0)} elapsed, ETA {_hms(self.eta())}")
+            return (f"[{i + 1}/{self.n}] {self._rung_label()}t={shift:+g} seed={seed}: {what}; search "
+                    f"{self.fraction() * 100:.0f}% done, {elapsed} elapsed, ETA {_hms(self.eta())}")
+
+    def rung(self, r, n_rungs, steps, total):
+        """Successive halving: rung ``r`` (0-based, as in the report) trains its shifts to ``steps``
+        of the epoch's ``total``."""
+        with self._lock:
+            self.rung_at = (int(r), int(steps), int(total))
 
     def _beat(self) -> None:
         while not self._stop.wait(min(self.every, 1.0)):
@@ -183,7 +201,7 @@ class SearchProgress:
         if self.bar is not None:
             if self.total_task is None:
                 self.total_task = self.bar.add_task("search", total=n - self.skipped)
-            desc = f"[{i + 1}/{n}] t={shift:+g} seed={seed}: compiling / first step"
+            desc = f"[{i + 1}/{n}] {self._rung_label()}t={shift:+g} seed={seed}: compiling / first step"
             if self.task is None:
                 self.task = self.bar.add_task(desc, total=None)
             else:
@@ -199,7 +217,7 @@ class SearchProgress:
         if self.bar is not None and self.task is not None:
             kw = {}
             if first and cur is not None:
-                kw["description"] = f"[{cur[2] + 1}/{self.n}] t={cur[0]:+g} seed={cur[1]}"
+                kw["description"] = f"[{cur[2] + 1}/{self.n}] {self._rung_label()}t={cur[0]:+g} seed={cur[1]}"
             self.bar.update(self.task, completed=done, total=total, **kw)
             if self.total_task is not None:
                 self.bar.update(self.total_task, completed=self.fraction() * max(1, self.n - self.skipped))
@@ -209,8 +227,9 @@ class SearchProgress:
             self.n = n
             self.finished += 1
             self.current = None
-        line = f"[{i + 1}/{n}] t={r.shift:+g} seed={r.seed}: " + (
-            f"{r.score * 100:.2f}% ({(r.seconds or 0):.1f}s)" if r.ok else f"failed: {r.error}")
+        line = f"[{i + 1}/{n}] {_result_rung(r, self.rung_at)}t={r.shift:+g} seed={r.seed}: " + (
+            f"{r.score * 100:.2f}%{_result_steps(r, self.rung_at)} ({(r.seconds or 0):.1f}s)" if r.ok
+            else f"failed: {r.error}")
         if self.bar is not None:
             from rich.markup import escape
 
@@ -226,4 +245,19 @@ class SearchProgress:
             self.n = n
             self.skipped += 1
         if not self.out.json_mode and not self.out.quiet:
-            self.out.info(f"[{i + 1}/{n}] t={r.shift:+g} seed={r.seed}: from the journal")
+            self.out.info(f"[{i + 1}/{n}] {_result_rung(r, self.rung_at)}t={r.shift:+g} seed={r.seed}: from the journal")
+
+
+def _result_rung(r, rung_at) -> str:
+    """``rung 1 `` for a successive-halving candidate's line (its own rung), else empty."""
+    rung = getattr(r, "rung", None)
+    return f"rung {rung} " if rung is not None and rung_at is not None else ""
+
+
+def _result_steps(r, rung_at) -> str:
+    """`` after 58/234 steps`` when a halving score covers part of the epoch: a score after fewer
+    steps is not comparable with one after the whole epoch."""
+    steps = getattr(r, "steps", None)
+    if rung_at is None or steps is None:
+        return ""
+    return f" after {steps}/{rung_at[2]} steps"

@@ -60,6 +60,13 @@ def search_command(
     eta: float = typer.Option(2.0, "--eta", help="Successive halving: keep the best 1/eta of the shifts at each rung."),
     min_fraction: float = typer.Option(0.125, "--min-fraction",
                                        help="Successive halving: the first rung's share of the epoch."),
+    stop_when_stable: bool = typer.Option(False, "--stop-when-stable",
+                                          help="Successive halving: end a rung early once the shifts it keeps "
+                                               "have not changed for --stable-fraction of its steps and lead "
+                                               "the others beyond their paired noise (docs/search.md)."),
+    stable_fraction: float = typer.Option(0.25, "--stable-fraction",
+                                          help="--stop-when-stable: the share of a rung's steps the decision must "
+                                               "hold (the patience), in (0, 1]."),
     compile_: str = typer.Option("auto", "--compile",
                                  help="auto (compile only when the expected steps pay back the measured compile "
                                       "time, else eager; the reason is in the report), on or off."),
@@ -131,13 +138,16 @@ def search_command(
         memory_format=memory_format, train_limit=train_limit,
         val_limit=val_limit, metric=metric, download=download, strict=not non_strict,
         use_ema=use_ema, allow_nonfinite=allow_nonfinite, output_index=output_index, output_key=output_key,
-        schedule=schedule, eta=eta, min_fraction=min_fraction,
-        augment=augment, stream=stream, workers=workers, mean=mean, std=std, precision=precision)
+        schedule=schedule, eta=eta, min_fraction=min_fraction, stop_when_stable=stop_when_stable,
+        stable_fraction=stable_fraction, augment=augment, stream=stream, workers=workers, mean=mean, std=std, precision=precision)
     if (storage is None) != (study is None):
         raise UsageError("--storage and --study go together")
     if storage is not None and launched_by_torchrun():
         raise UsageError("--storage (Optuna workers) under torchrun is not supported: every rank would take "
                          "its own trials", hint="run the Optuna workers as plain processes, or torchrun without --storage")
+    if storage is not None and stop_when_stable:
+        raise UsageError("--stop-when-stable needs the local rung-synchronous schedule; with --storage the rungs are "
+                         "Optuna's asynchronous SuccessiveHalvingPruner", hint="drop --stop-when-stable or --storage")
     if storage is not None:
         try:
             from .. import distributed
