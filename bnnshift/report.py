@@ -110,8 +110,8 @@ def verdict(summary: "SearchSummary") -> dict[str, Any]:
         text = f"best t = {w:g} (t = 0 is not in the grid: nothing to compare with)"
     else:
         tie = True
-        diff = next((st.mean for st in summary.stats if _key(st.shift) == _key(w)), 0.0) - summary.baseline
-        text = f"tie within noise (best mean t = {w:g}: {diff * 100:+.2f} points vs t = 0)"
+        diff, where = _diff_to_baseline(summary, w)
+        text = f"tie within noise (best mean t = {w:g}: {diff * 100:+.2f} points vs t = 0{where})"
         notes.append(summary.noise_note)
     if len(summary.seeds) < 2 and w is not None:
         notes.append("one seed: no noise estimate; rerun with --seeds 3 before trusting a difference")
@@ -123,6 +123,27 @@ def verdict(summary: "SearchSummary") -> dict[str, Any]:
         notes.append("searched from a trained checkpoint: the paper searches from scratch (random or full-precision "
                      "init, docs/paper.md); weights and BN statistics trained at t = 0 favour t = 0")
     return {"text": text, "winner": w, "tie": tie, "notes": notes}
+
+
+def _diff_to_baseline(summary: "SearchSummary", w: float) -> tuple[float, str]:
+    """The winner's mean score minus t = 0's at equal steps, and where: when successive halving
+    eliminated t = 0 at an earlier rung, both at that rung (paired: same batches, same steps)."""
+    stats = {_key(st.shift): st for st in summary.stats}
+    ws, bs = stats.get(_key(w)), stats.get(_key(0.0))
+    if ws is None or ws.mean is None or bs is None or bs.mean is None:
+        return 0.0, ""
+    if bs.rung is None or ws.rung == bs.rung:
+        return ws.mean - bs.mean, ""
+    r = bs.rung
+
+    def at_rung(t: float) -> list[float]:
+        return [c.rung_scores[r] for c in summary.candidates
+                if _key(c.shift) == _key(t) and c.ok and len(c.rung_scores or []) > r]
+
+    wv, bv = at_rung(w), at_rung(0.0)
+    if not wv or not bv:
+        return ws.mean - bs.mean, ""
+    return sum(wv) / len(wv) - sum(bv) / len(bv), f" at rung {r}, after {bs.steps} steps, where t = 0 stopped"
 
 
 def run_info(summary: "SearchSummary") -> dict[str, Any]:
@@ -217,7 +238,7 @@ def _schedule_lines(summary: "SearchSummary") -> list[str]:
     for r in summary.rungs:
         kept = ", ".join(f"{t:g}" for t in r.get("kept") or []) or "-"
         line = (f"  - rung {r['rung']} ({r['steps']} steps, {r['fraction'] * 100:.1f}% of the epoch): "
-                f"{len(r['candidates'])} shifts, kept {kept}")
+                f"{len(r['candidates'])} shift{'s' if len(r['candidates']) != 1 else ''}, kept {kept}")
         if r.get("stopped_early"):
             line += f"; {_stop_text(r['stopped_early'])}"
         out.append(line)

@@ -153,6 +153,12 @@ def test_halving_report_ranks_survivors_first_and_says_each_scores_steps(tmp_pat
     assert cells[1][3] == "10/40" and cells[1][-1] == "eliminated at rung 1"
     assert {c[3] for c in cells[2:]} == {"5/40"} and {c[-1] for c in cells[2:]} == {"eliminated at rung 0"}
     assert "compare scores within one rung" in md
+    # the verdict compares the winner with t = 0 at equal steps (t = 0 stopped at rung 1), not 40 vs 10 steps
+    from bnnshift.report import verdict
+
+    sc = s.rungs[1]["scores"]
+    diff = sc[repr(s.winner)] - sc["0.0"]
+    assert s.winner == 0.25 and f"{diff * 100:+.2f} points vs t = 0 at rung 1, after 10 steps" in verdict(s)["text"]
     buf = io.StringIO()
     Console(file=buf, width=200, color_system=None).print(render_table(s))
     text = buf.getvalue()
