@@ -52,26 +52,45 @@ MODELS = {
 }
 
 
-def simulate_halving(curves: dict[float, list[int]], batch: int, total: int, eta: float, min_fraction: float):
+def simulate_halving(curves: dict[float, list[int]], batch: int, total: int, eta: float, min_fraction: float,
+                     stable_fraction: float | None = None):
     """The pick of ``--schedule halving`` from a full search's per-step correct counts.
 
     Exact, not an approximation: a halving candidate's score at a rung is its train accuracy
     accumulated over the same first steps with the same batches (tests/test_search_halving.py
     checks bitwise equality of the paused-and-continued training). Same ranking rule as
     ``bnnshift.search._halving_loop``: best score, then smaller |t|. Returns (pick, candidate steps).
+    ``stable_fraction``: with ``--stop-when-stable --stable-fraction F``, asking
+    ``bnnshift.search.stable_decision`` at the same steps (``stable_marks``) as the search does.
     """
-    from bnnshift.search import rung_steps, survivors
+    from bnnshift.search import rung_steps, stable_decision, stable_marks, survivors
 
+    hits = {t: [c[0]] + [c[i] - c[i - 1] for i in range(1, len(c))] for t, c in curves.items()}
+    seen = [batch] * total
     alive = sorted(curves)
     steps = {t: 0 for t in alive}
-    for n in rung_steps(total, eta, min_fraction):
+    plan, prev, r = list(rung_steps(total, eta, min_fraction)), 0, 0
+    while r < len(plan):
+        n = plan[r]
+        keep_n = 1 if n == total else survivors(len(alive), eta)
+        at = n
+        if stable_fraction is not None and len(alive) > keep_n:
+            window, marks = stable_marks(prev, n, stable_fraction)
+            for c in marks[:-1]:
+                if stable_decision({t: [hits[t]] for t in alive}, {t: [seen] for t in alive}, keep=keep_n,
+                                   start=prev, at=c, window=window) is not None:
+                    at = c
+                    break
         for t in alive:
-            steps[t] = n
-        score = {t: curves[t][n - 1] / (n * batch) for t in alive}
+            steps[t] = at
+        score = {t: curves[t][at - 1] / (at * batch) for t in alive}
         ranked = sorted(alive, key=lambda t: (score[t], -abs(t)), reverse=True)
-        if n == total:
+        if at == total:
             return ranked[0], sum(steps.values())
-        alive = ranked[:survivors(len(alive), eta)]
+        alive = ranked[:keep_n]
+        if n == total:  # the last rung stopped early: the winner alone finishes the epoch
+            plan.append(total)
+        prev, r = at, r + 1
     raise AssertionError("no last rung")
 
 
@@ -202,6 +221,28 @@ def schedule_table(cases: list[dict], etas=(2.0, 3.0), fractions=(0.0625, 0.125,
                       f"{r['regret_mean_pp']:.2f} / {r['regret_worst_pp']:.2f} | {r['steps_ratio']:.3f}x |")
 
 
+def stable_table(cases: list[dict], fractions=(0.125, 0.25, 0.5), eta: float = 2.0, first: float = 0.125) -> None:
+    """``--stop-when-stable`` on top of the benchmark's halving schedule, simulated exactly from the
+    saved full searches' per-step counts (the stop test only reads them)."""
+    print("\n| model | --stable-fraction | same pick | within seed noise | regret pp (mean / worst) | candidate steps |")
+    print("|---|---|---|---|---|---|")
+    for name in dict.fromkeys(c["model"] for c in cases):
+        cs = [c for c in cases if c["model"] == name and "curves" in c.get("full", {})]
+        if not cs:
+            continue
+        for frac in (None, *fractions):
+            sim = []
+            for c in cs:
+                curves = {float(k): v for k, v in c["full"]["curves"].items()}
+                pick, steps = simulate_halving(curves, c.get("batch_size", 256), c["full"]["total_steps"], eta, first,
+                                               stable_fraction=frac)
+                sim.append({**c, "halving": None, "simulated": {"winner": pick, "cost": {"candidate_steps": steps}}})
+            r = summarize(sim)[0]
+            print(f"| {name} | {'off' if frac is None else f'{frac:g}'} | {r['agree']}/{r['cases']} | "
+                  f"{r['within_noise']}/{r['cases']} | {r['regret_mean_pp']:.2f} / {r['regret_worst_pp']:.2f} | "
+                  f"{r['steps_ratio']:.3f}x |")
+
+
 def print_table(rows: list[dict]) -> None:
     print("| model | cases | same pick | within seed noise | regret pp (mean / worst) | candidate steps | "
           "wall time (real halving runs) | full / halving s per search |")
@@ -242,6 +283,7 @@ def main() -> None:
         cases = [json.loads(line) for line in Path(args.report).read_text().splitlines() if line.strip()]
         print_table(summarize(cases))
         schedule_table(cases)
+        stable_table(cases)
         return
     import torch
 

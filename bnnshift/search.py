@@ -43,6 +43,7 @@ from .sites import Site
 __all__ = [
     "SearchConfig", "CandidateResult", "ShiftStats", "SearchSummary", "parse_shifts", "parse_seeds",
     "run_candidate", "search", "search_with", "init_hash", "rung_steps", "survivors", "stable_decision",
+    "stable_marks",
 ]
 
 PROBE_SAMPLES = 512  # training samples for the end-of-epoch +1 shares
@@ -1169,6 +1170,18 @@ def rung_steps(total: int, eta: float, min_fraction: float) -> list[int]:
     return out
 
 
+def stable_marks(prev: int, n_r: int, fraction: float) -> tuple[int, list[int]]:
+    """``--stop-when-stable``'s schedule inside a rung from step ``prev`` to ``n_r``: the window
+    (``ceil(fraction x the rung's steps)``, at least 1) and the steps after which the rung's
+    candidates all stand and :func:`stable_decision` is asked (turns of ``ceil(window / 2)`` steps
+    from the first step where the window fits in the rung; the last mark is ``n_r``, where the
+    rung ends anyway). ``stable_marks(0, 29, 0.25) == (8, [9, 13, 17, 21, 25, 29])``."""
+    window = max(1, int(math.ceil(fraction * (n_r - prev))))
+    turn = max(1, int(math.ceil(window / 2)))
+    first = max(prev + window, window + 1)  # the earliest step stable_decision can accept
+    return window, sorted(set(list(range(min(n_r, first), n_r, turn)) + [n_r]))
+
+
 def stable_decision(hits: dict[float, list[list[int]]], seen: dict[float, list[list[int]]], *, keep: int,
                     start: int, at: int, window: int, z: float | None = None) -> dict[str, Any] | None:
     """``--stop-when-stable``: may a successive-halving rung stop at step ``at``?
@@ -1418,14 +1431,9 @@ def _halving_loop(ctx: _Context, cfg: SearchConfig, *, out_dir: str | Path | Non
         at the first turn where :func:`stable_decision` holds; ``forced``: train to that step
         (a journaled decision). Returns (steps, stop record, failed candidates, seconds)."""
         nonlocal trained_steps
-        rung_len = n_r - prev
-        window = max(1, int(math.ceil(cfg.stable_fraction * rung_len)))
-        turn = max(1, int(math.ceil(window / 2)))
+        window, marks = stable_marks(prev, n_r, cfg.stable_fraction)
         if forced is not None:
             marks = [forced]
-        else:
-            first = max(prev + window, window + 1)  # the earliest step stable_decision can accept
-            marks = sorted(set(list(range(min(n_r, first), n_r, turn)) + [n_r]))
         failed: dict = {}
         secs: dict = {}
         hist: dict = {}

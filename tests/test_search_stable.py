@@ -181,3 +181,29 @@ def test_progress_lines_name_the_rung_and_the_steps():
     assert "[5/7] rung 1 (to step 10 of 40) t=+0.5 seed=0" in p.status_line()
     p.end(SimpleNamespace(shift=0.5, seed=0, ok=True, score=0.5, seconds=1.0, error=None, rung=1, steps=10), 4, 7)
     assert "[5/7] rung 1 t=+0.5 seed=0: 50.00% after 10/40 steps" in buf.getvalue()
+
+
+def test_the_benchmark_simulates_the_stop_exactly():
+    """benchmarks/bench_halving.py's --report simulates --stop-when-stable from a full search's
+    per-step counts (docs/search.md's numbers): the same pick and steps as the real search."""
+    import importlib.util
+    from pathlib import Path
+
+    from bnnshift.search import _context
+
+    spec = importlib.util.spec_from_file_location("bench_halving", Path(__file__).parents[1] / "benchmarks"
+                                                  / "bench_halving.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    shifts = [0.0, 0.25, 3.0, 4.0]
+    trainer = _context(SearchConfig(shifts=shifts, **TINY)).trainer
+    trainer.record_curve = True
+    try:
+        full = search(SearchConfig(shifts=shifts, **TINY))
+    finally:
+        trainer.record_curve = False
+    curves = {c.shift: c.extra["correct_curve"] for c in full.candidates}
+    real = search(SearchConfig(schedule="halving", shifts=shifts, stop_when_stable=True, **TINY))
+    pick, steps = bench.simulate_halving(curves, 32, 40, 2.0, 0.125, stable_fraction=0.25)
+    assert (pick, steps) == (real.winner, real.cost["candidate_steps"])
+    assert steps < bench.simulate_halving(curves, 32, 40, 2.0, 0.125)[1]  # it did stop a rung early
