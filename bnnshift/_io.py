@@ -75,10 +75,12 @@ def _write_hint(exc: OSError) -> str | None:
 
 @contextlib.contextmanager
 def _atomic_target(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temp path next to ``path``; on normal exit fsync it and move it over ``path``."""
+    """Yield a temp path next to ``path``; on normal exit fsync it and move it over ``path``.
+    Missing parent directories are created (like ``mkdir -p``), as for output directories."""
     dest = Path(path)
     directory = dest.parent if str(dest.parent) else Path(".")
     try:
+        directory.mkdir(parents=True, exist_ok=True)
         # a short name that does not grow with dest's (a legal 255-byte name still works) and
         # carries our PID, so that a later run can tell a dead writer's leftover (sweep_stale)
         fd, tmp_name = tempfile.mkstemp(dir=directory, prefix=f"{TMP_PREFIX}{os.getpid()}-", suffix=".tmp")

@@ -41,7 +41,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from .errors import StorageError
 from .journal import shift_key
@@ -553,12 +553,8 @@ def run_worker(config: "SearchConfig", storage: str, study: str, out_dir: Path |
                     trial.set_user_attr(ATTR_DUPLICATE, other.number)
                     raise optuna.TrialPruned(f"t={shift:g} seed={seed} is trial {other.number}'s")
             _info(output, f"trial {trial.number}: t={shift:+g} seed={seed} ...")
-            at_rung = None
-            if pruner is not None:
-                def at_rung(rung: int, steps: int, score: float) -> bool:
-                    trial.report(float(score), int(steps))
-                    return trial.should_prune()
-            r = run_candidate(config, float(shift), int(seed), at_rung=at_rung)
+            r = run_candidate(config, float(shift), int(seed),
+                              at_rung=_pruner_feed(trial) if pruner is not None else None)
             trial.set_user_attr(ATTR_RESULT, r.to_json())
             trial.set_user_attr(ATTR_HASH, config_hash)
             mine.append(r)
@@ -607,6 +603,16 @@ def run_worker(config: "SearchConfig", storage: str, study: str, out_dir: Path |
             _info(output, f"nothing left to run: all {len(state.points)} candidates of study {study!r} are done")
         _finish(st, state, config_hash=config_hash, output=output, out_dir=out_dir)
     return mine
+
+
+def _pruner_feed(trial) -> "Callable[[int, int, float], bool]":
+    """``run_candidate``'s ``at_rung`` for an Optuna trial: report the score so far at the rung's
+    step; True (stop here) when the pruner (``SuccessiveHalvingPruner``) prunes the trial."""
+    def at_rung(rung: int, steps: int, score: float) -> bool:
+        trial.report(float(score), int(steps))
+        return trial.should_prune()
+
+    return at_rung
 
 
 def _total_steps(config: "SearchConfig") -> int:

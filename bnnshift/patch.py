@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import fnmatch
 import json
-import math
 import os
 import re
 from dataclasses import asdict, dataclass, field
@@ -32,6 +31,7 @@ from ._trust import CODE_KINDS, is_trusted, record_trusted
 from .errors import CheckpointError, NoSitesError, PatchError, UntrustedRecipeError, UsageError
 from .shift import get_thresholds, insert_shifts, shifted_sites, threshold_key
 from .sites import KIND_HARDTANH, KIND_INLINE, KIND_INPUT, KIND_MODULE, ScanReport, Site
+from .validate import parse_shift_value  # noqa: F401 (torch-free: the CLI checks --shift before importing torch)
 
 __all__ = [
     "ShiftConfig", "PatchRecipe", "patch_model", "build_recipe", "save_patched", "load_patched",
@@ -46,19 +46,6 @@ _GLOB_CHARS = set("*?[")
 
 
 # --------------------------------------------------------------------------- config
-
-
-def parse_shift_value(value: Any, where: str) -> float:
-    """A shift as a finite float; anything else is a UsageError naming ``where``."""
-    if isinstance(value, bool):
-        raise UsageError(f"{where}: shift {value!r} is not a number", hint="give a number, e.g. 0.5")
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise UsageError(f"{where}: shift {value!r} is not a number", hint="give a number, e.g. 0.5") from None
-    if not math.isfinite(v):
-        raise UsageError(f"{where}: shift {value!r} is not finite", hint="give a finite number")
-    return v
 
 
 def is_pattern(key: str) -> bool:
@@ -355,8 +342,32 @@ def build_recipe(model: nn.Module, *, spec: Any = None, input_shape: Iterable[in
         hardtanh_sites=[_site_record(s, st.hardtanh_shifts[s.name], None) for s in st.hardtanh_sites],
         trainable=st.trainable, per_channel=st.per_channel, config=st.config,
         checkpoint=_checkpoint_record(checkpoint, checkpoint_sha256, load_report),
-        versions=_versions(), hashes={"model.safetensors": None, "checkpoint": checkpoint_sha256},
+        versions=_versions(), hashes={"model.safetensors": None, "checkpoint": checkpoint_sha256,
+                                      BN_STATS_KEY: weights_digest(model)},
     )
+
+
+# patch.json ``hashes[BN_STATS_KEY]``: the ``weights_digest`` of the weights the BatchNorm running
+# statistics were last known to fit (the checkpoint's at patch time; after ``fold --data``, the
+# re-estimated ones). A directory whose weights differ (fine-tuned) gets the note to re-estimate.
+BN_STATS_KEY = "bn_statistics_for"
+
+
+def weights_digest(model: nn.Module) -> str:
+    """sha256 (``_io.sha256_state_dict``) of the parameters with 2 or more dimensions (conv /
+    linear weights), thresholds excluded: what fine-tuning changes and ``fold`` (BN bias,
+    learnable bias) and BN re-estimation (buffers) never do."""
+    from ._io import sha256_state_dict
+
+    return sha256_state_dict({k: p for k, p in model.named_parameters()
+                              if p.dim() >= 2 and "bnnshift_threshold" not in k})
+
+
+def bn_statistics_current(model: nn.Module, recipe: PatchRecipe) -> bool:
+    """True when ``model``'s weights are those its BatchNorm statistics were last known to fit
+    (``recipe.hashes[BN_STATS_KEY]``): not fine-tuned since ``patch`` or ``fold --data``."""
+    want = (recipe.hashes or {}).get(BN_STATS_KEY)
+    return bool(want) and want == weights_digest(model)
 
 
 def _checkpoint_record(path: str | None, sha: str | None, load_report: Any) -> dict[str, Any] | None:

@@ -91,30 +91,42 @@ def _diff_text(d: list[float] | None) -> str:
 def verdict(summary: "SearchSummary") -> dict[str, Any]:
     """The search's answer in words, honest about the noise.
 
-    ``{"text": str, "winner": float | None, "tie": bool, "notes": [str]}``: ``winner`` is the
-    best mean score (``summary.winner``), but the text names it only when it is ahead of t = 0
-    beyond the seed noise (``summary.ahead_of_baseline``, search.py); else "tie within noise".
-    Notes: one seed (no noise estimate), a winner at the edge of the grid, a search from a
-    trained checkpoint (the paper searches from scratch, docs/paper.md claim 5).
+    ``{"text": str, "winner": float | None, "tie": bool, "resolved": bool, "notes": [str]}``:
+    ``winner`` is the best mean score (``summary.winner``), but the text names it only when it is
+    ahead of t = 0 beyond the seed noise (``summary.ahead_of_baseline``, search.py); else "tie
+    within noise". With fewer than ``validate.MIN_VERDICT_SEEDS`` (3) seeds per shift there is no
+    noise estimate: a comparison with t = 0 is "not resolved" (``resolved`` false, ``tie`` false).
+    Notes: too few seeds, a winner at the edge of the grid, a search from a trained checkpoint
+    (the paper searches from scratch, docs/paper.md claim 5).
     """
+    from .validate import MIN_VERDICT_SEEDS
+
     w = summary.winner
     notes: list[str] = []
     tie = False
+    few = len(summary.seeds) < MIN_VERDICT_SEEDS
+    resolved = not (few and w is not None and summary.baseline is not None)
     if w is None:
         text = "no winner: every candidate failed"
     elif summary.ahead_of_baseline:
         text = f"t = {w:g} ({summary.noise_note})"
     elif _key(w) == _key(0.0):
-        text = "t = 0 (no shift) scores best"
+        text = "t = 0 (no shift) scores best" + (" (not resolved: too few seeds)" if not resolved else "")
     elif summary.baseline is None:
         text = f"best t = {w:g} (t = 0 is not in the grid: nothing to compare with)"
+    elif summary.ahead_of_baseline is None:  # no noise estimate (fewer than 3 seeds)
+        resolved = False
+        diff, where = _diff_to_baseline(summary, w)
+        text = f"not resolved (best mean t = {w:g}: {diff * 100:+.2f} points vs t = 0{where}, too few seeds to judge)"
     else:
         tie = True
         diff, where = _diff_to_baseline(summary, w)
         text = f"tie within noise (best mean t = {w:g}: {diff * 100:+.2f} points vs t = 0{where})"
         notes.append(summary.noise_note)
-    if len(summary.seeds) < 2 and w is not None:
-        notes.append("one seed: no noise estimate; rerun with --seeds 3 before trusting a difference")
+    if few and w is not None:
+        n = len(summary.seeds)
+        notes.append(f"{n} seed{'s' if n != 1 else ''}: no noise estimate; rerun with --seeds {MIN_VERDICT_SEEDS} "
+                     "or more before trusting a difference")
     grid = sorted({_key(t) for t in summary.shifts})
     if w is not None and len(grid) > 2 and _key(w) in (grid[0], grid[-1]) and _key(w) != _key(0.0):
         side = "below" if _key(w) == grid[0] else "above"
@@ -122,7 +134,7 @@ def verdict(summary: "SearchSummary") -> dict[str, Any]:
     if (summary.config or {}).get("checkpoint"):
         notes.append("searched from a trained checkpoint: the paper searches from scratch (random or full-precision "
                      "init, docs/paper.md); weights and BN statistics trained at t = 0 favour t = 0")
-    return {"text": text, "winner": w, "tie": tie, "notes": notes}
+    return {"text": text, "winner": w, "tie": tie, "resolved": resolved, "notes": notes}
 
 
 def _diff_to_baseline(summary: "SearchSummary", w: float) -> tuple[float, str]:

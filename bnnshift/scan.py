@@ -13,9 +13,10 @@ from torch import nn
 
 from .analyse import analyse
 from .detect import PROBE_BATCH, Discovery, discover, example_input
-from .errors import NoSitesError, UsageError
+from .errors import NoSitesError
 from .probe import gradient_check, probe_sites
 from .sites import ScanReport, Site
+from .validate import resolve_input_shape  # noqa: F401 (public here too: bnnshift.scan.resolve_input_shape)
 
 NO_SITES_HINT = ("if your binarizer is custom, declare it in a plugin: "
                  "registry.register_detector(Detector(name=..., module_types=(YourSign,))) - see docs/plugins.md")
@@ -77,11 +78,14 @@ def model_summary(model: nn.Module, input_shape: tuple[int, ...], binary_params:
 
 def scan_model(model: nn.Module, input_shape: Iterable[int], *, name: str = "model",
                batches: Iterable[torch.Tensor] | None = None, data_name: str | None = None,
-               require_sites: bool = False, include_hardtanh: bool = True) -> ScanReport:
+               require_sites: bool = False, include_hardtanh: bool = True,
+               device: torch.device | str | None = None) -> ScanReport:
     """Find and analyse the binary activations of ``model``.
 
     ``input_shape``: one sample's shape, e.g. (1, 28, 28). ``batches``: real inputs for the
-    +1 shares (without them a random batch only checks that each site fires).
+    +1 shares (without them a random batch only checks that each site fires). ``device``: where
+    the probes of those batches and the gradient check run (a copy of the model is moved
+    there; detection and the summary run on the CPU); None or CPU: the CPU.
     Returns a ``ScanReport``; raises ``NoSitesError`` if ``require_sites`` and none is found.
     """
     input_shape = tuple(int(v) for v in input_shape)
@@ -95,8 +99,11 @@ def scan_model(model: nn.Module, input_shape: Iterable[int], *, name: str = "mod
     sites = disc.sites
     probe_batches = list(batches) if batches is not None else [example_input(input_shape, batch=PROBE_BATCH, seed=1)]
     warnings = list(disc.warnings)
+    dev = torch.device(device) if device is not None else torch.device("cpu")
     if sites:
-        probe_sites(work, sites, probe_batches)
+        if dev.type != "cpu":
+            work.to(dev)
+        probe_sites(work, sites, probe_batches, device=dev)
         for s in sites:
             if not s.fired:
                 warnings.append(f"site {s.name} did not fire at run time (control flow?)")
@@ -112,7 +119,9 @@ def scan_model(model: nn.Module, input_shape: Iterable[int], *, name: str = "mod
             rng = producer_range(s, model)
             if rng is not None:
                 bound_advice(s, rng)
-        warnings.extend(_gradient_warnings(work, sites, probe_batches[0][:8]))
+        warnings.extend(_gradient_warnings(work, sites, probe_batches[0][:8].to(dev)))
+        if dev.type != "cpu":
+            work.to("cpu")
         if batches is None:
             for s in sites:  # random inputs say nothing about the real distribution
                 s.plus_fraction, s.preact = None, None
@@ -201,31 +210,13 @@ def _gradient_warnings(work: nn.Module, sites: list[Site], x: torch.Tensor) -> l
     return out
 
 
-def resolve_input_shape(input_shape: Iterable[int] | str | None, default: tuple[int, ...] | None) -> tuple[int, ...]:
-    """``--input-shape 1,3,32,32`` or ``3,32,32`` -> (3, 32, 32); falls back to ``default``."""
-    if input_shape is None or input_shape == "":
-        if default is None:
-            raise UsageError("the model's input shape is unknown", hint="pass --input-shape C,H,W (e.g. 3,32,32)")
-        return tuple(default)
-    if isinstance(input_shape, str):
-        try:
-            vals = tuple(int(v) for v in input_shape.replace("x", ",").split(",") if v.strip())
-        except ValueError:
-            raise UsageError(f"bad --input-shape {input_shape!r}", hint="use C,H,W or N,C,H,W, e.g. 1,28,28") from None
-    else:
-        vals = tuple(int(v) for v in input_shape)
-    if not vals or any(v <= 0 for v in vals):
-        raise UsageError(f"bad --input-shape {input_shape!r}", hint="use C,H,W or N,C,H,W, e.g. 1,28,28")
-    if len(vals) == 4:
-        vals = vals[1:]
-    return vals
-
-
 def scan(spec: str, *, args: Iterable[str] | dict | None = None, checkpoint: str | None = None,
          input_shape: Iterable[int] | str | None = None, data: str | None = None, data_batches: int = 4,
          batch_size: int = 256, strict: bool = True, allow_unsafe: bool = False, seed: int = 0,
-         use_ema: bool = False, allow_nonfinite: bool = False, notes: list[str] | None = None) -> ScanReport:
-    """Scan a model given by spec (``zoo:mlp``, ``file.py:factory``...). See ``scan_model``.
+         use_ema: bool = False, allow_nonfinite: bool = False, notes: list[str] | None = None,
+         device: torch.device | str | None = None) -> ScanReport:
+    """Scan a model given by spec (``zoo:mlp``, ``file.py:factory``...). See ``scan_model``
+    (``device``: where the data's probes run).
     The input shape: ``input_shape``, else ``load.choose_input_shape``; ``notes`` receives what
     the user should be told (wrappers removed, the checkpoint's load report, the shape's source)."""
     from .load import choose_input_shape, load_model
@@ -263,7 +254,7 @@ def scan(spec: str, *, args: Iterable[str] | dict | None = None, checkpoint: str
         with torch.no_grad():
             recalibrated = recalibrate_bn(model, batches) > 0
     report = scan_model(model, shape, name=loaded.spec.canonical(), batches=batches, data_name=data_name,
-                        require_sites=True)
+                        require_sites=True, device=device)
     report.checkpoint = loaded.checkpoint_json()
     if recalibrated:
         report.warnings.append("no --checkpoint: BatchNorm statistics were re-estimated on the data before "

@@ -39,6 +39,7 @@ from ._io import prepare_output_dir, sha256_state_dict
 from .errors import DataError, NoSitesError, TrainingError, UsageError
 from .journal import JOURNAL_NAME, Journal, OutputLock, candidate_key, shift_key
 from .sites import Site
+from .validate import METRICS, SCHEDULES, parse_seeds, parse_shifts  # noqa: F401 (torch-free: the CLI checks first)
 
 __all__ = [
     "SearchConfig", "CandidateResult", "ShiftStats", "SearchSummary", "parse_shifts", "parse_seeds",
@@ -47,79 +48,12 @@ __all__ = [
 ]
 
 PROBE_SAMPLES = 512  # training samples for the end-of-epoch +1 shares
-METRICS = ("train_acc", "last_acc", "val_acc")
 # --stop-when-stable: every survivor must lead every eliminated shift by more than this many
 # paired standard errors of the per-step accuracy differences (stable_decision)
 STABLE_Z = 2.0
-SCHEDULES = ("full", "halving")
 # successive halving keeps candidates' training states in memory while they fit in this many
 # bytes in total; beyond it they live only in --out (states/) and are read back per rung
 STATE_MEMORY_BUDGET = 1 << 30
-
-
-# ------------------------------------------------------------------------------ grids
-
-
-def parse_shifts(text: str | Sequence[float]) -> list[float]:
-    """``"-1:2:0.25"`` (start:stop:step, stop included when it lands on the grid) or ``"0,0.5,1"``.
-
-    Float steps are counted, not accumulated (``0:1:0.1`` has 11 points ending at 1.0).
-    Raises ``UsageError`` for an empty grid, a step <= 0 or garbage.
-    """
-    if not isinstance(text, str):
-        vals = [float(v) for v in text]
-    else:
-        s = text.strip()
-        if not s:
-            raise UsageError("empty --shifts", hint="e.g. --shifts -1:2:0.25 or --shifts 0,0.5,1")
-        try:
-            if ":" in s:
-                parts = s.split(":")
-                if len(parts) != 3:
-                    raise ValueError
-                a, b, st = (float(p) for p in parts)
-                n = validate.grid_size(a, b, st, f"bad --shifts {text[:40]!r}") - 1
-                vals = [round(a + i * st, 10) for i in range(n + 1)]
-            else:
-                items = [p for p in s.split(",") if p.strip()]
-                validate.check_grid_size(len(items), f"bad --shifts {text[:40]!r}")
-                vals = [float(p) for p in items]
-        except UsageError:
-            raise
-        except ValueError:
-            raise UsageError(f"bad --shifts {text!r}", hint="use START:STOP:STEP or a comma list, "
-                                                           "e.g. -1:2:0.25 or 0,0.5,1") from None
-    if not vals:
-        raise UsageError("empty shift grid", hint="e.g. --shifts -1:2:0.25 or --shifts 0,0.5,1")
-    if any(not math.isfinite(v) for v in vals):
-        raise UsageError("shifts must be finite numbers")
-    validate.check_grid_size(len(vals))
-    for v in vals:
-        validate.check_shift_bound(v)
-    out: list[float] = []
-    seen: set[str] = set()
-    for v in vals:
-        k = shift_key(v)
-        if k not in seen:
-            seen.add(k)
-            out.append(float(k))
-    return out
-
-
-def parse_seeds(n: int | None = None, seed_list: str | Sequence[int] | None = None) -> list[int]:
-    """``--seeds N`` -> [0..N-1]; ``--seed-list 0,3`` -> [0, 3]."""
-    if isinstance(seed_list, str) and not seed_list.strip():
-        raise UsageError("empty --seed-list", hint="e.g. --seed-list 0,1,2, or --seeds N")
-    if seed_list is not None and seed_list != "":
-        try:
-            vals = [int(v) for v in (seed_list.split(",") if isinstance(seed_list, str) else seed_list)
-                    if str(v).strip() != ""]
-        except ValueError:
-            raise UsageError(f"bad --seed-list {seed_list!r}", hint="e.g. --seed-list 0,1,2") from None
-        return validate.check_seeds(list(dict.fromkeys(vals)))
-    n = 1 if n is None else int(n)
-    validate.check_seed_count(n)
-    return list(range(n))
 
 
 # ------------------------------------------------------------------------------ config
@@ -192,57 +126,8 @@ class SearchConfig:
     def __post_init__(self):
         if self.input_shape is not None:
             self.input_shape = tuple(int(v) for v in self.input_shape)
-        if self.metric not in METRICS:
-            raise UsageError(f"unknown metric {self.metric!r}", hint=f"use one of {', '.join(METRICS)}")
-        if self.metric == "val_acc" and not self.val:
-            raise UsageError("metric val_acc needs --val")
-        if self.batch_size <= 0:
-            raise UsageError(f"bad --batch-size {self.batch_size}")
-        if self.steps is not None and self.steps <= 0:
-            raise UsageError(f"bad --steps {self.steps}", hint="use a positive number")
-        if self.epochs <= 0:
-            raise UsageError(f"bad --epochs {self.epochs}", hint="use a positive number")
-        if self.dtype not in ("float32", "float64"):
-            raise UsageError(f"bad dtype {self.dtype!r}", hint="float32 or float64")
-        if self.compile not in ("auto", "on", "off"):
-            raise UsageError(f"bad compile mode {self.compile!r}", hint="auto, on or off")
-        if self.memory_format not in ("auto", "channels_last", "contiguous"):
-            raise UsageError(f"bad memory format {self.memory_format!r}", hint="auto, channels_last or contiguous")
-        if self.schedule not in SCHEDULES:
-            raise UsageError(f"bad --schedule {self.schedule!r}", hint="full (the paper: every candidate trains the "
-                                                                       "whole epoch) or halving")
-        if not (isinstance(self.eta, (int, float)) and self.eta > 1):
-            raise UsageError(f"bad --eta {self.eta}", hint="use a number > 1 (2 keeps the better half at each rung)")
-        if not (isinstance(self.min_fraction, (int, float)) and 0 < self.min_fraction <= 1):
-            raise UsageError(f"bad --min-fraction {self.min_fraction}",
-                             hint="the first rung's share of the epoch, in (0, 1], e.g. 0.125")
-        validate.check_stop_when_stable(self.stop_when_stable, self.stable_fraction, self.schedule)
-        if self.schedule == "halving" and self.metric != "train_acc":
-            raise UsageError(f"--schedule halving ranks by the train accuracy so far; --metric {self.metric} "
-                             "needs the whole epoch", hint="use --schedule full with this metric")
-        validate.check_lr(self.lr)
-        validate.check_weight_decay(self.weight_decay)
-        validate.check_momentum(self.momentum)
-        if str(self.optimizer).lower() not in ("adam", "sgd") and self.train_config is None:
-            raise UsageError(f"bad --optimizer {self.optimizer!r}", hint="adam or sgd")
-        for name in ("train_limit", "val_limit", "bn_recalib_batches"):
-            v = getattr(self, name)
-            if v is not None and v < (0 if name == "bn_recalib_batches" else 1):
-                raise UsageError(f"bad --{name.replace('_', '-')} {v}", hint="use a positive number")
-        self._check_streaming()
-
-    def _check_streaming(self) -> None:
-        from .data.stream import AUGMENTS, STREAM_MODES, StreamOptions, parse_floats
-        from .train import PRECISIONS
-
-        if self.augment not in AUGMENTS:
-            raise UsageError(f"unknown --augment {self.augment!r}", hint=f"use one of {', '.join(AUGMENTS)}")
-        if self.stream not in STREAM_MODES:
-            raise UsageError(f"bad --stream {self.stream!r}", hint=f"use one of {', '.join(STREAM_MODES)}")
-        if self.precision not in PRECISIONS:
-            raise UsageError(f"unknown --precision {self.precision!r}", hint=f"use one of {', '.join(PRECISIONS)}")
-        self.mean, self.std = parse_floats(self.mean, "--mean"), parse_floats(self.std, "--std")
-        StreamOptions(augment=self.augment, mean=self.mean, std=self.std, workers=self.workers)  # validates
+        validate.check_search_config(self)  # torch-free: the CLI runs the same checks before importing torch
+        self.mean, self.std = validate.parse_floats(self.mean, "--mean"), validate.parse_floats(self.std, "--std")
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -841,13 +726,33 @@ def constant_sites(plus: dict[str, float | None]) -> list[str]:
     return [name for name, v in plus.items() if v is not None and (v <= 0.0 or v >= 1.0)]
 
 
+def _measure_on_main(ctx: _Context, model: nn.Module) -> tuple[dict[str, float | None], float | None, str | None]:
+    """``_measure_after`` (+1 shares, held-out accuracy) and the probe error, if any, computed on
+    rank 0 only: under torchrun the other ranks skip the probes and the ``--val`` pass and get rank
+    0's values (``parallel.broadcast_object``). Every rank holds the same model after training
+    (DDP gradients, ``sync_buffers``), so the values are those of one process; computing them on
+    every rank would only repeat the work. A probe problem must not lose the training."""
+    from .parallel import broadcast_object, dist_info
+
+    info = dist_info()
+    got: tuple[dict[str, float | None], float | None, str | None] | None = None
+    if info.is_main:
+        try:
+            plus, val_acc = _measure_after(ctx, model)
+            got = (plus, val_acc, None)
+        except Exception as exc:  # noqa: BLE001
+            got = ({}, None, f"{type(exc).__name__}: {exc}"[:200])
+    if info.active:
+        got = broadcast_object(got)
+    assert got is not None
+    return got
+
+
 def _finish_candidate(ctx: _Context, model: nn.Module, r: CandidateResult, metric: str) -> None:
     """The end-of-training measurements of a finished candidate: +1 shares, held-out accuracy."""
-    try:
-        plus, val_acc = _measure_after(ctx, model)
-    except Exception as exc:  # noqa: BLE001 - a probe problem must not lose the training
-        plus, val_acc = {}, None
-        r.extra["probe_error"] = f"{type(exc).__name__}: {exc}"[:200]
+    plus, val_acc, error = _measure_on_main(ctx, model)
+    if error is not None:
+        r.extra["probe_error"] = error
     r.plus_fraction = plus
     r.degenerate = constant_sites(plus)
     vals = [v for v in plus.values() if v is not None]
@@ -1014,9 +919,12 @@ def _noise_note(stats: list[ShiftStats], winner: ShiftStats | None, seeds: int) 
     if shift_key(winner.shift) == shift_key(0.0):
         return "the winner is t = 0 (no shift)", False, 0.0
     diff = winner.mean - base.mean
-    if seeds < 2 or winner.n < 2 or base.n < 2:
-        return (f"winner t = {winner.shift:g} is {diff * 100:+.2f} points ahead of t = 0 with one seed: no noise "
-                "estimate (use --seeds 3 or more)"), None, 0.0
+    least = validate.MIN_VERDICT_SEEDS
+    if seeds < least or winner.n < least or base.n < least:  # a std of 1 or 2 values is no noise estimate
+        n = min(seeds, winner.n, base.n)
+        return (f"winner t = {winner.shift:g} is {diff * 100:+.2f} points ahead of t = 0 with {n} seed"
+                f"{'s' if n != 1 else ''}: not resolved, too few seeds to estimate the seed noise (use --seeds "
+                f"{least} or more)"), None, 0.0
     noise = max(winner.std or 0.0, base.std or 0.0, 2 * math.sqrt((winner.stderr or 0) ** 2 + (base.stderr or 0) ** 2))
     if diff <= noise:
         return (f"winner t = {winner.shift:g} is NOT ahead of t = 0 by more than the seed noise "
@@ -1397,11 +1305,9 @@ def _halving_loop(ctx: _Context, cfg: SearchConfig, *, out_dir: str | Path | Non
             model = _shared_model(ctx, seed)
             _set_shift(model, s)
             trainer.restore(model, state)
-            try:
-                plus, _val = _measure_after(ctx, model)
-            except Exception as exc:  # noqa: BLE001
-                plus = {}
-                res.extra["probe_error"] = f"{type(exc).__name__}: {exc}"[:200]
+            plus, _val, error = _measure_on_main(ctx, model)
+            if error is not None:
+                res.extra["probe_error"] = error
             res.plus_fraction = plus
             res.degenerate = constant_sites(plus)
             vals = [v for v in plus.values() if v is not None]
@@ -1711,8 +1617,8 @@ def _choose_step_path(ctx: _Context, cfg: SearchConfig):
         choice = StepPathChoice(compile=False, channels_last=trainer.channels_last,
                                 reason=f"eager: only {steps} steps, too few to pay back a compile", expected_steps=steps)
     else:
-        x, y = trainer.train_x, trainer.train_y
-        bs = min(cfg.batch_size, int(x.shape[0]))
+        x, y = _step_batch(trainer, cfg)
+        bs = int(x.shape[0])
 
         def build() -> nn.Module:
             m = ctx.factory(cfg.seeds[0])
@@ -1725,6 +1631,24 @@ def _choose_step_path(ctx: _Context, cfg: SearchConfig):
         choice = choose_step_path(cfg, build, x[:bs], y[:bs], expected_steps=steps, has_conv=has_conv, key=key)
     _set_path(ctx, "on" if choice.compile else "off", choice.channels_last)
     return choice
+
+
+def _step_batch(trainer: Any, cfg: SearchConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """One training batch (inputs, labels) on the training device for ``--compile auto``'s
+    measurement: the first ``--batch-size`` samples in memory, or, streaming, the first batch the
+    training loader yields in the first seed's order (train transform, this rank's shard): the
+    trainer's ``train_x`` holds only the probe samples then, fewer than a batch for large images."""
+    if getattr(trainer, "stream", None) is None:
+        bs = min(cfg.batch_size, int(trainer.train_x.shape[0]))
+        return trainer.train_x[:bs], trainer.train_y[:bs]
+    dev, dt = trainer.train_x.device, trainer.train_x.dtype
+    sampler = trainer.stream.sampler
+    sampler.set_order(cfg.seeds[0], steps=1)
+    try:
+        xb, yb = next(iter(trainer.stream.loader))
+    except StopIteration:
+        raise DataError("the training stream yields no batch", hint="lower --batch-size or add samples") from None
+    return xb.to(device=dev, dtype=dt), yb.to(dev)
 
 
 def _set_path(ctx: _Context, compile_mode: str | None, channels_last: bool) -> None:

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import SpecError, TrainingError
+from .validate import PRECISIONS  # noqa: F401 (the CLI checks --precision before importing torch)
 
 __all__ = [
     "DEFAULT_LR", "DEFAULT_BATCH_SIZE", "DEFAULT_OPTIMIZER", "DEFAULT_SGD_MOMENTUM", "LAST_PART",
@@ -47,7 +48,6 @@ DEFAULT_LR = {"adam": 1e-3, "sgd": 0.05}
 DEFAULT_SGD_MOMENTUM = 0.9
 DEFAULT_BATCH_SIZE = 256
 LAST_PART = 0.25  # the score's second part: accuracy over the last 25% of the steps
-PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 def check_precision(precision: str, device: torch.device | str, dtype: str = "float32") -> None:

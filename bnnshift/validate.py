@@ -21,20 +21,44 @@ from typing import Any, Iterable, Sequence
 from .errors import OutputError, ResourceError, UsageError
 
 __all__ = [
-    "MAX_GRID", "MAX_ABS_SHIFT", "MAX_SEED", "grid_size", "check_grid_size", "check_shift_bound", "check_seeds",
+    "MAX_GRID", "MAX_ABS_SHIFT", "MAX_SEED", "MIN_VERDICT_SEEDS", "few_seeds_warning", "grid_size", "check_grid_size", "check_shift_bound", "check_seeds",
     "check_seed_count", "check_lr", "check_weight_decay", "check_momentum", "check_device",
     "check_batch_norm_batch", "check_input_memory", "available_memory", "check_path", "check_writable",
     "model_spec_paths", "data_spec_paths", "check_inputs", "check_output_dir", "check_output_file",
-    "check_input_shape_text",
+    "check_input_shape_text", "parse_shifts", "parse_seeds", "parse_floats", "resolve_input_shape",
+    "check_search_config", "check_stream_options", "parse_shift_value", "METRICS", "SCHEDULES", "AUGMENTS", "STREAM_MODES", "PRECISIONS",
 ]
 
 MAX_GRID = 10_000  # candidates in one --shifts grid (range or comma list) and seeds per shift
 MAX_ABS_SHIFT = 1e4  # |t| in pre-activation units; BN-normalised pre-activations are O(1)
 MAX_SEED = 2**63 - 1  # torch.manual_seed takes a 64-bit integer
+# seeds per shift below which a search cannot tell a shift from seed noise: its verdict
+# comparing a shift with t = 0 is "not resolved" (report.verdict, search._noise_note)
+MIN_VERDICT_SEEDS = 3
 PROBE_BYTES = 4096  # written (and fsynced) by the writability check: a full disk fails here
+
+# the choices of `search` options (used by SearchConfig, the streaming path and the trainer too)
+METRICS = ("train_acc", "last_acc", "val_acc")
+SCHEDULES = ("full", "halving")
+AUGMENTS = ("none", "cifar", "imagenet")
+STREAM_MODES = ("auto", "on", "off")
+PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 # ----------------------------------------------------------------------------- grids and seeds
+
+
+def parse_shift_value(value: Any, where: str) -> float:
+    """A shift as a finite float; anything else is a UsageError naming ``where``."""
+    if isinstance(value, bool):
+        raise UsageError(f"{where}: shift {value!r} is not a number", hint="give a number, e.g. 0.5")
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise UsageError(f"{where}: shift {value!r} is not a number", hint="give a number, e.g. 0.5") from None
+    if not math.isfinite(v):
+        raise UsageError(f"{where}: shift {value!r} is not finite", hint="give a finite number")
+    return v
 
 
 def check_shift_bound(value: float, option: str = "--shifts") -> float:
@@ -83,6 +107,12 @@ def check_seed_count(n: int, option: str = "--seeds") -> int:
     return n
 
 
+def few_seeds_warning(n: int) -> str:
+    """The one warning of a search with fewer than ``MIN_VERDICT_SEEDS`` seeds per shift."""
+    return (f"{n} seed{'s' if n != 1 else ''} per shift: too few to tell a shift from seed noise; the verdict "
+            f"will say 'not resolved' (use --seeds {MIN_VERDICT_SEEDS} or more to judge a difference)")
+
+
 def check_seeds(seeds: Sequence[int], option: str = "--seed-list") -> list[int]:
     """Seeds within ±``MAX_SEED``, at most ``MAX_GRID`` of them, at least one."""
     vals = list(seeds)
@@ -93,6 +123,71 @@ def check_seeds(seeds: Sequence[int], option: str = "--seed-list") -> list[int]:
     if bad:
         raise UsageError(f"bad {option}: seed {bad[0]} does not fit in 64 bits", hint="use small seeds, e.g. 0,1,2")
     return vals
+
+
+def parse_shifts(text: str | Sequence[float]) -> list[float]:
+    """``"-1:2:0.25"`` (start:stop:step, stop included when it lands on the grid) or ``"0,0.5,1"``.
+
+    Float steps are counted, not accumulated (``0:1:0.1`` has 11 points ending at 1.0); values
+    are de-duplicated by ``journal.shift_key``. Raises ``UsageError`` for an empty grid, a step
+    <= 0 or garbage. No torch: the CLI refuses a bad grid before importing it.
+    """
+    from .journal import shift_key
+
+    if not isinstance(text, str):
+        vals = [float(v) for v in text]
+    else:
+        s = text.strip()
+        if not s:
+            raise UsageError("empty --shifts", hint="e.g. --shifts -1:2:0.25 or --shifts 0,0.5,1")
+        try:
+            if ":" in s:
+                parts = s.split(":")
+                if len(parts) != 3:
+                    raise ValueError
+                a, b, st = (float(p) for p in parts)
+                n = grid_size(a, b, st, f"bad --shifts {text[:40]!r}") - 1
+                vals = [round(a + i * st, 10) for i in range(n + 1)]
+            else:
+                items = [p for p in s.split(",") if p.strip()]
+                check_grid_size(len(items), f"bad --shifts {text[:40]!r}")
+                vals = [float(p) for p in items]
+        except UsageError:
+            raise
+        except ValueError:
+            raise UsageError(f"bad --shifts {text!r}", hint="use START:STOP:STEP or a comma list, "
+                                                           "e.g. -1:2:0.25 or 0,0.5,1") from None
+    if not vals:
+        raise UsageError("empty shift grid", hint="e.g. --shifts -1:2:0.25 or --shifts 0,0.5,1")
+    if any(not math.isfinite(v) for v in vals):
+        raise UsageError("shifts must be finite numbers")
+    check_grid_size(len(vals))
+    for v in vals:
+        check_shift_bound(v)
+    out: list[float] = []
+    seen: set[str] = set()
+    for v in vals:
+        k = shift_key(v)
+        if k not in seen:
+            seen.add(k)
+            out.append(float(k))
+    return out
+
+
+def parse_seeds(n: int | None = None, seed_list: str | Sequence[int] | None = None) -> list[int]:
+    """``--seeds N`` -> [0..N-1]; ``--seed-list 0,3`` -> [0, 3]. Raises ``UsageError``."""
+    if isinstance(seed_list, str) and not seed_list.strip():
+        raise UsageError("empty --seed-list", hint="e.g. --seed-list 0,1,2, or --seeds N")
+    if seed_list is not None and seed_list != "":
+        try:
+            vals = [int(v) for v in (seed_list.split(",") if isinstance(seed_list, str) else seed_list)
+                    if str(v).strip() != ""]
+        except ValueError:
+            raise UsageError(f"bad --seed-list {seed_list!r}", hint="e.g. --seed-list 0,1,2") from None
+        return check_seeds(list(dict.fromkeys(vals)))
+    n = 1 if n is None else int(n)
+    check_seed_count(n)
+    return list(range(n))
 
 
 # ----------------------------------------------------------------------------- optimizer
@@ -362,9 +457,108 @@ def check_input_shape_text(text: str | None, batch: int, option: str = "--input-
     """Parse ``--input-shape`` (if given) and check its memory estimate at ``batch``."""
     if not text:
         return
-    from .scan import resolve_input_shape
-
     check_input_memory(resolve_input_shape(text, None), batch, option=option)
+
+
+# ----------------------------------------------------------------------------- option values
+
+
+def resolve_input_shape(input_shape: Iterable[int] | str | None, default: tuple[int, ...] | None) -> tuple[int, ...]:
+    """``--input-shape 1,3,32,32`` or ``3,32,32`` -> (3, 32, 32); falls back to ``default``.
+    Raises ``UsageError``."""
+    if input_shape is None or input_shape == "":
+        if default is None:
+            raise UsageError("the model's input shape is unknown", hint="pass --input-shape C,H,W (e.g. 3,32,32)")
+        return tuple(default)
+    if isinstance(input_shape, str):
+        try:
+            vals = tuple(int(v) for v in input_shape.replace("x", ",").split(",") if v.strip())
+        except ValueError:
+            raise UsageError(f"bad --input-shape {input_shape!r}", hint="use C,H,W or N,C,H,W, e.g. 1,28,28") from None
+    else:
+        vals = tuple(int(v) for v in input_shape)
+    if not vals or any(v <= 0 for v in vals):
+        raise UsageError(f"bad --input-shape {input_shape!r}", hint="use C,H,W or N,C,H,W, e.g. 1,28,28")
+    if len(vals) == 4:
+        vals = vals[1:]
+    return vals
+
+
+def parse_floats(text: str | Sequence[float] | None, what: str) -> tuple[float, ...] | None:
+    """``"0.5,0.5,0.5"`` -> (0.5, 0.5, 0.5); None stays None. Raises UsageError."""
+    if text is None or text == "":
+        return None
+    try:
+        vals = tuple(float(v) for v in (text.split(",") if isinstance(text, str) else text))
+    except ValueError:
+        raise UsageError(f"bad {what} {text!r}", hint="comma-separated numbers, e.g. 0.485,0.456,0.406") from None
+    if not vals or any(not math.isfinite(v) for v in vals):
+        raise UsageError(f"bad {what} {text!r}", hint="comma-separated finite numbers")
+    return vals
+
+
+def check_search_config(c: Any) -> None:
+    """The checks of a ``search.SearchConfig`` that need neither torch nor the model: choices
+    (metric, schedule, compile, memory format, dtype, optimizer, augment, stream, precision),
+    counts (epochs, steps, batch size, limits), successive halving's eta and first rung, the
+    optimizer's numbers, ``--mean`` / ``--std``. ``c``: any object with SearchConfig's field
+    names (the CLI passes its options before importing torch). Raises ``UsageError``."""
+    if c.metric not in METRICS:
+        raise UsageError(f"unknown metric {c.metric!r}", hint=f"use one of {', '.join(METRICS)}")
+    if c.metric == "val_acc" and not c.val:
+        raise UsageError("metric val_acc needs --val")
+    if c.batch_size <= 0:
+        raise UsageError(f"bad --batch-size {c.batch_size}")
+    if c.steps is not None and c.steps <= 0:
+        raise UsageError(f"bad --steps {c.steps}", hint="use a positive number")
+    if c.epochs <= 0:
+        raise UsageError(f"bad --epochs {c.epochs}", hint="use a positive number")
+    if c.dtype not in ("float32", "float64"):
+        raise UsageError(f"bad dtype {c.dtype!r}", hint="float32 or float64")
+    if c.compile not in ("auto", "on", "off"):
+        raise UsageError(f"bad compile mode {c.compile!r}", hint="auto, on or off")
+    if c.memory_format not in ("auto", "channels_last", "contiguous"):
+        raise UsageError(f"bad memory format {c.memory_format!r}", hint="auto, channels_last or contiguous")
+    if c.schedule not in SCHEDULES:
+        raise UsageError(f"bad --schedule {c.schedule!r}", hint="full (the paper: every candidate trains the "
+                                                                "whole epoch) or halving")
+    if not (isinstance(c.eta, (int, float)) and c.eta > 1):
+        raise UsageError(f"bad --eta {c.eta}", hint="use a number > 1 (2 keeps the better half at each rung)")
+    if not (isinstance(c.min_fraction, (int, float)) and 0 < c.min_fraction <= 1):
+        raise UsageError(f"bad --min-fraction {c.min_fraction}",
+                         hint="the first rung's share of the epoch, in (0, 1], e.g. 0.125")
+    check_stop_when_stable(getattr(c, "stop_when_stable", False), getattr(c, "stable_fraction", 0.25), c.schedule)
+    if c.schedule == "halving" and c.metric != "train_acc":
+        raise UsageError(f"--schedule halving ranks by the train accuracy so far; --metric {c.metric} "
+                         "needs the whole epoch", hint="use --schedule full with this metric")
+    check_lr(c.lr)
+    check_weight_decay(c.weight_decay)
+    check_momentum(c.momentum)
+    if str(c.optimizer).lower() not in ("adam", "sgd") and c.train_config is None:
+        raise UsageError(f"bad --optimizer {c.optimizer!r}", hint="adam or sgd")
+    for name in ("train_limit", "val_limit", "bn_recalib_batches"):
+        v = getattr(c, name)
+        if v is not None and v < (0 if name == "bn_recalib_batches" else 1):
+            raise UsageError(f"bad --{name.replace('_', '-')} {v}", hint="use a positive number")
+    if c.stream not in STREAM_MODES:
+        raise UsageError(f"bad --stream {c.stream!r}", hint=f"use one of {', '.join(STREAM_MODES)}")
+    if c.precision not in PRECISIONS:
+        raise UsageError(f"unknown --precision {c.precision!r}", hint=f"use one of {', '.join(PRECISIONS)}")
+    check_stream_options(c.augment, parse_floats(c.mean, "--mean"), parse_floats(c.std, "--std"), c.workers)
+
+
+def check_stream_options(augment: str, mean: Sequence[float] | None, std: Sequence[float] | None,
+                         workers: int | None) -> None:
+    """``--augment`` in AUGMENTS, ``--mean`` / ``--std`` together with std > 0, ``--workers`` >= 0
+    (``data.stream.StreamOptions`` checks the same). Raises ``UsageError``."""
+    if augment not in AUGMENTS:
+        raise UsageError(f"unknown --augment {augment!r}", hint=f"use one of {', '.join(AUGMENTS)}")
+    if (mean is None) != (std is None):
+        raise UsageError("--mean and --std go together", hint="e.g. --mean 0.485,0.456,0.406 --std 0.229,0.224,0.225")
+    if std is not None and any(not (v > 0) for v in std):
+        raise UsageError(f"bad --std {tuple(std)}: every value must be > 0")
+    if workers is not None and workers < 0:
+        raise UsageError(f"bad --workers {workers}", hint="0 decodes in the training process")
 
 
 # ----------------------------------------------------------------------------- the catalogue
@@ -411,4 +605,6 @@ CATALOGUE: dict[str, tuple[str, int]] = {
     "full-disk-patch": ("a full disk while `patch` writes (the old OUT stays whole)", 1),
     "out-locked": ("`search --out DIR` while another search owns DIR (the line names its PID)", 1),
     "out-not-empty": ("an existing non-empty output directory without `--force`", 1),
+    "fold-already-folded": ("`fold DIR` of a directory folded before, without `--data`: not refused, one line says "
+                            "where each threshold went (`bn:...` / `bias:...`), nothing is rewritten", 0),
 }

@@ -19,7 +19,9 @@ from bnnshift.validate import CATALOGUE  # noqa: E402
 
 print("## Bad input\n")
 print("Each is refused before any expensive work (model build, data loading, training) with one line")
-print("on stderr that says what to do, and leaves no partial output (tests/test_reliability.py).\n")
+print("on stderr that says what to do, and leaves no partial output (tests/test_reliability.py).")
+print("Grids, seeds, learning rate, choices, paths and `--device` are checked before torch is even")
+print("imported (docs/reliability.md). An entry with exit 0 is not refused: it is said in one line.\n")
 print("| input | exit |\n|---|---|")
 for what, code in CATALOGUE.values():
     print(f"| {what} | {code} |")

@@ -322,3 +322,32 @@ def test_halving_keeps_the_streamed_batch_hash(folder, tiny_model):
     assert all(len(v) == 1 for v in by_steps.values()) and max(by_steps) == 8 and len(by_steps) >= 2
     for steps, hashes in by_steps.items():  # a rung's batches are the first of the same sequence
         assert hashes == {_epoch_hash(src, seed=0, workers=0, steps=steps, batch=32)}
+
+
+def test_compile_auto_measures_a_real_streamed_batch(folder, tiny_model, monkeypatch):
+    """--compile auto measures one training step on a --batch-size batch. Streaming, the
+    trainer's in-memory tensors hold only the probe samples (here 8 < 32): the batch comes from
+    the training loader, in the first seed's order (the same batch the first candidate trains)."""
+    import bnnshift.search as search_mod
+    import bnnshift.train as train_mod
+    from bnnshift.search import SearchConfig
+
+    monkeypatch.setattr(search_mod, "PROBE_SAMPLES", 8)
+    cfg = SearchConfig(model=tiny_model, data=f"imagefolder:{folder}", input_shape=(3, 8, 8), batch_size=32,
+                       steps=100, stream="on", workers=0, compile="auto", seeds=[3], bn_recalib_batches=0)
+    ctx = search_mod._context(cfg)
+    assert ctx.trainer.stream is not None and ctx.trainer.train_x.shape[0] == 8
+    seen = {}
+
+    def fake_choose(cfg_, build, xb, yb, **kw):
+        seen["x"], seen["y"] = xb, yb
+        return train_mod.StepPathChoice(compile=False, channels_last=False, reason="test", expected_steps=100)
+
+    monkeypatch.setattr(train_mod, "choose_step_path", fake_choose)
+    search_mod._choose_step_path(ctx, cfg)
+    assert tuple(seen["x"].shape) == (32, 3, 8, 8) and seen["y"].shape == (32,)
+    sampler = SeededBatchSampler(ctx.trainer.stream.num_train, 32)
+    sampler.set_order(3, steps=1)
+    src = open_stream(f"imagefolder:{folder}", input_shape=(3, 8, 8), options=StreamOptions())
+    xb, yb = next(iter(make_loader(src.train, sampler, workers=0, pin_memory=False, persistent=False)))
+    assert torch.equal(seen["y"], yb) and torch.equal(seen["x"], xb)

@@ -32,6 +32,8 @@ RECIPE_MODEL = typer.Option(None, "--model", help="Build the model from this spe
 TRUST_RECIPE = typer.Option(False, "--trust-recipe", help="Import and call the file.py:fn / pkg.mod:fn spec "
                                                           "patch.json names although bnnshift did not write "
                                                           "it for you on this machine.")
+DEVICE = typer.Option("auto", "--device", help="cpu, cuda, cuda:N or auto (CUDA when available; "
+                                               "cuda:LOCAL_RANK under torchrun).")
 JSON = typer.Option(False, "--json", help="Print only JSON on stdout.")
 QUIET = typer.Option(False, "--quiet", "-q", help="Print nothing but errors.")
 

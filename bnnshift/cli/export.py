@@ -17,7 +17,8 @@ from ._output import Output
 @handle_errors
 def export_command(
     out_dir: str = typer.Argument(..., help="A directory written by `bnnshift patch` (folded or not)."),
-    onnx: str = typer.Option(..., "--onnx", help="Path of the ONNX file to write."),
+    onnx: str = typer.Option(..., "--onnx", help="Path of the ONNX file to write."
+                                                 " Missing parent directories are created (mkdir -p)."),
     opset: Optional[int] = typer.Option(None, "--opset", help="ONNX opset (default: the exporter's)."),
     batches: int = typer.Option(3, "--batches", min=1, help="Random batches compared with onnxruntime."),
     data: Optional[str] = BN_DATA,
@@ -34,15 +35,16 @@ def export_command(
     left as it is: `bnnshift fold OUT/ --data SPEC` updates it)."""
     import tempfile
 
+    from .. import validate
+
+    o = Output(json_mode=json_, quiet=quiet)
+    validate.check_path(out_dir, "OUT_DIR")  # before importing torch
+    validate.check_output_file(onnx, "--onnx")
+
     from ..export import export_patched_dir
     from ..patch import load_patched, read_recipe, save_patched
     from .patch import _print_export, bn_note, refresh_bn
 
-    o = Output(json_mode=json_, quiet=quiet)
-    from .. import validate
-
-    validate.check_path(out_dir, "OUT_DIR")
-    validate.check_output_file(onnx, "--onnx")
     recipe = read_recipe(out_dir)
     model = load_patched(out_dir, model=model_spec, args=arg, trust=trust_recipe)
     bn = refresh_bn(o, model, recipe, data, bn_recalib_batches, out_dir)
@@ -56,5 +58,6 @@ def export_command(
                                         trust=trust_recipe)
     _print_export(o, report)
     if bn is None:
-        bn_note(o, model, out_dir)
+        bn_note(o, model, recipe, out_dir, f"bnnshift export {out_dir} --onnx {onnx} --data SPEC "
+                                           f"(or bnnshift fold {out_dir} --data SPEC to update the directory)")
     o.result({**report.to_json(), "bn_statistics": bn, "checkpoint": recipe.checkpoint})

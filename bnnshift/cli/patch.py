@@ -71,7 +71,8 @@ def patch_command(
     arg: ArgList = ARG,
     checkpoint: Optional[str] = CHECKPOINT,
     input_shape: Optional[str] = INPUT_SHAPE,
-    out: str = typer.Option(..., "-o", "--out", help="Output directory (model.safetensors + patch.json)."),
+    out: str = typer.Option(..., "-o", "--out", help="Output directory (model.safetensors + patch.json)."
+                                                     " Missing parent directories are created (mkdir -p)."),
     shift: Optional[str] = typer.Option(None, "--shift", help="Shift t for every activation site."),
     site: Optional[List[str]] = typer.Option(None, "--site", help="PATTERN=T: exact site name, glob or re:REGEX "
                                                                "(repeatable; later wins)."),
@@ -83,7 +84,8 @@ def patch_command(
     trainable: bool = typer.Option(False, "--trainable", help="Thresholds become nn.Parameter (init t)."),
     per_channel: bool = typer.Option(False, "--per-channel", help="One threshold per channel."),
     fold: bool = typer.Option(False, "--fold", help="Absorb t into BN / bias where exact."),
-    onnx: Optional[str] = typer.Option(None, "--onnx", help="Also export (and verify) ONNX to this path."),
+    onnx: Optional[str] = typer.Option(None, "--onnx", help="Also export (and verify) ONNX to this path."
+                                                            " Missing parent directories are created (mkdir -p)."),
     opset: Optional[int] = typer.Option(None, "--opset", help="ONNX opset (default: the exporter's)."),
     force: bool = typer.Option(False, "--force", help="Overwrite a non-empty output directory."),
     non_strict: bool = NON_STRICT,
@@ -94,26 +96,34 @@ def patch_command(
     quiet: bool = QUIET,
 ):
     """Shift the threshold of binary activations: sign(x) -> sign(x - t). Writes OUT/ for fine-tuning."""
+    from .. import validate
     from ..errors import UsageError
-    from ..patch import ShiftConfig, parse_shift_value
 
     o = Output(json_mode=json_, quiet=quiet)
-    from .. import validate
-    from ..detect import PROBE_BATCH
-
+    # checked before importing torch (docs/reliability.md)
     validate.check_inputs(model=model, checkpoint=checkpoint, config=config)
-    validate.check_input_shape_text(input_shape, PROBE_BATCH)
+    shape = validate.resolve_input_shape(input_shape, None) if input_shape else None
     if onnx:
         validate.check_output_file(onnx, "--onnx")
-    cfg = _cli_config(shift, site, kind, exclude)
-    if config:
-        cfg = ShiftConfig.from_toml(config).merged(cfg)
-    ht = parse_shift_value(hardtanh_shift, "--hardtanh-shift") if hardtanh_shift is not None else None
-    if cfg.empty and ht is None:
+    if shift is not None:
+        validate.parse_shift_value(shift, "--shift")
+    ht = validate.parse_shift_value(hardtanh_shift, "--hardtanh-shift") if hardtanh_shift is not None else None
+    if shift is None and not site and not kind and not config and ht is None:
         raise UsageError("no shift given", hint="pass --shift T, --site PATTERN=T, --config FILE or --hardtanh-shift T")
     if fold and trainable:
         raise UsageError("--fold and --trainable exclude each other",
                          hint="fold after fine-tuning: bnnshift fold OUT/")
+
+    from ..detect import PROBE_BATCH  # imports torch
+    from ..patch import ShiftConfig
+
+    if shape is not None:
+        validate.check_input_memory(shape, PROBE_BATCH, option="--input-shape")
+    cfg = _cli_config(shift, site, kind, exclude)
+    if config:
+        cfg = ShiftConfig.from_toml(config).merged(cfg)
+    if cfg.empty and ht is None:
+        raise UsageError("no shift given", hint="pass --shift T, --site PATTERN=T, --config FILE or --hardtanh-shift T")
     out_dir, created = _check_out_early(out, force)
     opts = PatchOptions(model=model, args=arg, checkpoint=checkpoint, input_shape=input_shape, out_dir=out_dir,
                         config=cfg, hardtanh_shift=ht, trainable=trainable, per_channel=per_channel, fold=fold,
@@ -246,7 +256,7 @@ def refresh_bn(o: Output, model, recipe, data: str | None, n_batches: int, out_d
     """With ``--data``: measure how stale the BN statistics are, re-estimate them, measure again.
 
     Returns the ``bn_statistics`` JSON (``None`` without --data; call ``bn_note`` after the
-    command's work then)."""
+    command's work then: it says so only when the weights changed since the statistics were measured)."""
     if data is None:
         return None
     from ..data import load_data
@@ -274,13 +284,43 @@ def refresh_bn(o: Output, model, recipe, data: str | None, n_batches: int, out_d
             "before": before.to_json(), "after": after.to_json()}
 
 
-def bn_note(o: Output, model, out_dir: str) -> None:
-    """Without --data: one line when the model has BatchNorm (its statistics were not checked)."""
+def bn_note(o: Output, model, recipe, out_dir: str, command: str) -> None:
+    """Without --data: one line when it is actionable: the model has BatchNorm with running
+    statistics AND its weights changed since those statistics were last known to fit them
+    (fine-tuned after ``patch``; ``patch.bn_statistics_current``). ``command``: the command
+    line that re-estimates them (``fold`` / ``export`` with ``--data SPEC``)."""
     import torch
 
-    if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats for m in model.modules()):
-        o.info(f"note: BN running statistics not checked; after fine-tuning, re-estimate them with "
-               f"--data SPEC (bnnshift fold {out_dir} --data SPEC; docs/finetune.md)")
+    from ..patch import bn_statistics_current
+
+    if not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+               for m in model.modules()):
+        return
+    if bn_statistics_current(model, recipe):  # straight from patch (or fold --data): nothing to do yet
+        return
+    o.info(f"note: the weights in {out_dir} changed since its BatchNorm running statistics were measured "
+           f"(fine-tuned?) and they were not checked; re-estimate them: {command} (docs/finetune.md)")
+
+
+def folded_targets(recipe) -> dict[str, list[str]] | None:
+    """``{target: [site, ...]}`` (``bn:PATH`` / ``bias:PATH.PARAM``) when every site of the recipe
+    is folded (nothing left to fold), else None."""
+    sites = list(recipe.sites) + list(recipe.hardtanh_sites)
+    if not sites or any(not d.get("folded_into") for d in sites):
+        return None
+    out: dict[str, list[str]] = {}
+    for d in sites:
+        out.setdefault(d["folded_into"], []).append(d["name"])
+    return out
+
+
+def already_folded_line(out_dir: str, targets: dict[str, list[str]], data: str | None = None) -> str:
+    """The one line of ``fold`` on a directory folded before: where each threshold went."""
+    where = "; ".join(f"{', '.join(names)} -> {t}" for t, names in targets.items())
+    if data is not None:
+        return f"{out_dir} is already folded ({where}): only its BatchNorm statistics were re-estimated"
+    return (f"{out_dir} is already folded: the thresholds are in the weights ({where}); nothing to do "
+            f"(to re-estimate its BatchNorm statistics: bnnshift fold {out_dir} --data SPEC)")
 
 
 @app.command("fold")
@@ -298,16 +338,26 @@ def fold_command(
     """Absorb the thresholds into BatchNorm / bias where exact (in place); keep the others and say why.
 
     With --data, the BatchNorm statistics are re-estimated first (needed after fine-tuning)."""
+    from .. import validate
+
+    o = Output(json_mode=json_, quiet=quiet)
+    validate.check_path(out_dir, "OUT_DIR")  # before importing torch
+
     from ..fold import FoldReport, fold_shifts
     from ..load import parse_model_spec
     from ..patch import describe, load_patched, read_recipe, save_patched
     from ..shift import shifted_sites
 
-    o = Output(json_mode=json_, quiet=quiet)
-    from .. import validate
-
-    validate.check_path(out_dir, "OUT_DIR")
     recipe = read_recipe(out_dir)
+    done = folded_targets(recipe)
+    if done is not None and data is None:  # nothing to fold and no statistics to re-estimate: say so, rewrite nothing
+        o.info(already_folded_line(out_dir, done))
+        o.result({"out_dir": str(out_dir), "checkpoint": recipe.checkpoint, "folded": {}, "kept": {},
+                  "already_folded": {n: t for t, names in done.items() for n in names},
+                  "sites": [{k: d.get(k) for k in ("name", "kind", "op", "shift", "applied", "threshold_key",
+                                                   "foldable", "fold_reason")} for d in recipe.sites],
+                  "bn_statistics": None})
+        return
     model = load_patched(out_dir, model=model_spec, args=arg, trust=trust_recipe)
     if model_spec is not None:  # the recipe now names the model the user gave
         spec = parse_model_spec(model_spec, arg if arg is not None else recipe.factory_args)
@@ -315,9 +365,13 @@ def fold_command(
     bn = refresh_bn(o, model, recipe, data, bn_recalib_batches, out_dir)
     if bn is not None and not shifted_sites(model):  # folded before: only the statistics change
         rep = FoldReport()
-        o.info(f"{out_dir}: no threshold left to fold")
+        o.info(already_folded_line(out_dir, done or {}, data=data))
     else:
         rep = fold_shifts(model, recipe.input_shape)
+    if bn is not None and bn["recalibrated"]:  # the statistics now fit these weights
+        from ..patch import BN_STATS_KEY, weights_digest
+
+        recipe.hashes = {**(recipe.hashes or {}), BN_STATS_KEY: weights_digest(model)}
     from .._io import replace_dir
 
     with replace_dir(out_dir, force=True) as tmp:  # never half-rewritten: built beside, swapped in
@@ -327,6 +381,6 @@ def fold_command(
     for name, why in rep.kept.items():
         o.info(f"kept {name}: {why}")
     if bn is None:
-        bn_note(o, model, out_dir)
+        bn_note(o, model, recipe, out_dir, f"bnnshift fold {out_dir} --data SPEC")
     o.result({"out_dir": str(out_dir), "checkpoint": recipe.checkpoint, **rep.to_json(), "sites": rows,
               "bn_statistics": bn})

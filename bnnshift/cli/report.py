@@ -17,7 +17,8 @@ def report_command(
     storage: str = typer.Option(..., "--storage", help="The study's storage: postgresql://USER@HOST:PORT/DB or "
                                                        "journal:PATH."),
     study: str = typer.Option(..., "--study", help="The study name the workers were started with."),
-    out_dir: Optional[str] = typer.Option(None, "--out", help="Write search.json/search.md/search.png here."),
+    out_dir: Optional[str] = typer.Option(None, "--out", help="Write search.json/search.md/search.png here."
+                                                              " Missing parent directories are created (mkdir -p)."),
     connect_timeout: Optional[int] = typer.Option(None, "--connect-timeout",
                                                   help="Seconds to wait for the database (default 10)."),
     json_: bool = JSON,

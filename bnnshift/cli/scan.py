@@ -6,8 +6,8 @@ from typing import Optional
 import typer
 
 from . import app
-from ._common import (ALLOW_NONFINITE, ARG, CHECKPOINT, INPUT_SHAPE, JSON, MODEL, NON_STRICT, QUIET, UNSAFE, USE_EMA,
-                      ArgList, print_load_notes)
+from ._common import (ALLOW_NONFINITE, ARG, CHECKPOINT, DEVICE, INPUT_SHAPE, JSON, MODEL, NON_STRICT, QUIET, UNSAFE,
+                      USE_EMA, ArgList, print_load_notes)
 from ._errors import handle_errors
 from ._output import Output
 
@@ -143,6 +143,7 @@ def scan_command(
     summary: bool = typer.Option(False, "--summary", help="Per-layer table instead: output shape, 1-bit / 32-bit "
                                                           "params, memory, binary / float MACs (larq-style)."),
     batch_size: int = typer.Option(256, "--batch-size", min=1),
+    device: str = DEVICE,
     non_strict: bool = NON_STRICT,
     unsafe_load: bool = UNSAFE,
     use_ema: bool = USE_EMA,
@@ -151,18 +152,24 @@ def scan_command(
     quiet: bool = QUIET,
 ):
     """Find every binary activation (per call site), tell it from weight binarization, show its context."""
-    from ..scan import scan
+    from .. import validate
 
     out = Output(json_mode=json_, quiet=quiet)
-    from .. import validate
-    from ..detect import PROBE_BATCH
-
+    # checked before importing torch (docs/reliability.md)
     validate.check_inputs(model=model, checkpoint=checkpoint, data=data)
-    validate.check_input_shape_text(input_shape, max(PROBE_BATCH, batch_size if data else 0))
+    shape = validate.resolve_input_shape(input_shape, None) if input_shape else None
+    validate.check_device(device)
+
+    from ..detect import PROBE_BATCH  # imports torch
+    from ..parallel import resolve_device
+    from ..scan import scan
+
+    if shape is not None:
+        validate.check_input_memory(shape, max(PROBE_BATCH, batch_size if data else 0), option="--input-shape")
     notes: list[str] = []
     report = scan(model, args=arg, checkpoint=checkpoint, input_shape=input_shape, data=data,
                   data_batches=data_batches, batch_size=batch_size, strict=not non_strict, allow_unsafe=unsafe_load,
-                  use_ema=use_ema, allow_nonfinite=allow_nonfinite, notes=notes)
+                  use_ema=use_ema, allow_nonfinite=allow_nonfinite, notes=notes, device=resolve_device(device))
     print_load_notes(out, notes, report.checkpoint)
     if json_:
         payload = report.to_json()

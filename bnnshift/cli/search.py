@@ -6,7 +6,7 @@ from typing import Optional
 import typer
 
 from . import app
-from ._common import (ALLOW_NONFINITE, ARG, CHECKPOINT, INPUT_SHAPE, JSON, MODEL, NON_STRICT, OUTPUT_INDEX, OUTPUT_KEY,
+from ._common import (ALLOW_NONFINITE, ARG, CHECKPOINT, DEVICE, INPUT_SHAPE, JSON, MODEL, NON_STRICT, OUTPUT_INDEX, OUTPUT_KEY,
                       QUIET, USE_EMA, ArgList, print_load_notes)
 from ._errors import handle_errors
 from ._output import Output, SearchProgress
@@ -50,10 +50,13 @@ def search_command(
     allow_nonfinite: bool = ALLOW_NONFINITE,
     output_index: Optional[int] = OUTPUT_INDEX,
     output_key: Optional[str] = OUTPUT_KEY,
-    out_dir: Optional[str] = typer.Option(None, "--out", help="Directory for journal.jsonl and search.json/md/png."),
+    out_dir: Optional[str] = typer.Option(None, "--out", help="Directory for journal.jsonl and search.json/md/png."
+                                                              " Missing parent directories are created (mkdir -p)."),
     resume: bool = typer.Option(False, "--resume", help="Skip candidates already in --out's journal."),
     force: bool = typer.Option(False, "--force", help="Overwrite a non-empty --out / --patch-out."),
-    patch_out: Optional[str] = typer.Option(None, "--patch-out", help="Write the model patched with the winner."),
+    patch_out: Optional[str] = typer.Option(None, "--patch-out", help="Write the model patched with the winner (a "
+                                                                      "directory as patch -o). Missing parent "
+                                                                      "directories are created (mkdir -p)."),
     schedule: str = typer.Option("full", "--schedule",
                                  help="full (the paper: every candidate trains the whole epoch) or halving "
                                       "(successive halving: the best 1/eta continue at each rung; docs/search.md)."),
@@ -71,8 +74,7 @@ def search_command(
                                  help="auto (compile only when the expected steps pay back the measured compile "
                                       "time, else eager; the reason is in the report), on or off."),
     no_compile: bool = typer.Option(False, "--no-compile", help="Eager training step (same as --compile off)."),
-    device: str = typer.Option("auto", "--device", help="cpu, cuda, cuda:N or auto (CUDA when available; "
-                                                        "cuda:LOCAL_RANK under torchrun)."),
+    device: str = DEVICE,
     precision: str = typer.Option("fp32", "--precision", help="fp32, bf16 or fp16 (torch.autocast; fp16 needs "
                                                                "CUDA and uses a GradScaler)."),
     augment: str = typer.Option("none", "--augment", help="Train augmentation: imagenet (random resized crop + "
@@ -105,49 +107,49 @@ def search_command(
     Exit codes: 0 ok, 1 error or every candidate failed, 2 bad arguments / data spec,
     3 no binary activation found.
     """
-    from ..errors import BnnshiftError, UsageError
-    from ..load import parse_arg_pairs
-    from ..parallel import launched_by_torchrun
-    from ..search import SearchConfig, parse_seeds, parse_shifts, search
+    from types import SimpleNamespace
 
-    import os
-
-    follower = launched_by_torchrun() and int(os.environ.get("RANK", "0")) != 0
-    out = Output(json_mode=json_, quiet=quiet or follower)  # under torchrun rank 0 alone reports
     from .. import validate
+    from ..errors import BnnshiftError, UsageError
 
+    # everything that can be checked without torch is checked before importing it (docs/reliability.md)
+    follower = _torchrun_rank() not in (None, 0)
+    out = Output(json_mode=json_, quiet=quiet or follower)  # under torchrun rank 0 alone reports
     validate.check_inputs(model=model, checkpoint=checkpoint, data=data)
-    validate.check_device(device)
-    validate.check_input_shape_text(input_shape, batch_size)
-    if out_dir is not None and not follower:  # under torchrun rank 0 owns the outputs
-        validate.check_output_dir(out_dir, "--out", force=force, reuse=resume,
-                                  hint="continue an earlier search there with --resume, or pass --force to start over")
-    if patch_out is not None and not follower:
-        validate.check_output_dir(patch_out, "--patch-out", force=force)
-    shape = None
-    if input_shape:
-        from ..scan import resolve_input_shape
-
-        shape = resolve_input_shape(input_shape, None)
-    cfg = SearchConfig(
-        model=model, data=data, model_args=parse_arg_pairs(arg), checkpoint=checkpoint, input_shape=shape,
-        shifts=parse_shifts(shifts), seeds=parse_seeds(seeds, seed_list), epochs=epochs, steps=steps,
-        batch_size=batch_size, optimizer=optimizer, lr=lr, weight_decay=weight_decay, momentum=momentum,
-        train_config=train_config, hardtanh=hardtanh, val=val, bn_recalib_batches=bn_recalib_batches,
-        device=device, compile="off" if no_compile else compile_, dtype=dtype,
-        memory_format=memory_format, train_limit=train_limit,
-        val_limit=val_limit, metric=metric, download=download, strict=not non_strict,
-        use_ema=use_ema, allow_nonfinite=allow_nonfinite, output_index=output_index, output_key=output_key,
-        schedule=schedule, eta=eta, min_fraction=min_fraction, stop_when_stable=stop_when_stable,
-        stable_fraction=stable_fraction, augment=augment, stream=stream, workers=workers, mean=mean, std=std, precision=precision)
+    shape = validate.resolve_input_shape(input_shape, None) if input_shape else None
+    options = dict(
+        model=model, data=data, checkpoint=checkpoint, input_shape=shape,
+        shifts=validate.parse_shifts(shifts), seeds=validate.parse_seeds(seeds, seed_list), epochs=epochs,
+        steps=steps, batch_size=batch_size, optimizer=optimizer, lr=lr, weight_decay=weight_decay,
+        momentum=momentum, train_config=train_config, hardtanh=hardtanh, val=val,
+        bn_recalib_batches=bn_recalib_batches, device=device, compile="off" if no_compile else compile_,
+        dtype=dtype, memory_format=memory_format, train_limit=train_limit, val_limit=val_limit, metric=metric,
+        download=download, strict=not non_strict, use_ema=use_ema, allow_nonfinite=allow_nonfinite,
+        output_index=output_index, output_key=output_key, schedule=schedule, eta=eta, min_fraction=min_fraction,
+        stop_when_stable=stop_when_stable, stable_fraction=stable_fraction, augment=augment, stream=stream,
+        workers=workers, mean=mean, std=std, precision=precision)
+    validate.check_search_config(SimpleNamespace(**options))
     if (storage is None) != (study is None):
         raise UsageError("--storage and --study go together")
-    if storage is not None and launched_by_torchrun():
+    if storage is not None and _torchrun_rank() is not None:
         raise UsageError("--storage (Optuna workers) under torchrun is not supported: every rank would take "
                          "its own trials", hint="run the Optuna workers as plain processes, or torchrun without --storage")
     if storage is not None and stop_when_stable:
         raise UsageError("--stop-when-stable needs the local rung-synchronous schedule; with --storage the rungs are "
                          "Optuna's asynchronous SuccessiveHalvingPruner", hint="drop --stop-when-stable or --storage")
+    validate.check_device(device)
+    if input_shape:
+        validate.check_input_memory(shape, batch_size, option="--input-shape")
+    if out_dir is not None and not follower:  # under torchrun rank 0 owns the outputs
+        validate.check_output_dir(out_dir, "--out", force=force, reuse=resume,
+                                  hint="continue an earlier search there with --resume, or pass --force to start over")
+    if patch_out is not None and not follower:
+        validate.check_output_dir(patch_out, "--patch-out", force=force)
+
+    from ..load import parse_arg_pairs  # imports torch
+    from ..search import SearchConfig, search
+
+    cfg = SearchConfig(model_args=parse_arg_pairs(arg), **options)
     if storage is not None:
         try:
             from .. import distributed
@@ -167,15 +169,48 @@ def search_command(
                    "candidates": [r.to_json() for r in results]}
         out.result(payload, human=f"worker finished {len(results)} candidates of study {study}")
         return
+    few = len(cfg.seeds) < validate.MIN_VERDICT_SEEDS and not follower
     with _RichProgress(out) as prog:
         try:
-            summary = search(cfg, out_dir=out_dir, resume=resume, force=force, progress=prog, patch_out=patch_out)
+            # said once, when the first candidate starts training (a refused command stays one line)
+            summary = search(cfg, out_dir=out_dir, resume=resume, force=force, patch_out=patch_out,
+                             progress=_SayAtFirstStart(prog, lambda: out.warn(validate.few_seeds_warning(
+                                 len(cfg.seeds)))) if few else prog)
         except BnnshiftError as exc:
             if out_dir and "not empty" in exc.message and str(out_dir) in exc.message and not resume:
                 exc.hint = "continue an earlier search there with --resume, or pass --force to start over"
             raise
     if not follower:
         _print_summary(summary, out)
+
+
+class _SayAtFirstStart:
+    """Progress hooks that call ``say()`` once, when the first candidate starts (every check has
+    passed by then), and pass every hook through to ``inner``."""
+
+    def __init__(self, inner, say):
+        self._inner, self._say = inner, say
+
+    def start(self, *args, **kwargs):
+        if self._say is not None:
+            say, self._say = self._say, None
+            say()
+        fn = getattr(self._inner, "start", None)
+        if fn is not None:
+            fn(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+
+def _torchrun_rank() -> int | None:
+    """This process's rank under torchrun (``WORLD_SIZE`` > 1), else None; read from the
+    environment like ``parallel.launched_by_torchrun``, without importing torch."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    return int(os.environ.get("RANK", "0"))
 
 
 def _print_summary(summary, out: Output) -> None:

@@ -44,6 +44,7 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from ..errors import DataError, UsageError
+from ..validate import AUGMENTS, STREAM_MODES, check_stream_options, parse_floats  # noqa: F401
 from .batches import _batch_indices
 from .bundle import NORMALISATION, _as_shape, _mix_seed, _subset_indices
 
@@ -53,8 +54,7 @@ __all__ = [
     "IN_MEMORY_LIMIT_BYTES", "STATS_SAMPLES", "STREAMABLE_KINDS",
 ]
 
-AUGMENTS = ("none", "cifar", "imagenet")
-STREAM_MODES = ("auto", "on", "off")
+# AUGMENTS, STREAM_MODES, parse_floats: in bnnshift.validate (the CLI checks them before importing torch)
 STREAMABLE_KINDS = ("imagefolder", "cifar10", "cifar100", "fashion-mnist", "mnist")
 # 'auto' streams an image folder whose float32 tensors at the model's input shape would take
 # more than this (the in-memory path holds the whole training set as float32).
@@ -82,14 +82,7 @@ class StreamOptions:
     interpolation: str = "bilinear"
 
     def __post_init__(self):
-        if self.augment not in AUGMENTS:
-            raise UsageError(f"unknown --augment {self.augment!r}", hint=f"use one of {', '.join(AUGMENTS)}")
-        if (self.mean is None) != (self.std is None):
-            raise UsageError("--mean and --std go together", hint="e.g. --mean 0.485,0.456,0.406 --std 0.229,0.224,0.225")
-        if self.std is not None and any(not (v > 0) for v in self.std):
-            raise UsageError(f"bad --std {self.std}: every value must be > 0")
-        if self.workers is not None and self.workers < 0:
-            raise UsageError(f"bad --workers {self.workers}", hint="0 decodes in the training process")
+        check_stream_options(self.augment, self.mean, self.std, self.workers)
 
     def num_workers(self) -> int:
         if self.workers is not None:
@@ -99,19 +92,6 @@ class StreamOptions:
         except (AttributeError, OSError):
             n = os.cpu_count() or 1
         return max(1, min(4, n))
-
-
-def parse_floats(text: str | Sequence[float] | None, what: str) -> tuple[float, ...] | None:
-    """``"0.5,0.5,0.5"`` -> (0.5, 0.5, 0.5); None stays None. Raises UsageError."""
-    if text is None or text == "":
-        return None
-    try:
-        vals = tuple(float(v) for v in (text.split(",") if isinstance(text, str) else text))
-    except ValueError:
-        raise UsageError(f"bad {what} {text!r}", hint="comma-separated numbers, e.g. 0.485,0.456,0.406") from None
-    if not vals or any(not math.isfinite(v) for v in vals):
-        raise UsageError(f"bad {what} {text!r}", hint="comma-separated finite numbers")
-    return vals
 
 
 # ------------------------------------------------------------------------------ sources
