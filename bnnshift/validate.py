@@ -21,7 +21,8 @@ from typing import Any, Iterable, Sequence
 from .errors import OutputError, ResourceError, UsageError
 
 __all__ = [
-    "MAX_GRID", "MAX_ABS_SHIFT", "MAX_SEED", "MIN_VERDICT_SEEDS", "few_seeds_warning", "grid_size", "check_grid_size", "check_shift_bound", "check_seeds",
+    "MAX_GRID", "MAX_ABS_SHIFT", "MAX_SEED", "MIN_VERDICT_SEEDS", "few_seeds_warning", "grid_size",
+    "check_grid_size", "check_shift_bound", "check_seeds",
     "check_seed_count", "check_lr", "check_weight_decay", "check_momentum", "check_device",
     "check_batch_norm_batch", "check_input_memory", "available_memory", "check_path", "check_writable",
     "model_spec_paths", "data_spec_paths", "check_inputs", "check_output_dir", "check_output_file",
@@ -109,8 +110,8 @@ def check_seed_count(n: int, option: str = "--seeds") -> int:
 
 def few_seeds_warning(n: int) -> str:
     """The one warning of a search with fewer than ``MIN_VERDICT_SEEDS`` seeds per shift."""
-    return (f"{n} seed{'s' if n != 1 else ''} per shift: too few to tell a shift from seed noise; the verdict "
-            f"will say 'not resolved' (use --seeds {MIN_VERDICT_SEEDS} or more to judge a difference)")
+    return (f"{n} seed{'s' if n != 1 else ''} per shift: too few to tell a shift from seed noise, so the "
+            f"verdict is 'not resolved' (use --seeds {MIN_VERDICT_SEEDS} or more to judge a difference)")
 
 
 def check_seeds(seeds: Sequence[int], option: str = "--seed-list") -> list[int]:

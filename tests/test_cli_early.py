@@ -113,8 +113,7 @@ def test_scan_device_option_runs_the_data_probe_there():
 
 
 def test_fewer_than_three_seeds_warn_once_and_the_verdict_is_not_resolved(tmp_path):
-    """Said once, when training starts: 4 candidates, one warning (a refused command, the
-    catalogue's, stays one line: the warning comes after every check)."""
+    """Said once, with the verdict it concerns: 4 candidates, one warning."""
     res = CliRunner().invoke(app, SEARCH + ["--arg", "width=0.25", "--shifts", "0,0.5", "--seeds", "2",
                                             "--batch-size", "16", "--json"])
     assert res.exit_code == 0, res.stderr

@@ -169,38 +169,15 @@ def search_command(
                    "candidates": [r.to_json() for r in results]}
         out.result(payload, human=f"worker finished {len(results)} candidates of study {study}")
         return
-    few = len(cfg.seeds) < validate.MIN_VERDICT_SEEDS and not follower
     with _RichProgress(out) as prog:
         try:
-            # said once, when the first candidate starts training (a refused command stays one line)
-            summary = search(cfg, out_dir=out_dir, resume=resume, force=force, patch_out=patch_out,
-                             progress=_SayAtFirstStart(prog, lambda: out.warn(validate.few_seeds_warning(
-                                 len(cfg.seeds)))) if few else prog)
+            summary = search(cfg, out_dir=out_dir, resume=resume, force=force, progress=prog, patch_out=patch_out)
         except BnnshiftError as exc:
             if out_dir and "not empty" in exc.message and str(out_dir) in exc.message and not resume:
                 exc.hint = "continue an earlier search there with --resume, or pass --force to start over"
             raise
     if not follower:
         _print_summary(summary, out)
-
-
-class _SayAtFirstStart:
-    """Progress hooks that call ``say()`` once, when the first candidate starts (every check has
-    passed by then), and pass every hook through to ``inner``."""
-
-    def __init__(self, inner, say):
-        self._inner, self._say = inner, say
-
-    def start(self, *args, **kwargs):
-        if self._say is not None:
-            say, self._say = self._say, None
-            say()
-        fn = getattr(self._inner, "start", None)
-        if fn is not None:
-            fn(*args, **kwargs)
-
-    def __getattr__(self, name):
-        return getattr(self._inner, name)
 
 
 def _torchrun_rank() -> int | None:
@@ -216,15 +193,21 @@ def _torchrun_rank() -> int | None:
 def _print_summary(summary, out: Output) -> None:
     from ..report import render_table, search_json, verdict
 
+    from ..validate import few_seeds_warning
+
     print_load_notes(out, list(getattr(summary, "notes", None) or []), getattr(summary, "checkpoint", None))
     v = verdict(summary)
+    few = v.get("resolved") is False
+    if few:  # once, with the verdict it concerns (also with --json, on stderr)
+        out.warn(few_seeds_warning(len(summary.seeds)))
     if out.json_mode:
         out.result(search_json(summary))
         return
     out.table(render_table(summary))
     out.table(f"verdict: {v['text']}")
     for n in v["notes"]:
-        out.table(f"note: {n}")
+        if not (few and "no noise estimate" in n):  # the warning above said it
+            out.table(f"note: {n}")
     if summary.compile_error:
         out.warn(f"torch.compile failed, trained eagerly: {summary.compile_error}")
     for w in getattr(summary, "warnings", []):
