@@ -27,6 +27,8 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from .sites import target_param
+
 # ---------------------------------------------------------------- candidate ops
 
 _SIGN_FUNCS = {torch.sign, torch.Tensor.sign, torch.sgn, torch.Tensor.sgn}
@@ -182,6 +184,9 @@ class SiteRuntime:
         self.pre_call: dict[tuple[str, int], Callable] = {}
         self.post_call: dict[tuple[str, int], Callable] = {}
         self.op_handlers: dict[tuple[str, int], Callable] = {}
+        # module path -> handlers with lower(module) / restore(module), run around every call
+        # of that module (a shift applied as its fold: shift._LowerParam)
+        self.param_shifts: dict[str, list[Any]] = {}
         self.record_ops: Callable[[OpEvent], None] | None = None
         # recording hooks on every counted call: (path, k, args) and (path, k, output)
         self.any_pre: Callable[[str, int, tuple], None] | None = None
@@ -192,7 +197,7 @@ class SiteRuntime:
     def install(self, *, track_all_calls: bool = False, apply_wrapper: bool = True) -> "SiteRuntime":
         needs_scope = self.watch_scopes is None or bool(self.watch_scopes)
         scope_modules = self._scope_modules() if needs_scope else set()
-        hooked_call_paths = {p for p, _ in self.pre_call} | {p for p, _ in self.post_call}
+        hooked_call_paths = {p for p, _ in self.pre_call} | {p for p, _ in self.post_call} | set(self.param_shifts)
         root = self.model
         self._handles.append(root.register_forward_pre_hook(_RootPre(self)))
         for path, mod in self.model.named_modules():
@@ -253,6 +258,8 @@ class SiteRuntime:
             new_args = h(module, args)
             if new_args is not None:
                 result = (new_args, kwargs)
+        for ps in self.param_shifts.get(path, ()):
+            ps.lower(module)
         if in_scope:
             if not self._scopes:
                 self._enter_mode()
@@ -266,6 +273,8 @@ class SiteRuntime:
             self._scope_modules_stack.pop()
             if not self._scopes:
                 self._exit_mode()
+        for ps in self.param_shifts.get(path, ()):
+            ps.restore(module)
         k = self.call_counts.get(path, 1) - 1
         if self.any_post is not None:
             self.any_post(path, k, output)
@@ -450,6 +459,9 @@ def site_hook_paths(model: nn.Module, sites) -> set[str]:
     for s in sites:
         if s.apply == "op":
             scopes.add(s.scope or "")
+        target = target_param(getattr(s, "shift_into", None) or "")
+        if target is not None:
+            out.add(target[0])  # the module whose parameter the shift lowers
         out.add((s.scope or "") if s.apply == "op" else (s.module or ""))
     for p, _ in model.named_modules():
         if any(sc == "" or p == sc or p.startswith(sc + ".") for sc in scopes):

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from .detect import Discovery, _closure, activation_nodes, is_weight_layer, node_scope
-from .sites import APPLY_OP, APPLY_PRE_HOOK, APPLY_PRODUCER, KIND_INPUT, KIND_MODULE, Site
+from .shift import fold_param
+from .sites import APPLY_OP, APPLY_PRE_HOOK, APPLY_PRODUCER, KIND_INPUT, KIND_MODULE, Site, target_param
 
 _TRANSPARENT_METHODS = {"view", "reshape", "flatten", "contiguous", "clone", "float", "to", "type_as", "squeeze",
                         "unsqueeze", "detach"}
@@ -654,6 +655,8 @@ def _fold_analysis(disc: Discovery, model: nn.Module) -> None:
             key, spec, sign = choice[s.name]
             group = checked[key][2] if key in checked else [s.name]
             s.foldable, s.fold_sign, s.fold_with = spec, sign, group
+            s.shift_into = spec if (gm is not None and group == [s.name]
+                                    and _read_only_in_owner(model, spec, get_attrs)) else None
             what = "BatchNorm" if spec.startswith("bn:") else "learnable bias"
             formula = "beta' = beta - t" if spec.startswith("bn:") else ("b' = b - t" if sign > 0 else "b' = b + t")
             if len(group) > 1:
@@ -662,9 +665,31 @@ def _fold_analysis(disc: Discovery, model: nn.Module) -> None:
             else:
                 s.fold_reason = f"{what} feeds only this binarizer: {formula}"
         else:
-            s.foldable, s.fold_with, s.fold_sign = None, None, None
+            s.foldable, s.fold_with, s.fold_sign, s.shift_into = None, None, None, None
             if s.name in refused:
                 s.fold_reason = refused[s.name]
+
+
+def _read_only_in_owner(model: nn.Module, spec: str, get_attrs: list[fx.Node]) -> bool:
+    """Is the fold target's parameter read only inside its own module's forward, under its own
+    name? Then lowering it while that module runs is the fold itself (``shift.insert_shifts``)."""
+    found = fold_param(model, spec)
+    if found is None:
+        return False
+    owner, pname = found
+    obj = owner._parameters[pname]
+    path = target_param(spec)[0]
+    holders = [p for p, m in model.named_modules(remove_duplicate=False)
+               if any(v is obj for v in m._parameters.values())]
+    if holders != [path] or any(v is obj for k, v in owner._parameters.items() if k != pname):
+        return False  # tied: another module (or name) reads the same tensor
+    for g in get_attrs:
+        if _resolve(model, str(g.target)) is obj and (str(g.target) != f"{path}.{pname}" if path else
+                                                        str(g.target) != pname):
+            return False
+        if _resolve(model, str(g.target)) is obj and path and not _in_scope(g, path):
+            return False  # read by the parent's forward (``x + self.move.bias``)
+    return True
 
 
 def _flat_tensors(y: Any) -> list[torch.Tensor]:
@@ -725,6 +750,62 @@ def _check_producer_hooks(disc: Discovery, model: nn.Module, t: float = 0.5) -> 
                              "the shift is applied to the binarizer's own input")
 
 
+def _check_lowering(disc: Discovery, model: nn.Module, t: float = 0.5) -> None:
+    """A shift applied by lowering the fold target (``Site.shift_into``) must move the model as
+    ``x - t`` where ``apply`` says does: measured on a random batch (float64 where the model
+    runs in it, else to float tolerance); a site that differs loses ``shift_into``, with a warning."""
+    from .shift import insert_shifts
+
+    low = [s for s in disc.sites if s.shift_into]
+    root = next((r for r in disc.dyn.calls if r.path == ""), None)
+    if not low or root is None or not root.inp.is_tensor or not root.inp.is_float:
+        return
+    x = torch.randn(root.inp.shape, generator=torch.Generator().manual_seed(4321))
+
+    def plain(s: Site) -> Site:
+        c = copy.copy(s)
+        c.shift_into = None
+        return c
+
+    def run(sites: list[Site], dtype) -> list[torch.Tensor]:
+        m = copy.deepcopy(model).eval()
+        if dtype is not None:
+            m = m.to(dtype)
+        insert_shifts(m, sites, {s.name: t for s in sites})
+        p = next(iter(m.parameters()), None)
+        with torch.no_grad():
+            return _flat_tensors(m(x.to(p.dtype) if p is not None else x))
+
+    def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+        return len(a) == len(b) and all(
+            u.shape == v.shape and (torch.allclose(u.double(), v.double(), atol=1e-5 * max(1.0, float(u.abs().max())),
+                                                   rtol=1e-5) if u.is_floating_point() and u.numel() else torch.equal(u, v))
+            for u, v in zip(a, b))
+
+    try:
+        try:
+            dtype = torch.float64
+            ref = run([plain(s) for s in low], dtype)
+        except Exception:  # noqa: BLE001 - the model does not run in float64
+            dtype = None
+            ref = run([plain(s) for s in low], dtype)
+        if same(ref, run(low, dtype)):
+            return
+        bad = [s for s in low if not same(run([plain(s)], dtype), run([s], dtype))]
+    except Exception as exc:  # noqa: BLE001 - cannot measure: do not rely on the lowering
+        bad = low
+        disc.warnings.append(f"lowering fold targets at run time could not be checked ({type(exc).__name__}); "
+                             "their shifts stay x - t hooks")
+        for s in bad:
+            s.shift_into = None
+        return
+    for s in bad:
+        disc.warnings.append(f"site {s.name}: lowering {s.shift_into} by t does not move the model as x - t "
+                             "does (measured); the shift stays a hook and is not folded")
+        s.shift_into, s.foldable, s.fold_with, s.fold_sign = None, None, None, None
+        s.fold_reason = f"lowering the fold target by t does not act as x - t (measured)"
+
+
 def analyse(disc: Discovery, model: nn.Module) -> list[Site]:
     """Fill in the context fields of every site of ``disc`` (in place); returns the sites.
 
@@ -749,9 +830,10 @@ def analyse(disc: Discovery, model: nn.Module) -> list[Site]:
         _fold_analysis(disc, model)
     except Exception as exc:  # noqa: BLE001 - a model the analysis cannot read: no fold, said
         for s in disc.sites:
-            s.foldable, s.fold_with, s.fold_sign = None, None, None
+            s.foldable, s.fold_with, s.fold_sign, s.shift_into = None, None, None, None
             s.fold_reason = f"fold analysis failed ({type(exc).__name__}): hooks kept"
         disc.warnings.append(f"fold analysis failed ({type(exc).__name__}: {str(exc)[:120]}); every shift stays a hook")
+    _check_lowering(disc, model)
     for s in disc.sites:
         if not s.foldable and not s.fold_reason:
             if s.producer == "residual add":

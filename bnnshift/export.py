@@ -47,7 +47,7 @@ from torch import nn
 from ._io import atomic_write_bytes
 from .errors import BnnshiftError, VerificationError
 from .shift import _shaped
-from .sites import APPLY_OP, APPLY_PRE_HOOK, APPLY_PRODUCER, KIND_HARDTANH, Site
+from .sites import APPLY_OP, APPLY_PRE_HOOK, APPLY_PRODUCER, KIND_HARDTANH, Site, target_param
 
 __all__ = ["ExportError", "ExportReport", "export_onnx", "export_patched_dir"]
 
@@ -122,6 +122,15 @@ class _Taps:
             elif s.apply == APPLY_OP:
                 self._op_sites[(s.scope or "", s.op_index)] = s.name
         self._module_pre: dict[str, dict[int, str]] = {}
+        # binarizer modules with their own additive parameter (RSign: sign(x + b)): name -> (param, sign)
+        self._own_bias: dict[str, tuple[str, int]] = {}
+        for s in self.sites:
+            tgt = target_param(s.foldable or "")
+            if tgt is not None and s.foldable.startswith("bias:") and tgt[0] == s.module and s.fold_sign in (1, -1):
+                self._own_bias[s.name] = (tgt[1], int(s.fold_sign))
+        # sites shifted by lowering their fold target: their op's input is already x - t
+        sr0 = getattr(model, "_bnnshift_shift", None)
+        self._lowered = {h.site for hs in sr0.runtime.param_shifts.values() for h in hs} if sr0 is not None else set()
         for s in self.sites:
             if s.apply == APPLY_PRE_HOOK and s.scope is None and s.module in mods:
                 self._module_pre.setdefault(s.module, {})[s.call_index] = s.name  # binarizer module input
@@ -146,7 +155,13 @@ class _Taps:
             k = self.calls.get(("in", path), 0)
             self.calls[("in", path)] = k + 1
             if k in idx and args and isinstance(args[0], torch.Tensor):
-                self.pre_values[idx[k]] = args[0].detach()
+                x = args[0].detach()
+                own = self._own_bias.get(idx[k])
+                if own is not None:  # sign(x + b): the pre-activation includes the module's own bias
+                    pname, sign = own
+                    b = getattr(module, pname).detach()  # lowered by t while a shift_into hook runs
+                    x = x + sign * (b.view(1, -1, *([1] * (x.dim() - 2))) if b.dim() == 1 and x.dim() > 2 else b)
+                self.pre_values[idx[k]] = x
         return hook
 
     def _pre_hook(self, path, idx):
@@ -176,7 +191,7 @@ class _Taps:
             self.values[name] = ev.output
             if ev.inputs and isinstance(ev.inputs[0], torch.Tensor):
                 x = ev.inputs[0].detach()  # the op's input before the shift: subtract the live t
-                t = self._thresholds().get(name)
+                t = self._thresholds().get(name) if name not in self._lowered else None
                 self.pre_values[name] = x - _shaped(t, x) if t is not None else x
 
     def _thresholds(self) -> dict[str, torch.Tensor]:

@@ -25,7 +25,7 @@ from .analyse import measure_bias_sign
 from .errors import PatchError
 
 PROBE_BATCH = 8
-from .shift import host_path, remove_shifts, shifted_sites, threshold_attr
+from .shift import fold_delta, host_path, remove_shifts, shifted_sites, threshold_attr
 from .sites import APPLY_OP, APPLY_PRE_HOOK, APPLY_PRODUCER, Site
 
 __all__ = ["FoldReport", "fold_shifts"]
@@ -33,13 +33,16 @@ __all__ = ["FoldReport", "fold_shifts"]
 
 @dataclass
 class FoldReport:
-    """``folded``: site name -> 'bn:PATH' / 'bias:PATH.PARAM'; ``kept``: site name -> reason."""
+    """``folded``: site name -> 'bn:PATH' / 'bias:PATH.PARAM'; ``kept``: site name -> reason;
+    ``rounded``: folded sites whose folded model equals the hooked (unfolded) patch only to float
+    rounding, not bitwise, with the reason (every other fold is bitwise the hooked patch)."""
 
     folded: dict[str, str] = field(default_factory=dict)
     kept: dict[str, str] = field(default_factory=dict)
+    rounded: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        return {"folded": dict(self.folded), "kept": dict(self.kept)}
+        return {"folded": dict(self.folded), "kept": dict(self.kept), "rounded": dict(self.rounded)}
 
 
 def _module(model: nn.Module, path: str) -> nn.Module | None:
@@ -88,12 +91,9 @@ def _fold_target(model: nn.Module, site: Site, t: torch.Tensor) -> tuple[torch.T
             return f"{spec[5:]} does not act as an additive bias on the pre-activation (measured)"
     else:
         return f"unknown fold target {spec!r}"
-    t = t.detach().to(dtype=param.dtype, device=param.device)
-    if t.dim() == 0 or t.numel() == 1:
-        delta = -direction * t.reshape(()).expand(param.shape)
-    elif param.numel() == t.numel():
-        delta = -direction * t.reshape(param.shape)
-    else:
+    try:  # the expression a hook with ``shift_into`` computes at run time (bitwise the same)
+        delta = fold_delta(t.detach(), param, direction)
+    except ValueError:
         return f"a per-channel threshold of {t.numel()} values does not fit {spec} ({param.numel()} values)"
     return param, delta
 
@@ -108,6 +108,10 @@ def _drop_site(model: nn.Module, site: Site) -> None:
         rt.post_call.pop((site.module, site.call_index), None)
     elif site.apply == APPLY_OP:
         rt.op_handlers.pop((site.scope or "", site.op_index), None)
+    for path, handlers in list(rt.param_shifts.items()):
+        handlers[:] = [h for h in handlers if h.site != site.name]
+        if not handlers:
+            del rt.param_shifts[path]
     host = _module(model, host_path(site))
     attr = threshold_attr(site)
     if host is not None:
@@ -290,6 +294,17 @@ def _verified(model: nn.Module, groups: list[_Group], x: torch.Tensor, kept: dic
     return ok
 
 
+def _rounding_reason(s: Site) -> str:
+    """Why a fold is exact in real numbers but not bitwise the hooked patch (float32 rounding)."""
+    if s.fold_with and len(s.fold_with) > 1:
+        why = f"{s.foldable} is shared with {', '.join(n for n in s.fold_with if n != s.name)}"
+    else:
+        why = f"{s.foldable} is not read only inside its own module (or the model could not be traced)"
+    return (f"{why}, so its hook subtracts t from the target's output while the fold lowers the "
+            "parameter (b - t): equal to float rounding (binary activations may differ at exact ties), "
+            "not bitwise")
+
+
 def fold_shifts(model: nn.Module, input_shape: Any = None, *, example: torch.Tensor | None = None) -> FoldReport:
     """Absorb every foldable site's threshold into its BN / bias (in place); returns a ``FoldReport``.
 
@@ -312,6 +327,8 @@ def fold_shifts(model: nn.Module, input_shape: Any = None, *, example: torch.Ten
     if groups:
         x = _probe_batch(input_shape, example)
         groups = _verified(model, groups, x, report.kept)
+    rt = model._bnnshift_shift.runtime
+    lowered = {h.site for hs in rt.param_shifts.values() for h in hs}
     for g in groups:
         why = _apply_group(model, g)
         if why:
@@ -320,11 +337,14 @@ def fold_shifts(model: nn.Module, input_shape: Any = None, *, example: torch.Ten
             continue
         for s in g.sites:
             report.folded[s.name] = g.spec
+            if s.name not in lowered:
+                report.rounded[s.name] = _rounding_reason(s)
             if st is not None:
                 st.folded[s.name] = g.spec
     order = [s.name for s in sites]
     report.folded = {n: report.folded[n] for n in order if n in report.folded}
     report.kept = {n: report.kept[n] for n in order if n in report.kept}
+    report.rounded = {n: report.rounded[n] for n in order if n in report.rounded}
     if not shifted_sites(model):
         remove_shifts(model)
     return report

@@ -18,7 +18,7 @@ from torch import nn
 
 from ._runtime import SiteRuntime, _PostHook, _PreHook, _RootPre, own_modules, site_hook_paths
 from .errors import PatchError
-from .sites import APPLY_OP, APPLY_PRE_HOOK, APPLY_PRODUCER, Site
+from .sites import APPLY_OP, APPLY_PRE_HOOK, APPLY_PRODUCER, Site, target_param
 
 THRESHOLD_PREFIX = "bnnshift_threshold_"
 
@@ -66,6 +66,55 @@ class _SubtractOutput:
 
     def __call__(self, module, output):
         return output - _shaped(getattr(module, self.attr), output)
+
+
+def fold_param(model: nn.Module, spec: str) -> tuple[nn.Module, str] | None:
+    """(module, parameter name) that a fold target ``bn:PATH`` / ``bias:PATH.PARAM`` names, or
+    None when it is not a registered parameter of that module."""
+    found = target_param(spec or "")
+    if found is None:
+        return None
+    path, pname = found
+    try:
+        owner = model.get_submodule(path) if path else model
+    except AttributeError:
+        return None
+    if not isinstance(owner._parameters.get(pname), torch.Tensor):
+        return None
+    return owner, pname
+
+
+def fold_delta(t: torch.Tensor, param: torch.Tensor, direction: int) -> torch.Tensor:
+    """What a fold adds to ``param`` for threshold ``t``: ``-direction * t`` (shape () or
+    ``param.shape``; ``direction`` +1 for ``x + b`` and BN beta, -1 for ``x - b``).
+
+    ``fold.fold_shifts`` stores ``param + fold_delta(...)``; a hook with ``Site.shift_into``
+    computes the same expression while the module runs, so both are bitwise equal.
+    Raises ValueError when a per-channel ``t`` does not fit ``param``.
+    """
+    t = t.to(dtype=param.dtype, device=param.device)
+    if t.numel() == 1:
+        return -direction * t.reshape(())
+    if t.numel() == param.numel():
+        return -direction * t.reshape(param.shape)
+    raise ValueError(f"a threshold of {t.numel()} values does not fit a parameter of {param.numel()}")
+
+
+class _LowerParam:
+    """While its module runs, its parameter ``pname`` reads as ``b + fold_delta(t, b)``: the
+    shift applied as the fold applies it (``Site.shift_into``). The parameter itself, the
+    state_dict and the optimizer are untouched: the lowered tensor shadows it in the module's
+    ``__dict__`` from the pre-hook to the (always called) forward hook."""
+
+    def __init__(self, site: str, host: nn.Module, attr: str, pname: str, direction: int):
+        self.site, self.host, self.attr, self.pname, self.direction = site, host, attr, pname, direction
+
+    def lower(self, module: nn.Module) -> None:
+        b = module._parameters[self.pname]
+        module.__dict__[self.pname] = b + fold_delta(getattr(self.host, self.attr), b, self.direction)
+
+    def restore(self, module: nn.Module) -> None:
+        module.__dict__.pop(self.pname, None)
 
 
 def _first_float(m: nn.Module) -> torch.Tensor | None:
@@ -120,7 +169,10 @@ def insert_shifts(model: nn.Module, sites: Iterable[Site], shifts: dict[str, flo
             host.register_parameter(attr, nn.Parameter(t))
         else:
             host.register_buffer(attr, t)
-        if s.apply == APPLY_PRE_HOOK:
+        lowered = _lowered(model, s, host, attr, t)
+        if lowered is not None:
+            rt.param_shifts.setdefault(lowered[0], []).append(lowered[1])
+        elif s.apply == APPLY_PRE_HOOK:
             rt.pre_call[(s.module, s.call_index)] = _SubtractInput(attr)
         elif s.apply == APPLY_PRODUCER:
             rt.post_call[(s.module, s.call_index)] = _SubtractOutput(attr)
@@ -132,6 +184,19 @@ def insert_shifts(model: nn.Module, sites: Iterable[Site], shifts: dict[str, flo
     rt.install(apply_wrapper=uses_apply)
     model._bnnshift_shift = ShiftRuntime(rt, sites)
     return model
+
+
+def _lowered(model: nn.Module, s: Site, host: nn.Module, attr: str, t: torch.Tensor) -> tuple[str, _LowerParam] | None:
+    """(module path, handler) when ``s`` is shifted by lowering its fold target (``shift_into``)."""
+    if not s.shift_into or s.fold_sign not in (1, -1):
+        return None
+    found = fold_param(model, s.shift_into)
+    if found is None:
+        return None
+    owner, pname = found
+    if t.numel() not in (1, owner._parameters[pname].numel()):
+        return None
+    return target_param(s.shift_into)[0], _LowerParam(s.name, host, attr, pname, int(s.fold_sign))
 
 
 def remove_shifts(model: nn.Module, *, keep_thresholds: bool = False) -> nn.Module:

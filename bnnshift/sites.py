@@ -20,6 +20,17 @@ KIND_INLINE = "inline"  # sign / Function.apply / comparison written in a compos
 KIND_HARDTANH = "hardtanh"  # full-precision hardtanh (for --hardtanh-shift), not a binary site
 
 
+def target_param(spec: str) -> tuple[str, str] | None:
+    """(module path, parameter name) of a fold target: ``bn:PATH`` -> (PATH, "bias") (beta),
+    ``bias:PATH.PARAM`` -> (PATH, PARAM); None for anything else."""
+    if spec.startswith("bn:"):
+        return spec[3:], "bias"
+    if spec.startswith("bias:"):
+        path, _, pname = spec[5:].rpartition(".")
+        return path, pname
+    return None
+
+
 @dataclass
 class Site:
     """One binary-activation call site.
@@ -49,6 +60,11 @@ class Site:
     fold_reason: str = ""
     fold_with: list[str] | None = None  # every site whose fold target is the same (all fold together, equal t)
     fold_sign: int | None = None  # +1: the target enters as x + b (BN beta too), -1: as x - b
+    # the fold target when the hooked patch lowers it at run time ('bn:PATH' / 'bias:PATH.PARAM';
+    # set only for a target of this site alone that is read only inside its module): the hook
+    # then computes the fold's own float expression (b - t inside the module's forward), so the
+    # folded model equals the hooked one bitwise. None: the shift is ``x - t`` where ``apply`` says.
+    shift_into: str | None = None
     advice: list[str] = field(default_factory=list)
     in_leaf: str | None = None  # found inside this untraced leaf
     channels: int | None = None  # size of dim 1 of the pre-activation (for per-channel thresholds)

@@ -208,3 +208,86 @@ def test_function_with_extra_args_keeps_live_schedule():
     hand.conv1.register_forward_pre_hook(lambda mod, a: (a[0] - 0.3,))
     (oc, gc), (oh, gh) = grads(patched), grads(hand)
     assert torch.allclose(oc, oh) and max(float((gc[k] - gh[k]).abs().max()) for k in gh) <= 1e-6
+
+
+# ------------------------------------------------------------------ multi-output producers
+
+
+class _Dup(torch.autograd.Function):
+    """Two outputs of one input (a tensor and its copy), like a block that returns (x, skip)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone(), x.clone()
+
+    @staticmethod
+    def backward(ctx, ga, gb):
+        return ga + gb
+
+
+class _TwoOutModule(nn.Module):
+    """A producer module with two outputs: the same normalised map twice (one tensor object)."""
+
+    def __init__(self, c, untraceable=False):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(c)
+        self.untraceable = untraceable
+
+    def forward(self, x):
+        h = self.bn(x)
+        if self.untraceable and bool(h.sum() > -1e30):  # data-dependent branch: an untraced leaf
+            return h, h
+        return h, h
+
+
+class _TwoOutNet(nn.Module):
+    """stem -> two-output producer -> (sign STE on output 0 -> binary conv) + output 1 (shortcut)."""
+
+    def __init__(self, producer, inline="sign"):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 8, 3, padding=1, bias=False)
+        self.bn0 = nn.BatchNorm2d(8)
+        self.producer = producer
+        self.inline = inline
+        self.conv = BinConv(8, 8, 3, padding=1, bias=False)
+        self.fc = nn.Linear(8, 10)
+        self.t = 0.0  # the hand-written shift of the reference model
+
+    def split(self, h):
+        if self.producer == "function":
+            return _Dup.apply(h)
+        return self.producer(h)
+
+    def forward(self, x):
+        a, b = self.split(self.bn0(self.stem(x)))
+        c = a.clamp(-1, 1)
+        s = (torch.sign(a - self.t if self.t else a) - c).detach() + c  # inline STE: t moves the sign only
+        y = self.conv(s) + b  # output 1 feeds the shortcut
+        return self.fc(y.mean((2, 3)))
+
+
+@pytest.mark.parametrize("producer", ["module", "leaf", "function"])
+def test_a_two_output_producer_is_never_shifted_at_the_producer(producer):
+    """A producer with two outputs, one feeding the binarizer and one the shortcut: the shift
+    goes on the binarizer's own input (never on the producer, which would move the shortcut
+    too), and the patched model is bitwise sign(a - t) with the shortcut unchanged."""
+    from bnnshift.sites import APPLY_PRODUCER
+
+    torch.manual_seed(0)
+    prod = {"module": lambda: _TwoOutModule(8), "leaf": lambda: _TwoOutModule(8, untraceable=True),
+            "function": lambda: "function"}[producer]()
+    model = _TwoOutNet(prod)
+    _bn_stats(model)
+    model.eval()
+    shape = (1, 8, 8)
+    report = scan_model(model, shape)
+    (s,) = report.sites
+    assert s.apply != APPLY_PRODUCER and s.module not in ("producer", "producer.bn", "bn0"), s
+    assert not s.shift_into
+    hooked = patch_model(copy.deepcopy(model), report, 0.5).eval()
+    ref = copy.deepcopy(model).eval()
+    ref.t = 0.5
+    x = torch.randn(6, *shape, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(hooked(x), ref(x))
+        assert not torch.equal(hooked(x), model(x))  # the shift did something

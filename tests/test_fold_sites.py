@@ -244,6 +244,9 @@ def test_shared_producer_folds_only_with_equal_t(shared):
     assert {s.name: s.fold_with for s in report.sites} == {"act1": ["act1", "act2"], "act2": ["act1", "act2"]}
     assert rep.folded == {"act1": target, "act2": target} and not shifted_sites(folded)
     assert _same(hooked, folded, shape)
+    # a shared target keeps x - t hooks: the fold is exact in real numbers, not bitwise, and says so
+    assert not any(s.shift_into for s in report.sites)
+    assert set(rep.rounded) == {"act1", "act2"} and "not bitwise" in rep.rounded["act1"]
     # different t: a fold would move the other call too -> both kept, with the reason
     _, hooked, folded, rep = _fold(model, shape, ShiftConfig(names={"act1": 0.5, "act2": 1.0}))
     assert not rep.folded and set(rep.kept) == {"act1", "act2"}
@@ -304,20 +307,124 @@ def test_learnable_bias_then_function_folds():
     assert _same(ref, folded, shape)
 
 
-def test_reactnet_learnable_bias_fold_is_bitwise_the_hooked_patch():
-    """The zoo's ReActNet-A: every RSign (LearnableBias -> shared sign module) folds into its
-    move bias, and the folded outputs equal the hooked patch's bitwise (x + (b - t) vs
-    (x + b) - t can differ by an ulp: t = 0.5 keeps both exact for these magnitudes)."""
+def _bitwise(hooked, folded, sites, x):
+    """(outputs equal bitwise, {site: binary activation equal bitwise}) on ``x``."""
+    import types
+
+    from bnnshift._runtime import SiteRuntime
+    from bnnshift.export import _Taps
+
+    got = []
+    for m in (hooked, folded):
+        if getattr(m, "_bnnshift_shift", None) is None:  # fully folded: a bare runtime sees inline ops
+            rt = SiteRuntime(m, watch_scopes={s.scope or "" for s in sites if s.apply == "op"})
+            m._bnnshift_shift = types.SimpleNamespace(runtime=rt.install(apply_wrapper=True), sites=[])
+        taps = _Taps(m, sites)
+        try:
+            with torch.no_grad():
+                y = m(x)
+            got.append((y, {n: taps.values[n].clone() for n in taps.names if n in taps.values}))
+        finally:
+            taps.remove()
+    (ya, va), (yb, vb) = got
+    assert set(va) == set(vb) == {s.name for s in sites}
+    return torch.equal(ya, yb), {n: torch.equal(va[n], vb[n]) for n in va}
+
+
+@pytest.mark.parametrize("t", [0.5, 1.0, 0.3])
+def test_reactnet_learnable_bias_fold_is_bitwise_the_hooked_patch(t):
+    """The zoo's ReActNet-A with trained-like (non-zero) move biases: every RSign (LearnableBias
+    -> shared sign module) folds into its move bias, and the folded model equals the hooked
+    patch bitwise, outputs and every binary activation. (A hook computing (x + b) - t differs
+    from the fold's x + (b - t) by an ulp, and BinaryActivation's STE output
+    ``sign - poly(x) + poly(x)`` carries that ulp downstream: the hook lowers b itself.)"""
     from conftest import zoo_small
 
     model, shape = zoo_small("reactnet-a")
-    report, hooked, folded, rep = _fold(model.eval(), shape, 0.5)
-    assert all(s.producer == "learnable bias" for s in report.sites)
-    assert len(rep.folded) == len(report.sites) and all(v.startswith("bias:") for v in rep.folded.values())
-    x = torch.randn(4, *shape, generator=torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(5)
     with torch.no_grad():
-        ya, yb = hooked(x), folded(x)
-    assert float((ya - yb).abs().max()) <= 1e-5
+        for name, p in model.named_parameters():
+            if name.endswith("bias") and p.dim() == 4:  # LearnableBias.bias (1, C, 1, 1)
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    model = _calibrated(model, shape)
+    report, hooked, folded, rep = _fold(model, shape, t)
+    assert all(s.producer == "learnable bias" for s in report.sites)
+    assert all(s.shift_into == s.foldable and s.foldable.startswith("bias:") for s in report.sites)
+    assert len(rep.folded) == len(report.sites) and not rep.kept and not rep.rounded
+    x = torch.randn(4, *shape, generator=torch.Generator().manual_seed(3))
+    out_equal, acts_equal = _bitwise(hooked, folded, report.sites, x)
+    assert out_equal and all(acts_equal.values()), [n for n, ok in acts_equal.items() if not ok]
+    # the hooked patch is the shift: sign(move(x) - t) by a plain pre-hook, to float rounding
+    ref = patch_model(copy.deepcopy(model), _without_lowering(report), t).eval()
+    with torch.no_grad():
+        assert torch.allclose(ref(x), hooked(x), atol=1e-4, rtol=1e-4)
+
+
+class _TieNet2(nn.Module):
+    """input -> LearnableBias -> SignSTE.apply -> 1x1 conv -> fc: the bias reads the input itself,
+    so a tie can be written by hand."""
+
+    def __init__(self, c=4):
+        super().__init__()
+        self.move = LearnableBias(c)
+        self.conv = nn.Conv2d(c, c, 1)
+        self.fc = nn.Linear(c * 4 * 4, 3)
+
+    def forward(self, x):
+        return self.fc(self.conv(SignSTE.apply(self.move(x))).flatten(1))
+
+
+def test_learnable_bias_fold_is_bitwise_at_an_exact_tie():
+    """Why the hook lowers the bias: with b = 0.1, t = 0.3 and an input 0.2 (float32),
+    (x + b) - t is exactly 0 (sign +1 for ``x >= 0``) but x + (b - t) is -1.5e-8 (sign -1). The
+    hooked patch computes the fold's x + (b - t), so folding changes no binary activation even there."""
+    shape = (4, 4, 4)
+    torch.manual_seed(0)
+    model = _TieNet2().eval()
+    with torch.no_grad():
+        model.move.bias.fill_(0.1)
+    report, hooked, folded, rep = _fold(model, shape, 0.3)
+    (s,) = report.sites
+    assert s.shift_into == "bias:move.bias" and rep.folded == {s.name: "bias:move.bias"} and not rep.rounded
+    x = torch.full((2, *shape), 0.2)
+    x[1] = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    out_equal, acts_equal = _bitwise(hooked, folded, report.sites, x)
+    assert out_equal and all(acts_equal.values())
+    # the plain x - t hook (before this fix) disagrees with the fold at this tie
+    plain = patch_model(copy.deepcopy(model), _without_lowering(report), 0.3).eval()
+    out_equal, acts_equal = _bitwise(plain, folded, report.sites, x)
+    assert not out_equal and not all(acts_equal.values())
+
+
+def _without_lowering(report):
+    r = copy.deepcopy(report)
+    for s in r.sites:
+        s.shift_into = None
+    return r
+
+
+@pytest.mark.parametrize("build", ["shortcut", "rsign", "function", "bn"])
+def test_single_target_folds_are_bitwise_the_hooked_patch(build):
+    """Every fold into a target read by one binarizer only (learnable bias module, RSign's own
+    bias, bias then Function STE, BN) is bitwise the hooked patch; t = 0 is bitwise the model."""
+    shape = {"shortcut": (3, 8, 8), "rsign": (1, 12, 12), "function": (1, 8, 8), "bn": (1, 12, 12)}[build]
+    net = {"shortcut": lambda: BiasShortcutNet("plain"), "rsign": RSignResNet, "function": BiasThenFunction,
+           "bn": lambda: SharedNet(nn.Identity())}[build]()
+    model = _calibrated(net, shape)
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 4 and p.shape[0] == 1:  # learnable biases: not round numbers
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    report, hooked, folded, rep = _fold(model, shape, 0.3)
+    assert rep.folded and not rep.kept and not rep.rounded
+    assert all(s.shift_into for s in report.sites)
+    x = torch.randn(16, *shape, generator=torch.Generator().manual_seed(7))
+    out_equal, acts_equal = _bitwise(hooked, folded, report.sites, x)
+    assert out_equal and all(acts_equal.values())
+    zero = patch_model(copy.deepcopy(model), report, 0.0).eval()
+    with torch.no_grad():
+        assert torch.equal(zero(x), model(x))
 
 
 def test_two_output_function_whose_input_feeds_a_shortcut():
@@ -360,7 +467,9 @@ def test_fold_refuses_a_wrong_target_after_measuring(monkeypatch):
     shape = (3, 8, 8)
     model = _calibrated(BiasShortcutNet("plain"), shape)
     report = scan_model(model, shape)
-    report.sites[0].fold_sign = -1  # claims x - b: folding would move the threshold by 2t
+    # claims x - b: folding would move the threshold by 2t (a wrong sign found at scan time is
+    # caught there by measurement and the site loses shift_into: the hook is the plain x - t)
+    report.sites[0].fold_sign, report.sites[0].shift_into = -1, None
     hooked = patch_model(copy.deepcopy(model), report, 0.5)
     folded = copy.deepcopy(hooked)
     rep = fold_shifts(folded, shape)

@@ -218,6 +218,8 @@ def _do_patch(o, opts: PatchOptions) -> dict:
     if fold_report is not None:
         for name, why in fold_report.kept.items():
             o.info(f"kept {name}: {why}")
+        for name, why in fold_report.rounded.items():
+            o.info(f"folded {name} (not bitwise): {why}")
     if export_report is not None:
         _print_export(o, export_report)
     return {
@@ -380,6 +382,8 @@ def fold_command(
     o.table(sites_table(rows, f"{out_dir}: {len(rep.folded)} folded, {len(rep.kept)} kept"))
     for name, why in rep.kept.items():
         o.info(f"kept {name}: {why}")
+    for name, why in rep.rounded.items():
+        o.info(f"folded {name} (not bitwise): {why}")
     if bn is None:
         bn_note(o, model, recipe, out_dir, f"bnnshift fold {out_dir} --data SPEC")
     o.result({"out_dir": str(out_dir), "checkpoint": recipe.checkpoint, **rep.to_json(), "sites": rows,
