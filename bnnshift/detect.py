@@ -99,6 +99,9 @@ class CallRecord:
     cls: type
     inp: ValueSummary
     out: ValueSummary
+    # the output has the values of another tensor argument (brevitas ``DelayWrapper(x, y) -> y``):
+    # the module passes a binarization made elsewhere through, it does not binarize
+    passes_arg: bool = False
 
 
 @dataclass
@@ -155,19 +158,24 @@ def dynamic_pass(model: nn.Module, x: torch.Tensor, *, train_mode: bool = True) 
     rt = SiteRuntime(model, watch_scopes=None)
     mods = dict(model.named_modules())
     pending: dict[tuple[str, int], ValueSummary] = {}
+    pending_args: dict[tuple[str, int], list] = {}  # fingerprints of the 2nd..4th tensor arguments
 
     def any_pre(path, k, args):
         pending[(path, k)] = summarize(args[0] if args else None)
         result.fingerprints[("call", path, k)] = fingerprint(args[0] if args else None)
+        others = [fingerprint(a) for a in args[1:4] if isinstance(a, torch.Tensor)]
+        if others:
+            pending_args[(path, k)] = others
 
     def record_op(ev):
         result.ops.append((ev, summarize(ev.inputs[0] if ev.inputs else None), summarize(ev.output)))
         result.fingerprints[("op", ev.scope, ev.index)] = fingerprint(ev.inputs[0] if ev.inputs else None)
 
     def any_post(path, k, output):
-        result.fingerprints[("out", path, k)] = fingerprint(output)
+        fp = fingerprint(output)
+        result.fingerprints[("out", path, k)] = fp
         result.calls.append(CallRecord(path, k, type(mods[path]), pending.pop((path, k), ValueSummary(False)),
-                                       summarize(output)))
+                                       summarize(output), fp is not None and fp in pending_args.pop((path, k), ())))
 
     rt.any_pre, rt.any_post = any_pre, any_post
     rt.record_ops = record_op
@@ -215,7 +223,7 @@ def binarizer_module_paths(model: nn.Module, dyn: DynamicPass) -> set[str]:
         if type(mods[rec.path]).__module__.startswith("torch.nn."):
             continue  # a torch layer (Hardtanh on large inputs, ReLU...) is never a binarizer
         if rec.out.binary and rec.inp.is_tensor and rec.inp.is_float and rec.inp.distinct > 8 \
-                and not _has_weight_layer(mods[rec.path]):
+                and not rec.passes_arg and not _has_weight_layer(mods[rec.path]):
             found.add(rec.path)
     # a binarizer wrapped in layers that pass the same values in and out (brevitas:
     # QuantIdentity > act_quant > proxy > tensor_quant > delay_wrapper) is one site: the

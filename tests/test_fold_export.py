@@ -175,7 +175,18 @@ def test_folded_export_has_no_extra_nodes(tmp_path):
     fold_shifts(model, shape)
     folded = export_onnx(model, shape, tmp_path / "folded.onnx", batches=1)
     assert folded.nodes == base.nodes
-    assert unfolded.nodes > base.nodes  # one Sub per site while unfolded
+    # every BN feeds one binarizer: hooked by lowering beta while the BN runs (Site.shift_into),
+    # which the exporter folds into the BN's constant, as the fold does
+    assert all(s.shift_into for s in shifted_sites(model))
+    assert unfolded.nodes == base.nodes
+    # a plain x - t hook costs one Sub per site
+    plain_rep = copy.deepcopy(report_of("vgg-small"))
+    for s in plain_rep.sites:
+        s.shift_into = None
+    hooked, _ = build("vgg-small")
+    calibrate_bn(hooked, shape)
+    patch_model(hooked, plain_rep, 0.8)
+    assert export_onnx(hooked, shape, tmp_path / "hooked.onnx", batches=1).nodes == base.nodes + len(plain_rep.sites)
 
 
 def test_export_verification_failure_names_the_check(tmp_path, monkeypatch):

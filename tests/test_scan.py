@@ -9,6 +9,7 @@ import jsonschema
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from bnnshift.registry import ZOO
 from bnnshift.scan import scan_model
@@ -315,13 +316,106 @@ def test_a_brevitas_binary_activation_is_exactly_one_site():
     report = scan_model(model, (20,))
     assert [(s.name, s.kind, s.alphabet) for s in report.sites] == [("act1", "module", "{-1,+1}")]
     assert report.sites[0].gradient is True
+    # its binary weight quantizer (proxy > tensor_quant: clamp, sign, scale > delay_wrapper(x, y) -> y)
+    # is exactly one weight binarizer, as the activation is one site
+    assert report.weight_binarizers == 1
     x = torch.randn(8, 20)
+    plain = copy.deepcopy(model)  # the reference: the patched model's bn1 now reads beta - t (shift_into)
     patch_model(model, report, 0.5)
     with torch.no_grad():
         got = model(x)
-        h = torch.where(model.bn1(model.fc1(x)) - 0.5 >= 0, 1.0, -1.0)
-        want = model.fc2(h)
+        h = torch.where(plain.bn1(plain.fc1(x)) - 0.5 >= 0, 1.0, -1.0)
+        want = plain.fc2(h)
     assert torch.allclose(got, want, atol=1e-6)
+
+
+def test_brevitas_binary_conv_weights_count_one_each():
+    """Two brevitas binary conv layers (weights and activations): 2 weight binarizers, 2 sites."""
+    from brevitas.nn import QuantConv2d, QuantIdentity
+    from brevitas.quant.binary import SignedBinaryActPerTensorConst, SignedBinaryWeightPerTensorConst
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(1, 8, 3, padding=1)
+            self.bn0 = nn.BatchNorm2d(8)
+            self.act1 = QuantIdentity(act_quant=SignedBinaryActPerTensorConst)
+            self.conv1 = QuantConv2d(8, 8, 3, padding=1, bias=False, weight_quant=SignedBinaryWeightPerTensorConst)
+            self.bn1 = nn.BatchNorm2d(8)
+            self.act2 = QuantIdentity(act_quant=SignedBinaryActPerTensorConst)
+            self.conv2 = QuantConv2d(8, 8, 3, padding=1, bias=False, weight_quant=SignedBinaryWeightPerTensorConst)
+            self.fc = nn.Linear(8, 10)
+
+        def forward(self, x):
+            x = self.bn1(self.conv1(self.act1(self.bn0(self.stem(x)))))
+            return self.fc(self.conv2(self.act2(x)).mean((2, 3)))
+
+    torch.manual_seed(0)
+    report = scan_model(Net().eval(), (1, 8, 8))
+    assert [s.name for s in report.sites] == ["act1", "act2"]
+    assert report.weight_binarizers == 2
+
+
+class _PassThrough(nn.Module):
+    """brevitas' DelayWrapper: returns its second argument (the binarization made before it)."""
+
+    def forward(self, x, y):
+        return y
+
+
+class _QuantWeight(nn.Module):
+    """A weight quantizer that calls sign and a scaling, then hands the result to an inner module
+    that passes it through: one weight binarization."""
+
+    def __init__(self):
+        super().__init__()
+        self.delay = _PassThrough()
+
+    def forward(self, w):
+        wc = w.clamp(-0.05, 0.05)  # brevitas clamps first: the inner module sees other values
+        y = torch.sign(wc) * w.abs().mean()
+        return self.delay(wc, y)
+
+
+class _QuantLinear(nn.Linear):
+    def __init__(self, *a, **k):
+        super().__init__(*a, **k)
+        self.quant = _QuantWeight()
+
+    def forward(self, x):
+        return F.linear(x, self.quant(self.weight), self.bias)
+
+
+def test_a_module_passing_a_binarization_through_is_not_another_binarizer():
+    """The same kind as brevitas without brevitas: sign + scale in the quantizer, and a module that
+    returns its second argument; 2 binary layers -> 2 weight binarizers; the activation quantizer
+    written the same way is one site."""
+
+    class Act(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.delay = _PassThrough()
+
+        def forward(self, x):
+            xc = x.clamp(-1, 1)
+            return self.delay(xc, torch.sign(xc))
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1 = nn.Linear(12, 16)
+            self.bn1 = nn.BatchNorm1d(16)
+            self.act = Act()
+            self.fc2 = _QuantLinear(16, 16)
+            self.fc3 = _QuantLinear(16, 3)
+
+        def forward(self, x):
+            return self.fc3(self.fc2(self.act(self.bn1(self.fc1(x)))))
+
+    torch.manual_seed(0)
+    report = scan_model(Net().eval(), (12,))
+    assert [s.name for s in report.sites] == ["act"]
+    assert report.weight_binarizers == 2
 
 
 def test_a_constant_compare_or_scale_is_not_a_site():
