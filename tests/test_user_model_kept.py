@@ -196,8 +196,9 @@ def test_patching_one_instance_never_shifts_another_sharing_its_binarizer():
     assert set(get_thresholds(b)) == {"act", "act2"}
     # B really computes sign(x - 0.5) at both sites
     with torch.no_grad():
-        h = b.fc2(torch.sign(b.bn(b.fc1(x)) - 0.5))
-        want = b.fc3(torch.sign(h - 0.5))
+        # (by A's modules, same weights: B's bn now reads beta - t while it runs, Site.shift_into)
+        h = a.fc2(torch.sign(a.bn(a.fc1(x)) - 0.5))
+        want = a.fc3(torch.sign(h - 0.5))
     assert torch.equal(yb, want)
     # a third instance built after the patch is not shifted either
     c = _SharedActNet()
