@@ -207,3 +207,35 @@ def test_the_benchmark_simulates_the_stop_exactly():
     pick, steps = bench.simulate_halving(curves, 32, 40, 2.0, 0.125, stable_fraction=0.25)
     assert (pick, steps) == (real.winner, real.cost["candidate_steps"])
     assert steps < bench.simulate_halving(curves, 32, 40, 2.0, 0.125)[1]  # it did stop a rung early
+
+
+def test_interrupted_mid_schedule_resumes_to_the_same_result(tmp_path):
+    """Stopped after rung 1's first record (the rungs' states left in --out, as after kill -9):
+    --resume reuses the journaled early stop of rung 0 and ends where an uninterrupted run ends."""
+    shifts = [0.0, 0.25, 3.0, 4.0]
+    cfg = SearchConfig(schedule="halving", shifts=shifts, stop_when_stable=True, **TINY)
+    clean = search(cfg)
+
+    class Killed(Exception):
+        pass
+
+    class KillAfter:
+        def __init__(self, n):
+            self.n = n
+
+        def end(self, result, i, n):
+            self.n -= 1
+            if self.n == 0:
+                raise Killed
+
+    with pytest.raises(Killed):
+        search(cfg, out_dir=tmp_path / "o", progress=KillAfter(5))  # rung 0's four records, then rung 1's first
+    recs = [r for r in Journal(tmp_path / "o" / "journal.jsonl").records() if r.get("kind") == "rung"]
+    assert {r["rung"] for r in recs} == {0, 1} and all(r["steps"] == clean.rungs[0]["steps"] for r in recs
+                                                      if r["rung"] == 0)
+    assert list((tmp_path / "o" / "states").glob("*.pt"))  # the paused states are in --out
+    resumed = search(cfg, out_dir=tmp_path / "o", resume=True)
+    assert resumed.rungs == clean.rungs and resumed.winner == clean.winner
+    assert [(c.shift, c.steps, c.score) for c in resumed.candidates] == [(c.shift, c.steps, c.score)
+                                                                         for c in clean.candidates]
+    assert resumed.resumed >= 1
