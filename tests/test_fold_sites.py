@@ -336,8 +336,8 @@ def test_reactnet_learnable_bias_fold_is_bitwise_the_hooked_patch(t):
     """The zoo's ReActNet-A with trained-like (non-zero) move biases: every RSign (LearnableBias
     -> shared sign module) folds into its move bias, and the folded model equals the hooked
     patch bitwise, outputs and every binary activation. (A hook computing (x + b) - t differs
-    from the fold's x + (b - t) by an ulp, and BinaryActivation's STE output
-    ``sign - poly(x) + poly(x)`` carries that ulp downstream: the hook lowers b itself.)"""
+    from the fold's x + (b - t) by an ulp in about a quarter of the pre-activations, which flips a
+    binary activation at an exact tie (test below): the hook lowers b itself.)"""
     from conftest import zoo_small
 
     model, shape = zoo_small("reactnet-a")
