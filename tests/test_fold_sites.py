@@ -543,3 +543,32 @@ def test_export_counts_a_tie_apart_and_fails_a_margin_flip():
         assert any("sign-flip share" in f for f in res["failed"])
     finally:
         taps.remove()
+
+
+def test_a_lowering_that_does_not_act_as_x_minus_t_is_dropped_at_scan(monkeypatch):
+    """``shift_into`` is checked by measurement: if the analysis got the bias's direction wrong
+    (forced here), lowering it would move the threshold by -t; the scan drops shift_into and the
+    fold, warns, and the hook stays the plain x - t."""
+    import bnnshift.analyse as an
+
+    real = an._fold_analysis
+
+    def wrong_sign(disc, model):
+        real(disc, model)
+        for s in disc.sites:
+            if s.shift_into:
+                s.fold_sign = -s.fold_sign
+
+    monkeypatch.setattr(an, "_fold_analysis", wrong_sign)
+    shape = (3, 8, 8)
+    model = _calibrated(BiasShortcutNet("plain"), shape)
+    report = scan_model(model, shape)
+    (s,) = report.sites
+    assert s.shift_into is None and s.foldable is None and "measured" in s.fold_reason
+    assert any("does not move the model as x - t" in w for w in report.warnings)
+    hooked = patch_model(copy.deepcopy(model), report, 0.5).eval()
+    ref = copy.deepcopy(model).eval()
+    ref.act.register_forward_pre_hook(lambda mod, args: (args[0] - 0.5,))
+    x = torch.randn(8, *shape, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        assert torch.equal(hooked(x), ref(x))
