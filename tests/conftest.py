@@ -31,6 +31,32 @@ def zoo_small(name: str, seed: int = 0):
     return e.factory(**kwargs), shape
 
 
+def zoo_quick_args(name: str):
+    """(factory kwargs, one-sample input shape) of zoo model ``name`` as tests/test_zoo.py and
+    tests/test_patch.py build it: ImageNet-style models at width 1/8 on 32x32, resnet20 /
+    vgg-small at width 1/4, the others as registered (``zoo_small`` keeps ImageNet-style models
+    at 1/4 and narrows the MLP)."""
+    from bnnshift.registry import ZOO
+
+    entry = ZOO.get(name)
+    if name in IMAGENET_STYLE:
+        return {"width": 0.125}, (3, 32, 32)
+    if name.startswith(("resnet20", "vgg-small")):
+        return {"width": 0.25}, entry.input_shape
+    return {}, entry.input_shape
+
+
+def zoo_quick(name: str, seed: int = 0, **override):
+    """(model, input_shape) of ``zoo_quick_args(name)``, factory kwargs overridden by ``override``,
+    built after ``torch.manual_seed(seed)``."""
+    from bnnshift.registry import ZOO
+
+    kwargs, shape = zoo_quick_args(name)
+    kwargs.update(override)
+    torch.manual_seed(seed)
+    return ZOO.get(name).factory(**kwargs), shape
+
+
 @pytest.fixture
 def zoo_names():
     from bnnshift.registry import ZOO

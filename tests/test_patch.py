@@ -22,27 +22,12 @@ from bnnshift.patch import (ShiftConfig, apply_recipe, build_recipe, load_patche
 from bnnshift.probe import probe_sites
 from bnnshift.scan import scan_model
 from bnnshift.shift import get_thresholds, threshold_key
+from conftest import zoo_quick as build, zoo_quick_args as small  # tests/ is on sys.path (rootdir conftest)
 
-IMAGENET_STYLE = {"xnor-resnet18", "bireal-resnet18", "bireal-resnet34", "reactnet-a"}
 NAMES = registry.ZOO.names()
 # Bi-Real units: gradients equal up to summation order only (see test_zero_shift_is_bitwise_identity)
 REASSOCIATED = {"bireal-resnet18", "bireal-resnet34", "resnet20-bireal", "resnet20-bireal-prelu",
                 "resnet20-bireal-leakyrelu"}
-
-
-def small(name):
-    entry = registry.ZOO.get(name)
-    if name in IMAGENET_STYLE:
-        return {"width": 0.125}, (3, 32, 32)
-    if name.startswith(("resnet20", "vgg-small")):
-        return {"width": 0.25}, entry.input_shape
-    return {}, entry.input_shape
-
-
-def build(name, seed=0):
-    kwargs, shape = small(name)
-    torch.manual_seed(seed)
-    return registry.ZOO.get(name).factory(**kwargs), shape
 
 
 @functools.lru_cache(maxsize=None)

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from bnnshift import registry
+from conftest import IMAGENET_STYLE, zoo_quick as build  # tests/ is on sys.path (rootdir conftest)
 
 PAPER_MODELS = [
     "mlp", "lenet5", "vgg-small", "vgg-small-avgpool",
@@ -25,26 +26,6 @@ STYLE_MODELS = [
     "style-hardtanh",
 ]
 ALL_MODELS = PAPER_MODELS + STYLE_MODELS
-IMAGENET_STYLE = {"xnor-resnet18", "bireal-resnet18", "bireal-resnet34", "reactnet-a"}
-
-
-def small(name):
-    """(factory kwargs, one-sample input shape) for a quick run of ``name``."""
-    entry = registry.ZOO.get(name)
-    if name in IMAGENET_STYLE:
-        return {"width": 0.125}, (3, 32, 32)
-    if name.startswith("resnet20"):
-        return {"width": 0.25}, entry.input_shape
-    if name.startswith("vgg-small"):
-        return {"width": 0.25}, entry.input_shape
-    return {}, entry.input_shape
-
-
-def build(name, seed=0, **override):
-    kwargs, shape = small(name)
-    kwargs.update(override)
-    torch.manual_seed(seed)
-    return registry.ZOO.get(name).factory(**kwargs), shape
 
 
 def binary_layers(model):
