@@ -752,9 +752,13 @@ def test_atomic_safetensors_metadata_and_shared_tensors(tmp_path):
     assert torch.equal(got["a"], w) and torch.equal(got["tied"], w) and torch.equal(got["t"], w.t())
 
 
-def test_atomic_write_into_missing_dir_is_output_error(tmp_path):
+def test_atomic_write_creates_missing_parents_but_a_file_parent_is_output_error(tmp_path):
+    # outputs behave like mkdir -p (docs/cli.md); a parent that is a file cannot be made a dir
+    dest = tmp_path / "no" / "such" / "f.txt"
+    assert _io.atomic_write_text(dest, "x") == dest and dest.read_text() == "x"
+    (tmp_path / "plain").write_text("")
     with pytest.raises(OutputError, match="cannot write"):
-        _io.atomic_write_text(tmp_path / "no" / "such" / "f.txt", "x")
+        _io.atomic_write_text(tmp_path / "plain" / "f.txt", "x")
 
 
 def test_prepare_output_dir(tmp_path):
