@@ -19,7 +19,8 @@ from bnnshift.patch import ShiftConfig, build_recipe, load_patched, patch_model,
 from bnnshift.scan import scan_model
 from bnnshift.shift import shifted_sites
 
-from test_patch import IMAGENET_STYLE, NAMES, SLOW, build, calibrate_bn, data, report_of, small
+from conftest import IMAGENET_STYLE  # tests/ is on sys.path (rootdir conftest)
+from test_patch import NAMES, SLOW, build, calibrate_bn, data, report_of, small
 
 EXPORT_SLOW = SLOW | {"xnor-resnet18"}
 
