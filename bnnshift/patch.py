@@ -123,19 +123,31 @@ class ShiftConfig:
 
     @classmethod
     def from_mapping(cls, d: Mapping[str, Any], where: str = "config") -> "ShiftConfig":
-        known = {"shift", "kinds", "sites", "exclude"}
+        """A config from a shifts file's table (``shift``, ``kinds``, ``sites``, ``exclude``;
+        docs/patch.md) or from :meth:`to_json`'s output (``patterns`` and ``names`` instead of
+        ``sites``), so ``ShiftConfig.from_mapping(cfg.to_json()) == cfg``.
+
+        Raises:
+            UsageError: an unknown key, a table that is not a table, a bad shift value or regex.
+        """
+        known = {"shift", "kinds", "sites", "patterns", "names", "exclude"}
         unknown = [k for k in d if k not in known]
         if unknown:
             raise UsageError(f"{where}: unknown key {unknown[0]!r}", hint=f"known keys: {', '.join(sorted(known))}")
         kinds = d.get("kinds", {}) or {}
-        sites = d.get("sites", {}) or {}
+        tables = {key: d.get(key, {}) or {} for key in ("sites", "patterns", "names")}
         exclude = d.get("exclude", []) or []
-        if not isinstance(kinds, Mapping) or not isinstance(sites, Mapping):
+        if not isinstance(kinds, Mapping) or not all(isinstance(t, Mapping) for t in tables.values()):
             raise UsageError(f"{where}: [kinds] and [sites] must be tables", hint="see docs/patch.md")
         if isinstance(exclude, str) or not isinstance(exclude, (list, tuple)):
             raise UsageError(f"{where}: exclude must be a list of names or patterns", hint='exclude = ["fc*"]')
         cfg = cls(shift=d.get("shift"), kinds=dict(kinds), exclude=list(exclude))
-        for k, v in sites.items():
+        for k, v in tables["patterns"].items():  # to_json's split kept as written (order matters)
+            cfg.patterns[str(k)] = parse_shift_value(v, f"site {k}")
+            _matcher(str(k))
+        for k, v in tables["names"].items():
+            cfg.names[str(k)] = parse_shift_value(v, f"site {k}")
+        for k, v in tables["sites"].items():
             cfg.add_site(str(k), v)
         return cfg
 

@@ -54,6 +54,35 @@ def test_json_failure_is_a_json_error_object(args, code):
     assert r.stdout == ""  # without --json: only the line on stderr
 
 
+@pytest.mark.parametrize("exc,code", [
+    (OSError(28, "No space left on device", "/data/run/state.pt"), 1),
+    (OSError(36, "File name too long", "x" * 300), 2),
+    (MemoryError(), 1),
+])
+def test_json_failure_of_the_environment_is_a_json_error_object(exc, code, capsys):
+    """An OSError or MemoryError under --json still prints the error object on stdout (issue 23:
+    these two branches dropped json_mode and a script reading stdout got nothing)."""
+    import typer
+
+    from bnnshift.cli._errors import handle_errors
+
+    @handle_errors
+    def command(json_: bool = False):
+        raise exc
+
+    with pytest.raises(typer.Exit) as ended:
+        command(json_=True)
+    assert ended.value.exit_code == code
+    captured = capsys.readouterr()
+    payload = json.loads(captured.out)
+    jsonschema.validate(payload, ERROR_SCHEMA)
+    assert payload["exit_code"] == code and payload["hint"]
+    assert captured.err.startswith("error: ") and len(captured.err.splitlines()) == 1
+    with pytest.raises(typer.Exit):
+        command(json_=False)
+    assert capsys.readouterr().out == ""
+
+
 def test_non_empty_out_suggests_resume(tmp_path):
     out = tmp_path / "run"
     out.mkdir()

@@ -223,6 +223,25 @@ def test_config_precedence_and_exclude():
     assert cfg.resolve(sites) == {"layer1.act": 0.5, "layer2.act": 0.3, "layer2.conv:input": 0.4}
 
 
+def test_config_to_json_round_trips():
+    """``to_json`` (what patch.json records) reads back through ``from_mapping`` to the same config
+    and the same resolution, pattern order included (issue 23: it raised "unknown key 'patterns'")."""
+    sites = _sites([("layer1.act", "module"), ("layer2.act", "module"), ("layer2.conv:input", "input"),
+                    ("root:sign", "inline")])
+    cfg = ShiftConfig(shift=0.1, kinds={"input": 0.2}, patterns={"re:layer2\\.c.*": 0.4, "layer2.*": 0.3},
+                      names={"layer1.act": 0.5}, exclude=["root:*"])
+    back = ShiftConfig.from_mapping(json.loads(json.dumps(cfg.to_json())))
+    assert back == cfg
+    assert back.resolve(sites) == cfg.resolve(sites) == {"layer1.act": 0.5, "layer2.act": 0.3,
+                                                          "layer2.conv:input": 0.3}
+    # the shifts-file spelling still works and means the same
+    assert ShiftConfig.from_mapping({"shift": 0.1, "kinds": {"input": 0.2},
+                                     "sites": {"re:layer2\\.c.*": 0.4, "layer2.*": 0.3, "layer1.act": 0.5},
+                                     "exclude": ["root:*"]}) == cfg
+    with pytest.raises(UsageError, match="unknown key 'pattern'"):
+        ShiftConfig.from_mapping({"pattern": {}})
+
+
 def test_config_errors():
     sites = _sites([("act1", "module"), ("act2", "module")])
     with pytest.raises(PatchError, match="'block9.\\*' matches no site") as exc:

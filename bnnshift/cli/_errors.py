@@ -80,13 +80,14 @@ def handle_errors(fn: Callable) -> Callable:
         except MemoryError:
             if os.environ.get("BNNSHIFT_DEBUG"):
                 raise
-            _print_error("out of memory (lower --batch-size, --input-shape or the model's size)")
+            _print_error("out of memory (lower --batch-size, --input-shape or the model's size)", json_mode,
+                         EXIT_ERROR, "lower --batch-size, --input-shape or the model's size", "out of memory")
             raise typer.Exit(EXIT_ERROR) from None
         except OSError as exc:  # the environment: full disk, permissions, name too long...
             if os.environ.get("BNNSHIFT_DEBUG"):
                 raise
             msg, code = _os_error_line(exc)
-            _print_error(msg)
+            _print_error(msg, json_mode, code, _OS_HINTS.get(exc.errno or -1, "check the path and the disk"))
             raise typer.Exit(code) from None
         except Exception as exc:  # noqa: BLE001 - last resort: still one line
             if os.environ.get("BNNSHIFT_DEBUG"):
