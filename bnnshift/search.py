@@ -468,7 +468,7 @@ def _stream_context(cfg: SearchConfig, loaded: Any, shape: tuple[int, ...], devi
                       model_defaults=_timm_data_defaults(loaded.model))
     if cfg.val and src.val is None:
         raise DataError(f"data set {src.name} has no held-out split for --val",
-                        hint="use a data set with a test/val split (PATH/val), or drop --val")
+                        hint="use a data set with a held-out split (PATH/val or PATH/test), or drop --val")
     workers, pin = src.options.num_workers(), device.type == "cuda"
     n, bs = src.num_train, cfg.batch_size
     per_sample = 4 * math.prod(src.input_shape)

@@ -441,3 +441,33 @@ def test_imagefolder(tmp_path):
     assert grey.train_x.shape == (4, 1, 6, 6) and grey.val_x is None
     with pytest.raises(DataError, match="not found"):
         load_data(f"imagefolder:{tmp_path / 'none'}")
+
+
+@pytest.mark.parametrize("heldout", ["test", "val"])
+def test_imagefolder_train_and_test_layout(tmp_path, heldout):
+    """CIFAR-10 as users unpack it: ``DIR/train/<class>`` + ``DIR/test/<class>`` (issue 24): the
+    ``test/`` folder is the held-out split in memory and when streamed with ``--augment cifar``;
+    ``val/`` wins when both exist."""
+    from PIL import Image
+
+    from bnnshift.data.stream import StreamOptions, open_stream
+
+    root = tmp_path / "cifar"
+    sizes = {"train": 3, heldout: 2}
+    if heldout == "val":
+        sizes["test"] = 1  # ignored: val/ is the held-out split
+    for split, n in sizes.items():
+        for ci, cls in enumerate(("airplane", "automobile")):
+            d = root / split / cls
+            d.mkdir(parents=True)
+            for i in range(n):
+                Image.new("RGB", (32, 32), color=(60 * ci + i, 100, 200)).save(d / f"{i:04d}.jpg")
+    b = load_data(f"imagefolder:{root}", input_shape=(3, 32, 32))
+    assert b.train_x.shape == (6, 3, 32, 32) and b.val_x.shape == (4, 3, 32, 32)
+    assert sorted(b.val_y.tolist()) == [0, 0, 1, 1]
+    src = open_stream(f"imagefolder:{root}", input_shape=(3, 32, 32),
+                      options=StreamOptions(augment="cifar", mean=(0.4914, 0.4822, 0.4465),
+                                            std=(0.2470, 0.2435, 0.2616), workers=0))
+    assert (src.num_train, src.num_val, src.num_classes) == (6, 4, 2)
+    x, y = src.val[(0, 0)]
+    assert x.shape == (3, 32, 32) and x.dtype == torch.float32 and y in (0, 1)

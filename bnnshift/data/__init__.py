@@ -11,7 +11,7 @@ A data spec is a string ``KIND[:ARG]``:
   ``cifar-10-batches-py`` or the ``cifar-10-python.tar.gz`` archive). Downloaded only when
   ``download=True``.
 * ``imagefolder:PATH``: torchvision ``ImageFolder`` with ``PATH/train`` and an optional
-  ``PATH/val``, or ``PATH`` itself used as the training set. Images are converted to
+  ``PATH/val`` (else ``PATH/test``) as the held-out split, or ``PATH`` itself used as the training set. Images are converted to
   ``input_shape`` (C=1 grey, C=3 RGB; H, W resized) and normalised with their own mean/std.
 * ``module.name:function`` / ``path/to/file.py:function``: a user function returning a
   :class:`DataBundle`, a tuple ``(train_dataset, val_dataset_or_None)`` or tensors ``(x, y)``.

@@ -76,6 +76,26 @@ class DataBundle:
         return 0 if self.val_x is None else int(self.val_x.shape[0])
 
 
+HELDOUT_FOLDERS = ("val", "test")
+
+
+def folder_splits(root: Path) -> tuple[Path, Path | None]:
+    """The train and held-out folders of an image-folder data root.
+
+    ``ROOT/train/<class>/...`` with ``ROOT/val/`` or, failing that, ``ROOT/test/`` as the held-out
+    split (the layout CIFAR-10 and ImageNet come in); otherwise ``ROOT/<class>/...`` with no
+    held-out split. Returns ``(train_dir, heldout_dir or None)``; raises nothing (a missing root is
+    the caller's error).
+    """
+    train = root / "train"
+    if not train.is_dir():
+        return root, None
+    for name in HELDOUT_FOLDERS:
+        if (root / name).is_dir():
+            return train, root / name
+    return train, None
+
+
 def data_cache_dir() -> Path:
     """``$BNNSHIFT_CACHE/data`` or ``~/.cache/bnnshift/data``."""
     base = os.environ.get("BNNSHIFT_CACHE")

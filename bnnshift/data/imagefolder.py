@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 
 from ..errors import DataError
-from .bundle import DataBundle, _as_shape, _normalise_uint8, _subset_indices
+from .bundle import DataBundle, _as_shape, folder_splits, _normalise_uint8, _subset_indices
 
 def _load_imagefolder(path_arg: str, input_shape, train_limit, val_limit, seed) -> DataBundle:
     from PIL import Image
@@ -18,8 +18,7 @@ def _load_imagefolder(path_arg: str, input_shape, train_limit, val_limit, seed) 
     name = f"imagefolder:{path}"
     if not path.is_dir():
         raise DataError(f"image folder not found: {path}", hint="pass imagefolder:PATH with one sub-folder per class")
-    train_dir = path / "train" if (path / "train").is_dir() else path
-    val_dir = path / "val" if train_dir != path and (path / "val").is_dir() else None
+    train_dir, val_dir = folder_splits(path)
 
     def open_folder(d: Path):
         try:
@@ -27,7 +26,7 @@ def _load_imagefolder(path_arg: str, input_shape, train_limit, val_limit, seed) 
         except (FileNotFoundError, RuntimeError) as exc:
             raise DataError(
                 f"no images found under {d}: {exc}",
-                hint="expected PATH/train/<class>/*.png (and optional PATH/val/<class>/...) or PATH/<class>/*.png",
+                hint="expected PATH/train/<class>/*.png (and optional PATH/val/ or PATH/test/<class>/...) or PATH/<class>/*.png",
             ) from None
 
     train_ds = open_folder(train_dir)

@@ -103,7 +103,7 @@ def describe_specs() -> str:
         "  mnist:ROOT                MNIST, same layouts as fashion-mnist",
         "  cifar10[:ROOT]            torchvision CIFAR-10 (downloaded only with download=True)",
         "  cifar100[:ROOT]           torchvision CIFAR-100 (downloaded only with download=True)",
-        "  imagefolder:PATH          PATH/train (+ optional PATH/val) or PATH itself, one folder per",
+        "  imagefolder:PATH          PATH/train (+ optional PATH/val or PATH/test) or PATH itself, one folder per",
         "                            class; resized to the model's input shape, loaded into memory",
         "  module.name:function      a function returning a DataBundle, (train_ds, val_ds|None) or (x, y)",
         "  path/to/file.py:function  same, from a Python file",

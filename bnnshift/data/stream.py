@@ -46,7 +46,7 @@ import torch
 from ..errors import DataError, UsageError
 from ..validate import AUGMENTS, STREAM_MODES, check_stream_options, parse_floats  # noqa: F401
 from .batches import _batch_indices
-from .bundle import NORMALISATION, _as_shape, _mix_seed, _subset_indices
+from .bundle import NORMALISATION, _as_shape, folder_splits, _mix_seed, _subset_indices
 
 __all__ = [
     "AUGMENTS", "STREAM_MODES", "StreamOptions", "StreamSource", "SeededBatchSampler", "BatchHasher",
@@ -125,7 +125,7 @@ class _FolderImages(torch.utils.data.Dataset):
             self.folder = ImageFolder(str(root), loader=_path_only)  # paths only; decoding is ours
         except (FileNotFoundError, RuntimeError) as exc:
             raise DataError(f"no images found under {root}: {exc}",
-                            hint="expected PATH/train/<class>/*.png (and optional PATH/val/<class>/...) "
+                            hint="expected PATH/train/<class>/*.png (and optional PATH/val/ or PATH/test/<class>/...) "
                                  "or PATH/<class>/*.png") from None
         self.mode = mode
         self.class_map = class_map
@@ -313,8 +313,7 @@ def open_stream(spec: str, *, input_shape=None, options: StreamOptions | None = 
         name = f"imagefolder:{path}"
         if not path.is_dir():
             raise DataError(f"image folder not found: {path}", hint="pass imagefolder:PATH with one sub-folder per class")
-        train_dir = path / "train" if (path / "train").is_dir() else path
-        val_dir = path / "val" if train_dir != path and (path / "val").is_dir() else None
+        train_dir, val_dir = folder_splits(path)
         if shape is None:
             probe = _FolderImages(train_dir, "RGB")
             from PIL import Image
@@ -387,7 +386,7 @@ def should_stream(mode: str, spec: str, augment: str, input_shape=None) -> bool:
     if shape is None:
         return False
     root = Path(arg).expanduser()
-    train_dir = root / "train" if (root / "train").is_dir() else root
+    train_dir, _ = folder_splits(root)
     n = sum(len(files) for _, _, files in os.walk(train_dir))  # cheap upper bound: every file
     return n * shape[0] * shape[1] * shape[2] * 4 > IN_MEMORY_LIMIT_BYTES
 
