@@ -406,16 +406,29 @@ def _torchscript(wrapper: nn.Module, x: torch.Tensor, opset: int | None):
 
     buf = io.BytesIO()
     inner = wrapper.model if isinstance(wrapper, _Tapped) else wrapper
-    with torch.no_grad():
-        tensor_out = isinstance(wrapper.model(x[:1]), torch.Tensor) if isinstance(wrapper, _Tapped) else True
-    if not tensor_out:
-        # a wrapper around the model loses the shifts lowered into its parameters in this
-        # tracer: only for non-tensor outputs, and the verification that follows checks it
-        inner = _Picked(wrapper.model, wrapper._pick)
+    keep = None  # which flattened graph output are the logits (a tuple / dict output)
+    if isinstance(wrapper, _Tapped):
+        from torch.utils._pytree import tree_leaves
+
+        with torch.no_grad():
+            out = inner(x[:1])
+        if not isinstance(out, torch.Tensor):
+            logits = wrapper._pick(out)
+            leaves = [v for v in tree_leaves(out) if isinstance(v, torch.Tensor)]
+            keep = next((i for i, v in enumerate(leaves) if v is logits), None)
+            if keep is None:  # a wrapper loses the shifts lowered into parameters in this tracer
+                inner = _Picked(inner, wrapper._pick)  # the verification that follows checks it
     with _quiet():
         torch.onnx.export(inner, (x,), buf, dynamo=False, opset_version=opset or 17,
                           input_names=["input"], dynamic_axes={"input": {0: "batch"}})
-    return onnx.load_from_string(buf.getvalue())
+    proto = onnx.load_from_string(buf.getvalue())
+    if keep is not None:  # the model's own graph, its outputs reduced to the logits
+        chosen = onnx.ValueInfoProto()
+        chosen.CopyFrom(proto.graph.output[keep])
+        del proto.graph.output[:]
+        proto.graph.output.append(chosen)
+        _dce(proto)
+    return proto
 
 
 def _export(wrapper: nn.Module, x: torch.Tensor, opset: int | None, optimize: bool, warn: list[str]):

@@ -148,13 +148,16 @@ def test_dict_output_under_another_key_needs_and_takes_output_key(tmp_path):
     assert len(got) == 1 and got[0].shape == ref.shape and np.abs(got[0] - ref).max() <= 1e-4
 
 
-def test_tuple_output_index_and_opset_together(tmp_path):
-    model = patched(TupleNet)
+@pytest.mark.parametrize("cls,pick", [(TupleNet, {"output_index": 1}), (DictNet, {"output_key": "scores"})])
+def test_non_tensor_output_and_an_older_opset_together(tmp_path, cls, pick):
+    """opset 13: the TorchScript exporter writes the model's own graph, reduced to the logits."""
+    model = patched(cls)
     path = tmp_path / "t.onnx"
-    rep = export_onnx(model, SHAPE, path, 13, batches=1, output_index=1)
+    rep = export_onnx(model, SHAPE, path, 13, batches=1, **pick)
     assert rep.passed and file_opset(path) == 13
     x = torch.randn(3, *SHAPE)
     with torch.no_grad():
-        ref = model(x)[1].numpy()
+        out = model(x)
+        ref = (out[1] if cls is TupleNet else out["scores"]).numpy()
     got = run_onnx(path, x)
     assert got[0].shape == (3, 4) and np.abs(got[0] - ref).max() <= 1e-4
