@@ -374,10 +374,33 @@ def _bias_chain(gm: fx.GraphModule, start: fx.Node | None, mods: dict[str, nn.Mo
         m = mods.get(str(cur.target)) if cur.op == "call_module" else None
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine and m.bias is not None:
             chain.append(_Link(cur, ("bn", str(cur.target), +1)))
+        elif isinstance(m, _AFFINE_LEAVES) and isinstance(getattr(m, "bias", None), nn.Parameter):
+            chain.append(_Link(cur, ("bias", f"{cur.target}.bias", +1)))  # W x + b, LayerNorm's beta
         else:
-            chain.append(_Link(cur, None))
+            fb = _functional_bias(cur)
+            chain.append(_Link(cur, ("bias", fb, +1) if fb is not None else None))
         break
     return chain
+
+
+# Modules whose output is ``f(x) + bias`` with one bias value per output feature / channel, added
+# last: sign(f(x) + b - t) = sign(f(x) + (b - t)), so the bias absorbs t exactly.
+_AFFINE_LEAVES = (nn.Linear, nn.Bilinear, nn.modules.conv._ConvNd, nn.LayerNorm, nn.GroupNorm)
+# functional spellings: (function, position of the bias argument)
+_FUNCTIONAL_BIAS = {F.linear: 2, F.conv1d: 2, F.conv2d: 2, F.conv3d: 2, F.conv_transpose1d: 2,
+                    F.conv_transpose2d: 2, F.conv_transpose3d: 2, F.layer_norm: 3, F.group_norm: 3,
+                    torch.conv1d: 2, torch.conv2d: 2, torch.conv3d: 2, torch.layer_norm: 3, torch.group_norm: 3}
+
+
+def _functional_bias(node: fx.Node) -> str | None:
+    """The parameter target of the bias of ``F.linear`` / ``F.conv*d`` / ``F.layer_norm`` /
+    ``F.group_norm`` (a binary linear layer calling ``F.linear(x, sign(W), self.bias)``) when that
+    bias is one parameter; else None."""
+    if node.op != "call_function" or node.target not in _FUNCTIONAL_BIAS:
+        return None
+    i = _FUNCTIONAL_BIAS[node.target]
+    b = node.args[i] if len(node.args) > i else node.kwargs.get("bias")
+    return _param_source(b) if isinstance(b, fx.Node) else None
 
 
 def _ste_siblings(x: fx.Node, site_node: fx.Node, mods: dict[str, nn.Module]) -> set[fx.Node]:
@@ -611,6 +634,9 @@ def _fold_analysis(disc: Discovery, model: nn.Module) -> None:
                         frontier.append(u)
                     else:
                         entries.add(u)
+            owner = _param_owner(path)
+            if owner in mods and isinstance(mods[owner], _AFFINE_LEAVES):
+                entries |= {n for n in module_calls if str(n.target) == owner}  # every call adds the bias
         else:
             entries = {n for n in module_calls if mods.get(str(n.target)) is obj}
         stray = entries - nodes

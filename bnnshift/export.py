@@ -46,6 +46,7 @@ from torch import nn
 
 from ._io import atomic_write_bytes
 from .errors import BnnshiftError, VerificationError
+from .load import logits_picker, pick_logits
 from .shift import _shaped
 from .sites import APPLY_OP, APPLY_PRE_HOOK, APPLY_PRODUCER, KIND_HARDTANH, Site, target_param
 
@@ -219,19 +220,31 @@ class _Taps:
 class _Tapped(nn.Module):
     """``forward(x) -> (logits, *site values)`` (the order of ``taps.names``)."""
 
-    def __init__(self, model: nn.Module, taps: _Taps):
+    def __init__(self, model: nn.Module, taps: _Taps, pick: Any = None):
         super().__init__()
         self.model = model
         self._taps = taps
+        self._pick = pick or logits_picker()
 
     def forward(self, x):
         self._taps.reset()
-        out = self.model(x)
-        if isinstance(out, (tuple, list)):
-            out = out[0]
+        out = self._pick(self.model(x))
         vals = [self._taps.values[n].float() if self._taps.values[n].dtype == torch.bool else self._taps.values[n]
                 for n in self._taps.names if n in self._taps.values]
         return (out, *vals)
+
+
+class _Picked(nn.Module):
+    """``forward(x) -> logits``: the model with its tuple / dict / dataclass output reduced to the
+    logits (``pick``), for the TorchScript exporter (which mis-records the taps' hooks)."""
+
+    def __init__(self, model: nn.Module, pick: Any):
+        super().__init__()
+        self.model = model
+        self._pick = pick
+
+    def forward(self, x):
+        return self._pick(self.model(x))
 
 
 # --------------------------------------------------------------------------- helpers
@@ -385,8 +398,45 @@ def _compare(sess, wrapper: _Tapped, batches: list[torch.Tensor], n_taps: int | 
             "flips_after_tie": after_tie, "tied_samples": tied_samples, "tied_masks": masks, "failed": failed}
 
 
+def _torchscript(wrapper: nn.Module, x: torch.Tensor, opset: int | None):
+    """The TorchScript exporter (``dynamo=False``) on the model alone, its output reduced to the
+    logits: the tracer mis-records the taps' hooks on a wrapped model, so the sign-flip check is
+    skipped (logits and top-1 are still compared)."""
+    import onnx
+
+    buf = io.BytesIO()
+    inner = wrapper.model if isinstance(wrapper, _Tapped) else wrapper
+    keep = None  # which flattened graph output are the logits (a tuple / dict output)
+    if isinstance(wrapper, _Tapped):
+        from torch.utils._pytree import tree_leaves
+
+        with torch.no_grad():
+            out = inner(x[:1])
+        if not isinstance(out, torch.Tensor):
+            logits = wrapper._pick(out)
+            leaves = [v for v in tree_leaves(out) if isinstance(v, torch.Tensor)]
+            keep = next((i for i, v in enumerate(leaves) if v is logits), None)
+            if keep is None:  # a wrapper loses the shifts lowered into parameters in this tracer
+                inner = _Picked(inner, wrapper._pick)  # the verification that follows checks it
+    with _quiet():
+        torch.onnx.export(inner, (x,), buf, dynamo=False, opset_version=opset or 17,
+                          input_names=["input"], dynamic_axes={"input": {0: "batch"}})
+    proto = onnx.load_from_string(buf.getvalue())
+    if keep is not None:  # the model's own graph, its outputs reduced to the logits
+        chosen = onnx.ValueInfoProto()
+        chosen.CopyFrom(proto.graph.output[keep])
+        del proto.graph.output[:]
+        proto.graph.output.append(chosen)
+        _dce(proto)
+    return proto
+
+
 def _export(wrapper: nn.Module, x: torch.Tensor, opset: int | None, optimize: bool, warn: list[str]):
-    """(ModelProto, exporter name, dynamic batch?) or raise ExportError."""
+    """(ModelProto, exporter name, dynamic batch?) or raise ExportError.
+
+    With ``opset``, the file's default-domain opset is that opset or ExportError: the dynamo
+    exporter builds opset 18 and, when down-converting fails, keeps 18 with only a logged
+    warning; then the TorchScript exporter, which writes the asked opset, is tried."""
     import torch.export as tex
 
     errors = []
@@ -398,31 +448,38 @@ def _export(wrapper: nn.Module, x: torch.Tensor, opset: int | None, optimize: bo
         try:
             with _quiet():
                 prog = torch.onnx.export(wrapper, (x,), **kw)
-            return prog.model_proto, "dynamo", dynamic
+            got = _default_opset(prog.model_proto, None)
+            if opset is None or got == opset:
+                return prog.model_proto, "dynamo", dynamic
+            errors.append(ExportError(f"the dynamo exporter wrote opset {got}, not {opset} "
+                                      "(its down-conversion failed)"))
+            break
         except Exception as exc:  # noqa: BLE001
             errors.append(exc)
             if _is_data_dependent(exc):
                 break
     exc = errors[-1]
-    if _is_data_dependent(exc):
+    asked = f"--opset {opset}: " if opset is not None else ""
+    if _is_data_dependent(exc) or (opset is not None and isinstance(exc, ExportError)):
         try:
-            import onnx
-
-            buf = io.BytesIO()
-            # the tracer mis-records the taps' hooks on a wrapped model: export the model alone
-            # (the sign-flip check is then skipped; logits and top-1 are still compared)
-            inner = wrapper.model if isinstance(wrapper, _Tapped) else wrapper
-            with _quiet():
-                torch.onnx.export(inner, (x,), buf, dynamo=False, opset_version=opset or 17,
-                                  input_names=["input"], dynamic_axes={"input": {0: "batch"}})
+            proto = _torchscript(wrapper, x, opset)
+        except Exception as exc2:  # noqa: BLE001
+            raise ExportError(f"{asked}ONNX export failed: {_one_line(exc)}; TorchScript exporter: {_one_line(exc2)}",
+                              hint=("ask for another --opset, or leave it out (the exporter's own)"
+                                    if asked else "remove data-dependent Python control flow from forward")) from None
+        got = _default_opset(proto, None)
+        if opset is not None and got != opset:
+            raise ExportError(f"--opset {opset}: the TorchScript exporter wrote opset {got} ({_one_line(exc)})",
+                              hint="ask for another --opset, or leave it out (the exporter's own)")
+        if _is_data_dependent(exc):
             warn.append("torch.export cannot trace this model (data-dependent control flow: "
                         f"{_one_line(exc)}); exported with the TorchScript tracer, which bakes in the "
                         "branch taken on the sample input; sign flips per site not checked (logits only)")
-            return onnx.load_from_string(buf.getvalue()), "torchscript", True
-        except Exception as exc2:  # noqa: BLE001
-            raise ExportError(f"ONNX export failed: {_one_line(exc)}; TorchScript fallback: {_one_line(exc2)}",
-                              hint="remove data-dependent Python control flow from forward") from None
-    raise ExportError(f"ONNX export failed: {_one_line(exc)}",
+        else:
+            warn.append(f"--opset {opset}: {_one_line(exc)}; exported with the TorchScript exporter "
+                        f"(opset {opset}); sign flips per site not checked (logits only)")
+        return proto, "torchscript", True
+    raise ExportError(f"{asked}ONNX export failed: {_one_line(exc)}",
                       hint="rerun with BNNSHIFT_DEBUG=1; see docs/patch.md (export)") from None
 
 
@@ -455,14 +512,19 @@ def _set_metadata(proto, model: nn.Module, extra: dict[str, str] | None) -> None
 def export_onnx(model: nn.Module, input_shape: Iterable[int], path: str | os.PathLike[str], opset: int | None = None, *,
                 sites: Iterable[Site] | None = None, batches: int = DEFAULT_BATCHES,
                 batch_size: int = DEFAULT_BATCH_SIZE, seed: int = 0,
-                metadata: dict[str, str] | None = None) -> ExportReport:
+                metadata: dict[str, str] | None = None, output_index: int | None = None,
+                output_key: str | None = None) -> ExportReport:
     """Export ``model`` (eval mode) to ONNX at ``path`` and verify it against torch with onnxruntime.
 
     ``sites``: binary activations to compare (default: the sites of a model patched by
     bnnshift, folded ones included). ``metadata``: extra ONNX ``metadata_props`` (bnnshift's
     version and the shifts are always written). ``ExportReport.opset`` is the opset the file
-    uses. Returns an ``ExportReport``; raises ``ExportError`` when
-    the exporter fails and ``VerificationError`` when no try passes. Nothing is written then.
+    uses: the asked ``opset`` or an ``ExportError`` naming it. A model returning a tuple / list,
+    a dict (or ``ModelOutput``) or a dataclass is exported with its logits as the one output
+    (``output_index`` / ``output_key`` pick them as in :func:`bnnshift.load.pick_logits`; a
+    UsageError when none fits) and verified like a tensor. Returns an ``ExportReport``; raises
+    ``ExportError`` when the exporter fails and ``VerificationError`` when no try passes. Nothing
+    is written then.
     """
     import onnx
 
@@ -474,11 +536,17 @@ def export_onnx(model: nn.Module, input_shape: Iterable[int], path: str | os.Pat
         sites = list(st.sites) if st is not None else []
     was_training = model.training
     model.eval()
-    taps = _Taps(model, sites)
-    wrapper = _Tapped(model, taps)
     g = torch.Generator().manual_seed(seed)
     data = [torch.randn((batch_size, *shape), generator=g) for _ in range(max(1, batches))]
     warn: list[str] = []
+    with torch.no_grad():
+        out = model(data[0][:2])
+    if not isinstance(out, torch.Tensor):  # UsageError when no element / item fits
+        _, how = pick_logits(out, output_index, output_key)
+        if how:
+            warn.append(how.split(" (")[0] + "; the ONNX file's one output is it")
+    taps = _Taps(model, sites)
+    wrapper = _Tapped(model, taps, logits_picker(output_index, output_key))
     attempts: list[dict[str, Any]] = []
     from ._guard import inplace_writers
 
@@ -539,7 +607,8 @@ def export_onnx(model: nn.Module, input_shape: Iterable[int], path: str | os.Pat
         taps.remove()
         model.train(was_training)
     last = attempts[-1]["failed"] if attempts else ["no attempt"]
-    raise VerificationError(f"ONNX verification failed after {len(attempts)} tries: {'; '.join(last)}",
+    asked = f"--opset {opset}: " if opset is not None else ""
+    raise VerificationError(f"{asked}ONNX verification failed after {len(attempts)} tries: {'; '.join(last)}",
                             hint="the torch model is unchanged; see docs/patch.md (export)")
 
 
@@ -547,7 +616,8 @@ def export_onnx(model: nn.Module, input_shape: Iterable[int], path: str | os.Pat
 
 
 def _export_dir_inprocess(out_dir: str, onnx_path: str, opset: int | None, batches: int, *, model: Any = None,
-                          model_args: Any = None, trust: bool = False) -> ExportReport:
+                          model_args: Any = None, trust: bool = False, output_index: int | None = None,
+                          output_key: str | None = None) -> ExportReport:
     from .patch import load_patched, read_recipe
 
     recipe = read_recipe(out_dir)
@@ -557,13 +627,17 @@ def _export_dir_inprocess(out_dir: str, onnx_path: str, opset: int | None, batch
     from ._io import sha256_file
 
     return export_onnx(model, recipe.input_shape, onnx_path, opset, batches=batches,
-                       metadata={"bnnshift_recipe_sha256": sha256_file(Path(out_dir) / "patch.json")})
+                       metadata={"bnnshift_recipe_sha256": sha256_file(Path(out_dir) / "patch.json")},
+                       output_index=output_index, output_key=output_key)
 
 
 def export_patched_dir(out_dir: str | os.PathLike[str], onnx_path: str | os.PathLike[str], opset: int | None = None, *,
                        batches: int = DEFAULT_BATCHES, isolate: bool = True, timeout: float | None = 1800,
-                       model: Any = None, model_args: Any = None, trust: bool = False) -> ExportReport:
+                       model: Any = None, model_args: Any = None, trust: bool = False,
+                       output_index: int | None = None, output_key: str | None = None) -> ExportReport:
     """Export the model of a patched directory (``load_patched``) to ``onnx_path`` and verify it.
+    ``output_index`` / ``output_key``: which element / item of a tuple / dict output are the logits
+    (:func:`export_onnx`).
 
     ``model`` / ``model_args`` / ``trust``: as ``load_patched`` (the model from the user, or
     trust the recipe's code spec); an ``nn.Module`` instance exports in this process.
@@ -576,7 +650,8 @@ def export_patched_dir(out_dir: str | os.PathLike[str], onnx_path: str | os.Path
         isolate = False  # an instance cannot cross the process boundary
     if not isolate:
         return _export_dir_inprocess(str(out_dir), str(onnx_path), opset, batches, model=model,
-                                     model_args=model_args, trust=trust)
+                                     model_args=model_args, trust=trust, output_index=output_index,
+                                     output_key=output_key)
     from ._io import atomic_write_from, fault_point, sweep_stale
 
     tmp_root = tempfile.gettempdir()
@@ -596,6 +671,10 @@ def export_patched_dir(out_dir: str | os.PathLike[str], onnx_path: str | os.Path
             cmd += ["--arg", a]
         if trust:
             cmd += ["--trust-recipe"]
+        if output_index is not None:
+            cmd += ["--output-index", str(output_index)]
+        if output_key is not None:
+            cmd += ["--output-key", str(output_key)]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
                                   preexec_fn=_die_with_parent(os.getpid()) if os.name == "posix" else None)
@@ -677,12 +756,15 @@ def _main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default=None)
     ap.add_argument("--arg", action="append", default=None)
     ap.add_argument("--trust-recipe", action="store_true")
+    ap.add_argument("--output-index", type=int, default=None)
+    ap.add_argument("--output-key", default=None)
     a = ap.parse_args(argv)
     if a.parent_pid is not None:
         _watch_parent(a.parent_pid)
     try:
         report = _export_dir_inprocess(a.out_dir, a.onnx_path, a.opset, a.batches, model=a.model, model_args=a.arg,
-                                       trust=a.trust_recipe)
+                                       trust=a.trust_recipe, output_index=a.output_index,
+                                       output_key=a.output_key)
         payload, code = {"report": report.to_json()}, 0
     except BnnshiftError as exc:
         payload, code = {"error": exc.message, "hint": exc.hint, "exit_code": exc.exit_code}, exc.exit_code

@@ -15,6 +15,8 @@ never downloaded.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import ast
 import contextlib
 import difflib
@@ -559,11 +561,20 @@ def pick_logits(out: Any, index: int | None = None, key: str | None = None) -> t
 
     A tensor is the logits (note None). A tuple/list (e.g. a distillation model's
     ``(logits, features)``): element ``index``, default the first tensor. A dict (or a
-    ``ModelOutput``): item ``key``, default ``"logits"``. Raises UsageError (exit 2) naming the
+    ``ModelOutput``) or a dataclass: item / field ``key``, default ``"logits"``. Raises UsageError (exit 2) naming the
     output's structure and ``--output-index`` / ``--output-key`` when none fits.
     """
     if isinstance(out, torch.Tensor):
         return out, None
+    if dataclasses.is_dataclass(out) and not isinstance(out, type) and not isinstance(out, Mapping):
+        fields = {f.name: getattr(out, f.name) for f in dataclasses.fields(out)}
+        k = key if key is not None else ("logits" if "logits" in fields else None)
+        if k is None or k not in fields or not isinstance(fields[k], torch.Tensor):
+            raise UsageError(f"the model returns a dataclass {type(out).__name__} (fields: "
+                             f"{', '.join(list(fields)[:8])}); "
+                             f"{'no tensor in field ' + repr(key) if key is not None else 'which field are the logits?'}",
+                             hint="pass --output-key FIELD")
+        return fields[k], f"the model returns a dataclass: field {k!r} used as the logits (--output-key to change)"
     if isinstance(out, Mapping):
         k = key if key is not None else ("logits" if "logits" in out else None)
         if k is None or k not in out or not isinstance(out[k], torch.Tensor):
@@ -847,7 +858,7 @@ def _tensors_only(obj: Mapping[Any, Any]) -> dict[str, torch.Tensor]:
 
 
 _INNER_KEYS = ("model_state_dict", "state_dict", "model", "net", "module", "network", "weights")
-_EMA_KEYS = ("state_dict_ema", "model_ema", "ema_state_dict", "ema_model")
+_EMA_KEYS = ("state_dict_ema", "model_ema", "ema_state_dict", "ema_model", "ema")
 _STRIP_PREFIXES = ("module.", "_orig_mod.", "model.", "net.")
 _LEGACY_PREFIXES = ("module.", "_orig_mod.")  # stripped when the model's keys are not known
 
@@ -902,28 +913,60 @@ def _matches(keys: Iterable[str], model_keys: set[str]) -> int:
 
 def _strip_prefixes(sd: dict[str, torch.Tensor], model_keys: Iterable[str] | None = None
                     ) -> tuple[dict[str, torch.Tensor], str | None]:
-    """Strip a prefix shared by every key (``module.``, ``_orig_mod.``, ``model.``, ``net.``,
-    repeatedly) when the model's keys lack it and stripping fits no fewer keys. Without the
-    model's keys only ``module.`` / ``_orig_mod.`` are stripped. Returns (dict, prefix or None)."""
+    """Strip a prefix (``module.``, ``_orig_mod.``, ``model.``, ``net.``, repeatedly) when the
+    model's keys lack it. Shared by every key: stripped when that fits no fewer keys. Carried by
+    only some keys (a LightningModule's ``net.*`` next to its loss's ``criterion.weight``):
+    stripped from those keys when that fits strictly more keys and clashes with no key already
+    there; the other keys stay as they are (reported unexpected). Without the model's keys only
+    ``module.`` / ``_orig_mod.`` shared by every key are stripped. Returns (dict, prefix or None)."""
     own = set(model_keys) if model_keys is not None else None
     prefixes = _STRIP_PREFIXES if own is not None else _LEGACY_PREFIXES
     stripped = ""
     while sd:
         for prefix in prefixes:
-            if not all(k.startswith(prefix) for k in sd):
+            carried = [k for k in sd if k.startswith(prefix)]
+            if not carried:
+                continue
+            every = len(carried) == len(sd)
+            if not every and own is None:
                 continue
             if own is not None:
                 if own and all(k.startswith(prefix) for k in own):
                     continue  # the model's own keys carry it (e.g. a top-level `model` child)
-                cand = {k[len(prefix):]: v for k, v in sd.items()}
-                if _matches(cand, own) < _matches(sd, own):
+                cand = {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in sd.items()}
+                if len(cand) != len(sd):
+                    continue  # stripping would overwrite a key already there
+                gain = _matches(cand, own) - _matches(sd, own)
+                if gain < 0 or (not every and gain <= 0):
                     continue
-            sd = {k[len(prefix):]: v for k, v in sd.items()}
+            sd = {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in sd.items()}
             stripped += prefix
             break
         else:
             break
     return sd, (stripped or None)
+
+
+# ema-pytorch's ``EMA(model).state_dict()``: ``ema_model.*`` (the averaged weights),
+# ``online_model.*`` (the trained ones, unless include_online_model=False), and its counters.
+_EMA_PYTORCH_EXTRA = ("initted", "step")
+
+
+def _ema_pytorch_layout(sd: dict[str, torch.Tensor], use_ema: bool
+                        ) -> tuple[dict[str, torch.Tensor], str, list[str]] | None:
+    """The weights inside an ema-pytorch ``EMA`` state dict, or None when ``sd`` is not one.
+    Returns (weights with the ``ema_model.`` / ``online_model.`` prefix removed, that prefix, notes)."""
+    ema = {k: v for k, v in sd.items() if k.startswith("ema_model.")}
+    online = {k: v for k, v in sd.items() if k.startswith("online_model.")}
+    rest = set(sd) - set(ema) - set(online)
+    if not ema or not rest <= set(_EMA_PYTORCH_EXTRA) or not rest:
+        return None
+    if use_ema or not online:
+        note = ("EMA weights 'ema_model.' used (--use-ema)" if use_ema
+                else "only EMA weights 'ema_model.' in the ema-pytorch checkpoint: loaded them")
+        return {k[len("ema_model."):]: v for k, v in ema.items()}, "ema_model.", [note]
+    return ({k[len("online_model."):]: v for k, v in online.items()}, "online_model.",
+            ["the ema-pytorch checkpoint also holds EMA weights 'ema_model.' (--use-ema to load them)"])
 
 
 @dataclass
@@ -941,7 +984,15 @@ def _read_state_dict(path: str | os.PathLike[str], *, allow_unsafe: bool, use_em
         raise CheckpointError(f"checkpoint {p} not found", hint="check the --checkpoint path")
     if not p.is_file():
         raise CheckpointError(f"checkpoint {p} is not a file", hint="check the --checkpoint path")
-    obj, keys, notes = _unwrap(_read_raw(p, allow_unsafe, search_dirs), allow_unsafe, use_ema, p)
+    raw = _read_raw(p, allow_unsafe, search_dirs)
+    try:
+        obj, keys, notes = _unwrap(raw, allow_unsafe, use_ema, p)
+    except CheckpointError:
+        if not use_ema:
+            raise
+        obj, keys, notes = _unwrap(raw, allow_unsafe, False, p)  # an ema-pytorch layout inside?
+        if not (isinstance(obj, Mapping) and _ema_pytorch_layout(_tensors_only(obj), True)):
+            raise
     if not isinstance(obj, Mapping):
         raise CheckpointError(
             f"checkpoint {p} holds a {type(obj).__name__}, not a state dict",
@@ -954,7 +1005,14 @@ def _read_state_dict(path: str | os.PathLike[str], *, allow_unsafe: bool, use_em
             f"checkpoint {p} holds no tensors (top-level keys: {top})",
             hint="save it with torch.save(model.state_dict(), ...)",
         )
+    ema = _ema_pytorch_layout(sd, use_ema)
+    ema_prefix = None
+    if ema is not None:
+        sd, ema_prefix, more = ema
+        notes = [n for n in notes if "EMA" not in n] + more
     sd, prefix = _strip_prefixes(sd, model_keys)
+    if ema_prefix:
+        prefix = ema_prefix + (prefix or "")
     return _Read(sd, "/".join(keys) or None, prefix, notes)
 
 
@@ -990,6 +1048,57 @@ def _prefix_hint(report: LoadReport) -> str | None:
     return None
 
 
+def _tied_groups(model: nn.Module) -> list[list[str]]:
+    """State-dict keys that name one and the same tensor (``conv2.weight = conv1.weight``), in
+    registration order; only groups of two or more."""
+    groups: dict[int, list[str]] = {}
+    for name, t in list(model.named_parameters(remove_duplicate=False)) + list(
+            model.named_buffers(remove_duplicate=False)):
+        if t is not None:
+            groups.setdefault(id(t), []).append(name)
+    return [g for g in groups.values() if len(g) > 1]
+
+
+def _bn_counter(model: nn.Module, key: str) -> bool:
+    """``key`` is a BatchNorm's ``num_batches_tracked``: torch's ``load_state_dict(strict=True)``
+    keeps the model's own counter when a plain dict lacks it."""
+    owner, _, leaf = key.rpartition(".")
+    if leaf != "num_batches_tracked":
+        return False
+    try:
+        mod = model.get_submodule(owner) if owner else model
+    except AttributeError:
+        return False
+    return isinstance(mod, nn.modules.batchnorm._BatchNorm)
+
+
+def _fill_as_torch_does(model: nn.Module, sd: dict[str, torch.Tensor]
+                        ) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Keys that are absent but that torch's own ``load_state_dict(strict=True)`` does not miss:
+    a tensor tied to a key that is present (safetensors' ``save_model`` stores one name per
+    shared tensor) is given that key's value; a missing BatchNorm ``num_batches_tracked`` is left
+    to torch, which keeps the model's own. Returns (the dict, notes saying what was accepted)."""
+    sd = dict(sd)
+    notes: list[str] = []
+    tied: list[str] = []
+    for group in _tied_groups(model):
+        present = [k for k in group if k in sd]
+        if not present:
+            continue
+        for k in group:
+            if k not in sd:
+                sd[k] = sd[present[0]]
+                tied.append(f"{k} = {present[0]}")
+    if tied:
+        notes.append(f"tied weights loaded from the key they share a tensor with: {', '.join(tied[:3])}"
+                     + (", ..." if len(tied) > 3 else ""))
+    counters = [k for k in model.state_dict() if k not in sd and _bn_counter(model, k)]
+    if counters:
+        notes.append(f"{len(counters)} BatchNorm num_batches_tracked absent: the model's own kept "
+                     "(as torch's load_state_dict does)")
+    return sd, notes
+
+
 def _nonfinite(sd: Mapping[str, torch.Tensor]) -> list[str]:
     return [k for k, v in sd.items() if v.is_floating_point() and v.numel() and not bool(torch.isfinite(v).all())]
 
@@ -1019,7 +1128,9 @@ def load_checkpoint(
     p = Path(path).expanduser()
     report = LoadReport(path=str(p), inner_key=read.inner_key, prefix=read.prefix, tensors=len(sd),
                         total=len(own), strict=strict, notes=list(read.notes))
-    report.missing = [k for k in own if k not in sd]
+    sd, accepted = _fill_as_torch_does(model, sd)
+    report.notes.extend(accepted)
+    report.missing = [k for k in own if k not in sd and not _bn_counter(model, k)]
     report.unexpected = [k for k in sd if k not in own]
     for k, v in sd.items():
         if k in own and isinstance(own[k], torch.Tensor):
@@ -1032,7 +1143,10 @@ def load_checkpoint(
                 report.shape_mismatch.append((k, tuple(v.shape), tuple(target.shape)))
 
     def fail(what: str) -> CheckpointError:
-        where = f" (under {read.inner_key!r})" if read.inner_key else ""
+        where = [f"under {read.inner_key!r}"] if read.inner_key else []
+        if read.prefix:
+            where.append(f"prefix {read.prefix!r} stripped")
+        where = f" ({', '.join(where)})" if where else ""
         return CheckpointError(
             f"checkpoint {p}{where} {what}: {report.summary()}",
             hint=_prefix_hint(report) or "check the model spec and --arg values, or pass --non-strict to load what fits",

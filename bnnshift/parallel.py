@@ -12,6 +12,7 @@ Backends: ``nccl`` on CUDA, ``gloo`` on CPU (tested here with 2 CPU processes).
 """
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -20,6 +21,8 @@ from typing import Any
 import torch
 
 from .errors import TrainingError, UsageError
+
+log = logging.getLogger(__name__)
 
 __all__ = ["DistInfo", "dist_info", "init_from_env", "resolve_device", "all_reduce_", "broadcast_object", "agree",
            "wrap_ddp", "sync_buffers", "barrier"]
@@ -128,14 +131,64 @@ def barrier() -> None:
         torch.distributed.barrier()
 
 
-def wrap_ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """``DistributedDataParallel(model)`` on ``device`` (the model itself in one process)."""
+def unused_parameters(model: torch.nn.Module, probe: torch.Tensor | None,
+                      pick: Any = None) -> list[str] | None:
+    """Names of the trainable parameters that get no gradient from one training-mode forward +
+    backward of ``probe`` (a few samples, shape ``(n, *input_shape)``), run on a deep copy so
+    the model's weights, BatchNorm statistics and gradients stay untouched. The backward starts
+    from ``pick(output)`` (the logits), or from every floating tensor of the output. None when
+    the probe cannot run (then DDP is told to look for unused parameters itself)."""
+    import copy
+
+    if probe is None or probe.shape[0] < 1:
+        return None
+    try:
+        twin = copy.deepcopy(model).train()
+        with torch.enable_grad():
+            out = twin(probe[:2])
+            if pick is not None:
+                roots = [pick(out)]
+            else:
+                roots = [t for t in _tensors_in(out) if t.is_floating_point() and t.requires_grad]
+            roots = [r for r in roots if isinstance(r, torch.Tensor) and r.requires_grad]
+            if not roots:
+                return None
+            sum(r.float().sum() for r in roots).backward()
+        return [n for n, p in twin.named_parameters() if p.requires_grad and p.grad is None]
+    except Exception:  # noqa: BLE001 - the probe only decides a DDP flag; DDP then finds out itself
+        return None
+
+
+def _tensors_in(out: Any) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        return [t for v in out.values() for t in _tensors_in(v)]
+    if isinstance(out, (list, tuple)):
+        return [t for v in out for t in _tensors_in(v)]
+    if hasattr(out, "__dataclass_fields__"):
+        return [t for f in out.__dataclass_fields__ for t in _tensors_in(getattr(out, f))]
+    return []
+
+
+def wrap_ddp(model: torch.nn.Module, device: torch.device, probe: torch.Tensor | None = None,
+             pick: Any = None) -> torch.nn.Module:
+    """``DistributedDataParallel(model)`` on ``device`` (the model itself in one process).
+
+    ``find_unused_parameters=True`` only when needed: when a parameter gets no gradient from a
+    probe forward + backward (:func:`unused_parameters`; an auxiliary head forward never uses),
+    or when the probe cannot tell. ``probe``: a few input samples on ``device``."""
     if not _initialized() or torch.distributed.get_world_size() == 1:
         return model
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=ids)
+    unused = unused_parameters(model, probe, pick)
+    find = unused is None or bool(unused)
+    if unused and dist_info().is_main:
+        log.info("DDP: %d parameter(s) get no gradient (%s): find_unused_parameters=True",
+                 len(unused), ", ".join(unused[:3]) + (", ..." if len(unused) > 3 else ""))
+    return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=find)
 
 
 @torch.no_grad()

@@ -494,7 +494,10 @@ class DefaultTrainer:
             return model
         w = self.ddp.get(id(model))
         if w is None or w.module is not model:
-            w = self.ddp[id(model)] = wrap_ddp(model, self.train_x.device)
+            from .load import logits_picker
+
+            pick = logits_picker(getattr(self.cfg, "output_index", None), getattr(self.cfg, "output_key", None))
+            w = self.ddp[id(model)] = wrap_ddp(model, self.train_x.device, probe=self.train_x[:2], pick=pick)
         return w
 
     def _batches(self, run: "TrainRun", until: int):

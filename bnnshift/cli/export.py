@@ -8,7 +8,8 @@ from typing import Optional
 import typer
 
 from . import app
-from ._common import ARG, BN_DATA, BN_RECALIB_BATCHES, JSON, QUIET, RECIPE_MODEL, TRUST_RECIPE, ArgList
+from ._common import (ARG, BN_DATA, BN_RECALIB_BATCHES, JSON, OUTPUT_INDEX, OUTPUT_KEY, QUIET, RECIPE_MODEL,
+                      TRUST_RECIPE, ArgList)
 from ._errors import handle_errors
 from ._output import Output
 
@@ -19,13 +20,16 @@ def export_command(
     out_dir: str = typer.Argument(..., help="A directory written by `bnnshift patch` (folded or not)."),
     onnx: str = typer.Option(..., "--onnx", help="Path of the ONNX file to write."
                                                  " Missing parent directories are created (mkdir -p)."),
-    opset: Optional[int] = typer.Option(None, "--opset", help="ONNX opset (default: the exporter's)."),
+    opset: Optional[int] = typer.Option(None, "--opset", help="ONNX opset of the file (default: the exporter's);"
+                                                          " refused (exit 1, no file) when it cannot be written."),
     batches: int = typer.Option(3, "--batches", min=1, help="Random batches compared with onnxruntime."),
     data: Optional[str] = BN_DATA,
     bn_recalib_batches: int = BN_RECALIB_BATCHES,
     model_spec: Optional[str] = RECIPE_MODEL,
     arg: ArgList = ARG,
     trust_recipe: bool = TRUST_RECIPE,
+    output_index: Optional[int] = OUTPUT_INDEX,
+    output_key: Optional[str] = OUTPUT_KEY,
     json_: bool = JSON,
     quiet: bool = QUIET,
 ):
@@ -50,12 +54,12 @@ def export_command(
     bn = refresh_bn(o, model, recipe, data, bn_recalib_batches, out_dir)
     if bn is None or not bn["recalibrated"]:
         report = export_patched_dir(out_dir, onnx, opset, batches=batches, model=model_spec, model_args=arg,
-                                    trust=trust_recipe)
+                                    trust=trust_recipe, output_index=output_index, output_key=output_key)
     else:
         with tempfile.TemporaryDirectory(prefix="bnnshift-bn-") as tmp:
             save_patched(model, recipe, tmp, force=True)
             report = export_patched_dir(tmp, onnx, opset, batches=batches, model=model_spec, model_args=arg,
-                                        trust=trust_recipe)
+                                        trust=trust_recipe, output_index=output_index, output_key=output_key)
     _print_export(o, report)
     if bn is None:
         bn_note(o, model, recipe, out_dir, f"bnnshift export {out_dir} --onnx {onnx} --data SPEC "
