@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import dataclasses
 import difflib
 import hashlib
 import importlib
@@ -559,11 +560,22 @@ def pick_logits(out: Any, index: int | None = None, key: str | None = None) -> t
 
     A tensor is the logits (note None). A tuple/list (e.g. a distillation model's
     ``(logits, features)``): element ``index``, default the first tensor. A dict (or a
-    ``ModelOutput``): item ``key``, default ``"logits"``. Raises UsageError (exit 2) naming the
-    output's structure and ``--output-index`` / ``--output-key`` when none fits.
+    ``ModelOutput``) or a ``@dataclass``: item / field ``key``, default ``"logits"``. Raises
+    UsageError (exit 2) naming the output's structure and ``--output-index`` / ``--output-key`` when none fits.
     """
     if isinstance(out, torch.Tensor):
         return out, None
+    if dataclasses.is_dataclass(out) and not isinstance(out, type) and not isinstance(out, Mapping):
+        # a plain @dataclass output: its fields, like the items of a dict (default field "logits")
+        items = {f.name: getattr(out, f.name) for f in dataclasses.fields(out)}
+        k = key if key is not None else ("logits" if "logits" in items else None)
+        if k is None or k not in items or not isinstance(items[k], torch.Tensor):
+            raise UsageError(f"the model returns a dataclass {type(out).__name__} (fields: "
+                             f"{', '.join(list(items)[:8])}); "
+                             f"{'no tensor in field ' + repr(key) if key is not None else 'which field are the logits?'}",
+                             hint="pass --output-key FIELD")
+        return items[k], (f"the model returns a dataclass {type(out).__name__}: field {k!r} used as the logits "
+                          "(--output-key to change)")
     if isinstance(out, Mapping):
         k = key if key is not None else ("logits" if "logits" in out else None)
         if k is None or k not in out or not isinstance(out[k], torch.Tensor):

@@ -327,19 +327,35 @@ def record_compile(key: str, *, compile_seconds: float, compiled_step_seconds: f
 
 
 def _time_eager_steps(model: nn.Module, cfg: Any, x: torch.Tensor, y: torch.Tensor, channels_last: bool) -> float:
-    """Median seconds of an eager training step on ``model`` (a throwaway copy)."""
+    """Median seconds of an eager training step on ``model`` (a throwaway copy).
+
+    The step is the training step's own forward + loss (:func:`_forward_loss`): the same output
+    picker (``cfg.output_index`` / ``cfg.output_key``, tuple/dict/dataclass outputs), the same
+    ``--train-config`` loss on the whole output, the same autocast precision, so a model that
+    trains in eager is timed the same way (issue 22)."""
+    from .load import logits_picker
+
     setup = make_train_setup(model, cfg)
     if channels_last:
         model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
     model.train()
+    step = _forward_loss(model, setup.loss_fn, getattr(cfg, "precision", "fp32"), x.device.type,
+                         logits_picker(getattr(cfg, "output_index", None), getattr(cfg, "output_key", None)),
+                         setup.raw_output)
+    scaler = torch.amp.GradScaler(x.device.type) if getattr(cfg, "precision", "fp32") == "fp16" else None
     times = []
     for i in range(CALIBRATION_STEPS + 1):
         t0 = time.perf_counter()
         setup.optimizer.zero_grad(set_to_none=True)
-        loss = setup.loss_fn(model(x), y)
-        loss.backward()
-        setup.optimizer.step()
+        loss, _ = step(x, y)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(setup.optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            setup.optimizer.step()
         if i:
             times.append(time.perf_counter() - t0)
     times.sort()
