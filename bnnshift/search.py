@@ -258,6 +258,10 @@ class SearchSummary:
     noise_note: str
     ahead_of_baseline: bool | None
     seconds: float
+    # t = 0 has the best mean: the best other shift (``runner_up``) and whether t = 0 leads it by
+    # more than the seed noise (True), within it (False) or with no noise estimate (None)
+    runner_up: float | None = None
+    baseline_ahead: bool | None = None
     compiled: bool | None = None
     compile_seconds: float | None = None
     compile_error: str | None = None
@@ -294,6 +298,8 @@ class SearchSummary:
             "winner": self.winner,
             "baseline": self.baseline,
             "ahead_of_baseline": self.ahead_of_baseline,
+            "runner_up": self.runner_up,
+            "baseline_ahead": self.baseline_ahead,
             "noise_note": self.noise_note,
             "shared_init": self.shared_init,
             "shared_batches": self.shared_batches,
@@ -925,12 +931,41 @@ def _noise_note(stats: list[ShiftStats], winner: ShiftStats | None, seeds: int) 
         return (f"winner t = {winner.shift:g} is {diff * 100:+.2f} points ahead of t = 0 with {n} seed"
                 f"{'s' if n != 1 else ''}: not resolved, too few seeds to estimate the seed noise (use --seeds "
                 f"{least} or more)"), None, 0.0
-    noise = max(winner.std or 0.0, base.std or 0.0, 2 * math.sqrt((winner.stderr or 0) ** 2 + (base.stderr or 0) ** 2))
+    noise = _seed_noise(winner, base)
     if diff <= noise:
         return (f"winner t = {winner.shift:g} is NOT ahead of t = 0 by more than the seed noise "
                 f"({diff * 100:+.2f} points vs noise {noise * 100:.2f})"), False, noise
     return (f"winner t = {winner.shift:g} is ahead of t = 0 by {diff * 100:+.2f} points, more than the seed noise "
             f"({noise * 100:.2f})"), True, noise
+
+
+def _seed_noise(a: ShiftStats, b: ShiftStats) -> float:
+    """The seed noise of a comparison of two shifts' mean scores: the larger per-shift std, or
+    twice the standard error of the difference (the same both ways)."""
+    return max(a.std or 0.0, b.std or 0.0, 2 * math.sqrt((a.stderr or 0) ** 2 + (b.stderr or 0) ** 2))
+
+
+def _baseline_lead(stats: list[ShiftStats], seeds: int) -> tuple[str, bool | None, ShiftStats | None]:
+    """t = 0 has the best mean in ``stats``: (note, does it lead the best other shift by more than
+    the seed noise (None: fewer than 3 seeds, or no other shift), that shift)."""
+    base = next((s for s in stats if shift_key(s.shift) == shift_key(0.0) and s.mean is not None), None)
+    others = [s for s in stats if shift_key(s.shift) != shift_key(0.0) and s.mean is not None]
+    if base is None or not others:
+        return "the winner is t = 0 (no shift); no other shift to compare with", None, None
+    r = max(others, key=lambda s: (s.mean, -abs(s.shift)))
+    lead = base.mean - r.mean
+    least = validate.MIN_VERDICT_SEEDS
+    if seeds < least or r.n < least or base.n < least:
+        n = min(seeds, r.n, base.n)
+        return (f"t = 0 leads the best shift t = {r.shift:g} by {lead * 100:+.2f} points with {n} seed"
+                f"{'s' if n != 1 else ''}: not resolved, too few seeds to estimate the seed noise (use --seeds "
+                f"{least} or more)"), None, r
+    noise = _seed_noise(r, base)
+    if lead <= noise:
+        return (f"t = 0 is NOT ahead of the best shift t = {r.shift:g} by more than the seed noise "
+                f"({lead * 100:+.2f} points vs noise {noise * 100:.2f})"), False, r
+    return (f"t = 0 is ahead of the best shift t = {r.shift:g} by {lead * 100:+.2f} points, more than the seed "
+            f"noise ({noise * 100:.2f})"), True, r
 
 
 def summarise(candidates: list[CandidateResult], *, shifts: list[float], seeds: list[int], sites: list[str],
@@ -951,6 +986,19 @@ def summarise(candidates: list[CandidateResult], *, shifts: list[float], seeds: 
         note += f" (at rung {base.rung}, where t = 0 stopped)"
     else:
         note, ahead, _ = _noise_note(stats, winner, len(seeds))
+    runner_up = baseline_ahead = None
+    if winner is not None and shift_key(winner.shift) == shift_key(0.0):
+        # symmetric: t = 0 leads; by more than the noise, or a tie (issue 22). Compared with the
+        # best other shift at the last rung it reached (halving: paired, same steps)
+        others = [s for s in stats if s.mean is not None and shift_key(s.shift) != shift_key(0.0)]
+        top_other = max((s.rung or 0 for s in others), default=0)
+        if others and any(s.rung is not None for s in others) and top_other != (winner.rung or 0):
+            view = _rung_view(stats, candidates, top_other)
+            note, baseline_ahead, r = _baseline_lead(view, len(seeds))
+            note += f" (at rung {top_other}, where t = {r.shift:g} stopped)" if r is not None else ""
+        else:
+            note, baseline_ahead, r = _baseline_lead(ranked, len(seeds))
+        runner_up = r.shift if r is not None else None
     inits = {c.init_hash for c in candidates if c.init_hash}
     by_seed_init = {}
     by_seed_batch = {}
@@ -970,7 +1018,7 @@ def summarise(candidates: list[CandidateResult], *, shifts: list[float], seeds: 
         config=config, config_hash=config_hash, metric=metric, sites=sites, seeds=list(seeds), shifts=list(shifts),
         candidates=candidates, stats=stats, winner=winner.shift if winner else None,
         baseline=next((s.mean for s in stats if shift_key(s.shift) == shift_key(0.0)), None),
-        noise_note=note, ahead_of_baseline=ahead, seconds=seconds,
+        noise_note=note, ahead_of_baseline=ahead, seconds=seconds, runner_up=runner_up, baseline_ahead=baseline_ahead,
         compiled=comp.compiled if comp else None, compile_seconds=csec,
         compile_error=next((c.compile_error for c in candidates if c.compile_error), None),
         resumed=sum(1 for c in candidates if c.resumed), shared_init=shared_init, shared_batches=shared_batches,

@@ -193,11 +193,11 @@ def _torchrun_rank() -> int | None:
 def _print_summary(summary, out: Output) -> None:
     from ..report import render_table, search_json, verdict
 
-    from ..validate import few_seeds_warning
+    from ..validate import MIN_VERDICT_SEEDS, few_seeds_warning
 
     print_load_notes(out, list(getattr(summary, "notes", None) or []), getattr(summary, "checkpoint", None))
     v = verdict(summary)
-    few = v.get("resolved") is False
+    few = v.get("resolved") is False and len(summary.seeds) < MIN_VERDICT_SEEDS  # a tie is unresolved too
     if few:  # once, with the verdict it concerns (also with --json, on stderr)
         out.warn(few_seeds_warning(len(summary.seeds)))
     if out.json_mode:
