@@ -1741,9 +1741,66 @@ def search(cfg: SearchConfig, *, out_dir: str | Path | None = None, resume: bool
                              patch_out=patch_out)
 
 
+PREFLIGHT_RECALIB_BATCHES = 2  # BN statistics re-estimated on this many batches before the pre-flight probe
+
+
+def preflight_degenerate(ctx: _Context, shifts: Sequence[float], seed: int) -> dict[float, list[str]]:
+    """Before the first candidate (issue 22): the sites each shift makes constant at ``seed``'s
+    initial weights, ``{shift: [site names]}`` (only shifts with a constant site).
+
+    The same check as a finished candidate's ``degenerate`` (+1 share exactly 0 or 1 on the probe
+    batch, after BN statistics are re-estimated, here on ``PREFLIGHT_RECALIB_BATCHES`` batches),
+    on a throwaway copy of the patched model. {} when the search has no probe batch."""
+    from .probe import probe_sites
+    from .shift import insert_shifts
+    from .train import recalibrate_bn
+
+    if ctx.probe_x is None or not ctx.sites:
+        return {}
+    model = ctx.factory(seed)
+    insert_shifts(model, ctx.sites, {s.name: 0.0 for s in ctx.sites})
+    model.to(device=ctx.probe_x.device, dtype=ctx.probe_x.dtype)
+    init = _clone_state(model)
+    out: dict[float, list[str]] = {}
+    for t in dict.fromkeys(float(v) for v in shifts):
+        model.load_state_dict(init)
+        _set_shift(model, t)
+        if ctx.recalib_x:
+            recalibrate_bn(model, ctx.recalib_x[:PREFLIGHT_RECALIB_BATCHES])
+        res = probe_sites(model, ctx.sites, [ctx.probe_x], update=False, device=ctx.probe_x.device)
+        dead = constant_sites({name: r.get("plus_fraction") for name, r in res.items()})
+        if dead:
+            out[t] = dead
+    return out
+
+
+def _preflight(ctx: _Context, cfg: SearchConfig) -> list[str]:
+    """Stop a search whose every candidate would be degenerate (UsageError, exit 2, before any
+    training or output); otherwise the warning lines for the shifts that would be."""
+    from .scan import producer_range
+
+    dead = preflight_degenerate(ctx, cfg.shifts, cfg.seeds[0])
+    if not dead:
+        return []
+    sites = sorted({n for v in dead.values() for n in v})
+    if len(dead) == len(dict.fromkeys(float(v) for v in cfg.shifts)):
+        by_name = {s.name: s for s in ctx.sites}
+        rngs = [r for r in (producer_range(by_name[n]) for n in sites if n in by_name) if r is not None]
+        rngs += [(by_name[n].preact["min"], by_name[n].preact["max"]) for n in sites
+                 if n in by_name and producer_range(by_name[n]) is None and by_name[n].preact
+                 and by_name[n].preact.get("min") is not None]
+        where = f"; its pre-activation lies in [{rngs[0][0]:.3g}, {rngs[0][1]:.3g}]" if rngs else ""
+        raise UsageError(f"every shift of --shifts makes {', '.join(sites[:4])} constant at the initial weights "
+                         f"(+1 share 0 or 1 on the probe batch): no candidate could learn or be ranked{where}",
+                         hint="pick shifts inside the pre-activation's range (bnnshift scan shows it)")
+    return [f"before training: t = {', '.join(f'{t:g}' for t in dead)} make{'s' if len(dead) == 1 else ''} "
+            f"{', '.join(sites[:4])} constant at the initial weights: those candidates would be degenerate"]
+
+
 def _search_owned(cfg: SearchConfig, *, out_dir, resume: bool, force: bool, progress: Any,
                   patch_out) -> SearchSummary:
     ctx = _context(cfg)
+    pre = _preflight(ctx, cfg)
     saved = (getattr(ctx.trainer, "compile_mode", None), getattr(ctx.trainer, "channels_last", False))
     try:
         choice = _choose_step_path(ctx, cfg)
@@ -1765,7 +1822,7 @@ def _search_owned(cfg: SearchConfig, *, out_dir, resume: bool, force: bool, prog
             from .report import write_report
 
             summary.files = write_report(summary, summary.out_dir)
-    summary.warnings = search_warnings(ctx.sites, summary.candidates, list(cfg.shifts), ctx.warnings)
+    summary.warnings = search_warnings(ctx.sites, summary.candidates, list(cfg.shifts), ctx.warnings) + pre
     _finish(summary, ctx, patch_out, force=force, cfg=cfg)
     return summary
 
@@ -1786,6 +1843,7 @@ def _search_ranks(cfg: SearchConfig, *, out_dir, resume: bool, force: bool, prog
     info = init_from_env(cfg.device)
     ctx = _context(cfg)
     agree([[shift_key(v) for v in cfg.shifts], list(cfg.seeds), ctx.config_hash], "the candidates and the configuration")
+    pre = _preflight(ctx, cfg)  # the same data and weights on every rank: all stop or none
     # --compile auto: rank 0 measures and decides, every rank trains the same way
     choice = _choose_step_path(ctx, cfg) if info.is_main else None
     path = broadcast_object((choice.compile, choice.channels_last) if choice is not None else None)
@@ -1812,7 +1870,7 @@ def _search_ranks(cfg: SearchConfig, *, out_dir, resume: bool, force: bool, prog
                             progress=progress, train_one_epoch=None, step_progress_target=ctx.trainer)
             summary.schedule = {"name": "full"}
         agree([[shift_key(c.shift), c.seed, c.status, c.score] for c in summary.candidates], "the candidates' scores")
-        summary.warnings = search_warnings(ctx.sites, summary.candidates, list(cfg.shifts), ctx.warnings)
+        summary.warnings = search_warnings(ctx.sites, summary.candidates, list(cfg.shifts), ctx.warnings) + pre
         _finish(summary, ctx, my_patch, force=force, cfg=cfg)
         barrier()
     finally:

@@ -599,6 +599,8 @@ CATALOGUE: dict[str, tuple[str, int]] = {
     "export-onnx-long": ("`export --onnx NAME` over 255 bytes (242-255 bytes work)", 2),
     "patch-onnx-long": ("`patch --onnx NAME` over 255 bytes", 2),
     "fold-long": ("`fold DIR` over 255 bytes", 2),
+    "grid-all-degenerate": ("`--shifts 50,100` on a site whose pre-activation stays far below: every shift makes a site "
+                            "constant at the initial weights (found before any training)", 2),
     "out-not-writable": ("`--out` where nothing can be written (a few bytes are written first)", 1),
     "patch-o-not-writable": ("`patch -o` where nothing can be written", 1),
     "onnx-not-writable": ("`--onnx` in a directory that cannot be written", 1),
