@@ -261,7 +261,11 @@ def _schedule_lines(summary: "SearchSummary") -> list[str]:
     sch, cost = summary.schedule or {}, summary.cost or {}
     out = [f"- schedule: successive halving (eta {sch.get('eta'):g}, first rung {sch.get('min_fraction'):g} of the "
            f"epoch); {cost.get('candidate_steps')} candidate steps vs {cost.get('full_grid_candidate_steps')} for "
-           f"the full grid ({(cost.get('ratio') or 0):.2f}x)"]
+           f"the full grid ({(cost.get('ratio') or 0):.2f}x)" + _wall_text(cost)]
+    if sch.get("fallback"):
+        out.append(f"- fell back to the full schedule: {sch['fallback'].removeprefix('full: ')}")
+    elif sch.get("plan_note"):
+        out.append(f"- rungs: {sch['plan_note']}")
     if sch.get("stop_when_stable"):
         out.append(f"- --stop-when-stable: a rung ends once the shifts it keeps held for {sch['stable_fraction']:g} "
                    f"of its steps and each leads each eliminated shift by more than {sch['stable_z']:g} paired standard "
@@ -272,8 +276,27 @@ def _schedule_lines(summary: "SearchSummary") -> list[str]:
                 f"{len(r['candidates'])} shift{'s' if len(r['candidates']) != 1 else ''}, kept {kept}")
         if r.get("stopped_early"):
             line += f"; {_stop_text(r['stopped_early'])}"
+        if r.get("decision"):
+            line += f"; {r['decision']['action']}: {r['decision']['why']}"
+        sc = r.get("scores") or {}
+        if sc:  # every rung's scores (mean over seeds, at equal steps)
+            line += "; scores " + ", ".join(f"t={float(t):g} {'-' if v is None else f'{v * 100:.2f}%'}"
+                                           for t, v in sorted(sc.items(), key=lambda kv: float(kv[0])))
         out.append(line)
     return out
+
+
+def _wall_text(cost: dict[str, Any]) -> str:
+    """The halving run's wall time next to its step ratio (the full grid's estimated from this
+    run's seconds per training step)."""
+    wall = cost.get("wall_seconds")
+    if wall is None:
+        return ""
+    est = cost.get("full_grid_seconds_estimate")
+    if not est:
+        return f"; wall {wall:.1f}s"
+    return (f"; wall {wall:.1f}s vs ~{est:.1f}s of training steps for the full grid "
+            f"({(cost.get('wall_ratio_estimate') or 0):.2f}x, estimated)")
 
 
 def _val_text(vs: dict[float, tuple[float, float, int]] | None, shift: float) -> str:

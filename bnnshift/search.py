@@ -110,6 +110,7 @@ class SearchConfig:
     min_fraction: float = 0.125
     stop_when_stable: bool = False  # stop a rung once its decision held for stable_fraction of its steps
     stable_fraction: float = 0.25
+    rung_min_samples: int = 2000  # halving: a rung that ranks trains each candidate on at least this many samples
     # streaming data path and precision (bnnshift.data.stream, docs/search.md)
     augment: str = "none"
     stream: str = "auto"
@@ -121,7 +122,7 @@ class SearchConfig:
     # fields that do not change a score (or are the candidate itself); the schedule decides
     # which candidates train how far, not what a candidate scores after n steps
     _NOT_HASHED = ("shifts", "seeds", "device", "compile", "memory_format", "schedule", "eta", "min_fraction",
-                   "workers", "stop_when_stable", "stable_fraction")
+                   "workers", "stop_when_stable", "stable_fraction", "rung_min_samples")
 
     def __post_init__(self):
         if self.input_shape is not None:
@@ -361,7 +362,8 @@ _CONTEXTS: dict[str, _Context] = {}
 
 def _cfg_key(cfg: SearchConfig) -> str:
     d = cfg.to_json()
-    for k in ("shifts", "seeds", "schedule", "eta", "min_fraction", "stop_when_stable", "stable_fraction"):
+    for k in ("shifts", "seeds", "schedule", "eta", "min_fraction", "stop_when_stable", "stable_fraction",
+              "rung_min_samples"):
         d.pop(k, None)
     return json.dumps(d, sort_keys=True, default=str)
 
@@ -1109,21 +1111,45 @@ def _loop(ctx: _Context, *, shifts: list[float], seeds: list[int], metric: str, 
 # ------------------------------------------------------------------------------ successive halving
 
 
-def rung_steps(total: int, eta: float, min_fraction: float) -> list[int]:
+def rung_steps(total: int, eta: float, min_fraction: float, min_steps: int = 1) -> list[int]:
     """The step counts at which successive halving ranks the candidates: ``min_fraction`` of the
-    epoch, times ``eta`` at each rung, the last rung the whole epoch (``total`` steps).
+    epoch, times ``eta`` at each rung, the last rung the whole epoch (``total`` steps). A rung
+    under ``min_steps`` is left out (its candidates go on to the next: ``--rung-min-samples``
+    divided by the batch size, :func:`rung_min_steps`); ``[total]`` alone is the full schedule.
 
-    ``rung_steps(234, 2, 0.125) == [29, 58, 117, 234]``. Increasing, at least one step each.
+    ``rung_steps(234, 2, 0.125) == [29, 58, 117, 234]``; ``rung_steps(24, 2, 0.125, 8) == [12, 24]``.
+    Increasing, at least one step each.
     """
     out: list[int] = []
     f = float(min_fraction)
     while f < 1.0 - 1e-9:
         n = max(1, int(round(f * total)))
-        if n < total and (not out or n > out[-1]):
+        if n < total and n >= min_steps and (not out or n > out[-1]):
             out.append(n)
         f *= eta
     out.append(int(total))
     return out
+
+
+def rung_min_steps(cfg: SearchConfig) -> int:
+    """The fewest steps of a rung that ranks: ``ceil(cfg.rung_min_samples / batch size)`` (>= 1)."""
+    n = int(getattr(cfg, "rung_min_samples", 0) or 0)
+    return max(1, math.ceil(n / max(1, int(cfg.batch_size))))
+
+
+def _plan_note(cfg: SearchConfig, total: int) -> str | None:
+    """Why the halving plan differs from ``--min-fraction``'s rungs (rungs under the sample minimum
+    left out; the whole schedule fell back to full), or None."""
+    raw = rung_steps(total, cfg.eta, cfg.min_fraction)
+    plan = rung_steps(total, cfg.eta, cfg.min_fraction, rung_min_steps(cfg))
+    if plan == raw:
+        return None
+    dropped = [n for n in raw if n not in plan]
+    why = (f"rungs at {', '.join(map(str, dropped))} steps train each candidate on fewer than "
+           f"--rung-min-samples {cfg.rung_min_samples} samples ({rung_min_steps(cfg)} steps of {cfg.batch_size})")
+    if len(plan) == 1:
+        return f"fell back to the full schedule: {why}; every shift trains the whole epoch"
+    return f"{why}: left out, the first rung is at {plan[0]} steps"
 
 
 def stable_marks(prev: int, n_r: int, fraction: float) -> tuple[int, list[int]]:
@@ -1201,6 +1227,37 @@ def stable_decision(hits: dict[float, list[list[int]]], seen: dict[float, list[l
     if tight is not None and math.isinf(tight["z"]):
         tight["z"] = None  # strict JSON: no infinity (the differences had no spread at all)
     return {"steps": at, "window": window, "stable_from": at - window, "kept": sorted(kept), "tightest": tight}
+
+
+CHANCE_Z = 3.0  # a rung's best mean score within this many binomial standard errors of chance: at chance
+
+
+def rung_decision(ranked: list[float], keep_n: int, mean: Callable[[float], float], *, samples: int,
+                  chance: float | None) -> tuple[list[float], dict[str, Any] | None]:
+    """Which of a rung's ``ranked`` shifts (best first) go on, and why when it is not the plain
+    best ``keep_n`` (issue 22): ``({"action": "extended", "why": ...})`` keeps them all when the
+    best mean score is at chance (``chance`` = 1 / classes, within ``CHANCE_Z`` binomial standard
+    errors over ``samples`` samples: the scores carry no information); ``"tie"`` keeps every shift
+    whose mean equals the last kept one's exactly. ``chance=None``: no chance check."""
+    if not ranked:
+        return [], None
+    if chance is not None and 0 < chance < 1 and samples > 0:
+        best = mean(ranked[0])
+        band = CHANCE_Z * math.sqrt(chance * (1 - chance) / samples)
+        if best <= chance + band:
+            return list(ranked), {"action": "extended",
+                                  "why": (f"scores at chance: the best {best * 100:.2f}% is within {CHANCE_Z:g} "
+                                          f"standard errors ({band * 100:.2f} points) of chance {chance * 100:.2f}% "
+                                          f"after {samples} samples; all {len(ranked)} shifts go on")}
+    keep = ranked[:keep_n]
+    if len(ranked) > keep_n:
+        cut = mean(ranked[keep_n - 1])
+        tied = [t for t in ranked[keep_n:] if mean(t) == cut]
+        if tied:
+            both = ", ".join(f"{t:g}" for t in [t for t in keep if mean(t) == cut] + tied)
+            return keep + tied, {"action": "tie", "why": f"t = {both} tie exactly at the cut ({cut * 100:.2f}%): "
+                                                          "all kept"}
+    return keep, None
 
 
 def survivors(n: int, eta: float) -> int:
@@ -1334,7 +1391,12 @@ def _halving_loop(ctx: _Context, cfg: SearchConfig, *, out_dir: str | Path | Non
         if not rec.get("eliminated"):
             store.known((sk, seed), steps, rec.get("state"))
     total = trainer.num_steps()
-    plan = rung_steps(total, cfg.eta, cfg.min_fraction)
+    plan = rung_steps(total, cfg.eta, cfg.min_fraction, rung_min_steps(cfg))
+    plan_note = _plan_note(cfg, total)
+    labels = getattr(trainer, "train_y", None)
+    classes = int(labels.max()) + 1 if isinstance(labels, torch.Tensor) and labels.numel() else 0
+    chance = 1.0 / classes if classes > 1 else None
+    clock0 = list(getattr(trainer, "step_clock", [0, 0.0]))
     runs = list(plan)  # the rungs this run trains: an early-stopped last rung adds the winner's finish
     recs_by_cand: dict[tuple[str, int], dict[int, dict]] = {}
     for (sk, seed, _h, steps), rec in rung_recs.items():
@@ -1554,6 +1616,11 @@ def _halving_loop(ctx: _Context, cfg: SearchConfig, *, out_dir: str | Path | Non
                                       _mean_or_none(scores.get(shift_key(t), [])) or 0.0, -abs(t)), reverse=True)
             ranked = [t for t in ranked if _mean_or_none(scores.get(shift_key(t), [])) is not None]
             keep = ranked[:keep_n] if not last else ranked
+            decision = None
+            if not last and stop is None:  # a rung ranks only when its scores carry information (issue 22)
+                keep, decision = rung_decision(
+                    ranked, keep_n, lambda t: _mean_or_none(scores.get(shift_key(t), [])) or 0.0,
+                    samples=n_r * cfg.batch_size * len(seeds), chance=chance if cfg.rung_min_samples else None)
             if stop is not None and not last:
                 # a journaled stop keeps the shifts it named (a resumed run makes the same decision, even
                 # if its float rounding would rank them otherwise); a fresh stop's are the ranking's
@@ -1564,6 +1631,7 @@ def _halving_loop(ctx: _Context, cfg: SearchConfig, *, out_dir: str | Path | Non
             rungs_out.append({"rung": r, "steps": n_r, "fraction": round(n_r / total, 6), "candidates": list(alive),
                               "kept": sorted(keep) if not last else [],
                               "scores": {shift_key(t): _mean_or_none(scores.get(shift_key(t), [])) for t in alive},
+                              "samples": n_r * cfg.batch_size, "decision": decision,
                               **({"planned_steps": n_plan, "stopped_early": stop} if cfg.stop_when_stable else {})})
             if last:
                 break
@@ -1602,7 +1670,15 @@ def _halving_loop(ctx: _Context, cfg: SearchConfig, *, out_dir: str | Path | Non
     summary = summarise(results, shifts=shifts, seeds=seeds, sites=[s.name for s in ctx.sites], config=cfg.to_json(),
                         config_hash=ctx.config_hash, metric=cfg.metric, seconds=time.perf_counter() - t0)
     summary.checkpoint, summary.notes = _checkpoint_json(ctx), list(getattr(ctx, "notes", []))
-    summary.schedule = {"name": "halving", "eta": cfg.eta, "min_fraction": cfg.min_fraction, "rung_steps": plan}
+    summary.schedule = {"name": "halving", "eta": cfg.eta, "min_fraction": cfg.min_fraction, "rung_steps": plan,
+                        "rung_min_samples": cfg.rung_min_samples}
+    extended = [x for x in rungs_out if (x.get("decision") or {}).get("action") == "extended"]
+    nonlast = rungs_out[:-1]
+    if len(plan) == 1 or (nonlast and len(extended) == len(nonlast)):
+        why = plan_note if len(plan) == 1 else "every rung's scores were at chance: " + extended[-1]["decision"]["why"]
+        summary.schedule["fallback"] = f"full: {why}"
+    if plan_note and len(plan) > 1:
+        summary.schedule["plan_note"] = plan_note
     if cfg.stop_when_stable:
         summary.schedule.update({"stop_when_stable": True, "stable_fraction": cfg.stable_fraction, "stable_z": STABLE_Z})
     summary.rungs = rungs_out
@@ -1613,6 +1689,16 @@ def _halving_loop(ctx: _Context, cfg: SearchConfig, *, out_dir: str | Path | Non
                                                          for x in rungs_out)
     cs = summary.cost["candidate_steps"]
     summary.cost["ratio"] = round(cs / summary.cost["full_grid_candidate_steps"], 4) if cs is not None else None
+    # wall time of this run next to the step ratio: the full grid's is estimated from this run's own
+    # seconds per training step (first steps of a compiled runner excluded) times its candidate steps
+    wall = time.perf_counter() - t0
+    clock = getattr(trainer, "step_clock", None)
+    summary.cost["wall_seconds"] = round(wall, 3)
+    if clock is not None and clock[0] > clock0[0]:
+        per_step = (clock[1] - clock0[1]) / (clock[0] - clock0[0])
+        est = per_step * summary.cost["full_grid_candidate_steps"]
+        summary.cost["full_grid_seconds_estimate"] = round(est, 3)
+        summary.cost["wall_ratio_estimate"] = round(wall / est, 4) if est > 0 else None
     if out_dir is not None:
         from .report import write_report
 
@@ -1643,7 +1729,7 @@ def expected_steps(cfg: SearchConfig, total: int) -> int:
     k, s = len(cfg.shifts), len(cfg.seeds)
     if cfg.schedule != "halving":
         return k * s * total
-    plan, prev, n = rung_steps(total, cfg.eta, cfg.min_fraction), 0, 0
+    plan, prev, n = rung_steps(total, cfg.eta, cfg.min_fraction, rung_min_steps(cfg)), 0, 0
     for r, steps in enumerate(plan):
         n += _alive_count(k, cfg.eta, r) * s * (steps - prev)
         prev = steps
