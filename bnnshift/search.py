@@ -1635,11 +1635,15 @@ def _halving_loop(ctx: _Context, cfg: SearchConfig, *, out_dir: str | Path | Non
                               **({"planned_steps": n_plan, "stopped_early": stop} if cfg.stop_when_stable else {})})
             if last:
                 break
+            n_out = sum(1 for t in alive if t not in keep) * len(seeds)
+            k_out = 0
             for t in alive:
                 if t in keep:
                     continue
                 for seed in seeds:  # eliminated here: its record is its score at this rung
                     key = (shift_key(t), seed)
+                    k_out += 1
+                    pr.call("transition", r, k_out, n_out)  # progress between rungs (issue 22)
                     if key in final:
                         continue
                     ck = candidate_key(t, seed, ctx.config_hash)
