@@ -1855,8 +1855,8 @@ def preflight_degenerate(ctx: _Context, shifts: Sequence[float], seed: int) -> d
     for t in dict.fromkeys(float(v) for v in shifts):
         model.load_state_dict(init)
         _set_shift(model, t)
-        if ctx.recalib_x:
-            recalibrate_bn(model, ctx.recalib_x[:PREFLIGHT_RECALIB_BATCHES])
+        if ctx.recalib_x is not None and len(ctx.recalib_x):  # a list of batches, or streamed (eval_batches)
+            recalibrate_bn(model, ctx.recalib_x, max_batches=PREFLIGHT_RECALIB_BATCHES)
         res = probe_sites(model, ctx.sites, [ctx.probe_x], update=False, device=ctx.probe_x.device)
         dead = constant_sites({name: r.get("plus_fraction") for name, r in res.items()})
         if dead:
