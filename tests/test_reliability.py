@@ -78,6 +78,8 @@ CATALOGUE = [
     ("patch-onnx-long", ["patch", "zoo:mlp", "--shift", "0.5", "-o", "p", "--onnx", LONG + ".onnx"], 2, "--onnx",
      ["p"]),
     ("fold-long", ["fold", LONG], 2, "255", []),
+    ("grid-all-degenerate", SEARCH + ["--shifts", "50,100", "--out", "o"], 2, "constant at the initial weights",
+     ["o"]),
     ("out-not-writable", SEARCH + ["--out", "/proc/self/bnnshift-out"], 1, "cannot write", []),
     ("patch-o-not-writable", ["patch", "zoo:mlp", "--shift", "0.5", "-o", "/proc/self/bnnshift-p"], 1,
      "cannot write", []),
