@@ -806,6 +806,150 @@ def _check_lowering(disc: Discovery, model: nn.Module, t: float = 0.5) -> None:
         s.fold_reason = f"lowering the fold target by t does not act as x - t (measured)"
 
 
+def _first_tensor(v: Any) -> torch.Tensor | None:
+    if isinstance(v, torch.Tensor):
+        return v
+    if isinstance(v, (tuple, list)) and v and isinstance(v[0], torch.Tensor):
+        return v[0]
+    return None
+
+
+class _Recorded:
+    """Wraps one shift handler of the patch: records the value its hook shifts (``before``)."""
+
+    def __init__(self, name: str, handler: Any, store: dict[str, torch.Tensor], output: bool = False):
+        self.name, self.handler, self.store, self.output = name, handler, store, output
+
+    def __call__(self, module, arg):
+        v = _first_tensor(arg) if self.output else (_first_tensor(arg[0]) if arg else None)
+        if v is not None and self.name not in self.store:
+            self.store[self.name] = v.detach().clone()
+        return self.handler(module, arg)
+
+
+def measure_shift_once(model: nn.Module, sites: list[Site], x: torch.Tensor, t: float = 0.5) -> dict[str, str | float]:
+    """How far the patch moves each site's binarizer input: every site shifted by ``t`` at once,
+    the patch's own hooks (``shift.insert_shifts`` on a copy), one forward on ``x``.
+
+    Per site name: ``1.0`` when the value reaching the binarizer is exactly the value its hook
+    shifted minus ``t`` (once); ``k`` (e.g. ``2.0``) when another hook shifted the same value
+    too; ``"not fired"`` when the site's hook did not run; ``"indirect"`` when the hook's value is
+    not the binarizer's input (the module transforms it first, e.g. standardises it: a shift of
+    ``t`` then moves it by another amount by design); ``"not measured"`` when the binarizer's
+    input was not seen. Raises whatever the model raises.
+    """
+    from ._runtime import SiteRuntime
+    from .shift import insert_shifts
+
+    plain = []
+    for s in sites:
+        c = copy.copy(s)
+        c.shift_into = None  # a lowered fold target is checked against the plain hook by _check_lowering
+        plain.append(c)
+    by_name = {s.name: s for s in plain}
+
+    def run(tv: float) -> tuple[dict, dict]:
+        m = copy.deepcopy(model).eval()
+        insert_shifts(m, plain, {s.name: tv for s in plain})
+        rt: SiteRuntime = m._bnnshift_shift.runtime
+        rt.remove()
+        before: dict[str, torch.Tensor] = {}
+        after: dict[str, torch.Tensor] = {}
+        for d, out in ((rt.pre_call, False), (rt.post_call, True), (rt.op_handlers, False)):
+            for key, h in list(d.items()):
+                name = next((s.name for s in plain if _handler_key(s) == (d is rt.op_handlers, d is rt.post_call, key)), None)
+                if name is not None:
+                    d[key] = _Recorded(name, h, before, out)
+        op_sites: dict[tuple, list[str]] = {}
+        call_sites: dict[tuple, list[str]] = {}
+        for s in plain:
+            on_op = s.scope is not None and s.kind != KIND_MODULE
+            (op_sites if on_op else call_sites).setdefault(
+                (s.scope or "", s.op_index) if on_op else (s.module, s.call_index), []).append(s.name)
+        rt.watch_scopes = set(rt.watch_scopes or ()) | {sc for sc, _ in op_sites}
+
+        def record(ev):
+            v = _first_tensor(ev.used_inputs[0]) if ev.used_inputs else None
+            for name in op_sites.get((ev.scope, ev.index), ()):
+                if v is not None and name not in after:
+                    after[name] = v.detach().clone()
+
+        rt.record_ops = record
+        for p, _ in call_sites:
+            rt.pre_call.setdefault((p, _), lambda module, args: None)
+        rt.install(apply_wrapper=True)
+        mods = dict(m.named_modules())
+        extra = []
+        for (p, k), names in call_sites.items():
+            def after_hooks(module, args, _p=p, _k=k, _names=names):
+                v = _first_tensor(args[0]) if args else None
+                if rt.call_counts.get(_p, 0) - 1 == _k and v is not None:
+                    for name in _names:
+                        after.setdefault(name, v.detach().clone())
+            extra.append(mods[p].register_forward_pre_hook(after_hooks))
+        try:
+            p0 = next(iter(m.parameters()), None)
+            with torch.no_grad(), torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                m(x.to(p0.dtype) if p0 is not None and p0.is_floating_point() else x)
+        finally:
+            for h in extra:
+                h.remove()
+            rt.remove()
+        return before, after
+
+    b0, a0 = run(0.0)
+    b1, a1 = run(t)
+    out: dict[str, str | float] = {}
+    for name in by_name:
+        if name not in b1:
+            out[name] = "not fired"
+        elif name not in a1 or name not in a0 or name not in b0:
+            out[name] = "not measured"
+        elif a0[name].shape != b0[name].shape or not torch.equal(a0[name], b0[name]):
+            out[name] = "indirect"
+        elif a1[name].shape != b1[name].shape or not a1[name].is_floating_point():
+            out[name] = "not measured"
+        else:
+            d = (b1[name].double() - a1[name].double()) / t
+            k = float(d.median())
+            tol = 1e-4 * max(1.0, float(b1[name].abs().max()))
+            out[name] = 1.0 if torch.allclose(a1[name].double(), b1[name].double() - t, atol=tol, rtol=0) else round(k, 3)
+    return out
+
+
+def _handler_key(s: Site) -> tuple[bool, bool, tuple]:
+    """(is op handler, is post-call handler, address key) of the hook ``insert_shifts`` gives ``s``."""
+    if s.apply == APPLY_OP:
+        return (True, False, (s.scope or "", s.op_index))
+    if s.apply == APPLY_PRODUCER:
+        return (False, True, (s.module, s.call_index))
+    return (False, False, (s.module, s.call_index))
+
+
+def _check_shift_once(disc: Discovery, model: nn.Module, t: float = 0.5) -> None:
+    """Prove that the patch moves every site's binarizer input by exactly ``t``, never ``2t``
+    (``measure_shift_once``); a site whose input moves by another multiple of ``t`` shares its
+    value with another site's hook and is left out, with a warning. Sites whose hook did not
+    run keep ``fired`` for the probe to decide."""
+    root = next((r for r in disc.dyn.calls if r.path == ""), None)
+    if not disc.sites or root is None or not root.inp.is_tensor or not root.inp.is_float:
+        return
+    x = torch.randn(root.inp.shape, generator=torch.Generator().manual_seed(4321))
+    try:
+        res = measure_shift_once(model, disc.sites, x, t)
+    except Exception as exc:  # noqa: BLE001 - the model does not run patched on a copy: say so
+        disc.warnings.append(f"the shift of each site could not be measured ({type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0][:120] if str(exc) else ''})")
+        return
+    bad = {n: k for n, k in res.items() if isinstance(k, float) and k != 1.0}
+    for s in list(disc.sites):
+        if s.name in bad:
+            disc.sites.remove(s)
+            disc.warnings.append(f"site {s.name}: a shift of t there moves its binarizer's input by {bad[s.name]:g}t "
+                                 "(measured): another site already shifts the same value; left out")
+
+
 def analyse(disc: Discovery, model: nn.Module) -> list[Site]:
     """Fill in the context fields of every site of ``disc`` (in place); returns the sites.
 
@@ -834,6 +978,7 @@ def analyse(disc: Discovery, model: nn.Module) -> list[Site]:
             s.fold_reason = f"fold analysis failed ({type(exc).__name__}): hooks kept"
         disc.warnings.append(f"fold analysis failed ({type(exc).__name__}: {str(exc)[:120]}); every shift stays a hook")
     _check_lowering(disc, model)
+    _check_shift_once(disc, model)
     for s in disc.sites:
         if not s.foldable and not s.fold_reason:
             if s.producer == "residual add":

@@ -556,6 +556,7 @@ def discover(model: nn.Module, input_shape: tuple[int, ...], *, include_hardtanh
             found_here.append(s)
         sites.extend(found_here)
 
+    sites = one_site_per_call(sites)
     _name_sites(sites, calls_per_path, bases)
     _name_sites(hardtanh_sites, calls_per_path)
     warnings.extend(f"site {s.name}: {note}" for s, note in site_notes)
@@ -565,6 +566,36 @@ def discover(model: nn.Module, input_shape: tuple[int, ...], *, include_hardtanh
                      {s.name: node_of_site[id(s)] for s in sites if id(s) in node_of_site},
                      hardtanh_sites, warnings, trace_error, binary_params, inplace)
     return disc
+
+
+def site_identity(s: Site) -> tuple:
+    """What a site *is*: the call that binarizes, independent of how it was found.
+
+    An op-based site (inline op, a conv's input quantizer, a shift on the op's producer) is
+    its binarizing op, ``("op", scope, op_index)``: the ``op_index``-th candidate op run while
+    module ``scope`` is the innermost running module, per root forward. A module binarizer is
+    its call, ``("call", module path, call_index)``.
+    """
+    if s.scope is not None and s.kind != KIND_MODULE:
+        return ("op", s.scope, s.op_index)
+    return ("call", s.module, s.call_index)
+
+
+def one_site_per_call(sites: list[Site]) -> list[Site]:
+    """``sites`` with every call kept once (the first found: graph before run time).
+
+    The graph, each untraced leaf and the run-time pass may each find the same call (a leaf
+    inside a leaf, a site seen both in the graph and inside a leaf); two sites of one call
+    would shift its binarizer's input twice (``x - 2t``)."""
+    seen: set[tuple] = set()
+    out = []
+    for s in sites:
+        key = site_identity(s)
+        if key in seen:
+            continue
+        seen.add(key)
+        out.append(s)
+    return out
 
 
 def _is_activation(dyn: DynamicPass, dyn2: DynamicPass, key: tuple, inp: ValueSummary) -> bool:
