@@ -127,6 +127,21 @@ def ensure_apply_wrapper() -> None:
         _apply_wrapped = True
 
 
+def binary_part(output: Any) -> Any:
+    """The output of a binarizer that is the binarization: the output itself, or for a
+    multi-output binarizer (``(sign, scale)``, ``(scale, sign)``, ``(sign, mean)``) its first
+    tensor output with two or three distinct values in one sample (a per-sample scale has
+    one), else its first tensor output. Anything else is returned unchanged."""
+    if not isinstance(output, (tuple, list)):
+        return output
+    tensors = [v for v in output if isinstance(v, torch.Tensor)]
+    for v in tensors:
+        head = (v[0] if v.dim() >= 2 else v).detach().reshape(-1)[:4096]
+        if 2 <= torch.unique(head).numel() <= 3:
+            return v
+    return tensors[0] if tensors else output
+
+
 # ---------------------------------------------------------------- references bound at construction
 
 

@@ -24,7 +24,7 @@ from torch import fx, nn
 
 from . import registry
 from ._guard import changed_tensors, inplace_message, snapshot
-from ._runtime import OpEvent, SiteRuntime, graph_candidate_label
+from ._runtime import OpEvent, SiteRuntime, binary_part, graph_candidate_label
 from .errors import TraceError
 from .sites import (APPLY_OP, APPLY_PRE_HOOK, APPLY_PRODUCER, KIND_HARDTANH, KIND_INLINE, KIND_INPUT,
                     KIND_MODULE, Site)
@@ -57,8 +57,7 @@ class ValueSummary:
 
 def summarize(t: Any) -> ValueSummary:
     """Distinct values of a tensor, cheaply: a strided sample decides "many" before a full unique."""
-    if isinstance(t, (tuple, list)) and t and isinstance(t[0], torch.Tensor):
-        t = t[0]
+    t = binary_part(t)
     if not isinstance(t, torch.Tensor) or t.numel() == 0:
         return ValueSummary(False)
     # per sample: a scaled sign (alpha_i * sign(x), XNOR's K) is binary within each sample
@@ -479,7 +478,8 @@ def discover(model: nn.Module, input_shape: tuple[int, ...], *, include_hardtanh
                                 "at run time in the same order; skipped")
                 continue
             ev, in_sum, out_sum = rec
-            is_bool = isinstance(ev.output, torch.Tensor) and ev.output.dtype == torch.bool and out_sum.distinct == 2
+            out_t = binary_part(ev.output)
+            is_bool = isinstance(out_t, torch.Tensor) and out_t.dtype == torch.bool and out_sum.distinct == 2
             if not (out_sum.binary or is_bool):
                 continue  # e.g. an apply that is not a binarizer
             first = n.args[0] if n.args else None
@@ -532,7 +532,8 @@ def discover(model: nn.Module, input_shape: tuple[int, ...], *, include_hardtanh
         for ev, in_sum, out_sum in dyn.ops:
             if not under(ev.scope) or any(under_bin(ev.scope, b) for b in bin_paths):
                 continue
-            is_bool = isinstance(ev.output, torch.Tensor) and ev.output.dtype == torch.bool and out_sum.distinct == 2
+            out_t = binary_part(ev.output)
+            is_bool = isinstance(out_t, torch.Tensor) and out_t.dtype == torch.bool and out_sum.distinct == 2
             if not (out_sum.binary or is_bool):
                 continue
             if not _is_activation(dyn, dyn2, ("op", ev.scope, ev.index), in_sum):
