@@ -174,7 +174,12 @@ class LateApply:
 
 def bound_apply_function(v: Any) -> type | None:
     """The ``autograd.Function`` subclass when ``v`` is a bound ``apply`` of it, else None."""
-    owner = getattr(v, "__self__", None)
+    if not callable(type(v)) or isinstance(v, (torch.Tensor, nn.Module, str, int, float, type)):
+        return None
+    try:
+        owner = getattr(v, "__self__", None)
+    except Exception:  # noqa: BLE001 - a __getattr__ that raises something else than AttributeError
+        return None
     if not isinstance(owner, type) or not issubclass(owner, torch.autograd.Function):
         return None
     name = getattr(v, "__name__", "")

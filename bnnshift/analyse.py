@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from ._guard import copy_model
 from .detect import Discovery, _closure, activation_nodes, is_weight_layer, node_scope
 from .shift import fold_param
 from .sites import APPLY_OP, APPLY_PRE_HOOK, APPLY_PRODUCER, KIND_INPUT, KIND_MODULE, Site, target_param
@@ -502,7 +503,7 @@ def _own_additive_param(model: nn.Module, path: str, in_shape: tuple[int, ...] |
     """(parameter name, sign) of the binarizer module's additive parameter, found by measurement."""
     if not in_shape or len(in_shape) < 2:
         return None
-    m = copy.deepcopy(model.get_submodule(path))  # measured on a copy: a forward may write its own weights
+    m = copy_model(model.get_submodule(path))  # measured on a copy: a forward may write its own weights
     g = torch.Generator().manual_seed(1234)
     for name, p in m.named_parameters():
         if not p.is_floating_point() or p.numel() > 65536:
@@ -727,7 +728,7 @@ def _check_producer_hooks(disc: Discovery, model: nn.Module, t: float = 0.5) -> 
         return c
 
     def run(sites: list[Site]) -> list[torch.Tensor]:
-        m = copy.deepcopy(model).eval()
+        m = copy_model(model).eval()
         insert_shifts(m, sites, {s.name: t for s in sites})
         with torch.no_grad():
             return _flat_tensors(m(x.to(next(iter(m.parameters())).dtype) if any(True for _ in m.parameters()) else x))
@@ -768,7 +769,7 @@ def _check_lowering(disc: Discovery, model: nn.Module, t: float = 0.5) -> None:
         return c
 
     def run(sites: list[Site], dtype) -> list[torch.Tensor]:
-        m = copy.deepcopy(model).eval()
+        m = copy_model(model).eval()
         if dtype is not None:
             m = m.to(dtype)
         insert_shifts(m, sites, {s.name: t for s in sites})
@@ -849,7 +850,7 @@ def measure_shift_once(model: nn.Module, sites: list[Site], x: torch.Tensor, t: 
     by_name = {s.name: s for s in plain}
 
     def run(tv: float) -> tuple[dict, dict]:
-        m = copy.deepcopy(model).eval()
+        m = copy_model(model).eval()
         insert_shifts(m, plain, {s.name: tv for s in plain})
         rt: SiteRuntime = m._bnnshift_shift.runtime
         rt.remove()

@@ -15,7 +15,6 @@ forward), which is how a site found here is found again when patched.
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +22,7 @@ import torch
 from torch import fx, nn
 
 from . import registry
-from ._guard import changed_tensors, inplace_message, snapshot
+from ._guard import changed_tensors, copy_model, inplace_message, snapshot
 from ._runtime import OpEvent, SiteRuntime, binary_part, graph_candidate_label
 from .errors import TraceError
 from .sites import (APPLY_OP, APPLY_PRE_HOOK, APPLY_PRODUCER, KIND_HARDTANH, KIND_INLINE, KIND_INPUT,
@@ -400,8 +399,8 @@ def discover(model: nn.Module, input_shape: tuple[int, ...], *, include_hardtanh
     Returns a ``Discovery``; ``sites`` are in execution order, with addressing filled in and
     context left to ``analyse``.
     """
-    work = copy.deepcopy(model)  # the user's model never runs here (its forward may write its weights)
-    twin = copy.deepcopy(model)
+    work = copy_model(model)  # the user's model never runs here (its forward may write its weights)
+    twin = copy_model(model)
     x = example_input(tuple(input_shape))
     before = snapshot(work)
     dyn = dynamic_pass(work, x)

@@ -4,13 +4,13 @@
 """
 from __future__ import annotations
 
-import copy
 import math
 from typing import Any, Iterable
 
 import torch
 from torch import nn
 
+from ._guard import copy_model
 from .analyse import analyse
 from .detect import PROBE_BATCH, Discovery, discover, example_input
 from .errors import NoSitesError
@@ -93,7 +93,7 @@ def scan_model(model: nn.Module, input_shape: Iterable[int], *, name: str = "mod
     analyse(disc, model)
     # every forward below runs on a copy: the user's model (weights, buffers, Python
     # attributes its forward sets) is exactly as it was handed in
-    work = copy.deepcopy(model)
+    work = copy_model(model)
     if require_sites and not disc.sites:
         raise NoSitesError(f"no binary activation found in {name}", hint=NO_SITES_HINT)
     sites = disc.sites
@@ -175,7 +175,7 @@ def constant_site_warnings(patched: nn.Module, sites: list[Site], shifts: dict[s
     no information and, behind a clipped STE, no gradient: typically ``t`` outside the range
     a hardtanh / clamp / tanh / sigmoid / ReLU producer leaves the pre-activation in.
     """
-    work = copy.deepcopy(patched)
+    work = copy_model(patched)
     res = probe_sites(work, [s for s in sites if s.name in shifts], batches, update=False)
     out = []
     for s in sites:
@@ -250,7 +250,7 @@ def scan(spec: str, *, args: Iterable[str] | dict | None = None, checkpoint: str
         # centre the pre-activations; measure as after training, on a copy, with BN re-estimated
         from .train import recalibrate_bn
 
-        model = copy.deepcopy(model)
+        model = copy_model(model)
         with torch.no_grad():
             recalibrated = recalibrate_bn(model, batches) > 0
     report = scan_model(model, shape, name=loaded.spec.canonical(), batches=batches, data_name=data_name,

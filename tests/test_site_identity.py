@@ -392,3 +392,85 @@ def test_gradient_check_still_flags_plain_sign():
     report = scan_model(Plain(), (3, 8, 8))
     assert [s.gradient for s in report.sites] == [False, False]
     assert [w for w in report.warnings if "no gradient" in w]
+
+
+# ---------------------------------------------------------------- 5. models copy.deepcopy cannot copy
+
+
+class Recipe:
+    """A layer recipe whose __getattr__ delegates: copy.deepcopy fails (KeyError / RecursionError)."""
+
+    def __init__(self, **kw):
+        self._d = kw
+
+    def __getattr__(self, k):
+        return self._d[k]
+
+
+class RecipeAct(nn.Module):
+    def __init__(self, recipe):
+        super().__init__()
+        self.recipe = recipe
+        self.t = 0.0
+
+    def forward(self, x):
+        a = x - self.t
+        c = a.clamp(-self.recipe.clip, self.recipe.clip)
+        return c + (torch.sign(a) - c).detach()
+
+
+class RecipeNet(nn.Module):
+    def __init__(self, where="root"):
+        super().__init__()
+        r = Recipe(width=16, clip=1.0)
+        if where == "root":
+            self.cfg = r
+        else:  # variant: inside a list attribute of a submodule
+            self.extras = [r]
+        self.fc1, self.bn = nn.Linear(12, r.width), nn.BatchNorm1d(r.width)
+        self.act = RecipeAct(r)
+        self.fc2 = nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.bn(self.fc1(x))))
+
+
+@pytest.mark.parametrize("where", ["root", "list"])
+def test_model_deepcopy_cannot_copy_is_scanned_and_patched(where):
+    with pytest.raises((KeyError, RecursionError)):
+        copy.deepcopy(RecipeNet(where))
+    torch.manual_seed(0)
+    model = RecipeNet(where)
+    report = scan_model(model, (12,))
+    assert [s.name for s in report.sites] == ["act"]
+    x = torch.randn(6, 12)
+    ref = RecipeNet(where)
+    ref.load_state_dict(model.state_dict())
+    ref.act.t = T
+    patched = patch_model(model, report, T).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(patched(x), ref.eval()(x), rtol=1e-5, atol=1e-5)
+
+
+def test_model_that_cannot_be_copied_is_refused_in_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from bnnshift import validate
+    from bnnshift.cli import app
+
+    (tmp_path / "m.py").write_text(
+        "import torch, torch.nn as nn\n"
+        "class NoCopy(nn.Linear):\n"
+        "    def __deepcopy__(self, memo):\n"
+        "        raise RuntimeError('not copyable')\n"
+        "class Act(nn.Module):\n"
+        "    def forward(self, x):\n"
+        "        c = x.clamp(-1, 1)\n"
+        "        return c + (torch.sign(x) - c).detach()\n"
+        "def build():\n"
+        "    return nn.Sequential(NoCopy(12, 16), nn.BatchNorm1d(16), Act(), nn.Linear(16, 3))\n")
+    res = CliRunner().invoke(app, ["scan", f"{tmp_path / 'm.py'}:build", "--input-shape", "12"])
+    assert res.exit_code == validate.CATALOGUE["model-not-copyable"][1] == 1, res.output
+    err = res.stderr if hasattr(res, "stderr") else res.output
+    assert "NoCopy" in err and "cannot be copied" in err and "Traceback" not in err
+    assert len([ln for ln in err.strip().splitlines() if ln.strip()]) <= 2, err
