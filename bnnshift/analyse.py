@@ -8,6 +8,7 @@ whether a shift can be *folded* into an existing parameter.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import operator
 from typing import Any
@@ -706,6 +707,16 @@ def _flat_tensors(y: Any) -> list[torch.Tensor]:
     return out
 
 
+@contextlib.contextmanager
+def _same_noise(seed: int = 0):
+    """Every forward that is compared with another draws the same random numbers: a stochastic
+    binarizer (``sign(x + noise)``, stochastic rounding) then differs between two runs only by
+    what the comparison changes (the global RNG state is restored afterwards)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
 def _check_producer_hooks(disc: Discovery, model: nn.Module, t: float = 0.5) -> None:
     """A shift on a producer's output must move only its binarizer's input: measured, not assumed.
 
@@ -730,7 +741,7 @@ def _check_producer_hooks(disc: Discovery, model: nn.Module, t: float = 0.5) -> 
     def run(sites: list[Site]) -> list[torch.Tensor]:
         m = copy_model(model).eval()
         insert_shifts(m, sites, {s.name: t for s in sites})
-        with torch.no_grad():
+        with torch.no_grad(), _same_noise():
             return _flat_tensors(m(x.to(next(iter(m.parameters())).dtype) if any(True for _ in m.parameters()) else x))
 
     def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
@@ -774,7 +785,7 @@ def _check_lowering(disc: Discovery, model: nn.Module, t: float = 0.5) -> None:
             m = m.to(dtype)
         insert_shifts(m, sites, {s.name: t for s in sites})
         p = next(iter(m.parameters()), None)
-        with torch.no_grad():
+        with torch.no_grad(), _same_noise():
             return _flat_tensors(m(x.to(p.dtype) if p is not None else x))
 
     def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
@@ -890,8 +901,7 @@ def measure_shift_once(model: nn.Module, sites: list[Site], x: torch.Tensor, t: 
             extra.append(mods[p].register_forward_pre_hook(after_hooks))
         try:
             p0 = next(iter(m.parameters()), None)
-            with torch.no_grad(), torch.random.fork_rng(devices=[]):
-                torch.manual_seed(0)
+            with torch.no_grad(), _same_noise():
                 m(x.to(p0.dtype) if p0 is not None and p0.is_floating_point() else x)
         finally:
             for h in extra:

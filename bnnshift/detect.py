@@ -15,6 +15,7 @@ forward), which is how a site found here is found again when patched.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,6 +43,9 @@ class ValueSummary:
     distinct: int = 0
     values: tuple[float, ...] = ()  # the distinct values when there are at most 3
     is_float: bool = False
+    # two values up to the rounding of an STE expression (``c + (b - c).detach()`` is b only to
+    # about one ulp): distinct values counted after rounding to 1e-3 of the largest magnitude
+    near_binary: bool = False
 
     @property
     def binary(self) -> bool:
@@ -64,7 +68,13 @@ def summarize(t: Any) -> ValueSummary:
     sample = flat[:: max(1, flat.numel() // 4096)]
     u = torch.unique(sample.float())
     if u.numel() > 3:
-        return ValueSummary(True, tuple(t.shape), int(u.numel()), (), t.is_floating_point())
+        near = False
+        if t.is_floating_point():
+            scale = float(u.abs().max())
+            if scale > 0 and math.isfinite(scale):
+                r = torch.unique(torch.round(sample.float() / scale * 1000))
+                near = r.numel() == 2
+        return ValueSummary(True, tuple(t.shape), int(u.numel()), (), t.is_floating_point(), near)
     if flat.numel() > 1_000_000:
         flat = flat[:: flat.numel() // 1_000_000 + 1]
     u = torch.unique(flat.float())
@@ -222,6 +232,12 @@ def binarizer_module_paths(model: nn.Module, dyn: DynamicPass) -> set[str]:
             continue  # a torch layer (Hardtanh on large inputs, ReLU...) is never a binarizer
         if rec.out.binary and rec.inp.is_tensor and rec.inp.is_float and rec.inp.distinct > 8 \
                 and not rec.passes_arg and not _has_weight_layer(mods[rec.path]):
+            found.add(rec.path)
+        elif rec.out.near_binary and rec.inp.is_tensor and rec.inp.is_float and rec.inp.distinct > 8 \
+                and not rec.passes_arg and not _has_weight_layer(mods[rec.path]) \
+                and not any(under_bin(ev.scope, rec.path) for ev, _, _ in dyn.ops):
+            # an STE expression around a binarization that no candidate op makes (stochastic
+            # rounding ``where(rand < p, 1, -1)``): only the module's output says it binarizes
             found.add(rec.path)
     # a binarizer wrapped in layers that pass the same values in and out (brevitas:
     # QuantIdentity > act_quant > proxy > tensor_quant > delay_wrapper) is one site: the

@@ -41,10 +41,16 @@ def _set_t(model: nn.Module, t: float) -> nn.Module:
     return model
 
 
-def _assert_patch_is_threshold(build, shape, n_sites, *, x=None):
+def _run(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(123)  # the same noise for a stochastic binarizer in every model compared
+        return m(x)
+
+
+def _assert_patch_is_threshold(build, shape, n_sites, *, x=None, seed=0):
     """scan finds ``n_sites`` sites, each once; patching every site with T equals the model whose
     own thresholds are T (and t = 0 is bitwise the model)."""
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = build()
     report = scan_model(model, shape)
     assert report.num_sites == n_sites, [s.name for s in report.sites]
@@ -55,9 +61,8 @@ def _assert_patch_is_threshold(build, shape, n_sites, *, x=None):
     ref = _set_t(copy.deepcopy(model), T).eval()
     zero = patch_model(copy.deepcopy(model), report, 0.0).eval()
     shifted = patch_model(copy.deepcopy(model), report, T).eval()
-    with torch.no_grad():
-        assert torch.equal(zero(x), ref0(x))
-        y_ref, y0, y = ref(x), ref0(x), shifted(x)
+    assert torch.equal(_run(zero, x), _run(ref0, x))
+    y_ref, y0, y = _run(ref, x), _run(ref0, x), _run(shifted, x)
     assert not torch.allclose(y_ref, y0), "the test's threshold must change the output"
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
     return report
@@ -474,3 +479,98 @@ def test_model_that_cannot_be_copied_is_refused_in_one_line(tmp_path):
     err = res.stderr if hasattr(res, "stderr") else res.output
     assert "NoCopy" in err and "cannot be copied" in err and "Traceback" not in err
     assert len([ln for ln in err.strip().splitlines() if ln.strip()]) <= 2, err
+
+
+# ---------------------------------------------------------------- 6. stochastic binarizers
+
+
+class NoisySign(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return torch.sign(x + (torch.rand_like(x) * 2 - 1) * 0.5)
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return g * (x.abs() <= 1).to(g.dtype)
+
+
+class StochasticRound(nn.Module):
+    """Stochastic rounding to +-1 (P(+1) = (x + 1) / 2) with a clipped STE: no sign op at all."""
+
+    def __init__(self):
+        super().__init__()
+        self.t = 0.0
+
+    def forward(self, x):
+        c = (x - self.t).clamp(-1, 1)
+        b = torch.where(torch.rand_like(c) < (c + 1) / 2, 1.0, -1.0)
+        return c + (b - c).detach()
+
+
+class StochasticNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c0, self.bn0 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.c1, self.bn1 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.act = StochasticRound()
+        self.c2 = nn.Conv2d(8, 4, 3, padding=1)
+        self.t = 0.0
+
+    def forward(self, x):
+        h = NoisySign.apply(self.bn0(self.c0(x)) - self.t)
+        h = self.act(self.bn1(self.c1(h)))
+        return self.c2(h).mean((2, 3))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_stochastic_binarizers_found_and_shifted_whatever_the_init(seed):
+    report = _assert_patch_is_threshold(StochasticNet, (3, 8, 8), 2, seed=seed)
+    assert [s.name for s in report.sites] == ["root:NoisySign", "act"]
+    assert not [w for w in report.warnings if "measured" in w], report.warnings
+
+
+class BernoulliAct(nn.Module):
+    """Variant: a {0,1} stochastic binarizer, Bernoulli(sigmoid(x)) with an STE."""
+
+    def __init__(self):
+        super().__init__()
+        self.t = 0.0
+
+    def forward(self, x):
+        p = torch.sigmoid(x - self.t)
+        return p + (torch.bernoulli(p) - p).detach()
+
+
+class NoisyInputConv(nn.Conv2d):
+    """Variant: a conv binarizing its own input as sign(x + gaussian noise), inline STE."""
+
+    def __init__(self, *a, **k):
+        super().__init__(*a, **k)
+        self.t = 0.0
+
+    def forward(self, x):
+        a = x - self.t
+        c = a.clamp(-1, 1)
+        return F.conv2d(c + (torch.sign(a + 0.2 * torch.randn_like(a)) - c).detach(), self.weight, None, 1, 1)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_stochastic_variants_bernoulli_and_noisy_conv_input(seed):
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c0, self.bn0 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+            self.act = BernoulliAct()
+            self.cm, self.bnm = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+            self.c1 = NoisyInputConv(8, 8, 3, padding=1)
+            self.bn1 = nn.BatchNorm2d(8)
+            self.c2 = NoisyInputConv(8, 4, 3, padding=1)
+
+        def forward(self, x):
+            h = self.bnm(self.cm(self.act(self.bn0(self.c0(x)))))
+            return self.c2(self.bn1(self.c1(h))).mean((2, 3))
+
+    report = _assert_patch_is_threshold(Net, (3, 8, 8), 3, seed=seed)
+    assert [s.name for s in report.sites] == ["act", "c1:sign", "c2:sign"]
