@@ -829,13 +829,17 @@ def _first_tensor(v: Any) -> torch.Tensor | None:
 class _Recorded:
     """Wraps one shift handler of the patch: records the value its hook shifts (``before``)."""
 
-    def __init__(self, name: str, handler: Any, store: dict[str, torch.Tensor], output: bool = False):
-        self.name, self.handler, self.store, self.output = name, handler, store, output
+    def __init__(self, name: str, handler: Any, store: dict[str, torch.Tensor], output: bool = False,
+                 calls: dict[str, tuple] | None = None):
+        self.name, self.handler, self.store, self.output, self.calls = name, handler, store, output, calls
 
     def __call__(self, module, arg):
         v = _first_tensor(arg) if self.output else (_first_tensor(arg[0]) if arg else None)
         if v is not None and self.name not in self.store:
             self.store[self.name] = v.detach().clone()
+            if self.calls is not None and not self.output and isinstance(arg[0], torch.Tensor):
+                self.calls[self.name] = (module, tuple(a.detach().clone() if isinstance(a, torch.Tensor) else a
+                                                       for a in arg))
         return self.handler(module, arg)
 
 
@@ -847,7 +851,9 @@ def measure_shift_once(model: nn.Module, sites: list[Site], x: torch.Tensor, t: 
     shifted minus ``t`` (once); ``k`` (e.g. ``2.0``) when another hook shifted the same value
     too; ``"not fired"`` when the site's hook did not run; ``"indirect"`` when the hook's value is
     not the binarizer's input (the module transforms it first, e.g. standardises it: a shift of
-    ``t`` then moves it by another amount by design); ``"not measured"`` when the binarizer's
+    ``t`` then moves it by another amount by design); ``"invariant"`` when a hooked module
+    call's output is the same for its input ``x`` and ``x - t`` (a softmax or a normalisation
+    before its threshold: the shift changes nothing); ``"not measured"`` when the binarizer's
     input was not seen. Raises whatever the model raises.
     """
     from ._runtime import SiteRuntime
@@ -860,6 +866,8 @@ def measure_shift_once(model: nn.Module, sites: list[Site], x: torch.Tensor, t: 
         plain.append(c)
     by_name = {s.name: s for s in plain}
 
+    calls: dict[str, tuple] = {}
+
     def run(tv: float) -> tuple[dict, dict]:
         m = copy_model(model).eval()
         insert_shifts(m, plain, {s.name: tv for s in plain})
@@ -871,7 +879,7 @@ def measure_shift_once(model: nn.Module, sites: list[Site], x: torch.Tensor, t: 
             for key, h in list(d.items()):
                 name = next((s.name for s in plain if _handler_key(s) == (d is rt.op_handlers, d is rt.post_call, key)), None)
                 if name is not None:
-                    d[key] = _Recorded(name, h, before, out)
+                    d[key] = _Recorded(name, h, before, out, calls if (tv == 0.0 and d is rt.pre_call) else None)
         op_sites: dict[tuple, list[str]] = {}
         call_sites: dict[tuple, list[str]] = {}
         for s in plain:
@@ -911,9 +919,23 @@ def measure_shift_once(model: nn.Module, sites: list[Site], x: torch.Tensor, t: 
 
     b0, a0 = run(0.0)
     b1, a1 = run(t)
+    invariant: set[str] = set()
+    for name, (mod, args) in calls.items():
+        try:
+            with torch.no_grad(), _same_noise():
+                y0 = _runtime_binary(mod(*args))
+            with torch.no_grad(), _same_noise():
+                y1 = _runtime_binary(mod(args[0] - t, *args[1:]))
+        except Exception:  # noqa: BLE001 - the module does not run alone: not measured here
+            continue
+        if isinstance(y0, torch.Tensor) and isinstance(y1, torch.Tensor) and y0.shape == y1.shape \
+                and torch.equal(y0, y1):
+            invariant.add(name)
     out: dict[str, str | float] = {}
     for name in by_name:
-        if name not in b1:
+        if name in invariant:
+            out[name] = "invariant"
+        elif name not in b1:
             out[name] = "not fired"
         elif name not in a1 or name not in a0 or name not in b0:
             out[name] = "not measured"
@@ -927,6 +949,12 @@ def measure_shift_once(model: nn.Module, sites: list[Site], x: torch.Tensor, t: 
             tol = 1e-4 * max(1.0, float(b1[name].abs().max()))
             out[name] = 1.0 if torch.allclose(a1[name].double(), b1[name].double() - t, atol=tol, rtol=0) else round(k, 3)
     return out
+
+
+def _runtime_binary(y: Any) -> Any:
+    from ._runtime import binary_part
+
+    return binary_part(y)
 
 
 def _handler_key(s: Site) -> tuple[bool, bool, tuple]:
@@ -955,7 +983,12 @@ def _check_shift_once(disc: Discovery, model: nn.Module, t: float = 0.5) -> None
         return
     bad = {n: k for n, k in res.items() if isinstance(k, float) and k != 1.0}
     for s in list(disc.sites):
-        if s.name in bad:
+        if res.get(s.name) == "invariant":
+            disc.sites.remove(s)
+            disc.warnings.append(f"site {s.name} ({s.op}, {s.alphabet}): shift-invariant input: its output is the same "
+                                 "for x and x - t (measured; a softmax or a normalisation before its threshold), so a "
+                                 "shift there changes nothing; excluded from the shift")
+        elif s.name in bad:
             disc.sites.remove(s)
             disc.warnings.append(f"site {s.name}: a shift of t there moves its binarizer's input by {bad[s.name]:g}t "
                                  "(measured): another site already shifts the same value; left out")

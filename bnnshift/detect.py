@@ -530,6 +530,9 @@ def discover(model: nn.Module, input_shape: tuple[int, ...], *, include_hardtanh
             sites.append(s)
             node_of_site[id(s)] = n
 
+    if trace is not None:
+        warnings.extend(_softmax_thresholds(trace.graph_module.graph, mods, activation_nodes(trace.graph_module.graph)))
+
     # sites inside untraced leaves (or everywhere when the model could not be traced)
     leaf_roots = list(trace.leaves) if trace is not None else [""]
     for leaf in leaf_roots:
@@ -582,6 +585,43 @@ def discover(model: nn.Module, input_shape: tuple[int, ...], *, include_hardtanh
                      {s.name: node_of_site[id(s)] for s in sites if id(s) in node_of_site},
                      hardtanh_sites, warnings, trace_error, binary_params, inplace)
     return disc
+
+
+_SOFTMAX_FUNCS = {torch.softmax, torch.nn.functional.softmax, torch.special.softmax}
+_COMPARE_OPS = {"gt", "ge", "lt", "le", "__gt__", "__ge__", "__lt__", "__le__", "greater", "less",
+                "greater_equal", "less_equal"}
+
+
+def _is_softmax(n: Any, mods: dict[str, nn.Module]) -> bool:
+    if not isinstance(n, fx.Node):
+        return False
+    if n.op == "call_function":
+        return n.target in _SOFTMAX_FUNCS
+    if n.op == "call_method":
+        return n.target == "softmax"
+    return n.op == "call_module" and isinstance(mods.get(str(n.target)), nn.Softmax)
+
+
+def _softmax_thresholds(g: fx.Graph, mods: dict[str, nn.Module], act: set) -> list[str]:
+    """Say every {0,1} threshold on a softmax output (binary attention): it is reported, and it is
+    not a site of the default shift: softmax(x - t) = softmax(x), so a shift of the scores before
+    it changes nothing, and its own threshold is the model's (a probability, not a pre-activation)."""
+    out = []
+    for n in g.nodes:
+        name = getattr(n.target, "__name__", str(n.target))
+        if n.op not in ("call_function", "call_method") or name not in _COMPARE_OPS or len(n.args) < 2:
+            continue
+        a, b = n.args[0], n.args[1]
+        p, lit = (a, b) if _is_softmax(a, mods) else (b, a) if _is_softmax(b, mods) else (None, None)
+        if p is None or p not in act:
+            continue
+        scope, _ = node_scope(n)
+        where = f"{scope or 'root'}:{name.strip('_')}"
+        level = f"{lit:g}" if isinstance(lit, (int, float)) else "a tensor"
+        out.append(f"{where}: a {{0,1}} threshold at {level} on a softmax output (binary attention); shift-invariant "
+                   "input (softmax(x - t) = softmax(x): a shift of the scores changes nothing), so it is not "
+                   "shifted by default; its threshold is the model's own")
+    return out
 
 
 def site_identity(s: Site) -> tuple:

@@ -574,3 +574,72 @@ def test_stochastic_variants_bernoulli_and_noisy_conv_input(seed):
 
     report = _assert_patch_is_threshold(Net, (3, 8, 8), 3, seed=seed)
     assert [s.name for s in report.sites] == ["act", "c1:sign", "c2:sign"]
+
+
+# ---------------------------------------------------------------- 7. shift-invariant inputs
+
+
+class BinaryAttention(nn.Module):
+    """{0,1} attention: a threshold on a softmax of the scores (a shift of the scores changes nothing)."""
+
+    def forward(self, s):
+        return (torch.softmax(s, -1) > 1.0 / s.shape[-1]).float()
+
+
+class NormSign(nn.Module):
+    """Variant: a normalisation right before the sign (layer norm without affine)."""
+
+    def forward(self, x):
+        a = F.layer_norm(x, x.shape[-1:])
+        c = a.clamp(-1, 1)
+        return c + (torch.sign(a) - c).detach()
+
+
+class AttnNet(nn.Module):
+    def __init__(self, style="module"):
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+        self.fc1, self.bn = nn.Linear(8, 8), nn.BatchNorm1d(6)
+        self.attn, self.norm_sign = BinaryAttention(), NormSign()
+        self.style = style
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, x):
+        s = self.q(x) @ self.k(x).transpose(1, 2)
+        if self.style == "module":
+            a = self.attn(s)
+        elif self.style == "inline":
+            a = (F.softmax(s, dim=-1) > 0.2).float()
+        else:
+            a = self.norm_sign(s)
+        hb = self.bn(self.fc1(a @ self.v(x)))
+        c = hb.clamp(-1, 1)
+        return self.out((c + (torch.sign(hb) - c).detach()).mean(1))
+
+
+@pytest.mark.parametrize("style,where", [("module", "site attn"), ("inline", "root:gt"), ("norm", "site norm_sign")])
+def test_threshold_on_a_shift_invariant_input_is_said_and_not_shifted(style, where):
+    torch.manual_seed(0)
+    model = AttnNet(style)
+    report = scan_model(model, (6, 8))
+    assert [s.name for s in report.sites] == ["bn:output"]
+    said = [w for w in report.warnings if w.startswith(where) and "shift-invariant input" in w]
+    assert len(said) == 1, report.warnings
+    if style != "inline":  # the measurement behind it: the binarizer's output is the same for x - t
+        x = torch.randn(5, 6, 6)
+        m = model.attn if style == "module" else model.norm_sign
+        assert torch.equal(m(x), m(x - 0.5))
+
+
+def test_binarizer_module_with_ordinary_input_is_kept():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.bn = nn.Linear(12, 16), nn.BatchNorm1d(16)
+            self.act, self.fc2 = GlobalApplyAct(), nn.Linear(16, 3)
+
+        def forward(self, x):
+            return self.fc2(self.act(self.bn(self.fc1(x))))
+
+    report = scan_model(Net(), (12,))
+    assert report.num_sites == 1 and not [w for w in report.warnings if "shift-invariant" in w]
