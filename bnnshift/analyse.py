@@ -852,8 +852,9 @@ def measure_shift_once(model: nn.Module, sites: list[Site], x: torch.Tensor, t: 
     too; ``"not fired"`` when the site's hook did not run; ``"indirect"`` when the hook's value is
     not the binarizer's input (the module transforms it first, e.g. standardises it: a shift of
     ``t`` then moves it by another amount by design); ``"invariant"`` when a hooked module
-    call's output is the same for its input ``x`` and ``x - t`` (a softmax or a normalisation
-    before its threshold: the shift changes nothing); ``"not measured"`` when the binarizer's
+    call's output is the same for its input ``x`` and ``x - s`` for shifts ``s`` at the
+    quartiles of ``x`` and past its whole range (a softmax or a normalisation before its
+    threshold: no shift changes anything); ``"not measured"`` when the binarizer's
     input was not seen. Raises whatever the model raises.
     """
     from ._runtime import SiteRuntime
@@ -921,15 +922,29 @@ def measure_shift_once(model: nn.Module, sites: list[Site], x: torch.Tensor, t: 
     b1, a1 = run(t)
     invariant: set[str] = set()
     for name, (mod, args) in calls.items():
+        # shifts that move a threshold anywhere in the input's range across many values (its
+        # quartiles) and past all of them: a binarizer whose output stays the same for all of
+        # them reads a shift-invariant input, not one that a shift of t happens not to flip
+        v = args[0].detach().double().reshape(-1)
+        if v.numel() < 2 or not v.is_floating_point():
+            continue
+        span = float(v.max() - v.min()) + 1.0
+        shifts = [float(q) for q in torch.quantile(v[:: max(1, v.numel() // 100_000)], torch.tensor(
+            [0.25, 0.5, 0.75], dtype=torch.float64))] + [span, -span]
         try:
             with torch.no_grad(), _same_noise():
                 y0 = _runtime_binary(mod(*args))
-            with torch.no_grad(), _same_noise():
-                y1 = _runtime_binary(mod(args[0] - t, *args[1:]))
+            same = True
+            for tv in shifts:
+                with torch.no_grad(), _same_noise():
+                    y1 = _runtime_binary(mod(args[0] - tv, *args[1:]))
+                if not (isinstance(y0, torch.Tensor) and isinstance(y1, torch.Tensor) and y0.shape == y1.shape
+                        and torch.equal(y0, y1)):
+                    same = False
+                    break
         except Exception:  # noqa: BLE001 - the module does not run alone: not measured here
             continue
-        if isinstance(y0, torch.Tensor) and isinstance(y1, torch.Tensor) and y0.shape == y1.shape \
-                and torch.equal(y0, y1):
+        if same:
             invariant.add(name)
     out: dict[str, str | float] = {}
     for name in by_name:
@@ -986,8 +1001,9 @@ def _check_shift_once(disc: Discovery, model: nn.Module, t: float = 0.5) -> None
         if res.get(s.name) == "invariant":
             disc.sites.remove(s)
             disc.warnings.append(f"site {s.name} ({s.op}, {s.alphabet}): shift-invariant input: its output is the same "
-                                 "for x and x - t (measured; a softmax or a normalisation before its threshold), so a "
-                                 "shift there changes nothing; excluded from the shift")
+                                 "for x and x - s at every shift s tried (its input's quartiles and past its range; measured): "
+                                 "a softmax or a normalisation before its threshold, so a shift there changes nothing; "
+                                 "excluded from the shift")
         elif s.name in bad:
             disc.sites.remove(s)
             disc.warnings.append(f"site {s.name}: a shift of t there moves its binarizer's input by {bad[s.name]:g}t "
