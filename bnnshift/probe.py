@@ -31,6 +31,8 @@ class _Acc:
     zeros: float = 0.0  # outputs exactly 0: sign(0) = 0 makes a "binary" site ternary
     pre_min: float = float("inf")
     pre_max: float = float("-inf")
+    pre_zeros: float = 0.0  # pre-activation values exactly 0 (where sign(0) = 0 comes from)
+    pre_total: float = 0.0
 
     def add_pre(self, x: torch.Tensor):
         x = x.detach()
@@ -39,6 +41,8 @@ class _Acc:
         flat = x.float().reshape(-1)
         if flat.numel():
             self.pre_min = min(self.pre_min, float(flat.min()))
+            self.pre_zeros += float((flat == 0).sum())
+            self.pre_total += flat.numel()
             self.pre_max = max(self.pre_max, float(flat.max()))
         kept = sum(t.numel() for t in self.samples)
         if kept < _SAMPLE:
@@ -163,7 +167,8 @@ def probe_sites(model: nn.Module, sites: Iterable[Site], batches: Iterable[torch
         res = {"fired": a.fired > 0, "binary": binary,
                "plus_fraction": (a.plus / a.total) if a.total else None,
                "zero_fraction": (a.zeros / a.total) if (a.total and signed) else None,
-               "preact": preact, "channels": a.channels}
+               "preact": preact, "channels": a.channels,
+               "preact_zero_fraction": (a.pre_zeros / a.pre_total) if a.pre_total else None}
         out[s.name] = res
         if update:
             s.fired, s.binary_checked = res["fired"], res["binary"]

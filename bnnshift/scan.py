@@ -103,8 +103,16 @@ def scan_model(model: nn.Module, input_shape: Iterable[int], *, name: str = "mod
     if sites:
         if dev.type != "cpu":
             work.to(dev)
-        probe_sites(work, sites, probe_batches, device=dev)
+        probed = probe_sites(work, sites, probe_batches, device=dev)
         for s in sites:
+            dead_zone = _dead_zone(s, probed.get(s.name, {}))
+            if dead_zone:
+                s.alphabet = "{-1,0,+1}"
+                warnings.append(dead_zone)
+                s.advice = [a for a in s.advice if not a.startswith("search t in")] + [
+                    "ternary dead-zone quantizer: a shift moves the zone of zeros with the threshold; the site stays "
+                    "ternary at every t"]
+                s.zero_fraction = None  # said above; not the sign(0) = 0 kind
             if not s.fired:
                 warnings.append(f"site {s.name} did not fire at run time (control flow?)")
             elif not s.binary_checked:
@@ -141,6 +149,18 @@ def scan_model(model: nn.Module, input_shape: Iterable[int], *, name: str = "mod
 _PRODUCER_RANGES = {"hardtanh": (-1.0, 1.0), "tanh": (-1.0, 1.0), "Tanh": (-1.0, 1.0), "sigmoid": (0.0, 1.0),
                     "Sigmoid": (0.0, 1.0), "ReLU": (0.0, math.inf), "relu": (0.0, math.inf), "ReLU6": (0.0, 6.0),
                     "relu6": (0.0, 6.0)}
+
+
+def _dead_zone(s: Site, probed: dict) -> str | None:
+    """A warning when ``s`` outputs 0 where its pre-activation is not 0 (a ternary dead-zone
+    quantizer, ``where(|x| < delta, 0, sign(x))``), else None. signum(0) = 0 makes zeros only
+    where the pre-activation is exactly 0: then the output's zero share equals the input's."""
+    zf, pz = probed.get("zero_fraction"), probed.get("preact_zero_fraction")
+    if not zf or pz is None or zf <= 2 * pz + 1e-3:
+        return None
+    return (f"site {s.name} is a ternary dead-zone quantizer: it outputs 0 on {100 * zf:.1f}% of its outputs where "
+            f"only {100 * pz:.1f}% of its pre-activations are 0 (a zone around its threshold); a shift moves the "
+            "zone, it does not make the site binary")
 
 
 def producer_range(site: Site, model: nn.Module | None = None) -> tuple[float, float] | None:

@@ -643,3 +643,61 @@ def test_binarizer_module_with_ordinary_input_is_kept():
 
     report = scan_model(Net(), (12,))
     assert report.num_sites == 1 and not [w for w in report.warnings if "shift-invariant" in w]
+
+
+# ---------------------------------------------------------------- 8. ternary dead zones
+
+
+class DeadZone(nn.Module):
+    def forward(self, x):
+        q = torch.where(x.abs() < 0.5, torch.zeros_like(x), torch.sign(x))
+        c = x.clamp(-1, 1)
+        return c + (q - c).detach()
+
+
+class TernaryFn(torch.autograd.Function):
+    """Variant: a dead zone in a Function with its width as an argument, called inline."""
+
+    @staticmethod
+    def forward(ctx, x, delta):
+        return torch.sign(x) * (x.abs() >= delta).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, None
+
+
+class TernaryNet(nn.Module):
+    def __init__(self, style):
+        super().__init__()
+        self.fc1, self.bn = nn.Linear(12, 16), nn.BatchNorm1d(16)
+        self.act, self.style = DeadZone(), style
+        self.fc2 = nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = self.bn(self.fc1(x))
+        if self.style == "module":
+            h = self.act(h)
+        elif self.style == "function":
+            h = TernaryFn.apply(h, 0.5)
+        else:  # signum of an integer pre-activation: zeros only where it is exactly 0
+            h = torch.sign(torch.round(h * 2))
+        return self.fc2(h)
+
+
+@pytest.mark.parametrize("style", ["module", "function"])
+def test_ternary_dead_zone_is_advised_as_ternary(style):
+    torch.manual_seed(0)
+    report = scan_model(TernaryNet(style), (12,), batches=[torch.randn(64, 12)])
+    (s,) = report.sites
+    assert s.alphabet == "{-1,0,+1}"
+    assert [w for w in report.warnings if "dead-zone" in w and "does not make the site binary" in w], report.warnings
+    assert not [w for w in report.warnings if "makes it binary" in w]
+    assert any("stays ternary" in a for a in s.advice)
+
+
+def test_signum_of_exact_zeros_is_not_a_dead_zone():
+    torch.manual_seed(0)
+    report = scan_model(TernaryNet("integer"), (12,), batches=[torch.randn(64, 12)])
+    assert not [w for w in report.warnings if "dead-zone" in w], report.warnings
+    assert [w for w in report.warnings if "makes it binary" in w], report.warnings
