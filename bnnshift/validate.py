@@ -611,6 +611,8 @@ CATALOGUE: dict[str, tuple[str, int]] = {
     "full-disk-search": ("a full disk at `search --out` (found before any training)", 1),
     "full-disk-patch": ("a full disk while `patch` writes (the old OUT stays whole)", 1),
     "out-locked": ("`search --out DIR` while another search owns DIR (the line names its PID)", 1),
+    "model-not-copyable": ("a model `copy.deepcopy` cannot copy even when its uncopyable attribute objects are shared "
+                           "(the line names the class)", 1),
     "out-not-empty": ("an existing non-empty output directory without `--force`", 1),
     "fold-already-folded": ("`fold DIR` of a directory folded before, without `--data`: not refused, one line says "
                             "where each threshold went (`bn:...` / `bias:...`), nothing is rewritten", 0),

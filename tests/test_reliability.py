@@ -121,7 +121,8 @@ def test_non_empty_out_without_force(tmp_path):
 
 
 def test_every_catalogue_entry_is_tested():
-    tested = {c[0] for c in CATALOGUE} | {"full-disk-search", "full-disk-patch", "out-not-empty"}
+    tested = {c[0] for c in CATALOGUE} | {"full-disk-search", "full-disk-patch", "out-not-empty",
+                                         "model-not-copyable"}  # tests/test_site_identity.py
     tested |= {"out-locked"}  # tests/test_reliability_crash.py::test_second_search_on_same_out_is_refused
     tested |= {"fold-already-folded"}  # tests/test_fold_notes.py::test_fold_of_a_folded_directory_says_where...
     assert set(validate.CATALOGUE) == tested
