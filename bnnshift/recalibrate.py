@@ -304,6 +304,10 @@ class BNReestimate:
     bn_layers: int
     seed: int
 
+    def candidate_accuracy(self) -> float | None:
+        """Eval-mode probe accuracy with the new statistics (kept or not); None without BatchNorm."""
+        return None if self.after is None else self.after.eval_accuracy
+
     def lines(self, data_name: str = "the data") -> list[tuple[str, str]]:
         """``[(level, text)]`` for the user: level "warn" or "info"."""
         b, a = self.before, self.after
