@@ -210,12 +210,8 @@ def _do_patch(o, opts: PatchOptions) -> dict:
     norm = choose_normalisation(opts.mean, opts.std, model=loaded.model)
     if norm is not None and len(shape) >= 3:
         from ..data.bundle import broadcast_norm
-        from ..errors import DataError, UsageError
 
-        try:
-            broadcast_norm(norm["mean"], norm["std"], int(shape[0]))
-        except DataError as exc:
-            raise UsageError(exc.message, hint=exc.hint) from None
+        broadcast_norm(norm["mean"], norm["std"], int(shape[0]))  # a count that fits neither 1 nor C: exit 2
     recipe = build_recipe(loaded.model, spec=loaded.spec, input_shape=shape, checkpoint=loaded.checkpoint,
                           checkpoint_sha256=loaded.checkpoint_sha256, load_report=loaded.load_report,
                           normalisation=as_record(norm, int(shape[0]) if len(shape) >= 3 else None))

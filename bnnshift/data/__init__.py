@@ -12,7 +12,8 @@ A data spec is a string ``KIND[:ARG]``:
   ``download=True``.
 * ``imagefolder:PATH``: torchvision ``ImageFolder`` with ``PATH/train`` and an optional
   ``PATH/val``, or ``PATH`` itself used as the training set. Images are converted to
-  ``input_shape`` (C=1 grey, C=3 RGB; H, W resized) and normalised with their own mean/std.
+  ``input_shape`` (C=1 grey, C=3 RGB, whatever the file's mode; H, W resized; without a shape
+  C=1 for greyscale files, else 3) and normalised with ``mean``/``std``, else their own.
 * ``module.name:function`` / ``path/to/file.py:function``: a user function returning a
   :class:`DataBundle`, a tuple ``(train_dataset, val_dataset_or_None)`` or tensors ``(x, y)``.
 * ``synthetic[:N]``: N learnable random samples (default 512), deterministic from ``seed``.

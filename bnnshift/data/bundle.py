@@ -117,8 +117,11 @@ def broadcast_norm(mean: Any, std: Any, channels: int, what: str = "--mean/--std
                    ) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """``mean``/``std`` (one value or one per channel, [0, 1] pixel units) as ``channels``-tuples.
 
-    One value is used for every channel. Raises :class:`DataError` when both are not given
-    together, a std is not positive or the count fits neither 1 nor ``channels``."""
+    One value is used for every channel. Raises :class:`UsageError` (exit 2: the values are the
+    user's) when both are not given together, a std is not positive or the count fits neither 1
+    nor ``channels``."""
+    from ..errors import UsageError as DataError  # noqa: N814 - a bad flag value, not bad data
+
     if (mean is None) != (std is None):
         raise DataError(f"{what}: mean and std go together", hint="pass both, e.g. --mean 0.5 --std 0.25")
     m = tuple(float(v) for v in ([mean] if isinstance(mean, (int, float)) else mean))

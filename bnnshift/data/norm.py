@@ -56,14 +56,16 @@ def load_kwargs(norm: Mapping[str, Any] | None) -> dict[str, Any]:
 
 
 def as_record(norm: Mapping[str, Any] | None, channels: int | None = None) -> dict[str, Any] | None:
-    """The ``patch.json`` / ONNX record: mean and std broadcast to ``channels`` when one value."""
+    """The ``patch.json`` / ONNX record: mean and std broadcast to ``channels`` when one value.
+    Raises :class:`UsageError` when their count fits neither 1 nor ``channels``."""
     if not norm:
         return None
     m, s = list(norm["mean"]), list(norm["std"])
-    if channels and len(m) == 1:
-        m = m * channels
-    if channels and len(s) == 1:
-        s = s * channels
+    if channels:
+        from .bundle import broadcast_norm
+
+        bm, bs = broadcast_norm(m, s, channels)  # UsageError when the count fits neither 1 nor channels
+        m, s = list(bm), list(bs)
     src = str(norm.get("source") or "")
     if src.startswith(f"{SOURCE_RECORD} ("):
         src = src[len(SOURCE_RECORD) + 2:-1]

@@ -202,9 +202,11 @@ def _bundle_as_given(bundle: DataBundle, norm) -> None:
     it is not applied again (unless the bundle records the same normalisation)."""
     if norm is None:
         return
+    from ..errors import UsageError
+
     try:
         same = broadcast_norm(*norm, len(bundle.mean)) == (tuple(bundle.mean), tuple(bundle.std))
-    except DataError:
+    except UsageError:
         same = False
     if same:
         bundle.norm_source = "given"
