@@ -384,7 +384,6 @@ def test_search_in_memory_trains_on_the_given_normalisation(setup, tmp_path, mon
     images = setup["images"]
     probe = tmp_path / "probe.json"
     monkeypatch.setenv("PROBE_OUT", str(probe))
-    out = tmp_path / "s.json"
     res = _run(["search", setup["spec"], "--data", f"imagefolder:{images}", "--input-shape", f"3,{SIDE},{SIDE}",
                 "--shifts", "0", "--steps", "2", "--batch-size", "32", "--no-compile", "--stream", "off",
                 "--mean", "0.5", "--std", "0.5", "--json", "-q"])
@@ -394,7 +393,6 @@ def test_search_in_memory_trains_on_the_given_normalisation(setup, tmp_path, mon
     summary = json.loads(res.stdout)
     assert summary["normalisation"]["mean"] == [0.5] * 3 and summary["normalisation"]["source"] == "given"
     assert summary["config"]["mean"] == [0.5]
-    del out
 
 
 # ----------------------------------------------------------------------------- case 42: grey / RGBA folders

@@ -76,8 +76,9 @@ def load_data(
     (synthetic, a DataBundle, float tensors outside [0, 1]) are used as they are and
     ``bundle.notes`` says that the normalisation was not applied. ``bundle.norm_source`` says
     which applied; a note is added when the images' own statistics differ clearly from the
-    given ones (:func:`bnnshift.data.bundle.normalisation_mismatch`). Raises :class:`DataError`
-    for a mean/std count that fits neither 1 nor the channels, or a std <= 0.
+    given ones (:func:`bnnshift.data.bundle.normalisation_mismatch`). Raises :class:`UsageError`
+    for a mean without a std (or the reverse), a count that fits neither 1 nor the channels, or
+    a std <= 0.
 
     ``train_limit`` / ``val_limit`` keep a random subset (fixed by ``seed``) of that many
     samples; ``val_limit=0`` drops the validation set. ``input_shape`` (C, H, W) is the
@@ -89,7 +90,9 @@ def load_data(
     norm = None
     if mean is not None or std is not None:
         if (mean is None) != (std is None):
-            raise DataError("mean and std go together", hint="pass both, e.g. --mean 0.5 --std 0.25")
+            from ..errors import UsageError
+
+            raise UsageError("--mean and --std go together", hint="pass both, e.g. --mean 0.5 --std 0.25")
         norm = (mean, std)
     for label, lim in (("train_limit", train_limit), ("val_limit", val_limit)):
         if lim is not None and lim < 0:

@@ -120,10 +120,10 @@ def broadcast_norm(mean: Any, std: Any, channels: int, what: str = "--mean/--std
     One value is used for every channel. Raises :class:`UsageError` (exit 2: the values are the
     user's) when both are not given together, a std is not positive or the count fits neither 1
     nor ``channels``."""
-    from ..errors import UsageError as DataError  # noqa: N814 - a bad flag value, not bad data
+    from ..errors import UsageError  # a bad flag value, not bad data
 
     if (mean is None) != (std is None):
-        raise DataError(f"{what}: mean and std go together", hint="pass both, e.g. --mean 0.5 --std 0.25")
+        raise UsageError(f"{what}: mean and std go together", hint="pass both, e.g. --mean 0.5 --std 0.25")
     m = tuple(float(v) for v in ([mean] if isinstance(mean, (int, float)) else mean))
     s = tuple(float(v) for v in ([std] if isinstance(std, (int, float)) else std))
     out = []
@@ -131,11 +131,11 @@ def broadcast_norm(mean: Any, std: Any, channels: int, what: str = "--mean/--std
         if len(v) == 1:
             v = v * channels
         if len(v) != channels:
-            raise DataError(f"{what}: {len(v)} {label} values for data with {channels} channel{'s' if channels != 1 else ''}",
+            raise UsageError(f"{what}: {len(v)} {label} values for data with {channels} channel{'s' if channels != 1 else ''}",
                             hint=f"pass one value or {channels} comma-separated values")
         out.append(v)
     if any(not (v > 0) for v in out[1]):
-        raise DataError(f"{what}: std must be positive, got {out[1]}", hint="e.g. --std 0.229,0.224,0.225")
+        raise UsageError(f"{what}: std must be positive, got {out[1]}", hint="e.g. --std 0.229,0.224,0.225")
     return out[0], out[1]
 
 
