@@ -626,8 +626,11 @@ def _export_dir_inprocess(out_dir: str, onnx_path: str, opset: int | None, batch
     model = load_patched(out_dir, model=model, args=model_args, trust=trust)
     from ._io import sha256_file
 
-    return export_onnx(model, recipe.input_shape, onnx_path, opset, batches=batches,
-                       metadata={"bnnshift_recipe_sha256": sha256_file(Path(out_dir) / "patch.json")},
+    meta = {"bnnshift_recipe_sha256": sha256_file(Path(out_dir) / "patch.json")}
+    norm = getattr(recipe, "normalisation", None)
+    if norm:  # the input normalisation the model expects: {"mean": [..], "std": [..], "source"} (pixels in [0, 1])
+        meta["bnnshift_normalisation"] = json.dumps(norm, sort_keys=True)
+    return export_onnx(model, recipe.input_shape, onnx_path, opset, batches=batches, metadata=meta,
                        output_index=output_index, output_key=output_key)
 
 

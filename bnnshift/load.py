@@ -517,7 +517,15 @@ def choose_input_shape(explicit: Iterable[int] | None, loaded: "LoadedModel", da
 
         if parse_data_spec(data)[0] != "synthetic":
             bundle = load_data(data, input_shape=None, train_limit=8, val_limit=0, seed=seed)
-            return tuple(int(v) for v in bundle.input_shape), f"the samples of --data {bundle.name}"
+            shape = tuple(int(v) for v in bundle.input_shape)
+            first = _first_layer_shape(loaded.model)
+            if (first is not None and len(first[0]) == 3 and len(shape) == 3 and first[0][0] != shape[0]
+                    and _forward_ok(loaded.model, (first[0][0], *shape[1:]))):
+                # e.g. greyscale files for an RGB model: the model's channels, the data's H, W (an image
+                # folder converts each image; other data sets say the channels differ, naming --input-shape)
+                return ((first[0][0], *shape[1:]),
+                        f"the samples of --data {bundle.name} (H, W) and {first[1]} (channels)")
+            return shape, f"the samples of --data {bundle.name}"
     guess, source = guess_input_shape(loaded.model)
     if guess is not None:
         return tuple(guess), f"guessed from {source} (pass --input-shape to set it)"

@@ -308,6 +308,10 @@ class PatchRecipe:
     config: dict[str, Any] | None = None
     versions: dict[str, str] = field(default_factory=dict)
     hashes: dict[str, str | None] = field(default_factory=dict)
+    # the model's input normalisation: {"mean": [..], "std": [..], "source": "--mean/--std" |
+    # "timm pretrained_cfg" | ...} in [0, 1] pixel units, or null (not known); fold / export --data
+    # normalise their data with it unless --mean/--std are given
+    normalisation: dict[str, Any] | None = None
     format: int = RECIPE_FORMAT
 
     @property
@@ -338,10 +342,11 @@ def _versions() -> dict[str, str]:
 
 def build_recipe(model: nn.Module, *, spec: Any = None, input_shape: Iterable[int] | None = None,
                  checkpoint: str | None = None, checkpoint_sha256: str | None = None,
-                 load_report: Any = None) -> PatchRecipe:
+                 load_report: Any = None, normalisation: Mapping[str, Any] | None = None) -> PatchRecipe:
     """The recipe of a model patched by ``patch_model`` (``spec``: a ``load.ModelSpec`` or None;
     ``load_report``: the ``load.LoadReport`` of its checkpoint, written as the ``checkpoint``
-    record)."""
+    record; ``normalisation``: the model's input normalisation ``{"mean": [..], "std": [..],
+    "source": str}`` in [0, 1] pixel units, recorded for ``fold`` / ``export --data``)."""
     st = patch_state(model)
     if st is None:
         raise PatchError("the model was not patched by bnnshift.patch.patch_model", hint="call patch_model first")
@@ -356,6 +361,7 @@ def build_recipe(model: nn.Module, *, spec: Any = None, input_shape: Iterable[in
         checkpoint=_checkpoint_record(checkpoint, checkpoint_sha256, load_report),
         versions=_versions(), hashes={"model.safetensors": None, "checkpoint": checkpoint_sha256,
                                       BN_STATS_KEY: weights_digest(model)},
+        normalisation=dict(normalisation) if normalisation else None,
     )
 
 
@@ -438,7 +444,14 @@ def _localise(recipe: PatchRecipe, directory: Path) -> PatchRecipe:
 
 
 def _refresh_recipe(model: nn.Module, recipe: PatchRecipe) -> PatchRecipe:
-    """Record in ``recipe`` the sites that ``fold`` absorbed since it was built."""
+    """Record in ``recipe`` the sites that ``fold`` absorbed since it was built, and that the
+    BatchNorm statistics fit the weights when ``recalibrate_bn`` estimated them for exactly these
+    weights (``hashes[BN_STATS_KEY]``)."""
+    from .recalibrate import FRESH_ATTR
+
+    fresh = getattr(model, FRESH_ATTR, None)
+    if fresh and fresh == weights_digest(model):
+        recipe.hashes = {**(recipe.hashes or {}), BN_STATS_KEY: fresh}
     st = patch_state(model)
     if st is not None:
         for d in recipe.sites:

@@ -22,8 +22,13 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-__all__ = ["recalibrate_bn", "bn_staleness", "BNStaleness", "STALE_MEAN_SHIFT", "STALE_VAR_RATIO",
-           "STALE_ACCURACY_GAP"]
+__all__ = ["recalibrate_bn", "bn_staleness", "reestimate_bn", "BNStaleness", "BNReestimate", "STALE_MEAN_SHIFT",
+           "STALE_VAR_RATIO", "STALE_ACCURACY_GAP", "FRESH_ATTR"]
+
+# Set on a model by ``recalibrate_bn``: the ``patch.weights_digest`` of the weights its BatchNorm
+# statistics were just estimated for. ``patch.save_patched`` records it in patch.json (hashes
+# ``bn_statistics_for``), so ``fold`` / ``export`` know the statistics are fresh.
+FRESH_ATTR = "_bnnshift_bn_statistics_for"
 
 # A layer is stale when, averaged over its channels, the probe batch's mean is this many
 # running standard deviations away from the running mean, or its variance is off by this
@@ -76,6 +81,12 @@ def recalibrate_bn(model: nn.Module, batches: Iterable[Any], *, max_batches: int
     would leave mean 0 / variance 1). A model without tracked BatchNorm returns 0 and runs
     nothing. Dropout is active during the passes (train mode); it only adds noise to the
     estimate. Raises whatever the model's forward raises.
+
+    The batches are used in the order given: draw them at random over the whole data set (a
+    class-sorted set in file order gives per-class statistics, without the variance between
+    classes). On success the model is marked (:data:`FRESH_ATTR`) so that ``save_patched``
+    records in patch.json that its statistics fit its weights (``fold`` then does not ask for
+    another re-estimation).
     """
     bns = [m for _, m in _bn_modules(model)]
     if not bns:
@@ -101,6 +112,8 @@ def recalibrate_bn(model: nn.Module, batches: Iterable[Any], *, max_batches: int
             raise ValueError("recalibrate_bn got no batches: pass a non-empty DataLoader or list of input tensors")
         ok = True
     finally:
+        if ok:
+            _mark_fresh(model)
         for m, mom, rm, rv, nbt in saved:
             m.momentum = mom
             if not ok:  # an error or no data: the old statistics, not a half-done estimate
@@ -110,6 +123,28 @@ def recalibrate_bn(model: nn.Module, batches: Iterable[Any], *, max_batches: int
                     m.num_batches_tracked.copy_(nbt)
         model.train(was)
     return len(bns)
+
+
+def _mark_fresh(model: nn.Module) -> None:
+    try:
+        from .patch import weights_digest
+
+        object.__setattr__(model, FRESH_ATTR, weights_digest(model))
+    except Exception:  # noqa: BLE001 - the mark is a convenience; never fail the estimate for it
+        pass
+
+
+def _bn_state(model: nn.Module) -> list[tuple[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+    return [(m, m.running_mean.clone(), m.running_var.clone(),
+             None if m.num_batches_tracked is None else m.num_batches_tracked.clone()) for _, m in _bn_modules(model)]
+
+
+def _restore_bn_state(state) -> None:
+    for m, rm, rv, nbt in state:
+        m.running_mean.copy_(rm)
+        m.running_var.copy_(rv)
+        if nbt is not None:
+            m.num_batches_tracked.copy_(nbt)
 
 
 @dataclass
@@ -174,14 +209,18 @@ class BNStaleness:
 
 @torch.no_grad()
 def bn_staleness(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None, *,
-                 batch_size: int = 256) -> BNStaleness:
+                 batch_size: int = 256, seed: int = 0) -> BNStaleness:
     """Compare every BatchNorm's running statistics with the batch statistics of ``x`` (eval mode).
 
     ``x``: float tensor ``(N, C, ...)`` of real inputs (training data, normalised as in
     training); a few hundred samples are enough. ``y``: optional int64 labels ``(N,)``; then
     the top-1 accuracy in eval mode is compared with the accuracy when every BatchNorm uses the
     statistics of its batch (chunks of ``batch_size``, as in training; dropout stays off).
-    Model, mode and running statistics are unchanged. Returns a :class:`BNStaleness`.
+    The chunks are drawn in a random order fixed by ``seed``, never in the order of ``x``: a
+    class-sorted probe would otherwise give single-class batches and a batch-statistics
+    accuracy that says nothing about the model (the result does not depend on the order of
+    ``x`` beyond sampling noise). Model, mode and running statistics are unchanged. Returns a
+    :class:`BNStaleness`.
     """
     bns = _bn_modules(model)
     sums: dict[str, list[torch.Tensor]] = {}
@@ -211,7 +250,8 @@ def bn_staleness(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None = Non
     eval_acc = batch_acc = None
     if y is not None and bns:
         eval_acc = _accuracy(model, x, y, batch_size, batch_stats=None)
-        batch_acc = _accuracy(model, x, y, batch_size, batch_stats=[m for _, m in bns])
+        perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed)).to(x.device)
+        batch_acc = _accuracy(model, x[perm], y.to(x.device)[perm], batch_size, batch_stats=[m for _, m in bns])
     layers = []
     for name, m in bns:
         if name not in sums or sums[name][2] == 0:
@@ -249,3 +289,90 @@ def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: in
                 m.num_batches_tracked.copy_(nbt)
         model.train(was)
     return correct / max(1, len(x))
+
+
+@dataclass
+class BNReestimate:
+    """What :func:`reestimate_bn` did: the staleness ``before`` and ``after`` on the probe set,
+    whether the new statistics were kept (``accepted``) and the batches used."""
+
+    before: BNStaleness
+    after: BNStaleness | None
+    accepted: bool
+    batches: int
+    batch_size: int
+    bn_layers: int
+    seed: int
+
+    def candidate_accuracy(self) -> float | None:
+        """Eval-mode probe accuracy with the new statistics (kept or not); None without BatchNorm."""
+        return None if self.after is None else self.after.eval_accuracy
+
+    def lines(self, data_name: str = "the data") -> list[tuple[str, str]]:
+        """``[(level, text)]`` for the user: level "warn" or "info"."""
+        b, a = self.before, self.after
+        if not self.bn_layers:
+            return [("info", "no BatchNorm with running statistics; nothing to re-estimate")]
+        out = [("warn" if b.stale else "info", b.summary())]
+        what = (f"re-estimated on {self.batches} random batch{'es' if self.batches != 1 else ''} of {self.batch_size} "
+                f"of {data_name} (seed {self.seed})")
+        if a is None:
+            return out
+        ea, eb = a.eval_accuracy, b.eval_accuracy
+        if self.accepted:
+            nums = "" if ea is None else f" (probe accuracy {100 * eb:.1f}% -> {100 * ea:.1f}%)"
+            out.append(("info", f"{what}: kept the new statistics{nums}; "
+                        + a.summary().replace("BN running statistics ", "now ")))
+        else:
+            out.append(("warn", f"{what}: the new statistics score {100 * ea:.1f}% on the probe, the old "
+                        f"{100 * eb:.1f}%: kept the old statistics (re-estimation never makes the model worse; "
+                        "if the model needs new statistics, check that --data and --mean/--std are what it was "
+                        "trained with)"))
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        return {"accepted": self.accepted, "batch_size": self.batch_size, "order_seed": self.seed,
+                "before": self.before.to_json(),
+                "after": (self.after or self.before).to_json() if self.accepted else self.before.to_json(),
+                "candidate": None if self.after is None else self.after.to_json()}
+
+
+@torch.no_grad()
+def reestimate_bn(model: nn.Module, train_x: torch.Tensor, probe_x: torch.Tensor, probe_y: torch.Tensor, *,
+                  batches: int = 20, batch_size: int = 256, seed: int = 0) -> BNReestimate:
+    """Re-estimate the BatchNorm statistics, keeping them only when they are not worse.
+
+    ``train_x``: float ``(N, C, ...)`` training inputs (normalised as the model expects);
+    ``batches`` batches of ``batch_size`` are drawn from it in a random order fixed by ``seed``
+    (a permutation of the whole set, never its file order). ``probe_x`` / ``probe_y``: a
+    separate probe set (held-out data, or training samples not in the batches), float ``(M, C,
+    ...)`` and int64 ``(M,)``. The staleness is measured on the probe before and after
+    (:func:`bn_staleness`); the new statistics replace the old only when the eval-mode probe
+    accuracy with them is at least as high as with the old ones, otherwise the old ones are
+    restored (``accepted`` False). Raises what the model's forward raises (then the old
+    statistics are in place).
+    """
+    n = int(train_x.shape[0])
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    use = perm[: max(1, batches) * batch_size]
+    chunks = [train_x[use[i:i + batch_size]] for i in range(0, len(use), batch_size)]
+    before = bn_staleness(model, probe_x, probe_y, batch_size=batch_size, seed=seed)
+    bns = _bn_modules(model)
+    if not bns:
+        return BNReestimate(before, None, False, len(chunks), batch_size, 0, seed)
+    old = _bn_state(model)
+    had = getattr(model, FRESH_ATTR, None)
+    recalibrate_bn(model, chunks)
+    after = bn_staleness(model, probe_x, probe_y, batch_size=batch_size, seed=seed)
+    eb, ea = before.eval_accuracy, after.eval_accuracy
+    accepted = eb is None or ea is None or ea >= eb
+    if not accepted:
+        _restore_bn_state(old)
+        if had is None:
+            try:
+                object.__delattr__(model, FRESH_ATTR)
+            except AttributeError:
+                pass
+        else:
+            object.__setattr__(model, FRESH_ATTR, had)
+    return BNReestimate(before, after, accepted, len(chunks), batch_size, len(bns), seed)

@@ -535,6 +535,10 @@ def _via_patch_module(patch_mod, ctx, shifts, out_dir, *, force, cfg) -> Path:
     recipe = patch_mod.build_recipe(model, spec=getattr(loaded, "spec", None), input_shape=ctx.input_shape,
                                     checkpoint=getattr(loaded, "checkpoint", None),
                                     checkpoint_sha256=getattr(loaded, "checkpoint_sha256", None))
+    norm = getattr(ctx, "normalisation", None)
+    if isinstance(norm, dict) and norm.get("source") == "given" and hasattr(recipe, "normalisation"):
+        src = "--mean/--std" if cfg is not None and getattr(cfg, "mean", None) is not None else "timm pretrained_cfg"
+        recipe.normalisation = {"mean": list(norm["mean"]), "std": list(norm["std"]), "source": src}
     from ._io import replace_dir
 
     with replace_dir(out_dir, force=force) as tmp:  # swapped in whole

@@ -234,9 +234,12 @@ def scan(spec: str, *, args: Iterable[str] | dict | None = None, checkpoint: str
          input_shape: Iterable[int] | str | None = None, data: str | None = None, data_batches: int = 4,
          batch_size: int = 256, strict: bool = True, allow_unsafe: bool = False, seed: int = 0,
          use_ema: bool = False, allow_nonfinite: bool = False, notes: list[str] | None = None,
-         device: torch.device | str | None = None) -> ScanReport:
+         device: torch.device | str | None = None, mean: Iterable[float] | None = None,
+         std: Iterable[float] | None = None) -> ScanReport:
     """Scan a model given by spec (``zoo:mlp``, ``file.py:factory``...). See ``scan_model``
-    (``device``: where the data's probes run).
+    (``device``: where the data's probes run; ``mean``/``std``: the model's input normalisation
+    for ``data``, [0, 1] pixel units, default a timm model's ``pretrained_cfg``, else the data
+    set's; ``report.normalisation`` says which applied).
     The input shape: ``input_shape``, else ``load.choose_input_shape``; ``notes`` receives what
     the user should be told (wrappers removed, the checkpoint's load report, the shape's source)."""
     from .load import choose_input_shape, load_model
@@ -253,14 +256,23 @@ def scan(spec: str, *, args: Iterable[str] | dict | None = None, checkpoint: str
             notes.append(f"input shape {','.join(map(str, shape))} from {source}")
     batches = None
     data_name = None
+    normalisation = None
+    data_notes: list[str] = []
     if data:
         from .data import iterate_batches, load_data
         from .validate import check_batch_norm_batch
 
         check_batch_norm_batch(loaded.model, batch_size)
 
-        bundle = load_data(data, input_shape=shape, train_limit=batch_size * data_batches, seed=seed)
+        from .data.norm import choose_normalisation, load_kwargs
+
+        norm = choose_normalisation(None if mean is None else tuple(mean), None if std is None else tuple(std),
+                                    model=loaded.model)
+        bundle = load_data(data, input_shape=shape, train_limit=batch_size * data_batches, seed=seed,
+                           **load_kwargs(norm))
         data_name = bundle.name
+        normalisation = bundle.normalisation_json()
+        data_notes = list(bundle.notes)
         batches = [xb for xb, _ in iterate_batches(bundle.train_x, bundle.train_y, batch_size, seed=seed,
                                                     drop_last=False, steps=data_batches)]
     model = loaded.model
@@ -276,6 +288,9 @@ def scan(spec: str, *, args: Iterable[str] | dict | None = None, checkpoint: str
     report = scan_model(model, shape, name=loaded.spec.canonical(), batches=batches, data_name=data_name,
                         require_sites=True, device=device)
     report.checkpoint = loaded.checkpoint_json()
+    report.warnings.extend(data_notes)
+    if normalisation is not None:
+        report.normalisation = normalisation
     if recalibrated:
         report.warnings.append("no --checkpoint: BatchNorm statistics were re-estimated on the data before "
                                "measuring +1 shares (random-init running statistics do not centre)")

@@ -274,6 +274,8 @@ class SearchSummary:
     patch_out: str | None = None
     checkpoint: dict[str, Any] | None = None  # load.LoadReport.to_json() of cfg.checkpoint
     notes: list[str] = field(default_factory=list)  # load report line, input shape source, fallbacks
+    # the normalisation the inputs were given: {"mean", "std", "source", "pixel_mean", "pixel_std"}
+    normalisation: dict[str, Any] | None = None
     schedule: dict[str, Any] = field(default_factory=lambda: {"name": "full"})
     rungs: list[dict[str, Any]] = field(default_factory=list)
     cost: dict[str, Any] = field(default_factory=dict)
@@ -320,6 +322,7 @@ class SearchSummary:
             "warnings": self.warnings,
             "checkpoint": self.checkpoint,
             "notes": self.notes,
+            "normalisation": self.normalisation,
         }
 
 
@@ -355,6 +358,7 @@ class _Context:
     loaded: Any = None
     warnings: list[str] = field(default_factory=list)  # the scan's (no STE, in-place writes...)
     notes: list[str] = field(default_factory=list)  # said to the user once: load report, shape source, fallbacks
+    normalisation: dict[str, Any] | None = None  # DataBundle.normalisation_json(): what the inputs were normalised with
 
 
 _CONTEXTS: dict[str, _Context] = {}
@@ -368,11 +372,15 @@ def _cfg_key(cfg: SearchConfig) -> str:
     return json.dumps(d, sort_keys=True, default=str)
 
 
-def _load_bundle(cfg: SearchConfig, shape: tuple[int, ...]):
+def _load_bundle(cfg: SearchConfig, shape: tuple[int, ...], model: nn.Module | None = None):
+    """The in-memory data set, normalised with ``--mean/--std``, else a timm model's
+    ``pretrained_cfg``, else the data set's default (``bundle.norm_source`` says which)."""
     from .data import load_data
+    from .data.norm import choose_normalisation, load_kwargs
 
+    norm = choose_normalisation(cfg.mean, cfg.std, model=model)
     return load_data(cfg.data, input_shape=shape, train_limit=cfg.train_limit,
-                     val_limit=(cfg.val_limit if cfg.val else 0), seed=0, download=cfg.download)
+                     val_limit=(cfg.val_limit if cfg.val else 0), seed=0, download=cfg.download, **load_kwargs(norm))
 
 
 def _context(cfg: SearchConfig) -> _Context:
@@ -409,7 +417,8 @@ def _context(cfg: SearchConfig) -> _Context:
         ctx.notes = notes
         _CONTEXTS[key] = ctx
         return ctx
-    bundle = _load_bundle(cfg, shape)
+    bundle = _load_bundle(cfg, shape, loaded.model)
+    notes.extend(bundle.notes)
     note = _check_forward(copy.deepcopy(loaded.model), bundle.train_x[:2], bundle, cfg)  # the loaded model never runs
     if note:
         notes.append(note)
@@ -438,6 +447,7 @@ def _context(cfg: SearchConfig) -> _Context:
     rg = torch.Generator().manual_seed(12345)
     recalib = [train_x[torch.randperm(n, generator=rg)[:bs]] for _ in range(max(0, cfg.bn_recalib_batches))]
     ctx = _Context(
+        normalisation=bundle.normalisation_json(),
         model=None, sites=[], factory=factory, trainer=trainer, config_hash=h.hexdigest()[:16],
         input_shape=shape, probe_x=train_x[:PROBE_SAMPLES], recalib_x=recalib,
         val=((bundle.val_x.to(device=device, dtype=dtype), bundle.val_y.to(device)) if cfg.val else None),
@@ -504,7 +514,10 @@ def _stream_context(cfg: SearchConfig, loaded: Any, shape: tuple[int, ...], devi
     if cfg.val and src.val is not None:
         val = (eval_batches(src.val, list(range(src.num_val)), bs, device=device, dtype=dtype, workers=workers,
                             pin_memory=pin), None)
-    ctx = _Context(model=None, sites=[], factory=lambda seed: _build(cfg, seed), trainer=trainer,
+    src_norm = {"mean": [float(v) for v in src.mean], "std": [float(v) for v in src.std],
+                "source": "given" if (cfg.mean is not None or _timm_data_defaults(loaded.model).get("mean")) else "own",
+                "pixel_mean": None, "pixel_std": None}
+    ctx = _Context(normalisation=src_norm, model=None, sites=[], factory=lambda seed: _build(cfg, seed), trainer=trainer,
                    config_hash=h.hexdigest()[:16], input_shape=shape, probe_x=probe_x, recalib_x=recalib,
                    val=val, name=loaded.spec.canonical(), loaded=loaded)
     ctx.sites = _find_sites(loaded.model, shape, hardtanh=cfg.hardtanh, name=ctx.name,
@@ -1100,6 +1113,7 @@ def _loop(ctx: _Context, *, shifts: list[float], seeds: list[int], metric: str, 
     summary = summarise(results, shifts=shifts, seeds=seeds, sites=[s.name for s in ctx.sites], config=config,
                         config_hash=ctx.config_hash, metric=metric, seconds=time.perf_counter() - t0)
     summary.checkpoint, summary.notes = _checkpoint_json(ctx), list(getattr(ctx, "notes", []))
+    summary.normalisation = getattr(ctx, "normalisation", None)
     if out_dir is not None:
         from .report import write_report
 
@@ -1674,6 +1688,7 @@ def _halving_loop(ctx: _Context, cfg: SearchConfig, *, out_dir: str | Path | Non
     summary = summarise(results, shifts=shifts, seeds=seeds, sites=[s.name for s in ctx.sites], config=cfg.to_json(),
                         config_hash=ctx.config_hash, metric=cfg.metric, seconds=time.perf_counter() - t0)
     summary.checkpoint, summary.notes = _checkpoint_json(ctx), list(getattr(ctx, "notes", []))
+    summary.normalisation = getattr(ctx, "normalisation", None)
     summary.schedule = {"name": "halving", "eta": cfg.eta, "min_fraction": cfg.min_fraction, "rung_steps": plan,
                         "rung_min_samples": cfg.rung_min_samples}
     extended = [x for x in rungs_out if (x.get("decision") or {}).get("action") == "extended"]

@@ -108,6 +108,7 @@ class ScanReport:
     inplace_writes: list[str] = field(default_factory=list)  # parameters the model's forward assigns in place
     layer_summary: dict[str, Any] = field(default_factory=dict)  # summary.layer_summary: per-layer rows + totals
     checkpoint: dict[str, Any] | None = None  # load.LoadReport.to_json() of the checkpoint, or None
+    normalisation: dict[str, Any] | None = None  # with data: DataBundle.normalisation_json()
 
     @property
     def num_sites(self) -> int:
@@ -138,4 +139,5 @@ class ScanReport:
             "summary": self.summary,
             "warnings": self.warnings,
             "inplace_writes": self.inplace_writes,
+            "normalisation": self.normalisation,
         }

@@ -616,4 +616,9 @@ CATALOGUE: dict[str, tuple[str, int]] = {
     "out-not-empty": ("an existing non-empty output directory without `--force`", 1),
     "fold-already-folded": ("`fold DIR` of a directory folded before, without `--data`: not refused, one line says "
                             "where each threshold went (`bn:...` / `bias:...`), nothing is rewritten", 0),
+    "mean-without-std": ("`--mean` without `--std` (or the reverse), any command", 2),
+    "mean-std-count": ("`--mean/--std` with a count that fits neither 1 nor the input channels", 2),
+    "data-own-statistics": ("`fold` / `export --data` of an image folder or integer tensors (normalised with their "
+                            "own statistics) when neither `--mean/--std` nor patch.json gives the model's "
+                            "normalisation: nothing written", 2),
 }

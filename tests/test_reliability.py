@@ -84,6 +84,9 @@ CATALOGUE = [
     ("patch-o-not-writable", ["patch", "zoo:mlp", "--shift", "0.5", "-o", "/proc/self/bnnshift-p"], 1,
      "cannot write", []),
     ("onnx-not-writable", ["export", ".", "--onnx", "/proc/self/x.onnx"], 1, "cannot write", []),
+    ("mean-without-std", ["scan", "zoo:mlp", "--mean", "0.5"], 2, "--mean and --std go together", []),
+    ("mean-std-count", ["patch", "zoo:mlp", "--arg", "width=0.25", "--shift", "0.5", "-o", "p", "--mean", "0.5,0.5",
+                        "--std", "0.2"], 2, "2 mean values", ["p"]),
 ]
 
 
@@ -125,6 +128,7 @@ def test_every_catalogue_entry_is_tested():
                                          "model-not-copyable"}  # tests/test_site_identity.py
     tested |= {"out-locked"}  # tests/test_reliability_crash.py::test_second_search_on_same_out_is_refused
     tested |= {"fold-already-folded"}  # tests/test_fold_notes.py::test_fold_of_a_folded_directory_says_where...
+    tested |= {"data-own-statistics"}  # tests/test_bn_norm.py::test_data_with_its_own_statistics_and_nothing_recorded...
     assert set(validate.CATALOGUE) == tested
 
 

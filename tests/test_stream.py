@@ -163,8 +163,10 @@ def test_eval_transform_and_normalisation(folder):
     # no --mean/--std: the sample statistics of the folder, per channel
     est = open_stream(f"imagefolder:{folder}", input_shape=(3, 8, 8))
     assert all(0.2 < m < 0.8 for m in est.mean) and all(0.1 < s < 0.5 for s in est.std)
+    one = open_stream(f"imagefolder:{folder}", input_shape=(3, 8, 8), options=StreamOptions(mean=(0.5,), std=(0.2,)))
+    assert one.mean == (0.5,) * 3 and one.std == (0.2,) * 3  # one value: every channel (as in memory)
     with pytest.raises(UsageError):
-        open_stream(f"imagefolder:{folder}", input_shape=(3, 8, 8), options=StreamOptions(mean=(0.5,), std=(0.2,)))
+        open_stream(f"imagefolder:{folder}", input_shape=(3, 8, 8), options=StreamOptions(mean=(0.5, 0.5), std=(0.2,)))
 
 
 def test_stream_choice(folder):

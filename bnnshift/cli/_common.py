@@ -42,7 +42,22 @@ BN_DATA = typer.Option(None, "--data", help="Data spec (as in search): re-estima
 BN_RECALIB_BATCHES = typer.Option(20, "--bn-recalib-batches", min=1,
                                   help="Batches of 256 training samples for the BN re-estimation (with --data).")
 
+MEAN = typer.Option(None, "--mean", help="The model's input normalisation: per-channel mean in [0,1] pixel "
+                                         "units (one value for all channels, or e.g. 0.485,0.456,0.406). "
+                                         "Default: patch.json's record, a timm model's pretrained_cfg, else "
+                                         "the data set's (docs/your-model.md).")
+STD = typer.Option(None, "--std", help="Per-channel normalisation std, e.g. 0.229,0.224,0.225 (with --mean).")
+
 ArgList = Optional[List[str]]
+
+
+def parse_mean_std(mean: str | None, std: str | None) -> tuple[tuple[float, ...] | None, tuple[float, ...] | None]:
+    """``--mean`` / ``--std`` parsed and checked (together, std > 0) before torch is imported."""
+    from .. import validate
+
+    m, s = validate.parse_floats(mean, "--mean"), validate.parse_floats(std, "--std")
+    validate.check_stream_options("none", m, s, None)
+    return m, s
 
 
 def print_load_notes(out, notes: list[str], checkpoint: dict | None = None) -> None:

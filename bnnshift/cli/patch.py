@@ -11,8 +11,9 @@ from typing import Any, List, Optional
 import typer
 
 from . import app
-from ._common import (ALLOW_NONFINITE, ARG, BN_DATA, BN_RECALIB_BATCHES, CHECKPOINT, INPUT_SHAPE, JSON, MODEL,
-                      NON_STRICT, QUIET, RECIPE_MODEL, TRUST_RECIPE, UNSAFE, USE_EMA, ArgList, print_load_notes)
+from ._common import (ALLOW_NONFINITE, ARG, BN_DATA, BN_RECALIB_BATCHES, CHECKPOINT, INPUT_SHAPE, JSON, MEAN, MODEL,
+                      NON_STRICT, QUIET, RECIPE_MODEL, STD, TRUST_RECIPE, UNSAFE, USE_EMA, ArgList, parse_mean_std,
+                      print_load_notes)
 from ._errors import handle_errors
 from ._output import Output
 
@@ -92,16 +93,22 @@ def patch_command(
     unsafe_load: bool = UNSAFE,
     use_ema: bool = USE_EMA,
     allow_nonfinite: bool = ALLOW_NONFINITE,
+    mean: Optional[str] = MEAN,
+    std: Optional[str] = STD,
     json_: bool = JSON,
     quiet: bool = QUIET,
 ):
-    """Shift the threshold of binary activations: sign(x) -> sign(x - t). Writes OUT/ for fine-tuning."""
+    """Shift the threshold of binary activations: sign(x) -> sign(x - t). Writes OUT/ for fine-tuning.
+
+    --mean/--std (or a timm model's pretrained_cfg) are recorded in patch.json: fold / export --data
+    normalise their data with them."""
     from .. import validate
     from ..errors import UsageError
 
     o = Output(json_mode=json_, quiet=quiet)
     # checked before importing torch (docs/reliability.md)
     validate.check_inputs(model=model, checkpoint=checkpoint, config=config)
+    mean_v, std_v = parse_mean_std(mean, std)
     shape = validate.resolve_input_shape(input_shape, None) if input_shape else None
     if onnx:
         validate.check_output_file(onnx, "--onnx")
@@ -128,7 +135,7 @@ def patch_command(
     opts = PatchOptions(model=model, args=arg, checkpoint=checkpoint, input_shape=input_shape, out_dir=out_dir,
                         config=cfg, hardtanh_shift=ht, trainable=trainable, per_channel=per_channel, fold=fold,
                         onnx=onnx, opset=opset, strict=not non_strict, allow_unsafe=unsafe_load, use_ema=use_ema,
-                        allow_nonfinite=allow_nonfinite)
+                        allow_nonfinite=allow_nonfinite, mean=mean_v, std=std_v)
     try:
         payload = _do_patch(o, opts)
     except BaseException:
@@ -158,6 +165,8 @@ class PatchOptions:
     allow_unsafe: bool = False
     use_ema: bool = False
     allow_nonfinite: bool = False
+    mean: tuple[float, ...] | None = None  # the model's input normalisation, recorded in patch.json
+    std: tuple[float, ...] | None = None
 
 
 def _do_patch(o, opts: PatchOptions) -> dict:
@@ -196,8 +205,16 @@ def _do_patch(o, opts: PatchOptions) -> dict:
         for w in const:
             o.warn(w)
         warnings += const
+    from ..data.norm import as_record, choose_normalisation
+
+    norm = choose_normalisation(opts.mean, opts.std, model=loaded.model)
+    if norm is not None and len(shape) >= 3:
+        from ..data.bundle import broadcast_norm
+
+        broadcast_norm(norm["mean"], norm["std"], int(shape[0]))  # a count that fits neither 1 nor C: exit 2
     recipe = build_recipe(loaded.model, spec=loaded.spec, input_shape=shape, checkpoint=loaded.checkpoint,
-                          checkpoint_sha256=loaded.checkpoint_sha256, load_report=loaded.load_report)
+                          checkpoint_sha256=loaded.checkpoint_sha256, load_report=loaded.load_report,
+                          normalisation=as_record(norm, int(shape[0]) if len(shape) >= 3 else None))
     fold_report = None
     if opts.fold:
         from ..fold import fold_shifts
@@ -235,6 +252,7 @@ def _do_patch(o, opts: PatchOptions) -> dict:
         "fold": fold_report.to_json() if fold_report is not None else None,
         "onnx": export_report.to_json() if export_report is not None else None,
         "warnings": warnings,
+        "normalisation": recipe.normalisation,
     }
 
 
@@ -254,36 +272,61 @@ BN_PROBE = 1000  # held-out samples that measure the BN statistics before and af
 BN_BATCH = 256
 
 
-def refresh_bn(o: Output, model, recipe, data: str | None, n_batches: int, out_dir: str) -> dict | None:
-    """With ``--data``: measure how stale the BN statistics are, re-estimate them, measure again.
+def refresh_bn(o: Output, model, recipe, data: str | None, n_batches: int, out_dir: str,
+               mean=None, std=None) -> dict | None:
+    """With ``--data``: measure how stale the BN statistics are, re-estimate them on random batches
+    (``recalibrate.reestimate_bn``), keep the new ones only when the probe accuracy is not lower.
 
-    Returns the ``bn_statistics`` JSON (``None`` without --data; call ``bn_note`` after the
-    command's work then: it says so only when the weights changed since the statistics were measured)."""
+    The data are normalised with ``--mean/--std``, else patch.json's record, else a timm model's
+    ``pretrained_cfg``; a data set that would be normalised with its own statistics (an image
+    folder, integer tensors) while none of these is known is refused (UsageError, nothing
+    written). Returns the ``bn_statistics`` JSON (``None`` without --data; call ``bn_note`` after
+    the command's work then: it says so only when the weights changed since the statistics were
+    measured)."""
     if data is None:
         return None
-    from ..data import load_data
-    from ..recalibrate import bn_staleness, recalibrate_bn
+    import torch
 
+    from ..data import load_data
+    from ..data.norm import choose_normalisation, load_kwargs
+    from ..errors import UsageError
+    from ..recalibrate import reestimate_bn
+
+    norm = choose_normalisation(mean, std, recorded=getattr(recipe, "normalisation", None), model=model)
     bundle = load_data(data, input_shape=tuple(recipe.input_shape) if recipe.input_shape else None,
-                       train_limit=n_batches * BN_BATCH, val_limit=BN_PROBE, seed=0)
+                       train_limit=n_batches * BN_BATCH + BN_PROBE, val_limit=BN_PROBE, seed=0, **load_kwargs(norm))
+    if norm is None and bundle.norm_source == "own":
+        raise UsageError(
+            f"--data {bundle.name} would be normalised with its own statistics, and {out_dir}/patch.json does not "
+            "record the normalisation the model was trained with: BN statistics estimated on other inputs than "
+            "the model's make it worse",
+            hint="pass the normalisation used in training, e.g. --mean 0.485,0.456,0.406 --std 0.229,0.224,0.225; "
+                 "fold records it in patch.json")
+    if norm is None and bundle.norm_source == "standard":
+        o.info(f"normalisation: {bundle.name}'s published mean {list(bundle.mean)} / std {list(bundle.std)} "
+               f"({out_dir}/patch.json records none; pass --mean/--std if the model was trained with another)")
+    for n in bundle.notes:
+        o.warn(n)
     if bundle.val_x is not None and len(bundle.val_x):
         px, py, probe_from = bundle.val_x, bundle.val_y, "held-out"
-    else:
-        px, py, probe_from = bundle.train_x[:BN_PROBE], bundle.train_y[:BN_PROBE], "training"
-    before = bn_staleness(model, px, py)
-    batches = [bundle.train_x[i:i + BN_BATCH] for i in range(0, len(bundle.train_x), BN_BATCH)]
-    n_bn = recalibrate_bn(model, batches)
-    after = bn_staleness(model, px, py)
-    if not n_bn:
-        o.info(f"{out_dir}: no BatchNorm with running statistics; nothing to re-estimate")
-    elif before.stale:
-        o.warn(before.summary())
-        o.info(f"re-estimated on {len(batches)} batches of {bundle.name}: "
-               + after.summary().replace("BN running statistics ", "now "))
-    else:
-        o.info(f"{before.summary()}; re-estimated on {len(batches)} batches of {bundle.name} anyway")
-    return {"data": bundle.name, "recalibrated": n_bn > 0, "batches": len(batches), "probe": probe_from,
-            "before": before.to_json(), "after": after.to_json()}
+        train_x = bundle.train_x
+    else:  # a random part of the training set, kept out of the re-estimation batches
+        n = len(bundle.train_x)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(1))
+        k = min(BN_PROBE, n // 4) if n >= 8 else 0
+        if k:
+            px, py, train_x = bundle.train_x[perm[:k]], bundle.train_y[perm[:k]], bundle.train_x[perm[k:]]
+        else:
+            px, py, train_x = bundle.train_x, bundle.train_y, bundle.train_x
+        probe_from = "training"
+    rep = reestimate_bn(model, train_x, px, py, batches=n_batches, batch_size=BN_BATCH, seed=0)
+    for level, line in rep.lines(bundle.name):
+        (o.warn if level == "warn" else o.info)(f"{out_dir}: {line}" if not rep.bn_layers else line)
+    norm_json = bundle.normalisation_json()
+    norm_json["source"] = norm["source"] if norm is not None else bundle.norm_source
+    return {"data": bundle.name, "recalibrated": rep.bn_layers > 0 and rep.accepted, "batches": rep.batches,
+            "probe": probe_from, **rep.to_json(), "normalisation": norm_json, "notes": list(bundle.notes),
+            "_norm": norm}
 
 
 def bn_note(o: Output, model, recipe, out_dir: str, command: str) -> None:
@@ -300,8 +343,9 @@ def bn_note(o: Output, model, recipe, out_dir: str, command: str) -> None:
         return
     if bn_statistics_current(model, recipe):  # straight from patch (or fold --data): nothing to do yet
         return
+    how = "" if getattr(recipe, "normalisation", None) else " with --mean/--std as in training"
     o.info(f"note: the weights in {out_dir} changed since its BatchNorm running statistics were measured "
-           f"(fine-tuned?) and they were not checked; re-estimate them: {command} (docs/finetune.md)")
+           f"(fine-tuned?) and they were not checked; re-estimate them: {command}{how} (docs/finetune.md)")
 
 
 def folded_targets(recipe) -> dict[str, list[str]] | None:
@@ -331,6 +375,8 @@ def fold_command(
     out_dir: str = typer.Argument(..., help="A directory written by `bnnshift patch`."),
     data: Optional[str] = BN_DATA,
     bn_recalib_batches: int = BN_RECALIB_BATCHES,
+    mean: Optional[str] = MEAN,
+    std: Optional[str] = STD,
     model_spec: Optional[str] = RECIPE_MODEL,
     arg: ArgList = ARG,
     trust_recipe: bool = TRUST_RECIPE,
@@ -339,11 +385,14 @@ def fold_command(
 ):
     """Absorb the thresholds into BatchNorm / bias where exact (in place); keep the others and say why.
 
-    With --data, the BatchNorm statistics are re-estimated first (needed after fine-tuning)."""
+    With --data, the BatchNorm statistics are re-estimated first (needed after fine-tuning), on
+    data normalised with --mean/--std (else patch.json's record, recorded by patch or an earlier
+    fold); the new statistics are kept only when the probe accuracy is not lower."""
     from .. import validate
 
     o = Output(json_mode=json_, quiet=quiet)
     validate.check_path(out_dir, "OUT_DIR")  # before importing torch
+    mean_v, std_v = parse_mean_std(mean, std)
 
     from ..fold import FoldReport, fold_shifts
     from ..load import parse_model_spec
@@ -352,7 +401,7 @@ def fold_command(
 
     recipe = read_recipe(out_dir)
     done = folded_targets(recipe)
-    if done is not None and data is None:  # nothing to fold and no statistics to re-estimate: say so, rewrite nothing
+    if done is not None and data is None and mean_v is None:  # nothing to fold, re-estimate or record: say so, rewrite nothing
         o.info(already_folded_line(out_dir, done))
         o.result({"out_dir": str(out_dir), "checkpoint": recipe.checkpoint, "folded": {}, "kept": {},
                   "already_folded": {n: t for t, names in done.items() for n in names},
@@ -364,7 +413,16 @@ def fold_command(
     if model_spec is not None:  # the recipe now names the model the user gave
         spec = parse_model_spec(model_spec, arg if arg is not None else recipe.factory_args)
         recipe.model, recipe.factory_args = spec.to_json(), dict(spec.args)
-    bn = refresh_bn(o, model, recipe, data, bn_recalib_batches, out_dir)
+    bn = refresh_bn(o, model, recipe, data, bn_recalib_batches, out_dir, mean_v, std_v)
+    norm = bn.pop("_norm", None) if bn is not None else None
+    if norm is None and mean_v is not None:
+        from ..data.norm import choose_normalisation
+
+        norm = choose_normalisation(mean_v, std_v)
+    if norm is not None:  # fold records the normalisation the statistics were estimated with
+        from ..data.norm import as_record
+
+        recipe.normalisation = as_record(norm, int(recipe.input_shape[0]) if recipe.input_shape else None)
     if bn is not None and not shifted_sites(model):  # folded before: only the statistics change
         rep = FoldReport()
         o.info(already_folded_line(out_dir, done or {}, data=data))
@@ -387,4 +445,4 @@ def fold_command(
     if bn is None:
         bn_note(o, model, recipe, out_dir, f"bnnshift fold {out_dir} --data SPEC")
     o.result({"out_dir": str(out_dir), "checkpoint": recipe.checkpoint, **rep.to_json(), "sites": rows,
-              "bn_statistics": bn})
+              "bn_statistics": bn, "normalisation": recipe.normalisation})

@@ -6,8 +6,8 @@ from typing import Optional
 import typer
 
 from . import app
-from ._common import (ALLOW_NONFINITE, ARG, CHECKPOINT, DEVICE, INPUT_SHAPE, JSON, MODEL, NON_STRICT, QUIET, UNSAFE,
-                      USE_EMA, ArgList, print_load_notes)
+from ._common import (ALLOW_NONFINITE, ARG, CHECKPOINT, DEVICE, INPUT_SHAPE, JSON, MEAN, MODEL, NON_STRICT, QUIET,
+                      STD, UNSAFE, USE_EMA, ArgList, parse_mean_std, print_load_notes)
 from ._errors import handle_errors
 from ._output import Output
 
@@ -148,6 +148,8 @@ def scan_command(
     unsafe_load: bool = UNSAFE,
     use_ema: bool = USE_EMA,
     allow_nonfinite: bool = ALLOW_NONFINITE,
+    mean: Optional[str] = MEAN,
+    std: Optional[str] = STD,
     json_: bool = JSON,
     quiet: bool = QUIET,
 ):
@@ -159,6 +161,7 @@ def scan_command(
     validate.check_inputs(model=model, checkpoint=checkpoint, data=data)
     shape = validate.resolve_input_shape(input_shape, None) if input_shape else None
     validate.check_device(device)
+    mean_v, std_v = parse_mean_std(mean, std)
 
     from ..detect import PROBE_BATCH  # imports torch
     from ..parallel import resolve_device
@@ -169,7 +172,8 @@ def scan_command(
     notes: list[str] = []
     report = scan(model, args=arg, checkpoint=checkpoint, input_shape=input_shape, data=data,
                   data_batches=data_batches, batch_size=batch_size, strict=not non_strict, allow_unsafe=unsafe_load,
-                  use_ema=use_ema, allow_nonfinite=allow_nonfinite, notes=notes, device=resolve_device(device))
+                  use_ema=use_ema, allow_nonfinite=allow_nonfinite, notes=notes, device=resolve_device(device),
+                  mean=mean_v, std=std_v)
     print_load_notes(out, notes, report.checkpoint)
     if json_:
         payload = report.to_json()

@@ -7,7 +7,7 @@ import typer
 
 from . import app
 from ._common import (ALLOW_NONFINITE, ARG, CHECKPOINT, DEVICE, INPUT_SHAPE, JSON, MODEL, NON_STRICT, OUTPUT_INDEX, OUTPUT_KEY,
-                      QUIET, USE_EMA, ArgList, print_load_notes)
+                      QUIET, USE_EMA, MEAN, STD, ArgList, print_load_notes)
 from ._errors import handle_errors
 from ._output import Output, SearchProgress
 
@@ -88,10 +88,8 @@ def search_command(
                                                          "for memory), on, off (load into memory)."),
     workers: Optional[int] = typer.Option(None, "--workers", min=0, help="DataLoader worker processes when "
                                                                         "streaming (default min(4, CPUs))."),
-    mean: Optional[str] = typer.Option(None, "--mean", help="Per-channel normalisation mean in [0,1] pixel "
-                                                            "units, e.g. 0.485,0.456,0.406 (streaming path)."),
-    std: Optional[str] = typer.Option(None, "--std", help="Per-channel normalisation std, e.g. "
-                                                          "0.229,0.224,0.225 (with --mean)."),
+    mean: Optional[str] = MEAN,
+    std: Optional[str] = STD,
     memory_format: str = typer.Option("auto", "--memory-format",
                                       help="auto (channels_last for conv models), channels_last or contiguous."),
     dtype: str = typer.Option("float32", "--dtype", help="float32 or float64."),

@@ -11,7 +11,7 @@ import os
 import shutil
 import tempfile
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,21 @@ class DataBundle:
     name: str  # canonical spec, e.g. "fashion-mnist:/usr/share/datasets/fashion-mnist"
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    # where ``mean``/``std`` came from: "given" (--mean/--std, patch.json's record or a timm
+    # pretrained_cfg), "standard" (the data set's published constants, NORMALISATION), "own" (this
+    # training set's per-channel statistics) or "as-is" (the data function's own transform; mean 0 /
+    # std 1 are placeholders)
+    norm_source: str = "as-is"
+    # the training images' own per-channel pixel mean / std in [0, 1] units, where known
+    pixel_mean: tuple[float, ...] | None = None
+    pixel_std: tuple[float, ...] | None = None
+    notes: list[str] = field(default_factory=list)  # said to the user (normalisation not applied, ...)
+
+    def normalisation_json(self) -> dict[str, Any]:
+        """``{"mean", "std", "source", "pixel_mean", "pixel_std"}``: what the inputs were normalised with."""
+        r = lambda v: None if v is None else [round(float(x), 6) for x in v]  # noqa: E731
+        return {"mean": r(self.mean), "std": r(self.std), "source": self.norm_source,
+                "pixel_mean": r(self.pixel_mean), "pixel_std": r(self.pixel_std)}
 
     def fingerprint(self) -> str:
         """Short sha256 of the shapes, the class count and an evenly spaced sample of the data.
@@ -116,6 +131,66 @@ def _subset_indices(n: int, limit: int | None, seed: int, salt: int) -> torch.Te
 def _mix_seed(*parts: int) -> int:
     h = hashlib.sha256(":".join(str(int(p)) for p in parts).encode()).digest()
     return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
+
+
+def broadcast_norm(mean: Any, std: Any, channels: int, what: str = "--mean/--std"
+                   ) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """``mean``/``std`` (one value or one per channel, [0, 1] pixel units) as ``channels``-tuples.
+
+    One value is used for every channel. Raises :class:`UsageError` (exit 2: the values are the
+    user's) when both are not given together, a std is not positive or the count fits neither 1
+    nor ``channels``."""
+    from ..errors import UsageError  # a bad flag value, not bad data
+
+    if (mean is None) != (std is None):
+        raise UsageError(f"{what}: mean and std go together", hint="pass both, e.g. --mean 0.5 --std 0.25")
+    m = tuple(float(v) for v in ([mean] if isinstance(mean, (int, float)) else mean))
+    s = tuple(float(v) for v in ([std] if isinstance(std, (int, float)) else std))
+    out = []
+    for label, v in (("mean", m), ("std", s)):
+        if len(v) == 1:
+            v = v * channels
+        if len(v) != channels:
+            raise UsageError(f"{what}: {len(v)} {label} values for data with {channels} channel{'s' if channels != 1 else ''}",
+                            hint=f"pass one value or {channels} comma-separated values")
+        out.append(v)
+    if any(not (v > 0) for v in out[1]):
+        raise UsageError(f"{what}: std must be positive, got {out[1]}", hint="e.g. --std 0.229,0.224,0.225")
+    return out[0], out[1]
+
+
+def pixel_stats(x: torch.Tensor, limit: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean / std in [0, 1] units of uint8 (or [0, 1] float) images ``(N, C, H, W)``
+    (an evenly spaced sample of at most ``limit`` images)."""
+    n = int(x.shape[0])
+    if n > limit:
+        x = x[torch.linspace(0, n - 1, limit).round().long()]
+    f = x.to(torch.float32)
+    if not torch.is_floating_point(x):
+        f = f.div_(255.0)
+    return (tuple(float(v) for v in f.mean(dim=(0, 2, 3))),
+            tuple(max(float(v), 1e-6) for v in f.std(dim=(0, 2, 3))))
+
+
+# The normalised inputs of a data set "differ clearly" from what the normalisation expects when a
+# channel's mean lands this many stds from 0, or its std is off by this factor (either way).
+NORM_MEAN_OFF = 0.5
+NORM_STD_RATIO = 2.0
+
+
+def normalisation_mismatch(bundle: "DataBundle", where: str = "") -> str | None:
+    """One line when the images' own pixel statistics differ clearly from the normalisation applied
+    (``bundle.norm_source == "given"``); None when they fit or are unknown."""
+    if bundle.norm_source != "given" or bundle.pixel_mean is None or bundle.pixel_std is None:
+        return None
+    zm = [(pm - m) / s for pm, m, s in zip(bundle.pixel_mean, bundle.mean, bundle.std)]
+    zs = [ps / s for ps, s in zip(bundle.pixel_std, bundle.std)]
+    if all(abs(v) <= NORM_MEAN_OFF for v in zm) and all(1 / NORM_STD_RATIO <= v <= NORM_STD_RATIO for v in zs):
+        return None
+    f = lambda v: ",".join(f"{x:.3f}" for x in v)  # noqa: E731
+    return (f"{bundle.name}: its images' own pixel mean {f(bundle.pixel_mean)} / std {f(bundle.pixel_std)} differ "
+            f"clearly from the normalisation used (mean {f(bundle.mean)} / std {f(bundle.std)}{where}): the inputs "
+            f"have mean {f(zm)} / std {f(zs)}, not about 0 / 1; used as given (the model's normalisation)")
 
 
 def _normalise_uint8(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:

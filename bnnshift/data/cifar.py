@@ -6,11 +6,14 @@ from pathlib import Path
 import torch
 
 from ..errors import DataError
-from .bundle import NORMALISATION, DataBundle, _atomic_extract, _normalise_uint8, _source_key, _subset_indices, data_cache_dir
+from .bundle import NORMALISATION, DataBundle, broadcast_norm, pixel_stats, _atomic_extract, _normalise_uint8, _source_key, _subset_indices, data_cache_dir
 
-def _load_cifar(kind: str, root_arg: str | None, download: bool, train_limit, val_limit, seed) -> DataBundle:
+def _load_cifar(kind: str, root_arg: str | None, download: bool, train_limit, val_limit, seed,
+                norm: tuple[tuple[float, ...], tuple[float, ...]] | None = None) -> DataBundle:
+    """``norm``: the (mean, std) to normalise with; default the published constants (``NORMALISATION``)."""
     tx, ty, vx, vy, name = read_cifar_uint8(kind, root_arg, download, train_limit, val_limit, seed)
-    mean, std = NORMALISATION[kind]
+    mean, std = broadcast_norm(*norm, 3) if norm is not None else NORMALISATION[kind]
+    pm, ps = pixel_stats(tx)
     return DataBundle(
         train_x=_normalise_uint8(tx, mean, std),
         train_y=ty,
@@ -21,6 +24,9 @@ def _load_cifar(kind: str, root_arg: str | None, download: bool, train_limit, va
         name=name,
         mean=mean,
         std=std,
+        norm_source="given" if norm is not None else "standard",
+        pixel_mean=pm,
+        pixel_std=ps,
     )
 
 

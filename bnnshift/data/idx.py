@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 
 from ..errors import DataError
-from .bundle import NORMALISATION, DataBundle, _atomic_extract, _normalise_uint8, _source_key, _subset_indices, data_cache_dir
+from .bundle import NORMALISATION, DataBundle, broadcast_norm, pixel_stats, _atomic_extract, _normalise_uint8, _source_key, _subset_indices, data_cache_dir
 
 DEFAULT_FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
 
@@ -45,9 +45,13 @@ def _locate_idx(kind: str, root: Path, download: bool) -> tuple[str, Path | None
     return "missing", None
 
 
-def _load_idx(kind: str, root_arg: str | None, download: bool, train_limit, val_limit, seed) -> DataBundle:
+def _load_idx(kind: str, root_arg: str | None, download: bool, train_limit, val_limit, seed,
+              norm: tuple[tuple[float, ...], tuple[float, ...]] | None = None) -> DataBundle:
+    """``norm``: the (mean, std) to normalise with (one value or one per channel); default the data
+    set's published constants (``NORMALISATION``)."""
     tx, ty, vx, vy, name = read_idx_uint8(kind, root_arg, download, train_limit, val_limit, seed)
-    mean, std = NORMALISATION[kind]
+    mean, std = broadcast_norm(*norm, 1) if norm is not None else NORMALISATION[kind]
+    pm, ps = pixel_stats(tx)
     return DataBundle(
         train_x=_normalise_uint8(tx, mean, std),
         train_y=ty,
@@ -58,6 +62,9 @@ def _load_idx(kind: str, root_arg: str | None, download: bool, train_limit, val_
         name=name,
         mean=mean,
         std=std,
+        norm_source="given" if norm is not None else "standard",
+        pixel_mean=pm,
+        pixel_std=ps,
     )
 
 

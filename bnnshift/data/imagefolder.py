@@ -6,9 +6,36 @@ from pathlib import Path
 import torch
 
 from ..errors import DataError
-from .bundle import DataBundle, _as_shape, folder_splits, _normalise_uint8, _subset_indices
+from .bundle import (DataBundle, _as_shape, _normalise_uint8, _subset_indices, broadcast_norm, folder_splits,
+                     pixel_stats)
 
-def _load_imagefolder(path_arg: str, input_shape, train_limit, val_limit, seed) -> DataBundle:
+GREY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
+
+
+def _folder_channels(paths: list[str], sample: int = 64) -> int:
+    """1 when every image of an evenly spaced sample is greyscale (PIL modes in GREY_MODES), else 3."""
+    from PIL import Image
+
+    n = len(paths)
+    idx = sorted({round(i * (n - 1) / max(1, sample - 1)) for i in range(min(n, sample))})
+    for i in idx:
+        try:
+            with Image.open(paths[i]) as im:
+                if im.mode not in GREY_MODES:
+                    return 3
+        except OSError:
+            continue  # a corrupt file is reported when it is decoded
+    return 1
+
+
+def _load_imagefolder(path_arg: str, input_shape, train_limit, val_limit, seed,
+                      norm: tuple[tuple[float, ...], tuple[float, ...]] | None = None) -> DataBundle:
+    """Decode ``PATH/train`` (+ ``PATH/val``) into memory at ``input_shape`` (C = 1: every image
+    converted to greyscale, C = 3: to RGB, so RGBA / palette / greyscale files all load; without a
+    shape, C = 1 when the files are greyscale, else 3, and H, W of the first image).
+
+    ``norm``: (mean, std) in [0, 1] pixel units (one value or one per channel) to normalise
+    with; default the training images' own per-channel statistics (``norm_source`` "own")."""
     from PIL import Image
     from torchvision.datasets import ImageFolder
     from torchvision.transforms.functional import pil_to_tensor
@@ -36,7 +63,7 @@ def _load_imagefolder(path_arg: str, input_shape, train_limit, val_limit, seed) 
     if shape is None:
         with Image.open(train_ds.samples[0][0]) as im:
             w0, h0 = im.size
-        shape = (3, h0, w0)
+        shape = (_folder_channels([p for p, _ in train_ds.samples]), h0, w0)
     c, h, w = shape
     if c not in (1, 3):
         raise DataError(f"imagefolder can produce 1 (grey) or 3 (RGB) channels, the model expects {c}",
@@ -69,10 +96,9 @@ def _load_imagefolder(path_arg: str, input_shape, train_limit, val_limit, seed) 
             raise DataError(f"{val_dir} has classes not in {train_dir}: {', '.join(missing[:5])}")
         cmap = {val_ds.class_to_idx[cl]: train_ds.class_to_idx[cl] for cl in val_ds.classes}
         vx, vy = load(val_ds, val_limit, 2, cmap)
-    # Normalise with the training set's own per-channel statistics.
-    f = tx.to(torch.float32).div_(255.0)
-    mean = tuple(float(v) for v in f.mean(dim=(0, 2, 3)))
-    std = tuple(max(float(v), 1e-6) for v in f.std(dim=(0, 2, 3)))
+    # Normalise with the given statistics, else the training set's own per-channel ones.
+    pm, ps = pixel_stats(tx, limit=len(tx))
+    mean, std = broadcast_norm(*norm, c) if norm is not None else (pm, ps)
     return DataBundle(
         train_x=_normalise_uint8(tx, mean, std),
         train_y=ty,
@@ -83,4 +109,7 @@ def _load_imagefolder(path_arg: str, input_shape, train_limit, val_limit, seed) 
         name=name,
         mean=mean,
         std=std,
+        norm_source="given" if norm is not None else "own",
+        pixel_mean=pm,
+        pixel_std=ps,
     )

@@ -348,9 +348,11 @@ def open_stream(spec: str, *, input_shape=None, options: StreamOptions | None = 
         mean, std = tuple(md["mean"]), tuple(md["std"])
     if mean is None:
         mean, std = default_stats or _estimate_stats(train_imgs, shape, seed)
+    mean = tuple(mean) * shape[0] if len(mean) == 1 else tuple(mean)  # one value: every channel
+    std = tuple(std) * shape[0] if len(std) == 1 else tuple(std)
     if len(mean) != shape[0] or len(std) != shape[0]:
         raise UsageError(f"--mean/--std have {len(mean)}/{len(std)} values but the data has {shape[0]} channels",
-                         hint="give one value per channel")
+                         hint="give one value, or one per channel")
     crop_pct = float(md.get("crop_pct") or opts.crop_pct)
     interp = str(md.get("interpolation") or opts.interpolation)
     opts = StreamOptions(augment=opts.augment, mean=tuple(mean), std=tuple(std), workers=opts.workers,

@@ -12,7 +12,7 @@ from typing import Any, Callable
 import torch
 
 from ..errors import DataError, SpecError
-from .bundle import DataBundle, _normalise_uint8, _subset_indices
+from .bundle import DataBundle, _normalise_uint8, _subset_indices, broadcast_norm, pixel_stats
 from .spec import _known_kinds_text
 
 def _resolve_function(kind: str, ref: str) -> tuple[Callable[..., Any], str]:
@@ -105,9 +105,13 @@ def _dataset_to_tensors(ds: Any, limit: int | None, seed: int, salt: int, where:
 
 
 def _finish_user_tensors(
-    tx: torch.Tensor, ty: torch.Tensor, vx: torch.Tensor | None, vy: torch.Tensor | None, name: str
+    tx: torch.Tensor, ty: torch.Tensor, vx: torch.Tensor | None, vy: torch.Tensor | None, name: str,
+    norm: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
 ) -> DataBundle:
-    """Make (N, C, H, W) float32; integer images are scaled to [0, 1] and normalised with their own stats."""
+    """Make (N, C, H, W) float32. Integer images are scaled to [0, 1] and normalised with ``norm``
+    (mean, std), else their own per-channel statistics. Float images in [0, 1] are pixels: normalised
+    with ``norm`` when given, else used as they are. Float images outside [0, 1] were normalised by
+    the user's transform: used as they are (with ``norm`` given, a note says it was not applied)."""
 
     def nchw(x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 3:
@@ -123,22 +127,37 @@ def _finish_user_tensors(
     ty = ty.reshape(-1).to(torch.int64)
     vy = vy.reshape(-1).to(torch.int64) if vy is not None else None
     c = int(tx.shape[1])
+    notes: list[str] = []
+    pm = ps = None
     if not torch.is_floating_point(tx):
-        f = tx.to(torch.float32) / 255.0
-        mean = tuple(float(v) for v in f.mean(dim=(0, 2, 3)))
-        std = tuple(max(float(v), 1e-6) for v in f.std(dim=(0, 2, 3)))
+        pm, ps = pixel_stats(tx)
+        mean, std = broadcast_norm(*norm, c) if norm is not None else (pm, ps)
+        source = "given" if norm is not None else "own"
         tx = _normalise_uint8(tx, mean, std)
         vx = _normalise_uint8(vx, mean, std) if vx is not None else None
+    elif norm is not None and tx.numel() and float(tx.min()) >= 0.0 and float(tx.max()) <= 1.0:
+        pm, ps = pixel_stats(tx)  # [0, 1] pixels (e.g. ToTensor() alone): normalised as asked
+        mean, std = broadcast_norm(*norm, c)
+        source = "given"
+        m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+        s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+        tx = (tx.to(torch.float32) - m) / s
+        vx = (vx.to(torch.float32) - m) / s if vx is not None else None
     else:  # float data is used as the user's transform left it
-        mean, std = (0.0,) * c, (1.0,) * c
+        mean, std, source = (0.0,) * c, (1.0,) * c, "as-is"
+        if norm is not None:
+            notes.append(f"{name}: the mean/std normalisation (--mean/--std or patch.json's record) is not applied: "
+                         "the data function returns float inputs outside [0, 1], already normalised by its own "
+                         "transform; they are used as they are (return [0, 1] pixels to have it applied)")
         tx = tx.to(torch.float32)
         vx = vx.to(torch.float32) if vx is not None else None
     labels = torch.cat([ty] + ([vy] if vy is not None else []))
     num_classes = int(labels.max()) + 1 if labels.numel() else 0
-    return DataBundle(tx, ty, vx, vy, (c, int(tx.shape[2]), int(tx.shape[3])), num_classes, name, mean, std)
+    return DataBundle(tx, ty, vx, vy, (c, int(tx.shape[2]), int(tx.shape[3])), num_classes, name, mean, std,
+                      norm_source=source, pixel_mean=pm, pixel_std=ps, notes=notes)
 
 
-def _load_user(kind: str, ref: str, input_shape, download, train_limit, val_limit, seed) -> DataBundle:
+def _load_user(kind: str, ref: str, input_shape, download, train_limit, val_limit, seed, norm=None) -> DataBundle:
     fn, canonical = _resolve_function(kind, ref)
     where = f"data function {canonical}"
     try:
@@ -151,6 +170,7 @@ def _load_user(kind: str, ref: str, input_shape, download, train_limit, val_limi
         raise DataError(f"{where} failed: {type(exc).__name__}: {exc}") from exc
     if isinstance(out, DataBundle):
         out.name = out.name or canonical
+        _bundle_as_given(out, norm)
         return out
     if not isinstance(out, (tuple, list)) or len(out) not in (2, 4):
         raise DataError(
@@ -174,4 +194,23 @@ def _load_user(kind: str, ref: str, input_shape, download, train_limit, val_limi
         raise DataError(f"{where} returned a 4-tuple that is not tensors (x, y, val_x, val_y)")
     if tx is None or ty is None or tx.shape[0] != ty.reshape(-1).shape[0]:
         raise DataError(f"{where}: x and y have different lengths")
-    return _finish_user_tensors(tx, ty, vx, vy, canonical)
+    return _finish_user_tensors(tx, ty, vx, vy, canonical, norm)
+
+
+def _bundle_as_given(bundle: DataBundle, norm) -> None:
+    """A DataBundle made by user or plugin code is already normalised: with ``norm`` given, say that
+    it is not applied again (unless the bundle records the same normalisation)."""
+    if norm is None:
+        return
+    from ..errors import UsageError
+
+    try:
+        same = broadcast_norm(*norm, len(bundle.mean)) == (tuple(bundle.mean), tuple(bundle.std))
+    except UsageError:
+        same = False
+    if same:
+        bundle.norm_source = "given"
+    else:
+        bundle.notes.append(f"{bundle.name}: the mean/std normalisation (--mean/--std or patch.json's record) is not "
+                            f"applied: the data source returns a DataBundle already normalised (mean "
+                            f"{list(bundle.mean)}, std {list(bundle.std)}); used as it is")
