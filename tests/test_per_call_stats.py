@@ -79,7 +79,8 @@ class FunctionBlock(ModuleBlock):
 
 
 class ThriceBlock(ModuleBlock):
-    """One binarizer instance called three times, each call at another input scale."""
+    """One binarizer instance called three times, each call at another input scale (the third
+    on integers, where sign(0) = 0 gives that call a zero share of its own)."""
     def __init__(self, tokens, dim):
         super().__init__(tokens, dim)
         self.norm3, self.ch2 = nn.LayerNorm(dim), nn.Linear(dim, dim)
@@ -87,7 +88,7 @@ class ThriceBlock(ModuleBlock):
     def forward(self, x):
         x = x + self.tok(self.act(self.norm1(x).transpose(1, 2))).transpose(1, 2)
         x = x + self.ch(self.act(2.5 * self.norm2(x)))
-        return x + self.ch2(self.act(6.0 * self.norm3(x) - 0.5))
+        return x + self.ch2(self.act(torch.round(2.0 * self.norm3(x))))  # integers: sign(0) = 0
 
 
 class MixedBlock(ModuleBlock):
@@ -225,6 +226,8 @@ def test_each_call_is_measured_at_its_own_output(lib, factory):
         assert s.gradient is True, s.name
     # the calls of one binarizer differ: each was read at its own output
     assert len({round(h["plus"], 6) for h in hand}) > len(hand) // 2
+    if factory == "thrice_mixer":  # only the third call of each block sees exact zeros
+        assert [h["zero"] > 0.05 for h in hand] == [False, False, True] * 2
 
 
 @pytest.mark.parametrize("factory", ["module_mixer", "scaled_mixer", "function_mixer", "thrice_mixer", "mixed_mixer"])
