@@ -153,7 +153,8 @@ def blocked_mixer():
 '''
 
 SHAPE = (1, 4, 4)
-CALLS = {"module_mixer": 6, "scaled_mixer": 6, "function_mixer": 6, "thrice_mixer": 6, "mixed_mixer": 4, "blocked_mixer": 4}
+CALLS = {"module_mixer": 6, "scaled_mixer": 6, "function_mixer": 6, "thrice_mixer": 6, "mixed_mixer": 4,
+         "blocked_mixer": 4}  # binarizer calls per forward
 
 
 @pytest.fixture()
