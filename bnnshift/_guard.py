@@ -20,7 +20,59 @@ from typing import Iterator
 import torch
 from torch import nn
 
-__all__ = ["snapshot", "changed_tensors", "inplace_writers", "inplace_message"]
+__all__ = ["snapshot", "changed_tensors", "inplace_writers", "inplace_message", "copy_model"]
+
+
+def _uncopyable(v) -> bool:
+    if isinstance(v, (torch.Tensor, nn.Module, type(None), bool, int, float, str, type)):
+        return False
+    try:
+        copy.deepcopy(v)
+        return False
+    except Exception:  # noqa: BLE001 - any failure (KeyError / RecursionError of a delegating __getattr__)
+        return True
+
+
+def copy_model(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` that bnnshift may run: ``copy.deepcopy``, or, when some attribute
+    object cannot be deep-copied (a layer recipe whose ``__getattr__`` delegates, so that
+    ``copy.deepcopy`` fails with ``KeyError`` / ``RecursionError``), a deep copy that shares
+    those objects with the original (they are configuration read by ``forward``: parameters,
+    buffers and submodules are still copied). Raises ``ModelLoadError`` (exit 1) naming the
+    class when even that fails."""
+    try:
+        return copy.deepcopy(model)
+    except Exception as first:  # noqa: BLE001 - located and handled below
+        memo: dict[int, object] = {}
+        for m in model.modules():
+            for k, v in m.__dict__.items():
+                if k in ("_parameters", "_buffers", "_modules"):
+                    continue
+                items = list(v.values()) if isinstance(v, dict) else list(v) if isinstance(v, (list, tuple)) else [v]
+                for e in items:
+                    if _uncopyable(e):
+                        memo[id(e)] = e
+        culprits = sorted({type(e).__qualname__ for e in memo.values()})
+        if not culprits:  # a module itself cannot be copied: name the innermost one
+            for m in reversed(list(model.modules())):
+                try:
+                    copy.deepcopy(m)
+                except Exception:  # noqa: BLE001
+                    culprits = [type(m).__qualname__]
+                    break
+        if memo:
+            try:
+                return copy.deepcopy(model, memo)
+            except Exception:  # noqa: BLE001
+                pass
+        from .errors import ModelLoadError
+
+        what = ", ".join(culprits) if culprits else type(model).__qualname__
+        raise ModelLoadError(
+            f"the model cannot be copied (copy.deepcopy of {what} fails with {type(first).__name__}), and bnnshift "
+            "runs its own forwards only on a copy",
+            hint=f"make {what} deep-copyable (e.g. a __getattr__ that raises AttributeError for unknown names, "
+                 "or a __deepcopy__)") from None
 
 
 def _bn_stat_names(model: nn.Module) -> set[str]:

@@ -127,6 +127,113 @@ def ensure_apply_wrapper() -> None:
         _apply_wrapped = True
 
 
+def binary_part(output: Any) -> Any:
+    """The output of a binarizer that is the binarization: the output itself, or for a
+    multi-output binarizer (``(sign, scale)``, ``(scale, sign)``, ``(sign, mean)``) its first
+    tensor output with two or three distinct values in one sample (a per-sample scale has
+    one), else its first tensor output. Anything else is returned unchanged."""
+    if not isinstance(output, (tuple, list)):
+        return output
+    tensors = [v for v in output if isinstance(v, torch.Tensor)]
+    for v in tensors:
+        head = (v[0] if v.dim() >= 2 else v).detach().reshape(-1)[:4096]
+        if 2 <= torch.unique(head).numel() <= 3:
+            return v
+    return tensors[0] if tensors else output
+
+
+# ---------------------------------------------------------------- references bound at construction
+
+
+class LateApply:
+    """Stands for a reference to ``function.apply`` that user code took once
+    (``self.q = SignSTE.apply`` in ``__init__``, ``binarize = SignSTE.apply`` at module level).
+
+    Such a reference is bound to whatever ``Function.apply`` was when it was taken: torch's
+    own C method (a model built before bnnshift's first probe: the run-time wrapper and the
+    tracer's opaque node never see the call, only the ``sign`` inside it) or bnnshift's
+    wrapper (a model built after it). ``LateApply`` looks ``apply`` up at every call, so a
+    Function is seen the same way however and whenever it was bound (issue 20). Calling it is
+    calling ``function.apply``: same outputs, same autograd graph.
+    """
+
+    __slots__ = ("function",)
+
+    def __init__(self, function: type):
+        self.function = function
+
+    def __call__(self, *args, **kwargs):
+        return self.function.apply(*args, **kwargs)
+
+    def __reduce__(self):
+        return (LateApply, (self.function,))
+
+    def __repr__(self) -> str:
+        return f"{self.function.__qualname__}.apply"
+
+
+def bound_apply_function(v: Any) -> type | None:
+    """The ``autograd.Function`` subclass when ``v`` is a bound ``apply`` of it, else None."""
+    if not callable(type(v)) or isinstance(v, (torch.Tensor, nn.Module, str, int, float, type)):
+        return None
+    try:
+        owner = getattr(v, "__self__", None)
+    except Exception:  # noqa: BLE001 - a __getattr__ that raises something else than AttributeError
+        return None
+    if not isinstance(owner, type) or not issubclass(owner, torch.autograd.Function):
+        return None
+    name = getattr(v, "__name__", "")
+    if name == "apply" or getattr(v, "__func__", None) is _wrapped_apply or name == "traced_apply":
+        return owner
+    return None
+
+
+def rebind_applies(model: nn.Module) -> int:
+    """Replace every bound ``Function.apply`` reference the model's forward can reach by a
+    ``LateApply`` (in place; behaviour unchanged). Looks at each module's attributes (and the
+    items of list / tuple / dict attributes) and at the module-level names each module class's
+    ``forward`` reads. Returns how many references were replaced."""
+    n = 0
+    seen_fn: set[int] = set()
+    for m in model.modules():
+        d = m.__dict__
+        for k, v in list(d.items()):
+            if k in ("_parameters", "_buffers", "_modules"):
+                continue
+            fn = bound_apply_function(v)
+            if fn is not None:
+                d[k] = LateApply(fn)
+                n += 1
+            elif isinstance(v, list):
+                for i, e in enumerate(v):
+                    fn = bound_apply_function(e)
+                    if fn is not None:
+                        v[i] = LateApply(fn)
+                        n += 1
+            elif isinstance(v, tuple) and any(bound_apply_function(e) for e in v):
+                d[k] = type(v)(*(LateApply(bound_apply_function(e)) if bound_apply_function(e) else e for e in v)) \
+                    if hasattr(v, "_fields") else tuple(LateApply(bound_apply_function(e)) if bound_apply_function(e)
+                                                        else e for e in v)
+                n += 1
+            elif isinstance(v, dict) and not isinstance(v, nn.Module):
+                for kk, e in list(v.items()):
+                    fn = bound_apply_function(e)
+                    if fn is not None:
+                        v[kk] = LateApply(fn)
+                        n += 1
+        fwd = getattr(type(m), "forward", None)
+        code, glb = getattr(fwd, "__code__", None), getattr(fwd, "__globals__", None)
+        if code is None or glb is None or id(fwd) in seen_fn:
+            continue
+        seen_fn.add(id(fwd))
+        for name in code.co_names:
+            fn = bound_apply_function(glb.get(name))
+            if fn is not None:
+                glb[name] = LateApply(fn)
+                n += 1
+    return n
+
+
 # ---------------------------------------------------------------- the runtime
 
 
@@ -140,6 +247,8 @@ class OpEvent:
     function: type | None
     inputs: tuple
     output: Any
+    # the inputs the op ran on, after any shift handler at this op (``inputs`` are before it)
+    used_inputs: tuple = ()
 
 
 class _ScopeMode(TorchFunctionMode):
@@ -196,6 +305,7 @@ class SiteRuntime:
     # -- installation
     def install(self, *, track_all_calls: bool = False, apply_wrapper: bool = True) -> "SiteRuntime":
         needs_scope = self.watch_scopes is None or bool(self.watch_scopes)
+        rebind_applies(self.model)  # ``self.q = F.apply``: seen whenever and however it was bound
         scope_modules = self._scope_modules() if needs_scope else set()
         hooked_call_paths = {p for p, _ in self.pre_call} | {p for p, _ in self.post_call} | set(self.param_shifts)
         root = self.model
@@ -325,7 +435,7 @@ class SiteRuntime:
         finally:
             self._in_apply = False
         if self.record_ops is not None:
-            self.record_ops(OpEvent(scope, j, label, function, orig_args, out))
+            self.record_ops(OpEvent(scope, j, label, function, orig_args, out, tuple(args)))
         return out
 
     def _on_apply(self, cls, orig, args, kwargs):

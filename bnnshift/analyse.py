@@ -8,6 +8,7 @@ whether a shift can be *folded* into an existing parameter.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import operator
 from typing import Any
@@ -16,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from ._guard import copy_model
 from .detect import Discovery, _closure, activation_nodes, is_weight_layer, node_scope
 from .shift import fold_param
 from .sites import APPLY_OP, APPLY_PRE_HOOK, APPLY_PRODUCER, KIND_INPUT, KIND_MODULE, Site, target_param
@@ -525,7 +527,7 @@ def _own_additive_param(model: nn.Module, path: str, in_shape: tuple[int, ...] |
     """(parameter name, sign) of the binarizer module's additive parameter, found by measurement."""
     if not in_shape or len(in_shape) < 2:
         return None
-    m = copy.deepcopy(model.get_submodule(path))  # measured on a copy: a forward may write its own weights
+    m = copy_model(model.get_submodule(path))  # measured on a copy: a forward may write its own weights
     g = torch.Generator().manual_seed(1234)
     for name, p in m.named_parameters():
         if not p.is_floating_point() or p.numel() > 65536:
@@ -731,6 +733,16 @@ def _flat_tensors(y: Any) -> list[torch.Tensor]:
     return out
 
 
+@contextlib.contextmanager
+def _same_noise(seed: int = 0):
+    """Every forward that is compared with another draws the same random numbers: a stochastic
+    binarizer (``sign(x + noise)``, stochastic rounding) then differs between two runs only by
+    what the comparison changes (the global RNG state is restored afterwards)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
 def _check_producer_hooks(disc: Discovery, model: nn.Module, t: float = 0.5) -> None:
     """A shift on a producer's output must move only its binarizer's input: measured, not assumed.
 
@@ -753,9 +765,9 @@ def _check_producer_hooks(disc: Discovery, model: nn.Module, t: float = 0.5) -> 
         return c
 
     def run(sites: list[Site]) -> list[torch.Tensor]:
-        m = copy.deepcopy(model).eval()
+        m = copy_model(model).eval()
         insert_shifts(m, sites, {s.name: t for s in sites})
-        with torch.no_grad():
+        with torch.no_grad(), _same_noise():
             return _flat_tensors(m(x.to(next(iter(m.parameters())).dtype) if any(True for _ in m.parameters()) else x))
 
     def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
@@ -794,12 +806,12 @@ def _check_lowering(disc: Discovery, model: nn.Module, t: float = 0.5) -> None:
         return c
 
     def run(sites: list[Site], dtype) -> list[torch.Tensor]:
-        m = copy.deepcopy(model).eval()
+        m = copy_model(model).eval()
         if dtype is not None:
             m = m.to(dtype)
         insert_shifts(m, sites, {s.name: t for s in sites})
         p = next(iter(m.parameters()), None)
-        with torch.no_grad():
+        with torch.no_grad(), _same_noise():
             return _flat_tensors(m(x.to(p.dtype) if p is not None else x))
 
     def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
@@ -832,6 +844,198 @@ def _check_lowering(disc: Discovery, model: nn.Module, t: float = 0.5) -> None:
         s.fold_reason = f"lowering the fold target by t does not act as x - t (measured)"
 
 
+def _first_tensor(v: Any) -> torch.Tensor | None:
+    if isinstance(v, torch.Tensor):
+        return v
+    if isinstance(v, (tuple, list)) and v and isinstance(v[0], torch.Tensor):
+        return v[0]
+    return None
+
+
+class _Recorded:
+    """Wraps one shift handler of the patch: records the value its hook shifts (``before``)."""
+
+    def __init__(self, name: str, handler: Any, store: dict[str, torch.Tensor], output: bool = False,
+                 calls: dict[str, tuple] | None = None):
+        self.name, self.handler, self.store, self.output, self.calls = name, handler, store, output, calls
+
+    def __call__(self, module, arg):
+        v = _first_tensor(arg) if self.output else (_first_tensor(arg[0]) if arg else None)
+        if v is not None and self.name not in self.store:
+            self.store[self.name] = v.detach().clone()
+            if self.calls is not None and not self.output and isinstance(arg[0], torch.Tensor):
+                self.calls[self.name] = (module, tuple(a.detach().clone() if isinstance(a, torch.Tensor) else a
+                                                       for a in arg))
+        return self.handler(module, arg)
+
+
+def measure_shift_once(model: nn.Module, sites: list[Site], x: torch.Tensor, t: float = 0.5) -> dict[str, str | float]:
+    """How far the patch moves each site's binarizer input: every site shifted by ``t`` at once,
+    the patch's own hooks (``shift.insert_shifts`` on a copy), one forward on ``x``.
+
+    Per site name: ``1.0`` when the value reaching the binarizer is exactly the value its hook
+    shifted minus ``t`` (once); ``k`` (e.g. ``2.0``) when another hook shifted the same value
+    too; ``"not fired"`` when the site's hook did not run; ``"indirect"`` when the hook's value is
+    not the binarizer's input (the module transforms it first, e.g. standardises it: a shift of
+    ``t`` then moves it by another amount by design); ``"invariant"`` when a hooked module
+    call's output is the same for its input ``x`` and ``x - s`` for shifts ``s`` at the
+    quartiles of ``x`` and past its whole range (a softmax or a normalisation before its
+    threshold: no shift changes anything); ``"not measured"`` when the binarizer's
+    input was not seen. Raises whatever the model raises.
+    """
+    from ._runtime import SiteRuntime
+    from .shift import insert_shifts
+
+    plain = []
+    for s in sites:
+        c = copy.copy(s)
+        c.shift_into = None  # a lowered fold target is checked against the plain hook by _check_lowering
+        plain.append(c)
+    by_name = {s.name: s for s in plain}
+
+    calls: dict[str, tuple] = {}
+
+    def run(tv: float) -> tuple[dict, dict]:
+        m = copy_model(model).eval()
+        insert_shifts(m, plain, {s.name: tv for s in plain})
+        rt: SiteRuntime = m._bnnshift_shift.runtime
+        rt.remove()
+        before: dict[str, torch.Tensor] = {}
+        after: dict[str, torch.Tensor] = {}
+        for d, out in ((rt.pre_call, False), (rt.post_call, True), (rt.op_handlers, False)):
+            for key, h in list(d.items()):
+                name = next((s.name for s in plain if _handler_key(s) == (d is rt.op_handlers, d is rt.post_call, key)), None)
+                if name is not None:
+                    d[key] = _Recorded(name, h, before, out, calls if (tv == 0.0 and d is rt.pre_call) else None)
+        op_sites: dict[tuple, list[str]] = {}
+        call_sites: dict[tuple, list[str]] = {}
+        for s in plain:
+            on_op = s.scope is not None and s.kind != KIND_MODULE
+            (op_sites if on_op else call_sites).setdefault(
+                (s.scope or "", s.op_index) if on_op else (s.module, s.call_index), []).append(s.name)
+        rt.watch_scopes = set(rt.watch_scopes or ()) | {sc for sc, _ in op_sites}
+
+        def record(ev):
+            v = _first_tensor(ev.used_inputs[0]) if ev.used_inputs else None
+            for name in op_sites.get((ev.scope, ev.index), ()):
+                if v is not None and name not in after:
+                    after[name] = v.detach().clone()
+
+        rt.record_ops = record
+        for p, _ in call_sites:
+            rt.pre_call.setdefault((p, _), lambda module, args: None)
+        rt.install(apply_wrapper=True)
+        mods = dict(m.named_modules())
+        extra = []
+        for (p, k), names in call_sites.items():
+            def after_hooks(module, args, _p=p, _k=k, _names=names):
+                v = _first_tensor(args[0]) if args else None
+                if rt.call_counts.get(_p, 0) - 1 == _k and v is not None:
+                    for name in _names:
+                        after.setdefault(name, v.detach().clone())
+            extra.append(mods[p].register_forward_pre_hook(after_hooks))
+        try:
+            p0 = next(iter(m.parameters()), None)
+            with torch.no_grad(), _same_noise():
+                m(x.to(p0.dtype) if p0 is not None and p0.is_floating_point() else x)
+        finally:
+            for h in extra:
+                h.remove()
+            rt.remove()
+        return before, after
+
+    b0, a0 = run(0.0)
+    b1, a1 = run(t)
+    invariant: set[str] = set()
+    for name, (mod, args) in calls.items():
+        # shifts that move a threshold anywhere in the input's range across many values (its
+        # quartiles) and past all of them: a binarizer whose output stays the same for all of
+        # them reads a shift-invariant input, not one that a shift of t happens not to flip
+        v = args[0].detach().double().reshape(-1)
+        if v.numel() < 2 or not v.is_floating_point():
+            continue
+        span = float(v.max() - v.min()) + 1.0
+        shifts = [float(q) for q in torch.quantile(v[:: max(1, v.numel() // 100_000)], torch.tensor(
+            [0.25, 0.5, 0.75], dtype=torch.float64))] + [span, -span]
+        try:
+            with torch.no_grad(), _same_noise():
+                y0 = _runtime_binary(mod(*args))
+            same = True
+            for tv in shifts:
+                with torch.no_grad(), _same_noise():
+                    y1 = _runtime_binary(mod(args[0] - tv, *args[1:]))
+                if not (isinstance(y0, torch.Tensor) and isinstance(y1, torch.Tensor) and y0.shape == y1.shape
+                        and torch.equal(y0, y1)):
+                    same = False
+                    break
+        except Exception:  # noqa: BLE001 - the module does not run alone: not measured here
+            continue
+        if same:
+            invariant.add(name)
+    out: dict[str, str | float] = {}
+    for name in by_name:
+        if name in invariant:
+            out[name] = "invariant"
+        elif name not in b1:
+            out[name] = "not fired"
+        elif name not in a1 or name not in a0 or name not in b0:
+            out[name] = "not measured"
+        elif a0[name].shape != b0[name].shape or not torch.equal(a0[name], b0[name]):
+            out[name] = "indirect"
+        elif a1[name].shape != b1[name].shape or not a1[name].is_floating_point():
+            out[name] = "not measured"
+        else:
+            d = (b1[name].double() - a1[name].double()) / t
+            k = float(d.median())
+            tol = 1e-4 * max(1.0, float(b1[name].abs().max()))
+            out[name] = 1.0 if torch.allclose(a1[name].double(), b1[name].double() - t, atol=tol, rtol=0) else round(k, 3)
+    return out
+
+
+def _runtime_binary(y: Any) -> Any:
+    from ._runtime import binary_part
+
+    return binary_part(y)
+
+
+def _handler_key(s: Site) -> tuple[bool, bool, tuple]:
+    """(is op handler, is post-call handler, address key) of the hook ``insert_shifts`` gives ``s``."""
+    if s.apply == APPLY_OP:
+        return (True, False, (s.scope or "", s.op_index))
+    if s.apply == APPLY_PRODUCER:
+        return (False, True, (s.module, s.call_index))
+    return (False, False, (s.module, s.call_index))
+
+
+def _check_shift_once(disc: Discovery, model: nn.Module, t: float = 0.5) -> None:
+    """Prove that the patch moves every site's binarizer input by exactly ``t``, never ``2t``
+    (``measure_shift_once``); a site whose input moves by another multiple of ``t`` shares its
+    value with another site's hook and is left out, with a warning. Sites whose hook did not
+    run keep ``fired`` for the probe to decide."""
+    root = next((r for r in disc.dyn.calls if r.path == ""), None)
+    if not disc.sites or root is None or not root.inp.is_tensor or not root.inp.is_float:
+        return
+    x = torch.randn(root.inp.shape, generator=torch.Generator().manual_seed(4321))
+    try:
+        res = measure_shift_once(model, disc.sites, x, t)
+    except Exception as exc:  # noqa: BLE001 - the model does not run patched on a copy: say so
+        disc.warnings.append(f"the shift of each site could not be measured ({type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0][:120] if str(exc) else ''})")
+        return
+    bad = {n: k for n, k in res.items() if isinstance(k, float) and k != 1.0}
+    for s in list(disc.sites):
+        if res.get(s.name) == "invariant":
+            disc.sites.remove(s)
+            disc.warnings.append(f"site {s.name} ({s.op}, {s.alphabet}): shift-invariant input: its output is the same "
+                                 "for x and x - s at every shift s tried (its input's quartiles and past its range; measured): "
+                                 "a softmax or a normalisation before its threshold, so a shift there changes nothing; "
+                                 "excluded from the shift")
+        elif s.name in bad:
+            disc.sites.remove(s)
+            disc.warnings.append(f"site {s.name}: a shift of t there moves its binarizer's input by {bad[s.name]:g}t "
+                                 "(measured): another site already shifts the same value; left out")
+
+
 def analyse(disc: Discovery, model: nn.Module) -> list[Site]:
     """Fill in the context fields of every site of ``disc`` (in place); returns the sites.
 
@@ -860,6 +1064,7 @@ def analyse(disc: Discovery, model: nn.Module) -> list[Site]:
             s.fold_reason = f"fold analysis failed ({type(exc).__name__}): hooks kept"
         disc.warnings.append(f"fold analysis failed ({type(exc).__name__}: {str(exc)[:120]}); every shift stays a hook")
     _check_lowering(disc, model)
+    _check_shift_once(disc, model)
     for s in disc.sites:
         if not s.foldable and not s.fold_reason:
             if s.producer == "residual add":

@@ -15,7 +15,7 @@ forward), which is how a site found here is found again when patched.
 """
 from __future__ import annotations
 
-import copy
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,8 +23,8 @@ import torch
 from torch import fx, nn
 
 from . import registry
-from ._guard import changed_tensors, inplace_message, snapshot
-from ._runtime import OpEvent, SiteRuntime, graph_candidate_label
+from ._guard import changed_tensors, copy_model, inplace_message, snapshot
+from ._runtime import OpEvent, SiteRuntime, binary_part, graph_candidate_label
 from .errors import TraceError
 from .sites import (APPLY_OP, APPLY_PRE_HOOK, APPLY_PRODUCER, KIND_HARDTANH, KIND_INLINE, KIND_INPUT,
                     KIND_MODULE, Site)
@@ -43,6 +43,9 @@ class ValueSummary:
     distinct: int = 0
     values: tuple[float, ...] = ()  # the distinct values when there are at most 3
     is_float: bool = False
+    # two values up to the rounding of an STE expression (``c + (b - c).detach()`` is b only to
+    # about one ulp): distinct values counted after rounding to 1e-3 of the largest magnitude
+    near_binary: bool = False
 
     @property
     def binary(self) -> bool:
@@ -57,8 +60,7 @@ class ValueSummary:
 
 def summarize(t: Any) -> ValueSummary:
     """Distinct values of a tensor, cheaply: a strided sample decides "many" before a full unique."""
-    if isinstance(t, (tuple, list)) and t and isinstance(t[0], torch.Tensor):
-        t = t[0]
+    t = binary_part(t)
     if not isinstance(t, torch.Tensor) or t.numel() == 0:
         return ValueSummary(False)
     # per sample: a scaled sign (alpha_i * sign(x), XNOR's K) is binary within each sample
@@ -66,7 +68,13 @@ def summarize(t: Any) -> ValueSummary:
     sample = flat[:: max(1, flat.numel() // 4096)]
     u = torch.unique(sample.float())
     if u.numel() > 3:
-        return ValueSummary(True, tuple(t.shape), int(u.numel()), (), t.is_floating_point())
+        near = False
+        if t.is_floating_point():
+            scale = float(u.abs().max())
+            if scale > 0 and math.isfinite(scale):
+                r = torch.unique(torch.round(sample.float() / scale * 1000))
+                near = r.numel() == 2
+        return ValueSummary(True, tuple(t.shape), int(u.numel()), (), t.is_floating_point(), near)
     if flat.numel() > 1_000_000:
         flat = flat[:: flat.numel() // 1_000_000 + 1]
     u = torch.unique(flat.float())
@@ -224,6 +232,12 @@ def binarizer_module_paths(model: nn.Module, dyn: DynamicPass) -> set[str]:
             continue  # a torch layer (Hardtanh on large inputs, ReLU...) is never a binarizer
         if rec.out.binary and rec.inp.is_tensor and rec.inp.is_float and rec.inp.distinct > 8 \
                 and not rec.passes_arg and not _has_weight_layer(mods[rec.path]):
+            found.add(rec.path)
+        elif rec.out.near_binary and rec.inp.is_tensor and rec.inp.is_float and rec.inp.distinct > 8 \
+                and not rec.passes_arg and not _has_weight_layer(mods[rec.path]) \
+                and not any(under_bin(ev.scope, rec.path) for ev, _, _ in dyn.ops):
+            # an STE expression around a binarization that no candidate op makes (stochastic
+            # rounding ``where(rand < p, 1, -1)``): only the module's output says it binarizes
             found.add(rec.path)
     # a binarizer wrapped in layers that pass the same values in and out (brevitas:
     # QuantIdentity > act_quant > proxy > tensor_quant > delay_wrapper) is one site: the
@@ -401,8 +415,8 @@ def discover(model: nn.Module, input_shape: tuple[int, ...], *, include_hardtanh
     Returns a ``Discovery``; ``sites`` are in execution order, with addressing filled in and
     context left to ``analyse``.
     """
-    work = copy.deepcopy(model)  # the user's model never runs here (its forward may write its weights)
-    twin = copy.deepcopy(model)
+    work = copy_model(model)  # the user's model never runs here (its forward may write its weights)
+    twin = copy_model(model)
     x = example_input(tuple(input_shape))
     before = snapshot(work)
     dyn = dynamic_pass(work, x)
@@ -479,7 +493,8 @@ def discover(model: nn.Module, input_shape: tuple[int, ...], *, include_hardtanh
                                 "at run time in the same order; skipped")
                 continue
             ev, in_sum, out_sum = rec
-            is_bool = isinstance(ev.output, torch.Tensor) and ev.output.dtype == torch.bool and out_sum.distinct == 2
+            out_t = binary_part(ev.output)
+            is_bool = isinstance(out_t, torch.Tensor) and out_t.dtype == torch.bool and out_sum.distinct == 2
             if not (out_sum.binary or is_bool):
                 continue  # e.g. an apply that is not a binarizer
             first = n.args[0] if n.args else None
@@ -515,6 +530,9 @@ def discover(model: nn.Module, input_shape: tuple[int, ...], *, include_hardtanh
             sites.append(s)
             node_of_site[id(s)] = n
 
+    if trace is not None:
+        warnings.extend(_softmax_thresholds(trace.graph_module.graph, mods, activation_nodes(trace.graph_module.graph)))
+
     # sites inside untraced leaves (or everywhere when the model could not be traced)
     leaf_roots = list(trace.leaves) if trace is not None else [""]
     for leaf in leaf_roots:
@@ -532,7 +550,8 @@ def discover(model: nn.Module, input_shape: tuple[int, ...], *, include_hardtanh
         for ev, in_sum, out_sum in dyn.ops:
             if not under(ev.scope) or any(under_bin(ev.scope, b) for b in bin_paths):
                 continue
-            is_bool = isinstance(ev.output, torch.Tensor) and ev.output.dtype == torch.bool and out_sum.distinct == 2
+            out_t = binary_part(ev.output)
+            is_bool = isinstance(out_t, torch.Tensor) and out_t.dtype == torch.bool and out_sum.distinct == 2
             if not (out_sum.binary or is_bool):
                 continue
             if not _is_activation(dyn, dyn2, ("op", ev.scope, ev.index), in_sum):
@@ -556,6 +575,7 @@ def discover(model: nn.Module, input_shape: tuple[int, ...], *, include_hardtanh
             found_here.append(s)
         sites.extend(found_here)
 
+    sites = one_site_per_call(sites)
     _name_sites(sites, calls_per_path, bases)
     _name_sites(hardtanh_sites, calls_per_path)
     warnings.extend(f"site {s.name}: {note}" for s, note in site_notes)
@@ -565,6 +585,73 @@ def discover(model: nn.Module, input_shape: tuple[int, ...], *, include_hardtanh
                      {s.name: node_of_site[id(s)] for s in sites if id(s) in node_of_site},
                      hardtanh_sites, warnings, trace_error, binary_params, inplace)
     return disc
+
+
+_SOFTMAX_FUNCS = {torch.softmax, torch.nn.functional.softmax, torch.special.softmax}
+_COMPARE_OPS = {"gt", "ge", "lt", "le", "__gt__", "__ge__", "__lt__", "__le__", "greater", "less",
+                "greater_equal", "less_equal"}
+
+
+def _is_softmax(n: Any, mods: dict[str, nn.Module]) -> bool:
+    if not isinstance(n, fx.Node):
+        return False
+    if n.op == "call_function":
+        return n.target in _SOFTMAX_FUNCS
+    if n.op == "call_method":
+        return n.target == "softmax"
+    return n.op == "call_module" and isinstance(mods.get(str(n.target)), nn.Softmax)
+
+
+def _softmax_thresholds(g: fx.Graph, mods: dict[str, nn.Module], act: set) -> list[str]:
+    """Say every {0,1} threshold on a softmax output (binary attention): it is reported, and it is
+    not a site of the default shift: softmax(x - t) = softmax(x), so a shift of the scores before
+    it changes nothing, and its own threshold is the model's (a probability, not a pre-activation)."""
+    out = []
+    for n in g.nodes:
+        name = getattr(n.target, "__name__", str(n.target))
+        if n.op not in ("call_function", "call_method") or name not in _COMPARE_OPS or len(n.args) < 2:
+            continue
+        a, b = n.args[0], n.args[1]
+        p, lit = (a, b) if _is_softmax(a, mods) else (b, a) if _is_softmax(b, mods) else (None, None)
+        if p is None or p not in act:
+            continue
+        scope, _ = node_scope(n)
+        where = f"{scope or 'root'}:{name.strip('_')}"
+        level = f"{lit:g}" if isinstance(lit, (int, float)) else "a tensor"
+        out.append(f"{where}: a {{0,1}} threshold at {level} on a softmax output (binary attention); shift-invariant "
+                   "input (softmax(x - t) = softmax(x): a shift of the scores changes nothing), so it is not "
+                   "shifted by default; its threshold is the model's own")
+    return out
+
+
+def site_identity(s: Site) -> tuple:
+    """What a site *is*: the call that binarizes, independent of how it was found.
+
+    An op-based site (inline op, a conv's input quantizer, a shift on the op's producer) is
+    its binarizing op, ``("op", scope, op_index)``: the ``op_index``-th candidate op run while
+    module ``scope`` is the innermost running module, per root forward. A module binarizer is
+    its call, ``("call", module path, call_index)``.
+    """
+    if s.scope is not None and s.kind != KIND_MODULE:
+        return ("op", s.scope, s.op_index)
+    return ("call", s.module, s.call_index)
+
+
+def one_site_per_call(sites: list[Site]) -> list[Site]:
+    """``sites`` with every call kept once (the first found: graph before run time).
+
+    The graph, each untraced leaf and the run-time pass may each find the same call (a leaf
+    inside a leaf, a site seen both in the graph and inside a leaf); two sites of one call
+    would shift its binarizer's input twice (``x - 2t``)."""
+    seen: set[tuple] = set()
+    out = []
+    for s in sites:
+        key = site_identity(s)
+        if key in seen:
+            continue
+        seen.add(key)
+        out.append(s)
+    return out
 
 
 def _is_activation(dyn: DynamicPass, dyn2: DynamicPass, key: tuple, inp: ValueSummary) -> bool:

@@ -15,10 +15,9 @@ never downloaded.
 """
 from __future__ import annotations
 
-import dataclasses
-
 import ast
 import contextlib
+import dataclasses
 import difflib
 import hashlib
 import importlib
@@ -561,20 +560,22 @@ def pick_logits(out: Any, index: int | None = None, key: str | None = None) -> t
 
     A tensor is the logits (note None). A tuple/list (e.g. a distillation model's
     ``(logits, features)``): element ``index``, default the first tensor. A dict (or a
-    ``ModelOutput``) or a dataclass: item / field ``key``, default ``"logits"``. Raises UsageError (exit 2) naming the
-    output's structure and ``--output-index`` / ``--output-key`` when none fits.
+    ``ModelOutput``) or a ``@dataclass``: item / field ``key``, default ``"logits"``. Raises
+    UsageError (exit 2) naming the output's structure and ``--output-index`` / ``--output-key`` when none fits.
     """
     if isinstance(out, torch.Tensor):
         return out, None
     if dataclasses.is_dataclass(out) and not isinstance(out, type) and not isinstance(out, Mapping):
-        fields = {f.name: getattr(out, f.name) for f in dataclasses.fields(out)}
-        k = key if key is not None else ("logits" if "logits" in fields else None)
-        if k is None or k not in fields or not isinstance(fields[k], torch.Tensor):
+        # a plain @dataclass output: its fields, like the items of a dict (default field "logits")
+        items = {f.name: getattr(out, f.name) for f in dataclasses.fields(out)}
+        k = key if key is not None else ("logits" if "logits" in items else None)
+        if k is None or k not in items or not isinstance(items[k], torch.Tensor):
             raise UsageError(f"the model returns a dataclass {type(out).__name__} (fields: "
-                             f"{', '.join(list(fields)[:8])}); "
+                             f"{', '.join(list(items)[:8])}); "
                              f"{'no tensor in field ' + repr(key) if key is not None else 'which field are the logits?'}",
                              hint="pass --output-key FIELD")
-        return fields[k], f"the model returns a dataclass: field {k!r} used as the logits (--output-key to change)"
+        return items[k], (f"the model returns a dataclass {type(out).__name__}: field {k!r} used as the logits "
+                          "(--output-key to change)")
     if isinstance(out, Mapping):
         k = key if key is not None else ("logits" if "logits" in out else None)
         if k is None or k not in out or not isinstance(out[k], torch.Tensor):

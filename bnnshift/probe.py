@@ -13,7 +13,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from ._runtime import SiteRuntime
+from ._runtime import SiteRuntime, binary_part
 from .sites import APPLY_OP, APPLY_PRE_HOOK, APPLY_PRODUCER, Site
 
 _SAMPLE = 50_000  # pre-activation values kept per site for median/skew
@@ -31,6 +31,8 @@ class _Acc:
     zeros: float = 0.0  # outputs exactly 0: sign(0) = 0 makes a "binary" site ternary
     pre_min: float = float("inf")
     pre_max: float = float("-inf")
+    pre_zeros: float = 0.0  # pre-activation values exactly 0 (where sign(0) = 0 comes from)
+    pre_total: float = 0.0
 
     def add_pre(self, x: torch.Tensor):
         x = x.detach()
@@ -39,6 +41,8 @@ class _Acc:
         flat = x.float().reshape(-1)
         if flat.numel():
             self.pre_min = min(self.pre_min, float(flat.min()))
+            self.pre_zeros += float((flat == 0).sum())
+            self.pre_total += flat.numel()
             self.pre_max = max(self.pre_max, float(flat.max()))
         kept = sum(t.numel() for t in self.samples)
         if kept < _SAMPLE:
@@ -54,6 +58,8 @@ class _Acc:
         self.total += yf.numel()
         # distinct values within one sample (a per-sample scale keeps a sign binary)
         u = torch.unique((yf[0] if yf.dim() >= 2 else yf).reshape(-1)[:100_000])
+        if u.numel() > 3 and float(u.abs().max()) > 0:  # an STE expression: two values up to rounding
+            u = torch.unique(torch.round(u / u.abs().max() * 1000)) * u.abs().max() / 1000
         self.max_distinct = max(self.max_distinct, int(u.numel()))
         if len(self.distinct) <= 4:
             self.distinct.update(float(v) for v in u[:5])
@@ -112,8 +118,9 @@ def probe_sites(model: nn.Module, sites: Iterable[Site], batches: Iterable[torch
 
     def any_post(path, k, output):
         s = by_call.get((path, k))
-        if s is not None and s.scope is None and isinstance(output, torch.Tensor):
-            acc[s.name].add_out(output)
+        out = binary_part(output)  # (sign, scale): the sign output is the site
+        if s is not None and s.scope is None and isinstance(out, torch.Tensor):
+            acc[s.name].add_out(out)
         s = by_out.get((path, k))
         if s is not None and isinstance(output, torch.Tensor):
             acc[s.name].add_pre(output)
@@ -124,8 +131,9 @@ def probe_sites(model: nn.Module, sites: Iterable[Site], batches: Iterable[torch
             return
         if s.apply == APPLY_OP and ev.inputs and isinstance(ev.inputs[0], torch.Tensor):
             acc[s.name].add_pre(ev.inputs[0])
-        if isinstance(ev.output, torch.Tensor):
-            acc[s.name].add_out(ev.output)
+        out = binary_part(ev.output)  # (sign, scale): the sign output is the site
+        if isinstance(out, torch.Tensor):
+            acc[s.name].add_out(out)
 
     rt.any_pre, rt.any_post, rt.record_ops = _uncounted(rt, any_pre), _uncounted(rt, any_post), _uncounted(rt, record)
     was_training = model.training
@@ -159,7 +167,8 @@ def probe_sites(model: nn.Module, sites: Iterable[Site], batches: Iterable[torch
         res = {"fired": a.fired > 0, "binary": binary,
                "plus_fraction": (a.plus / a.total) if a.total else None,
                "zero_fraction": (a.zeros / a.total) if (a.total and signed) else None,
-               "preact": preact, "channels": a.channels}
+               "preact": preact, "channels": a.channels,
+               "preact_zero_fraction": (a.pre_zeros / a.pre_total) if a.pre_total else None}
         out[s.name] = res
         if update:
             s.fired, s.binary_checked = res["fired"], res["binary"]
@@ -198,7 +207,8 @@ def _uncounted(rt: SiteRuntime, fn):
 
 @dataclass
 class GradientCheck:
-    """Where the loss's gradient goes (one backward on one batch, eval mode).
+    """Where the loss's gradient goes (one backward on one batch, train mode; eval mode only
+    when the model cannot run a train-mode forward on the batch).
 
     ``reaches``: site name -> does a non-zero gradient reach the site's input (None: its input
     does not depend on a parameter, e.g. the model input itself). ``frozen``: trainable
@@ -237,12 +247,20 @@ def gradient_check(model: nn.Module, sites: Iterable[Site], x: torch.Tensor) -> 
         elif s.apply == APPLY_OP:
             rt.op_handlers[(s.scope or "", s.op_index)] = keep(s.name)
     was_training = model.training
-    model.eval()
+    # train mode, as training runs: with the running statistics of an untrained model a BN
+    # can push every value of the probe batch out of a clipped STE's window (|x| <= 1), which
+    # would call a working STE absent; the buffers a train-mode forward updates are restored
+    saved_buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+    model.train()
     model.zero_grad(set_to_none=True)
     rt.install(apply_wrapper=any(s.apply == APPLY_OP for s in sites))
     try:
         with torch.enable_grad():
-            out = model(x)
+            try:
+                out = model(x)
+            except Exception:  # noqa: BLE001 - e.g. BatchNorm on one sample: measure in eval mode
+                model.eval()
+                out = model(x)
             if isinstance(out, (tuple, list)):
                 out = next((o for o in out if isinstance(o, torch.Tensor)), None)
             if not isinstance(out, torch.Tensor) or not out.is_floating_point() or not out.requires_grad:
@@ -255,6 +273,10 @@ def gradient_check(model: nn.Module, sites: Iterable[Site], x: torch.Tensor) -> 
     finally:
         rt.remove()
         model.train(was_training)
+        with torch.no_grad():
+            for n, b in model.named_buffers():
+                if n in saved_buffers:
+                    b.copy_(saved_buffers[n])
     reaches: dict[str, bool | None] = {}
     for s in sites:
         t = seen.get(s.name)

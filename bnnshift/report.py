@@ -89,15 +89,18 @@ def _diff_text(d: list[float] | None) -> str:
 
 
 def verdict(summary: "SearchSummary") -> dict[str, Any]:
-    """The search's answer in words, honest about the noise.
+    """The search's answer in words, honest about the noise, the same both ways.
 
     ``{"text": str, "winner": float | None, "tie": bool, "resolved": bool, "notes": [str]}``:
-    ``winner`` is the best mean score (``summary.winner``), but the text names it only when it is
-    ahead of t = 0 beyond the seed noise (``summary.ahead_of_baseline``, search.py); else "tie
-    within noise". With fewer than ``validate.MIN_VERDICT_SEEDS`` (3) seeds per shift there is no
-    noise estimate: a comparison with t = 0 is "not resolved" (``resolved`` false, ``tie`` false).
-    Notes: too few seeds, a winner at the edge of the grid, a search from a trained checkpoint
-    (the paper searches from scratch, docs/paper.md claim 5).
+    ``winner`` is the best mean score (``summary.winner``). The text names a shift only when it
+    is ahead of t = 0 beyond the seed noise (``summary.ahead_of_baseline``), and t = 0 only when
+    it is ahead of the best other shift beyond the noise (``summary.baseline_ahead``); else "tie
+    within noise", whichever of the two has the better mean. ``resolved`` is true only when such
+    a comparison beyond the noise exists (a winner, shift or t = 0); a tie is not resolved. With
+    fewer than ``validate.MIN_VERDICT_SEEDS`` (3) seeds per shift there is no noise estimate:
+    "not resolved" (``resolved`` false, ``tie`` false). Notes: too few seeds, a winner at the
+    edge of the grid, a search from a trained checkpoint (the paper searches from scratch,
+    docs/paper.md claim 5).
     """
     from .validate import MIN_VERDICT_SEEDS
 
@@ -105,17 +108,31 @@ def verdict(summary: "SearchSummary") -> dict[str, Any]:
     notes: list[str] = []
     tie = False
     few = len(summary.seeds) < MIN_VERDICT_SEEDS
-    resolved = not (few and w is not None and summary.baseline is not None)
+    resolved = False
+    runner = getattr(summary, "runner_up", None)
+    base_ahead = getattr(summary, "baseline_ahead", None)
     if w is None:
         text = "no winner: every candidate failed"
     elif summary.ahead_of_baseline:
+        resolved = True
         text = f"t = {w:g} ({summary.noise_note})"
     elif _key(w) == _key(0.0):
-        text = "t = 0 (no shift) scores best" + (" (not resolved: too few seeds)" if not resolved else "")
+        if base_ahead:
+            resolved = True
+            text = f"t = 0 (no shift) scores best ({summary.noise_note})"
+        elif base_ahead is False and runner is not None:
+            tie = True
+            diff, where = _diff_to_baseline(summary, runner)
+            text = (f"tie within noise (best mean t = 0; best shift t = {runner:g}: {diff * 100:+.2f} points "
+                    f"vs t = 0{where})")
+            notes.append(summary.noise_note)
+        elif runner is None:
+            text = "t = 0 (no shift) scores best (not resolved: no other shift to compare with)"
+        else:
+            text = "t = 0 (no shift) scores best (not resolved: too few seeds)"
     elif summary.baseline is None:
         text = f"best t = {w:g} (t = 0 is not in the grid: nothing to compare with)"
     elif summary.ahead_of_baseline is None:  # no noise estimate (fewer than 3 seeds)
-        resolved = False
         diff, where = _diff_to_baseline(summary, w)
         text = f"not resolved (best mean t = {w:g}: {diff * 100:+.2f} points vs t = 0{where}, too few seeds to judge)"
     else:
@@ -138,15 +155,16 @@ def verdict(summary: "SearchSummary") -> dict[str, Any]:
 
 
 def _diff_to_baseline(summary: "SearchSummary", w: float) -> tuple[float, str]:
-    """The winner's mean score minus t = 0's at equal steps, and where: when successive halving
-    eliminated t = 0 at an earlier rung, both at that rung (paired: same batches, same steps)."""
+    """Shift ``w``'s mean score minus t = 0's at equal steps, and where: when successive halving
+    eliminated one of them at an earlier rung, both at that rung (paired: same batches, same steps)."""
     stats = {_key(st.shift): st for st in summary.stats}
     ws, bs = stats.get(_key(w)), stats.get(_key(0.0))
     if ws is None or ws.mean is None or bs is None or bs.mean is None:
         return 0.0, ""
-    if bs.rung is None or ws.rung == bs.rung:
+    if bs.rung is None or ws.rung is None or ws.rung == bs.rung:
         return ws.mean - bs.mean, ""
-    r = bs.rung
+    stopped = bs if bs.rung < ws.rung else ws  # the one successive halving eliminated first
+    r = stopped.rung
 
     def at_rung(t: float) -> list[float]:
         return [c.rung_scores[r] for c in summary.candidates
@@ -155,7 +173,8 @@ def _diff_to_baseline(summary: "SearchSummary", w: float) -> tuple[float, str]:
     wv, bv = at_rung(w), at_rung(0.0)
     if not wv or not bv:
         return ws.mean - bs.mean, ""
-    return sum(wv) / len(wv) - sum(bv) / len(bv), f" at rung {r}, after {bs.steps} steps, where t = 0 stopped"
+    return (sum(wv) / len(wv) - sum(bv) / len(bv),
+            f" at rung {r}, after {stopped.steps} steps, where t = {stopped.shift:g} stopped")
 
 
 def run_info(summary: "SearchSummary") -> dict[str, Any]:
@@ -242,7 +261,11 @@ def _schedule_lines(summary: "SearchSummary") -> list[str]:
     sch, cost = summary.schedule or {}, summary.cost or {}
     out = [f"- schedule: successive halving (eta {sch.get('eta'):g}, first rung {sch.get('min_fraction'):g} of the "
            f"epoch); {cost.get('candidate_steps')} candidate steps vs {cost.get('full_grid_candidate_steps')} for "
-           f"the full grid ({(cost.get('ratio') or 0):.2f}x)"]
+           f"the full grid ({(cost.get('ratio') or 0):.2f}x)" + _wall_text(cost)]
+    if sch.get("fallback"):
+        out.append(f"- fell back to the full schedule: {sch['fallback'].removeprefix('full: ')}")
+    elif sch.get("plan_note"):
+        out.append(f"- rungs: {sch['plan_note']}")
     if sch.get("stop_when_stable"):
         out.append(f"- --stop-when-stable: a rung ends once the shifts it keeps held for {sch['stable_fraction']:g} "
                    f"of its steps and each leads each eliminated shift by more than {sch['stable_z']:g} paired standard "
@@ -253,8 +276,27 @@ def _schedule_lines(summary: "SearchSummary") -> list[str]:
                 f"{len(r['candidates'])} shift{'s' if len(r['candidates']) != 1 else ''}, kept {kept}")
         if r.get("stopped_early"):
             line += f"; {_stop_text(r['stopped_early'])}"
+        if r.get("decision"):
+            line += f"; {r['decision']['action']}: {r['decision']['why']}"
+        sc = r.get("scores") or {}
+        if sc:  # every rung's scores (mean over seeds, at equal steps)
+            line += "; scores " + ", ".join(f"t={float(t):g} {'-' if v is None else f'{v * 100:.2f}%'}"
+                                           for t, v in sorted(sc.items(), key=lambda kv: float(kv[0])))
         out.append(line)
     return out
+
+
+def _wall_text(cost: dict[str, Any]) -> str:
+    """The halving run's wall time next to its step ratio (the full grid's estimated from this
+    run's seconds per training step)."""
+    wall = cost.get("wall_seconds")
+    if wall is None:
+        return ""
+    est = cost.get("full_grid_seconds_estimate")
+    if not est:
+        return f"; wall {wall:.1f}s"
+    return (f"; wall {wall:.1f}s vs ~{est:.1f}s of training steps for the full grid "
+            f"({(cost.get('wall_ratio_estimate') or 0):.2f}x, estimated)")
 
 
 def _val_text(vs: dict[float, tuple[float, float, int]] | None, shift: float) -> str:

@@ -4,13 +4,13 @@
 """
 from __future__ import annotations
 
-import copy
 import math
 from typing import Any, Iterable
 
 import torch
 from torch import nn
 
+from ._guard import copy_model
 from .analyse import analyse
 from .detect import PROBE_BATCH, Discovery, discover, example_input
 from .errors import NoSitesError
@@ -64,7 +64,7 @@ def scan_model(model: nn.Module, input_shape: Iterable[int], *, name: str = "mod
     analyse(disc, model)
     # every forward below runs on a copy: the user's model (weights, buffers, Python
     # attributes its forward sets) is exactly as it was handed in
-    work = copy.deepcopy(model)
+    work = copy_model(model)
     if require_sites and not disc.sites:
         raise NoSitesError(f"no binary activation found in {name}", hint=NO_SITES_HINT)
     sites = disc.sites
@@ -74,8 +74,16 @@ def scan_model(model: nn.Module, input_shape: Iterable[int], *, name: str = "mod
     if sites:
         if dev.type != "cpu":
             work.to(dev)
-        probe_sites(work, sites, probe_batches, device=dev)
+        probed = probe_sites(work, sites, probe_batches, device=dev)
         for s in sites:
+            dead_zone = _dead_zone(s, probed.get(s.name, {}))
+            if dead_zone:
+                s.alphabet = "{-1,0,+1}"
+                warnings.append(dead_zone)
+                s.advice = [a for a in s.advice if not a.startswith("search t in")] + [
+                    "ternary dead-zone quantizer: a shift moves the zone of zeros with the threshold; the site stays "
+                    "ternary at every t"]
+                s.zero_fraction = None  # said above; not the sign(0) = 0 kind
             if not s.fired:
                 warnings.append(f"site {s.name} did not fire at run time (control flow?)")
             elif not s.binary_checked:
@@ -114,6 +122,18 @@ _PRODUCER_RANGES = {"hardtanh": (-1.0, 1.0), "tanh": (-1.0, 1.0), "Tanh": (-1.0,
                     "relu6": (0.0, 6.0)}
 
 
+def _dead_zone(s: Site, probed: dict) -> str | None:
+    """A warning when ``s`` outputs 0 where its pre-activation is not 0 (a ternary dead-zone
+    quantizer, ``where(|x| < delta, 0, sign(x))``), else None. signum(0) = 0 makes zeros only
+    where the pre-activation is exactly 0: then the output's zero share equals the input's."""
+    zf, pz = probed.get("zero_fraction"), probed.get("preact_zero_fraction")
+    if not zf or pz is None or zf <= 2 * pz + 1e-3:
+        return None
+    return (f"site {s.name} is a ternary dead-zone quantizer: it outputs 0 on {100 * zf:.1f}% of its outputs where "
+            f"only {100 * pz:.1f}% of its pre-activations are 0 (a zone around its threshold); a shift moves the "
+            "zone, it does not make the site binary")
+
+
 def producer_range(site: Site, model: nn.Module | None = None) -> tuple[float, float] | None:
     """The interval the site's pre-activation cannot leave, from its producer (hardtanh, clamp,
     tanh, sigmoid, ReLU), or None when it is unbounded. ``clamp`` and non-default ``nn.Hardtanh``
@@ -146,7 +166,7 @@ def constant_site_warnings(patched: nn.Module, sites: list[Site], shifts: dict[s
     no information and, behind a clipped STE, no gradient: typically ``t`` outside the range
     a hardtanh / clamp / tanh / sigmoid / ReLU producer leaves the pre-activation in.
     """
-    work = copy.deepcopy(patched)
+    work = copy_model(patched)
     res = probe_sites(work, [s for s in sites if s.name in shifts], batches, update=False)
     out = []
     for s in sites:
@@ -221,7 +241,7 @@ def scan(spec: str, *, args: Iterable[str] | dict | None = None, checkpoint: str
         # centre the pre-activations; measure as after training, on a copy, with BN re-estimated
         from .train import recalibrate_bn
 
-        model = copy.deepcopy(model)
+        model = copy_model(model)
         with torch.no_grad():
             recalibrated = recalibrate_bn(model, batches) > 0
     report = scan_model(model, shape, name=loaded.spec.canonical(), batches=batches, data_name=data_name,

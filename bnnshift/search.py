@@ -110,6 +110,7 @@ class SearchConfig:
     min_fraction: float = 0.125
     stop_when_stable: bool = False  # stop a rung once its decision held for stable_fraction of its steps
     stable_fraction: float = 0.25
+    rung_min_samples: int = 2000  # halving: a rung that ranks trains each candidate on at least this many samples
     # streaming data path and precision (bnnshift.data.stream, docs/search.md)
     augment: str = "none"
     stream: str = "auto"
@@ -121,7 +122,7 @@ class SearchConfig:
     # fields that do not change a score (or are the candidate itself); the schedule decides
     # which candidates train how far, not what a candidate scores after n steps
     _NOT_HASHED = ("shifts", "seeds", "device", "compile", "memory_format", "schedule", "eta", "min_fraction",
-                   "workers", "stop_when_stable", "stable_fraction")
+                   "workers", "stop_when_stable", "stable_fraction", "rung_min_samples")
 
     def __post_init__(self):
         if self.input_shape is not None:
@@ -258,6 +259,10 @@ class SearchSummary:
     noise_note: str
     ahead_of_baseline: bool | None
     seconds: float
+    # t = 0 has the best mean: the best other shift (``runner_up``) and whether t = 0 leads it by
+    # more than the seed noise (True), within it (False) or with no noise estimate (None)
+    runner_up: float | None = None
+    baseline_ahead: bool | None = None
     compiled: bool | None = None
     compile_seconds: float | None = None
     compile_error: str | None = None
@@ -294,6 +299,8 @@ class SearchSummary:
             "winner": self.winner,
             "baseline": self.baseline,
             "ahead_of_baseline": self.ahead_of_baseline,
+            "runner_up": self.runner_up,
+            "baseline_ahead": self.baseline_ahead,
             "noise_note": self.noise_note,
             "shared_init": self.shared_init,
             "shared_batches": self.shared_batches,
@@ -355,7 +362,8 @@ _CONTEXTS: dict[str, _Context] = {}
 
 def _cfg_key(cfg: SearchConfig) -> str:
     d = cfg.to_json()
-    for k in ("shifts", "seeds", "schedule", "eta", "min_fraction", "stop_when_stable", "stable_fraction"):
+    for k in ("shifts", "seeds", "schedule", "eta", "min_fraction", "stop_when_stable", "stable_fraction",
+              "rung_min_samples"):
         d.pop(k, None)
     return json.dumps(d, sort_keys=True, default=str)
 
@@ -925,12 +933,41 @@ def _noise_note(stats: list[ShiftStats], winner: ShiftStats | None, seeds: int) 
         return (f"winner t = {winner.shift:g} is {diff * 100:+.2f} points ahead of t = 0 with {n} seed"
                 f"{'s' if n != 1 else ''}: not resolved, too few seeds to estimate the seed noise (use --seeds "
                 f"{least} or more)"), None, 0.0
-    noise = max(winner.std or 0.0, base.std or 0.0, 2 * math.sqrt((winner.stderr or 0) ** 2 + (base.stderr or 0) ** 2))
+    noise = _seed_noise(winner, base)
     if diff <= noise:
         return (f"winner t = {winner.shift:g} is NOT ahead of t = 0 by more than the seed noise "
                 f"({diff * 100:+.2f} points vs noise {noise * 100:.2f})"), False, noise
     return (f"winner t = {winner.shift:g} is ahead of t = 0 by {diff * 100:+.2f} points, more than the seed noise "
             f"({noise * 100:.2f})"), True, noise
+
+
+def _seed_noise(a: ShiftStats, b: ShiftStats) -> float:
+    """The seed noise of a comparison of two shifts' mean scores: the larger per-shift std, or
+    twice the standard error of the difference (the same both ways)."""
+    return max(a.std or 0.0, b.std or 0.0, 2 * math.sqrt((a.stderr or 0) ** 2 + (b.stderr or 0) ** 2))
+
+
+def _baseline_lead(stats: list[ShiftStats], seeds: int) -> tuple[str, bool | None, ShiftStats | None]:
+    """t = 0 has the best mean in ``stats``: (note, does it lead the best other shift by more than
+    the seed noise (None: fewer than 3 seeds, or no other shift), that shift)."""
+    base = next((s for s in stats if shift_key(s.shift) == shift_key(0.0) and s.mean is not None), None)
+    others = [s for s in stats if shift_key(s.shift) != shift_key(0.0) and s.mean is not None]
+    if base is None or not others:
+        return "the winner is t = 0 (no shift); no other shift to compare with", None, None
+    r = max(others, key=lambda s: (s.mean, -abs(s.shift)))
+    lead = base.mean - r.mean
+    least = validate.MIN_VERDICT_SEEDS
+    if seeds < least or r.n < least or base.n < least:
+        n = min(seeds, r.n, base.n)
+        return (f"t = 0 leads the best shift t = {r.shift:g} by {lead * 100:+.2f} points with {n} seed"
+                f"{'s' if n != 1 else ''}: not resolved, too few seeds to estimate the seed noise (use --seeds "
+                f"{least} or more)"), None, r
+    noise = _seed_noise(r, base)
+    if lead <= noise:
+        return (f"t = 0 is NOT ahead of the best shift t = {r.shift:g} by more than the seed noise "
+                f"({lead * 100:+.2f} points vs noise {noise * 100:.2f})"), False, r
+    return (f"t = 0 is ahead of the best shift t = {r.shift:g} by {lead * 100:+.2f} points, more than the seed "
+            f"noise ({noise * 100:.2f})"), True, r
 
 
 def summarise(candidates: list[CandidateResult], *, shifts: list[float], seeds: list[int], sites: list[str],
@@ -951,6 +988,19 @@ def summarise(candidates: list[CandidateResult], *, shifts: list[float], seeds: 
         note += f" (at rung {base.rung}, where t = 0 stopped)"
     else:
         note, ahead, _ = _noise_note(stats, winner, len(seeds))
+    runner_up = baseline_ahead = None
+    if winner is not None and shift_key(winner.shift) == shift_key(0.0):
+        # symmetric: t = 0 leads; by more than the noise, or a tie (issue 22). Compared with the
+        # best other shift at the last rung it reached (halving: paired, same steps)
+        others = [s for s in stats if s.mean is not None and shift_key(s.shift) != shift_key(0.0)]
+        top_other = max((s.rung or 0 for s in others), default=0)
+        if others and any(s.rung is not None for s in others) and top_other != (winner.rung or 0):
+            view = _rung_view(stats, candidates, top_other)
+            note, baseline_ahead, r = _baseline_lead(view, len(seeds))
+            note += f" (at rung {top_other}, where t = {r.shift:g} stopped)" if r is not None else ""
+        else:
+            note, baseline_ahead, r = _baseline_lead(ranked, len(seeds))
+        runner_up = r.shift if r is not None else None
     inits = {c.init_hash for c in candidates if c.init_hash}
     by_seed_init = {}
     by_seed_batch = {}
@@ -970,7 +1020,7 @@ def summarise(candidates: list[CandidateResult], *, shifts: list[float], seeds: 
         config=config, config_hash=config_hash, metric=metric, sites=sites, seeds=list(seeds), shifts=list(shifts),
         candidates=candidates, stats=stats, winner=winner.shift if winner else None,
         baseline=next((s.mean for s in stats if shift_key(s.shift) == shift_key(0.0)), None),
-        noise_note=note, ahead_of_baseline=ahead, seconds=seconds,
+        noise_note=note, ahead_of_baseline=ahead, seconds=seconds, runner_up=runner_up, baseline_ahead=baseline_ahead,
         compiled=comp.compiled if comp else None, compile_seconds=csec,
         compile_error=next((c.compile_error for c in candidates if c.compile_error), None),
         resumed=sum(1 for c in candidates if c.resumed), shared_init=shared_init, shared_batches=shared_batches,
@@ -1061,21 +1111,45 @@ def _loop(ctx: _Context, *, shifts: list[float], seeds: list[int], metric: str, 
 # ------------------------------------------------------------------------------ successive halving
 
 
-def rung_steps(total: int, eta: float, min_fraction: float) -> list[int]:
+def rung_steps(total: int, eta: float, min_fraction: float, min_steps: int = 1) -> list[int]:
     """The step counts at which successive halving ranks the candidates: ``min_fraction`` of the
-    epoch, times ``eta`` at each rung, the last rung the whole epoch (``total`` steps).
+    epoch, times ``eta`` at each rung, the last rung the whole epoch (``total`` steps). A rung
+    under ``min_steps`` is left out (its candidates go on to the next: ``--rung-min-samples``
+    divided by the batch size, :func:`rung_min_steps`); ``[total]`` alone is the full schedule.
 
-    ``rung_steps(234, 2, 0.125) == [29, 58, 117, 234]``. Increasing, at least one step each.
+    ``rung_steps(234, 2, 0.125) == [29, 58, 117, 234]``; ``rung_steps(24, 2, 0.125, 8) == [12, 24]``.
+    Increasing, at least one step each.
     """
     out: list[int] = []
     f = float(min_fraction)
     while f < 1.0 - 1e-9:
         n = max(1, int(round(f * total)))
-        if n < total and (not out or n > out[-1]):
+        if n < total and n >= min_steps and (not out or n > out[-1]):
             out.append(n)
         f *= eta
     out.append(int(total))
     return out
+
+
+def rung_min_steps(cfg: SearchConfig) -> int:
+    """The fewest steps of a rung that ranks: ``ceil(cfg.rung_min_samples / batch size)`` (>= 1)."""
+    n = int(getattr(cfg, "rung_min_samples", 0) or 0)
+    return max(1, math.ceil(n / max(1, int(cfg.batch_size))))
+
+
+def _plan_note(cfg: SearchConfig, total: int) -> str | None:
+    """Why the halving plan differs from ``--min-fraction``'s rungs (rungs under the sample minimum
+    left out; the whole schedule fell back to full), or None."""
+    raw = rung_steps(total, cfg.eta, cfg.min_fraction)
+    plan = rung_steps(total, cfg.eta, cfg.min_fraction, rung_min_steps(cfg))
+    if plan == raw:
+        return None
+    dropped = [n for n in raw if n not in plan]
+    why = (f"rungs at {', '.join(map(str, dropped))} steps train each candidate on fewer than "
+           f"--rung-min-samples {cfg.rung_min_samples} samples ({rung_min_steps(cfg)} steps of {cfg.batch_size})")
+    if len(plan) == 1:
+        return f"fell back to the full schedule: {why}; every shift trains the whole epoch"
+    return f"{why}: left out, the first rung is at {plan[0]} steps"
 
 
 def stable_marks(prev: int, n_r: int, fraction: float) -> tuple[int, list[int]]:
@@ -1153,6 +1227,37 @@ def stable_decision(hits: dict[float, list[list[int]]], seen: dict[float, list[l
     if tight is not None and math.isinf(tight["z"]):
         tight["z"] = None  # strict JSON: no infinity (the differences had no spread at all)
     return {"steps": at, "window": window, "stable_from": at - window, "kept": sorted(kept), "tightest": tight}
+
+
+CHANCE_Z = 3.0  # a rung's best mean score within this many binomial standard errors of chance: at chance
+
+
+def rung_decision(ranked: list[float], keep_n: int, mean: Callable[[float], float], *, samples: int,
+                  chance: float | None) -> tuple[list[float], dict[str, Any] | None]:
+    """Which of a rung's ``ranked`` shifts (best first) go on, and why when it is not the plain
+    best ``keep_n`` (issue 22): ``({"action": "extended", "why": ...})`` keeps them all when the
+    best mean score is at chance (``chance`` = 1 / classes, within ``CHANCE_Z`` binomial standard
+    errors over ``samples`` samples: the scores carry no information); ``"tie"`` keeps every shift
+    whose mean equals the last kept one's exactly. ``chance=None``: no chance check."""
+    if not ranked:
+        return [], None
+    if chance is not None and 0 < chance < 1 and samples > 0:
+        best = mean(ranked[0])
+        band = CHANCE_Z * math.sqrt(chance * (1 - chance) / samples)
+        if best <= chance + band:
+            return list(ranked), {"action": "extended",
+                                  "why": (f"scores at chance: the best {best * 100:.2f}% is within {CHANCE_Z:g} "
+                                          f"standard errors ({band * 100:.2f} points) of chance {chance * 100:.2f}% "
+                                          f"after {samples} samples; all {len(ranked)} shifts go on")}
+    keep = ranked[:keep_n]
+    if len(ranked) > keep_n:
+        cut = mean(ranked[keep_n - 1])
+        tied = [t for t in ranked[keep_n:] if mean(t) == cut]
+        if tied:
+            both = ", ".join(f"{t:g}" for t in [t for t in keep if mean(t) == cut] + tied)
+            return keep + tied, {"action": "tie", "why": f"t = {both} tie exactly at the cut ({cut * 100:.2f}%): "
+                                                          "all kept"}
+    return keep, None
 
 
 def survivors(n: int, eta: float) -> int:
@@ -1286,7 +1391,12 @@ def _halving_loop(ctx: _Context, cfg: SearchConfig, *, out_dir: str | Path | Non
         if not rec.get("eliminated"):
             store.known((sk, seed), steps, rec.get("state"))
     total = trainer.num_steps()
-    plan = rung_steps(total, cfg.eta, cfg.min_fraction)
+    plan = rung_steps(total, cfg.eta, cfg.min_fraction, rung_min_steps(cfg))
+    plan_note = _plan_note(cfg, total)
+    labels = getattr(trainer, "train_y", None)
+    classes = int(labels.max()) + 1 if isinstance(labels, torch.Tensor) and labels.numel() else 0
+    chance = 1.0 / classes if classes > 1 else None
+    clock0 = list(getattr(trainer, "step_clock", [0, 0.0]))
     runs = list(plan)  # the rungs this run trains: an early-stopped last rung adds the winner's finish
     recs_by_cand: dict[tuple[str, int], dict[int, dict]] = {}
     for (sk, seed, _h, steps), rec in rung_recs.items():
@@ -1506,6 +1616,11 @@ def _halving_loop(ctx: _Context, cfg: SearchConfig, *, out_dir: str | Path | Non
                                       _mean_or_none(scores.get(shift_key(t), [])) or 0.0, -abs(t)), reverse=True)
             ranked = [t for t in ranked if _mean_or_none(scores.get(shift_key(t), [])) is not None]
             keep = ranked[:keep_n] if not last else ranked
+            decision = None
+            if not last and stop is None:  # a rung ranks only when its scores carry information (issue 22)
+                keep, decision = rung_decision(
+                    ranked, keep_n, lambda t: _mean_or_none(scores.get(shift_key(t), [])) or 0.0,
+                    samples=n_r * cfg.batch_size * len(seeds), chance=chance if cfg.rung_min_samples else None)
             if stop is not None and not last:
                 # a journaled stop keeps the shifts it named (a resumed run makes the same decision, even
                 # if its float rounding would rank them otherwise); a fresh stop's are the ranking's
@@ -1516,14 +1631,19 @@ def _halving_loop(ctx: _Context, cfg: SearchConfig, *, out_dir: str | Path | Non
             rungs_out.append({"rung": r, "steps": n_r, "fraction": round(n_r / total, 6), "candidates": list(alive),
                               "kept": sorted(keep) if not last else [],
                               "scores": {shift_key(t): _mean_or_none(scores.get(shift_key(t), [])) for t in alive},
+                              "samples": n_r * cfg.batch_size, "decision": decision,
                               **({"planned_steps": n_plan, "stopped_early": stop} if cfg.stop_when_stable else {})})
             if last:
                 break
+            n_out = sum(1 for t in alive if t not in keep) * len(seeds)
+            k_out = 0
             for t in alive:
                 if t in keep:
                     continue
                 for seed in seeds:  # eliminated here: its record is its score at this rung
                     key = (shift_key(t), seed)
+                    k_out += 1
+                    pr.call("transition", r, k_out, n_out)  # progress between rungs (issue 22)
                     if key in final:
                         continue
                     ck = candidate_key(t, seed, ctx.config_hash)
@@ -1554,7 +1674,15 @@ def _halving_loop(ctx: _Context, cfg: SearchConfig, *, out_dir: str | Path | Non
     summary = summarise(results, shifts=shifts, seeds=seeds, sites=[s.name for s in ctx.sites], config=cfg.to_json(),
                         config_hash=ctx.config_hash, metric=cfg.metric, seconds=time.perf_counter() - t0)
     summary.checkpoint, summary.notes = _checkpoint_json(ctx), list(getattr(ctx, "notes", []))
-    summary.schedule = {"name": "halving", "eta": cfg.eta, "min_fraction": cfg.min_fraction, "rung_steps": plan}
+    summary.schedule = {"name": "halving", "eta": cfg.eta, "min_fraction": cfg.min_fraction, "rung_steps": plan,
+                        "rung_min_samples": cfg.rung_min_samples}
+    extended = [x for x in rungs_out if (x.get("decision") or {}).get("action") == "extended"]
+    nonlast = rungs_out[:-1]
+    if len(plan) == 1 or (nonlast and len(extended) == len(nonlast)):
+        why = plan_note if len(plan) == 1 else "every rung's scores were at chance: " + extended[-1]["decision"]["why"]
+        summary.schedule["fallback"] = f"full: {why}"
+    if plan_note and len(plan) > 1:
+        summary.schedule["plan_note"] = plan_note
     if cfg.stop_when_stable:
         summary.schedule.update({"stop_when_stable": True, "stable_fraction": cfg.stable_fraction, "stable_z": STABLE_Z})
     summary.rungs = rungs_out
@@ -1565,6 +1693,16 @@ def _halving_loop(ctx: _Context, cfg: SearchConfig, *, out_dir: str | Path | Non
                                                          for x in rungs_out)
     cs = summary.cost["candidate_steps"]
     summary.cost["ratio"] = round(cs / summary.cost["full_grid_candidate_steps"], 4) if cs is not None else None
+    # wall time of this run next to the step ratio: the full grid's is estimated from this run's own
+    # seconds per training step (first steps of a compiled runner excluded) times its candidate steps
+    wall = time.perf_counter() - t0
+    clock = getattr(trainer, "step_clock", None)
+    summary.cost["wall_seconds"] = round(wall, 3)
+    if clock is not None and clock[0] > clock0[0]:
+        per_step = (clock[1] - clock0[1]) / (clock[0] - clock0[0])
+        est = per_step * summary.cost["full_grid_candidate_steps"]
+        summary.cost["full_grid_seconds_estimate"] = round(est, 3)
+        summary.cost["wall_ratio_estimate"] = round(wall / est, 4) if est > 0 else None
     if out_dir is not None:
         from .report import write_report
 
@@ -1595,7 +1733,7 @@ def expected_steps(cfg: SearchConfig, total: int) -> int:
     k, s = len(cfg.shifts), len(cfg.seeds)
     if cfg.schedule != "halving":
         return k * s * total
-    plan, prev, n = rung_steps(total, cfg.eta, cfg.min_fraction), 0, 0
+    plan, prev, n = rung_steps(total, cfg.eta, cfg.min_fraction, rung_min_steps(cfg)), 0, 0
     for r, steps in enumerate(plan):
         n += _alive_count(k, cfg.eta, r) * s * (steps - prev)
         prev = steps
@@ -1693,9 +1831,66 @@ def search(cfg: SearchConfig, *, out_dir: str | Path | None = None, resume: bool
                              patch_out=patch_out)
 
 
+PREFLIGHT_RECALIB_BATCHES = 2  # BN statistics re-estimated on this many batches before the pre-flight probe
+
+
+def preflight_degenerate(ctx: _Context, shifts: Sequence[float], seed: int) -> dict[float, list[str]]:
+    """Before the first candidate (issue 22): the sites each shift makes constant at ``seed``'s
+    initial weights, ``{shift: [site names]}`` (only shifts with a constant site).
+
+    The same check as a finished candidate's ``degenerate`` (+1 share exactly 0 or 1 on the probe
+    batch, after BN statistics are re-estimated, here on ``PREFLIGHT_RECALIB_BATCHES`` batches),
+    on a throwaway copy of the patched model. {} when the search has no probe batch."""
+    from .probe import probe_sites
+    from .shift import insert_shifts
+    from .train import recalibrate_bn
+
+    if ctx.probe_x is None or not ctx.sites:
+        return {}
+    model = ctx.factory(seed)
+    insert_shifts(model, ctx.sites, {s.name: 0.0 for s in ctx.sites})
+    model.to(device=ctx.probe_x.device, dtype=ctx.probe_x.dtype)
+    init = _clone_state(model)
+    out: dict[float, list[str]] = {}
+    for t in dict.fromkeys(float(v) for v in shifts):
+        model.load_state_dict(init)
+        _set_shift(model, t)
+        if ctx.recalib_x is not None and len(ctx.recalib_x):  # a list of batches, or streamed (eval_batches)
+            recalibrate_bn(model, ctx.recalib_x, max_batches=PREFLIGHT_RECALIB_BATCHES)
+        res = probe_sites(model, ctx.sites, [ctx.probe_x], update=False, device=ctx.probe_x.device)
+        dead = constant_sites({name: r.get("plus_fraction") for name, r in res.items()})
+        if dead:
+            out[t] = dead
+    return out
+
+
+def _preflight(ctx: _Context, cfg: SearchConfig) -> list[str]:
+    """Stop a search whose every candidate would be degenerate (UsageError, exit 2, before any
+    training or output); otherwise the warning lines for the shifts that would be."""
+    from .scan import producer_range
+
+    dead = preflight_degenerate(ctx, cfg.shifts, cfg.seeds[0])
+    if not dead:
+        return []
+    sites = sorted({n for v in dead.values() for n in v})
+    if len(dead) == len(dict.fromkeys(float(v) for v in cfg.shifts)):
+        by_name = {s.name: s for s in ctx.sites}
+        rngs = [r for r in (producer_range(by_name[n]) for n in sites if n in by_name) if r is not None]
+        rngs += [(by_name[n].preact["min"], by_name[n].preact["max"]) for n in sites
+                 if n in by_name and producer_range(by_name[n]) is None and by_name[n].preact
+                 and by_name[n].preact.get("min") is not None]
+        where = f"; its pre-activation lies in [{rngs[0][0]:.3g}, {rngs[0][1]:.3g}]" if rngs else ""
+        raise UsageError(f"every shift of --shifts makes {', '.join(sites[:4])} constant at the initial weights "
+                         f"(+1 share 0 or 1 on the probe batch): no candidate could learn or be ranked{where}",
+                         hint="pick shifts inside the pre-activation's range (bnnshift scan shows it)")
+    return [f"before training: t = {', '.join(f'{t:g}' for t in dead)} make{'s' if len(dead) == 1 else ''} "
+            f"{', '.join(sites[:4])} constant at the initial weights: those candidates would be degenerate"]
+
+
 def _search_owned(cfg: SearchConfig, *, out_dir, resume: bool, force: bool, progress: Any,
                   patch_out) -> SearchSummary:
     ctx = _context(cfg)
+    pre = _preflight(ctx, cfg)
     saved = (getattr(ctx.trainer, "compile_mode", None), getattr(ctx.trainer, "channels_last", False))
     try:
         choice = _choose_step_path(ctx, cfg)
@@ -1717,7 +1912,7 @@ def _search_owned(cfg: SearchConfig, *, out_dir, resume: bool, force: bool, prog
             from .report import write_report
 
             summary.files = write_report(summary, summary.out_dir)
-    summary.warnings = search_warnings(ctx.sites, summary.candidates, list(cfg.shifts), ctx.warnings)
+    summary.warnings = search_warnings(ctx.sites, summary.candidates, list(cfg.shifts), ctx.warnings) + pre
     _finish(summary, ctx, patch_out, force=force, cfg=cfg)
     return summary
 
@@ -1738,6 +1933,7 @@ def _search_ranks(cfg: SearchConfig, *, out_dir, resume: bool, force: bool, prog
     info = init_from_env(cfg.device)
     ctx = _context(cfg)
     agree([[shift_key(v) for v in cfg.shifts], list(cfg.seeds), ctx.config_hash], "the candidates and the configuration")
+    pre = _preflight(ctx, cfg)  # the same data and weights on every rank: all stop or none
     # --compile auto: rank 0 measures and decides, every rank trains the same way
     choice = _choose_step_path(ctx, cfg) if info.is_main else None
     path = broadcast_object((choice.compile, choice.channels_last) if choice is not None else None)
@@ -1764,7 +1960,7 @@ def _search_ranks(cfg: SearchConfig, *, out_dir, resume: bool, force: bool, prog
                             progress=progress, train_one_epoch=None, step_progress_target=ctx.trainer)
             summary.schedule = {"name": "full"}
         agree([[shift_key(c.shift), c.seed, c.status, c.score] for c in summary.candidates], "the candidates' scores")
-        summary.warnings = search_warnings(ctx.sites, summary.candidates, list(cfg.shifts), ctx.warnings)
+        summary.warnings = search_warnings(ctx.sites, summary.candidates, list(cfg.shifts), ctx.warnings) + pre
         _finish(summary, ctx, my_patch, force=force, cfg=cfg)
         barrier()
     finally:

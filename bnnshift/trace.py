@@ -110,9 +110,27 @@ class TraceResult:
     leaf_types: tuple[type, ...] = ()
 
 
+def outermost(paths) -> list[str]:
+    """The paths of ``paths`` that do not lie under another one (sorted).
+
+    A block that becomes a leaf after one of its children already did (an untraceable conv,
+    then a tensor-valued ``if`` in the block) holds that child: the child is no longer a leaf
+    of the graph, and listing both would make ``detect`` report the child's sites twice.
+    """
+    ps = set(paths)
+    return sorted(p for p in ps if not any(q != p and (q == "" or p.startswith(q + ".")) for q in ps))
+
+
 def trace_model(model: nn.Module, *, leaf_types: tuple[type, ...] = (), leaf_paths: set[str] = frozenset(),
                 max_retries: int = 64) -> TraceResult:
-    """Trace ``model`` with leaf-on-failure retries. Raises ``TraceError`` if the root fails."""
+    """Trace ``model`` with leaf-on-failure retries. Raises ``TraceError`` if the root fails.
+
+    ``TraceResult.leaves`` holds the outermost leaves only (a leaf inside another leaf is not
+    a leaf of the graph); ``failures`` keeps every failure.
+    """
+    from ._runtime import rebind_applies
+
+    rebind_applies(model)  # ``self.q = F.apply`` bound before tracing: opaque like ``F.apply(x)``
     leaves = set(leaf_paths)
     failures: dict[str, str] = {}
     last_exc: Exception | None = None
@@ -122,7 +140,7 @@ def trace_model(model: nn.Module, *, leaf_types: tuple[type, ...] = (), leaf_pat
             with _opaque_apply():
                 graph = tracer.trace(model)
             gm = fx.GraphModule(tracer.root, graph, class_name=type(model).__name__ + "Traced")
-            return TraceResult(gm, sorted(leaves - set(leaf_paths)), failures, tuple(leaf_types))
+            return TraceResult(gm, outermost(leaves - set(leaf_paths)), failures, tuple(leaf_types))
         except Exception as exc:  # noqa: BLE001 - any tracing error is a reason to make a leaf
             last_exc = exc
             where = getattr(exc, "_bnnshift_failed_in", None)

@@ -528,6 +528,10 @@ def check_search_config(c: Any) -> None:
     if not (isinstance(c.min_fraction, (int, float)) and 0 < c.min_fraction <= 1):
         raise UsageError(f"bad --min-fraction {c.min_fraction}",
                          hint="the first rung's share of the epoch, in (0, 1], e.g. 0.125")
+    rms = getattr(c, "rung_min_samples", 2000)
+    if isinstance(rms, bool) or not isinstance(rms, int) or rms < 0:
+        raise UsageError(f"bad --rung-min-samples {rms}",
+                         hint="samples each candidate trains on before a rung ranks, an integer >= 0 (default 2000)")
     check_stop_when_stable(getattr(c, "stop_when_stable", False), getattr(c, "stable_fraction", 0.25), c.schedule)
     if c.schedule == "halving" and c.metric != "train_acc":
         raise UsageError(f"--schedule halving ranks by the train accuracy so far; --metric {c.metric} "
@@ -599,12 +603,16 @@ CATALOGUE: dict[str, tuple[str, int]] = {
     "export-onnx-long": ("`export --onnx NAME` over 255 bytes (242-255 bytes work)", 2),
     "patch-onnx-long": ("`patch --onnx NAME` over 255 bytes", 2),
     "fold-long": ("`fold DIR` over 255 bytes", 2),
+    "grid-all-degenerate": ("`--shifts 50,100` on a site whose pre-activation stays far below: every shift makes a site "
+                            "constant at the initial weights (found before any training)", 2),
     "out-not-writable": ("`--out` where nothing can be written (a few bytes are written first)", 1),
     "patch-o-not-writable": ("`patch -o` where nothing can be written", 1),
     "onnx-not-writable": ("`--onnx` in a directory that cannot be written", 1),
     "full-disk-search": ("a full disk at `search --out` (found before any training)", 1),
     "full-disk-patch": ("a full disk while `patch` writes (the old OUT stays whole)", 1),
     "out-locked": ("`search --out DIR` while another search owns DIR (the line names its PID)", 1),
+    "model-not-copyable": ("a model `copy.deepcopy` cannot copy even when its uncopyable attribute objects are shared "
+                           "(the line names the class)", 1),
     "out-not-empty": ("an existing non-empty output directory without `--force`", 1),
     "fold-already-folded": ("`fold DIR` of a directory folded before, without `--data`: not refused, one line says "
                             "where each threshold went (`bn:...` / `bias:...`), nothing is rewritten", 0),

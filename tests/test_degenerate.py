@@ -117,3 +117,59 @@ def test_search_says_grid_points_outside_the_range_and_layers_that_cannot_learn(
     summary = search(SearchConfig(model=f"{nograd}:build", data="synthetic:64", input_shape=(1, 8, 8), steps=1,
                                   batch_size=32, train_limit=64, compile="off", shifts=[0.0]))
     assert any("no gradient reaches conv1:input" in w and "conv0.weight" in w for w in summary.warnings)
+
+
+# ------------------------------------------------------------------------------ before the first candidate (issue 22)
+
+
+RELU_PY = HARDTANH_PY.replace("self.htanh0 = nn.Hardtanh()", "self.htanh0 = nn.ReLU()")  # sign(relu(h) - t)
+
+
+def _search_cli(tmp_path, model, shifts, *extra):
+    runner = CliRunner()
+    return runner.invoke(app, ["search", f"{model}:build", "--input-shape", "1,8,8", "--data", "synthetic:64",
+                               "--batch-size", "32", "--steps", "1", "--no-compile", "--shifts", shifts,
+                               "--out", str(tmp_path / "o"), *extra])
+
+
+def _one_line(r) -> str:
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "unexpected" not in lines[0], r.stderr
+    return lines[0]
+
+
+def test_search_whose_every_candidate_is_degenerate_stops_before_training(tmp_path, monkeypatch):
+    """t >= 1 behind a hardtanh: every candidate would be constant; the search says so in one
+    line before the first candidate (no training, no output) and exits 2."""
+    import bnnshift.train as train_mod
+
+    def no_training(*a, **k):
+        raise AssertionError("a candidate trained")
+
+    monkeypatch.setattr(train_mod.DefaultTrainer, "start", no_training)
+    r = _search_cli(tmp_path, _model_file(tmp_path), "1.5,2")
+    line = _one_line(r)
+    assert r.exit_code == 2, line
+    assert "conv1:input" in line and "constant at the initial weights" in line and "[-1, 1]" in line
+    assert not (tmp_path / "o").exists()
+
+
+def test_search_with_a_relu_producer_and_a_negative_grid_stops_too(tmp_path):
+    """Another producer, another side: sign(relu(h) - t) with t < 0 is always +1."""
+    p = tmp_path / "relu.py"
+    p.write_text(RELU_PY)
+    r = _search_cli(tmp_path, p, "-1,-0.5", "--seeds", "2")
+    line = _one_line(r)
+    assert r.exit_code == 2 and "conv1:input" in line and "constant" in line, line
+
+
+def test_search_with_some_degenerate_candidates_runs_and_says_which_before(tmp_path):
+    from bnnshift.search import SearchConfig, search
+
+    p = _model_file(tmp_path)
+    summary = search(SearchConfig(model=f"{p}:build", data="synthetic:64", input_shape=(1, 8, 8), steps=1,
+                                  batch_size=32, compile="off", shifts=[0.0, 1.5, 2.0]))
+    assert len(summary.candidates) == 3
+    pre = [w for w in summary.warnings if w.startswith("before training")]
+    assert pre == ["before training: t = 1.5, 2 make conv1:input constant at the initial weights: those "
+                   "candidates would be degenerate"], summary.warnings

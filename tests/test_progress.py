@@ -78,3 +78,34 @@ def test_no_cuda_home_warning_from_the_cli():
 
     CliRunner().invoke(app, ["zoo", "--json"])
     assert logging.getLogger("torch.utils.cpp_extension").getEffectiveLevel() >= logging.ERROR
+
+
+def test_progress_advances_between_halving_rungs():
+    """Between rungs the eliminated shifts are measured (BN re-estimation, probe): the status line
+    and the bar say so and advance, instead of freezing on the last candidate (issue 22)."""
+    o = Output(quiet=True)
+    p = SearchProgress(o, every=0)
+    p.start(0.0, 0, 0, 6)
+    p.step(5, 5)
+    p.end(result(0.0, 0), 0, 6)
+    p.transition(0, 1, 2)
+    assert "rung 0 done, measuring eliminated shifts 1/2" in p.status_line()
+    p.transition(0, 2, 2)
+    assert "2/2" in p.status_line()
+    p.start(0.5, 0, 4, 6)  # the next rung's first candidate
+    assert "measuring" not in p.status_line() and "t=+0.5" in p.status_line()
+
+
+def test_halving_search_reports_each_transition(tmp_path):
+    from bnnshift.search import SearchConfig, search
+
+    calls = []
+
+    class P:
+        def transition(self, r, k, n):
+            calls.append((r, k, n))
+
+    search(SearchConfig(model="zoo:mlp", data="synthetic:256", model_args={"width": 0.25}, input_shape=(1, 28, 28),
+                        batch_size=32, steps=8, compile="off", bn_recalib_batches=1, shifts=[0.0, 0.5, 1.0, 1.5],
+                        schedule="halving", min_fraction=0.5, rung_min_samples=0), progress=P())
+    assert calls == [(0, 1, 2), (0, 2, 2)]  # rung 0 at 4 steps keeps 2 of 4: two measured between rungs

@@ -78,6 +78,8 @@ CATALOGUE = [
     ("patch-onnx-long", ["patch", "zoo:mlp", "--shift", "0.5", "-o", "p", "--onnx", LONG + ".onnx"], 2, "--onnx",
      ["p"]),
     ("fold-long", ["fold", LONG], 2, "255", []),
+    ("grid-all-degenerate", SEARCH + ["--shifts", "50,100", "--out", "o"], 2, "constant at the initial weights",
+     ["o"]),
     ("out-not-writable", SEARCH + ["--out", "/proc/self/bnnshift-out"], 1, "cannot write", []),
     ("patch-o-not-writable", ["patch", "zoo:mlp", "--shift", "0.5", "-o", "/proc/self/bnnshift-p"], 1,
      "cannot write", []),
@@ -119,7 +121,8 @@ def test_non_empty_out_without_force(tmp_path):
 
 
 def test_every_catalogue_entry_is_tested():
-    tested = {c[0] for c in CATALOGUE} | {"full-disk-search", "full-disk-patch", "out-not-empty"}
+    tested = {c[0] for c in CATALOGUE} | {"full-disk-search", "full-disk-patch", "out-not-empty",
+                                         "model-not-copyable"}  # tests/test_site_identity.py
     tested |= {"out-locked"}  # tests/test_reliability_crash.py::test_second_search_on_same_out_is_refused
     tested |= {"fold-already-folded"}  # tests/test_fold_notes.py::test_fold_of_a_folded_directory_says_where...
     assert set(validate.CATALOGUE) == tested

@@ -17,7 +17,10 @@ from bnnshift.errors import UsageError
 from bnnshift.journal import Journal
 from bnnshift.search import SearchConfig, rung_steps, search, survivors
 
-MLP = dict(model="zoo:mlp", data="fashion-mnist", model_args={"width": 0.25}, train_limit=1024, batch_size=128)
+# rung_min_samples=0: these tests check the halving mechanics at tiny budgets, every planned rung ranking
+# (the sample minimum and the chance check: tests/test_search_rungs.py)
+MLP = dict(model="zoo:mlp", data="fashion-mnist", model_args={"width": 0.25}, train_limit=1024, batch_size=128,
+           rung_min_samples=0)
 SHIFTS = [0.0, 0.5, 1.0, 1.5]
 
 
@@ -79,7 +82,7 @@ def test_halving_k4_is_paired_and_survivors_match_full_float64(tmp_path):
 
 BASE = ["search", "zoo:mlp", "--arg", "width=0.5", "--data", "fashion-mnist", "--train-limit", "1024",
         "--batch-size", "64", "--no-compile", "--shifts", "0,0.5,1,1.5", "--schedule", "halving", "--steps", "128",
-        "--json"]
+        "--rung-min-samples", "0", "--json"]
 
 
 def test_halving_resumes_after_kill_9_mid_rung(tmp_path):

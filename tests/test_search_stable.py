@@ -18,7 +18,8 @@ from bnnshift.search import SearchConfig, search, stable_decision
 
 # learnable synthetic data, tiny MLP, float64 and eager: deterministic scores
 TINY = dict(model="zoo:mlp", data="synthetic:640", model_args={"width": 0.25}, input_shape=(1, 28, 28),
-            batch_size=32, steps=40, dtype="float64", compile="off", bn_recalib_batches=2)
+            batch_size=32, steps=40, dtype="float64", compile="off", bn_recalib_batches=2,
+            rung_min_samples=0)  # every planned rung ranks (tests/test_search_rungs.py: the minimum)
 
 
 # ------------------------------------------------------------------------------ the criterion

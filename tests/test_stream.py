@@ -311,6 +311,7 @@ def test_halving_keeps_the_streamed_batch_hash(folder, tiny_model):
     res = _run(["search", tiny_model, "--input-shape", "3,8,8", "--data", f"imagefolder:{folder}",
                 "--augment", "cifar", "--workers", "0", "--shifts", "0,0.5,1,1.5", "--batch-size", "32",
                 "--steps", "8", "--schedule", "halving", "--min-fraction", "0.25", "--bn-recalib-batches", "1",
+                "--rung-min-samples", "0",
                 "--no-compile", "--json"])
     assert res.exit_code == 0, _stderr(res)
     data = json.loads(res.stdout)

@@ -121,6 +121,7 @@ class SearchProgress:
         self._last_line = self._t0
         self._first: tuple[float, float] | None = None  # (time, fraction) at the first step report
         self.rung_at: tuple[int, int, int] | None = None  # successive halving: (rung, its steps, epoch steps)
+        self.between: tuple[int, int, int] | None = None  # halving between rungs: (rung, measured, eliminated)
 
     # ------------------------------------------------------------------ context
     def __enter__(self):
@@ -174,6 +175,10 @@ class SearchProgress:
         with self._lock:
             elapsed = _hms(self._clock() - self._t0)
             if self.current is None:
+                if self.between is not None:
+                    r, k, n = self.between
+                    return (f"search: rung {r} done, measuring eliminated shifts {k}/{n} (BN re-estimation, "
+                            f"+1 share probe), {elapsed}")
                 if self.n == 0:  # before the first candidate: data, the model's scan, --compile auto's timing
                     return f"search: preparing (loading data, scanning the model, choosing the training step), {elapsed}"
                 return f"search: {self.finished + self.skipped}/{self.n} candidates, {elapsed}"
@@ -188,6 +193,15 @@ class SearchProgress:
         with self._lock:
             self.rung_at = (int(r), int(steps), int(total))
 
+    def transition(self, r, k, n):
+        """Successive halving between rungs: the ``k``-th of ``n`` eliminated candidates of rung
+        ``r`` is measured (BN re-estimation, +1 share probe); the bar and the heartbeat say so."""
+        with self._lock:
+            self.between = (int(r), int(k), int(n))
+        if self.bar is not None and self.task is not None:
+            self.bar.update(self.task, description=f"rung {r} done: measuring eliminated shifts {k}/{n}",
+                            completed=k, total=max(1, n))
+
     def _beat(self) -> None:
         while not self._stop.wait(min(self.every, 1.0)):
             if self._clock() - self._last_line >= self.every:
@@ -198,6 +212,7 @@ class SearchProgress:
     def start(self, shift, seed, i, n):
         with self._lock:
             self.n, self.current, self.done, self.steps = n, (shift, seed, i), 0, None
+            self.between = None
         if self.bar is not None:
             if self.total_task is None:
                 self.total_task = self.bar.add_task("search", total=n - self.skipped)

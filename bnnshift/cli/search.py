@@ -63,6 +63,11 @@ def search_command(
     eta: float = typer.Option(2.0, "--eta", help="Successive halving: keep the best 1/eta of the shifts at each rung."),
     min_fraction: float = typer.Option(0.125, "--min-fraction",
                                        help="Successive halving: the first rung's share of the epoch."),
+    rung_min_samples: int = typer.Option(2000, "--rung-min-samples",
+                                         help="Successive halving: a rung ranks only after each candidate trained on "
+                                              "this many samples (earlier rungs are left out; none left: the full "
+                                              "schedule). A rung whose scores are at chance ranks nothing.",
+                                         min=0),
     stop_when_stable: bool = typer.Option(False, "--stop-when-stable",
                                           help="Successive halving: end a rung early once the shifts it keeps "
                                                "have not changed for --stable-fraction of its steps and lead "
@@ -126,6 +131,7 @@ def search_command(
         dtype=dtype, memory_format=memory_format, train_limit=train_limit, val_limit=val_limit, metric=metric,
         download=download, strict=not non_strict, use_ema=use_ema, allow_nonfinite=allow_nonfinite,
         output_index=output_index, output_key=output_key, schedule=schedule, eta=eta, min_fraction=min_fraction,
+        rung_min_samples=rung_min_samples,
         stop_when_stable=stop_when_stable, stable_fraction=stable_fraction, augment=augment, stream=stream,
         workers=workers, mean=mean, std=std, precision=precision)
     validate.check_search_config(SimpleNamespace(**options))
@@ -193,17 +199,22 @@ def _torchrun_rank() -> int | None:
 def _print_summary(summary, out: Output) -> None:
     from ..report import render_table, search_json, verdict
 
-    from ..validate import few_seeds_warning
+    from ..validate import MIN_VERDICT_SEEDS, few_seeds_warning
 
     print_load_notes(out, list(getattr(summary, "notes", None) or []), getattr(summary, "checkpoint", None))
     v = verdict(summary)
-    few = v.get("resolved") is False
+    few = v.get("resolved") is False and len(summary.seeds) < MIN_VERDICT_SEEDS  # a tie is unresolved too
     if few:  # once, with the verdict it concerns (also with --json, on stderr)
         out.warn(few_seeds_warning(len(summary.seeds)))
     if out.json_mode:
         out.result(search_json(summary))
         return
     out.table(render_table(summary))
+    if (getattr(summary, "schedule", None) or {}).get("name") == "halving" and getattr(summary, "rungs", None):
+        from ..report import _schedule_lines
+
+        for line in _schedule_lines(summary):  # every rung's scores and decision, the wall time
+            out.table(line.strip().removeprefix("- "))
     out.table(f"verdict: {v['text']}")
     for n in v["notes"]:
         if not (few and "no noise estimate" in n):  # the warning above said it
