@@ -135,7 +135,7 @@ def probe_sites(model: nn.Module, sites: Iterable[Site], batches: Iterable[torch
         if isinstance(out, torch.Tensor):
             acc[s.name].add_out(out)
 
-    rt.any_pre, rt.any_post, rt.record_ops = any_pre, any_post, record
+    rt.any_pre, rt.any_post, rt.record_ops = _uncounted(rt, any_pre), _uncounted(rt, any_post), _uncounted(rt, record)
     was_training = model.training
     model.eval()
     # any_pre/any_post fire only on counted module calls: count the ones we need
@@ -181,6 +181,28 @@ def probe_sites(model: nn.Module, sites: Iterable[Site], batches: Iterable[torch
 
 def _noop(module, args):
     return None
+
+
+def _uncounted(rt: SiteRuntime, fn):
+    """``fn`` run with ``rt``'s op numbering off.
+
+    The runtime numbers the candidate ops (``sign``, ``x > 0``, ``Function.apply``) of a
+    watched scope in execution order, and a site is addressed by that number. A measurement
+    callback runs *inside* the scope (between two calls of a binarizer used twice per
+    forward), so its own ``y > 0`` would be counted as the scope's next op and shift the
+    numbers of every later call: the second call's statistics would be read from the probe's
+    own comparison, and a patched model's threshold for it applied to that comparison
+    (issue 19: every call of a shared binarizer reported constant). Here the probe's own
+    torch calls are neither counted nor shifted.
+    """
+    def run(*args):
+        prev = rt._in_apply
+        rt._in_apply = True
+        try:
+            return fn(*args)
+        finally:
+            rt._in_apply = prev
+    return run
 
 
 @dataclass

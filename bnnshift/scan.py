@@ -30,41 +30,12 @@ def model_summary(model: nn.Module, input_shape: tuple[int, ...], binary_params:
         total += p.numel()
         if name in binary_params:
             binary += p.numel()
-    macs = {"binary": 0, "float": 0}
-    hooks = []
-    mods = dict(model.named_modules())
+    from .summary import count_macs
 
-    def make(path, m):
-        def h(mod, args, out):
-            if not isinstance(out, torch.Tensor):
-                return
-            w = getattr(mod, "weight", None)
-            if w is None:
-                return
-            per_sample = out.numel() // max(1, out.shape[0])
-            if isinstance(mod, nn.modules.conv._ConvNd):
-                n = per_sample * (w.shape[1] * int(torch.tensor(w.shape[2:]).prod()))
-            else:
-                n = per_sample * w.shape[-1]
-            wname = f"{path}.weight" if path else "weight"
-            macs["binary" if wname in binary_params else "float"] += int(n)
-
-        return h
-
-    for path, m in mods.items():
-        if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)):
-            hooks.append(m.register_forward_hook(make(path, m)))
-    was = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(example_input(input_shape, batch=1))
-    except Exception:  # noqa: BLE001 - the summary is best effort
-        pass
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was)
+    # every conv / linear op, also F.conv2d / F.linear written in a forward (summary.count_macs)
+    per_module, _ = count_macs(model, example_input(input_shape, batch=1), binary_params)
+    macs = {"binary": sum(n["binary"] for n in per_module.values()),
+            "float": sum(n["float"] for n in per_module.values())}
     float_params = total - binary
     return {
         "params": total, "binary_params": binary, "float_params": float_params,

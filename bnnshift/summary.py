@@ -1,8 +1,10 @@
 """A larq-style per-layer summary of a BNN: output shape, 1-bit and 32-bit parameters, memory,
 binary and float MACs, compression (larq's ``lq.models.summary``, in PyTorch terms).
 
-A parameter counts as 1-bit when the scan found a weight binarizer on it (``Discovery.binary_params``);
-a conv / linear whose weight is binary does binary MACs, any other one float MACs. Memory
+A parameter counts as 1-bit when the scan found a weight binarizer on it (``Discovery.binary_params``).
+MACs are counted per conv / linear *op* where it runs (an ``nn.Conv2d`` / ``nn.Linear``, or
+``F.conv2d`` / ``F.linear`` written inside any module's forward): binary when its weight is
+binary (a 1-bit parameter, or a value ``alpha * sign(w)`` computed in the forward), else float. Memory
 assumes 1 bit per binary weight and 32 bits per other parameter; compression is the fp32 size
 over that size.
 """
@@ -12,8 +14,9 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
-__all__ = ["layer_summary"]
+__all__ = ["count_macs", "is_binary_weight", "layer_summary", "op_macs"]
 
 
 def _shape(out: Any) -> list[int] | None:
@@ -24,16 +27,139 @@ def _shape(out: Any) -> list[int] | None:
     return None
 
 
-def _macs(mod: nn.Module, out: torch.Tensor) -> int:
-    w = getattr(mod, "weight", None)
-    if not isinstance(out, torch.Tensor) or w is None or out.dim() == 0:
+_CONV = {torch.conv1d, torch.conv2d, torch.conv3d}
+_CONV_T = {torch.conv_transpose1d, torch.conv_transpose2d, torch.conv_transpose3d}
+_LINEAR = {torch._C._nn.linear}
+
+
+def _op_weight(func: Any, args: tuple, kwargs: dict) -> torch.Tensor | None:
+    w = args[1] if len(args) > 1 else kwargs.get("weight")
+    return w if isinstance(w, torch.Tensor) else None
+
+
+def op_macs(func: Any, args: tuple, kwargs: dict, out: Any, batch: int) -> int:
+    """Multiply-accumulates per sample of one conv / transposed conv / linear call, else 0.
+
+    ``batch``: the number of samples in the forward (a linear on ``(B * T, D)`` counts for
+    ``B`` samples). conv: output elements x (in_channels / groups) x kernel size; transposed
+    conv: input elements x (out_channels / groups) x kernel size; linear: output elements x
+    in_features.
+    """
+    w = _op_weight(func, args, kwargs)
+    if w is None or not isinstance(out, torch.Tensor) or w.dim() == 0:
         return 0
-    per_sample = out.numel() // max(1, out.shape[0])
-    if isinstance(mod, nn.modules.conv._ConvNd):
-        return int(per_sample * w.shape[1] * int(torch.tensor(w.shape[2:]).prod()))
-    if isinstance(mod, nn.Linear):
-        return int(per_sample * w.shape[-1])
-    return 0
+    kernel = int(torch.tensor(w.shape[2:]).prod()) if w.dim() > 2 else 1
+    if func in _CONV:
+        total = out.numel() * w.shape[1] * kernel
+    elif func in _CONV_T:
+        x = args[0] if args else kwargs.get("input")
+        if not isinstance(x, torch.Tensor):
+            return 0
+        total = x.numel() * w.shape[1] * kernel
+    elif func in _LINEAR:
+        total = out.numel() * w.shape[-1]
+    else:
+        return 0
+    return int(total // max(1, batch))
+
+
+def is_binary_weight(w: torch.Tensor) -> bool:
+    """A weight whose values are ``alpha * sign``: along dim 0 (or, for a transposed conv's
+    ``(in, out, k...)`` layout, dim 1) every slice holds only ``-a`` and ``+a`` (one ``a`` per
+    output channel, XNOR's scale) or one value, and some slice holds both signs. A freshly
+    initialised float weight never passes; an all-zero one does not either."""
+    if not w.is_floating_point() or w.dim() == 0 or w.numel() == 0:
+        return False
+    w = w.detach()
+    for dim in ((0, 1) if w.dim() > 1 else (0,)):
+        rows = w.transpose(0, dim).reshape(w.shape[dim], -1) if w.dim() > 1 else w.reshape(1, -1)
+        mn, mx = rows.amin(1, keepdim=True), rows.amax(1, keepdim=True)
+        two = bool(((rows == mn) | (rows == mx)).all())
+        sym = bool(((mn + mx).abs() <= 1e-6 * mx.abs().clamp_min(1e-12)).logical_or(mn == mx).all())
+        if two and sym and bool(((mn < 0) & (mx > 0)).any()):
+            return True
+    return False
+
+
+class _MacCounter(TorchFunctionMode):
+    """Counts every conv / linear op of a forward, wherever it is written (a module, an
+    ``F.conv2d`` / ``F.linear`` call in a forward), for the innermost running module."""
+
+    def __init__(self, stack: list[str], binary_ids: set[int], batch: int,
+                 macs: dict[str, dict[str, int]]):
+        super().__init__()
+        self.stack, self.binary_ids, self.batch, self.macs = stack, binary_ids, batch, macs
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func in _CONV or func in _CONV_T or func in _LINEAR:
+            try:
+                n = op_macs(func, args, kwargs, out, self.batch)
+                w = _op_weight(func, args, kwargs)
+                if n and w is not None:
+                    binary = id(w) in self.binary_ids or is_binary_weight(w)
+                    row = self.macs.setdefault(self.stack[-1] if self.stack else "", {"binary": 0, "float": 0})
+                    row["binary" if binary else "float"] += n
+            except Exception:  # noqa: BLE001 - the summary is best effort, the forward goes on
+                pass
+        return out
+
+
+class _Push:
+    def __init__(self, stack: list[str], path: str):
+        self.stack, self.path = stack, path
+
+    def __call__(self, module, args):
+        self.stack.append(self.path)
+
+
+class _Pop:
+    def __init__(self, stack: list[str], path: str):
+        self.stack, self.path = stack, path
+
+    def __call__(self, module, args, out):
+        if self.stack and self.stack[-1] == self.path:
+            self.stack.pop()
+
+
+def count_macs(model: nn.Module, example: torch.Tensor, binary_params: set[str], *,
+               on_output: Any = None) -> tuple[dict[str, dict[str, int]], bool]:
+    """Binary and float MACs per sample of one forward of ``example`` (no grad, eval mode; the
+    model's mode is restored), per module path: ``{path: {"binary": n, "float": n}}``.
+
+    Every ``conv{1,2,3}d``, ``conv_transpose{1,2,3}d`` and ``linear`` op is counted where it
+    runs (nn.Conv2d / nn.Linear, or ``F.conv2d`` / ``F.linear`` written in any module's forward),
+    for the innermost module running it (``""``: the root). It is binary when its weight is a
+    parameter named in ``binary_params`` or its value is binary (``is_binary_weight``: a
+    ``sign(w)`` / ``alpha * sign(w)`` computed in the forward). ``on_output(path, module,
+    output)``, if given, is called after every module call. Returns the counts and whether the
+    forward ran (a failing forward gives what was counted before the failure).
+    """
+    stack: list[str] = []
+    names = dict(model.named_parameters())
+    binary_ids = {id(p) for n, p in names.items() if n in binary_params}
+    batch = int(example.shape[0]) if isinstance(example, torch.Tensor) and example.dim() > 0 else 1
+    macs: dict[str, dict[str, int]] = {}
+    hooks = []
+    for path, m in model.named_modules():
+        hooks.append(m.register_forward_pre_hook(_Push(stack, path)))
+        hooks.append(m.register_forward_hook(_Pop(stack, path), always_call=True))
+        if on_output is not None:
+            hooks.append(m.register_forward_hook(lambda mod, a, out, path=path: on_output(path, mod, out)))
+    was = model.training
+    model.eval()
+    ok = True
+    try:
+        with torch.no_grad(), _MacCounter(stack, binary_ids, batch, macs):
+            model(example)
+    except Exception:  # noqa: BLE001 - best effort: counts without shapes
+        ok = False
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was)
+    return macs, ok
 
 
 @torch.no_grad()
@@ -47,7 +173,6 @@ def layer_summary(model: nn.Module, example: torch.Tensor, binary_params: set[st
     shapes and MACs empty (the parameter counts stay).
     """
     rows: dict[str, dict[str, Any]] = {}
-    hooks = []
     for path, m in model.named_modules():
         own = list(m.named_parameters(recurse=False))
         if not own:
@@ -57,25 +182,26 @@ def layer_summary(model: nn.Module, example: torch.Tensor, binary_params: set[st
         rows[path] = {"layer": path or "(root)", "type": type(m).__name__, "output_shape": None,
                       "params_1bit": int(one), "params_32bit": int(total - one),
                       "memory_bytes": int((total - one) * 4 + (one + 7) // 8), "binary_macs": 0, "float_macs": 0}
-        w_binary = (f"{path}.weight" if path else "weight") in binary_params
 
-        def hook(mod, args, out, path=path, w_binary=w_binary):
-            r = rows[path]
-            if r["output_shape"] is None:
-                r["output_shape"] = _shape(out)
-            r["binary_macs" if w_binary else "float_macs"] += _macs(mod, out)
+    def shape(path, mod, out):
+        r = rows.get(path)
+        if r is not None and r["output_shape"] is None:
+            r["output_shape"] = _shape(out)
 
-        hooks.append(m.register_forward_hook(hook))
-    was = model.training
-    model.eval()
-    try:
-        model(example)
-    except Exception:  # noqa: BLE001 - best effort: counts without shapes
-        pass
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was)
+    macs, _ = count_macs(model, example, binary_params, on_output=shape)
+    mods = dict(model.named_modules())
+    for path, n in macs.items():
+        # an op in a module without parameters counts for the nearest one that has a row
+        # (else a row of its own)
+        host = path
+        while host not in rows and host:
+            host = host.rpartition(".")[0]
+        if host not in rows:
+            host = path
+            rows[host] = {"layer": host or "(root)", "type": type(mods[host]).__name__, "output_shape": None,
+                          "params_1bit": 0, "params_32bit": 0, "memory_bytes": 0, "binary_macs": 0, "float_macs": 0}
+        rows[host]["binary_macs"] += n["binary"]
+        rows[host]["float_macs"] += n["float"]
     layers = list(rows.values())
     one = sum(r["params_1bit"] for r in layers)
     f32 = sum(r["params_32bit"] for r in layers)
