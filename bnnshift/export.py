@@ -586,8 +586,9 @@ def export_patched_dir(out_dir: str | os.PathLike[str], onnx_path: str | os.Path
     with tempfile.TemporaryDirectory(prefix=f"{_EXPORT_TMP_PREFIX}{os.getpid()}-") as tmp:
         rep = Path(tmp) / "report.json"
         child_onnx = Path(tmp) / "model.onnx"
-        cmd = [sys.executable, "-m", "bnnshift.export", str(out_dir), str(child_onnx), "--report", str(rep),
-               "--batches", str(batches), "--parent-pid", str(os.getpid())]
+        cmd = child_command("bnnshift.export", code_dirs=_module_spec_dirs(out_dir, model)) + [
+            os.path.abspath(out_dir), str(child_onnx), "--report", str(rep),
+            "--batches", str(batches), "--parent-pid", str(os.getpid())]
         if opset is not None:
             cmd += ["--opset", str(opset)]
         if model is not None:
@@ -616,6 +617,68 @@ def export_patched_dir(out_dir: str | os.PathLike[str], onnx_path: str | os.Path
                           hint="the model may binarize in place (.data); export the folded model or simplify forward")
     tail = (proc.stderr.strip().splitlines() or ["no output"])[-1][:240]
     raise ExportError(f"the ONNX export process failed (exit {proc.returncode}): {tail}")
+
+
+_CHILD_BOOT = (
+    "import sys, importlib.util as u\n"
+    "sys.path[:] = [p for p in __import__('json').loads(sys.argv[1]) if p]\n"
+    "spec = u.spec_from_file_location('bnnshift', sys.argv[2], submodule_search_locations=[sys.argv[3]])\n"
+    "pkg = u.module_from_spec(spec); sys.modules['bnnshift'] = pkg; spec.loader.exec_module(pkg)\n"
+    "mod = sys.argv[4]; del sys.argv[1:5]; sys.argv[0] = mod\n"
+    "import runpy; runpy.run_module(mod, run_name='__main__', alter_sys=True)\n"
+)
+
+
+def _safe_sys_path(extra: Iterable[str] = ()) -> list[str]:
+    """This process's ``sys.path`` without the caller's directory ('' or the cwd, which ``python
+    -m`` / ``-c`` put first) and without bnnshift's own parent directory (the package is loaded
+    by its location, so a source checkout's root adds nothing importable); ``extra`` appended."""
+    cwd = os.path.realpath(os.getcwd())
+    own_root = os.path.realpath(str(Path(__file__).resolve().parent.parent))
+    keep: list[str] = []
+    for p in sys.path:
+        if not p or not os.path.isabs(p):
+            continue  # '' and relative entries name the caller's directory
+        rp = os.path.realpath(p)
+        if rp in (cwd, own_root) or p in keep:
+            continue
+        keep.append(p)
+    keep += [os.path.abspath(e) for e in extra if e and os.path.abspath(e) not in keep]
+    return keep
+
+
+def child_command(module: str, *, code_dirs: Iterable[str] = ()) -> list[str]:
+    """``argv`` that runs ``python -m module`` isolated: ``python -I`` (no cwd / script
+    directory, no ``PYTHON*`` variables, no user site) with ``sys.path`` set explicitly to this
+    process's path minus the caller's directory, and the ``bnnshift`` package loaded from this
+    file's location (so an editable install and a source checkout both work, and a ``json.py``
+    or ``argparse.py`` lying in the cwd is never imported). ``code_dirs``: directories the
+    user's own spec needs (a ``pkg.mod:fn`` spec resolved against the cwd), appended last so
+    the standard library always wins. Append the module's own arguments to the list."""
+    pkg_dir = Path(__file__).resolve().parent
+    return [sys.executable, "-I", "-c", _CHILD_BOOT, json.dumps(_safe_sys_path(code_dirs)),
+            str(pkg_dir / "__init__.py"), str(pkg_dir), module]
+
+
+def _module_spec_dirs(out_dir: Any, model: Any) -> list[str]:
+    """The cwd when the model the child builds is a ``pkg.mod:fn`` spec the user named (with
+    ``--model``) or the recipe names (rebuilt only when trusted): ``python -m bnnshift`` resolved
+    it against the cwd. A ``file.py:fn`` spec's folder is added by the loader itself, only while
+    it imports that file; a ``zoo:`` / ``timm:`` / ``torchvision:`` model needs nothing."""
+    kind = None
+    try:
+        if model is not None:
+            from .load import ModelSpec, parse_model_spec
+
+            kind = (model if isinstance(model, ModelSpec) else parse_model_spec(str(model))).kind
+        else:
+            from .patch import read_recipe
+
+            m = read_recipe(out_dir).model
+            kind = m.get("kind") if isinstance(m, dict) else None
+    except BnnshiftError:
+        return []  # the child reports the problem with the spec / recipe
+    return [os.getcwd()] if kind == "module" else []
 
 
 _EXPORT_TMP_PREFIX = "bnnshift-export-"  # + parent PID + "-": the exporter's temp directory
