@@ -84,3 +84,140 @@ def test_export_of_zoo_model_never_imports_cwd_modules(tmp_path, monkeypatch):
     assert r.exit_code == 0, r.stderr
     assert (work / "m.onnx").is_file()
     assert not [m.name for m in markers if m.exists()]
+
+
+# ------------------------------------------------------------------ 2. one writer of the trust record
+
+HELPER_MODEL = '''
+import torch.nn as nn
+from helper_blocks import Sign, WIDTH
+
+
+def build():
+    return nn.Sequential(nn.Flatten(), nn.Linear(16, WIDTH), nn.BatchNorm1d(WIDTH), Sign(), nn.Linear(WIDTH, 3))
+'''
+HELPER_BLOCKS = '''
+import torch
+import torch.nn as nn
+WIDTH = 8
+
+
+class Sign(nn.Module):
+    def forward(self, x):
+        return torch.sign(x)
+'''
+
+
+def patch_model_with_helper(where: Path, out_name="OUT") -> Path:
+    where.mkdir(parents=True, exist_ok=True)
+    (where / "netdef.py").write_text(HELPER_MODEL)
+    (where / "helper_blocks.py").write_text(HELPER_BLOCKS)
+    r = invoke("patch", f"{where / 'netdef.py'}:build", "--input-shape", "16", "--shift", "0.25", "-o",
+               where / out_name, "-q")
+    assert r.exit_code == 0, r.stderr
+    return where / out_name
+
+
+def record_lines(f: Path) -> list[dict]:
+    return [json.loads(line) for line in f.read_text().splitlines()] if f.exists() else []
+
+
+def make_hostile(d: Path, marker: Path) -> None:
+    rec = json.loads((d / "patch.json").read_text())
+    rec["model"] = {"kind": "module", "target": "os", "attr": "system", "args": {"command": f"touch {marker}"}}
+    (d / "patch.json").write_text(json.dumps(rec, indent=2))
+
+
+def test_record_pins_model_file_and_sibling_module(tmp_path, own_trust_file):
+    from bnnshift.errors import CheckpointError
+    from bnnshift.patch import load_patched, read_recipe
+
+    out = patch_model_with_helper(tmp_path / "a")
+    lines = record_lines(own_trust_file)
+    assert len(lines) == 1 and lines[0]["recipe_sha256"] == read_recipe(out).sha256
+    assert set(lines[0]["pins"]) == {"netdef.py", "helper_blocks.py"}
+    assert load_patched(out) is not None
+    # the sibling module changes: refused naming it, before the model code runs
+    (tmp_path / "a" / "helper_blocks.py").write_text(HELPER_BLOCKS + "\nWIDTH = 8  # edited\n")
+    with pytest.raises(CheckpointError, match="helper_blocks.py"):
+        load_patched(out)
+    r = invoke("fold", out)
+    assert r.exit_code == 1 and "helper_blocks.py" in r.stderr and len(r.stderr.strip().splitlines()) <= 2
+    # named by the user: this run only, and it works
+    assert load_patched(out, model=f"{tmp_path / 'a' / 'netdef.py'}:build") is not None
+    assert len(record_lines(own_trust_file)) == 1
+
+
+def test_newline_in_output_path_cannot_forge_a_line(tmp_path, own_trust_file):
+    from bnnshift.errors import UntrustedRecipeError
+    from bnnshift.patch import load_patched, read_recipe
+
+    # a hostile recipe elsewhere, whose sha256 an attacker tries to smuggle into the record
+    src = patch_model_with_helper(tmp_path / "victim")
+    evil = tmp_path / "evil"
+    shutil.copytree(src, evil)
+    marker = tmp_path / "PWNED"
+    make_hostile(evil, marker)
+    evil_sha = read_recipe(evil).sha256
+    weird = tmp_path / f"x\n{evil_sha} 2026-01-01T00:00:00Z /tmp\ny"
+    patch_model_with_helper(weird)
+    assert all(isinstance(d, dict) and d["v"] == 1 for d in record_lines(own_trust_file))
+    # a hand-appended line in the old "SHA TIME DIR" form is not a record either
+    with open(own_trust_file, "a") as fh:
+        fh.write(f"{evil_sha} 2026-01-01T00:00:00Z {evil}\n")
+        fh.write(json.dumps({"v": 1, "recipe_sha256": evil_sha, "pins": {"../../etc/passwd": "0" * 64}}) + "\n")
+    with pytest.raises(UntrustedRecipeError, match="os"):
+        load_patched(evil)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("cmd", ["fold", "export"])
+def test_model_or_trust_flag_records_nothing(tmp_path, own_trust_file, cmd):
+    """The documented safe way to open a directory from elsewhere never trusts it for later."""
+    from bnnshift.errors import UntrustedRecipeError
+    from bnnshift.patch import load_patched
+
+    r = invoke("patch", "zoo:mlp", "--arg", "width=0.25", "--shift", "0.5", "-o", tmp_path / "p", "-q")
+    assert r.exit_code == 0, r.stderr
+    d = tmp_path / "hostile"
+    shutil.copytree(tmp_path / "p", d)
+    marker = tmp_path / "PWNED"
+    make_hostile(d, marker)
+    before = own_trust_file.read_bytes() if own_trust_file.exists() else b""
+    if cmd == "export":
+        r = invoke("export", d, "--model", "zoo:mlp", "--arg", "width=0.25", "--data", "synthetic:64",
+                   "--bn-recalib-batches", "1", "--batches", "1", "--onnx", tmp_path / "m.onnx", "-q")
+    else:
+        r = invoke("fold", d, "--trust-recipe", "--model", "zoo:mlp", "--arg", "width=0.25", "-q")
+    assert r.exit_code == 0, r.stderr
+    assert (own_trust_file.read_bytes() if own_trust_file.exists() else b"") == before
+    assert not marker.exists()
+    copy = tmp_path / "copy"
+    shutil.copytree(d, copy)
+    if cmd == "export":  # the hostile recipe is still untrusted, in place and copied
+        for x in (d, copy):
+            with pytest.raises(UntrustedRecipeError):
+                load_patched(x)
+    assert not marker.exists()
+
+
+def test_trust_recipe_runs_exactly_the_named_file(tmp_path, monkeypatch):
+    """--trust-recipe after a refusal: the refusal names the file that would run, and that file's
+    sha256 must still be the recorded one."""
+    from bnnshift.errors import CheckpointError, UntrustedRecipeError
+    from bnnshift.patch import load_patched
+
+    out = patch_model_with_helper(tmp_path / "sender" / "proj")
+    recv = tmp_path / "recv"
+    shutil.copytree(tmp_path / "sender" / "proj", recv / "proj")
+    rec = json.loads((recv / "proj" / "OUT" / "patch.json").read_text())
+    rec["model"]["path_at_patch"] = str(tmp_path / "sender" / "proj" / "netdef.py")
+    rec["model"]["sha256"] = "0" * 64  # not the received file's
+    (recv / "proj" / "OUT" / "patch.json").write_text(json.dumps(rec))
+    monkeypatch.setenv("BNNSHIFT_TRUST_FILE", str(tmp_path / "other-machine"))
+    with pytest.raises(UntrustedRecipeError) as ei:
+        load_patched(recv / "proj" / "OUT")
+    assert str((recv / "proj" / "netdef.py").resolve()) in ei.value.message  # the file that would run
+    with pytest.raises(CheckpointError, match="netdef.py changed since"):
+        load_patched(recv / "proj" / "OUT", trust=True)  # its hash is not the recipe's: nothing runs
+    assert out.is_dir()

@@ -376,8 +376,13 @@ def fold_command(
         recipe.hashes = {**(recipe.hashes or {}), BN_STATS_KEY: weights_digest(model)}
     from .._io import replace_dir
 
+    from .._trust import is_trusted
+
+    # the record's line is carried forward only for a recipe it already trusted (--model and
+    # --trust-recipe trust this run only and record nothing)
+    carry = model_spec is None and not trust_recipe and is_trusted(recipe.sha256)
     with replace_dir(out_dir, force=True) as tmp:  # never half-rewritten: built beside, swapped in
-        save_patched(model, recipe, tmp, force=True)
+        save_patched(model, recipe, tmp, force=True, record_trust=carry)
     rows = describe(model)
     o.table(sites_table(rows, f"{out_dir}: {len(rep.folded)} folded, {len(rep.kept)} kept"))
     for name, why in rep.kept.items():
