@@ -40,6 +40,29 @@ def candidate_key(shift: float, seed: int, config_hash: str) -> tuple[str, int, 
     return (shift_key(shift), int(seed), str(config_hash))
 
 
+def resolve_inside(directory: str | os.PathLike[str], rel: Any, what: str) -> Path:
+    """``directory / rel`` for a path read from a journal, recipe or state record (data, not a
+    path to act on): ``rel`` must be a relative string without ``..`` whose real path (symlinks
+    resolved) stays inside ``directory``. Raises ``OutputError`` (exit 1) naming ``what`` (e.g.
+    ``"journal OUT/journal.jsonl"``) otherwise, before anything is read, written or removed."""
+    base = os.path.realpath(os.fspath(directory))
+    bad = None
+    if not isinstance(rel, str) or not rel or "\x00" in rel:
+        bad = "is not a relative path"
+    elif os.path.isabs(rel) or Path(rel).is_absolute() or rel.startswith(("/", "\\")):
+        bad = "is absolute"
+    elif ".." in Path(rel).parts or ".." in rel.replace("\\", "/").split("/"):
+        bad = "leaves its directory (..)"
+    else:
+        real = os.path.realpath(os.path.join(base, rel))
+        if real != base and not real.startswith(base + os.sep):
+            bad = "leaves its directory through a symlink"
+    if bad is not None:
+        raise OutputError(f"{what} names the path {str(rel)[:120]!r}, which {bad}; nothing was read or removed",
+                          hint="the file was edited by hand: restore it, or start again without --resume")
+    return Path(base) / rel
+
+
 class Journal:
     """Append-only ``journal.jsonl`` in a search's output directory."""
 

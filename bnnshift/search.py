@@ -1228,7 +1228,11 @@ class _StateStore:
     def known(self, key: tuple[str, int], steps: int, rel: str | None) -> None:
         """A state written by an earlier (killed) process, named by its rung record."""
         if rel and self.dir is not None:
-            path = self.dir.parent / rel
+            from .journal import resolve_inside
+
+            # a path read from the journal: data, kept inside OUT/states/ (never removed elsewhere)
+            path = resolve_inside(self.dir, rel[len("states/"):] if isinstance(rel, str) and rel.startswith("states/")
+                                  else rel, f"journal {self.dir.parent / JOURNAL_NAME}")
             if path.is_file() and steps > self.files.get(key, (-1, None))[0]:
                 self.files[key] = (steps, path)
 

@@ -221,3 +221,62 @@ def test_trust_recipe_runs_exactly_the_named_file(tmp_path, monkeypatch):
     with pytest.raises(CheckpointError, match="netdef.py changed since"):
         load_patched(recv / "proj" / "OUT", trust=True)  # its hash is not the recipe's: nothing runs
     assert out.is_dir()
+
+
+# ------------------------------------------------------------------ 3. journal paths are data
+
+HALVING = ["search", "zoo:mlp", "--arg", "width=0.25", "--data", "synthetic:128", "--batch-size", "32",
+           "--no-compile", "--shifts", "0,0.5", "--schedule", "halving", "--steps", "8", "-q"]
+
+
+def test_resume_with_journal_naming_outside_file_leaves_it(tmp_path):
+    out = tmp_path / "run"
+    r = invoke(*HALVING, "--out", out)
+    assert r.exit_code == 0, r.stderr
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    absolute = tmp_path / "victim2.txt"
+    absolute.write_text("keep me too")
+    journal = out / "journal.jsonl"
+    recs = [json.loads(x) for x in journal.read_text().splitlines() if x.strip()]
+    rung = next(x for x in recs if x.get("kind") == "rung")
+    for state in ("../victim.txt", str(absolute), "states/../../victim.txt"):
+        edited = [dict(x, state=state, eliminated=False) if x.get("kind") == "rung" else x for x in recs]
+        journal.write_text("".join(json.dumps(x) + "\n" for x in edited))
+        r = invoke(*HALVING, "--out", out, "--resume")
+        assert r.exit_code == 1, (state, r.stderr)
+        assert "journal" in r.stderr and "nothing was read or removed" in r.stderr
+        assert victim.read_text() == "keep me" and absolute.read_text() == "keep me too"
+    assert rung["state"].startswith("states/")
+
+
+def test_resolve_inside_refuses_escapes_and_symlinks(tmp_path):
+    from bnnshift.errors import OutputError
+    from bnnshift.journal import resolve_inside
+
+    d = tmp_path / "out" / "states"
+    d.mkdir(parents=True)
+    (d / "ok.pt").write_text("x")
+    assert resolve_inside(d, "ok.pt", "journal J") == d.resolve() / "ok.pt"
+    (d / "link.pt").symlink_to(tmp_path / "victim.txt")
+    (d / "sub").symlink_to(tmp_path)
+    for bad in ("../victim.txt", "/etc/passwd", str(tmp_path / "victim.txt"), "link.pt", "sub/victim.txt", "",
+                "a/../../x", None, 3):
+        with pytest.raises(OutputError, match="journal J"):
+            resolve_inside(d, bad, "journal J")
+
+
+def test_state_store_never_registers_a_path_outside_states(tmp_path):
+    from bnnshift.errors import OutputError
+    from bnnshift.search import _StateStore
+
+    out = tmp_path / "out"
+    (out / "states").mkdir(parents=True)
+    victim = tmp_path / "v.pt"
+    victim.write_text("x")
+    store = _StateStore(out, fresh=False)
+    with pytest.raises(OutputError):
+        store.known(("0.0", 0), 4, "../v.pt")
+    store.drop(("0.0", 0))
+    store.close()
+    assert victim.exists()
