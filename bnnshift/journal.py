@@ -175,7 +175,8 @@ class Journal:
 
 
 class OutputLock:
-    """Exclusive ownership of an output directory for the life of a search.
+    """Exclusive ownership of an output directory for the life of a search, ``patch -o``,
+    ``fold`` or ``search --patch-out`` (one writer per output).
 
     ``fcntl.flock`` on ``<dir>/.bnnshift.lock`` (released by the kernel when the process dies,
     so a killed run never leaves a stale lock); the file holds the owner's PID for the error
@@ -220,8 +221,9 @@ class OutputLock:
                 holder = _read_pid(fd)
                 os.close(fd)
                 who = f"pid {holder}" if holder else "another process"
-                raise LockedError(f"{self.directory} is in use by another bnnshift search ({who})",
-                                  hint="wait for it to finish, or choose another --out") from None
+                raise LockedError(f"{self.directory} is in use by another bnnshift process ({who}: search --out, "
+                                  "patch -o, fold or --patch-out)",
+                                  hint="wait for it to finish, or choose another output directory") from None
         try:
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)

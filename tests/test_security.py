@@ -280,3 +280,59 @@ def test_state_store_never_registers_a_path_outside_states(tmp_path):
     store.drop(("0.0", 0))
     store.close()
     assert victim.exists()
+
+
+# ------------------------------------------------------------------ 4. one writer per output
+
+
+def _two_at_once(argv_a, argv_b, cwd, env=None):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    pa = subprocess.Popen([sys.executable, "-m", "bnnshift", *argv_a], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+    pb = subprocess.Popen([sys.executable, "-m", "bnnshift", *argv_b], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+    ea, eb = pa.communicate(timeout=300)[1], pb.communicate(timeout=300)[1]
+    return (pa.returncode, ea), (pb.returncode, eb)
+
+
+def test_lock_held_refuses_patch_fold_and_patch_out(tmp_path):
+    """While one process owns OUT (the lock search --out takes), patch -o, fold and --patch-out
+    on it are refused with exit 1 naming the owner's PID; the content stays whole."""
+    from bnnshift.journal import OutputLock
+
+    r = invoke("patch", "zoo:mlp", "--arg", "width=0.25", "--shift", "0.5", "-o", tmp_path / "p", "-q")
+    assert r.exit_code == 0, r.stderr
+    before = (tmp_path / "p" / "patch.json").read_bytes()
+    code = ("import sys, time; from bnnshift.journal import OutputLock\n"
+            "with OutputLock(sys.argv[1]):\n    print('locked', flush=True); time.sleep(60)\n")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "p")], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        for argv in (["patch", "zoo:mlp", "--arg", "width=0.25", "--shift", "1", "-o", tmp_path / "p", "--force"],
+                     ["fold", tmp_path / "p"]):
+            r = invoke(*argv, "-q")
+            assert r.exit_code == 1, r.stderr
+            assert f"pid {holder.pid}" in r.stderr
+        from bnnshift.errors import LockedError
+        with pytest.raises(LockedError, match=f"pid {holder.pid}"):
+            with OutputLock(tmp_path / "p"):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    assert (tmp_path / "p" / "patch.json").read_bytes() == before
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_two_patch_o_same_at_once_one_wins(tmp_path, force):
+    out = tmp_path / "same"
+    base = ["patch", "zoo:mlp", "--arg", "width=0.25", "-o", str(out), "-q"] + (["--force"] if force else [])
+    (a, ea), (b, eb) = _two_at_once(base + ["--shift", "0.5"], base + ["--shift", "1"], tmp_path,
+                                    {"PYTHONPATH": str(ROOT)})
+    assert sorted([a, b]) == [0, 1], (ea, eb)
+    loser = ea if a else eb
+    assert len(loser.strip().splitlines()) == 1 and ("in use" in loser or "not empty" in loser)
+    rec = json.loads((out / "patch.json").read_text())
+    winner_shift = 0.5 if a == 0 else 1.0
+    assert {float(s["shift"]) for s in rec["sites"]} == {winner_shift}

@@ -129,8 +129,11 @@ def patch_command(
                         config=cfg, hardtanh_shift=ht, trainable=trainable, per_channel=per_channel, fold=fold,
                         onnx=onnx, opset=opset, strict=not non_strict, allow_unsafe=unsafe_load, use_ema=use_ema,
                         allow_nonfinite=allow_nonfinite)
+    from ..journal import OutputLock
+
     try:
-        payload = _do_patch(o, opts)
+        with OutputLock(out_dir):  # one writer per output (as search --out): a second patch -o is refused
+            payload = _do_patch(o, opts)
     except BaseException:
         if created and out_dir.is_dir() and not any(out_dir.iterdir()):
             shutil.rmtree(out_dir, ignore_errors=True)
@@ -345,6 +348,19 @@ def fold_command(
     o = Output(json_mode=json_, quiet=quiet)
     validate.check_path(out_dir, "OUT_DIR")  # before importing torch
 
+    from ..journal import OutputLock
+
+    import contextlib
+    import os
+
+    # one writer per output: a second fold / patch -o of OUT is refused (exit 1); a read-only
+    # directory cannot be rewritten anyway (an already folded one is only reported)
+    writable = os.path.isdir(out_dir) and os.access(out_dir, os.W_OK)
+    with OutputLock(out_dir) if writable else contextlib.nullcontext():
+        _do_fold(o, out_dir, data, bn_recalib_batches, model_spec, arg, trust_recipe)
+
+
+def _do_fold(o, out_dir, data, bn_recalib_batches, model_spec, arg, trust_recipe) -> None:
     from ..fold import FoldReport, fold_shifts
     from ..load import parse_model_spec
     from ..patch import describe, load_patched, read_recipe, save_patched
