@@ -20,6 +20,6 @@ def _cwd_last() -> None:
 
 _cwd_last()
 
-from bnnshift.cli import main  # noqa: E402
+from bnnshift._entry import main  # noqa: E402
 
 main()

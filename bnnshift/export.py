@@ -597,11 +597,7 @@ def export_patched_dir(out_dir: str | os.PathLike[str], onnx_path: str | os.Path
             cmd += ["--arg", a]
         if trust:
             cmd += ["--trust-recipe"]
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                                  preexec_fn=_die_with_parent(os.getpid()) if os.name == "posix" else None)
-        except subprocess.TimeoutExpired:
-            raise ExportError(f"ONNX export did not finish in {timeout:.0f}s", hint="export a smaller model") from None
+        proc = _run_child(cmd, timeout)
         data = json.loads(rep.read_text()) if rep.is_file() else None
         if proc.returncode == 0 and data and "report" in data and child_onnx.is_file():
             fault_point("export:before-move")
@@ -684,12 +680,51 @@ def _module_spec_dirs(out_dir: Any, model: Any) -> list[str]:
 _EXPORT_TMP_PREFIX = "bnnshift-export-"  # + parent PID + "-": the exporter's temp directory
 
 
-def _die_with_parent(parent_pid: int):
+_STOP_SIGNALS = ("SIGINT", "SIGTERM")
+
+
+def _run_child(cmd: list[str], timeout: float | None) -> subprocess.CompletedProcess:
+    """Run the exporter child; Ctrl-C / SIGTERM (``bnnshift._signals``) end it and propagate.
+
+    The signals are blocked while the child is forked (a Python handler raising inside the fork
+    callbacks would be lost: "Exception ignored") and delivered right after; the child starts with
+    them unblocked. Raises ``ExportError`` after ``timeout`` seconds."""
+    import signal
+
+    block = {getattr(signal, n) for n in _STOP_SIGNALS if hasattr(signal, n)}
+    can_mask = os.name == "posix" and hasattr(signal, "pthread_sigmask")
+    child = None
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, block) if can_mask else None
+    try:
+        try:
+            child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     preexec_fn=_die_with_parent(os.getpid(), block if can_mask else ())
+                                     if os.name == "posix" else None)
+        finally:
+            if can_mask:
+                signal.pthread_sigmask(signal.SIG_SETMASK, old)  # a pending signal is raised here
+        out, err = child.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        child.communicate()
+        raise ExportError(f"ONNX export did not finish in {timeout:.0f}s", hint="export a smaller model") from None
+    except BaseException:  # Ctrl-C / SIGTERM: end the child first, then unwind (temp dir removed)
+        if child is not None:
+            child.kill()
+            child.wait()
+        raise
+    return subprocess.CompletedProcess(cmd, child.returncode, out, err)
+
+
+def _die_with_parent(parent_pid: int, unblock: Iterable[int] = ()):
     """``preexec_fn`` for the exporter child: SIGKILL it when the parent dies (Linux
     PR_SET_PDEATHSIG); exit at once if the parent is already gone (the race before prctl)."""
 
     def pre() -> None:
         import signal
+
+        if unblock:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, set(unblock))
 
         if sys.platform.startswith("linux"):
             try:

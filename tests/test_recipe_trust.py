@@ -190,11 +190,11 @@ def test_export_passes_the_users_model_to_the_subprocess(tmp_path, monkeypatch):
 
     seen = {}
 
-    def fake_run(cmd, **kw):
+    def fake_run(cmd, timeout):
         seen["cmd"] = cmd
         raise subprocess.TimeoutExpired(cmd, 1)
 
-    monkeypatch.setattr(export_mod.subprocess, "run", fake_run)
+    monkeypatch.setattr(export_mod, "_run_child", fake_run)
     with pytest.raises(Exception):
         export_mod.export_patched_dir(tmp_path, tmp_path / "m.onnx", model="m.py:build", model_args=["classes=3"],
                                       trust=True)

@@ -336,3 +336,87 @@ def test_two_patch_o_same_at_once_one_wins(tmp_path, force):
     rec = json.loads((out / "patch.json").read_text())
     winner_shift = 0.5 if a == 0 else 1.0
     assert {float(s["shift"]) for s in rec["sites"]} == {winner_shift}
+
+
+# ------------------------------------------------------------------ 5. signals
+
+SIGNALS = {"TERM": (15, 143, "terminated (SIGTERM)"), "INT": (2, 130, "interrupted")}
+
+
+def _env(tmp_path, **extra):
+    (tmp_path / "tmp").mkdir(exist_ok=True)
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path / "tmp"), **extra}
+
+
+def _leftovers(*dirs: Path) -> list[str]:
+    return [p.name for d in dirs if d.is_dir() for p in d.iterdir()
+            if p.name.startswith((".bnnshift-", "bnnshift-export-", "bnnshift-bn-"))]
+
+
+@pytest.mark.parametrize("sig", ["TERM", "INT"])
+@pytest.mark.parametrize("point", ["entry:imports", "swap:before"])
+def test_signal_at_fixed_moments_of_patch(tmp_path, sig, point):
+    """During the imports (before typer / torch) and with the new OUT half-built beside the old."""
+    _, code, line = SIGNALS[sig]
+    out = tmp_path / "OUT"
+    proc = subprocess.run([sys.executable, "-m", "bnnshift", "patch", "zoo:mlp", "--arg", "width=0.25", "--shift",
+                           "0.5", "-o", str(out), "-q"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env=_env(tmp_path, BNNSHIFT_FAULT=f"{point}:{sig}"))
+    assert proc.returncode == code, proc.stderr
+    assert proc.stderr.strip().splitlines() == [f"error: {line}"]
+    assert not out.exists() and not _leftovers(tmp_path, tmp_path / "tmp")
+
+
+def _wait_for(pred, proc, timeout=240.0):
+    import time
+
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if pred():
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(0.02)
+    return False
+
+
+@pytest.mark.parametrize("sig", ["TERM", "INT"])
+def test_signal_while_the_exporter_child_runs(tmp_path, sig):
+    signum, code, line = SIGNALS[sig]
+    r = invoke("patch", "zoo:mlp", "--arg", "width=0.25", "--shift", "0.5", "-o", tmp_path / "p", "-q")
+    assert r.exit_code == 0, r.stderr
+    env = _env(tmp_path)
+    proc = subprocess.Popen([sys.executable, "-m", "bnnshift", "export", str(tmp_path / "p"), "--onnx",
+                             str(tmp_path / "m.onnx"), "-q"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    tmp = tmp_path / "tmp"
+    started = _wait_for(lambda: any(p.name.startswith("bnnshift-export-") for p in tmp.iterdir()), proc)
+    assert started, "the export ended before the child started"
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == code, err
+    assert err.strip().splitlines() == [f"error: {line}"]
+    assert not _leftovers(tmp_path, tmp) and not (tmp_path / "m.onnx").exists()
+    # the child ended with its parent: no process still names the temp directory
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            assert str(tmp) not in cmdline.read_bytes().decode(errors="replace")
+        except OSError:
+            pass
+
+
+def test_sigterm_during_search_keeps_the_journal_and_says_resume(tmp_path):
+    out = tmp_path / "run"
+    argv = [sys.executable, "-m", "bnnshift", *HALVING, "--out", str(out)]
+    proc = subprocess.Popen(argv, cwd=tmp_path, env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    journal = out / "journal.jsonl"
+    assert _wait_for(lambda: journal.is_file() and journal.stat().st_size > 0, proc), "search ended too soon"
+    proc.send_signal(15)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: terminated (SIGTERM)") and "--resume" in lines[0]
+    assert not _leftovers(tmp_path, out, tmp_path / "tmp")
+    r = invoke(*HALVING, "--out", out, "--resume")
+    assert r.exit_code == 0, r.stderr

@@ -10,7 +10,7 @@ import os
 import sys
 from typing import Callable
 
-from ..errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_USAGE, BnnshiftError
+from ..errors import EXIT_ERROR, EXIT_USAGE, BnnshiftError
 
 
 def _print_error(msg: str, json_mode: bool = False, exit_code: int = EXIT_ERROR, hint: str | None = None,
@@ -70,13 +70,16 @@ def handle_errors(fn: Callable) -> Callable:
                 raise
             _print_error(exc.one_line(), json_mode, exc.exit_code, exc.hint, exc.message)
             raise typer.Exit(exc.exit_code) from None
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:  # Ctrl-C (130) or SIGTERM (bnnshift._signals: 143)
+            from .. import _signals
+
+            code = _signals.exit_code(exc)
             # a search journals each finished candidate: say how to continue
             hint = ("finished candidates are in the journal: rerun the same command with --resume"
                     if "resume" in kwargs and kwargs.get("out_dir") else None)
-            _print_error("interrupted" + (f" ({hint})" if hint else ""), json_mode, EXIT_INTERRUPTED, hint,
-                         "interrupted")
-            raise typer.Exit(EXIT_INTERRUPTED) from None
+            _print_error(_signals.interrupted_line(code, hint), json_mode, code, hint,
+                         _signals.interrupted_line(code))
+            raise typer.Exit(code) from None
         except MemoryError:
             if os.environ.get("BNNSHIFT_DEBUG"):
                 raise
