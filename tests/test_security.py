@@ -420,3 +420,72 @@ def test_sigterm_during_search_keeps_the_journal_and_says_resume(tmp_path):
     assert not _leftovers(tmp_path, out, tmp_path / "tmp")
     r = invoke(*HALVING, "--out", out, "--resume")
     assert r.exit_code == 0, r.stderr
+
+
+# ------------------------------------------------------------------ 6. pickle gadgets under --unsafe-load
+
+
+class _Gadget:
+    def __init__(self, fn, *args):
+        self.fn, self.args = fn, args
+
+    def __reduce__(self):
+        return self.fn, self.args
+
+
+def _gadget_checkpoints(tmp_path: Path, marker: Path):
+    """Full pickles whose loading would create ``marker`` through stdlib helpers that are not in
+    an obvious 'os / subprocess' list (the bypasses of issue 21)."""
+    import cProfile
+    import timeit
+
+    stmt = f"open({str(marker)!r}, 'w').write('ran')"
+    sd = {"w": torch.zeros(2)}
+    out = {}
+    out["timeit"] = {"state_dict": sd, "x": _Gadget(timeit.timeit, stmt, "pass", None, 1)}
+    out["cprofile"] = {"x": _Gadget(cProfile.run, stmt), "state_dict": sd}  # another order
+    paths = []
+    for name, obj in out.items():
+        p = tmp_path / f"{name}.pt"
+        torch.save(obj, p)
+        paths.append(p)
+    # the legacy (non-zip) format and another extension
+    p = tmp_path / "legacy.ckpt"
+    torch.save({"model": sd, "cb": _Gadget(timeit.timeit, stmt, "pass", None, 1)}, p,
+               _use_new_zipfile_serialization=False)
+    paths.append(p)
+    return paths
+
+
+def test_unsafe_load_refuses_code_execution_globals(tmp_path):
+    from bnnshift.errors import UnsafeCheckpointError
+    from bnnshift.load import load_state_dict_file, scan_pickle_globals
+
+    marker = tmp_path / "PWNED"
+    for p in _gadget_checkpoints(tmp_path, marker):
+        bad, scanned = scan_pickle_globals(p)
+        assert scanned and bad, p
+        with pytest.raises(UnsafeCheckpointError, match="refused, also with --unsafe-load"):
+            load_state_dict_file(p, allow_unsafe=True)
+        assert not marker.exists(), p
+
+
+def test_unsafe_load_still_loads_a_pickled_module(tmp_path):
+    """A full pickle of a model (no gadget) still loads with --unsafe-load, numerically the same."""
+    from bnnshift.load import load_state_dict_file, scan_pickle_globals
+
+    m = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    p = tmp_path / "full.pth"
+    torch.save({"model": m, "epoch": 3}, p)
+    assert scan_pickle_globals(p) == ([], True)
+    sd = load_state_dict_file(p, allow_unsafe=True)
+    for k, v in m.state_dict().items():
+        assert torch.equal(sd[k], v)
+
+
+def test_cli_unsafe_load_gadget_exit_1_one_line(tmp_path):
+    marker = tmp_path / "PWNED"
+    p = _gadget_checkpoints(tmp_path, marker)[0]
+    r = invoke("scan", "zoo:mlp", "--checkpoint", p, "--unsafe-load")
+    assert r.exit_code == 1 and "timeit" in r.stderr and not marker.exists()
+    assert len(r.stderr.strip().splitlines()) <= 2
