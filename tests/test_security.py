@@ -489,3 +489,59 @@ def test_cli_unsafe_load_gadget_exit_1_one_line(tmp_path):
     r = invoke("scan", "zoo:mlp", "--checkpoint", p, "--unsafe-load")
     assert r.exit_code == 1 and "timeit" in r.stderr and not marker.exists()
     assert len(r.stderr.strip().splitlines()) <= 2
+
+
+# ------------------------------------------------------------------ 7. distributed start race
+
+_OPEN = """
+import sys, time
+from bnnshift.distributed import open_storage
+import optuna
+optuna.logging.set_verbosity(optuna.logging.ERROR)
+t = float(sys.argv[2])
+while time.time() < t:
+    pass
+store = open_storage(sys.argv[1])
+optuna.create_study(study_name="s", storage=store, load_if_exists=True, direction="maximize")
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("n", [4])
+def test_sqlite_storage_created_once_by_workers_started_together(tmp_path, n):
+    pytest.importorskip("optuna")
+    import time
+
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    start = time.time() + 8.0  # all past their imports, then all open the new storage at once
+    procs = [subprocess.Popen([sys.executable, "-c", _OPEN, url, str(start)], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(n)]
+    outs = [p.communicate(timeout=180) for p in procs]
+    assert [p.returncode for p in procs] == [0] * n, [e[-300:] for _, e in outs]
+    assert all(o.strip() == "ok" for o, _ in outs)
+
+
+def test_create_once_retries_only_the_schema_race():
+    from sqlalchemy.exc import IntegrityError, OperationalError
+
+    from bnnshift.distributed import _create_once
+
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise IntegrityError("INSERT", {}, Exception("UNIQUE constraint failed: alembic_version.version_num"))
+        return "store"
+
+    assert _create_once(flaky, delay=0.001) == "store" and len(calls) == 3
+
+    def down():
+        calls.append(1)
+        raise OperationalError("connect", {}, Exception("could not connect to server"))
+
+    calls.clear()
+    with pytest.raises(OperationalError):
+        _create_once(down, delay=0.001)
+    assert len(calls) == 1
