@@ -402,6 +402,7 @@ def _context(cfg: SearchConfig) -> _Context:
         _CONTEXTS[key] = ctx
         return ctx
     bundle = _load_bundle(cfg, shape)
+    notes.extend(getattr(bundle, "walk_notes", None) or [])  # image files skipped (symlink loops / escapes)
     note = _check_forward(copy.deepcopy(loaded.model), bundle.train_x[:2], bundle, cfg)  # the loaded model never runs
     if note:
         notes.append(note)
@@ -537,8 +538,18 @@ def _channels_last_fails(model: nn.Module, xb: torch.Tensor) -> str | None:
 
 def _check_forward(model: nn.Module, xb: torch.Tensor, bundle, cfg: SearchConfig | None = None) -> str | None:
     """A shape mismatch between data and model is a DataError before any training. Returns the
-    note on how the logits were taken from a tuple/dict output (``load.pick_logits``), or None."""
+    note on how the logits were taken from a tuple/dict output (``load.pick_logits``), or None.
+    Fewer than 2 classes: ``UsageError`` (exit 2), nothing to rank."""
     from .load import pick_logits
+
+    n_cls = int(getattr(bundle, "num_classes", 2) or 0)
+    if n_cls < 2:
+        n = getattr(bundle, "num_train", None)
+        if n is None and getattr(bundle, "train_y", None) is not None:
+            n = int(bundle.train_y.shape[0])
+        raise UsageError(f"data set {bundle.name} has {n_cls} class{'es' if n_cls != 1 else ''} ({n} training "
+                         "samples): a search needs at least 2 classes to rank shifts",
+                         hint="point --data at a folder with one sub-folder per class (2 or more)")
 
     was = model.training
     model.eval()

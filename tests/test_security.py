@@ -545,3 +545,46 @@ def test_create_once_retries_only_the_schema_race():
     with pytest.raises(OperationalError):
         _create_once(down, delay=0.001)
     assert len(calls) == 1
+
+
+# ------------------------------------------------------------------ 8. data sanity
+
+
+def _images(d: Path, n: int, shade: int) -> None:
+    from PIL import Image
+
+    d.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        Image.new("L", (8, 8), color=(shade + 13 * i) % 256).save(d / f"{i}.png")
+
+
+def test_symlink_loop_and_escape_in_class_folder_are_not_followed(tmp_path):
+    from bnnshift.data import load_data
+    from bnnshift.data.stream import open_stream
+
+    root = tmp_path / "data"
+    _images(root / "a", 5, 10)
+    _images(root / "b", 3, 200)
+    (root / "a" / "loop").symlink_to(root / "a", target_is_directory=True)  # a loop
+    _images(tmp_path / "secret", 4, 90)
+    (root / "b" / "elsewhere").symlink_to(tmp_path / "secret", target_is_directory=True)  # out of the root
+    b = load_data(f"imagefolder:{root}", input_shape=(1, 8, 8))
+    assert b.train_x.shape[0] == 8 and b.num_classes == 2
+    assert sorted(b.train_y.tolist()) == [0] * 5 + [1] * 3
+    assert any("8 samples used" in n for n in b.walk_notes)
+    src = open_stream(f"imagefolder:{root}", input_shape=(1, 8, 8))  # the streaming reader too
+    assert src.num_train == 8
+
+
+def test_search_on_one_class_is_a_usage_error(tmp_path):
+    root = tmp_path / "one"
+    _images(root / "only", 6, 40)
+    r = invoke("search", "zoo:mlp", "--arg", "width=0.25", "--data", f"imagefolder:{root}", "--input-shape", "1,28,28",
+               "--shifts", "0,0.5", "--steps", "2", "--batch-size", "4", "--no-compile", "-q")
+    assert r.exit_code == 2, r.stderr
+    assert "1 class" in r.stderr and "6 training samples" in r.stderr and "at least 2" in r.stderr
+    # the same folder with a second class is searched
+    _images(root / "other", 6, 180)
+    r = invoke("search", "zoo:mlp", "--arg", "width=0.25", "--data", f"imagefolder:{root}", "--input-shape", "1,28,28",
+               "--shifts", "0,0.5", "--steps", "2", "--batch-size", "4", "--no-compile", "-q")
+    assert r.exit_code == 0, r.stderr

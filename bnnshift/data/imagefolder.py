@@ -21,14 +21,24 @@ def _load_imagefolder(path_arg: str, input_shape, train_limit, val_limit, seed) 
     train_dir = path / "train" if (path / "train").is_dir() else path
     val_dir = path / "val" if train_dir != path and (path / "val").is_dir() else None
 
+    notes: list[str] = []
+
     def open_folder(d: Path):
+        from ._walk import confine, confine_note
+
         try:
-            return ImageFolder(str(d))
+            ds = ImageFolder(str(d))
         except (FileNotFoundError, RuntimeError) as exc:
             raise DataError(
                 f"no images found under {d}: {exc}",
                 hint="expected PATH/train/<class>/*.png (and optional PATH/val/<class>/...) or PATH/<class>/*.png",
             ) from None
+        note = confine_note(f"imagefolder:{d}", confine(ds, path))  # no file twice, none outside PATH
+        if note:
+            notes.append(note)
+        if not ds.samples:
+            raise DataError(f"no images found under {d} (inside {path})", hint="check the symlinks in the class folders")
+        return ds
 
     train_ds = open_folder(train_dir)
     val_ds = open_folder(val_dir) if val_dir is not None and val_limit != 0 else None
@@ -74,7 +84,7 @@ def _load_imagefolder(path_arg: str, input_shape, train_limit, val_limit, seed) 
     f = tx.to(torch.float32).div_(255.0)
     mean = tuple(float(v) for v in f.mean(dim=(0, 2, 3)))
     std = tuple(max(float(v), 1e-6) for v in f.std(dim=(0, 2, 3)))
-    return DataBundle(
+    bundle = DataBundle(
         train_x=_normalise_uint8(tx, mean, std),
         train_y=ty,
         val_x=None if vx is None else _normalise_uint8(vx, mean, std),
@@ -85,3 +95,5 @@ def _load_imagefolder(path_arg: str, input_shape, train_limit, val_limit, seed) 
         mean=mean,
         std=std,
     )
+    bundle.walk_notes = notes  # reported by the search (bnnshift.data._walk)
+    return bundle

@@ -127,6 +127,11 @@ class _FolderImages(torch.utils.data.Dataset):
             raise DataError(f"no images found under {root}: {exc}",
                             hint="expected PATH/train/<class>/*.png (and optional PATH/val/<class>/...) "
                                  "or PATH/<class>/*.png") from None
+        from ._walk import confine, confine_note
+
+        # no file twice (symlink loops), none outside the data root (PATH, the parent of train/)
+        data_root = root.parent if root.name in ("train", "val") else root
+        self.walk_note = confine_note(f"imagefolder:{root}", confine(self.folder, data_root))
         self.mode = mode
         self.class_map = class_map
         self.indices = indices
