@@ -36,7 +36,7 @@ from torch import nn
 
 from . import validate
 from ._io import prepare_output_dir, sha256_state_dict
-from .errors import DataError, NoSitesError, TrainingError, UsageError
+from .errors import DataError, NoSitesError, OutputError, TrainingError, UsageError
 from .journal import JOURNAL_NAME, Journal, OutputLock, candidate_key, shift_key
 from .sites import Site
 from .validate import METRICS, SCHEDULES, parse_seeds, parse_shifts  # noqa: F401 (torch-free: the CLI checks first)
@@ -1214,8 +1214,17 @@ class _StateStore:
 
             self.dir.mkdir(parents=True, exist_ok=True)
             path = self.dir / f"t{key[0]}_seed{key[1]}_step{steps}.pt"
-            with _atomic_target(path) as tmp:
-                torch.save(state, tmp)
+            try:
+                with _atomic_target(path) as tmp:
+                    torch.save(state, tmp)
+            except (OSError, RuntimeError) as exc:  # a full disk: torch's zip writer raises RuntimeError
+                if isinstance(exc, RuntimeError) and "write" not in str(exc).lower():
+                    raise
+                reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else \
+                    (str(exc).strip().splitlines() or ["write failed"])[-1][:160]
+                raise OutputError(f"cannot save the training state {path}: {reason}",
+                                  hint="free some space (or lower the number of shifts); the journal keeps every "
+                                       "finished rung: rerun the same command with --resume") from None
             old = self.files.get(key)
             self.files[key] = (steps, path)
             rel = f"states/{path.name}"

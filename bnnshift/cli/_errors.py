@@ -54,6 +54,33 @@ def _os_error_line(exc: OSError) -> tuple[str, int]:
     return f"{where}{exc.strerror or exc} ({hint})", code
 
 
+def _known_failure(exc: BaseException) -> tuple[str, str] | None:
+    """(line, hint) for failures of the environment that surface as a plain ``RuntimeError``: a
+    killed DataLoader worker, a torchrun rank that stopped, an allocation torch refused. Exit 1."""
+    text = str(exc).strip()
+    first = (text.splitlines() or [""])[0]
+    low = text.lower()
+    import re
+
+    m = re.search(r"DataLoader worker \(pid\(?s?\)? ?([\d, ]+)\)", text)
+    if m or "dataloader worker" in low and ("exited unexpectedly" in low or "killed" in low):
+        who = f"pid {m.group(1).strip()}" if m else "a worker"
+        return (f"a DataLoader worker ({who}) was killed or exited unexpectedly",
+                "often out of memory: lower --workers or --batch-size; the journal keeps every finished "
+                "candidate (rerun with --resume)")
+    dist = type(exc).__name__ in ("DistBackendError", "DistNetworkError", "DistError") or any(
+        k in low for k in ("gloo", "nccl", "connection closed by peer", "connection reset by peer",
+                           "broken pipe", "socket timeout", "heartbeat monitor"))
+    if dist and os.environ.get("RANK") is not None:
+        rank, world = os.environ.get("RANK"), os.environ.get("WORLD_SIZE", "?")
+        return (f"rank {rank} of {world}: another torchrun rank stopped ({first[:120]})",
+                "see the first failing rank's message; restart all ranks with --resume")
+    if "can't allocate memory" in low or "defaultcpuallocator" in low or "out of memory" in low:
+        return (f"out of memory: {first[:160]}",
+                "lower --batch-size, --bn-recalib-batches, --input-shape or the model's size")
+    return None
+
+
 def handle_errors(fn: Callable) -> Callable:
     """Decorator for command functions: exceptions -> one line on stderr + exit code."""
     import typer
@@ -94,6 +121,10 @@ def handle_errors(fn: Callable) -> Callable:
         except Exception as exc:  # noqa: BLE001 - last resort: still one line
             if os.environ.get("BNNSHIFT_DEBUG"):
                 raise
+            known = _known_failure(exc)
+            if known is not None:
+                _print_error(f"{known[0]} ({known[1]})", json_mode, EXIT_ERROR, known[1], known[0])
+                raise typer.Exit(EXIT_ERROR) from None
             first = str(exc).splitlines()[0] if str(exc) else ""
             _print_error(f"{type(exc).__name__}: {first} (unexpected; rerun with BNNSHIFT_DEBUG=1 for a traceback "
                          "and report it)", json_mode, EXIT_ERROR)

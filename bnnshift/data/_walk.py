@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-__all__ = ["confine"]
+__all__ = ["confine", "confine_note", "image_error", "IMAGE_ERRORS"]
 
 
 def confine(ds: Any, root: str | os.PathLike[str]) -> dict[str, int]:
@@ -48,3 +48,27 @@ def confine_note(name: str, counts: dict[str, int]) -> str | None:
     if counts["outside"]:
         parts.append(f"{counts['outside']} outside the data root through symlinks")
     return f"{name}: {counts['kept']} samples used ({', '.join(parts)} skipped)"
+
+
+def _image_errors() -> tuple[type[BaseException], ...]:
+    errs: tuple[type[BaseException], ...] = (OSError, ValueError)
+    try:
+        from PIL import Image
+
+        errs += (Image.DecompressionBombError,)
+    except (ImportError, AttributeError):  # pragma: no cover
+        pass
+    return errs
+
+
+IMAGE_ERRORS = _image_errors()  # what decoding one image file may raise (caught and named)
+
+
+def image_error(path: Any, exc: BaseException):
+    """The ``DataError`` (exit 1) naming the image file that could not be decoded."""
+    from ..errors import DataError
+
+    if type(exc).__name__ == "DecompressionBombError":
+        return DataError(f"image {path} is a decompression bomb: {exc}",
+                         hint="remove the file, or raise PIL.Image.MAX_IMAGE_PIXELS if the image is genuine")
+    return DataError(f"corrupt image {path}: {exc}", hint="remove or replace the file")

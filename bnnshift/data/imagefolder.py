@@ -6,6 +6,7 @@ from pathlib import Path
 import torch
 
 from ..errors import DataError
+from ._walk import IMAGE_ERRORS, image_error
 from .bundle import DataBundle, _as_shape, _normalise_uint8, _subset_indices
 
 def _load_imagefolder(path_arg: str, input_shape, train_limit, val_limit, seed) -> DataBundle:
@@ -45,8 +46,11 @@ def _load_imagefolder(path_arg: str, input_shape, train_limit, val_limit, seed) 
 
     shape = _as_shape(input_shape)
     if shape is None:
-        with Image.open(train_ds.samples[0][0]) as im:
-            w0, h0 = im.size
+        try:
+            with Image.open(train_ds.samples[0][0]) as im:
+                w0, h0 = im.size
+        except IMAGE_ERRORS as exc:
+            raise image_error(train_ds.samples[0][0], exc) from None
         shape = (3, h0, w0)
     c, h, w = shape
     if c not in (1, 3):
@@ -67,8 +71,8 @@ def _load_imagefolder(path_arg: str, input_shape, train_limit, val_limit, seed) 
                     if im.size != (w, h):
                         im = im.resize((w, h), Image.BILINEAR)
                     xs[j] = pil_to_tensor(im)
-            except (OSError, ValueError) as exc:
-                raise DataError(f"corrupt image {p}: {exc}", hint="remove or replace the file") from None
+            except IMAGE_ERRORS as exc:  # a decompression bomb too: named, exit 1
+                raise image_error(p, exc) from None
             ys[j] = t if class_map is None else class_map[t]
         return xs, ys
 
