@@ -40,8 +40,13 @@ def _early(signum, frame):  # noqa: ARG001
     import os
 
     code = EXIT_TERMINATED if signum == signal.SIGTERM else EXIT_INTERRUPTED
+    line = interrupted_line(code)
     try:
-        os.write(2, f"error: {interrupted_line(code)}\n".encode())
+        os.write(2, f"error: {line}\n".encode())
+        if "--json" in sys.argv[1:]:  # docs/error.schema.json, as every --json failure
+            import json
+
+            os.write(1, (json.dumps({"error": line, "hint": None, "exit_code": code}) + "\n").encode())
     except OSError:
         pass
     os._exit(code)

@@ -360,10 +360,15 @@ def test_signal_at_fixed_moments_of_patch(tmp_path, sig, point):
     _, code, line = SIGNALS[sig]
     out = tmp_path / "OUT"
     proc = subprocess.run([sys.executable, "-m", "bnnshift", "patch", "zoo:mlp", "--arg", "width=0.25", "--shift",
-                           "0.5", "-o", str(out), "-q"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                          env=_env(tmp_path, BNNSHIFT_FAULT=f"{point}:{sig}"))
+                           "0.5", "-o", str(out), "-q", "--json"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300, env=_env(tmp_path, BNNSHIFT_FAULT=f"{point}:{sig}"))
     assert proc.returncode == code, proc.stderr
     assert proc.stderr.strip().splitlines() == [f"error: {line}"]
+    payload = json.loads(proc.stdout)
+    assert payload["exit_code"] == code and payload["error"] == line
+    import jsonschema
+
+    jsonschema.validate(payload, json.loads((ROOT / "docs" / "error.schema.json").read_text()))
     assert not out.exists() and not _leftovers(tmp_path, tmp_path / "tmp")
 
 
