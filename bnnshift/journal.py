@@ -186,11 +186,15 @@ class OutputLock:
 
     _held: dict[str, int] = {}  # realpath -> depth, for reentrancy within this process
 
-    def __init__(self, directory: str | os.PathLike[str] | None):
+    def __init__(self, directory: str | os.PathLike[str] | None, *, remove: bool = False):
+        """``remove``: delete the lock file when released (``patch -o``, ``fold``, ``--patch-out``:
+        a patch directory keeps no ``.bnnshift.lock``); safe because a taker checks, once it holds
+        the lock, that the file it locked is still the one at the path (else it tries again)."""
         self.directory = Path(directory) if directory is not None else None
         self._fd: int | None = None
         self._key: str | None = None
         self._created = False
+        self._remove = remove
 
     def __enter__(self) -> "OutputLock":
         if self.directory is None:
@@ -206,15 +210,17 @@ class OutputLock:
             return self
         path = self.directory / LOCK_NAME
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-        except OSError as exc:
-            raise OutputError(f"cannot lock {self.directory}: {exc.strerror or exc}",
-                              hint="choose a directory you can write to") from exc
-        try:
             import fcntl
         except ImportError:  # not POSIX: no lock (documented)
             fcntl = None
-        if fcntl is not None:
+        for _attempt in range(20):
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+            except OSError as exc:
+                raise OutputError(f"cannot lock {self.directory}: {exc.strerror or exc}",
+                                  hint="choose a directory you can write to") from exc
+            if fcntl is None:
+                break
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
@@ -224,6 +230,16 @@ class OutputLock:
                 raise LockedError(f"{self.directory} is in use by another bnnshift process ({who}: search --out, "
                                   "patch -o, fold or --patch-out)",
                                   hint="wait for it to finish, or choose another output directory") from None
+            try:  # the file locked is still the one at the path (a releasing owner may remove it)
+                same = os.path.samestat(os.fstat(fd), os.stat(path))
+            except OSError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        else:
+            raise LockedError(f"{self.directory} is in use by another bnnshift process (its lock file keeps changing)",
+                              hint="wait for it to finish, or choose another output directory")
         try:
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
@@ -250,6 +266,10 @@ class OutputLock:
                 with contextlib.suppress(OSError):
                     (self.directory / LOCK_NAME).unlink()
                     self.directory.rmdir()
+            elif self._remove:  # unlinked while still held: a waiting taker sees a new file and retries
+                with contextlib.suppress(OSError):
+                    if os.path.samestat(os.fstat(self._fd), os.stat(self.directory / LOCK_NAME)):
+                        (self.directory / LOCK_NAME).unlink()
             os.close(self._fd)  # releases the flock
             self._fd = None
 

@@ -446,10 +446,11 @@ def save_patched(model: nn.Module, recipe: PatchRecipe, out_dir: str | os.PathLi
 
     ``record_trust``: add the written recipe to the local trust record (``bnnshift._trust``) when
     its model spec is code (``file.py:fn`` / ``pkg.mod:fn``), pinning the model file and the local
-    modules it imported. None (default): only for a recipe built in this process
-    (``build_recipe``: the spec the user named), never for one read from a directory
-    (``read_recipe``: it may come from elsewhere). ``bnnshift fold`` passes True only when the
-    directory it rewrites was trusted by the record.
+    modules it imported. None (default): for a recipe built in this process (``build_recipe``:
+    the spec the user named) and for a recipe read from a directory (``read_recipe``) only when
+    the record already trusts those bytes (a fine-tuned copy of your own directory); never for
+    one from elsewhere, even if it was opened with ``model=`` / ``trust=True``. ``bnnshift fold``
+    and ``export --data`` pass it explicitly.
     """
     out = prepare_output_dir(out_dir, force=force)
     recipe = _refresh_recipe(model, recipe)
@@ -462,8 +463,9 @@ def save_patched(model: nn.Module, recipe: PatchRecipe, out_dir: str | os.PathLi
         recipe.versions = _versions()
         atomic_write_json(out / RECIPE_FILE, _portable(recipe.to_json(), out))
         # written by bnnshift for this user: a code spec in it may be rebuilt without a flag
-        if record_trust is None:
-            record_trust = getattr(recipe, "sha256", None) is None  # built here, not read from a directory
+        if record_trust is None:  # built here from the user's spec, or a rewrite of a recipe the record trusts
+            sha = getattr(recipe, "sha256", None)
+            record_trust = sha is None or trusted_entry(sha) is not None
         if record_trust and isinstance(recipe.model, Mapping) and recipe.model.get("kind") in CODE_KINDS:
             src = _spec_source(recipe.model)
             record_trusted(sha256_file(out / RECIPE_FILE), out, local_modules(src) if src else {})
