@@ -270,6 +270,9 @@ class OutputLock:
                 with contextlib.suppress(OSError):
                     if os.path.samestat(os.fstat(self._fd), os.stat(self.directory / LOCK_NAME)):
                         (self.directory / LOCK_NAME).unlink()
+                if self._created:  # made for a write that did not happen (no winner): not left empty
+                    with contextlib.suppress(OSError):
+                        self.directory.rmdir()
             os.close(self._fd)  # releases the flock
             self._fd = None
 
