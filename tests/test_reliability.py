@@ -122,6 +122,9 @@ def test_every_catalogue_entry_is_tested():
     tested = {c[0] for c in CATALOGUE} | {"full-disk-search", "full-disk-patch", "out-not-empty"}
     tested |= {"out-locked"}  # tests/test_reliability_crash.py::test_second_search_on_same_out_is_refused
     tested |= {"fold-already-folded"}  # tests/test_fold_notes.py::test_fold_of_a_folded_directory_says_where...
+    tested |= {"output-locked", "journal-path-outside", "trust-pin-changed", "unsafe-load-gadget",  # issue 21:
+               "search-one-class", "image-bomb", "state-disk-full", "worker-killed",  # tests/test_security.py
+               "interrupted", "terminated"}
     assert set(validate.CATALOGUE) == tested
 
 
