@@ -127,8 +127,11 @@ def local_modules(model_file: str | os.PathLike[str]) -> dict[str, str]:
         files.add(rf)
     pins: dict[str, str] = {}
     for rf in sorted(files):
+        rel = Path(os.path.relpath(rf, folder)).as_posix()
+        if "\n" in rel or rel.startswith("../"):
+            continue  # not a name a record line may hold (never importable anyway)
         try:
-            pins[Path(os.path.relpath(rf, folder)).as_posix()] = sha256_file(rf)
+            pins[rel] = sha256_file(rf)
         except OSError:
             continue
     return pins
