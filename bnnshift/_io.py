@@ -453,11 +453,6 @@ def replace_dir(path: str | os.PathLike[str], *, force: bool = False, carry_over
         yield tmp
         if carry_over and dest.is_dir():
             _carry_over(dest, tmp)
-        if (dest / LOCK_NAME).is_file() and not os.path.lexists(tmp / LOCK_NAME):
-            # the owner's lock moves with the content (a hard link: the same flocked inode), so the
-            # swapped-in directory stays locked until its writer ends (journal.OutputLock)
-            with contextlib.suppress(OSError):
-                os.link(dest / LOCK_NAME, tmp / LOCK_NAME)
         _fsync_dir(tmp)
         fault_point("swap:before")
         if dest.is_dir():

@@ -186,29 +186,41 @@ class OutputLock:
 
     _held: dict[str, int] = {}  # realpath -> depth, for reentrancy within this process
 
-    def __init__(self, directory: str | os.PathLike[str] | None, *, remove: bool = False):
-        """``remove``: delete the lock file when released (``patch -o``, ``fold``, ``--patch-out``:
-        a patch directory keeps no ``.bnnshift.lock``); safe because a taker checks, once it holds
-        the lock, that the file it locked is still the one at the path (else it tries again)."""
+    def __init__(self, directory: str | os.PathLike[str] | None, *, beside: bool = False):
+        """``beside``: for outputs that are swapped in whole (``patch -o``, ``fold``,
+        ``--patch-out``): the lock is ``.NAME.bnnshift.lock`` in the parent directory, so it
+        survives the swap, a new OUT is not created before it is complete, and the file is
+        removed when released (a taker checks, once it holds the lock, that the file it locked is
+        still the one at the path, else it tries again)."""
         self.directory = Path(directory) if directory is not None else None
         self._fd: int | None = None
         self._key: str | None = None
         self._created = False
-        self._remove = remove
+        self._remove = beside
+        self._beside = beside
+
+    def _lock_path(self) -> Path:
+        d = self.directory
+        assert d is not None
+        if self._beside:
+            name = Path(os.path.abspath(d)).name
+            return Path(os.path.abspath(d)).parent / f".{name}.bnnshift.lock"
+        return d / LOCK_NAME
 
     def __enter__(self) -> "OutputLock":
         if self.directory is None:
             return self
-        self._created = not self.directory.exists()
+        where = self.directory.parent if self._beside else self.directory
+        self._created = not where.exists()
         try:
-            self.directory.mkdir(parents=True, exist_ok=True)
+            where.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise OutputError(f"cannot create output directory {self.directory}: {exc.strerror or exc}") from exc
+            raise OutputError(f"cannot create output directory {where}: {exc.strerror or exc}") from exc
         self._key = os.path.realpath(self.directory)
         if self._key in OutputLock._held:
             OutputLock._held[self._key] += 1
             return self
-        path = self.directory / LOCK_NAME
+        path = self._lock_path()
         try:
             import fcntl
         except ImportError:  # not POSIX: no lock (documented)
@@ -247,7 +259,8 @@ class OutputLock:
             pass
         self._fd = fd
         OutputLock._held[self._key] = 1
-        sweep_stale(self.directory)  # we own it: leftovers of killed runs go
+        if self.directory.is_dir():
+            sweep_stale(self.directory)  # we own it: leftovers of killed runs go
         return self
 
     def __exit__(self, exc_type, *exc) -> None:
@@ -262,17 +275,14 @@ class OutputLock:
                 os.ftruncate(self._fd, 0)
             except OSError:
                 pass
-            if exc_type is not None and self._created:  # a failed run leaves no directory it made
+            if self._remove:  # unlinked while still held: a taker that opened it sees a new file and retries
+                with contextlib.suppress(OSError):
+                    if os.path.samestat(os.fstat(self._fd), os.stat(self._lock_path())):
+                        self._lock_path().unlink()
+            elif exc_type is not None and self._created:  # a failed run leaves no directory it made
                 with contextlib.suppress(OSError):
                     (self.directory / LOCK_NAME).unlink()
                     self.directory.rmdir()
-            elif self._remove:  # unlinked while still held: a waiting taker sees a new file and retries
-                with contextlib.suppress(OSError):
-                    if os.path.samestat(os.fstat(self._fd), os.stat(self.directory / LOCK_NAME)):
-                        (self.directory / LOCK_NAME).unlink()
-                if self._created:  # made for a write that did not happen (no winner): not left empty
-                    with contextlib.suppress(OSError):
-                        self.directory.rmdir()
             os.close(self._fd)  # releases the flock
             self._fd = None
 

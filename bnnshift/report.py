@@ -499,7 +499,7 @@ def _via_patch_module(patch_mod, ctx, shifts, out_dir, *, force, cfg) -> Path:
     from .journal import OutputLock
 
     # one writer per output, as search --out and patch -o (reentrant: the CLI took it before the search)
-    with OutputLock(out_dir, remove=True):
+    with OutputLock(out_dir, beside=True):
         d = Path(out_dir)
         if not force and d.is_dir() and any(c.name != LOCK_NAME for c in d.iterdir()):
             raise OutputError(f"output directory {d} is not empty", hint="pass --force to overwrite")

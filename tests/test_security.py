@@ -295,16 +295,19 @@ def _two_at_once(argv_a, argv_b, cwd, env=None):
     return (pa.returncode, ea), (pb.returncode, eb)
 
 
-def test_lock_held_refuses_patch_fold_and_patch_out(tmp_path):
-    """While one process owns OUT (the lock search --out takes), patch -o, fold and --patch-out
-    on it are refused with exit 1 naming the owner's PID; the content stays whole."""
+@pytest.mark.parametrize("beside", [False, True])
+def test_lock_held_refuses_patch_fold_and_patch_out(tmp_path, beside):
+    """While one process owns OUT (the lock search --out takes inside OUT, or the one patch -o /
+    fold take beside it), patch -o and fold on it are refused with exit 1 naming the owner's
+    PID; the content stays whole and no lock file is left behind."""
     from bnnshift.journal import OutputLock
 
     r = invoke("patch", "zoo:mlp", "--arg", "width=0.25", "--shift", "0.5", "-o", tmp_path / "p", "-q")
     assert r.exit_code == 0, r.stderr
+    assert not [x.name for x in tmp_path.iterdir() if "lock" in x.name]  # no lock file left by patch
     before = (tmp_path / "p" / "patch.json").read_bytes()
     code = ("import sys, time; from bnnshift.journal import OutputLock\n"
-            "with OutputLock(sys.argv[1]):\n    print('locked', flush=True); time.sleep(60)\n")
+            f"with OutputLock(sys.argv[1], beside={beside}):\n    print('locked', flush=True); time.sleep(60)\n")
     holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "p")], stdout=subprocess.PIPE, text=True,
                               env={**os.environ, "PYTHONPATH": str(ROOT)})
     try:
@@ -316,7 +319,7 @@ def test_lock_held_refuses_patch_fold_and_patch_out(tmp_path):
             assert f"pid {holder.pid}" in r.stderr
         from bnnshift.errors import LockedError
         with pytest.raises(LockedError, match=f"pid {holder.pid}"):
-            with OutputLock(tmp_path / "p"):
+            with OutputLock(tmp_path / "p", beside=beside):
                 pass
     finally:
         holder.kill()

@@ -132,7 +132,7 @@ def patch_command(
     from ..journal import OutputLock
 
     try:
-        with OutputLock(out_dir, remove=True):  # one writer per output (as search --out): a second patch -o is refused
+        with OutputLock(out_dir, beside=True):  # one writer per output (as search --out): a second patch -o is refused
             payload = _do_patch(o, opts)
     except BaseException:
         if created and out_dir.is_dir() and not any(out_dir.iterdir()):
@@ -353,10 +353,15 @@ def fold_command(
     import contextlib
     import os
 
-    # one writer per output: a second fold / patch -o of OUT is refused (exit 1); a read-only
-    # directory cannot be rewritten anyway (an already folded one is only reported)
-    writable = os.path.isdir(out_dir) and os.access(out_dir, os.W_OK)
-    with OutputLock(out_dir, remove=True) if writable else contextlib.nullcontext():
+    # one writer per output: a second fold / patch -o of OUT is refused (exit 1); where the parent
+    # is read-only OUT cannot be rewritten anyway (an already folded one is only reported)
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    writable = os.path.isdir(out_dir) and os.access(parent, os.W_OK)
+    if os.path.isdir(out_dir):
+        from ..journal import check_unlocked
+
+        check_unlocked(out_dir)  # a search that owns OUT (its lock inside) is named too
+    with OutputLock(out_dir, beside=True) if writable else contextlib.nullcontext():
         _do_fold(o, out_dir, data, bn_recalib_batches, model_spec, arg, trust_recipe)
 
 
