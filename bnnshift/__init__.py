@@ -8,8 +8,16 @@ The public API is re-exported here lazily (torch is imported on first use, so th
 from __future__ import annotations
 
 import importlib
+import sys as _sys
 
 from ._version import __version__
+
+if _sys.argv and (_sys.argv[0] == "-m" or _sys.argv[0].rsplit("/", 1)[-1] in ("bnnshift", "bnnshift.exe")):
+    # the command line (``python -m bnnshift`` / the console script), not a library import:
+    # Ctrl-C or SIGTERM during the imports ends in one line and 130 / 143 (bnnshift._signals)
+    from . import _signals
+
+    _signals.install_early()
 
 _EXPORTS = {
     # scan

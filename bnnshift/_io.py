@@ -282,11 +282,17 @@ STALE_LEGACY_SECONDS = 3600.0  # temp files of older versions (no PID in the nam
 
 
 def fault_point(name: str) -> None:
-    """Die like ``kill -9`` here when ``BNNSHIFT_FAULT`` names this point (crash tests only)."""
-    if os.environ.get("BNNSHIFT_FAULT") == name:
-        import signal
+    """Die like ``kill -9`` here when ``BNNSHIFT_FAULT`` names this point; ``NAME:TERM`` /
+    ``NAME:INT`` send this process SIGTERM / SIGINT there instead (crash and signal tests only)."""
+    want = os.environ.get("BNNSHIFT_FAULT")
+    if not want or not want.startswith(name):
+        return
+    import signal
 
+    if want == name:
         os.kill(os.getpid(), signal.SIGKILL)
+    elif want in (f"{name}:TERM", f"{name}:INT"):
+        os.kill(os.getpid(), signal.SIGTERM if want.endswith("TERM") else signal.SIGINT)
 
 
 def pid_alive(pid: int) -> bool:

@@ -239,10 +239,11 @@ def open_storage(spec: StorageSpec | str, *, heartbeat: Any = None, max_retry: i
         from sqlalchemy.exc import SQLAlchemyError
 
         try:
-            return optuna.storages.RDBStorage(
-                spec.url, engine_kwargs={"connect_args": {"timeout": max(timeout, 30)}},
-                heartbeat_interval=interval, grace_period=grace,
-                **{_stale_kw(optuna): _retry_class(optuna)(max_retry=max_retry)})
+            with _init_lock(path):  # N workers started together: the schema is created once
+                return _create_once(lambda: optuna.storages.RDBStorage(
+                    spec.url, engine_kwargs={"connect_args": {"timeout": max(timeout, 30)}},
+                    heartbeat_interval=interval, grace_period=grace,
+                    **{_stale_kw(optuna): _retry_class(optuna)(max_retry=max_retry)}))
         except (SQLAlchemyError, OSError) as exc:
             raise StorageError(f"cannot open {spec.display}: {_first_line(exc)}") from None
     try:
@@ -254,18 +255,62 @@ def open_storage(spec: StorageSpec | str, *, heartbeat: Any = None, max_retry: i
     from sqlalchemy.exc import SQLAlchemyError
 
     try:
-        return optuna.storages.RDBStorage(
+        return _create_once(lambda: optuna.storages.RDBStorage(  # a schema race between workers: retried
             spec.url,
             engine_kwargs={"connect_args": {"connect_timeout": timeout}, "pool_pre_ping": True},
             heartbeat_interval=interval,
             grace_period=grace,
             **{_stale_kw(optuna): _retry_class(optuna)(max_retry=max_retry)},
-        )
+        ))
     except (SQLAlchemyError, OSError) as exc:
         raise StorageError(f"cannot reach PostgreSQL at {spec.display}: {_first_line(exc)}",
                            hint="check host, port, database and credentials; is the server running?") from None
     except ImportError as exc:
         raise StorageError(f"cannot use {spec.display}: {_first_line(exc)}", hint=INSTALL_HINT) from None
+
+
+_SCHEMA_RACE = ("unique constraint", "already exists", "duplicate key", "alembic_version", "database is locked")
+
+
+@contextlib.contextmanager
+def _init_lock(db: Path) -> Iterator[None]:
+    """An exclusive ``flock`` on ``<db>.bnnshift-init.lock`` beside a sqlite database while its
+    schema is created (optuna's ``create_all`` + alembic stamp are not safe to run twice at once:
+    ``UNIQUE constraint failed: alembic_version``). Not POSIX or not writable: no lock (the
+    retry of :func:`_create_once` still applies)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    try:
+        fd = os.open(str(db) + ".bnnshift-init.lock", os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError:
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _create_once(make, attempts: int = 6, delay: float = 0.2):
+    """``make()`` (an ``RDBStorage``), retried when another worker created the same schema at the
+    same moment (unique-constraint / already-exists errors); other errors propagate at once."""
+    import random
+    import time
+
+    from sqlalchemy.exc import SQLAlchemyError
+
+    for i in range(attempts):
+        try:
+            return make()
+        except SQLAlchemyError as exc:
+            if i == attempts - 1 or not any(k in str(exc).lower() for k in _SCHEMA_RACE):
+                raise
+            time.sleep(delay * (1 + i) * (1 + random.random()))
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def _retry_class(optuna):

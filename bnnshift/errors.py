@@ -2,7 +2,8 @@
 
 Exit codes (README.md, docs/cli.md):
   0 ok, 1 error, 2 usage (bad arguments, bad spec strings), 3 no binary activation found,
-  4 verification failed (ONNX export parity), 130 interrupted.
+  4 verification failed (ONNX export parity), 130 interrupted (SIGINT, Ctrl-C),
+  143 terminated (SIGTERM: CI runners, ``timeout``, Slurm, Kubernetes).
 """
 from __future__ import annotations
 
@@ -12,6 +13,16 @@ EXIT_USAGE = 2
 EXIT_NO_SITES = 3
 EXIT_VERIFY = 4
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143  # 128 + SIGTERM
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread by ``bnnshift._signals`` so that it unwinds like Ctrl-C
+    (temporary directories removed, child processes ended, the journal kept) and exits 143."""
+
+    def __init__(self, signum: int = 15):
+        super().__init__(f"terminated (signal {signum})")
+        self.signum = signum
 
 
 class BnnshiftError(Exception):

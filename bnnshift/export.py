@@ -664,8 +664,9 @@ def export_patched_dir(out_dir: str | os.PathLike[str], onnx_path: str | os.Path
     with tempfile.TemporaryDirectory(prefix=f"{_EXPORT_TMP_PREFIX}{os.getpid()}-") as tmp:
         rep = Path(tmp) / "report.json"
         child_onnx = Path(tmp) / "model.onnx"
-        cmd = [sys.executable, "-m", "bnnshift.export", str(out_dir), str(child_onnx), "--report", str(rep),
-               "--batches", str(batches), "--parent-pid", str(os.getpid())]
+        cmd = child_command("bnnshift.export", code_dirs=_module_spec_dirs(out_dir, model)) + [
+            os.path.abspath(out_dir), str(child_onnx), "--report", str(rep),
+            "--batches", str(batches), "--parent-pid", str(os.getpid())]
         if opset is not None:
             cmd += ["--opset", str(opset)]
         if model is not None:
@@ -678,11 +679,7 @@ def export_patched_dir(out_dir: str | os.PathLike[str], onnx_path: str | os.Path
             cmd += ["--output-index", str(output_index)]
         if output_key is not None:
             cmd += ["--output-key", str(output_key)]
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                                  preexec_fn=_die_with_parent(os.getpid()) if os.name == "posix" else None)
-        except subprocess.TimeoutExpired:
-            raise ExportError(f"ONNX export did not finish in {timeout:.0f}s", hint="export a smaller model") from None
+        proc = _run_child(cmd, timeout)
         data = json.loads(rep.read_text()) if rep.is_file() else None
         if proc.returncode == 0 and data and "report" in data and child_onnx.is_file():
             fault_point("export:before-move")
@@ -700,15 +697,116 @@ def export_patched_dir(out_dir: str | os.PathLike[str], onnx_path: str | os.Path
     raise ExportError(f"the ONNX export process failed (exit {proc.returncode}): {tail}")
 
 
+_CHILD_BOOT = (
+    "import sys, importlib.util as u\n"
+    "sys.path[:] = [p for p in __import__('json').loads(sys.argv[1]) if p]\n"
+    "spec = u.spec_from_file_location('bnnshift', sys.argv[2], submodule_search_locations=[sys.argv[3]])\n"
+    "pkg = u.module_from_spec(spec); sys.modules['bnnshift'] = pkg; spec.loader.exec_module(pkg)\n"
+    "mod = sys.argv[4]; del sys.argv[1:5]; sys.argv[0] = mod\n"
+    "import runpy; runpy.run_module(mod, run_name='__main__', alter_sys=True)\n"
+)
+
+
+def _safe_sys_path(extra: Iterable[str] = ()) -> list[str]:
+    """This process's ``sys.path`` without the caller's directory ('' or the cwd, which ``python
+    -m`` / ``-c`` put first) and without bnnshift's own parent directory (the package is loaded
+    by its location, so a source checkout's root adds nothing importable); ``extra`` appended."""
+    cwd = os.path.realpath(os.getcwd())
+    own_root = os.path.realpath(str(Path(__file__).resolve().parent.parent))
+    keep: list[str] = []
+    for p in sys.path:
+        if not p or not os.path.isabs(p):
+            continue  # '' and relative entries name the caller's directory
+        rp = os.path.realpath(p)
+        if rp in (cwd, own_root) or p in keep:
+            continue
+        keep.append(p)
+    keep += [os.path.abspath(e) for e in extra if e and os.path.abspath(e) not in keep]
+    return keep
+
+
+def child_command(module: str, *, code_dirs: Iterable[str] = ()) -> list[str]:
+    """``argv`` that runs ``python -m module`` isolated: ``python -I`` (no cwd / script
+    directory, no ``PYTHON*`` variables, no user site) with ``sys.path`` set explicitly to this
+    process's path minus the caller's directory, and the ``bnnshift`` package loaded from this
+    file's location (so an editable install and a source checkout both work, and a ``json.py``
+    or ``argparse.py`` lying in the cwd is never imported). ``code_dirs``: directories the
+    user's own spec needs (a ``pkg.mod:fn`` spec resolved against the cwd), appended last so
+    the standard library always wins. Append the module's own arguments to the list."""
+    pkg_dir = Path(__file__).resolve().parent
+    return [sys.executable, "-I", "-c", _CHILD_BOOT, json.dumps(_safe_sys_path(code_dirs)),
+            str(pkg_dir / "__init__.py"), str(pkg_dir), module]
+
+
+def _module_spec_dirs(out_dir: Any, model: Any) -> list[str]:
+    """The cwd when the model the child builds is a ``pkg.mod:fn`` spec the user named (with
+    ``--model``) or the recipe names (rebuilt only when trusted): ``python -m bnnshift`` resolved
+    it against the cwd. A ``file.py:fn`` spec's folder is added by the loader itself, only while
+    it imports that file; a ``zoo:`` / ``timm:`` / ``torchvision:`` model needs nothing."""
+    kind = None
+    try:
+        if model is not None:
+            from .load import ModelSpec, parse_model_spec
+
+            kind = (model if isinstance(model, ModelSpec) else parse_model_spec(str(model))).kind
+        else:
+            from .patch import read_recipe
+
+            m = read_recipe(out_dir).model
+            kind = m.get("kind") if isinstance(m, dict) else None
+    except BnnshiftError:
+        return []  # the child reports the problem with the spec / recipe
+    return [os.getcwd()] if kind == "module" else []
+
+
 _EXPORT_TMP_PREFIX = "bnnshift-export-"  # + parent PID + "-": the exporter's temp directory
 
 
-def _die_with_parent(parent_pid: int):
+_STOP_SIGNALS = ("SIGINT", "SIGTERM")
+
+
+def _run_child(cmd: list[str], timeout: float | None) -> subprocess.CompletedProcess:
+    """Run the exporter child; Ctrl-C / SIGTERM (``bnnshift._signals``) end it and propagate.
+
+    The signals are blocked while the child is forked (a Python handler raising inside the fork
+    callbacks would be lost: "Exception ignored") and delivered right after; the child starts with
+    them unblocked. Raises ``ExportError`` after ``timeout`` seconds."""
+    import signal
+
+    block = {getattr(signal, n) for n in _STOP_SIGNALS if hasattr(signal, n)}
+    can_mask = os.name == "posix" and hasattr(signal, "pthread_sigmask")
+    child = None
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, block) if can_mask else None
+    try:
+        try:
+            child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     preexec_fn=_die_with_parent(os.getpid(), block if can_mask else ())
+                                     if os.name == "posix" else None)
+        finally:
+            if can_mask:
+                signal.pthread_sigmask(signal.SIG_SETMASK, old)  # a pending signal is raised here
+        out, err = child.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        child.communicate()
+        raise ExportError(f"ONNX export did not finish in {timeout:.0f}s", hint="export a smaller model") from None
+    except BaseException:  # Ctrl-C / SIGTERM: end the child first, then unwind (temp dir removed)
+        if child is not None:
+            child.kill()
+            child.wait()
+        raise
+    return subprocess.CompletedProcess(cmd, child.returncode, out, err)
+
+
+def _die_with_parent(parent_pid: int, unblock: Iterable[int] = ()):
     """``preexec_fn`` for the exporter child: SIGKILL it when the parent dies (Linux
     PR_SET_PDEATHSIG); exit at once if the parent is already gone (the race before prctl)."""
 
     def pre() -> None:
         import signal
+
+        if unblock:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, set(unblock))
 
         if sys.platform.startswith("linux"):
             try:

@@ -40,6 +40,29 @@ def candidate_key(shift: float, seed: int, config_hash: str) -> tuple[str, int, 
     return (shift_key(shift), int(seed), str(config_hash))
 
 
+def resolve_inside(directory: str | os.PathLike[str], rel: Any, what: str) -> Path:
+    """``directory / rel`` for a path read from a journal, recipe or state record (data, not a
+    path to act on): ``rel`` must be a relative string without ``..`` whose real path (symlinks
+    resolved) stays inside ``directory``. Raises ``OutputError`` (exit 1) naming ``what`` (e.g.
+    ``"journal OUT/journal.jsonl"``) otherwise, before anything is read, written or removed."""
+    base = os.path.realpath(os.fspath(directory))
+    bad = None
+    if not isinstance(rel, str) or not rel or "\x00" in rel:
+        bad = "is not a relative path"
+    elif os.path.isabs(rel) or Path(rel).is_absolute() or rel.startswith(("/", "\\")):
+        bad = "is absolute"
+    elif ".." in Path(rel).parts or ".." in rel.replace("\\", "/").split("/"):
+        bad = "leaves its directory (..)"
+    else:
+        real = os.path.realpath(os.path.join(base, rel))
+        if real != base and not real.startswith(base + os.sep):
+            bad = "leaves its directory through a symlink"
+    if bad is not None:
+        raise OutputError(f"{what} names the path {str(rel)[:120]!r}, which {bad}; nothing was read or removed",
+                          hint="the file was edited by hand: restore it, or start again without --resume")
+    return Path(base) / rel
+
+
 class Journal:
     """Append-only ``journal.jsonl`` in a search's output directory."""
 
@@ -152,7 +175,8 @@ class Journal:
 
 
 class OutputLock:
-    """Exclusive ownership of an output directory for the life of a search.
+    """Exclusive ownership of an output directory for the life of a search, ``patch -o``,
+    ``fold`` or ``search --patch-out`` (one writer per output).
 
     ``fcntl.flock`` on ``<dir>/.bnnshift.lock`` (released by the kernel when the process dies,
     so a killed run never leaves a stale lock); the file holds the owner's PID for the error
@@ -162,43 +186,72 @@ class OutputLock:
 
     _held: dict[str, int] = {}  # realpath -> depth, for reentrancy within this process
 
-    def __init__(self, directory: str | os.PathLike[str] | None):
+    def __init__(self, directory: str | os.PathLike[str] | None, *, beside: bool = False):
+        """``beside``: for outputs that are swapped in whole (``patch -o``, ``fold``,
+        ``--patch-out``): the lock is ``.NAME.bnnshift.lock`` in the parent directory, so it
+        survives the swap, a new OUT is not created before it is complete, and the file is
+        removed when released (a taker checks, once it holds the lock, that the file it locked is
+        still the one at the path, else it tries again)."""
         self.directory = Path(directory) if directory is not None else None
         self._fd: int | None = None
         self._key: str | None = None
         self._created = False
+        self._remove = beside
+        self._beside = beside
+
+    def _lock_path(self) -> Path:
+        d = self.directory
+        assert d is not None
+        if self._beside:
+            name = Path(os.path.abspath(d)).name
+            return Path(os.path.abspath(d)).parent / f".{name}.bnnshift.lock"
+        return d / LOCK_NAME
 
     def __enter__(self) -> "OutputLock":
         if self.directory is None:
             return self
-        self._created = not self.directory.exists()
+        where = self.directory.parent if self._beside else self.directory
+        self._created = not where.exists()
         try:
-            self.directory.mkdir(parents=True, exist_ok=True)
+            where.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise OutputError(f"cannot create output directory {self.directory}: {exc.strerror or exc}") from exc
+            raise OutputError(f"cannot create output directory {where}: {exc.strerror or exc}") from exc
         self._key = os.path.realpath(self.directory)
         if self._key in OutputLock._held:
             OutputLock._held[self._key] += 1
             return self
-        path = self.directory / LOCK_NAME
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-        except OSError as exc:
-            raise OutputError(f"cannot lock {self.directory}: {exc.strerror or exc}",
-                              hint="choose a directory you can write to") from exc
+        path = self._lock_path()
         try:
             import fcntl
         except ImportError:  # not POSIX: no lock (documented)
             fcntl = None
-        if fcntl is not None:
+        for _attempt in range(20):
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+            except OSError as exc:
+                raise OutputError(f"cannot lock {self.directory}: {exc.strerror or exc}",
+                                  hint="choose a directory you can write to") from exc
+            if fcntl is None:
+                break
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
                 holder = _read_pid(fd)
                 os.close(fd)
                 who = f"pid {holder}" if holder else "another process"
-                raise LockedError(f"{self.directory} is in use by another bnnshift search ({who})",
-                                  hint="wait for it to finish, or choose another --out") from None
+                raise LockedError(f"{self.directory} is in use by another bnnshift process ({who}: search --out, "
+                                  "patch -o, fold or --patch-out)",
+                                  hint="wait for it to finish, or choose another output directory") from None
+            try:  # the file locked is still the one at the path (a releasing owner may remove it)
+                same = os.path.samestat(os.fstat(fd), os.stat(path))
+            except OSError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        else:
+            raise LockedError(f"{self.directory} is in use by another bnnshift process (its lock file keeps changing)",
+                              hint="wait for it to finish, or choose another output directory")
         try:
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
@@ -206,7 +259,8 @@ class OutputLock:
             pass
         self._fd = fd
         OutputLock._held[self._key] = 1
-        sweep_stale(self.directory)  # we own it: leftovers of killed runs go
+        if self.directory.is_dir():
+            sweep_stale(self.directory)  # we own it: leftovers of killed runs go
         return self
 
     def __exit__(self, exc_type, *exc) -> None:
@@ -221,7 +275,11 @@ class OutputLock:
                 os.ftruncate(self._fd, 0)
             except OSError:
                 pass
-            if exc_type is not None and self._created:  # a failed run leaves no directory it made
+            if self._remove:  # unlinked while still held: a taker that opened it sees a new file and retries
+                with contextlib.suppress(OSError):
+                    if os.path.samestat(os.fstat(self._fd), os.stat(self._lock_path())):
+                        self._lock_path().unlink()
+            elif exc_type is not None and self._created:  # a failed run leaves no directory it made
                 with contextlib.suppress(OSError):
                     (self.directory / LOCK_NAME).unlink()
                     self.directory.rmdir()

@@ -801,6 +801,43 @@ def _unsafe_globals(path: Path, exc: BaseException) -> list[str]:
     return sorted(dict.fromkeys(names))
 
 
+def scan_pickle_globals(path: str | os.PathLike[str]) -> tuple[list[str], bool]:
+    """``(dangerous globals, scanned)`` of a pickle / ``torch.save`` file by ``picklescan``
+    (``picklescan.scanner.scan_bytes``; its ``Dangerous`` list: ``os.*``, ``subprocess.*``,
+    ``builtins.eval/exec/open/getattr/compile``, ``timeit.*``, ``cProfile.*``, ``pydoc.*``, ``pdb.*``,
+    ``runpy.*``, ``webbrowser.*``, ``socket.*``, ...) plus bnnshift's own list (``_is_dangerous``).
+    ``scanned`` is False when the scanner could not parse the file. Raises ``ImportError`` when
+    picklescan is not installed."""
+    from picklescan import scanner
+
+    with open(path, "rb") as fh:
+        res = scanner.scan_bytes(fh, str(path), ".pt")
+    bad = [f"{g.module}.{g.name}" for g in res.globals
+           if g.safety == scanner.SafetyLevel.Dangerous or _is_dangerous(f"{g.module}.{g.name}")]
+    return sorted(dict.fromkeys(bad)), not res.scan_err
+
+
+def _refuse_gadgets(path: Path) -> None:
+    """Before ``weights_only=False``: refuse a file whose pickle names a code-execution global."""
+    try:
+        bad, scanned = scan_pickle_globals(path)
+    except ImportError:
+        raise UnsafeCheckpointError(
+            f"--unsafe-load of {path} needs the pickle scanner picklescan, which is not installed",
+            hint="pip install picklescan (a bnnshift dependency), or re-save the weights as a state_dict") from None
+    except OSError as exc:
+        raise CheckpointError(f"cannot read checkpoint {path}: {exc.strerror or exc}") from exc
+    if bad:
+        raise UnsafeCheckpointError(
+            f"checkpoint {path} would call {', '.join(bad[:6])} when unpickled: refused, also with --unsafe-load",
+            hint="this file runs code on load; do not use it (re-save the weights as a state_dict or safetensors)")
+    if not scanned:
+        raise UnsafeCheckpointError(
+            f"checkpoint {path} could not be scanned for code-execution globals (picklescan): refused, "
+            "also with --unsafe-load",
+            hint="re-save the weights as a state_dict (torch.save(model.state_dict(), ...)) or safetensors")
+
+
 def _corrupt(path: Path, exc: BaseException | None = None) -> CheckpointError:
     detail = f" ({_exc_text(exc)})" if exc is not None else ""
     err = CheckpointError(
@@ -843,8 +880,10 @@ def _read_raw(path: Path, allow_unsafe: bool, search_dirs: Iterable[str] = ()) -
         raise CheckpointError(f"cannot read checkpoint {path}: {exc.strerror or exc}") from exc
     except Exception as exc:  # zip/pickle/EOF/index errors from random or truncated bytes
         raise _corrupt(path, exc) from exc
-    # Explicitly allowed: full unpickling (may run code from the file). Classes are found as
-    # `python` run from here would find them: the current folder and the model file's folder.
+    # Explicitly allowed: full unpickling (may run code from the file), after a scan of its
+    # globals by picklescan (the scanner of the Hugging Face Hub): known code-execution gadgets refused.
+    _refuse_gadgets(path)
+    # Classes are found as `python` run from here would find them: the current folder and the model file's folder.
     dirs = [os.getcwd(), *search_dirs]
     try:
         with contextlib.ExitStack() as stack:

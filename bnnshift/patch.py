@@ -19,6 +19,7 @@ import fnmatch
 import json
 import os
 import re
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -27,7 +28,7 @@ import torch
 from torch import nn
 
 from ._io import atomic_save_safetensors, atomic_write_json, prepare_output_dir, sha256_file
-from ._trust import CODE_KINDS, is_trusted, record_trusted
+from ._trust import CODE_KINDS, local_modules, record_trusted, trusted_entry
 from .errors import CheckpointError, NoSitesError, PatchError, UntrustedRecipeError, UsageError
 from .shift import get_thresholds, insert_shifts, shifted_sites, threshold_key
 from .sites import KIND_HARDTANH, KIND_INLINE, KIND_INPUT, KIND_MODULE, ScanReport, Site
@@ -461,11 +462,20 @@ def _refresh_recipe(model: nn.Module, recipe: PatchRecipe) -> PatchRecipe:
     return recipe
 
 
-def save_patched(model: nn.Module, recipe: PatchRecipe, out_dir: str | os.PathLike[str], *, force: bool = False) -> Path:
+def save_patched(model: nn.Module, recipe: PatchRecipe, out_dir: str | os.PathLike[str], *, force: bool = False,
+                 record_trust: bool | None = None) -> Path:
     """Write ``OUT/model.safetensors`` (full state_dict) then ``OUT/patch.json`` (last), atomically.
 
     Refuses an existing non-empty directory unless ``force``. On failure no new file is left
     (an already existing directory keeps its previous complete pair). Returns the directory.
+
+    ``record_trust``: add the written recipe to the local trust record (``bnnshift._trust``) when
+    its model spec is code (``file.py:fn`` / ``pkg.mod:fn``), pinning the model file and the local
+    modules it imported. None (default): for a recipe built in this process (``build_recipe``:
+    the spec the user named) and for a recipe read from a directory (``read_recipe``) only when
+    the record already trusts those bytes (a fine-tuned copy of your own directory); never for
+    one from elsewhere, even if it was opened with ``model=`` / ``trust=True``. ``bnnshift fold``
+    and ``export --data`` pass it explicitly.
     """
     out = prepare_output_dir(out_dir, force=force)
     recipe = _refresh_recipe(model, recipe)
@@ -478,8 +488,12 @@ def save_patched(model: nn.Module, recipe: PatchRecipe, out_dir: str | os.PathLi
         recipe.versions = _versions()
         atomic_write_json(out / RECIPE_FILE, _portable(recipe.to_json(), out))
         # written by bnnshift for this user: a code spec in it may be rebuilt without a flag
-        if isinstance(recipe.model, Mapping) and recipe.model.get("kind") in CODE_KINDS:
-            record_trusted(sha256_file(out / RECIPE_FILE), out)
+        if record_trust is None:  # built here from the user's spec, or a rewrite of a recipe the record trusts
+            sha = getattr(recipe, "sha256", None)
+            record_trust = sha is None or trusted_entry(sha) is not None
+        if record_trust and isinstance(recipe.model, Mapping) and recipe.model.get("kind") in CODE_KINDS:
+            src = _spec_source(recipe.model)
+            record_trusted(sha256_file(out / RECIPE_FILE), out, local_modules(src) if src else {})
     except BaseException:
         if not existed:
             try:
@@ -539,6 +553,51 @@ def apply_recipe(model: nn.Module, recipe_or_path: PatchRecipe | str | os.PathLi
     return model
 
 
+def _module_file(target: str) -> str | None:
+    """The source file of module ``target`` found on ``sys.path`` (and the cwd) without importing
+    anything (``importlib.util.find_spec`` would run the parent packages' ``__init__``)."""
+    parts = [p for p in str(target).split(".") if p]
+    if not parts or any(not p.isidentifier() for p in parts):
+        return None
+    for entry in [*sys.path, os.getcwd()]:
+        base = os.path.join(entry or os.getcwd(), *parts)
+        for cand in (base + ".py", os.path.join(base, "__init__.py")):
+            if os.path.isfile(cand):
+                return os.path.abspath(cand)
+    return None
+
+
+def _spec_source(m: Mapping[str, Any]) -> str | None:
+    """The file a code spec imports (a ``file`` spec's target, a ``module`` spec's source file)."""
+    if m.get("kind") == "file":
+        t = str(m.get("target") or "")
+        return os.path.abspath(t) if t and os.path.isfile(t) else None
+    mod = sys.modules.get(str(m.get("target") or ""))
+    f = getattr(mod, "__file__", None)
+    return os.path.abspath(f) if isinstance(f, str) and f.endswith(".py") else _module_file(str(m.get("target") or ""))
+
+
+def _check_pins(entry: Mapping[str, Any], source: str | None, recipe_file: Path) -> None:
+    """Every file the trust record pinned for this recipe still hashes to its recorded value."""
+    pins = entry.get("pins") or {}
+    if not pins:
+        return
+    if source is None:
+        raise CheckpointError(f"the model code of {recipe_file} is not found (pinned: {', '.join(sorted(pins))})",
+                              hint="pass --model SPEC to build the model yourself")
+    folder = Path(source).parent
+    for rel, want in sorted(pins.items()):
+        f = folder / rel
+        try:
+            got = sha256_file(f)
+        except OSError:
+            got = None
+        if got != want:
+            what = "is missing" if got is None else "changed since it was patched (sha256 differs from the trust record)"
+            raise CheckpointError(f"{f} {what}; {recipe_file} names code that imports it; nothing was run",
+                                  hint=f"pass --model SPEC to use the code as it is now (or re-run bnnshift patch)")
+
+
 def _describe_spec(m: Mapping[str, Any]) -> str:
     where = m.get("path_at_patch") or m.get("target")
     args = m.get("args") or {}
@@ -562,23 +621,31 @@ def recipe_model_spec(recipe: PatchRecipe, directory: str | os.PathLike[str], *,
     if spec.kind not in CODE_KINDS:
         return spec
     sha = getattr(recipe, "sha256", None)
-    if not trust and not (sha and is_trusted(sha)):
-        raise UntrustedRecipeError(
-            f"{out / RECIPE_FILE} names code to import and call ({_describe_spec(m)}) and was not written by "
-            "bnnshift for you on this machine; nothing was run",
-            hint="pass --model SPEC to build the model yourself, or --trust-recipe if you trust this directory")
+    entry = None if trust else trusted_entry(sha)
+    found = None
     if spec.kind == "file":
         candidates = [spec.target] + ([m["path_at_patch"]] if m.get("path_at_patch") else [])
-        found = next((c for c in candidates if os.path.isfile(c)), None)
-        if found is None:
+        found = next((os.path.abspath(c) for c in candidates if os.path.isfile(c)), None)
+        if found is None and (trust or entry is not None):
             raise CheckpointError(f"the model file of {out / RECIPE_FILE} is not found ({' or '.join(candidates)})",
                                   hint="pass --model path/to/file.py:" + str(spec.attr))
+    if not trust and entry is None:
+        what = _describe_spec(m) if found is None else f"file {found}:{spec.attr}" + (
+            f" with args {json.dumps(m.get('args'))[:80]}" if m.get("args") else "")
+        raise UntrustedRecipeError(
+            f"{out / RECIPE_FILE} names code to import and call ({what}) and was not written by "
+            "bnnshift for you on this machine; nothing was run",
+            hint="pass --model SPEC to build the model yourself, or --trust-recipe if you trust this directory "
+                 + ("(it runs exactly the file named here, if its sha256 is the one in patch.json)" if found else ""))
+    if spec.kind == "file":
         want = m.get("sha256")
-        if want and sha256_file(found) != want and not trust:
+        if want and sha256_file(found) != want:
             raise CheckpointError(f"model file {found} changed since it was patched (sha256 differs from "
-                                  f"{out / RECIPE_FILE})",
-                                  hint=f"pass --model {found}:{spec.attr} to use it as it is now, or --trust-recipe")
-        spec.target = os.path.abspath(found)
+                                  f"{out / RECIPE_FILE}); nothing was run",
+                                  hint=f"pass --model {found}:{spec.attr} to use it as it is now")
+        spec.target = found
+    if entry is not None:
+        _check_pins(entry, found if spec.kind == "file" else _module_file(spec.target), out / RECIPE_FILE)
     return spec
 
 

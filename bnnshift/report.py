@@ -9,7 +9,9 @@ import io
 from pathlib import Path
 from typing import Any
 
-from ._io import atomic_save_safetensors, atomic_write_bytes, atomic_write_json, atomic_write_text, prepare_output_dir
+from ._io import (LOCK_NAME, atomic_save_safetensors, atomic_write_bytes, atomic_write_json, atomic_write_text,
+                  prepare_output_dir)
+from .errors import OutputError
 
 # bnnshift.search.SearchSummary: report sits below search (search writes its report), so it
 # does not import search, not even for type checking (no import circle)
@@ -540,9 +542,15 @@ def _via_patch_module(patch_mod, ctx, shifts, out_dir, *, force, cfg) -> Path:
         src = "--mean/--std" if cfg is not None and getattr(cfg, "mean", None) is not None else "timm pretrained_cfg"
         recipe.normalisation = {"mean": list(norm["mean"]), "std": list(norm["std"]), "source": src}
     from ._io import replace_dir
+    from .journal import OutputLock
 
-    with replace_dir(out_dir, force=force) as tmp:  # swapped in whole
-        patch_mod.save_patched(model, recipe, tmp, force=True)
+    # one writer per output, as search --out and patch -o (reentrant: the CLI took it before the search)
+    with OutputLock(out_dir, beside=True):
+        d = Path(out_dir)
+        if not force and d.is_dir() and any(c.name != LOCK_NAME for c in d.iterdir()):
+            raise OutputError(f"output directory {d} is not empty", hint="pass --force to overwrite")
+        with replace_dir(out_dir, force=True) as tmp:  # swapped in whole
+            patch_mod.save_patched(model, recipe, tmp, force=True)
     return Path(out_dir)
 
 

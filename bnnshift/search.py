@@ -36,7 +36,7 @@ from torch import nn
 
 from . import validate
 from ._io import prepare_output_dir, sha256_state_dict
-from .errors import DataError, NoSitesError, TrainingError, UsageError
+from .errors import DataError, NoSitesError, OutputError, TrainingError, UsageError
 from .journal import JOURNAL_NAME, Journal, OutputLock, candidate_key, shift_key
 from .sites import Site
 from .validate import METRICS, SCHEDULES, parse_seeds, parse_shifts  # noqa: F401 (torch-free: the CLI checks first)
@@ -419,6 +419,7 @@ def _context(cfg: SearchConfig) -> _Context:
         return ctx
     bundle = _load_bundle(cfg, shape, loaded.model)
     notes.extend(bundle.notes)
+    notes.extend(getattr(bundle, "walk_notes", None) or [])  # image files skipped (symlink loops / escapes)
     note = _check_forward(copy.deepcopy(loaded.model), bundle.train_x[:2], bundle, cfg)  # the loaded model never runs
     if note:
         notes.append(note)
@@ -558,8 +559,18 @@ def _channels_last_fails(model: nn.Module, xb: torch.Tensor) -> str | None:
 
 def _check_forward(model: nn.Module, xb: torch.Tensor, bundle, cfg: SearchConfig | None = None) -> str | None:
     """A shape mismatch between data and model is a DataError before any training. Returns the
-    note on how the logits were taken from a tuple/dict output (``load.pick_logits``), or None."""
+    note on how the logits were taken from a tuple/dict output (``load.pick_logits``), or None.
+    Fewer than 2 classes: ``UsageError`` (exit 2), nothing to rank."""
     from .load import pick_logits
+
+    n_cls = int(getattr(bundle, "num_classes", 2) or 0)
+    if n_cls < 2:
+        n = getattr(bundle, "num_train", None)
+        if n is None and getattr(bundle, "train_y", None) is not None:
+            n = int(bundle.train_y.shape[0])
+        raise UsageError(f"data set {bundle.name} has {n_cls} class{'es' if n_cls != 1 else ''} ({n} training "
+                         "samples): a search needs at least 2 classes to rank shifts",
+                         hint="point --data at a folder with one sub-folder per class (2 or more)")
 
     was = model.training
     model.eval()
@@ -1322,8 +1333,17 @@ class _StateStore:
 
             self.dir.mkdir(parents=True, exist_ok=True)
             path = self.dir / f"t{key[0]}_seed{key[1]}_step{steps}.pt"
-            with _atomic_target(path) as tmp:
-                torch.save(state, tmp)
+            try:
+                with _atomic_target(path) as tmp:
+                    torch.save(state, tmp)
+            except (OSError, RuntimeError) as exc:  # a full disk: torch's zip writer raises RuntimeError
+                if isinstance(exc, RuntimeError) and "write" not in str(exc).lower():
+                    raise
+                reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else \
+                    (str(exc).strip().splitlines() or ["write failed"])[-1][:160]
+                raise OutputError(f"cannot save the training state {path}: {reason}",
+                                  hint="free some space (or lower the number of shifts); the journal keeps every "
+                                       "finished rung: rerun the same command with --resume") from None
             old = self.files.get(key)
             self.files[key] = (steps, path)
             rel = f"states/{path.name}"
@@ -1347,7 +1367,11 @@ class _StateStore:
     def known(self, key: tuple[str, int], steps: int, rel: str | None) -> None:
         """A state written by an earlier (killed) process, named by its rung record."""
         if rel and self.dir is not None:
-            path = self.dir.parent / rel
+            from .journal import resolve_inside
+
+            # a path read from the journal: data, kept inside OUT/states/ (never removed elsewhere)
+            path = resolve_inside(self.dir, rel[len("states/"):] if isinstance(rel, str) and rel.startswith("states/")
+                                  else rel, f"journal {self.dir.parent / JOURNAL_NAME}")
             if path.is_file() and steps > self.files.get(key, (-1, None))[0]:
                 self.files[key] = (steps, path)
 

@@ -614,6 +614,21 @@ CATALOGUE: dict[str, tuple[str, int]] = {
     "model-not-copyable": ("a model `copy.deepcopy` cannot copy even when its uncopyable attribute objects are shared "
                            "(the line names the class)", 1),
     "out-not-empty": ("an existing non-empty output directory without `--force`", 1),
+    "output-locked": ("`patch -o DIR`, `fold DIR` or `search --patch-out DIR` while another bnnshift writes DIR "
+                      "(the line names its PID)", 1),
+    "journal-path-outside": ("`search --resume` with a journal whose state path leaves `OUT/states/` (`..`, "
+                             "absolute, a symlink out): nothing read or removed", 1),
+    "trust-pin-changed": ("a recipe trusted by the record whose model file or a local module it imports changed "
+                          "(the line names the file); `--trust-recipe` when the named file's sha256 differs", 1),
+    "unsafe-load-gadget": ("`--unsafe-load` of a pickle naming a code-execution global (picklescan's list: "
+                           "`timeit`, `cProfile`, `pydoc`, `os`, ...)", 1),
+    "search-one-class": ("a search on data with fewer than 2 classes (the line gives the sample count)", 2),
+    "image-bomb": ("an image over PIL's decompression-bomb limit (the line names the file)", 1),
+    "state-disk-full": ("a full disk while a halving search saves a paused state (resumable with `--resume`)", 1),
+    "worker-killed": ("a killed DataLoader worker (its PID), a stopped torchrun rank (seen from another: its rank), "
+                      "an allocation torch refuses", 1),
+    "interrupted": ("Ctrl-C (SIGINT) at any moment, also during the imports: one line, temp directories removed", 130),
+    "terminated": ("SIGTERM (CI, `timeout`, Slurm, Kubernetes): handled like Ctrl-C", 143),
     "fold-already-folded": ("`fold DIR` of a directory folded before, without `--data`: not refused, one line says "
                             "where each threshold went (`bn:...` / `bias:...`), nothing is rewritten", 0),
     "mean-without-std": ("`--mean` without `--std` (or the reverse), any command", 2),

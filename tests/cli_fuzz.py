@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from bnnshift.cli import app
 from bnnshift.errors import BnnshiftError
 
-DOCUMENTED_EXIT_CODES = {0, 1, 2, 3, 4, 130}
+DOCUMENTED_EXIT_CODES = {0, 1, 2, 3, 4, 130, 143}
 CATCH_ALL = "unexpected; rerun with BNNSHIFT_DEBUG=1"
 
 VALUES = [

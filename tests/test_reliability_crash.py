@@ -39,7 +39,8 @@ def _cli(args, cwd: Path):
 
 
 def _snapshot(d: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(d.iterdir())}
+    # the owner lock (.bnnshift.lock, not content) of a killed writer stays until the next one
+    return {p.name: p.read_bytes() for p in sorted(d.iterdir()) if p.name != ".bnnshift.lock"}
 
 
 def _ours(d: Path) -> list[str]:

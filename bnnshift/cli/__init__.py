@@ -71,6 +71,21 @@ def main() -> None:
     before any command runs: with --json it still gets the JSON error object on stdout."""
     import sys
 
+    from .. import _signals
+
+    _signals.install()
+    try:
+        _main(sys)
+    except SystemExit as exc:
+        # typer turns a Ctrl-C / SIGTERM outside a command (while parsing) into a silent exit 130
+        if exc.code == 130 and _signals.pending() is not None:
+            sys.exit(_signals.interrupted_exit(None))
+        raise
+    except KeyboardInterrupt as exc:
+        sys.exit(_signals.interrupted_exit(exc))
+
+
+def _main(sys) -> None:
     if "--json" not in sys.argv[1:]:
         app(prog_name="bnnshift")
         return
@@ -88,6 +103,6 @@ def main() -> None:
         sys.stdout.write(json.dumps({"error": exc.format_message(), "hint": "see bnnshift COMMAND -h",
                                      "exit_code": exc.exit_code}) + "\n")
         sys.exit(exc.exit_code)
-    except click_exc.Abort:
+    except click_exc.Abort:  # pragma: no cover - older click
         sys.exit(130)
     sys.exit(rv if isinstance(rv, int) else 0)

@@ -10,7 +10,7 @@ import os
 import sys
 from typing import Callable
 
-from ..errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_USAGE, BnnshiftError
+from ..errors import EXIT_ERROR, EXIT_USAGE, BnnshiftError
 
 
 def _print_error(msg: str, json_mode: bool = False, exit_code: int = EXIT_ERROR, hint: str | None = None,
@@ -54,6 +54,33 @@ def _os_error_line(exc: OSError) -> tuple[str, int]:
     return f"{where}{exc.strerror or exc} ({hint})", code
 
 
+def _known_failure(exc: BaseException) -> tuple[str, str] | None:
+    """(line, hint) for failures of the environment that surface as a plain ``RuntimeError``: a
+    killed DataLoader worker, a torchrun rank that stopped, an allocation torch refused. Exit 1."""
+    text = str(exc).strip()
+    first = (text.splitlines() or [""])[0]
+    low = text.lower()
+    import re
+
+    m = re.search(r"DataLoader worker \(pid\(?s?\)? ?([\d, ]+)\)", text)
+    if m or "dataloader worker" in low and ("exited unexpectedly" in low or "killed" in low):
+        who = f"pid {m.group(1).strip()}" if m else "a worker"
+        return (f"a DataLoader worker ({who}) was killed or exited unexpectedly",
+                "often out of memory: lower --workers or --batch-size; the journal keeps every finished "
+                "candidate (rerun with --resume)")
+    dist = type(exc).__name__ in ("DistBackendError", "DistNetworkError", "DistError") or any(
+        k in low for k in ("gloo", "nccl", "connection closed by peer", "connection reset by peer",
+                           "broken pipe", "socket timeout", "heartbeat monitor"))
+    if dist and os.environ.get("RANK") is not None:
+        rank, world = os.environ.get("RANK"), os.environ.get("WORLD_SIZE", "?")
+        return (f"rank {rank} of {world}: another torchrun rank stopped ({first[:120]})",
+                "see the first failing rank's message; restart all ranks with --resume")
+    if "can't allocate memory" in low or "defaultcpuallocator" in low or "out of memory" in low:
+        return (f"out of memory: {first[:160]}",
+                "lower --batch-size, --bn-recalib-batches, --input-shape or the model's size")
+    return None
+
+
 def handle_errors(fn: Callable) -> Callable:
     """Decorator for command functions: exceptions -> one line on stderr + exit code."""
     import typer
@@ -70,13 +97,16 @@ def handle_errors(fn: Callable) -> Callable:
                 raise
             _print_error(exc.one_line(), json_mode, exc.exit_code, exc.hint, exc.message)
             raise typer.Exit(exc.exit_code) from None
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:  # Ctrl-C (130) or SIGTERM (bnnshift._signals: 143)
+            from .. import _signals
+
+            code = _signals.exit_code(exc)
             # a search journals each finished candidate: say how to continue
             hint = ("finished candidates are in the journal: rerun the same command with --resume"
                     if "resume" in kwargs and kwargs.get("out_dir") else None)
-            _print_error("interrupted" + (f" ({hint})" if hint else ""), json_mode, EXIT_INTERRUPTED, hint,
-                         "interrupted")
-            raise typer.Exit(EXIT_INTERRUPTED) from None
+            _print_error(_signals.interrupted_line(code, hint), json_mode, code, hint,
+                         _signals.interrupted_line(code))
+            raise typer.Exit(code) from None
         except MemoryError:
             if os.environ.get("BNNSHIFT_DEBUG"):
                 raise
@@ -92,6 +122,10 @@ def handle_errors(fn: Callable) -> Callable:
         except Exception as exc:  # noqa: BLE001 - last resort: still one line
             if os.environ.get("BNNSHIFT_DEBUG"):
                 raise
+            known = _known_failure(exc)
+            if known is not None:
+                _print_error(f"{known[0]} ({known[1]})", json_mode, EXIT_ERROR, known[1], known[0])
+                raise typer.Exit(EXIT_ERROR) from None
             first = str(exc).splitlines()[0] if str(exc) else ""
             _print_error(f"{type(exc).__name__}: {first} (unexpected; rerun with BNNSHIFT_DEBUG=1 for a traceback "
                          "and report it)", json_mode, EXIT_ERROR)

@@ -74,9 +74,11 @@ def export_command(
         if record is not None:  # the ONNX metadata names the normalisation used
             recipe.normalisation = record
         with tempfile.TemporaryDirectory(prefix="bnnshift-bn-") as tmp:
-            save_patched(model, recipe, tmp, force=True)
+            save_patched(model, recipe, tmp, force=True, record_trust=False)  # a copy for the child only
+            # the copy is not recorded; this process has just rebuilt the same spec under the trust
+            # rules (the pinned files checked), so the child may rebuild it for this run only
             report = export_patched_dir(tmp, onnx, opset, batches=batches, model=model_spec, model_args=arg,
-                                        trust=trust_recipe, output_index=output_index, output_key=output_key)
+                                        trust=True, output_index=output_index, output_key=output_key)
     _print_export(o, report)
     if bn is None:
         bn_note(o, model, recipe, out_dir, f"bnnshift export {out_dir} --onnx {onnx} --data SPEC "

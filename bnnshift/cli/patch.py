@@ -136,8 +136,11 @@ def patch_command(
                         config=cfg, hardtanh_shift=ht, trainable=trainable, per_channel=per_channel, fold=fold,
                         onnx=onnx, opset=opset, strict=not non_strict, allow_unsafe=unsafe_load, use_ema=use_ema,
                         allow_nonfinite=allow_nonfinite, mean=mean_v, std=std_v)
+    from ..journal import OutputLock
+
     try:
-        payload = _do_patch(o, opts)
+        with OutputLock(out_dir, beside=True):  # one writer per output (as search --out): a second patch -o is refused
+            payload = _do_patch(o, opts)
     except BaseException:
         if created and out_dir.is_dir() and not any(out_dir.iterdir()):
             shutil.rmtree(out_dir, ignore_errors=True)
@@ -394,6 +397,24 @@ def fold_command(
     validate.check_path(out_dir, "OUT_DIR")  # before importing torch
     mean_v, std_v = parse_mean_std(mean, std)
 
+    from ..journal import OutputLock
+
+    import contextlib
+    import os
+
+    # one writer per output: a second fold / patch -o of OUT is refused (exit 1); where the parent
+    # is read-only OUT cannot be rewritten anyway (an already folded one is only reported)
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    writable = os.path.isdir(out_dir) and os.access(parent, os.W_OK)
+    if os.path.isdir(out_dir):
+        from ..journal import check_unlocked
+
+        check_unlocked(out_dir)  # a search that owns OUT (its lock inside) is named too
+    with OutputLock(out_dir, beside=True) if writable else contextlib.nullcontext():
+        _do_fold(o, out_dir, data, bn_recalib_batches, model_spec, arg, trust_recipe, mean_v, std_v)
+
+
+def _do_fold(o, out_dir, data, bn_recalib_batches, model_spec, arg, trust_recipe, mean_v=None, std_v=None) -> None:
     from ..fold import FoldReport, fold_shifts
     from ..load import parse_model_spec
     from ..patch import describe, load_patched, read_recipe, save_patched
@@ -434,8 +455,13 @@ def fold_command(
         recipe.hashes = {**(recipe.hashes or {}), BN_STATS_KEY: weights_digest(model)}
     from .._io import replace_dir
 
+    from .._trust import is_trusted
+
+    # the record's line is carried forward only for a recipe it already trusted (--model and
+    # --trust-recipe trust this run only and record nothing)
+    carry = model_spec is None and not trust_recipe and is_trusted(recipe.sha256)
     with replace_dir(out_dir, force=True) as tmp:  # never half-rewritten: built beside, swapped in
-        save_patched(model, recipe, tmp, force=True)
+        save_patched(model, recipe, tmp, force=True, record_trust=carry)
     rows = describe(model)
     o.table(sites_table(rows, f"{out_dir}: {len(rep.folded)} folded, {len(rep.kept)} kept"))
     for name, why in rep.kept.items():

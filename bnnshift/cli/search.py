@@ -173,7 +173,13 @@ def search_command(
                    "candidates": [r.to_json() for r in results]}
         out.result(payload, human=f"worker finished {len(results)} candidates of study {study}")
         return
-    with _RichProgress(out) as prog:
+    import contextlib
+
+    from ..journal import OutputLock
+
+    # --patch-out has one writer, as --out: a second search or patch -o on it is refused before any work
+    with OutputLock(patch_out, beside=True) if patch_out is not None and not follower else contextlib.nullcontext(), \
+            _RichProgress(out) as prog:
         try:
             summary = search(cfg, out_dir=out_dir, resume=resume, force=force, progress=prog, patch_out=patch_out)
         except BnnshiftError as exc:

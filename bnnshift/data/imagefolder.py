@@ -6,6 +6,7 @@ from pathlib import Path
 import torch
 
 from ..errors import DataError
+from ._walk import IMAGE_ERRORS, image_error
 from .bundle import (DataBundle, _as_shape, _normalise_uint8, _subset_indices, broadcast_norm, folder_splits,
                      pixel_stats)
 
@@ -47,22 +48,35 @@ def _load_imagefolder(path_arg: str, input_shape, train_limit, val_limit, seed,
         raise DataError(f"image folder not found: {path}", hint="pass imagefolder:PATH with one sub-folder per class")
     train_dir, val_dir = folder_splits(path)
 
+    notes: list[str] = []
+
     def open_folder(d: Path):
+        from ._walk import confine, confine_note
+
         try:
-            return ImageFolder(str(d))
+            ds = ImageFolder(str(d))
         except (FileNotFoundError, RuntimeError) as exc:
             raise DataError(
                 f"no images found under {d}: {exc}",
                 hint="expected PATH/train/<class>/*.png (and optional PATH/val/ or PATH/test/<class>/...) or PATH/<class>/*.png",
             ) from None
+        note = confine_note(f"imagefolder:{d}", confine(ds, path))  # no file twice, none outside PATH
+        if note:
+            notes.append(note)
+        if not ds.samples:
+            raise DataError(f"no images found under {d} (inside {path})", hint="check the symlinks in the class folders")
+        return ds
 
     train_ds = open_folder(train_dir)
     val_ds = open_folder(val_dir) if val_dir is not None and val_limit != 0 else None
 
     shape = _as_shape(input_shape)
     if shape is None:
-        with Image.open(train_ds.samples[0][0]) as im:
-            w0, h0 = im.size
+        try:
+            with Image.open(train_ds.samples[0][0]) as im:
+                w0, h0 = im.size
+        except IMAGE_ERRORS as exc:
+            raise image_error(train_ds.samples[0][0], exc) from None
         shape = (_folder_channels([p for p, _ in train_ds.samples]), h0, w0)
     c, h, w = shape
     if c not in (1, 3):
@@ -83,8 +97,8 @@ def _load_imagefolder(path_arg: str, input_shape, train_limit, val_limit, seed,
                     if im.size != (w, h):
                         im = im.resize((w, h), Image.BILINEAR)
                     xs[j] = pil_to_tensor(im)
-            except (OSError, ValueError) as exc:
-                raise DataError(f"corrupt image {p}: {exc}", hint="remove or replace the file") from None
+            except IMAGE_ERRORS as exc:  # a decompression bomb too: named, exit 1
+                raise image_error(p, exc) from None
             ys[j] = t if class_map is None else class_map[t]
         return xs, ys
 
@@ -99,7 +113,7 @@ def _load_imagefolder(path_arg: str, input_shape, train_limit, val_limit, seed,
     # Normalise with the given statistics, else the training set's own per-channel ones.
     pm, ps = pixel_stats(tx, limit=len(tx))
     mean, std = broadcast_norm(*norm, c) if norm is not None else (pm, ps)
-    return DataBundle(
+    bundle = DataBundle(
         train_x=_normalise_uint8(tx, mean, std),
         train_y=ty,
         val_x=None if vx is None else _normalise_uint8(vx, mean, std),
@@ -113,3 +127,5 @@ def _load_imagefolder(path_arg: str, input_shape, train_limit, val_limit, seed,
         pixel_mean=pm,
         pixel_std=ps,
     )
+    bundle.walk_notes = notes  # reported by the search (bnnshift.data._walk)
+    return bundle

@@ -45,6 +45,7 @@ import torch
 
 from ..errors import DataError, UsageError
 from ..validate import AUGMENTS, STREAM_MODES, check_stream_options, parse_floats  # noqa: F401
+from ._walk import IMAGE_ERRORS, image_error
 from .batches import _batch_indices
 from .bundle import NORMALISATION, _as_shape, folder_splits, _mix_seed, _subset_indices
 
@@ -127,6 +128,11 @@ class _FolderImages(torch.utils.data.Dataset):
             raise DataError(f"no images found under {root}: {exc}",
                             hint="expected PATH/train/<class>/*.png (and optional PATH/val/ or PATH/test/<class>/...) "
                                  "or PATH/<class>/*.png") from None
+        from ._walk import confine, confine_note
+
+        # no file twice (symlink loops), none outside the data root (PATH, the parent of train/)
+        data_root = root.parent if root.name in ("train", "val") else root
+        self.walk_note = confine_note(f"imagefolder:{root}", confine(self.folder, data_root))
         self.mode = mode
         self.class_map = class_map
         self.indices = indices
@@ -142,8 +148,8 @@ class _FolderImages(torch.utils.data.Dataset):
         try:
             with Image.open(path) as im:
                 img = im.convert(self.mode)
-        except (OSError, ValueError) as exc:
-            raise DataError(f"corrupt image {path}: {exc}", hint="remove or replace the file") from None
+        except IMAGE_ERRORS as exc:  # a decompression bomb too: named, exit 1
+            raise image_error(path, exc) from None
         return img, (target if self.class_map is None else self.class_map[target])
 
 
@@ -318,8 +324,11 @@ def open_stream(spec: str, *, input_shape=None, options: StreamOptions | None = 
             probe = _FolderImages(train_dir, "RGB")
             from PIL import Image
 
-            with Image.open(probe.folder.samples[0][0]) as im:
-                shape = (3, im.size[1], im.size[0])
+            try:
+                with Image.open(probe.folder.samples[0][0]) as im:
+                    shape = (3, im.size[1], im.size[0])
+            except IMAGE_ERRORS as exc:
+                raise image_error(probe.folder.samples[0][0], exc) from None
         if shape[0] not in (1, 3):
             raise DataError(f"imagefolder can produce 1 (grey) or 3 (RGB) channels, the model expects {shape[0]}",
                             hint="pass --input-shape 3,H,W or 1,H,W")
