@@ -539,6 +539,16 @@ def export_onnx(model: nn.Module, input_shape: Iterable[int], path: str | os.Pat
     g = torch.Generator().manual_seed(seed)
     data = [torch.randn((batch_size, *shape), generator=g) for _ in range(max(1, batches))]
     warn: list[str] = []
+    from ._guard import inplace_writers
+
+    # before any forward of ours: a forward that writes its own parameters changes them only once
+    written = inplace_writers(model, data[0])
+    if written:
+        raise ExportError(f"the model's forward assigns .data of {', '.join(written[:4])}"
+                          f"{', ...' if len(written) > 4 else ''} (binarizes weights in place): torch.onnx cannot "
+                          "export a .data assignment",
+                          hint="compute the binary weight in forward instead (w = SignSTE.apply(self.weight), "
+                               "no .data =), load the same weights, and export that model")
     with torch.no_grad():
         out = model(data[0][:2])
     if not isinstance(out, torch.Tensor):  # UsageError when no element / item fits
@@ -548,15 +558,6 @@ def export_onnx(model: nn.Module, input_shape: Iterable[int], path: str | os.Pat
     taps = _Taps(model, sites)
     wrapper = _Tapped(model, taps, logits_picker(output_index, output_key))
     attempts: list[dict[str, Any]] = []
-    from ._guard import inplace_writers
-
-    written = inplace_writers(model, data[0])
-    if written:
-        raise ExportError(f"the model's forward assigns .data of {', '.join(written[:4])}"
-                          f"{', ...' if len(written) > 4 else ''} (binarizes weights in place): torch.onnx cannot "
-                          "export a .data assignment",
-                          hint="compute the binary weight in forward instead (w = SignSTE.apply(self.weight), "
-                               "no .data =), load the same weights, and export that model")
     try:
         for optimize in (True, False):
             proto, exporter, dynamic = _export(wrapper, data[0], opset, optimize, warn)

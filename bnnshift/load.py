@@ -227,6 +227,28 @@ def _sys_path(directory: str) -> Iterator[None]:
                 sys.path.remove(directory)
 
 
+def _forget_shadowed_siblings(folder: Path) -> None:
+    """Drop from ``sys.modules`` the user modules (not stdlib, not installed packages) that a model
+    file in ``folder`` would import by a sibling's name but that were imported from another folder
+    (a second model file with its own ``layers.py`` in the same process): the file then imports its
+    own sibling, as in a fresh process."""
+    roots = {Path(x).resolve() for x in (sys.prefix, sys.base_prefix, sys.exec_prefix) if x}
+    here = folder.resolve()
+    try:
+        names = [f.stem for f in here.glob("*.py")]
+    except OSError:
+        return
+    for name in names:
+        mod = sys.modules.get(name)
+        file = getattr(mod, "__file__", None) if mod is not None else None
+        if not file:
+            continue
+        where = Path(file).resolve()
+        if where.parent == here or any(r in where.parents for r in roots):
+            continue
+        sys.modules.pop(name, None)
+
+
 _FILE_MODULES: dict[str, tuple[tuple[int, int], Any]] = {}
 
 
@@ -249,6 +271,7 @@ def _import_file(path: str) -> Any:
         raise ModelLoadError(f"cannot import {path}", hint="the model file must be a Python source file")
     module = importlib.util.module_from_spec(module_spec)
     sys.modules[mod_name] = module  # dataclasses, pickling and typing need it registered
+    _forget_shadowed_siblings(p.parent)
     try:
         with _sys_path(str(p.parent)):
             module_spec.loader.exec_module(module)

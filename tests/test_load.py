@@ -822,3 +822,18 @@ def test_sha256_state_dict_stable_and_sensitive():
     # a known value pins the format (changing it invalidates stored hashes)
     pinned = {"b": torch.arange(3, dtype=torch.int64), "a": torch.zeros(2)}
     assert _io.sha256_state_dict(pinned) == "ed525ef0748e06596f30fbd83baf037f7422a49c139c8da73e49e2319b7c0b9e"
+
+
+def test_two_model_files_with_their_own_sibling_module_in_one_process(tmp_path):
+    """Two model files in two folders, each importing its own ``blocks.py``: loaded one after the
+    other in one process, each gets its own sibling (not the one cached by the first import)."""
+    from bnnshift.load import _import_file
+
+    mods = []
+    for width in (3, 5):
+        d = tmp_path / f"proj{width}"
+        d.mkdir()
+        (d / "blocks.py").write_text(f"WIDTH = {width}\n")
+        (d / "net.py").write_text("from blocks import WIDTH\n")
+        mods.append(_import_file(str(d / "net.py")))
+    assert [m.WIDTH for m in mods] == [3, 5]

@@ -82,9 +82,18 @@ def test_no_batches_keeps_old_statistics():
 @pytest.fixture(scope="module")
 def finetuned(tmp_path_factory):
     """Case 31: trained at t = 0, patched with --shift 1, fine-tuned 60 steps as docs/finetune.md shows."""
+    tmp = tmp_path_factory.mktemp("ft")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the same float sums whatever the machine: the staleness below is a fact, not luck
+    try:
+        return _finetuned(tmp)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _finetuned(tmp):
     from bnnshift.patch import load_patched, read_recipe, save_patched
 
-    tmp = tmp_path_factory.mktemp("ft")
     data = fc.make(n_train=2048, n_val=1000)
     torch.manual_seed(0)
     ck = fc.train(fc.build(), 120, 2e-3, 1, data)  # the case: 200 steps, 60 fine-tuning steps (slower, same gap)

@@ -226,7 +226,8 @@ def test_trust_recipe_runs_exactly_the_named_file(tmp_path, monkeypatch):
 # ------------------------------------------------------------------ 3. journal paths are data
 
 HALVING = ["search", "zoo:mlp", "--arg", "width=0.25", "--data", "synthetic:128", "--batch-size", "32",
-           "--no-compile", "--shifts", "0,0.5", "--schedule", "halving", "--steps", "8", "-q"]
+           "--no-compile", "--shifts", "0,0.5", "--schedule", "halving", "--steps", "8", "--rung-min-samples", "0",
+           "-q"]  # rungs of 32-sample batches: below the default rung minimum
 
 
 def test_resume_with_journal_naming_outside_file_leaves_it(tmp_path):
