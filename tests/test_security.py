@@ -678,7 +678,7 @@ def test_decompression_bomb_image_is_named(tmp_path, monkeypatch):
 
 
 def test_disk_full_while_saving_a_state_is_one_line_and_resumable(tmp_path, monkeypatch):
-    import bnnshift.search as search_mod
+    import bnnshift.search.loop as search_mod
 
     real_save = torch.save
 

@@ -331,7 +331,7 @@ def test_compile_auto_measures_a_real_streamed_batch(folder, tiny_model, monkeyp
     """--compile auto measures one training step on a --batch-size batch. Streaming, the
     trainer's in-memory tensors hold only the probe samples (here 8 < 32): the batch comes from
     the training loader, in the first seed's order (the same batch the first candidate trains)."""
-    import bnnshift.search as search_mod
+    import bnnshift.search.loop as search_mod
     import bnnshift.train as train_mod
     from bnnshift.search import SearchConfig
 

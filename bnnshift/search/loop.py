@@ -34,12 +34,12 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import nn
 
-from . import validate
-from ._io import prepare_output_dir, sha256_state_dict
-from .errors import DataError, NoSitesError, OutputError, TrainingError, UsageError
-from .journal import JOURNAL_NAME, Journal, OutputLock, candidate_key, shift_key
-from .sites import Site
-from .validate import METRICS, SCHEDULES, parse_seeds, parse_shifts  # noqa: F401 (torch-free: the CLI checks first)
+from .. import validate
+from .._io import prepare_output_dir, sha256_state_dict
+from ..errors import DataError, NoSitesError, OutputError, TrainingError, UsageError
+from ..journal import JOURNAL_NAME, Journal, OutputLock, candidate_key, shift_key
+from ..sites import Site
+from ..validate import METRICS, SCHEDULES, parse_seeds, parse_shifts  # noqa: F401 (torch-free: the CLI checks first)
 
 __all__ = [
     "SearchConfig", "CandidateResult", "ShiftStats", "SearchSummary", "parse_shifts", "parse_seeds",
@@ -165,8 +165,8 @@ def _dtype(cfg: SearchConfig) -> torch.dtype:
 
 
 def _device(cfg: SearchConfig) -> torch.device:
-    from .parallel import resolve_device
-    from .train import check_precision
+    from ..parallel import resolve_device
+    from ..train import check_precision
 
     dev = resolve_device(cfg.device)
     check_precision(cfg.precision, dev, cfg.dtype)
@@ -287,7 +287,7 @@ class SearchSummary:
         return bool(self.candidates) and all(not c.ok for c in self.candidates)
 
     def to_json(self) -> dict[str, Any]:
-        from ._version import __version__
+        from .._version import __version__
 
         return {
             "bnnshift_version": __version__,
@@ -331,7 +331,7 @@ class SearchSummary:
 
 def init_hash(model: nn.Module) -> str:
     """sha256 of a model's state_dict without bnnshift's threshold buffers."""
-    from .shift import THRESHOLD_PREFIX
+    from ..shift import THRESHOLD_PREFIX
 
     sd = {k: v for k, v in model.state_dict().items() if THRESHOLD_PREFIX not in k}
     return sha256_state_dict(sd)
@@ -375,8 +375,8 @@ def _cfg_key(cfg: SearchConfig) -> str:
 def _load_bundle(cfg: SearchConfig, shape: tuple[int, ...], model: nn.Module | None = None):
     """The in-memory data set, normalised with ``--mean/--std``, else a timm model's
     ``pretrained_cfg``, else the data set's default (``bundle.norm_source`` says which)."""
-    from .data import load_data
-    from .data.norm import choose_normalisation, load_kwargs
+    from ..data import load_data
+    from ..data.norm import choose_normalisation, load_kwargs
 
     norm = choose_normalisation(cfg.mean, cfg.std, model=model)
     return load_data(cfg.data, input_shape=shape, train_limit=cfg.train_limit,
@@ -389,14 +389,14 @@ def _context(cfg: SearchConfig) -> _Context:
     ctx = _CONTEXTS.get(key)
     if ctx is not None:
         return ctx
-    from .data import batch_order_hash
-    from .load import choose_input_shape
-    from .scan import resolve_input_shape
-    from .train import DefaultTrainer, set_threads
+    from ..data import batch_order_hash
+    from ..load import choose_input_shape
+    from ..scan import resolve_input_shape
+    from ..train import DefaultTrainer, set_threads
 
     device, dtype = _device(cfg), _dtype(cfg)
     set_threads(device.type)
-    from .data import parse_data_spec
+    from ..data import parse_data_spec
 
     parse_data_spec(cfg.data)  # a bad spec fails before the model is built
     torch.manual_seed(0)
@@ -410,7 +410,7 @@ def _context(cfg: SearchConfig) -> _Context:
         raise UsageError(f"input shape {shape} is not C,H,W", hint="search trains on images: pass --input-shape C,H,W")
     validate.check_batch_norm_batch(loaded.model, cfg.batch_size)
     validate.check_input_memory(shape, cfg.batch_size)
-    from .data.stream import should_stream
+    from ..data.stream import should_stream
 
     if should_stream(cfg.stream, cfg.data, cfg.augment, shape):
         ctx = _stream_context(cfg, loaded, shape, device, dtype)
@@ -477,9 +477,9 @@ def _stream_context(cfg: SearchConfig, loaded: Any, shape: tuple[int, ...], devi
                     dtype: torch.dtype) -> _Context:
     """The context of a streamed data set (bnnshift.data.stream): DataLoader workers decode and
     augment; probes, BN re-estimation and --val stream through the eval transform."""
-    from .data.stream import SeededBatchSampler, StreamOptions, eval_batches, make_loader, open_stream
-    from .parallel import dist_info
-    from .train import DefaultTrainer, StreamTrain
+    from ..data.stream import SeededBatchSampler, StreamOptions, eval_batches, make_loader, open_stream
+    from ..parallel import dist_info
+    from ..train import DefaultTrainer, StreamTrain
 
     opts = StreamOptions(augment=cfg.augment, mean=cfg.mean, std=cfg.std, workers=cfg.workers)
     src = open_stream(cfg.data, input_shape=shape, options=opts, download=cfg.download,
@@ -537,7 +537,7 @@ def _checkpoint_json(ctx: "_Context") -> dict[str, Any] | None:
 
 
 def _load(cfg: SearchConfig):
-    from .load import load_model
+    from ..load import load_model
 
     return load_model(cfg.model, args=cfg.model_args, checkpoint=cfg.checkpoint, strict=cfg.strict,
                       use_ema=cfg.use_ema, allow_nonfinite=cfg.allow_nonfinite)
@@ -561,7 +561,7 @@ def _check_forward(model: nn.Module, xb: torch.Tensor, bundle, cfg: SearchConfig
     """A shape mismatch between data and model is a DataError before any training. Returns the
     note on how the logits were taken from a tuple/dict output (``load.pick_logits``), or None.
     Fewer than 2 classes: ``UsageError`` (exit 2), nothing to rank."""
-    from .load import pick_logits
+    from ..load import pick_logits
 
     n_cls = int(getattr(bundle, "num_classes", 2) or 0)
     if n_cls < 2:
@@ -596,7 +596,7 @@ def _check_forward(model: nn.Module, xb: torch.Tensor, bundle, cfg: SearchConfig
 
 def _find_sites(model: nn.Module, shape, *, hardtanh: bool, name: str, batches=None,
                 notes: list[str] | None = None) -> list[Site]:
-    from .scan import NO_SITES_HINT, scan_model
+    from ..scan import NO_SITES_HINT, scan_model
 
     report = scan_model(copy.deepcopy(model), shape, name=name, batches=batches)
     if notes is not None:
@@ -615,7 +615,7 @@ def _find_sites(model: nn.Module, shape, *, hardtanh: bool, name: str, batches=N
 
 def _shared_model(ctx: _Context, seed: int) -> nn.Module:
     """The patched model at the initial state of ``seed`` (weights and thresholds reset)."""
-    from .shift import insert_shifts
+    from ..shift import insert_shifts
 
     if ctx.model is None or ctx.fresh_model:
         model = ctx.factory(seed)
@@ -657,7 +657,7 @@ def _clone_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _set_shift(model: nn.Module, shift: float) -> None:
-    from .shift import get_thresholds
+    from ..shift import get_thresholds
 
     with torch.no_grad():
         for t in get_thresholds(model).values():
@@ -667,8 +667,8 @@ def _set_shift(model: nn.Module, shift: float) -> None:
 def _measure_after(ctx: _Context, model: nn.Module) -> tuple[dict[str, float | None], float | None]:
     """+1 share per site at the end and held-out accuracy, on a copy with re-estimated BN stats
     (the trained model itself is not touched: its hooks stay as compiled)."""
-    from .probe import probe_sites
-    from .train import evaluate, recalibrate_bn
+    from ..probe import probe_sites
+    from ..train import evaluate, recalibrate_bn
 
     probe_model = copy.deepcopy(model)
     if ctx.recalib_x:
@@ -679,7 +679,7 @@ def _measure_after(ctx: _Context, model: nn.Module) -> tuple[dict[str, float | N
         plus = {name: r.get("plus_fraction") for name, r in res.items()}
     val_acc = None
     if ctx.val is not None:
-        from .load import logits_picker
+        from ..load import logits_picker
 
         val_acc = evaluate(probe_model, ctx.val[0], ctx.val[1],
                            pick=logits_picker(getattr(ctx.trainer.cfg, "output_index", None),
@@ -764,7 +764,7 @@ def _measure_on_main(ctx: _Context, model: nn.Module) -> tuple[dict[str, float |
     0's values (``parallel.broadcast_object``). Every rank holds the same model after training
     (DDP gradients, ``sync_buffers``), so the values are those of one process; computing them on
     every rank would only repeat the work. A probe problem must not lose the training."""
-    from .parallel import broadcast_object, dist_info
+    from ..parallel import broadcast_object, dist_info
 
     info = dist_info()
     got: tuple[dict[str, float | None], float | None, str | None] | None = None
@@ -879,7 +879,7 @@ def rungs_from(candidates: list[CandidateResult], plan: list[int]) -> list[dict[
 
 
 def _as_factory(model_factory: Callable) -> Callable[[int], nn.Module]:
-    from .train import signature_accepts
+    from ..train import signature_accepts
 
     takes_seed = signature_accepts(model_factory, "seed")
 
@@ -1126,7 +1126,7 @@ def _loop(ctx: _Context, *, shifts: list[float], seeds: list[int], metric: str, 
     summary.checkpoint, summary.notes = _checkpoint_json(ctx), list(getattr(ctx, "notes", []))
     summary.normalisation = getattr(ctx, "normalisation", None)
     if out_dir is not None:
-        from .report import write_report
+        from ..report import write_report
 
         summary.out_dir = str(out_dir)
         summary.files = write_report(summary, out_dir)
@@ -1329,7 +1329,7 @@ class _StateStore:
     def put(self, key: tuple[str, int], steps: int, state: dict, n_candidates: int) -> str | None:
         rel = None
         if self.dir is not None:
-            from ._io import _atomic_target
+            from .._io import _atomic_target
 
             self.dir.mkdir(parents=True, exist_ok=True)
             path = self.dir / f"t{key[0]}_seed{key[1]}_step{steps}.pt"
@@ -1367,7 +1367,7 @@ class _StateStore:
     def known(self, key: tuple[str, int], steps: int, rel: str | None) -> None:
         """A state written by an earlier (killed) process, named by its rung record."""
         if rel and self.dir is not None:
-            from .journal import resolve_inside
+            from ..journal import resolve_inside
 
             # a path read from the journal: data, kept inside OUT/states/ (never removed elsewhere)
             path = resolve_inside(self.dir, rel[len("states/"):] if isinstance(rel, str) and rel.startswith("states/")
@@ -1743,7 +1743,7 @@ def _halving_loop(ctx: _Context, cfg: SearchConfig, *, out_dir: str | Path | Non
         summary.cost["full_grid_seconds_estimate"] = round(est, 3)
         summary.cost["wall_ratio_estimate"] = round(wall / est, 4) if est > 0 else None
     if out_dir is not None:
-        from .report import write_report
+        from ..report import write_report
 
         summary.out_dir = str(out_dir)
         summary.files = write_report(summary, out_dir)
@@ -1782,8 +1782,8 @@ def expected_steps(cfg: SearchConfig, total: int) -> int:
 def _choose_step_path(ctx: _Context, cfg: SearchConfig):
     """``--compile auto``: decide compiled vs eager and the memory format before the first
     candidate (``bnnshift.train.choose_step_path``); None for ``--compile on/off``."""
-    from .shift import insert_shifts
-    from .train import DefaultTrainer, StepPathChoice, choose_step_path
+    from ..shift import insert_shifts
+    from ..train import DefaultTrainer, StepPathChoice, choose_step_path
 
     trainer = ctx.trainer
     if cfg.compile != "auto" or not isinstance(trainer, DefaultTrainer):
@@ -1839,7 +1839,7 @@ def _set_path(ctx: _Context, compile_mode: str | None, channels_last: bool) -> N
 
 def _record_compile(ctx: _Context, choice, summary: SearchSummary, clock0: list) -> None:
     """After a compiled search: remember its compile time and compiled step time for next time."""
-    from .train import record_compile
+    from ..train import record_compile
 
     if not (choice.compile and choice.key and summary.compiled and summary.compile_seconds):
         return
@@ -1861,7 +1861,7 @@ def search(cfg: SearchConfig, *, out_dir: str | Path | None = None, resume: bool
     Raises ``TrainingError`` (exit 1) after writing the report if every candidate failed.
     Under ``torchrun`` every rank trains each candidate with DDP (:mod:`bnnshift.parallel`).
     """
-    from .parallel import launched_by_torchrun
+    from ..parallel import launched_by_torchrun
 
     if launched_by_torchrun():
         return _search_ranks(cfg, out_dir=out_dir, resume=resume, force=force, progress=progress, patch_out=patch_out)
@@ -1880,9 +1880,9 @@ def preflight_degenerate(ctx: _Context, shifts: Sequence[float], seed: int) -> d
     The same check as a finished candidate's ``degenerate`` (+1 share exactly 0 or 1 on the probe
     batch, after BN statistics are re-estimated, here on ``PREFLIGHT_RECALIB_BATCHES`` batches),
     on a throwaway copy of the patched model. {} when the search has no probe batch."""
-    from .probe import probe_sites
-    from .shift import insert_shifts
-    from .train import recalibrate_bn
+    from ..probe import probe_sites
+    from ..shift import insert_shifts
+    from ..train import recalibrate_bn
 
     if ctx.probe_x is None or not ctx.sites:
         return {}
@@ -1906,7 +1906,7 @@ def preflight_degenerate(ctx: _Context, shifts: Sequence[float], seed: int) -> d
 def _preflight(ctx: _Context, cfg: SearchConfig) -> list[str]:
     """Stop a search whose every candidate would be degenerate (UsageError, exit 2, before any
     training or output); otherwise the warning lines for the shifts that would be."""
-    from .scan import producer_range
+    from ..scan import producer_range
 
     dead = preflight_degenerate(ctx, cfg.shifts, cfg.seeds[0])
     if not dead:
@@ -1948,7 +1948,7 @@ def _search_owned(cfg: SearchConfig, *, out_dir, resume: bool, force: bool, prog
         summary.step_path = choice.to_json()
         _record_compile(ctx, choice, summary, clock0)
         if summary.out_dir:
-            from .report import write_report
+            from ..report import write_report
 
             summary.files = write_report(summary, summary.out_dir)
     summary.warnings = search_warnings(ctx.sites, summary.candidates, list(cfg.shifts), ctx.warnings) + pre
@@ -1964,7 +1964,7 @@ def _search_ranks(cfg: SearchConfig, *, out_dir, resume: bool, force: bool, prog
     import shutil
     import tempfile
 
-    from .parallel import agree, barrier, broadcast_object, init_from_env
+    from ..parallel import agree, barrier, broadcast_object, init_from_env
 
     if cfg.schedule == "halving" and resume:
         raise UsageError("--resume of a --schedule halving search under torchrun is not supported "
@@ -2014,7 +2014,7 @@ def search_warnings(sites: Sequence[Site], candidates: Sequence[CandidateResult]
                     scan_warnings: Sequence[str] = ()) -> list[str]:
     """What makes a search's ranking lossy: layers that cannot learn (no STE), grid points outside
     a site's bounded range (hardtanh, clamp, tanh, sigmoid, ReLU) and degenerate candidates."""
-    from .scan import producer_range
+    from ..scan import producer_range
 
     out = list(scan_warnings)
     for s in sites:
@@ -2083,11 +2083,11 @@ def search_with(model_factory: Callable[..., nn.Module], train_one_epoch: Callab
 
 def _finish(summary: SearchSummary, ctx: _Context, patch_out, *, force: bool, cfg: SearchConfig | None) -> None:
     if patch_out is not None and summary.winner is not None:
-        from .report import write_patched
+        from ..report import write_patched
 
         summary.patch_out = str(write_patched(ctx, summary, patch_out, force=force, cfg=cfg))
         if summary.out_dir:
-            from .report import write_report
+            from ..report import write_report
 
             summary.files = write_report(summary, summary.out_dir)
     if summary.all_failed:
