@@ -4,7 +4,7 @@ end-to-end run is tests/test_stream.py::test_torchrun_two_processes_gloo."""
 from __future__ import annotations
 
 import bnnshift.parallel as parallel
-import bnnshift.search.loop as search_mod
+import bnnshift.search.candidate as search_mod
 
 
 def _fake(monkeypatch, rank: int, world: int):

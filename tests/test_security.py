@@ -678,7 +678,7 @@ def test_decompression_bomb_image_is_named(tmp_path, monkeypatch):
 
 
 def test_disk_full_while_saving_a_state_is_one_line_and_resumable(tmp_path, monkeypatch):
-    import bnnshift.search.loop as search_mod
+    import bnnshift.search.states as states_mod
 
     real_save = torch.save
 
@@ -688,12 +688,12 @@ def test_disk_full_while_saving_a_state_is_one_line_and_resumable(tmp_path, monk
                                "file data/0: file write failed")
         return real_save(obj, f, *a, **k)
 
-    monkeypatch.setattr(search_mod.torch, "save", full_disk)
+    monkeypatch.setattr(states_mod.torch, "save", full_disk)
     out = tmp_path / "run"
     r = invoke(*HALVING, "--out", out)
     assert r.exit_code == 1, r.stderr
     assert "cannot save the training state" in r.stderr and "states" in r.stderr and "--resume" in r.stderr
     assert "(unexpected;" not in r.stderr
-    monkeypatch.setattr(search_mod.torch, "save", real_save)
+    monkeypatch.setattr(states_mod.torch, "save", real_save)
     r = invoke(*HALVING, "--out", out, "--resume")
     assert r.exit_code == 0, r.stderr

@@ -331,11 +331,12 @@ def test_compile_auto_measures_a_real_streamed_batch(folder, tiny_model, monkeyp
     """--compile auto measures one training step on a --batch-size batch. Streaming, the
     trainer's in-memory tensors hold only the probe samples (here 8 < 32): the batch comes from
     the training loader, in the first seed's order (the same batch the first candidate trains)."""
-    import bnnshift.search.loop as search_mod
+    import bnnshift.search as search_mod
+    import bnnshift.search.context as context_mod
     import bnnshift.train as train_mod
     from bnnshift.search import SearchConfig
 
-    monkeypatch.setattr(search_mod, "PROBE_SAMPLES", 8)
+    monkeypatch.setattr(context_mod, "PROBE_SAMPLES", 8)
     cfg = SearchConfig(model=tiny_model, data=f"imagefolder:{folder}", input_shape=(3, 8, 8), batch_size=32,
                        steps=100, stream="on", workers=0, compile="auto", seeds=[3], bn_recalib_batches=0)
     ctx = search_mod._context(cfg)
