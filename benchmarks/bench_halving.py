@@ -95,7 +95,7 @@ def simulate_halving(curves: dict[float, list[int]], batch: int, total: int, eta
 
 
 def run_case(name: str, seed: int, args) -> dict:
-    from bnnshift.search import SearchConfig, _context, parse_shifts, search
+    from bnnshift.search import SearchConfig, SearchContext, parse_shifts, search
 
     spec, margs = MODELS[name]
     kw = dict(model=spec, data=args.data, model_args=dict(margs), input_shape=(1, 28, 28),
@@ -104,13 +104,14 @@ def run_case(name: str, seed: int, args) -> dict:
     case = {"model": name, "seed": seed, "shifts": kw["shifts"], "train_limit": args.train_limit,
             "batch_size": args.batch_size,
             "eta": args.eta, "min_fraction": args.min_fraction, "compile": args.compile}
-    _context(SearchConfig(**kw)).trainer.record_curve = True
+    ctx = SearchContext.open(SearchConfig(**kw))  # shared by both schedules; its trainer records the curves
+    ctx.trainer.record_curve = True
     real = seed - args.first_seed < args.real_seeds
     order = ("full", "halving") if seed % 2 == 0 else ("halving", "full")  # alternate: load drifts
     for sched in (order if real else ("full",)):
         extra = {"schedule": sched, "eta": args.eta, "min_fraction": args.min_fraction} if sched == "halving" else {}
         t0 = time.perf_counter()
-        s = search(SearchConfig(**kw, **extra))
+        s = search(SearchConfig(**kw, **extra), context=ctx)
         wall = time.perf_counter() - t0
         case[sched] = {"winner": s.winner, "wall": wall, "loop_seconds": s.seconds, "cost": s.cost,
                        "scores": {repr(c.shift): c.score for c in s.candidates},
@@ -133,7 +134,7 @@ def run_case(name: str, seed: int, args) -> dict:
 
 def default_path(args) -> dict:
     from bnnshift.load import load_model
-    from bnnshift.search import _CONTEXTS, SearchConfig, _context, run_candidate, search
+    from bnnshift.search import SearchConfig, SearchContext, run_candidate, search
 
     name = args.models.split(",")[0]
     spec, margs = MODELS[name]
@@ -142,18 +143,17 @@ def default_path(args) -> dict:
                   seeds=[0], batch_size=args.batch_size, train_limit=args.train_limit)
     res: dict = {"model": name, "k": args.k, "train_limit": args.train_limit, "loadavg_start": os.getloadavg()}
     cfg_e = SearchConfig(compile="off", memory_format="contiguous", **common)
-    _context(cfg_e)  # data + scan once (every path gets this setup for free)
+    ctx_e = SearchContext.open(cfg_e)  # data + scan once (every path gets this setup for free)
     t0 = time.perf_counter()
     for t in shifts:  # a plain loop: a fresh model per candidate, eager, NCHW
-        run_candidate(cfg_e, t, 0, model_factory=lambda seed: load_model(spec, args=margs).model)
+        run_candidate(cfg_e, t, 0, model_factory=lambda seed: load_model(spec, args=margs).model, context=ctx_e)
     res["eager_sequential_s"] = time.perf_counter() - t0
     print(f"eager sequential {res['eager_sequential_s']:.1f}s (load {os.getloadavg()[0]:.1f})", flush=True)
     for sched in ("halving", "full"):
-        _CONTEXTS.clear()
         cfg = SearchConfig(schedule=sched, **common)
-        _context(cfg)
+        ctx = SearchContext.open(cfg)
         t0 = time.perf_counter()
-        s = search(cfg)
+        s = search(cfg, context=ctx)
         res[f"default_{sched}_s"] = time.perf_counter() - t0
         res[f"default_{sched}_ratio"] = res[f"default_{sched}_s"] / res["eager_sequential_s"]
         res[f"default_{sched}_step_path"] = s.step_path

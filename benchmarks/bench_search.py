@@ -59,7 +59,7 @@ def main(argv=None) -> int:
                     help="also time eager + channels_last and compiled + contiguous (sequential reuse)")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
-    from bnnshift.search import _CONTEXTS, SearchConfig, _context, run_candidate, search
+    from bnnshift.search import SearchConfig, SearchContext, run_candidate, search
     from bnnshift.train import set_threads
 
     set_threads("cpu")
@@ -76,27 +76,27 @@ def main(argv=None) -> int:
 
     if not a.skip_eager:
         cfg_e = SearchConfig(compile="off", memory_format="contiguous", **common)
-        _context(cfg_e)  # load data + scan once (every path gets this setup for free)
+        ctx = SearchContext.open(cfg_e)  # load data + scan once (every path gets this setup for free)
         t0 = time.perf_counter()
         for s in shifts:  # a plain loop: a fresh model per candidate, eager, NCHW
-            run_candidate(cfg_e, s, 0, model_factory=_factory(cfg_e))
+            run_candidate(cfg_e, s, 0, model_factory=_factory(cfg_e), context=ctx)
         res["eager_seconds"] = time.perf_counter() - t0
         res["eager_peak_share"] = work / res["eager_seconds"] / peak
-        _CONTEXTS.clear()
+        del ctx
     if a.breakdown:
         for label, kw in (("eager_channels_last", dict(compile="off", memory_format="channels_last")),
                           ("compiled_contiguous", dict(compile="auto", memory_format="contiguous"))):
             c = SearchConfig(**kw, **common)
-            _context(c)
+            ctx = SearchContext.open(c)
             t0 = time.perf_counter()
-            search(c)
+            search(c, context=ctx)
             res[f"{label}_seconds"] = time.perf_counter() - t0
-            _CONTEXTS.clear()
+            del ctx
 
     cfg_d = SearchConfig(**common)  # the defaults: compile auto, channels_last for conv models
-    _context(cfg_d)  # data + scan, as above
+    ctx = SearchContext.open(cfg_d)  # data + scan, as above
     t0 = time.perf_counter()
-    summary = search(cfg_d)
+    summary = search(cfg_d, context=ctx)
     res["default_seconds"] = time.perf_counter() - t0
     res["default_compiled"] = summary.compiled
     res["compile_seconds"] = summary.compile_seconds

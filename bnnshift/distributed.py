@@ -47,7 +47,9 @@ from .errors import StorageError
 from .journal import shift_key
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .search import CandidateResult, SearchConfig, SearchSummary
+    from .search.config import SearchConfig
+    from .search.context import SearchContext
+    from .search.results import CandidateResult, SearchSummary
 
 __all__ = ["StorageSpec", "parse_storage", "open_storage", "run_worker", "study_results", "study_summary",
            "parse_heartbeat", "GRID_SAMPLER_SEED", "DEFAULT_HEARTBEAT", "DEFAULT_GRACE"]
@@ -553,7 +555,7 @@ def run_worker(config: "SearchConfig", storage: str, study: str, out_dir: Path |
     different configuration or grid.
     """
     optuna = _optuna()
-    from .search import run_candidate
+    from .search import SearchContext, run_candidate
 
     spec = parse_storage(storage)
     if not study or not str(study).strip():
@@ -562,11 +564,12 @@ def run_worker(config: "SearchConfig", storage: str, study: str, out_dir: Path |
     interval = parse_heartbeat(heartbeat)[0] if spec.kind in ("postgresql", "sqlite") else None
     grid = _grid_of(config)
     sampler = optuna.samplers.GridSampler(grid, seed=GRID_SAMPLER_SEED)
-    pruner = _halving_pruner(optuna, config)
+    ctx = SearchContext.open(config)  # data, scan and patched model: once for every trial of this worker
+    pruner = _halving_pruner(optuna, config, ctx)
     with _storage_errors(spec):
         st = optuna.create_study(study_name=study, storage=store, sampler=sampler, direction="maximize",
                                  load_if_exists=True, pruner=pruner)
-        config_hash = config.config_hash()
+        config_hash = ctx.config_hash
         state = grid_state(st.get_trials(deepcopy=False), grid)
         if st.user_attrs.get(ATTR_HASH) is not None and state.complete:
             _check_or_claim(st, config, config_hash, [])
@@ -574,7 +577,7 @@ def run_worker(config: "SearchConfig", storage: str, study: str, out_dir: Path |
                           f"(bnnshift report --storage ... --study {study})")
             _finish(st, state, config_hash=config_hash, output=output, out_dir=out_dir)
             return []
-        sites = _site_names(config)
+        sites = ctx.site_names
         _check_or_claim(st, config, config_hash, sites)
         _info(output, f"worker {socket.gethostname()}:{os.getpid()} joined study {study!r} on {spec.display} "
                       f"({len(state.points)} candidates, {len(state.done)} done)")
@@ -598,13 +601,13 @@ def run_worker(config: "SearchConfig", storage: str, study: str, out_dir: Path |
                     trial.set_user_attr(ATTR_DUPLICATE, other.number)
                     raise optuna.TrialPruned(f"t={shift:g} seed={seed} is trial {other.number}'s")
             _info(output, f"trial {trial.number}: t={shift:+g} seed={seed} ...")
-            r = run_candidate(config, float(shift), int(seed),
+            r = run_candidate(config, float(shift), int(seed), context=ctx,
                               at_rung=_pruner_feed(trial) if pruner is not None else None)
             trial.set_user_attr(ATTR_RESULT, r.to_json())
             trial.set_user_attr(ATTR_HASH, config_hash)
             mine.append(r)
             stopped = pruner is not None and r.ok and r.rung is not None and r.steps is not None and \
-                r.steps < _total_steps(config)
+                r.steps < ctx.total_steps
             _info(output, f"trial {trial.number}: t={shift:+g} seed={seed}: "
                           + (f"{r.score * 100:.2f}% ({r.seconds or 0:.1f}s)" if r.ok else f"failed: {r.error}")
                           + (f", stopped at rung {r.rung} ({r.steps} steps)" if stopped else ""))
@@ -660,35 +663,20 @@ def _pruner_feed(trial) -> "Callable[[int, int, float], bool]":
     return at_rung
 
 
-def _total_steps(config: "SearchConfig") -> int:
-    from .search import _context
-
-    return _context(config).trainer.num_steps()
-
-
-def _halving_pruner(optuna, config: "SearchConfig"):
+def _halving_pruner(optuna, config: "SearchConfig", ctx: "SearchContext"):
     """``--schedule halving`` on a study: Optuna's ``SuccessiveHalvingPruner`` (asynchronous
     successive halving, Li et al. 2020) with the local schedule's first rung and eta; every
     worker passes the same pruner. None for ``--schedule full``."""
-    if getattr(config, "schedule", "full") != "halving":
+    if getattr(config, "schedule", "full") != "halving":  # Schedule.HALVING
         return None
     from .errors import UsageError
     from .search import rung_steps
 
     if float(config.eta) != int(config.eta):
         raise UsageError(f"--eta {config.eta:g}: the distributed search needs a whole number", hint="e.g. --eta 2")
-    first = rung_steps(_total_steps(config), config.eta, config.min_fraction)[0]
+    first = rung_steps(ctx.total_steps, config.eta, config.min_fraction)[0]
     return optuna.pruners.SuccessiveHalvingPruner(min_resource=int(first), reduction_factor=int(config.eta),
                                                   min_early_stopping_rate=0)
-
-
-def _site_names(config: "SearchConfig") -> list[str]:
-    try:
-        from .search import _context
-
-        return [s.name for s in _context(config).sites]
-    except Exception:  # noqa: BLE001 - names only decorate the report; the candidates carry them too
-        return []
 
 
 def _finish(st, state: GridState, *, config_hash: str, output: Any, out_dir: Path | None) -> None:
@@ -750,14 +738,14 @@ def _summary_from(st, state: GridState | None = None) -> "SearchSummary":
                         sites=sites, config=config, config_hash=attrs.get(ATTR_HASH, ""),
                         metric=attrs.get(ATTR_METRIC) or config.get("metric", "train_acc"), seconds=seconds)
     if config.get("schedule") == "halving":
-        from .search import _cost, rung_steps, rungs_from
+        from .search import rung_steps, rungs_from, step_cost
 
         total = max((r.steps or 0 for r in results), default=0)  # asynchronous halving: the first trial finishes
         plan = rung_steps(total, config.get("eta", 2), config.get("min_fraction", 0.125)) if total else []
         summary.schedule = {"name": "halving", "eta": config.get("eta"), "min_fraction": config.get("min_fraction"),
                             "rung_steps": plan, "pruner": "optuna SuccessiveHalvingPruner (asynchronous)"}
         summary.rungs = rungs_from(results, plan)
-        summary.cost = {**_cost(results, len(grid["shift"]) * len(grid["seed"])),
+        summary.cost = {**step_cost(results, len(grid["shift"]) * len(grid["seed"])),
                         "full_grid_candidate_steps": total * len(grid["shift"]) * len(grid["seed"])}
         cs = summary.cost.get("candidate_steps")
         summary.cost["ratio"] = round(cs / summary.cost["full_grid_candidate_steps"], 4) if cs and total else None

@@ -88,13 +88,14 @@ def test_patch_warns_naming_a_site_it_makes_constant(tmp_path):
 
 
 def test_search_marks_a_candidate_whose_site_is_constant_degenerate(tmp_path):
-    from bnnshift.search import SearchConfig, run_candidate
+    from bnnshift.search import SearchConfig, SearchContext, run_candidate
 
     p = _model_file(tmp_path)
     cfg = SearchConfig(model=f"{p}:build", data="synthetic:128", input_shape=(1, 8, 8), steps=2, batch_size=32,
                        train_limit=128, compile="off")
-    ok = run_candidate(cfg, 0.0, 0)
-    dead = run_candidate(cfg, 1.5, 0)
+    ctx = SearchContext.open(cfg)
+    ok = run_candidate(cfg, 0.0, 0, context=ctx)
+    dead = run_candidate(cfg, 1.5, 0, context=ctx)
     assert ok.degenerate == [] and 0 < ok.plus_fraction["conv1:input"] < 1
     assert dead.degenerate == ["conv1:input"] and dead.plus_fraction["conv1:input"] == 0.0
     assert dead.to_json()["degenerate"] == ["conv1:input"]

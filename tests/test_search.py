@@ -11,7 +11,7 @@ import torch
 
 from bnnshift.errors import UsageError
 from bnnshift.journal import Journal
-from bnnshift.search import SearchConfig, parse_seeds, parse_shifts, run_candidate, search_with
+from bnnshift.search import SearchConfig, SearchContext, parse_seeds, parse_shifts, run_candidate, search_with
 
 ROOT = Path(__file__).resolve().parents[1]
 MLP = dict(model="zoo:mlp", data="fashion-mnist", model_args={"width": 0.25}, train_limit=1024, batch_size=128)
@@ -50,9 +50,10 @@ def test_seeds():
 
 def test_candidates_share_init_and_batches_and_repeat_exactly():
     cfg = SearchConfig(steps=6, compile="off", **MLP)
-    a = run_candidate(cfg, 0.0, 0)
-    b = run_candidate(cfg, 1.0, 0)
-    a2 = run_candidate(cfg, 0.0, 0)  # after another candidate trained the same model object
+    ctx = SearchContext.open(cfg)  # one patched model for every candidate
+    a = run_candidate(cfg, 0.0, 0, context=ctx)
+    b = run_candidate(cfg, 1.0, 0, context=ctx)
+    a2 = run_candidate(cfg, 0.0, 0, context=ctx)  # after another candidate trained the same model object
     assert a.ok and b.ok
     assert a.init_hash == b.init_hash == a2.init_hash
     assert a.batch_order_hash == b.batch_order_hash
@@ -62,25 +63,29 @@ def test_candidates_share_init_and_batches_and_repeat_exactly():
     assert set(a.plus_fraction) == {"bn1:output", "bn2:output"}
     # a larger t means fewer +1 outputs (sign(x - t))
     assert b.plus_fraction_mean < a.plus_fraction_mean
-    other_seed = run_candidate(cfg, 0.0, 1)
+    other_seed = run_candidate(cfg, 0.0, 1, context=ctx)
     assert other_seed.init_hash != a.init_hash and other_seed.batch_order_hash != a.batch_order_hash
 
 
 def test_config_hash_covers_scores_not_grid():
-    h = SearchConfig(steps=6, **MLP).config_hash()
-    assert SearchConfig(steps=6, shifts=[0.0, 2.0], seeds=[0, 5], compile="off", **MLP).config_hash() == h
-    assert SearchConfig(steps=6, lr=0.01, **MLP).config_hash() != h
-    assert SearchConfig(steps=7, **MLP).config_hash() != h
-    assert SearchConfig(steps=6, **{**MLP, "train_limit": 512}).config_hash() != h  # data fingerprint
+    def config_hash(**kw):
+        return SearchContext.open(SearchConfig(**kw)).config_hash
+
+    h = config_hash(steps=6, **MLP)
+    assert config_hash(steps=6, shifts=[0.0, 2.0], seeds=[0, 5], compile="off", **MLP) == h
+    assert config_hash(steps=6, lr=0.01, **MLP) != h
+    assert config_hash(steps=7, **MLP) != h
+    assert config_hash(steps=6, **{**MLP, "train_limit": 512}) != h  # data fingerprint
 
 
 def test_compiled_matches_eager_float64():
     kw = dict(MLP, steps=5, dtype="float64")
     eager = SearchConfig(compile="off", **kw)
     comp = SearchConfig(compile="auto", **kw)
+    ctx_e, ctx_c = SearchContext.open(eager), SearchContext.open(comp)  # compiled once for both shifts
     for t in (0.0, 0.75):
-        e = run_candidate(eager, t, 0)
-        c = run_candidate(comp, t, 0)
+        e = run_candidate(eager, t, 0, context=ctx_e)
+        c = run_candidate(comp, t, 0, context=ctx_c)
         assert c.compiled is True, c.compile_error
         assert e.compiled is False
         assert len(e.first_losses) == 3

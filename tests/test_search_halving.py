@@ -196,7 +196,7 @@ def test_distributed_halving_prunes_at_rungs_with_local_scores(tmp_path):
     from optuna.trial import TrialState
 
     from bnnshift import distributed
-    from bnnshift.search import run_candidate
+    from bnnshift.search import SearchContext, run_candidate
 
     cfg = SearchConfig(steps=16, compile="off", shifts=SHIFTS, schedule="halving", **MLP)
     storage = f"journal:{tmp_path / 'study.log'}"
@@ -210,7 +210,9 @@ def test_distributed_halving_prunes_at_rungs_with_local_scores(tmp_path):
     assert stopped and all(c.steps in (2, 4, 8) and c.rung_scores[-1] == c.score for c in stopped)
     finished = [c for c in summary.candidates if c.steps == 16]
     assert summary.winner in [c.shift for c in finished]
-    full = {t: run_candidate(SearchConfig(steps=16, compile="off", **MLP), t, 0) for t in [c.shift for c in finished]}
+    local = SearchConfig(steps=16, compile="off", **MLP)
+    ctx = SearchContext.open(local)
+    full = {t: run_candidate(local, t, 0, context=ctx) for t in [c.shift for c in finished]}
     assert all(c.score == full[c.shift].score for c in finished)  # paired with the local search
     data = json.loads((tmp_path / "rep" / "search.json").read_text())
     assert data["schedule"]["name"] == "halving" and data["cost"]["candidate_steps"] < 64

@@ -20,9 +20,9 @@ PINNED = [
 
 
 def _open(cfg):
-    from bnnshift.search import _context
+    from bnnshift.search import SearchContext
 
-    return _context(cfg)
+    return SearchContext.open(cfg)
 
 
 @pytest.mark.parametrize("kw,expected", PINNED, ids=["mlp", "halving-output-index", "synthetic"])

@@ -190,17 +190,18 @@ def test_the_benchmark_simulates_the_stop_exactly():
     import importlib.util
     from pathlib import Path
 
-    from bnnshift.search import _context
+    from bnnshift.search import SearchContext
 
     spec = importlib.util.spec_from_file_location("bench_halving", Path(__file__).parents[1] / "benchmarks"
                                                   / "bench_halving.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     shifts = [0.0, 0.25, 3.0, 4.0]
-    trainer = _context(SearchConfig(shifts=shifts, **TINY)).trainer
+    ctx = SearchContext.open(SearchConfig(shifts=shifts, **TINY))  # its trainer records the curves
+    trainer = ctx.trainer
     trainer.record_curve = True
     try:
-        full = search(SearchConfig(shifts=shifts, **TINY))
+        full = search(SearchConfig(shifts=shifts, **TINY), context=ctx)
     finally:
         trainer.record_curve = False
     curves = {c.shift: c.extra["correct_curve"] for c in full.candidates}

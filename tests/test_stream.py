@@ -339,7 +339,7 @@ def test_compile_auto_measures_a_real_streamed_batch(folder, tiny_model, monkeyp
     monkeypatch.setattr(context_mod, "PROBE_SAMPLES", 8)
     cfg = SearchConfig(model=tiny_model, data=f"imagefolder:{folder}", input_shape=(3, 8, 8), batch_size=32,
                        steps=100, stream="on", workers=0, compile="auto", seeds=[3], bn_recalib_batches=0)
-    ctx = search_mod._context(cfg)
+    ctx = search_mod.SearchContext.open(cfg)
     assert ctx.trainer.stream is not None and ctx.trainer.train_x.shape[0] == 8
     seen = {}
 

@@ -178,10 +178,10 @@ def summarise(candidates: list[CandidateResult], *, shifts: list[float], seeds: 
         compiled=comp.compiled if comp else None, compile_seconds=csec,
         compile_error=next((c.compile_error for c in candidates if c.compile_error), None),
         resumed=sum(1 for c in candidates if c.resumed), shared_init=shared_init, shared_batches=shared_batches,
-        cost=_cost(candidates, len(shifts) * len(seeds)))
+        cost=step_cost(candidates, len(shifts) * len(seeds)))
 
 
-def _cost(candidates: list[CandidateResult], n_grid: int) -> dict[str, Any]:
+def step_cost(candidates: list[CandidateResult], n_grid: int) -> dict[str, Any]:
     """Training steps of the schedule (each candidate counted from step 0, resumed ones too)
     against the full grid: every candidate trained for as many steps as the longest one."""
     steps = [c.steps for c in candidates if c.steps is not None]

@@ -12,12 +12,12 @@ from torch import nn
 
 from ..errors import TrainingError, UsageError
 from .config import SearchConfig
-from .context import _Context, _context, init_hash
+from .context import SearchContext, init_hash
 from .results import CandidateResult
 from .schedule import rung_steps
 
 
-def _shared_model(ctx: _Context, seed: int) -> nn.Module:
+def _shared_model(ctx: SearchContext, seed: int) -> nn.Module:
     """The patched model at the initial state of ``seed`` (weights and thresholds reset)."""
     from ..shift import insert_shifts
 
@@ -68,7 +68,7 @@ def _set_shift(model: nn.Module, shift: float) -> None:
             t.fill_(float(shift))
 
 
-def _measure_after(ctx: _Context, model: nn.Module) -> tuple[dict[str, float | None], float | None]:
+def _measure_after(ctx: SearchContext, model: nn.Module) -> tuple[dict[str, float | None], float | None]:
     """+1 share per site at the end and held-out accuracy, on a copy with re-estimated BN stats
     (the trained model itself is not touched: its hooks stay as compiled)."""
     from ..probe import probe_sites
@@ -92,7 +92,7 @@ def _measure_after(ctx: _Context, model: nn.Module) -> tuple[dict[str, float | N
     return plus, val_acc
 
 
-def _result_from(out: Any, *, shift: float, seed: int, ctx: _Context, metric: str,
+def _result_from(out: Any, *, shift: float, seed: int, ctx: SearchContext, metric: str,
                  seconds: float) -> CandidateResult:
     if isinstance(out, (int, float)) and not isinstance(out, bool):
         out = {"score": float(out)}
@@ -137,7 +137,7 @@ def _plain(v: Any) -> bool:
         return False
 
 
-def _run_in_context(ctx: _Context, shift: float, seed: int, metric: str,
+def _run_in_context(ctx: SearchContext, shift: float, seed: int, metric: str,
                     train_one_epoch: Callable | None = None) -> CandidateResult:
     model = _shared_model(ctx, seed)
     _set_shift(model, shift)
@@ -162,7 +162,7 @@ def constant_sites(plus: dict[str, float | None]) -> list[str]:
     return [name for name, v in plus.items() if v is not None and (v <= 0.0 or v >= 1.0)]
 
 
-def _measure_on_main(ctx: _Context, model: nn.Module) -> tuple[dict[str, float | None], float | None, str | None]:
+def _measure_on_main(ctx: SearchContext, model: nn.Module) -> tuple[dict[str, float | None], float | None, str | None]:
     """``_measure_after`` (+1 shares, held-out accuracy) and the probe error, if any, computed on
     rank 0 only: under torchrun the other ranks skip the probes and the ``--val`` pass and get rank
     0's values (``parallel.broadcast_object``). Every rank holds the same model after training
@@ -184,7 +184,7 @@ def _measure_on_main(ctx: _Context, model: nn.Module) -> tuple[dict[str, float |
     return got
 
 
-def _finish_candidate(ctx: _Context, model: nn.Module, r: CandidateResult, metric: str) -> None:
+def _finish_candidate(ctx: SearchContext, model: nn.Module, r: CandidateResult, metric: str) -> None:
     """The end-of-training measurements of a finished candidate: +1 shares, held-out accuracy."""
     plus, val_acc, error = _measure_on_main(ctx, model)
     if error is not None:
@@ -202,7 +202,8 @@ def _finish_candidate(ctx: _Context, model: nn.Module, r: CandidateResult, metri
 def run_candidate(cfg: SearchConfig, shift: float, seed: int, *, model_factory: Callable | None = None,
                   train_one_epoch: Callable | None = None,
                   progress: Callable[[int, int], None] | None = None,
-                  at_rung: Callable[[int, int, float], bool] | None = None) -> CandidateResult:
+                  at_rung: Callable[[int, int, float], bool] | None = None,
+                  context: SearchContext | None = None) -> CandidateResult:
     """Train one candidate: ``cfg``'s model from the ``seed``'s initial weights (or the checkpoint),
     all sites shifted by ``shift``, one epoch (or ``cfg.steps``) in the batch order of ``seed``.
 
@@ -215,8 +216,17 @@ def run_candidate(cfg: SearchConfig, shift: float, seed: int, *, model_factory: 
     ``cfg``'s successive-halving rungs (:func:`rung_steps`) before the last; returning True stops
     the candidate there (its result then has ``rung`` and the score so far). The distributed
     search's pruner decides through it.
+
+    ``context``: a :class:`SearchContext` opened for ``cfg`` (``SearchContext.open(cfg)``) and
+    kept by the caller, so the data, the scan and the patched model (and its compiled step) are
+    built once for many candidates; without it each call opens its own. ``UsageError`` when it was
+    opened for another configuration.
     """
-    ctx = _context(cfg)
+    if context is None:
+        ctx = SearchContext.open(cfg)
+    else:
+        context.check_config(cfg)
+        ctx = context
     if at_rung is not None and train_one_epoch is None and model_factory is None:
         return _run_with_rungs(ctx, cfg, shift, seed, at_rung)
     if model_factory is not None:
@@ -233,7 +243,7 @@ def run_candidate(cfg: SearchConfig, shift: float, seed: int, *, model_factory: 
             ctx.trainer.progress = None
 
 
-def _run_with_rungs(ctx: _Context, cfg: SearchConfig, shift: float, seed: int,
+def _run_with_rungs(ctx: SearchContext, cfg: SearchConfig, shift: float, seed: int,
                     at_rung: Callable[[int, int, float], bool]) -> CandidateResult:
     trainer = ctx.trainer
     model = _shared_model(ctx, seed)

@@ -2,6 +2,8 @@
 except its shift and seed (torch-free: the CLI builds one before importing torch)."""
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -98,14 +100,23 @@ class SearchConfig:
                 d.pop(k, None)
         return d
 
-    def config_hash(self) -> str:
-        """sha256 (16 hex) of every field that changes a score, plus the data fingerprint, the
-        checkpoint's sha256 and the resolved input shape; shifts, seeds, device, compile and
-        output paths are excluded (so a resume with more shifts reuses finished candidates)."""
-        from .context import _context
+    def config_hash(self, *, data_fingerprint: str | None = None, checkpoint_sha256: str | None = None,
+                    input_shape: tuple[int, ...] | None = None) -> str:
+        """The journal's key of this configuration: sha256 (16 hex) of every field that changes a
+        score (:meth:`hashed_fields`), the data fingerprint, the checkpoint's sha256 (None: no
+        checkpoint) and the resolved input shape ``(C, H, W)``; shifts, seeds, device, compile and
+        the schedule are excluded (so a resume with more shifts reuses finished candidates).
 
-        ctx = _context(self)
-        return ctx.config_hash
+        Pure: it loads nothing. The fingerprint and the shape come from the data and the model:
+        ``SearchContext.open(cfg).config_hash`` is this with them. Raises ``TypeError`` without them.
+        """
+        if data_fingerprint is None or input_shape is None:
+            raise TypeError("config_hash() needs data_fingerprint= and input_shape= (it loads nothing): "
+                            "use bnnshift.search.SearchContext.open(cfg).config_hash")
+        h = hashlib.sha256()
+        h.update(json.dumps(self.hashed_fields(), sort_keys=True, default=str).encode())
+        h.update(f"|data={data_fingerprint}|ckpt={checkpoint_sha256}|shape={tuple(input_shape)}".encode())
+        return h.hexdigest()[:16]
 
 
 _HASHED_IF_SET = {"use_ema": False, "allow_nonfinite": False, "output_index": None, "output_key": None}

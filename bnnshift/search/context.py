@@ -3,7 +3,6 @@ and the journal's config hash."""
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import math
 from dataclasses import dataclass, field
@@ -43,8 +42,22 @@ def init_hash(model: nn.Module) -> str:
 
 
 @dataclass
-class _Context:
-    """One configuration's shared state in this process: data, one patched model, sites."""
+class SearchContext:
+    """One configuration's shared state: the data on the training device, the scanned sites, the
+    trainer, one patched model reused by every candidate (weights and thresholds reset between
+    them) and the journal's ``config_hash``.
+
+    Owned by its caller: :meth:`open` builds one (loads the data, builds and scans the model);
+    pass it to :func:`~bnnshift.search.run_candidate` / :func:`~bnnshift.search.search`
+    (``context=``) to reuse it; nothing is cached in the module, so dropping it frees the data and
+    the models. ``model``: the patched model (None until the first candidate); ``sites``: the
+    scan's sites (``bnnshift.sites.Site``); ``factory(seed) -> nn.Module``: a fresh model under
+    ``torch.manual_seed(seed)``; ``trainer``: ``DefaultTrainer`` or the user's
+    ``train_one_epoch``; ``input_shape``: ``(C, H, W)``; ``probe_x``: ``(N, C, H, W)`` inputs of
+    the end-of-candidate probes (float32 / float64, the training device); ``recalib_x``: batches
+    for BN re-estimation; ``val``: held-out ``(inputs, labels)``; ``key``: the configuration it
+    was opened for (:func:`config_key`).
+    """
 
     model: nn.Module | None
     sites: list[Site]
@@ -64,12 +77,34 @@ class _Context:
     warnings: list[str] = field(default_factory=list)  # the scan's (no STE, in-place writes...)
     notes: list[str] = field(default_factory=list)  # said to the user once: load report, shape source, fallbacks
     normalisation: dict[str, Any] | None = None  # DataBundle.normalisation_json(): what the inputs were normalised with
+    key: str | None = None  # config_key() of the SearchConfig it was opened for; None: search_with's
+
+    @classmethod
+    def open(cls, cfg: SearchConfig) -> "SearchContext":
+        """Load ``cfg``'s data, build and scan its model (thresholds at 0 when patched). Raises
+        ``DataError`` (data/model mismatch, no --val split), ``UsageError`` (bad input shape, fewer
+        than 2 classes), ``NoSitesError`` (nothing to shift)."""
+        return _open(cfg)
+
+    @property
+    def total_steps(self) -> int:
+        """Training steps of one candidate (the default trainer's epoch or ``cfg.steps``)."""
+        return int(self.trainer.num_steps())
+
+    @property
+    def site_names(self) -> list[str]:
+        return [s.name for s in self.sites]
+
+    def check_config(self, cfg: SearchConfig) -> None:
+        """``UsageError`` (exit 2) when this context was opened for another configuration: a
+        candidate must never train on the data or model of another one."""
+        if self.key is not None and config_key(cfg) != self.key:
+            raise UsageError("this SearchContext was opened for another configuration",
+                             hint="open one per configuration: SearchContext.open(cfg)")
 
 
-_CONTEXTS: dict[str, _Context] = {}
-
-
-def _cfg_key(cfg: SearchConfig) -> str:
+def config_key(cfg: SearchConfig) -> str:
+    """What a context depends on: every field but the grid and the schedule (JSON, sorted)."""
     d = cfg.to_json()
     for k in ("shifts", "seeds", "schedule", "eta", "min_fraction", "stop_when_stable", "stable_fraction",
               "rung_min_samples"):
@@ -88,12 +123,8 @@ def _load_bundle(cfg: SearchConfig, shape: tuple[int, ...], model: nn.Module | N
                      val_limit=(cfg.val_limit if cfg.val else 0), seed=0, download=cfg.download, **load_kwargs(norm))
 
 
-def _context(cfg: SearchConfig) -> _Context:
-    """Load data, build and scan the model, patch it with all thresholds at 0 (cached)."""
-    key = _cfg_key(cfg)
-    ctx = _CONTEXTS.get(key)
-    if ctx is not None:
-        return ctx
+def _open(cfg: SearchConfig) -> SearchContext:
+    """:meth:`SearchContext.open`: load data, build and scan the model."""
     from ..data import batch_order_hash
     from ..load import choose_input_shape
     from ..scan import resolve_input_shape
@@ -120,7 +151,6 @@ def _context(cfg: SearchConfig) -> _Context:
     if should_stream(cfg.stream, cfg.data, cfg.augment, shape):
         ctx = _stream_context(cfg, loaded, shape, device, dtype)
         ctx.notes = notes
-        _CONTEXTS[key] = ctx
         return ctx
     bundle = _load_bundle(cfg, shape, loaded.model)
     notes.extend(bundle.notes)
@@ -146,22 +176,20 @@ def _context(cfg: SearchConfig) -> _Context:
             channels_last = False
             notes.append(f"channels_last fails on this model ({why}): trained in the contiguous format")
     trainer = DefaultTrainer(cfg, train_x, train_y, channels_last=channels_last, precision=cfg.precision)
-    h = hashlib.sha256()
-    h.update(json.dumps(cfg.hashed_fields(), sort_keys=True, default=str).encode())
-    h.update(f"|data={bundle.fingerprint()}|ckpt={loaded.checkpoint_sha256}|shape={shape}".encode())
     n, bs, steps = int(train_x.shape[0]), cfg.batch_size, trainer.num_steps()
     rg = torch.Generator().manual_seed(12345)
     recalib = [train_x[torch.randperm(n, generator=rg)[:bs]] for _ in range(max(0, cfg.bn_recalib_batches))]
-    ctx = _Context(
+    ctx = SearchContext(
         normalisation=bundle.normalisation_json(),
-        model=None, sites=[], factory=factory, trainer=trainer, config_hash=h.hexdigest()[:16],
+        model=None, sites=[], factory=factory, trainer=trainer, key=config_key(cfg),
+        config_hash=cfg.config_hash(data_fingerprint=bundle.fingerprint(),
+                                    checkpoint_sha256=loaded.checkpoint_sha256, input_shape=shape),
         input_shape=shape, probe_x=train_x[:PROBE_SAMPLES], recalib_x=recalib,
         val=((bundle.val_x.to(device=device, dtype=dtype), bundle.val_y.to(device)) if cfg.val else None),
         batch_hash=lambda seed: batch_order_hash(n, bs, seed=seed, steps=steps),
         name=loaded.spec.canonical(), loaded=loaded, notes=notes)
     ctx.sites = _find_sites(loaded.model, shape, hardtanh=cfg.hardtanh, name=ctx.name, notes=ctx.warnings,
                             batches=[train_x[:256].to(torch.float32).cpu()])
-    _CONTEXTS[key] = ctx
     return ctx
 
 
@@ -179,7 +207,7 @@ def _timm_data_defaults(model: nn.Module) -> dict[str, Any]:
 
 
 def _stream_context(cfg: SearchConfig, loaded: Any, shape: tuple[int, ...], device: torch.device,
-                    dtype: torch.dtype) -> _Context:
+                    dtype: torch.dtype) -> SearchContext:
     """The context of a streamed data set (bnnshift.data.stream): DataLoader workers decode and
     augment; probes, BN re-estimation and --val stream through the eval transform."""
     from ..data.stream import SeededBatchSampler, StreamOptions, eval_batches, make_loader, open_stream
@@ -209,9 +237,6 @@ def _stream_context(cfg: SearchConfig, loaded: Any, shape: tuple[int, ...], devi
     trainer = DefaultTrainer(cfg, probe_x, probe_y,
                              channels_last=channels_last, stream=StreamTrain(loader, sampler, n),
                              precision=cfg.precision)
-    h = hashlib.sha256()
-    h.update(json.dumps(cfg.hashed_fields(), sort_keys=True, default=str).encode())
-    h.update(f"|data={src.fingerprint()}|ckpt={loaded.checkpoint_sha256}|shape={shape}".encode())
     rg = torch.Generator().manual_seed(12345)  # the in-memory path's BN re-estimation draws
     recalib_idx = [i for _ in range(max(0, cfg.bn_recalib_batches)) for i in torch.randperm(n, generator=rg)[:bs].tolist()]
     recalib = eval_batches(src.train_eval, recalib_idx, bs, device=device, dtype=dtype, workers=workers,
@@ -223,8 +248,11 @@ def _stream_context(cfg: SearchConfig, loaded: Any, shape: tuple[int, ...], devi
     src_norm = {"mean": [float(v) for v in src.mean], "std": [float(v) for v in src.std],
                 "source": "given" if (cfg.mean is not None or _timm_data_defaults(loaded.model).get("mean")) else "own",
                 "pixel_mean": None, "pixel_std": None}
-    ctx = _Context(normalisation=src_norm, model=None, sites=[], factory=lambda seed: _build(cfg, seed), trainer=trainer,
-                   config_hash=h.hexdigest()[:16], input_shape=shape, probe_x=probe_x, recalib_x=recalib,
+    ctx = SearchContext(normalisation=src_norm, model=None, sites=[], factory=lambda seed: _build(cfg, seed), trainer=trainer,
+                   config_hash=cfg.config_hash(data_fingerprint=src.fingerprint(),
+                                                   checkpoint_sha256=loaded.checkpoint_sha256,
+                                                   input_shape=shape),
+                   key=config_key(cfg), input_shape=shape, probe_x=probe_x, recalib_x=recalib,
                    val=val, name=loaded.spec.canonical(), loaded=loaded)
     ctx.sites = _find_sites(loaded.model, shape, hardtanh=cfg.hardtanh, name=ctx.name,
                             batches=[probe_x[:256].to(torch.float32).cpu()])
@@ -236,7 +264,7 @@ def _build(cfg: SearchConfig, seed: int) -> nn.Module:
     return _load(cfg).model
 
 
-def _checkpoint_json(ctx: "_Context") -> dict[str, Any] | None:
+def _checkpoint_json(ctx: "SearchContext") -> dict[str, Any] | None:
     loaded = getattr(ctx, "loaded", None)
     return loaded.checkpoint_json() if loaded is not None and hasattr(loaded, "checkpoint_json") else None
 

@@ -29,41 +29,28 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import nn
 
-from .._io import prepare_output_dir
 from ..errors import TrainingError, UsageError
-from ..journal import JOURNAL_NAME, Journal, OutputLock, candidate_key, shift_key
+from ..journal import JOURNAL_NAME, OutputLock, candidate_key, shift_key
 from ..sites import Site
 from ..validate import parse_shifts
 from .aggregate import summarise
 from .candidate import _as_factory, _clone_state, _run_in_context, _set_shift, constant_sites
 from .config import SearchConfig
-from .context import _checkpoint_json, _Context, _context, _find_sites
+from .context import SearchContext, _find_sites
 from .halving import _halving_loop
+from .outputs import attach_context, open_journal, write_outputs
 from .progress import _Progress
 from .results import CandidateResult, SearchSummary
+from .schedule import Schedule
 from .steppath import _choose_step_path, _record_compile, _set_path
 
 
-def _loop(ctx: _Context, *, shifts: list[float], seeds: list[int], metric: str, config: dict[str, Any],
+def _loop(ctx: SearchContext, *, shifts: list[float], seeds: list[int], metric: str, config: dict[str, Any],
           out_dir: str | Path | None, resume: bool, force: bool, progress: Any,
           train_one_epoch: Callable | None, step_progress_target: Any) -> SearchSummary:
     t0 = time.perf_counter()
-    journal = None
-    done: dict = {}
-    if out_dir is not None:
-        out = Path(out_dir)
-        if resume:
-            out.mkdir(parents=True, exist_ok=True)
-            prepare_output_dir(out, force=True)
-        else:
-            prepare_output_dir(out, force=force)
-        journal = Journal(out / JOURNAL_NAME)
-        if resume:
-            done = journal.finished(ctx.config_hash)
-        else:
-            journal.reset()
-    elif resume:
-        raise UsageError("--resume needs --out DIR (the journal lives there)")
+    setup = open_journal(out_dir, resume=resume, force=force, config_hash=ctx.config_hash)
+    journal, done = setup.journal, setup.done
     pr = _Progress(progress)
     todo = [(s, seed) for seed in seeds for s in shifts]
     results: list[CandidateResult] = []
@@ -89,18 +76,14 @@ def _loop(ctx: _Context, *, shifts: list[float], seeds: list[int], metric: str, 
         pr.call("end", r, i, len(todo))
     summary = summarise(results, shifts=shifts, seeds=seeds, sites=[s.name for s in ctx.sites], config=config,
                         config_hash=ctx.config_hash, metric=metric, seconds=time.perf_counter() - t0)
-    summary.checkpoint, summary.notes = _checkpoint_json(ctx), list(getattr(ctx, "notes", []))
-    summary.normalisation = getattr(ctx, "normalisation", None)
-    if out_dir is not None:
-        from ..report import write_report
-
-        summary.out_dir = str(out_dir)
-        summary.files = write_report(summary, out_dir)
+    attach_context(summary, ctx)
+    write_outputs(summary, out_dir)
     return summary
 
 
 def search(cfg: SearchConfig, *, out_dir: str | Path | None = None, resume: bool = False, force: bool = False,
-           progress: Any = None, patch_out: str | Path | None = None) -> SearchSummary:
+           progress: Any = None, patch_out: str | Path | None = None,
+           context: SearchContext | None = None) -> SearchSummary:
     """Run every (shift, seed) candidate of ``cfg`` with the default trainer.
 
     ``out_dir``: journal + search.json/.md/.png (atomic). ``resume`` reuses finished candidates
@@ -110,20 +93,23 @@ def search(cfg: SearchConfig, *, out_dir: str | Path | None = None, resume: bool
     ``patch_out``: write the patched model with the winning shift (``bnnshift.patch``).
     Raises ``TrainingError`` (exit 1) after writing the report if every candidate failed.
     Under ``torchrun`` every rank trains each candidate with DDP (:mod:`bnnshift.parallel`).
+    ``context``: a :class:`SearchContext` opened for ``cfg`` to reuse (data, scan, patched
+    model); by default one is opened here and dropped when the search returns.
     """
     from ..parallel import launched_by_torchrun
 
     if launched_by_torchrun():
-        return _search_ranks(cfg, out_dir=out_dir, resume=resume, force=force, progress=progress, patch_out=patch_out)
+        return _search_ranks(cfg, out_dir=out_dir, resume=resume, force=force, progress=progress, patch_out=patch_out,
+                             context=context)
     with OutputLock(out_dir):  # one owner per --out: a second search is refused before any work
         return _search_owned(cfg, out_dir=out_dir, resume=resume, force=force, progress=progress,
-                             patch_out=patch_out)
+                             patch_out=patch_out, context=context)
 
 
 PREFLIGHT_RECALIB_BATCHES = 2  # BN statistics re-estimated on this many batches before the pre-flight probe
 
 
-def preflight_degenerate(ctx: _Context, shifts: Sequence[float], seed: int) -> dict[float, list[str]]:
+def preflight_degenerate(ctx: SearchContext, shifts: Sequence[float], seed: int) -> dict[float, list[str]]:
     """Before the first candidate (issue 22): the sites each shift makes constant at ``seed``'s
     initial weights, ``{shift: [site names]}`` (only shifts with a constant site).
 
@@ -153,7 +139,7 @@ def preflight_degenerate(ctx: _Context, shifts: Sequence[float], seed: int) -> d
     return out
 
 
-def _preflight(ctx: _Context, cfg: SearchConfig) -> list[str]:
+def _preflight(ctx: SearchContext, cfg: SearchConfig) -> list[str]:
     """Stop a search whose every candidate would be degenerate (UsageError, exit 2, before any
     training or output); otherwise the warning lines for the shifts that would be."""
     from ..scan import producer_range
@@ -176,21 +162,28 @@ def _preflight(ctx: _Context, cfg: SearchConfig) -> list[str]:
             f"{', '.join(sites[:4])} constant at the initial weights: those candidates would be degenerate"]
 
 
+def _open_for(cfg: SearchConfig, context: SearchContext | None) -> SearchContext:
+    if context is None:
+        return SearchContext.open(cfg)
+    context.check_config(cfg)
+    return context
+
+
 def _search_owned(cfg: SearchConfig, *, out_dir, resume: bool, force: bool, progress: Any,
-                  patch_out) -> SearchSummary:
-    ctx = _context(cfg)
+                  patch_out, context: SearchContext | None = None) -> SearchSummary:
+    ctx = _open_for(cfg, context)
     pre = _preflight(ctx, cfg)
     saved = (getattr(ctx.trainer, "compile_mode", None), getattr(ctx.trainer, "channels_last", False))
     try:
         choice = _choose_step_path(ctx, cfg)
         clock0 = list(ctx.trainer.step_clock) if choice is not None else [0, 0.0]
-        if cfg.schedule == "halving":
+        if cfg.schedule == Schedule.HALVING:
             summary = _halving_loop(ctx, cfg, out_dir=out_dir, resume=resume, force=force, progress=progress)
         else:
             summary = _loop(ctx, shifts=list(cfg.shifts), seeds=list(cfg.seeds), metric=cfg.metric,
                             config=cfg.to_json(), out_dir=out_dir, resume=resume, force=force, progress=progress,
                             train_one_epoch=None, step_progress_target=ctx.trainer)
-            summary.schedule = {"name": "full"}
+            summary.schedule = {"name": Schedule.FULL.value}
     finally:  # run_candidate (distributed workers) keeps cfg.compile's own meaning
         if isinstance(saved[0], (str, type(None))) and hasattr(ctx.trainer, "compile_mode"):
             _set_path(ctx, *saved)
@@ -207,7 +200,7 @@ def _search_owned(cfg: SearchConfig, *, out_dir, resume: bool, force: bool, prog
 
 
 def _search_ranks(cfg: SearchConfig, *, out_dir, resume: bool, force: bool, progress: Any,
-                  patch_out) -> SearchSummary:
+                  patch_out, context: SearchContext | None = None) -> SearchSummary:
     """:func:`search` as one rank of a torchrun job: rank 0 writes the journal and the report; the
     other ranks run the same loop on a private copy of rank 0's journal (same candidates skipped
     on --resume) in a temporary directory; all ranks check they agree."""
@@ -216,11 +209,11 @@ def _search_ranks(cfg: SearchConfig, *, out_dir, resume: bool, force: bool, prog
 
     from ..parallel import agree, barrier, broadcast_object, init_from_env
 
-    if cfg.schedule == "halving" and resume:
+    if cfg.schedule == Schedule.HALVING and resume:
         raise UsageError("--resume of a --schedule halving search under torchrun is not supported "
                          "(paused states live on rank 0 only)", hint="resume it in one process, or use --schedule full")
     info = init_from_env(cfg.device)
-    ctx = _context(cfg)
+    ctx = _open_for(cfg, context)
     agree([[shift_key(v) for v in cfg.shifts], list(cfg.seeds), ctx.config_hash], "the candidates and the configuration")
     pre = _preflight(ctx, cfg)  # the same data and weights on every rank: all stop or none
     # --compile auto: rank 0 measures and decides, every rank trains the same way
@@ -240,14 +233,14 @@ def _search_ranks(cfg: SearchConfig, *, out_dir, resume: bool, force: bool, prog
             (tmp / JOURNAL_NAME).write_text(journal_text, encoding="utf-8")
         my_out, my_patch, progress = (tmp if out_dir is not None else None), None, None
     try:
-        if cfg.schedule == "halving":
+        if cfg.schedule == Schedule.HALVING:
             summary = _halving_loop(ctx, cfg, out_dir=my_out, resume=resume, force=force or not info.is_main,
                                     progress=progress)
         else:
             summary = _loop(ctx, shifts=list(cfg.shifts), seeds=list(cfg.seeds), metric=cfg.metric,
                             config=cfg.to_json(), out_dir=my_out, resume=resume, force=force or not info.is_main,
                             progress=progress, train_one_epoch=None, step_progress_target=ctx.trainer)
-            summary.schedule = {"name": "full"}
+            summary.schedule = {"name": Schedule.FULL.value}
         agree([[shift_key(c.shift), c.seed, c.status, c.score] for c in summary.candidates], "the candidates' scores")
         summary.warnings = search_warnings(ctx.sites, summary.candidates, list(cfg.shifts), ctx.warnings) + pre
         _finish(summary, ctx, my_patch, force=force, cfg=cfg)
@@ -319,7 +312,7 @@ def search_with(model_factory: Callable[..., nn.Module], train_one_epoch: Callab
                          "metric": metric, "factory": getattr(model_factory, "__qualname__", str(model_factory)),
                          "trainer": getattr(train_one_epoch, "__qualname__", type(train_one_epoch).__name__)},
                         sort_keys=True, default=str).encode())
-    ctx = _Context(model=None, sites=list(sites), factory=factory, trainer=train_one_epoch,
+    ctx = SearchContext(model=None, sites=list(sites), factory=factory, trainer=train_one_epoch,
                    config_hash=h.hexdigest()[:16], input_shape=shape, probe_x=probe,
                    recalib_x=[probe] if probe is not None else [], fresh_model=not reuse_model, name=name)
     full_config = {"library": True, "input_shape": list(shape), "metric": metric, **config}
@@ -331,7 +324,7 @@ def search_with(model_factory: Callable[..., nn.Module], train_one_epoch: Callab
     return summary
 
 
-def _finish(summary: SearchSummary, ctx: _Context, patch_out, *, force: bool, cfg: SearchConfig | None) -> None:
+def _finish(summary: SearchSummary, ctx: SearchContext, patch_out, *, force: bool, cfg: SearchConfig | None) -> None:
     if patch_out is not None and summary.winner is not None:
         from ..report import write_patched
 

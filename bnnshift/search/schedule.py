@@ -2,6 +2,7 @@
 steps and survivors, --stop-when-stable's marks and decision, the chance and tie rules."""
 from __future__ import annotations
 
+import enum
 import itertools
 import math
 from typing import Any, Callable
@@ -11,6 +12,19 @@ from .config import SearchConfig
 # --stop-when-stable: every survivor must lead every eliminated shift by more than this many
 # paired standard errors of the per-step accuracy differences (stable_decision)
 STABLE_Z = 2.0
+
+
+class Schedule(str, enum.Enum):
+    """``--schedule``: ``full`` trains every (shift, seed) the whole epoch; ``halving`` is successive
+    halving over the shifts (:class:`bnnshift.search.halving.HalvingLoop`). A ``str``: it compares
+    and serialises as its value (``"full"``, ``"halving"``: the JSON strings of ``search.json``);
+    the torch-free choices are ``bnnshift.validate.SCHEDULES``."""
+
+    FULL = "full"
+    HALVING = "halving"
+
+    def __str__(self) -> str:
+        return self.value
 
 
 def rung_steps(total: int, eta: float, min_fraction: float, min_steps: int = 1) -> list[int]:
@@ -184,7 +198,7 @@ def _mean_or_none(vals: list[float | None]) -> float | None:
 def expected_steps(cfg: SearchConfig, total: int) -> int:
     """Training steps the schedule will run (all candidates, all seeds, nothing resumed)."""
     k, s = len(cfg.shifts), len(cfg.seeds)
-    if cfg.schedule != "halving":
+    if cfg.schedule != Schedule.HALVING:
         return k * s * total
     plan, prev, n = rung_steps(total, cfg.eta, cfg.min_fraction, rung_min_steps(cfg)), 0, 0
     for r, steps in enumerate(plan):

@@ -10,12 +10,12 @@ from torch import nn
 
 from ..errors import DataError
 from .config import SearchConfig
-from .context import _Context
+from .context import SearchContext
 from .results import SearchSummary
 from .schedule import expected_steps
 
 
-def _choose_step_path(ctx: _Context, cfg: SearchConfig):
+def _choose_step_path(ctx: SearchContext, cfg: SearchConfig):
     """``--compile auto``: decide compiled vs eager and the memory format before the first
     candidate (``bnnshift.train.choose_step_path``); None for ``--compile on/off``."""
     from ..shift import insert_shifts
@@ -64,7 +64,7 @@ def _step_batch(trainer: Any, cfg: SearchConfig) -> tuple[torch.Tensor, torch.Te
     return xb.to(device=dev, dtype=dt), yb.to(dev)
 
 
-def _set_path(ctx: _Context, compile_mode: str | None, channels_last: bool) -> None:
+def _set_path(ctx: SearchContext, compile_mode: str | None, channels_last: bool) -> None:
     trainer = ctx.trainer
     trainer.compile_mode = compile_mode
     if trainer.channels_last != channels_last:
@@ -73,7 +73,7 @@ def _set_path(ctx: _Context, compile_mode: str | None, channels_last: bool) -> N
             ctx.model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
-def _record_compile(ctx: _Context, choice, summary: SearchSummary, clock0: list) -> None:
+def _record_compile(ctx: SearchContext, choice, summary: SearchSummary, clock0: list) -> None:
     """After a compiled search: remember its compile time and compiled step time for next time."""
     from ..train import record_compile
 
