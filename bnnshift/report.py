@@ -7,15 +7,17 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._io import (LOCK_NAME, atomic_save_safetensors, atomic_write_bytes, atomic_write_json, atomic_write_text,
                   prepare_output_dir)
 from .errors import OutputError
 
-# bnnshift.search.SearchSummary: report sits below search (search writes its report), so it
-# does not import search, not even for type checking (no import circle)
-SearchSummary = Any
+if TYPE_CHECKING:  # pragma: no cover - the types only: search writes its report, so report imports
+    # nothing of search at run time (no import circle); results.py itself imports neither
+    from .search.config import SearchConfig
+    from .search.context import SearchContext
+    from .search.results import SearchSummary
 
 __all__ = ["write_report", "render_markdown", "render_png", "render_table", "write_patched", "verdict",
            "paired_differences", "val_stats", "budget_text", "run_info", "search_json", "halving_groups"]
@@ -504,8 +506,8 @@ def render_table(summary: "SearchSummary"):
 # ------------------------------------------------------------------------------ --patch-out
 
 
-def write_patched(ctx: Any, summary: "SearchSummary", out_dir: str | Path, *, force: bool = False,
-                  cfg: Any = None) -> Path:
+def write_patched(ctx: "SearchContext", summary: "SearchSummary", out_dir: str | Path, *, force: bool = False,
+                  cfg: "SearchConfig | None" = None) -> Path:
     """Write the model (initial weights, or the checkpoint) patched with the winning shift.
 
     Uses ``bnnshift.patch`` (``patch_model`` + ``save_patched``) when it is installed; else a

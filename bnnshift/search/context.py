@@ -78,6 +78,8 @@ class SearchContext:
     notes: list[str] = field(default_factory=list)  # said to the user once: load report, shape source, fallbacks
     normalisation: dict[str, Any] | None = None  # DataBundle.normalisation_json(): what the inputs were normalised with
     key: str | None = None  # config_key() of the SearchConfig it was opened for; None: search_with's
+    # what config_hash was made of besides the config: {data_fingerprint, checkpoint_sha256, input_shape}
+    hash_parts: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def open(cls, cfg: SearchConfig) -> "SearchContext":
@@ -110,6 +112,11 @@ def config_key(cfg: SearchConfig) -> str:
               "rung_min_samples"):
         d.pop(k, None)
     return json.dumps(d, sort_keys=True, default=str)
+
+
+def _hash_parts(data_fingerprint: str, loaded: Any, shape: tuple[int, ...]) -> dict[str, Any]:
+    """The inputs of ``SearchConfig.config_hash`` that come from the data and the model."""
+    return {"data_fingerprint": data_fingerprint, "checkpoint_sha256": loaded.checkpoint_sha256, "input_shape": shape}
 
 
 def _load_bundle(cfg: SearchConfig, shape: tuple[int, ...], model: nn.Module | None = None):
@@ -179,11 +186,11 @@ def _open(cfg: SearchConfig) -> SearchContext:
     n, bs, steps = int(train_x.shape[0]), cfg.batch_size, trainer.num_steps()
     rg = torch.Generator().manual_seed(12345)
     recalib = [train_x[torch.randperm(n, generator=rg)[:bs]] for _ in range(max(0, cfg.bn_recalib_batches))]
+    parts = _hash_parts(bundle.fingerprint(), loaded, shape)
     ctx = SearchContext(
         normalisation=bundle.normalisation_json(),
         model=None, sites=[], factory=factory, trainer=trainer, key=config_key(cfg),
-        config_hash=cfg.config_hash(data_fingerprint=bundle.fingerprint(),
-                                    checkpoint_sha256=loaded.checkpoint_sha256, input_shape=shape),
+        config_hash=cfg.config_hash(**parts), hash_parts=parts,
         input_shape=shape, probe_x=train_x[:PROBE_SAMPLES], recalib_x=recalib,
         val=((bundle.val_x.to(device=device, dtype=dtype), bundle.val_y.to(device)) if cfg.val else None),
         batch_hash=lambda seed: batch_order_hash(n, bs, seed=seed, steps=steps),
@@ -248,10 +255,9 @@ def _stream_context(cfg: SearchConfig, loaded: Any, shape: tuple[int, ...], devi
     src_norm = {"mean": [float(v) for v in src.mean], "std": [float(v) for v in src.std],
                 "source": "given" if (cfg.mean is not None or _timm_data_defaults(loaded.model).get("mean")) else "own",
                 "pixel_mean": None, "pixel_std": None}
+    parts = _hash_parts(src.fingerprint(), loaded, shape)
     ctx = SearchContext(normalisation=src_norm, model=None, sites=[], factory=lambda seed: _build(cfg, seed), trainer=trainer,
-                   config_hash=cfg.config_hash(data_fingerprint=src.fingerprint(),
-                                                   checkpoint_sha256=loaded.checkpoint_sha256,
-                                                   input_shape=shape),
+                   config_hash=cfg.config_hash(**parts), hash_parts=parts,
                    key=config_key(cfg), input_shape=shape, probe_x=probe_x, recalib_x=recalib,
                    val=val, name=loaded.spec.canonical(), loaded=loaded)
     ctx.sites = _find_sites(loaded.model, shape, hardtanh=cfg.hardtanh, name=ctx.name,
