@@ -59,7 +59,7 @@ def simulate_halving(curves: dict[float, list[int]], batch: int, total: int, eta
     Exact, not an approximation: a halving candidate's score at a rung is its train accuracy
     accumulated over the same first steps with the same batches (tests/test_search_halving.py
     checks bitwise equality of the paused-and-continued training). Same ranking rule as
-    ``bnnshift.search._halving_loop``: best score, then smaller |t|. Returns (pick, candidate steps).
+    ``bnnshift.search.halving.HalvingLoop``: best score, then smaller |t|. Returns (pick, candidate steps).
     ``stable_fraction``: with ``--stop-when-stable --stable-fraction F``, asking
     ``bnnshift.search.stable_decision`` at the same steps (``stable_marks``) as the search does.
     """

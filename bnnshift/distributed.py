@@ -705,7 +705,7 @@ def _finish(st, state: GridState, *, config_hash: str, output: Any, out_dir: Pat
 def study_results(st, grid: dict[str, list] | None = None) -> tuple[list["CandidateResult"], GridState]:
     """The deduplicated candidates of a study (one per ``(shift, seed)``, the first COMPLETE
     trial), in the local search's order (seed-major, shifts in grid order)."""
-    from .search import CandidateResult
+    from .search.results import CandidateResult
 
     grid = grid or st.user_attrs.get(ATTR_GRID)
     if not grid:

@@ -34,7 +34,7 @@ MAX_GRID = 10_000  # candidates in one --shifts grid (range or comma list) and s
 MAX_ABS_SHIFT = 1e4  # |t| in pre-activation units; BN-normalised pre-activations are O(1)
 MAX_SEED = 2**63 - 1  # torch.manual_seed takes a 64-bit integer
 # seeds per shift below which a search cannot tell a shift from seed noise: its verdict
-# comparing a shift with t = 0 is "not resolved" (report.verdict, search._noise_note)
+# comparing a shift with t = 0 is "not resolved" (report.verdict, search.aggregate._noise_note)
 MIN_VERDICT_SEEDS = 3
 PROBE_BYTES = 4096  # written (and fsynced) by the writability check: a full disk fails here
 

@@ -202,3 +202,17 @@ def test_results_module_is_torch_free_and_imports_no_other_room():
     mods = {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
     mods |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     assert mods <= {"__future__", "dataclasses", "typing", "_version"}, mods
+
+
+@pytest.mark.parametrize("module", ["distributed", "report", "cli/search"])
+def test_no_module_imports_private_names_of_the_search(module):
+    import ast
+    from pathlib import Path
+
+    import bnnshift
+
+    path = Path(bnnshift.__file__).parent / f"{module}.py"
+    tree = ast.parse(path.read_text())
+    private = [f"{n.module}.{a.name}" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
+               and n.module and "search" in n.module.split(".") for a in n.names if a.name.startswith("_")]
+    assert not private, private

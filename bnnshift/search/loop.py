@@ -1,23 +1,8 @@
-"""Phase 6: the first-epoch calibration search (paper claim 5).
-
-Train ONE short epoch per candidate shift ``t`` and rank the candidates by train accuracy.
-Every candidate starts from the same initial weights (seeded init, or the checkpoint) and
-sees the same batches in the same order (fixed by the seed); only ``t`` differs. Each
-candidate records the sha256 of its initial state_dict and the hash of its batch order, so
-the report can show that this held.
-
-Layers, from the bottom:
-
-* :func:`run_candidate` ``(cfg, shift, seed) -> CandidateResult``: a pure function of its
-  arguments (a worker on another machine gets the same score). In one process it reuses one
-  patched model per configuration (weights and threshold buffers are rewritten in place
-  between candidates), so the compiled training step is built once.
-* :func:`search_with` ``(model_factory, train_one_epoch, shifts, seeds, ...)``: the library
-  entry point for teams with their own training code; patching, same init, journal, resume
-  and report are done around their ``train_one_epoch(model, *, seed, shift)``.
-* :func:`search` ``(cfg)``: the CLI's search; ``search_with`` with the default trainer
-  (:class:`bnnshift.train.DefaultTrainer`).
-"""
+"""The search's entry points: :func:`search` (the CLI's: the default trainer, ``--schedule full``
+or ``halving``, one process or torchrun ranks, the pre-flight check, ``--compile auto``) and
+:func:`search_with` (the library's, around the user's ``train_one_epoch``). Both run the full
+schedule through :func:`_loop` and open the journal with :func:`.outputs.open_journal`; ``search``
+does not call ``search_with``. The package docstring (:mod:`bnnshift.search`) says how it is built."""
 from __future__ import annotations
 
 import hashlib
