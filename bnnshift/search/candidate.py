@@ -184,15 +184,20 @@ def _measure_on_main(ctx: SearchContext, model: nn.Module) -> tuple[dict[str, fl
     return got
 
 
-def _finish_candidate(ctx: SearchContext, model: nn.Module, r: CandidateResult, metric: str) -> None:
-    """The end-of-training measurements of a finished candidate: +1 shares, held-out accuracy."""
-    plus, val_acc, error = _measure_on_main(ctx, model)
+def _record_probes(r: CandidateResult, plus: dict[str, float | None], error: str | None) -> None:
+    """The +1 shares per site into ``r``: their mean, the constant (degenerate) sites, a probe error."""
     if error is not None:
         r.extra["probe_error"] = error
     r.plus_fraction = plus
     r.degenerate = constant_sites(plus)
     vals = [v for v in plus.values() if v is not None]
     r.plus_fraction_mean = sum(vals) / len(vals) if vals else None
+
+
+def _finish_candidate(ctx: SearchContext, model: nn.Module, r: CandidateResult, metric: str) -> None:
+    """The end-of-training measurements of a finished candidate: +1 shares, held-out accuracy."""
+    plus, val_acc, error = _measure_on_main(ctx, model)
+    _record_probes(r, plus, error)
     if val_acc is not None:
         r.val_acc = val_acc
         if metric == "val_acc":

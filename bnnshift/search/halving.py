@@ -11,7 +11,7 @@ import torch
 
 from ..journal import candidate_key, shift_key
 from .aggregate import step_cost, summarise
-from .candidate import _finish_candidate, _measure_on_main, _result_from, _set_shift, _shared_model, constant_sites
+from .candidate import _finish_candidate, _measure_on_main, _record_probes, _result_from, _set_shift, _shared_model
 from .config import SearchConfig
 from .context import SearchContext
 from .outputs import attach_context, open_journal, write_outputs
@@ -177,17 +177,10 @@ class HalvingLoop:
                     hist[key] = (list(cnt.get("step_hits") or []), list(cnt.get("step_seen") or []))
                 continue
             pr.call("start", t, seed, i0 + j, self.n_total)
-            trainer.progress = (lambda d, tt: pr.call("step", d, tt))
             t1 = time.perf_counter()
             model = _shared_model(self.ctx, seed)
             _set_shift(model, t)
-            run = trainer.restore(model, got[1]) if got is not None else trainer.start(model, seed=seed, shift=t)
-            step0 = run.step
-            try:
-                bad = trainer.advance(run, model, c)
-            finally:
-                trainer.progress = None
-            self.trained_steps += run.step - step0
+            run, bad = self._train_on(model, got, t, seed, c)
             if bad is not None:
                 failed[key] = bad
                 self.store.drop(key)
@@ -270,16 +263,19 @@ class HalvingLoop:
 
     def _advance(self, model: torch.nn.Module, key: Key, s: float, seed: int, n_r: int) -> tuple[Any, Any]:
         """Train the candidate from its paused state (or step 0) to step ``n_r``: (run, failure or None)."""
+        got = self.store.get(key)
+        return self._train_on(model, got if got is not None and got[0] <= n_r else None, s, seed, n_r)
+
+    def _train_on(self, model: torch.nn.Module, got: tuple[int, dict] | None, s: float, seed: int,
+                  to: int) -> tuple[Any, Any]:
+        """Restore the paused state ``got`` (None: start at step 0) and train to step ``to``:
+        (run, failure or None); the steps trained are counted."""
         trainer, pr = self.trainer, self.pr
         trainer.progress = (lambda d, t: pr.call("step", d, t))
-        got = self.store.get(key)
-        if got is not None and got[0] <= n_r:
-            run = trainer.restore(model, got[1])
-        else:
-            run = trainer.start(model, seed=seed, shift=s)
+        run = trainer.restore(model, got[1]) if got is not None else trainer.start(model, seed=seed, shift=s)
         step0 = run.step
         try:
-            failed = trainer.advance(run, model, n_r)
+            failed = trainer.advance(run, model, to)
         finally:
             trainer.progress = None
         self.trained_steps += run.step - step0
@@ -401,12 +397,7 @@ class HalvingLoop:
             _set_shift(model, s)
             self.trainer.restore(model, state)
             plus, _val, error = _measure_on_main(ctx, model)
-            if error is not None:
-                res.extra["probe_error"] = error
-            res.plus_fraction = plus
-            res.degenerate = constant_sites(plus)
-            vals = [v for v in plus.values() if v is not None]
-            res.plus_fraction_mean = sum(vals) / len(vals) if vals else None
+            _record_probes(res, plus, error)
         return res
 
     # ------------------------------------------------------------------ the summary
