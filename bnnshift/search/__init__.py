@@ -38,11 +38,11 @@ from .candidate import _measure_after, _measure_on_main, constant_sites, run_can
 from .config import SearchConfig
 from .context import PROBE_SAMPLES, SearchContext, _timm_data_defaults, config_key, init_hash
 from .halving import HalvingLoop
-from .loop import preflight_degenerate, search, search_warnings, search_with
+from .loop import PREFLIGHT_RECALIB_BATCHES, preflight_degenerate, search, search_warnings, search_with
 from .results import CandidateResult, SearchSummary, ShiftStats
 from .schedule import (CHANCE_Z, STABLE_Z, Schedule, expected_steps, rung_decision, rung_min_steps, rung_steps,
                        stable_decision, stable_marks, survivors)
-from .states import _StateStore
+from .states import STATE_MEMORY_BUDGET, _StateStore
 from .steppath import _choose_step_path
 
 __all__ = [
