@@ -221,6 +221,28 @@ def _curves_of(case: dict) -> dict[int, dict[float, list[int]]]:
     return {int(sd): {float(t): v for t, v in cs.items()} for sd, cs in case["full"]["curves"].items()}
 
 
+def as_default_cases(cases: list[dict]) -> list[dict]:
+    """Per-seed full searches of the plain benchmark (one line per model and seed, per-step counts
+    kept) grouped per model into ``--default-verdict`` cases: a multi-seed search's candidate
+    (t, seed) is the single-seed search's (same init, same batches). Their real halving runs are
+    one seed each: no 3-seed wall time (the table says "-")."""
+    out, seen = [c for c in cases if c.get("mode") == "default-verdict"], {}
+    for c in cases:
+        if c.get("mode") or "curves" not in c.get("full", {}):
+            continue
+        g = seen.setdefault(c["model"], {"model": c["model"], "mode": "default-verdict", "shifts": c["shifts"],
+                                          "train_limit": c.get("train_limit"), "batch_size": c.get("batch_size", 256),
+                                          "halving": {}, "from_per_seed": True,
+                                          "full": {"curves": {}, "loop_seconds": 0.0,
+                                                   "total_steps": c["full"]["total_steps"]}})
+        g["full"]["curves"][str(c["seed"])] = c["full"]["curves"]
+        g["full"]["loop_seconds"] += c["full"]["loop_seconds"]
+    for g in seen.values():
+        _, g["full"]["verdict"] = simulate_search(_curves_of(g), batch=g["batch_size"], total=g["full"]["total_steps"],
+                                                  schedule="full")
+    return out + list(seen.values())
+
+
 def default_table(cases: list[dict]) -> list[dict]:
     """Per model and candidate default: how often its verdict (simulated over every subset of the
     5 seeds of its size) agrees with the 5-seed full search's, and its cost against today's
@@ -228,7 +250,7 @@ def default_table(cases: list[dict]) -> list[dict]:
     from itertools import combinations
 
     rows = []
-    for c in [c for c in cases if c.get("mode") == "default-verdict"]:
+    for c in as_default_cases(cases):
         curves = _curves_of(c)
         total, batch = c["full"]["total_steps"], c["batch_size"]
         _, ref = simulate_search(curves, batch=batch, total=total, schedule="full")
@@ -470,7 +492,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.report:
         cases = [json.loads(line) for line in Path(args.report).read_text().splitlines() if line.strip()]
-        if any(c.get("mode") == "default-verdict" for c in cases):
+        if args.default_verdict or any(c.get("mode") == "default-verdict" for c in cases):
             print_default_table(default_table(cases))
             return
         print_table(summarize(cases))
