@@ -253,12 +253,24 @@ def default_table(cases: list[dict]) -> list[dict]:
     for c in as_default_cases(cases):
         curves = _curves_of(c)
         total, batch = c["full"]["total_steps"], c["batch_size"]
-        _, ref = simulate_search(curves, batch=batch, total=total, schedule="full")
+        ref_sum, ref = simulate_search(curves, batch=batch, total=total, schedule="full")
+        ref_stats = {round(st.shift, 6): st for st in ref_sum.stats}
+
+        def confirmed(v: dict) -> bool:
+            """A resolved claim the 5-seed full search makes too: t = 0 ahead, or this shift ahead
+            of t = 0 beyond the 5-seed search's noise."""
+            from bnnshift.search import _seed_noise
+
+            if verdict_kind(v) == "t=0":
+                return verdict_kind(ref) == "t=0"
+            w, b = ref_stats[round(v["winner"], 6)], ref_stats[0.0]
+            return w.mean - b.mean > _seed_noise(w, b)
+
         assert (ref["winner"], ref["text"]) == (c["full"]["verdict"]["winner"], c["full"]["verdict"]["text"])
         full1_steps = total * len(c["shifts"])
         full1_wall = c["full"]["loop_seconds"] / len(curves)  # today's default: one seed of the same grid
         for label, (n, sched, eta, mf) in DEFAULT_CANDIDATES.items():
-            agree = same_winner = cases_n = 0
+            agree = same_winner = cases_n = claims = confirmed_n = 0
             steps = []
             kinds: dict[str, int] = {}
             for sub in combinations(sorted(curves), n):
@@ -269,9 +281,13 @@ def default_table(cases: list[dict]) -> list[dict]:
                 kinds[k] = kinds.get(k, 0) + 1
                 agree += k == verdict_kind(ref) and (k != "shift" or v["winner"] == ref["winner"])
                 same_winner += v["winner"] == ref["winner"]
+                if v["resolved"]:
+                    claims += 1
+                    confirmed_n += confirmed(v)
                 steps.append(sum(x.steps for x in s.candidates) / len(sub))
             real = c["halving"].get(f"eta{eta:g}") if sched == "halving" and n == 3 else None
             rows.append({"model": c["model"], "default": label, "cases": cases_n, "agree": agree,
+                         "claims": claims, "confirmed": confirmed_n, "grid": len(c["shifts"]),
                          "same_best_mean": same_winner, "kinds": kinds, "reference": verdict_kind(ref),
                          "reference_winner": ref["winner"],
                          "steps_vs_today": n * statistics.mean(steps) / full1_steps,
@@ -283,20 +299,23 @@ def default_table(cases: list[dict]) -> list[dict]:
 
 
 def print_default_table(rows: list[dict]) -> None:
-    print("| model | 5-seed full verdict | candidate default | verdict agrees | best mean same | verdicts | "
-          "candidate steps vs today | wall vs today (real run) |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| model (K shifts) | 5-seed full verdict | candidate default | verdict agrees | resolved claims the "
+          "5-seed search confirms | best mean same | verdicts | candidate steps vs today | wall vs today (real run) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         kinds = ", ".join(f"{k} {v}" for k, v in sorted(r["kinds"].items()))
         ref = r["reference"] + (f" t = {r['reference_winner']:g}" if r["reference"] == "shift" else "")
-        print(f"| {r['model']} | {ref} | {r['default']} | {r['agree']}/{r['cases']} | {r['same_best_mean']}/{r['cases']}"
-              f" | {kinds} | {r['steps_vs_today']:.2f}x | {r['wall_vs_today']:.2f}x |")
+        wall = "-" if math.isnan(r["wall_vs_today"]) else f"{r['wall_vs_today']:.2f}x"
+        print(f"| {r['model']} ({r['grid']}) | {ref} | {r['default']} | {r['agree']}/{r['cases']} | "
+              f"{r['confirmed']}/{r['claims']} | {r['same_best_mean']}/{r['cases']} | {kinds} | "
+              f"{r['steps_vs_today']:.2f}x | {wall} |")
     print()
     for label in DEFAULT_CANDIDATES:
         rs = [r for r in rows if r["default"] == label]
         if rs:
             walls = [r["wall_vs_today"] for r in rs if not math.isnan(r["wall_vs_today"])]
             print(f"{label}: verdict agrees in {sum(r['agree'] for r in rs)}/{sum(r['cases'] for r in rs)} "
+                  f"[resolved claims confirmed {sum(r['confirmed'] for r in rs)}/{sum(r['claims'] for r in rs)}] "
                   f"({100 * sum(r['agree'] for r in rs) / sum(r['cases'] for r in rs):.0f}%), candidate steps "
                   f"{statistics.mean(r['steps_vs_today'] for r in rs):.2f}x today's default"
                   + (f", wall {statistics.mean(walls):.2f}x (mean of the models' real runs)" if walls else ""))
