@@ -94,6 +94,233 @@ def simulate_halving(curves: dict[float, list[int]], batch: int, total: int, eta
     raise AssertionError("no last rung")
 
 
+def simulate_search(curves: dict[int, dict[float, list[int]]], *, batch: int, total: int, schedule: str,
+                    eta: float = 2.0, min_fraction: float = 0.125, rung_min_samples: int = 2000,
+                    classes: int | None = 10):
+    """The summary and verdict of a multi-seed search (``--schedule full`` or ``halving``) from the
+    full search's per-step correct counts ``curves[seed][t]`` (cumulative, one per step of the
+    first epoch, full batches of ``batch``): the ranking and rung rules of
+    ``bnnshift.search._halving_loop`` (mean over seeds, best then smaller |t|, the rung minimum,
+    the chance check and exact ties of ``rung_decision``), the verdict of ``bnnshift.report.verdict``
+    from ``bnnshift.search.summarise``. Exact, not an approximation: a paused-and-continued halving
+    candidate scores bitwise what the full candidate scored after as many steps
+    (tests/test_search_halving.py). Returns (summary, verdict)."""
+    from bnnshift.report import verdict
+    from bnnshift.search import (CandidateResult, rung_decision, rung_min_steps, rung_steps, summarise,
+                                 survivors)
+
+    seeds = sorted(curves)
+    shifts = sorted(curves[seeds[0]])
+
+    def score(t: float, seed: int, n: int) -> float:
+        return curves[seed][t][n - 1] / (n * batch)
+
+    def mean(t: float, n: int) -> float:
+        return sum(score(t, sd, n) for sd in seeds) / len(seeds)
+
+    if schedule == "full":
+        cands = [CandidateResult(shift=t, seed=sd, config_hash="sim", status="ok", score=score(t, sd, total),
+                                 steps=total) for sd in seeds for t in shifts]
+        rungs: list[dict] = []
+    else:
+        min_steps = rung_min_steps(type("C", (), {"rung_min_samples": rung_min_samples, "batch_size": batch})())
+        plan = rung_steps(total, eta, min_fraction, min_steps)
+        chance = 1.0 / classes if classes and rung_min_samples else None
+        alive, hist, cands, rungs = list(shifts), {t: [] for t in shifts}, [], []
+        for r, n in enumerate(plan):
+            last = n == total
+            keep_n = 1 if last else survivors(len(alive), eta)
+            for t in alive:
+                hist[t].append(mean(t, n))
+            ranked = sorted(alive, key=lambda t: (mean(t, n), -abs(t)), reverse=True)
+            keep, decision = (ranked, None) if last else rung_decision(
+                ranked, keep_n, lambda t: mean(t, n), samples=n * batch * len(seeds), chance=chance)
+            rungs.append({"rung": r, "steps": n, "candidates": list(alive), "kept": sorted(keep) if not last else [],
+                          "decision": decision})
+            for t in alive:
+                if last or t not in keep:
+                    for sd in seeds:
+                        rs = [score(t, sd, m) for m in plan[:r + 1]]
+                        cands.append(CandidateResult(shift=t, seed=sd, config_hash="sim", status="ok", score=rs[-1],
+                                                     steps=n, rung=r, rung_scores=rs))
+            alive = [t for t in alive if t in keep]
+    summary = summarise(cands, shifts=shifts, seeds=seeds, sites=[], config={}, config_hash="sim",
+                        metric="train_acc", seconds=0.0)
+    summary.rungs = rungs
+    return summary, verdict(summary)
+
+
+def verdict_kind(v: dict) -> str:
+    """'shift' (a shift ahead of t = 0 beyond the noise), 't=0' (t = 0 ahead of every shift beyond
+    the noise), 'tie' (within noise) or 'unresolved' (too few seeds / no comparison)."""
+    if v["resolved"]:
+        return "t=0" if abs(v["winner"] or 0.0) < 1e-9 else "shift"
+    return "tie" if v["tie"] else "unresolved"
+
+
+DEFAULT_CANDIDATES = {  # (label, seeds, schedule, eta, min_fraction): today's default first
+    "today: 1 seed, full": (1, "full", 2.0, 0.125),
+    "3 seeds, full": (3, "full", 2.0, 0.125),
+    "3 seeds, halving eta 2": (3, "halving", 2.0, 0.125),
+    "3 seeds, halving eta 3": (3, "halving", 3.0, 0.125),
+}
+
+
+def default_case(name: str, args) -> dict:
+    """``--default-verdict``: one ``--seeds 5 --schedule full`` search of ``name`` (per-step counts
+    kept: the source of every simulated default search) and real ``--seeds 3 --schedule halving``
+    searches (eta 2 and 3) on seeds 0..2: their wall time, and a check that the simulation gives
+    their verdict, winner and candidate steps."""
+    from bnnshift.report import verdict
+    from bnnshift.search import SearchConfig, _context, parse_shifts, search
+
+    spec, margs = MODELS[name]
+    kw = dict(model=spec, data=args.data, model_args=dict(margs), input_shape=(1, 28, 28),
+              shifts=parse_shifts(args.shifts), compile=args.compile, train_limit=args.train_limit,
+              batch_size=args.batch_size, bn_recalib_batches=0)
+    _context(SearchConfig(**kw, seeds=[0])).trainer.record_curve = True
+    case: dict = {"model": name, "mode": "default-verdict", "shifts": kw["shifts"], "train_limit": args.train_limit,
+                  "batch_size": args.batch_size, "compile": args.compile, "seeds": args.seeds,
+                  "loadavg_start": os.getloadavg(), "halving": {}}
+    seeds_all = list(range(args.first_seed, args.first_seed + args.seeds))
+    runs = [("halving", 2.0), ("full", None), ("halving", 3.0)]
+    for sched, eta in runs:
+        seeds = seeds_all if sched == "full" else seeds_all[:3]
+        extra = {"schedule": "halving", "eta": eta, "min_fraction": args.min_fraction} if sched == "halving" else {}
+        t0 = time.perf_counter()
+        s = search(SearchConfig(**kw, seeds=seeds, **extra))
+        wall = time.perf_counter() - t0
+        rec = {"winner": s.winner, "wall": wall, "loop_seconds": s.seconds, "cost": s.cost, "verdict": verdict(s),
+               "seeds": seeds, "load": os.getloadavg()[0]}
+        if sched == "full":
+            rec["total_steps"] = s.candidates[0].steps
+            rec["curves"] = {str(c.seed): {} for c in s.candidates}
+            for c in s.candidates:
+                rec["curves"][str(c.seed)][repr(c.shift)] = c.extra.pop("correct_curve")
+            rec["scores"] = {f"{c.seed}:{c.shift!r}": c.score for c in s.candidates}
+            rec["candidate_seconds"] = {f"{c.seed}:{c.shift!r}": c.seconds for c in s.candidates}
+            case["full"] = rec
+        else:
+            rec["rungs"] = s.rungs
+            case["halving"][f"eta{eta:g}"] = rec
+        print(f"{name} {sched}{'' if eta is None else f' eta {eta:g}'} seeds {seeds}: {wall:.1f}s, "
+              f"{verdict_kind(rec['verdict'])} (t = {s.winner}), load {rec['load']:.1f}", flush=True)
+    curves = _curves_of(case)
+    for key, rec in case["halving"].items():  # the simulation is the real search
+        _, v = simulate_search({sd: curves[sd] for sd in rec["seeds"]}, batch=args.batch_size,
+                               total=case["full"]["total_steps"], schedule="halving", eta=float(key[3:]),
+                               min_fraction=args.min_fraction)
+        rec["simulation_matches"] = (v["winner"], v["text"]) == (rec["verdict"]["winner"], rec["verdict"]["text"])
+        if not rec["simulation_matches"]:  # kept in the jsonl and said: the table's simulated rows are then in doubt
+            print(f"SIMULATION MISMATCH {name} {key}: {v['text']!r} vs real {rec['verdict']['text']!r}", flush=True)
+    case["loadavg_end"] = os.getloadavg()
+    return case
+
+
+def _curves_of(case: dict) -> dict[int, dict[float, list[int]]]:
+    return {int(sd): {float(t): v for t, v in cs.items()} for sd, cs in case["full"]["curves"].items()}
+
+
+def as_default_cases(cases: list[dict]) -> list[dict]:
+    """Per-seed full searches of the plain benchmark (one line per model and seed, per-step counts
+    kept) grouped per model into ``--default-verdict`` cases: a multi-seed search's candidate
+    (t, seed) is the single-seed search's (same init, same batches). Their real halving runs are
+    one seed each: no 3-seed wall time (the table says "-")."""
+    out, seen = [c for c in cases if c.get("mode") == "default-verdict"], {}
+    for c in cases:
+        if c.get("mode") or "curves" not in c.get("full", {}):
+            continue
+        g = seen.setdefault(c["model"], {"model": c["model"], "mode": "default-verdict", "shifts": c["shifts"],
+                                          "train_limit": c.get("train_limit"), "batch_size": c.get("batch_size", 256),
+                                          "halving": {}, "from_per_seed": True,
+                                          "full": {"curves": {}, "loop_seconds": 0.0,
+                                                   "total_steps": c["full"]["total_steps"]}})
+        g["full"]["curves"][str(c["seed"])] = c["full"]["curves"]
+        g["full"]["loop_seconds"] += c["full"]["loop_seconds"]
+    for g in seen.values():
+        _, g["full"]["verdict"] = simulate_search(_curves_of(g), batch=g["batch_size"], total=g["full"]["total_steps"],
+                                                  schedule="full")
+    return out + list(seen.values())
+
+
+def default_table(cases: list[dict]) -> list[dict]:
+    """Per model and candidate default: how often its verdict (simulated over every subset of the
+    5 seeds of its size) agrees with the 5-seed full search's, and its cost against today's
+    default (1 seed, full): candidate steps, and the real runs' wall time."""
+    from itertools import combinations
+
+    rows = []
+    for c in as_default_cases(cases):
+        curves = _curves_of(c)
+        total, batch = c["full"]["total_steps"], c["batch_size"]
+        ref_sum, ref = simulate_search(curves, batch=batch, total=total, schedule="full")
+        ref_stats = {round(st.shift, 6): st for st in ref_sum.stats}
+
+        def confirmed(v: dict) -> bool:
+            """A resolved claim the 5-seed full search makes too: t = 0 ahead, or this shift ahead
+            of t = 0 beyond the 5-seed search's noise."""
+            from bnnshift.search import _seed_noise
+
+            if verdict_kind(v) == "t=0":
+                return verdict_kind(ref) == "t=0"
+            w, b = ref_stats[round(v["winner"], 6)], ref_stats[0.0]
+            return w.mean - b.mean > _seed_noise(w, b)
+
+        assert (ref["winner"], ref["text"]) == (c["full"]["verdict"]["winner"], c["full"]["verdict"]["text"])
+        full1_steps = total * len(c["shifts"])
+        full1_wall = c["full"]["loop_seconds"] / len(curves)  # today's default: one seed of the same grid
+        for label, (n, sched, eta, mf) in DEFAULT_CANDIDATES.items():
+            agree = same_winner = cases_n = claims = confirmed_n = 0
+            steps = []
+            kinds: dict[str, int] = {}
+            for sub in combinations(sorted(curves), n):
+                s, v = simulate_search({sd: curves[sd] for sd in sub}, batch=batch, total=total, schedule=sched,
+                                       eta=eta, min_fraction=mf)
+                cases_n += 1
+                k = verdict_kind(v)
+                kinds[k] = kinds.get(k, 0) + 1
+                agree += k == verdict_kind(ref) and (k != "shift" or v["winner"] == ref["winner"])
+                same_winner += v["winner"] == ref["winner"]
+                if v["resolved"]:
+                    claims += 1
+                    confirmed_n += confirmed(v)
+                steps.append(sum(x.steps for x in s.candidates) / len(sub))
+            real = c["halving"].get(f"eta{eta:g}") if sched == "halving" and n == 3 else None
+            rows.append({"model": c["model"], "default": label, "cases": cases_n, "agree": agree,
+                         "claims": claims, "confirmed": confirmed_n, "grid": len(c["shifts"]),
+                         "same_best_mean": same_winner, "kinds": kinds, "reference": verdict_kind(ref),
+                         "reference_winner": ref["winner"],
+                         "steps_vs_today": n * statistics.mean(steps) / full1_steps,
+                         "wall_vs_today": (real["loop_seconds"] / full1_wall) if real else
+                         (n if sched == "full" else float("nan")),
+                         "wall_estimate_vs_today": 3 * real["cost"].get("wall_ratio_estimate", float("nan"))
+                         if real and real["cost"].get("wall_ratio_estimate") else float("nan")})
+    return rows
+
+
+def print_default_table(rows: list[dict]) -> None:
+    print("| model (K shifts) | 5-seed full verdict | candidate default | verdict agrees | resolved claims the "
+          "5-seed search confirms | best mean same | verdicts | candidate steps vs today | wall vs today (real run) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        kinds = ", ".join(f"{k} {v}" for k, v in sorted(r["kinds"].items()))
+        ref = r["reference"] + (f" t = {r['reference_winner']:g}" if r["reference"] == "shift" else "")
+        wall = "-" if math.isnan(r["wall_vs_today"]) else f"{r['wall_vs_today']:.2f}x"
+        print(f"| {r['model']} ({r['grid']}) | {ref} | {r['default']} | {r['agree']}/{r['cases']} | "
+              f"{r['confirmed']}/{r['claims']} | {r['same_best_mean']}/{r['cases']} | {kinds} | "
+              f"{r['steps_vs_today']:.2f}x | {wall} |")
+    print()
+    for label in DEFAULT_CANDIDATES:
+        rs = [r for r in rows if r["default"] == label]
+        if rs:
+            walls = [r["wall_vs_today"] for r in rs if not math.isnan(r["wall_vs_today"])]
+            print(f"{label}: verdict agrees in {sum(r['agree'] for r in rs)}/{sum(r['cases'] for r in rs)} "
+                  f"[resolved claims confirmed {sum(r['confirmed'] for r in rs)}/{sum(r['claims'] for r in rs)}] "
+                  f"({100 * sum(r['agree'] for r in rs) / sum(r['cases'] for r in rs):.0f}%), candidate steps "
+                  f"{statistics.mean(r['steps_vs_today'] for r in rs):.2f}x today's default"
+                  + (f", wall {statistics.mean(walls):.2f}x (mean of the models' real runs)" if walls else ""))
+
+
 def run_case(name: str, seed: int, args) -> dict:
     from bnnshift.search import SearchConfig, SearchContext, parse_shifts, search
 
@@ -278,9 +505,15 @@ def main() -> None:
     ap.add_argument("--default-path", action="store_true",
                     help="time the default search (compile auto) full and halving vs an eager sequential loop")
     ap.add_argument("--k", type=int, default=6, help="--default-path: number of shifts")
+    ap.add_argument("--default-verdict", action="store_true",
+                    help="per model: a 5-seed full search (the reference verdict, and the source of every simulated "
+                         "3-seed default) and real 3-seed halving searches (eta 2, 3): the default's verdict and cost")
     args = ap.parse_args()
     if args.report:
         cases = [json.loads(line) for line in Path(args.report).read_text().splitlines() if line.strip()]
+        if args.default_verdict or any(c.get("mode") == "default-verdict" for c in cases):
+            print_default_table(default_table(cases))
+            return
         print_table(summarize(cases))
         schedule_table(cases)
         stable_table(cases)
@@ -295,6 +528,15 @@ def main() -> None:
         if args.out:
             with open(args.out, "a") as fh:
                 fh.write(json.dumps(res, default=str) + "\n")
+        return
+    if args.default_verdict:
+        cases = []
+        for name in args.models.split(","):
+            cases.append(default_case(name, args))
+            if args.out:
+                with open(args.out, "a") as fh:
+                    fh.write(json.dumps(cases[-1]) + "\n")
+        print_default_table(default_table(cases))
         return
     cases = []
     for name in args.models.split(","):

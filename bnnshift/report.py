@@ -100,7 +100,9 @@ def verdict(summary: "SearchSummary") -> dict[str, Any]:
     is ahead of t = 0 beyond the seed noise (``summary.ahead_of_baseline``), and t = 0 only when
     it is ahead of the best other shift beyond the noise (``summary.baseline_ahead``); else "tie
     within noise", whichever of the two has the better mean. ``resolved`` is true only when such
-    a comparison beyond the noise exists (a winner, shift or t = 0); a tie is not resolved. With
+    a comparison beyond the noise exists (a winner, shift or t = 0) over the epoch; a tie is not
+    resolved, nor is a lead beyond the noise at an early successive-halving rung where one of the
+    two stopped (``EARLY_RUNG``). With
     fewer than ``validate.MIN_VERDICT_SEEDS`` (3) seeds per shift there is no noise estimate:
     "not resolved" (``resolved`` false, ``tie`` false). Notes: too few seeds, a winner at the
     edge of the grid, a search from a trained checkpoint (the paper searches from scratch,
@@ -117,11 +119,20 @@ def verdict(summary: "SearchSummary") -> dict[str, Any]:
     base_ahead = getattr(summary, "baseline_ahead", None)
     if w is None:
         text = "no winner: every candidate failed"
+    elif summary.ahead_of_baseline and _early_rung(summary, w):
+        diff, where = _diff_to_baseline(summary, w)
+        text = f"not resolved (t = {w:g}: {diff * 100:+.2f} points vs t = 0{where}; {EARLY_RUNG}"
+        notes.append(summary.noise_note)
     elif summary.ahead_of_baseline:
         resolved = True
         text = f"t = {w:g} ({summary.noise_note})"
     elif _key(w) == _key(0.0):
-        if base_ahead:
+        if base_ahead and runner is not None and _early_rung(summary, runner):
+            diff, where = _diff_to_baseline(summary, runner)
+            text = (f"not resolved (t = 0 scores best; best shift t = {runner:g}: {diff * 100:+.2f} points vs "
+                    f"t = 0{where}; {EARLY_RUNG}")
+            notes.append(summary.noise_note)
+        elif base_ahead:
             resolved = True
             text = f"t = 0 (no shift) scores best ({summary.noise_note})"
         elif base_ahead is False and runner is not None:
@@ -156,6 +167,21 @@ def verdict(summary: "SearchSummary") -> dict[str, Any]:
         notes.append("searched from a trained checkpoint: the paper searches from scratch (random or full-precision "
                      "init, docs/paper.md); weights and BN statistics trained at t = 0 favour t = 0")
     return {"text": text, "winner": w, "tie": tie, "resolved": resolved, "notes": notes}
+
+
+# successive halving: a lead beyond the noise at an early rung is no verdict (measured, docs/search.md
+# "would --seeds 3 --schedule halving answer": none of 7 such claims did a 5-seed full search make)
+EARLY_RUNG = ("beyond the noise only at that rung: an early rung's lead does not predict the epoch's; "
+              "rerun with --schedule full for a verdict)")
+
+
+def _early_rung(summary: "SearchSummary", w: float) -> bool:
+    """Whether successive halving stopped t = 0 or shift ``w`` at an earlier rung than the other
+    (their comparison is then at that rung, not over the epoch)."""
+    stats = {_key(st.shift): st for st in summary.stats}
+    ws, bs = stats.get(_key(w)), stats.get(_key(0.0))
+    return (ws is not None and bs is not None and ws.rung is not None and bs.rung is not None
+            and ws.rung != bs.rung)
 
 
 def _diff_to_baseline(summary: "SearchSummary", w: float) -> tuple[float, str]:

@@ -151,3 +151,44 @@ def test_t0_ahead_beyond_noise_is_resolved():
     assert v["text"].startswith("t = 0 (no shift) scores best (t = 0 is ahead of the best shift t = 0.5 by +10.00")
     data = json.loads(json.dumps(__import__("bnnshift.report", fromlist=["search_json"]).search_json(s)))
     assert data["runner_up"] == 0.5 and data["baseline_ahead"] is True and data["verdict"]["resolved"] is True
+
+
+def _halving_summary(rows, seeds=(0, 1, 2)):
+    """A successive-halving summary from ``rows``: shift -> (rung stopped, [score per rung] per seed)."""
+    from bnnshift.search import CandidateResult, summarise
+
+    cands = [CandidateResult(shift=t, seed=sd, config_hash="h", status="ok", score=per_seed[i][-1],
+                             steps=(8, 15, 60)[rung], rung=rung, rung_scores=list(per_seed[i]))
+             for t, (rung, per_seed) in rows.items() for i, sd in enumerate(seeds)]
+    return summarise(cands, shifts=sorted(rows), seeds=list(seeds), sites=[], config={}, config_hash="h",
+                     metric="train_acc", seconds=0.0)
+
+
+@pytest.mark.parametrize("lead_at_rung_0", [0.011, 0.05])
+def test_a_lead_at_an_early_halving_rung_is_not_a_verdict(lead_at_rung_0):
+    """t = 0 stopped at rung 0 where the winner led beyond the seed noise (the benchmark's MLP:
+    +1.07 points vs noise 0.99 after 8 steps, a tie after the epoch): not resolved, and why."""
+    b0 = [0.50, 0.51, 0.505]
+    rows = {0.0: (0, [[v] for v in b0]),
+            1.0: (0, [[v - 0.05] for v in b0]),
+            -0.5: (2, [[v + lead_at_rung_0, 0.70, 0.80] for v in b0]),
+            0.5: (1, [[v, 0.69] for v in b0])}
+    s = _halving_summary(rows)
+    assert s.winner == -0.5 and s.ahead_of_baseline is True  # beyond the noise at rung 0
+    v = verdict(s)
+    assert not v["resolved"] and not v["tie"] and v["text"].startswith("not resolved (t = -0.5: +")
+    assert "at rung 0, after 8 steps, where t = 0 stopped" in v["text"] and "--schedule full" in v["text"]
+    assert v["notes"] and v["notes"][0] == s.noise_note
+
+
+def test_halving_verdicts_where_both_reached_the_last_rung_stay_resolved():
+    b0 = [0.80, 0.81, 0.805]
+    rows = {0.0: (2, [[0.5, 0.6, v] for v in b0]), 0.5: (2, [[0.5, 0.6, v + 0.05] for v in b0]),
+            1.0: (0, [[0.4] for _ in b0])}
+    v = verdict(_halving_summary(rows))
+    assert v["resolved"] and v["text"].startswith("t = 0.5 (")
+    # t = 0 best at the end, ahead beyond the noise of a shift that stopped early: not resolved
+    rows = {0.0: (2, [[0.5, 0.6, v] for v in b0]), 0.5: (0, [[0.45] for _ in b0]), 1.0: (0, [[0.4, ] for _ in b0])}
+    rows[0.5] = (0, [[0.45 + d] for d in (0.0, 0.002, 0.001)])
+    v = verdict(_halving_summary(rows))
+    assert not v["resolved"] and v["text"].startswith("not resolved (t = 0 scores best; best shift t = 0.5")

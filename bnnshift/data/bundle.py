@@ -51,6 +51,9 @@ class DataBundle:
     pixel_mean: tuple[float, ...] | None = None
     pixel_std: tuple[float, ...] | None = None
     notes: list[str] = field(default_factory=list)  # said to the user (normalisation not applied, ...)
+    # several inputs per sample (``forward(x, mask)``): train_x / val_x hold them packed as
+    # (N, 1, 1, F) float32 and this is their layout (bnnshift.data.multi); None: one input
+    inputs: list[dict[str, Any]] | None = None
 
     def normalisation_json(self) -> dict[str, Any]:
         """``{"mean", "std", "source", "pixel_mean", "pixel_std"}``: what the inputs were normalised with."""
@@ -67,6 +70,8 @@ class DataBundle:
         """
         h = hashlib.sha256()
         h.update(f"classes={self.num_classes};shape={tuple(self.input_shape)}".encode())
+        if self.inputs:
+            h.update(f";inputs={[(d['shape'], d['dtype']) for d in self.inputs]}".encode())
         for label, x, y in (("train", self.train_x, self.train_y), ("val", self.val_x, self.val_y)):
             if x is None or y is None:
                 h.update(f";{label}=none".encode())
@@ -232,6 +237,10 @@ def _fit_input_shape(bundle: DataBundle, input_shape: tuple[int, int, int] | Non
         return bundle
     c, h, w = input_shape
     dc, dh, dw = bundle.input_shape
+    if bundle.inputs and tuple(input_shape) != tuple(bundle.input_shape):
+        raise DataError(f"data set {bundle.name} hands {len(bundle.inputs)} inputs per sample: an input shape "
+                        f"{c},{h},{w} (--input-shape or the model's metadata) does not apply",
+                        hint="drop --input-shape; the data function's inputs are used as they are")
     if c != dc:
         raise DataError(
             f"the model expects {c} input channel{'s' if c != 1 else ''} but data set "

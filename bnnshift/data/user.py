@@ -13,6 +13,7 @@ import torch
 
 from ..errors import DataError, SpecError
 from .bundle import DataBundle, _normalise_uint8, _subset_indices, broadcast_norm, pixel_stats
+from .multi import is_multi, pack, packed_shape
 from .spec import _known_kinds_text
 
 def _resolve_function(kind: str, ref: str) -> tuple[Callable[..., Any], str]:
@@ -93,13 +94,19 @@ def _dataset_to_tensors(ds: Any, limit: int | None, seed: int, salt: int, where:
         item = ds[i]
         if not isinstance(item, (tuple, list)) or len(item) < 2:
             raise DataError(f"{where}: data set items must be (x, y) pairs, got {type(item).__name__}")
-        xs.append(_to_tensor(item[0]))
+        x0 = item[0]  # one input, or several ((x, mask), y): bnnshift.data.multi
+        xs.append(tuple(_to_tensor(v) for v in x0) if isinstance(x0, (tuple, list)) else _to_tensor(x0))
         ys.append(int(_to_tensor(item[1]).reshape(-1)[0]))
     if not xs:
         raise DataError(f"{where}: the data set is empty")
     try:
-        x = torch.stack(xs)
-    except RuntimeError as exc:
+        if isinstance(xs[0], tuple):
+            if len({len(v) for v in xs}) != 1:
+                raise RuntimeError("items hand different numbers of inputs")
+            x: Any = tuple(torch.stack(parts) for parts in zip(*xs))
+        else:
+            x = torch.stack(xs)
+    except (RuntimeError, TypeError) as exc:
         raise DataError(f"{where}: samples have different shapes ({exc})", hint="resize them in the data set's transform") from None
     return x, torch.tensor(ys, dtype=torch.int64)
 
@@ -181,10 +188,13 @@ def _load_user(kind: str, ref: str, input_shape, download, train_limit, val_limi
     def is_array(v: Any) -> bool:
         return isinstance(v, torch.Tensor) or type(v).__module__ == "numpy"
 
-    if len(out) == 4 and all(is_array(v) or v is None for v in out):  # (x, y, val_x, val_y)
-        tx, ty, vx, vy = (None if v is None else _to_tensor(v) for v in out)
-    elif len(out) == 2 and is_array(out[0]) and is_array(out[1]):
-        tx, ty, vx, vy = _to_tensor(out[0]), _to_tensor(out[1]), None, None
+    def tensors(v: Any) -> Any:  # one input, or several ((x, mask), ...): bnnshift.data.multi
+        return tuple(_to_tensor(p) for p in v) if is_multi(v) else _to_tensor(v)
+
+    if len(out) == 4 and all(is_array(v) or is_multi(v) or v is None for v in out):  # (x, y, val_x, val_y)
+        tx, ty, vx, vy = (None if v is None else tensors(v) for v in out)
+    elif len(out) == 2 and (is_array(out[0]) or is_multi(out[0])) and is_array(out[1]):
+        tx, ty, vx, vy = tensors(out[0]), _to_tensor(out[1]), None, None
     elif len(out) == 2:
         tx, ty = _dataset_to_tensors(out[0], train_limit, seed, 1, where)
         vx = vy = None
@@ -192,9 +202,34 @@ def _load_user(kind: str, ref: str, input_shape, download, train_limit, val_limi
             vx, vy = _dataset_to_tensors(out[1], val_limit, seed, 2, where)
     else:
         raise DataError(f"{where} returned a 4-tuple that is not tensors (x, y, val_x, val_y)")
+    if isinstance(tx, tuple) or isinstance(vx, tuple):
+        return _finish_multi(tx, ty, vx, vy, canonical, norm, where)
     if tx is None or ty is None or tx.shape[0] != ty.reshape(-1).shape[0]:
         raise DataError(f"{where}: x and y have different lengths")
     return _finish_user_tensors(tx, ty, vx, vy, canonical, norm)
+
+
+def _finish_multi(tx: Any, ty: torch.Tensor, vx: Any, vy: torch.Tensor | None, name: str, norm, where: str
+                  ) -> DataBundle:
+    """Several inputs per sample (``((x, mask), y)``): the first input normalised as a single
+    input is (its own per-sample shape kept), the others as given; both splits packed
+    (:func:`bnnshift.data.multi.pack`), the layout in ``bundle.inputs``."""
+    if not isinstance(tx, tuple) or (vx is not None and not isinstance(vx, tuple)):
+        raise DataError(f"{where}: one split hands several inputs, the other one",
+                        hint="return ((x, mask), y, (val_x, val_mask), val_y) or drop the held-out split")
+    if tx[0].shape[0] != ty.reshape(-1).shape[0]:
+        raise DataError(f"{where}: x and y have different lengths")
+    b = _finish_user_tensors(tx[0], ty, vx[0] if vx is not None else None, vy, name, norm)
+    first = b.train_x.reshape(tx[0].shape) if tx[0].dim() != 4 else b.train_x
+    b.train_x, b.inputs = pack((first, *tx[1:]), where)
+    if vx is not None and b.val_x is not None:
+        vfirst = b.val_x.reshape(vx[0].shape) if vx[0].dim() != 4 else b.val_x
+        b.val_x, _ = pack((vfirst, *vx[1:]), where + " (held-out split)", b.inputs)
+    b.input_shape = packed_shape(b.inputs)
+    b.notes.append(f"{name}: {len(b.inputs)} inputs per sample ("
+                   + ", ".join(f"{tuple(d['shape'])} {d['dtype']}" for d in b.inputs)
+                   + "): the model is called as model(" + ", ".join(f"in{i}" for i in range(len(b.inputs))) + ")")
+    return b
 
 
 def _bundle_as_given(bundle: DataBundle, norm) -> None:

@@ -160,6 +160,11 @@ def _open(cfg: SearchConfig) -> SearchContext:
         ctx.notes = notes
         return ctx
     bundle = _load_bundle(cfg, shape, loaded.model)
+    if bundle.inputs:  # several inputs per sample, packed: the model unpacks them (bnnshift.data.multi)
+        from ..data.multi import check_dtype, install_unpack
+
+        check_dtype(bundle.inputs, dtype)
+        install_unpack(loaded.model, bundle.inputs)
     notes.extend(bundle.notes)
     notes.extend(getattr(bundle, "walk_notes", None) or [])  # image files skipped (symlink loops / escapes)
     note = _check_forward(copy.deepcopy(loaded.model), bundle.train_x[:2], bundle, cfg)  # the loaded model never runs
@@ -171,7 +176,10 @@ def _open(cfg: SearchConfig) -> SearchContext:
 
     def factory(seed: int) -> nn.Module:
         torch.manual_seed(seed)
-        return _load(cfg).model
+        model = _load(cfg).model
+        if bundle.inputs:
+            install_unpack(model, bundle.inputs)
+        return model
 
     train_x = bundle.train_x.to(device=device, dtype=dtype)
     train_y = bundle.train_y.to(device)
