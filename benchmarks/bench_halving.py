@@ -172,13 +172,14 @@ def default_case(name: str, args) -> dict:
     searches (eta 2 and 3) on seeds 0..2: their wall time, and a check that the simulation gives
     their verdict, winner and candidate steps."""
     from bnnshift.report import verdict
-    from bnnshift.search import SearchConfig, _context, parse_shifts, search
+    from bnnshift.search import SearchConfig, SearchContext, parse_shifts, search
 
     spec, margs = MODELS[name]
     kw = dict(model=spec, data=args.data, model_args=dict(margs), input_shape=(1, 28, 28),
               shifts=parse_shifts(args.shifts), compile=args.compile, train_limit=args.train_limit,
               batch_size=args.batch_size, bn_recalib_batches=0)
-    _context(SearchConfig(**kw, seeds=[0])).trainer.record_curve = True
+    ctx = SearchContext.open(SearchConfig(**kw, seeds=[0]))  # shared by every run; its trainer records the curves
+    ctx.trainer.record_curve = True
     case: dict = {"model": name, "mode": "default-verdict", "shifts": kw["shifts"], "train_limit": args.train_limit,
                   "batch_size": args.batch_size, "compile": args.compile, "seeds": args.seeds,
                   "loadavg_start": os.getloadavg(), "halving": {}}
@@ -188,7 +189,7 @@ def default_case(name: str, args) -> dict:
         seeds = seeds_all if sched == "full" else seeds_all[:3]
         extra = {"schedule": "halving", "eta": eta, "min_fraction": args.min_fraction} if sched == "halving" else {}
         t0 = time.perf_counter()
-        s = search(SearchConfig(**kw, seeds=seeds, **extra))
+        s = search(SearchConfig(**kw, seeds=seeds, **extra), context=ctx)
         wall = time.perf_counter() - t0
         rec = {"winner": s.winner, "wall": wall, "loop_seconds": s.seconds, "cost": s.cost, "verdict": verdict(s),
                "seeds": seeds, "load": os.getloadavg()[0]}
@@ -259,7 +260,7 @@ def default_table(cases: list[dict]) -> list[dict]:
         def confirmed(v: dict) -> bool:
             """A resolved claim the 5-seed full search makes too: t = 0 ahead, or this shift ahead
             of t = 0 beyond the 5-seed search's noise."""
-            from bnnshift.search import _seed_noise
+            from bnnshift.search.aggregate import _seed_noise
 
             if verdict_kind(v) == "t=0":
                 return verdict_kind(ref) == "t=0"
