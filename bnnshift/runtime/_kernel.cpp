@@ -10,19 +10,25 @@ namespace {
 
 template <typename T>
 void pack_act(const T* x, uint64_t* out, int64_t N, int64_t C, int64_t H, int64_t W, int64_t G, int64_t Cw) {
-  const int64_t Cg = C / G, row = W * G * Cw;
-  at::parallel_for(0, N * H, 1, [&](int64_t b, int64_t e) {
+  // one image row at a time: 64 channel rows OR-ed into W words (vectorised, no branch), then
+  // stored pixel-major (N, H, W, G, Cw)
+  const int64_t Cg = C / G;
+  at::parallel_for(0, N * H, 1, [=](int64_t b, int64_t e) {  // by value: a store to acc cannot alias W
+    std::vector<uint64_t> acc(W);
     for (int64_t nh = b; nh < e; ++nh) {
       const int64_t n = nh / H, h = nh % H;
-      uint64_t* o = out + nh * row;
-      std::fill(o, o + row, 0ull);
-      for (int64_t c = 0; c < C; ++c) {
-        const int64_t g = c / Cg, cc = c % Cg, word = g * Cw + (cc >> 6);
-        const uint64_t bit = 1ull << (cc & 63);
-        const T* src = x + ((n * C + c) * H + h) * W;
-        for (int64_t w = 0; w < W; ++w)
-          if (src[w] > 0) o[w * G * Cw + word] |= bit;
-      }
+      uint64_t* o = out + nh * W * G * Cw;
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t j = 0; j < Cw; ++j) {
+          std::fill(acc.begin(), acc.end(), 0ull);
+          const int64_t k1 = std::min<int64_t>(64, Cg - j * 64);
+          for (int64_t k = 0; k < k1; ++k) {
+            const T* src = x + ((n * C + g * Cg + j * 64 + k) * H + h) * W;
+            const uint64_t bit = 1ull << k;
+            for (int64_t w = 0; w < W; ++w) acc[w] |= src[w] > 0 ? bit : 0ull;
+          }
+          for (int64_t w = 0; w < W; ++w) o[w * G * Cw + g * Cw + j] = acc[w];
+        }
     }
   });
 }
@@ -33,55 +39,69 @@ void conv(const uint64_t* a, const uint64_t* wt, const int32_t* popw, const T* a
           int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw, int64_t Ho, int64_t Wo,
           bool zero_one) {
   const int64_t Og = O / G, taps = KH * KW, K = taps * Cw;
-  const int64_t OB = 16, nob = (O + OB - 1) / OB;
-  at::parallel_for(0, N * Ho * nob, 1, [&](int64_t b, int64_t e) {
-    std::vector<uint64_t> buf(G * K);
+  // weights transposed to (G, K, Og): the inner loop runs over output channels, contiguous,
+  // one input word against Og weight words (vectorised: VPOPCNTQ with AVX-512, else popcnt)
+  std::vector<uint64_t> wT(G * K * Og);
+  for (int64_t o = 0; o < O; ++o)
+    for (int64_t k = 0; k < K; ++k) wT[((o / Og) * K + k) * Og + o % Og] = wt[o * K + k];
+  std::vector<int64_t> pwsum(O, 0);
+  for (int64_t o = 0; o < O; ++o)
+    for (int64_t t = 0; t < taps; ++t) pwsum[o] += popw[o * taps + t];
+  const int64_t units = N * Ho * G, threads = at::get_num_threads();
+  int64_t nob = 1;
+  if (units < 4 * threads) nob = std::max<int64_t>(1, std::min((4 * threads + units - 1) / units, (Og + 7) / 8));
+  const int64_t obs = (((Og + nob - 1) / nob) + 7) / 8 * 8;
+  const uint64_t* wTp = wT.data();
+  const int64_t* pws = pwsum.data();
+  at::parallel_for(0, units * nob, 1, [=](int64_t b, int64_t e) {  // by value: stores cannot alias the sizes
+    std::vector<int64_t> s(Og);
+    std::vector<uint64_t> buf(K);
+    std::vector<T> tile(obs * Wo);  // outputs of one row, written out channel by channel
     std::vector<char> valid(taps);
     for (int64_t it = b; it < e; ++it) {
-      const int64_t ob = it % nob, nh = it / nob, n = nh / Ho, oh = nh % Ho;
-      const int64_t o0 = ob * OB, o1 = std::min(O, o0 + OB);
+      const int64_t ob = it % nob, rest = it / nob, g = rest % G, nh = rest / G, n = nh / Ho, oh = nh % Ho;
+      const int64_t og0 = ob * obs, og1 = std::min(Og, og0 + obs);
+      if (og0 >= og1) continue;
+      const uint64_t* wg = wTp + g * K * Og;
       for (int64_t ow = 0; ow < Wo; ++ow) {
         int64_t nvalid = 0;
-        bool border = false;
         for (int64_t i = 0; i < KH; ++i)
           for (int64_t j = 0; j < KW; ++j) {
             const int64_t ih = oh * sh - ph + i * dh, iw = ow * sw - pw + j * dw, t = i * KW + j;
             const bool v = ih >= 0 && ih < H && iw >= 0 && iw < W;
             valid[t] = v;
             nvalid += v;
-            border |= !v;
-            for (int64_t g = 0; g < G; ++g) {
-              uint64_t* dst = buf.data() + g * K + t * Cw;
-              if (v) {
-                const uint64_t* src = a + ((n * H + ih) * W + iw) * G * Cw + g * Cw;
-                for (int64_t k = 0; k < Cw; ++k) dst[k] = src[k];
-              } else {
-                for (int64_t k = 0; k < Cw; ++k) dst[k] = 0;
-              }
+            uint64_t* dst = buf.data() + t * Cw;
+            if (v) {
+              const uint64_t* src = a + ((n * H + ih) * W + iw) * G * Cw + g * Cw;
+              for (int64_t k = 0; k < Cw; ++k) dst[k] = src[k];
+            } else {
+              for (int64_t k = 0; k < Cw; ++k) dst[k] = 0;
             }
           }
-        for (int64_t o = o0; o < o1; ++o) {
-          const uint64_t* x = buf.data() + (o / Og) * K;
-          const uint64_t* w = wt + o * K;
-          int64_t s = 0;
-          for (int64_t k = 0; k < K; ++k) s += __builtin_popcountll(x[k] ^ w[k]);
-          int64_t dot;
-          const int32_t* pwo = popw + o * taps;
-          if (zero_one) {  // sum over taps of popcount(w) - popcount(a ^ w); a padded tap (a = 0) gives 0
-            int64_t pwsum = 0;
-            for (int64_t t = 0; t < taps; ++t) pwsum += pwo[t];
-            dot = pwsum - s;
-          } else {  // padded taps held 0 words: their popcount(0 ^ w) is not part of the sum
-            if (border)
-              for (int64_t t = 0; t < taps; ++t)
-                if (!valid[t]) s -= pwo[t];
-            dot = nvalid * Cg - 2 * s;
+        int64_t* sp = s.data();
+        for (int64_t og = og0; og < og1; ++og) sp[og] = 0;
+        for (int64_t t = 0; t < taps; ++t) {
+          // +-1 input: a padded tap is a 0, skipped; {0,1} input: its zero word gives popcount(w), cancelled below
+          if (!valid[t] && !zero_one) continue;
+          for (int64_t c = 0; c < Cw; ++c) {
+            const uint64_t xk = buf[t * Cw + c];
+            const uint64_t* wr = wg + (t * Cw + c) * Og;
+            for (int64_t og = og0; og < og1; ++og) sp[og] += __builtin_popcountll(xk ^ wr[og]);
           }
+        }
+        for (int64_t og = og0; og < og1; ++og) {
+          const int64_t o = g * Og + og;
+          // +-1: sum over valid taps of (Cg - 2 popcount(a ^ w)); {0,1}: sum of popcount(w) - popcount(a ^ w)
+          const int64_t dot = zero_one ? pws[o] - sp[og] : nvalid * Cg - 2 * sp[og];
           T y = static_cast<T>(dot) * alpha[o];
           if (bias) y = y + bias[o];
-          out[((n * O + o) * Ho + oh) * Wo + ow] = y;
+          tile[(og - og0) * Wo + ow] = y;
         }
       }
+      for (int64_t og = og0; og < og1; ++og)
+        std::copy(tile.begin() + (og - og0) * Wo, tile.begin() + (og - og0 + 1) * Wo,
+                  out + ((n * O + g * Og + og) * Ho + oh) * Wo);
     }
   });
 }
