@@ -49,8 +49,8 @@ void conv(const uint64_t* a, const uint64_t* wt, const int32_t* popw, const T* a
     for (int64_t t = 0; t < taps; ++t) pwsum[o] += popw[o * taps + t];
   const int64_t units = N * Ho * G, threads = at::get_num_threads();
   int64_t nob = 1;
-  if (units < 4 * threads) nob = std::max<int64_t>(1, std::min((4 * threads + units - 1) / units, (Og + 7) / 8));
-  const int64_t obs = (((Og + nob - 1) / nob) + 7) / 8 * 8;
+  if (units < 4 * threads) nob = std::max<int64_t>(1, std::min((4 * threads + units - 1) / units, (Og + 31) / 32));
+  const int64_t obs = (((Og + nob - 1) / nob) + 31) / 32 * 32;
   const uint64_t* wTp = wT.data();
   const int64_t* pws = pwsum.data();
   at::parallel_for(0, units * nob, 1, [=](int64_t b, int64_t e) {  // by value: stores cannot alias the sizes
@@ -80,14 +80,28 @@ void conv(const uint64_t* a, const uint64_t* wt, const int32_t* popw, const T* a
             }
           }
         int64_t* sp = s.data();
-        for (int64_t og = og0; og < og1; ++og) sp[og] = 0;
-        for (int64_t t = 0; t < taps; ++t) {
-          // +-1 input: a padded tap is a 0, skipped; {0,1} input: its zero word gives popcount(w), cancelled below
+        // 32 output channels at a time, their sums kept in registers across all taps and words
+        int64_t og = og0;
+        for (; og + 32 <= og1; og += 32) {
+          int64_t acc[32] = {0};
+          for (int64_t t = 0; t < taps; ++t) {
+            // +-1 input: a padded tap is a 0, skipped; {0,1} input: its zero word gives popcount(w), cancelled below
+            if (!valid[t] && !zero_one) continue;
+            for (int64_t c = 0; c < Cw; ++c) {
+              const uint64_t xk = buf[t * Cw + c];
+              const uint64_t* wr = wg + (t * Cw + c) * Og + og;
+              for (int i = 0; i < 32; ++i) acc[i] += __builtin_popcountll(xk ^ wr[i]);
+            }
+          }
+          for (int i = 0; i < 32; ++i) sp[og + i] = acc[i];
+        }
+        for (int64_t r = og; r < og1; ++r) sp[r] = 0;
+        for (int64_t t = 0; t < taps && og < og1; ++t) {
           if (!valid[t] && !zero_one) continue;
           for (int64_t c = 0; c < Cw; ++c) {
             const uint64_t xk = buf[t * Cw + c];
             const uint64_t* wr = wg + (t * Cw + c) * Og;
-            for (int64_t og = og0; og < og1; ++og) sp[og] += __builtin_popcountll(xk ^ wr[og]);
+            for (int64_t r = og; r < og1; ++r) sp[r] += __builtin_popcountll(xk ^ wr[r]);
           }
         }
         for (int64_t og = og0; og < og1; ++og) {

@@ -1,7 +1,8 @@
 """Timing of a float model against its packed model: per packed layer (the float module and the
 packed one on the same captured input) and end to end, at given batch sizes and thread counts.
-Times are the minimum wall-clock of repeated runs (the least disturbed by other processes on a
-shared machine), in milliseconds."""
+Times are the minimum over repeated runs, in milliseconds: at 1 thread the CPU time of the calling
+thread (``time.thread_time``: torch and onnxruntime with one intra-op thread compute in the caller,
+and other processes on a shared machine do not count), with more threads wall-clock."""
 from __future__ import annotations
 
 import time
@@ -13,14 +14,15 @@ import torch.nn as nn
 from .layers import PackedConv2d
 
 
-def time_ms(fn: Callable[[], Any], min_time: float = 0.3, min_reps: int = 3) -> float:
-    """Minimum wall-clock milliseconds of ``fn()`` over repeats (one warm-up call first)."""
+def time_ms(fn: Callable[[], Any], min_time: float = 0.3, min_reps: int = 3,
+            clock: Callable[[], float] = time.perf_counter) -> float:
+    """Minimum milliseconds of ``fn()`` over repeats on ``clock`` (one warm-up call first)."""
     fn()
     best, reps, start = float("inf"), 0, time.perf_counter()
     while reps < min_reps or time.perf_counter() - start < min_time:
-        t = time.perf_counter()
+        t = clock()
         fn()
-        best = min(best, time.perf_counter() - t)
+        best = min(best, clock() - t)
         reps += 1
     return best * 1e3
 
@@ -54,6 +56,7 @@ def bench(float_model: nn.Module, packed: nn.Module, input_shape: tuple[int, ...
     try:
         for nt in threads or sorted({1, all_threads}):
             torch.set_num_threads(nt)
+            clock = time.thread_time if nt == 1 else time.perf_counter
             for b in batches:
                 x = torch.randn(b, *input_shape, generator=torch.Generator().manual_seed(0))
                 ins = _layer_inputs(float_model, paths, x)
@@ -61,16 +64,16 @@ def bench(float_model: nn.Module, packed: nn.Module, input_shape: tuple[int, ...
                     for p in paths:
                         if p not in ins:
                             continue
-                        f = time_ms(lambda: fmods[p](ins[p]), min_time)
-                        q = time_ms(lambda: pmods[p](ins[p]), min_time)
+                        f = time_ms(lambda: fmods[p](ins[p]), min_time, clock=clock)
+                        q = time_ms(lambda: pmods[p](ins[p]), min_time, clock=clock)
                         rows.append({"what": p, "batch": b, "threads": nt, "float_ms": f, "packed_ms": q,
                                      "speedup": f / q})
-                    f = time_ms(lambda: float_model(x), min_time)
-                    q = time_ms(lambda: packed(x), min_time)
+                    f = time_ms(lambda: float_model(x), min_time, clock=clock)
+                    q = time_ms(lambda: packed(x), min_time, clock=clock)
                     row = {"what": "end to end", "batch": b, "threads": nt, "float_ms": f, "packed_ms": q,
                            "speedup": f / q}
                     for name, factory in (extra or {}).items():
-                        row[f"{name}_ms"] = time_ms(factory(x, nt), min_time)
+                        row[f"{name}_ms"] = time_ms(factory(x, nt), min_time, clock=clock)
                     rows.append(row)
     finally:
         torch.set_num_threads(all_threads)
