@@ -58,6 +58,10 @@ def _build():
     build = cache_dir() / f"bnnshift_rt_{key}"
     build.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("MAX_JOBS", "1")
+    if not any(build.glob("*.so")):
+        import sys
+
+        print(f"bnnshift: building the packed kernel (first use, about a minute; cached in {build})", file=sys.stderr)
     return cpp_extension.load(name=f"bnnshift_rt_{key}", sources=[str(_SRC)], extra_cflags=flags,
                               extra_ldflags=["-fopenmp"], build_directory=str(build), verbose=False)
 
