@@ -33,6 +33,25 @@ void pack_act(const T* x, uint64_t* out, int64_t N, int64_t C, int64_t H, int64_
   });
 }
 
+template <int B>
+inline int64_t block(int64_t og, int64_t og1, int64_t* sp, const uint64_t* buf, const uint64_t* wg, const char* valid,
+                     int64_t taps, int64_t Cw, int64_t Og, bool zero_one) {
+  for (; og + B <= og1; og += B) {
+    int64_t acc[B] = {0};
+    for (int64_t t = 0; t < taps; ++t) {
+      // +-1 input: a padded tap is a 0, skipped; {0,1} input: its zero word gives popcount(w), cancelled below
+      if (!valid[t] && !zero_one) continue;
+      for (int64_t c = 0; c < Cw; ++c) {
+        const uint64_t xk = buf[t * Cw + c];
+        const uint64_t* wr = wg + (t * Cw + c) * Og + og;
+        for (int i = 0; i < B; ++i) acc[i] += __builtin_popcountll(xk ^ wr[i]);
+      }
+    }
+    for (int i = 0; i < B; ++i) sp[og + i] = acc[i];
+  }
+  return og;
+}
+
 template <typename T>
 void conv(const uint64_t* a, const uint64_t* wt, const int32_t* popw, const T* alpha, const T* bias, T* out,
           int64_t N, int64_t H, int64_t W, int64_t G, int64_t Cw, int64_t Cg, int64_t O, int64_t KH, int64_t KW,
@@ -49,8 +68,8 @@ void conv(const uint64_t* a, const uint64_t* wt, const int32_t* popw, const T* a
     for (int64_t t = 0; t < taps; ++t) pwsum[o] += popw[o * taps + t];
   const int64_t units = N * Ho * G, threads = at::get_num_threads();
   int64_t nob = 1;
-  if (units < 4 * threads) nob = std::max<int64_t>(1, std::min((4 * threads + units - 1) / units, (Og + 31) / 32));
-  const int64_t obs = (((Og + nob - 1) / nob) + 31) / 32 * 32;
+  if (units < 4 * threads) nob = std::max<int64_t>(1, std::min((4 * threads + units - 1) / units, (Og + 7) / 8));
+  const int64_t obs = (((Og + nob - 1) / nob) + 7) / 8 * 8;
   const uint64_t* wTp = wT.data();
   const int64_t* pws = pwsum.data();
   at::parallel_for(0, units * nob, 1, [=](int64_t b, int64_t e) {  // by value: stores cannot alias the sizes
@@ -80,21 +99,11 @@ void conv(const uint64_t* a, const uint64_t* wt, const int32_t* popw, const T* a
             }
           }
         int64_t* sp = s.data();
-        // 32 output channels at a time, their sums kept in registers across all taps and words
+        // 32 (then 16, 8) output channels at a time, their sums kept in registers across all taps and words
         int64_t og = og0;
-        for (; og + 32 <= og1; og += 32) {
-          int64_t acc[32] = {0};
-          for (int64_t t = 0; t < taps; ++t) {
-            // +-1 input: a padded tap is a 0, skipped; {0,1} input: its zero word gives popcount(w), cancelled below
-            if (!valid[t] && !zero_one) continue;
-            for (int64_t c = 0; c < Cw; ++c) {
-              const uint64_t xk = buf[t * Cw + c];
-              const uint64_t* wr = wg + (t * Cw + c) * Og + og;
-              for (int i = 0; i < 32; ++i) acc[i] += __builtin_popcountll(xk ^ wr[i]);
-            }
-          }
-          for (int i = 0; i < 32; ++i) sp[og + i] = acc[i];
-        }
+        og = block<32>(og, og1, sp, buf.data(), wg, valid.data(), taps, Cw, Og, zero_one);
+        og = block<16>(og, og1, sp, buf.data(), wg, valid.data(), taps, Cw, Og, zero_one);
+        og = block<8>(og, og1, sp, buf.data(), wg, valid.data(), taps, Cw, Og, zero_one);
         for (int64_t r = og; r < og1; ++r) sp[r] = 0;
         for (int64_t t = 0; t < taps && og < og1; ++t) {
           if (!valid[t] && !zero_one) continue;
