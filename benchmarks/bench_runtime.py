@@ -6,8 +6,10 @@ Each model (full width, zoo input shape; BatchNorm statistics set as after train
 untrained BN puts integer sums exactly on the threshold): scanned, patched with t = 0.5
 everywhere, folded, exported with bnnshift.export.export_onnx (verified), packed with
 bnnshift.runtime.pack (proved). Then, at batch 1 and 32, 1 thread and all threads: per packed
-layer (float module vs packed module on the same captured input) and end to end (torch eager,
-onnxruntime with the same intra-op threads, packed). Times: minimum wall-clock over repeats, ms.
+layer (the float module as written, which re-binarizes its weight at every call; the plain float
+op with the two-valued weight precomputed; the packed module; all on the same captured input) and
+end to end (torch eager, onnxruntime with the same intra-op threads, packed). Times: minimum over
+repeats, ms; at 1 thread the calling thread's CPU time, else wall-clock (bnnshift.runtime.bench).
 """
 from __future__ import annotations
 
@@ -107,12 +109,16 @@ def main(argv=None) -> int:
                   f"({prep.proof['binary_activations']} binary activations); kernel {prep.backend}")
             rows = bench(folded, packed, shape, batches=[int(b) for b in a.batches.split(",")], threads=threads,
                          extra={"onnxruntime": _ort_factory(onnx_path)}, min_time=a.min_time)
-            print("| what | batch | threads | torch fp32 ms | onnxruntime ms | packed ms | packed vs torch |")
-            print("|---|---|---|---|---|---|---|")
+            print("| what | batch | threads | torch fp32 eager ms | float op ms | onnxruntime ms | packed ms "
+                  "| vs eager | vs float op | vs onnxruntime |")
+            print("|---|---|---|---|---|---|---|---|---|---|")
             for r in summarise(rows) + [r for r in rows if r["what"] != "end to end"]:
                 ort_ms = f"{r['onnxruntime_ms']:.3f}" if "onnxruntime_ms" in r else "-"
-                print(f"| {r['what']} | {r['batch']} | {r['threads']} | {r['float_ms']:.3f} | {ort_ms} | "
-                      f"{r['packed_ms']:.3f} | {r['speedup']:.2f}x |")
+                ort_x = f"{r['onnxruntime_ms'] / r['packed_ms']:.2f}x" if "onnxruntime_ms" in r else "-"
+                fo = f"{r['float_op_ms']:.3f}" if "float_op_ms" in r else "-"
+                fox = f"{r['speedup_vs_op']:.2f}x" if "speedup_vs_op" in r else "-"
+                print(f"| {r['what']} | {r['batch']} | {r['threads']} | {r['float_ms']:.3f} | {fo} | {ort_ms} | "
+                      f"{r['packed_ms']:.3f} | {r['speedup']:.2f}x | {fox} | {ort_x} |")
             sys.stdout.flush()
             results["models"][name] = {"packed": prep.packed, "left_float": prep.left_float, "proof": prep.proof,
                                        "rows": rows}

@@ -260,3 +260,14 @@ def test_bench_rows_cover_layers_and_end_to_end():
     assert all(r["float_ms"] > 0 and r["packed_ms"] > 0 for r in rows)
     assert [r["what"] for r in summarise(rows)] == ["binary layers", "end to end"]
     assert "again_ms" in rows[-1] and torch.get_num_threads() == 1
+
+
+def test_float_op_baseline_is_the_same_layer():
+    from bnnshift.runtime.layers import PackedConv2d
+
+    torch.manual_seed(0)
+    packed, _ = pack_model(trained_like(Own("module")), (3, 12, 12))
+    for layer, x in ((packed.grouped, torch.where(torch.randn(2, 16, 12, 12) > 0, 1.0, -1.0)),
+                     (packed.conv, torch.where(torch.randn(2, 16, 6, 6) > 0, 1.0, -1.0))):
+        assert isinstance(layer, PackedConv2d)
+        assert torch.allclose(layer.float_op()(x), layer(x), atol=1e-5)

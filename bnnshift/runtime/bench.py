@@ -44,7 +44,8 @@ def bench(float_model: nn.Module, packed: nn.Module, input_shape: tuple[int, ...
           threads: Iterable[int] | None = None, extra: dict[str, Callable[[torch.Tensor, int], Callable[[], Any]]] | None
           = None, min_time: float = 0.3) -> list[dict[str, Any]]:
     """Rows ``{"what", "batch", "threads", "float_ms", "packed_ms", "speedup", **extra_ms}``: one per
-    packed layer (``what`` = its path) and one ``"end to end"`` per (batch, threads).
+    packed layer (``what`` = its path; also ``float_op_ms``: the plain float op with the weight
+    precomputed, and ``speedup_vs_op``) and one ``"end to end"`` per (batch, threads).
 
     ``threads`` default (1, all cores); ``extra``: name -> factory(x, threads) of another end-to-end
     runner (onnxruntime), timed in the end-to-end rows as ``<name>_ms``. Restores torch's thread count."""
@@ -66,8 +67,10 @@ def bench(float_model: nn.Module, packed: nn.Module, input_shape: tuple[int, ...
                             continue
                         f = time_ms(lambda: fmods[p](ins[p]), min_time, clock=clock)
                         q = time_ms(lambda: pmods[p](ins[p]), min_time, clock=clock)
-                        rows.append({"what": p, "batch": b, "threads": nt, "float_ms": f, "packed_ms": q,
-                                     "speedup": f / q})
+                        op = pmods[p].float_op()
+                        fo = time_ms(lambda: op(ins[p]), min_time, clock=clock)
+                        rows.append({"what": p, "batch": b, "threads": nt, "float_ms": f, "float_op_ms": fo,
+                                     "packed_ms": q, "speedup": f / q, "speedup_vs_op": fo / q})
                     f = time_ms(lambda: float_model(x), min_time, clock=clock)
                     q = time_ms(lambda: packed(x), min_time, clock=clock)
                     row = {"what": "end to end", "batch": b, "threads": nt, "float_ms": f, "packed_ms": q,
@@ -88,7 +91,9 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         layers = [r for r in rows if r["batch"] == b and r["threads"] == nt and r["what"] != "end to end"]
         e2e = [r for r in rows if r["batch"] == b and r["threads"] == nt and r["what"] == "end to end"]
         f, q = sum(r["float_ms"] for r in layers), sum(r["packed_ms"] for r in layers)
-        out.append({"what": "binary layers", "batch": b, "threads": nt, "float_ms": f, "packed_ms": q,
-                    "speedup": f / q if q else float("nan")})
+        fo = sum(r["float_op_ms"] for r in layers)
+        out.append({"what": "binary layers", "batch": b, "threads": nt, "float_ms": f, "float_op_ms": fo,
+                    "packed_ms": q, "speedup": f / q if q else float("nan"),
+                    "speedup_vs_op": fo / q if q else float("nan")})
         out.extend(e2e)
     return out

@@ -35,6 +35,21 @@ class PackedConv2d(nn.Module):
         return {"kind": "conv2d", "stride": self.stride, "padding": self.padding, "dilation": self.dilation,
                 "groups": self.groups, "zero_one": self.zero_one, "in_channels": self.in_channels}
 
+    def float_op(self) -> "callable":
+        """The same layer as a plain float op with the two-valued weight precomputed
+        (``F.conv2d(x, +-alpha, bias, ...)``): the fair float baseline for timing."""
+        import torch.nn.functional as F
+
+        o, kh, kw, cw = self.wwords.shape
+        cg = self.in_channels // self.groups
+        bits = ((self.wwords.unsqueeze(-1) >> torch.arange(64)) & 1).reshape(o, kh, kw, cw * 64)[..., :cg]
+        w = torch.where(bits > 0, 1.0, -1.0) * self.alpha.view(-1, 1, 1, 1)
+        w = w.permute(0, 3, 1, 2).contiguous()
+        if isinstance(self, PackedLinear):
+            w2 = w.reshape(o, cg)
+            return lambda x: F.linear(x, w2, self.bias)
+        return lambda x: F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype not in (torch.float32, torch.float64):
             x = x.float()
