@@ -60,7 +60,7 @@ def test_kernel_equals_reference_and_exact_conv(case):
     for dtype in (torch.float32, torch.float64):
         args = (x.to(dtype), words, popw, alpha, b, [s, s], [p, p], [d, d], g, zo)
         want = ref.bconv2d(*args)
-        got = torch.ops.bnnshift.bconv2d(*args)
+        got = torch.ops.bnnshift.bconv2d(args[0], words, ref.transpose_weight(words, g), *args[2:])
         assert kernel.backend() == "cpp"
         assert torch.equal(got, want), (dtype, (got - want).abs().max())
     # exact arithmetic: F.conv2d in float64 on the same +-1 / {0,1} values
@@ -78,7 +78,8 @@ def test_reference_is_used_and_said_once_without_a_compiler(monkeypatch):
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
         for _ in range(3):
-            y = torch.ops.bnnshift.bconv2d(x, words, popw, torch.ones(4), None, [1, 1], [1, 1], [1, 1], 1, False)
+            y = torch.ops.bnnshift.bconv2d(x, words, ref.transpose_weight(words, 1), popw, torch.ones(4), None,
+                                           [1, 1], [1, 1], [1, 1], 1, False)
     assert [str(r.message) for r in rec if "reference" in str(r.message)].__len__() == 1
     assert kernel.backend() == "reference"
     assert torch.equal(y, F.conv2d(torch.where(x > 0, 1.0, -1.0), w, None, 1, 1))

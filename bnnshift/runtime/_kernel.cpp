@@ -58,11 +58,8 @@ void conv(const uint64_t* a, const uint64_t* wt, const int32_t* popw, const T* a
           int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw, int64_t Ho, int64_t Wo,
           bool zero_one) {
   const int64_t Og = O / G, taps = KH * KW, K = taps * Cw;
-  // weights transposed to (G, K, Og): the inner loop runs over output channels, contiguous,
-  // one input word against Og weight words (vectorised: VPOPCNTQ with AVX-512, else popcnt)
-  std::vector<uint64_t> wT(G * K * Og);
-  for (int64_t o = 0; o < O; ++o)
-    for (int64_t k = 0; k < K; ++k) wT[((o / Og) * K + k) * Og + o % Og] = wt[o * K + k];
+  // wt: the weights transposed to (G, K, Og) once at pack time: the inner loop runs over output
+  // channels, contiguous, one input word against Og weight words (VPOPCNTQ with AVX-512, else popcnt)
   std::vector<int64_t> pwsum(O, 0);
   for (int64_t o = 0; o < O; ++o)
     for (int64_t t = 0; t < taps; ++t) pwsum[o] += popw[o * taps + t];
@@ -70,7 +67,7 @@ void conv(const uint64_t* a, const uint64_t* wt, const int32_t* popw, const T* a
   int64_t nob = 1;
   if (units < 4 * threads) nob = std::max<int64_t>(1, std::min((4 * threads + units - 1) / units, (Og + 7) / 8));
   const int64_t obs = (((Og + nob - 1) / nob) + 7) / 8 * 8;
-  const uint64_t* wTp = wT.data();
+  const uint64_t* wTp = wt;
   const int64_t* pws = pwsum.data();
   at::parallel_for(0, units * nob, 1, [=](int64_t b, int64_t e) {  // by value: stores cannot alias the sizes
     std::vector<int64_t> s(Og);
@@ -131,13 +128,15 @@ void conv(const uint64_t* a, const uint64_t* wt, const int32_t* popw, const T* a
 
 }  // namespace
 
-torch::Tensor bconv2d(torch::Tensor x, torch::Tensor wwords, torch::Tensor popw, torch::Tensor alpha,
+torch::Tensor bconv2d(torch::Tensor x, torch::Tensor wwords, torch::Tensor wtrans, torch::Tensor popw, torch::Tensor alpha,
                       c10::optional<torch::Tensor> bias, std::vector<int64_t> stride, std::vector<int64_t> padding,
                       std::vector<int64_t> dilation, int64_t groups, bool zero_one) {
   TORCH_CHECK(x.dim() == 4, "bconv2d: x must be (N, C, H, W)");
   TORCH_CHECK(wwords.scalar_type() == torch::kInt64 && popw.scalar_type() == torch::kInt32, "bconv2d: bad packed weight");
   x = x.contiguous();
   wwords = wwords.contiguous();
+  wtrans = wtrans.contiguous();
+  TORCH_CHECK(wtrans.numel() == wwords.numel(), "bconv2d: bad transposed weight");
   popw = popw.contiguous();
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   const int64_t O = wwords.size(0), KH = wwords.size(1), KW = wwords.size(2), Cw = wwords.size(3);
@@ -153,7 +152,7 @@ torch::Tensor bconv2d(torch::Tensor x, torch::Tensor wwords, torch::Tensor popw,
     if (bias && bias->defined()) bi = bias->to(x.scalar_type()).contiguous();
     pack_act<scalar_t>(x.data_ptr<scalar_t>(), reinterpret_cast<uint64_t*>(a.data_ptr<int64_t>()), N, C, H, W, G, Cw);
     conv<scalar_t>(reinterpret_cast<const uint64_t*>(a.data_ptr<int64_t>()),
-                   reinterpret_cast<const uint64_t*>(wwords.data_ptr<int64_t>()), popw.data_ptr<int32_t>(),
+                   reinterpret_cast<const uint64_t*>(wtrans.data_ptr<int64_t>()), popw.data_ptr<int32_t>(),
                    al.data_ptr<scalar_t>(), bi.defined() ? bi.data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(),
                    N, H, W, G, Cw, Cg, O, KH, KW, stride[0], stride[1], padding[0], padding[1], dilation[0],
                    dilation[1], Ho, Wo, zero_one);

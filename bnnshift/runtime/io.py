@@ -26,7 +26,7 @@ FORMAT = "bnnshift-packed/1"
 
 def _write_packed(packed: nn.Module, report: PackReport | None, directory: Path, input_shape: Any) -> None:
     layers = {p: m for p, m in packed.named_modules() if isinstance(m, PackedConv2d)}
-    tensors = {f"{p}.{k}": v.contiguous() for p, m in layers.items() for k, v in m.named_buffers(recurse=False)
+    tensors = {f"{p}.{k}": v.contiguous() for p, m in layers.items() for k, v in m.state_dict().items()
                if v is not None}
     atomic_save_safetensors(tensors, directory / PACKED_WEIGHTS, metadata={"format": FORMAT})
     atomic_write_json(directory / PACKED_JSON, {

@@ -87,18 +87,20 @@ def backend() -> str:
 
 
 @torch.library.custom_op("bnnshift::bconv2d", mutates_args=())
-def bconv2d(x: torch.Tensor, wwords: torch.Tensor, popw: torch.Tensor, alpha: torch.Tensor, bias: Optional[torch.Tensor],
-            stride: list[int], padding: list[int], dilation: list[int], groups: int, zero_one: bool) -> torch.Tensor:
-    """Packed binary conv2d: ``x`` (N, C, H, W) float32/float64 read as bits ``x > 0``; see
-    ``ref.bconv2d`` for the arguments. Returns (N, O, Ho, Wo) in x's dtype."""
+def bconv2d(x: torch.Tensor, wwords: torch.Tensor, wtrans: torch.Tensor, popw: torch.Tensor, alpha: torch.Tensor,
+            bias: Optional[torch.Tensor], stride: list[int], padding: list[int], dilation: list[int], groups: int,
+            zero_one: bool) -> torch.Tensor:
+    """Packed binary conv2d: ``x`` (N, C, H, W) float32/float64 read as bits ``x > 0``; ``wtrans``:
+    ``ref.transpose_weight(wwords, groups)``; the rest as in ``ref.bconv2d``. Returns (N, O, Ho, Wo)
+    in x's dtype."""
     ext = extension()
     if ext is None:
         return ref.bconv2d(x, wwords, popw, alpha, bias, stride, padding, dilation, groups, zero_one)
-    return ext.bconv2d(x, wwords, popw, alpha, bias, stride, padding, dilation, groups, zero_one)
+    return ext.bconv2d(x, wwords, wtrans, popw, alpha, bias, stride, padding, dilation, groups, zero_one)
 
 
 @bconv2d.register_fake
-def _(x, wwords, popw, alpha, bias, stride, padding, dilation, groups, zero_one):
+def _(x, wwords, wtrans, popw, alpha, bias, stride, padding, dilation, groups, zero_one):
     n, _, h, w = x.shape
     o, kh, kw, _ = wwords.shape
     ho = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1

@@ -25,6 +25,10 @@ class PackedConv2d(nn.Module):
         super().__init__()
         self.register_buffer("wwords", wwords)
         self.register_buffer("popw", popw)
+        from .ref import transpose_weight
+
+        # the kernel's layout (G, K, O/G), derived, not saved
+        self.register_buffer("wtrans", transpose_weight(wwords, int(groups)), persistent=False)
         self.register_buffer("alpha", alpha)
         self.register_buffer("bias", bias)
         self.stride, self.padding, self.dilation = list(stride), list(padding), list(dilation)
@@ -53,7 +57,7 @@ class PackedConv2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype not in (torch.float32, torch.float64):
             x = x.float()
-        return torch.ops.bnnshift.bconv2d(x, self.wwords, self.popw, self.alpha, self.bias, self.stride, self.padding,
+        return torch.ops.bnnshift.bconv2d(x, self.wwords, self.wtrans, self.popw, self.alpha, self.bias, self.stride, self.padding,
                                           self.dilation, self.groups, self.zero_one)
 
     def extra_repr(self) -> str:

@@ -57,6 +57,12 @@ def pack_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return words, popcount(words).sum(-1).reshape(o, kh * kw).to(torch.int32)
 
 
+def transpose_weight(wwords: torch.Tensor, groups: int) -> torch.Tensor:
+    """The kernel's weight layout: (G, KH*KW*Cw, O/G) int64, made once at pack time."""
+    o = wwords.shape[0]
+    return wwords.reshape(groups, o // groups, -1).permute(0, 2, 1).contiguous()
+
+
 def out_size(size: int, k: int, s: int, p: int, d: int) -> int:
     return (size + 2 * p - d * (k - 1) - 1) // s + 1
 
