@@ -3,7 +3,7 @@ import os
 import subprocess
 import sys
 
-COMMANDS = ["scan", "search", "patch", "fold", "export", "report", "zoo"]
+COMMANDS = ["scan", "search", "patch", "fold", "export", "report", "pack", "zoo"]
 env = dict(os.environ, COLUMNS="110", NO_COLOR="1", TERM="dumb")
 print("# CLI reference\n")
 print("Generated from `bnnshift COMMAND --help` (`python scripts/gen_cli_docs.py > docs/cli.md`).")

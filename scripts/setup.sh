@@ -11,6 +11,9 @@ SUDO=""
 [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null && SUDO="sudo"
 apt_pkgs="dataset-fashion-mnist"
 [ $want_test -eq 1 ] && apt_pkgs="$apt_pkgs postgresql"
+# the packed runtime's C++ kernel (bnnshift pack) is built with torch's cpp_extension: a compiler and ninja
+command -v g++ >/dev/null || command -v c++ >/dev/null || apt_pkgs="$apt_pkgs g++"
+command -v ninja >/dev/null || apt_pkgs="$apt_pkgs ninja-build"
 missing=""
 for p in $apt_pkgs; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
 if [ -n "$missing" ] && command -v apt-get >/dev/null; then

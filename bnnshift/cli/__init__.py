@@ -55,7 +55,7 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version_cal
 
 def _register_commands() -> None:
     from . import scan, zoo  # noqa: F401
-    for name in ("patch", "search", "export", "report"):
+    for name in ("patch", "search", "export", "report", "pack"):
         try:
             __import__(f"{__name__}.{name}")
         except ModuleNotFoundError as exc:

@@ -1,0 +1,274 @@
+"""bnnshift.runtime: the packed XNOR-popcount op (C++ kernel == pure-torch reference == F.conv2d
+in exact arithmetic), pack() on the zoo's BNN families and on models of our own in several
+spellings (each packed layer proved; what cannot pack stays float with the reason), the packed
+directory, the CLI, and torch.export through the op's fake kernel. Tiny widths: seconds each."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from bnnshift.errors import NoSitesError
+from bnnshift.load import build_model, parse_model_spec
+from bnnshift.runtime import kernel, load_packed, pack_dir, pack_model, ref
+
+torch.set_num_threads(1)
+
+
+def trained_like(m: nn.Module, seed: int = 1) -> nn.Module:
+    """BatchNorm statistics and affine parameters as after training (an untrained BN has beta = 0,
+    so an integer conv sum of 0 lands exactly on the threshold: sign(0) = 0, a ternary value)."""
+    g = torch.Generator().manual_seed(seed)
+    for mod in m.modules():
+        if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+            c = mod.num_features
+            mod.running_mean.copy_(torch.randn(c, generator=g))
+            mod.running_var.copy_(torch.rand(c, generator=g) * 4 + 0.5)
+            if mod.affine:
+                mod.weight.data.copy_(torch.randn(c, generator=g))
+                mod.bias.data.copy_(torch.randn(c, generator=g) * 0.3)
+    return m.eval()
+
+
+def zoo(name: str, **args) -> nn.Module:
+    spec = parse_model_spec(f"zoo:{name}")
+    spec.args = args
+    return trained_like(build_model(spec))
+
+
+CASES = [  # (stride, padding, dilation, groups, {0,1} inputs, C, O, k, H)
+    (1, 1, 1, 1, False, 70, 8, 3, 7), (2, 1, 1, 2, False, 64, 6, 3, 9), (1, 2, 2, 1, True, 130, 4, 2, 6),
+    (1, 1, 1, 6, False, 6, 6, 3, 5), (1, 0, 1, 1, True, 5, 3, 1, 4), (3, 3, 1, 1, False, 9, 5, 5, 8),
+]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_kernel_equals_reference_and_exact_conv(case):
+    s, p, d, g, zo, c, o, k, h = case
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, c, h, h, generator=gen)
+    alpha = torch.rand(o, generator=gen) + 0.1  # float32, as captured from a model
+    w = torch.where(torch.randn(o, c // g, k, k, generator=gen) > 0, 1.0, -1.0) * alpha.view(-1, 1, 1, 1)
+    b = torch.randn(o, generator=gen)
+    words, popw = ref.pack_weight(w)
+    for dtype in (torch.float32, torch.float64):
+        args = (x.to(dtype), words, popw, alpha, b, [s, s], [p, p], [d, d], g, zo)
+        want = ref.bconv2d(*args)
+        got = torch.ops.bnnshift.bconv2d(args[0], words, ref.transpose_weight(words, g), *args[2:])
+        assert kernel.backend() == "cpp"
+        assert torch.equal(got, want), (dtype, (got - want).abs().max())
+    # exact arithmetic: F.conv2d in float64 on the same +-1 / {0,1} values
+    xb = (x > 0).double() if zo else torch.where(x > 0, 1.0, -1.0).double()
+    exact = F.conv2d(xb, w.double(), b.double(), s, p, d, g)
+    assert torch.equal(ref.bconv2d(x.double(), words, popw, alpha, b, [s, s], [p, p], [d, d], g, zo), exact)
+
+
+def test_reference_is_used_and_said_once_without_a_compiler(monkeypatch):
+    monkeypatch.setattr(kernel, "_state", {})
+    monkeypatch.setattr(kernel, "_build", lambda: (_ for _ in ()).throw(RuntimeError("no C++ compiler found")))
+    x = torch.randn(1, 8, 4, 4)
+    w = torch.where(torch.randn(4, 8, 3, 3) > 0, 1.0, -1.0)
+    words, popw = ref.pack_weight(w)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            y = torch.ops.bnnshift.bconv2d(x, words, ref.transpose_weight(words, 1), popw, torch.ones(4), None,
+                                           [1, 1], [1, 1], [1, 1], 1, False)
+    assert [str(r.message) for r in rec if "reference" in str(r.message)].__len__() == 1
+    assert kernel.backend() == "reference"
+    assert torch.equal(y, F.conv2d(torch.where(x > 0, 1.0, -1.0), w, None, 1, 1))
+
+
+ZOO = [  # name, args, input shape, packed count, a layer left float and its reason
+    ("vgg-small", {"width": 0.125, "input_size": 16}, (3, 16, 16), 5, ("conv1", "not a binary activation")),  # conv -> MaxPool -> BN -> sign
+    ("resnet20-bireal", {"width": 0.25}, (3, 8, 8), 18, ("layers.6.downsample.1", "not a binary")),  # double skip
+    ("reactnet-a", {"width": 0.0625}, (3, 32, 32), 31, ("fc", "not a binary")),  # RSign learnable biases, RPReLU
+    ("xnor-resnet18", {"width": 0.0625}, (3, 16, 16), 16, ("stem.0", "not a binary")),  # BinActive.apply inline
+    ("style-heaviside", {}, (1, 28, 28), 2, ("stem", "not a binary")),  # {0,1} activations
+    ("style-conv-input", {}, (1, 28, 28), 2, ("fc", "not a binary")),  # a conv binarizing its own input
+]
+
+
+@pytest.mark.parametrize("name,args,shape,n,floating", ZOO, ids=[z[0] for z in ZOO])
+def test_pack_zoo_is_proved(name, args, shape, n, floating):
+    m = zoo(name, **args)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    packed, rep = pack_model(m, shape)
+    assert len(rep.packed) == n, rep.left_float
+    assert rep.proof["exact"] and rep.proof["float64_flips"] == 0 and rep.proof["binary_activations"] > 0
+    assert floating[1] in rep.left_float[floating[0]]
+    x = torch.randn(4, *shape)
+    with torch.no_grad():
+        assert torch.allclose(packed(x), m(x), atol=1e-4, rtol=1e-4)
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())  # the user's model is untouched
+
+
+# --- models of our own: one binarizer in three spellings, a grouped / strided / dilated conv ---
+class SignSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return torch.where(x >= 0, 1.0, -1.0)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
+class Sign(nn.Module):
+    def forward(self, x):
+        return torch.sign(x)
+
+
+class ScaledBinConv(nn.Conv2d):
+    """XNOR-Net weights: sign(W) * mean|W| per output channel; binarizes its input with `spell`."""
+
+    def __init__(self, *a, spell="none", **k):
+        super().__init__(*a, **k)
+        self.spell = spell
+
+    def forward(self, x):
+        if self.spell == "function":
+            x = SignSTE.apply(x)
+        w = self.weight.sign() * self.weight.abs().mean((1, 2, 3), keepdim=True)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class Own(nn.Module):
+    def __init__(self, spell: str):
+        super().__init__()
+        self.spell = spell
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.bn0 = nn.BatchNorm2d(16)
+        self.act = Sign()
+        self.grouped = ScaledBinConv(16, 16, 3, stride=2, padding=2, dilation=2, groups=4, bias=True,
+                                     spell="function" if spell == "function" else "none")
+        self.bn1 = nn.BatchNorm2d(16)
+        self.conv = ScaledBinConv(16, 8, 3, padding=1, spell="function" if spell == "function" else "none")
+        self.bn2 = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 5)
+
+    def binarize(self, x):
+        if self.spell == "module":
+            return self.act(x)
+        if self.spell == "inline":
+            return x.sign()
+        return x  # "function": the convs binarize their own input
+
+    def forward(self, x):
+        x = self.binarize(self.bn0(self.stem(x)))
+        x = self.binarize(self.bn1(self.grouped(x)))
+        x = self.bn2(self.conv(x))
+        return self.fc(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("spell", ["module", "inline", "function"])
+def test_pack_own_grouped_strided_dilated(spell):
+    torch.manual_seed(0)
+    m = trained_like(Own(spell))
+    packed, rep = pack_model(m, (3, 12, 12))
+    assert set(rep.packed) == {"grouped", "conv"}, rep.left_float
+    assert "groups 4" in rep.packed["grouped"] and "dilation [2, 2]" in rep.packed["grouped"]
+    assert ("binarizes its input" in rep.packed["conv"]) == (spell == "function")
+    assert rep.proof["exact"]
+    # torch.where(x >= 0, 1.0, -1.0) returns float32 whatever x is: no float64 run, float32 judges
+    assert ("float64_skipped" in rep.proof) == (spell == "function")
+    x = torch.randn(3, 3, 12, 12)
+    with torch.no_grad():
+        assert torch.allclose(packed(x), m(x), atol=1e-4)
+
+
+def test_what_cannot_pack_stays_float_with_the_reason():
+    torch.manual_seed(0)
+    m = trained_like(Own("module"))
+    m.conv.padding_mode = "reflect"  # F.pad before F.conv2d: the op's input is not the module's
+    m.grouped.forward = lambda x, c=m.grouped: F.conv2d(x, torch.round(c.weight * 3), c.bias, c.stride, c.padding,
+                                                       c.dilation, c.groups)  # a multi-valued weight
+
+    class Reflect(ScaledBinConv):
+        def forward(self, x):
+            return super().forward(F.pad(x, (1, 1, 1, 1), mode="reflect"))
+
+    r = Reflect(16, 8, 3, padding=0)
+    r.load_state_dict(m.conv.state_dict())
+    m.conv = r
+    with pytest.raises(NoSitesError, match="pack"):
+        pack_model(m, (3, 12, 12))
+    m2 = trained_like(Own("module"))
+    m2.conv = r
+    _, rep = pack_model(m2, (3, 12, 12))
+    assert "not the module's input" in rep.left_float["conv"]
+    assert list(rep.packed) == ["grouped"]
+
+
+def test_packed_directory_roundtrip_and_tamper(tmp_path):
+    src = tmp_path / "p"
+    subprocess.run([sys.executable, "-m", "bnnshift", "patch", "zoo:mlp", "--arg", "hidden=32", "--shift", "0.5",
+                    "--fold", "-o", str(src), "-q"], check=True, capture_output=True)
+    m, packed, rep = pack_dir(src, tmp_path / "out")
+    assert set(rep.packed) == {"bfc2", "bfc3"}
+    loaded = load_packed(tmp_path / "out")
+    x = torch.randn(5, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), packed(x))
+    meta = json.loads((tmp_path / "out" / "packed.json").read_text())
+    assert meta["layers"]["bfc2"]["kind"] == "linear" and meta["report"]["proof"]["exact"]
+    w = tmp_path / "out" / "packed.safetensors"
+    w.write_bytes(w.read_bytes()[:-8] + b"\0" * 8)
+    with pytest.raises(Exception, match="does not match packed.json"):
+        load_packed(tmp_path / "out")
+
+
+def test_cli_pack(tmp_path):
+    src = tmp_path / "p"
+    subprocess.run([sys.executable, "-m", "bnnshift", "patch", "zoo:mlp", "--arg", "hidden=32", "--shift", "0", "-o", str(src), "-q"],
+                   check=True, capture_output=True)
+    r = subprocess.run([sys.executable, "-m", "bnnshift", "pack", str(src), "-o", str(tmp_path / "o"), "--json"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    # t = 0 on an untrained model: BN beta = 0, an integer sum of 0 gives sign(0) = 0 at bfc3's input
+    assert set(out["packed"]) == {"bfc2"} and "fc1" in out["left_float"]
+    assert "ternary" in out["left_float"]["bfc3"]
+    r = subprocess.run([sys.executable, "-m", "bnnshift", "pack", str(src), "-o", str(tmp_path / "o")],
+                       capture_output=True, text=True)
+    assert r.returncode == 1 and "not empty" in r.stderr  # an existing OUT needs --force
+
+
+def test_torch_export_through_the_fake_kernel():
+    m = zoo("mlp", hidden=32)
+    packed, _ = pack_model(m, (1, 28, 28))
+    x = torch.randn(2, 1, 28, 28)
+    ep = torch.export.export(packed, (x,))
+    assert any("bnnshift.bconv2d" in str(n.target) for n in ep.graph.nodes)
+    with torch.no_grad():
+        assert torch.equal(ep.module()(x), packed(x))
+
+
+def test_bench_rows_cover_layers_and_end_to_end():
+    from bnnshift.runtime.bench import bench, summarise
+
+    m = zoo("mlp", hidden=32)
+    packed, rep = pack_model(m, (1, 28, 28))
+    rows = bench(m, packed, (1, 28, 28), batches=(2,), threads=(1,), min_time=0.01,
+                 extra={"again": lambda x, nt: (lambda: packed(x))})
+    assert {r["what"] for r in rows} == set(rep.packed) | {"end to end"}
+    assert all(r["float_ms"] > 0 and r["packed_ms"] > 0 for r in rows)
+    assert [r["what"] for r in summarise(rows)] == ["binary layers", "end to end"]
+    assert "again_ms" in rows[-1] and torch.get_num_threads() == 1
+
+
+def test_float_op_baseline_is_the_same_layer():
+    from bnnshift.runtime.layers import PackedConv2d
+
+    torch.manual_seed(0)
+    packed, _ = pack_model(trained_like(Own("module")), (3, 12, 12))
+    for layer, x in ((packed.grouped, torch.where(torch.randn(2, 16, 12, 12) > 0, 1.0, -1.0)),
+                     (packed.conv, torch.where(torch.randn(2, 16, 6, 6) > 0, 1.0, -1.0))):
+        assert isinstance(layer, PackedConv2d)
+        assert torch.allclose(layer.float_op()(x), layer(x), atol=1e-5)
