@@ -23,7 +23,7 @@ import torch
 from torch import fx, nn
 
 from . import registry
-from ._guard import changed_tensors, copy_model, inplace_message, snapshot
+from ._guard import ParamWrites, copy_model, inplace_message
 from ._runtime import OpEvent, SiteRuntime, binary_part, graph_candidate_label
 from .errors import TraceError
 from .sites import (APPLY_OP, APPLY_PRE_HOOK, APPLY_PRODUCER, KIND_HARDTANH, KIND_INLINE, KIND_INPUT,
@@ -415,16 +415,22 @@ def discover(model: nn.Module, input_shape: tuple[int, ...], *, include_hardtanh
     Returns a ``Discovery``; ``sites`` are in execution order, with addressing filled in and
     context left to ``analyse``.
     """
-    work = copy_model(model)  # the user's model never runs here (its forward may write its weights)
-    twin = copy_model(model)
-    x = example_input(tuple(input_shape))
-    before = snapshot(work)
-    dyn = dynamic_pass(work, x)
-    inplace = changed_tensors(work, before, params_only=True)
     # the same model on another input: what changes depends on the input (an activation),
-    # what does not is computed from parameters only (a weight binarizer), whatever the layout
-    dyn2 = dynamic_pass(twin, example_input(tuple(input_shape), seed=7)) if not dyn.error else dyn
+    # what does not is computed from parameters only (a weight binarizer), whatever the layout.
+    # One copy at a time (memory): the twin's pass first, then the copy that is kept.
+    twin = copy_model(model)  # the user's model never runs here (its forward may write its weights)
+    dyn2 = dynamic_pass(twin, example_input(tuple(input_shape), seed=7))
     del twin
+    dyn2.ops = []  # only its fingerprints are read: no activations kept
+    work = copy_model(model)
+    x = example_input(tuple(input_shape))
+    watch = ParamWrites(work)  # writes to parameters found by the act, not by a changed value
+    with watch:
+        dyn = dynamic_pass(work, x)
+    writes = dict(watch.writes)
+    inplace = list(writes)
+    if dyn2.error and not dyn.error:
+        dyn2 = dyn
     if dyn.error:
         raise TraceError(f"the model does not run on inputs of shape {tuple(x.shape)}: {dyn.error.splitlines()[0][:200]}",
                          hint="check --input-shape (C,H,W of one sample) and the model arguments")
@@ -434,7 +440,7 @@ def discover(model: nn.Module, input_shape: tuple[int, ...], *, include_hardtanh
     for rec in dyn.calls:
         calls_per_path[rec.path] = max(calls_per_path.get(rec.path, 0), rec.index + 1)
 
-    warnings: list[str] = [inplace_message(inplace)] if inplace else []
+    warnings: list[str] = [inplace_message(writes)] if writes else []
     trace: TraceResult | None = None
     trace_error = None
     try:
