@@ -15,6 +15,7 @@ forward), which is how a site found here is found again when patched.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -148,6 +149,17 @@ def depends_on_input(a: DynamicPass, b: DynamicPass, key: tuple) -> bool | None:
     if fa is None or fb is None:
         return None
     return fa != fb
+
+
+PROBE_ELEMENTS = 1 << 21  # at most 2M input values (8 MB in float32) per probe batch
+
+
+def probe_batch_size(input_shape: tuple[int, ...], want: int) -> int:
+    """The batch size of a probe of inputs of ``input_shape`` (one sample): ``want``, fewer for
+    large inputs so that the input batch holds at most ``PROBE_ELEMENTS`` values (a 3x300x300
+    detector input: 7 samples), never fewer than 2."""
+    n = max(1, math.prod(int(v) for v in input_shape))
+    return max(2, min(int(want), PROBE_ELEMENTS // n))
 
 
 def example_input(input_shape: tuple[int, ...], batch: int = PROBE_BATCH, seed: int = 0) -> torch.Tensor:
@@ -587,10 +599,32 @@ def discover(model: nn.Module, input_shape: tuple[int, ...], *, include_hardtanh
     warnings.extend(f"site {s.name}: {note}" for s, note in site_notes)
     for s in sites + hardtanh_sites:
         s.producer_module = s.module if s.apply == APPLY_PRODUCER else None
+    _release_copy(work, trace, model, dyn)
     disc = Discovery(sites, weight_binarizers, trace, dyn, bin_paths,
                      {s.name: node_of_site[id(s)] for s in sites if id(s) in node_of_site},
                      hardtanh_sites, warnings, trace_error, binary_params, inplace)
     return disc
+
+
+def _release_copy(work: nn.Module, trace: TraceResult | None, model: nn.Module, dyn: DynamicPass) -> None:
+    """Free the memory of discover's copy once its forwards are done (peak memory: the model plus
+    one copy). The graph keeps the copy's modules for structure only (types, shapes, users);
+    nothing runs them again, so their parameters and buffers become the model's own tensors of
+    the same name (the loaded values: ``analyse`` reads values from the model anyway), and the
+    recorded ops drop the tensors they held (a weight binarizer's input is a parameter)."""
+    theirs = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers(remove_duplicate=False))
+    swap: dict[int, torch.Tensor] = {}
+    for name, t in list(work.named_parameters(remove_duplicate=False)) + list(work.named_buffers(remove_duplicate=False)):
+        u = theirs.get(name)
+        if isinstance(u, torch.Tensor) and u.shape == t.shape and u.dtype == t.dtype:
+            swap[id(t)] = u
+    holders = list(work.modules()) + (list(trace.graph_module.modules()) if trace is not None else [])
+    for m in holders:
+        for store in (m._parameters, m._buffers):
+            for k, v in list(store.items()):
+                if v is not None and id(v) in swap:
+                    store[k] = swap[id(v)]
+    dyn.ops = [(dataclasses.replace(ev, inputs=(), output=None, used_inputs=()), i, o) for ev, i, o in dyn.ops]
 
 
 _SOFTMAX_FUNCS = {torch.softmax, torch.nn.functional.softmax, torch.special.softmax}

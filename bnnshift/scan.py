@@ -263,10 +263,10 @@ def scan(spec: str, *, args: Iterable[str] | dict | None = None, checkpoint: str
     recalibrated = False
     if batches is not None and checkpoint is None:
         # untrained weights: BN running statistics are the init's (mean 0, var 1), which do not
-        # centre the pre-activations; measure as after training, on a copy, with BN re-estimated
+        # centre the pre-activations; measure as after training, with BN re-estimated. The model
+        # is scan's own (loaded here, never returned): no copy (memory: one copy at a time)
         from .train import recalibrate_bn
 
-        model = copy_model(model)
         with torch.no_grad():
             recalibrated = recalibrate_bn(model, batches) > 0
     report = scan_model(model, shape, name=loaded.spec.canonical(), batches=batches, data_name=data_name,
