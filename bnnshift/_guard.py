@@ -37,6 +37,14 @@ def _uncopyable(v) -> bool:
         return True
 
 
+COLLECT_ABOVE_BYTES = 64 << 20
+
+
+def _nbytes(model: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in model.parameters()) + \
+        sum(t.numel() * t.element_size() for t in model.buffers())
+
+
 def copy_model(model: nn.Module) -> nn.Module:
     """A copy of ``model`` that bnnshift may run: ``copy.deepcopy``, or, when some attribute
     object cannot be deep-copied (a layer recipe whose ``__getattr__`` delegates, so that
@@ -45,10 +53,12 @@ def copy_model(model: nn.Module) -> nn.Module:
     buffers and submodules are still copied). Raises ``ModelLoadError`` (exit 1) naming the
     class when even that fails.
 
-    Memory: copies that bnnshift dropped are collected first (a patched copy holds reference
-    cycles: hooks -> runtime -> model), so a scan or a patch never holds more than one copy of
-    the model besides the model itself."""
-    gc.collect()
+    Memory: for a model over ``COLLECT_ABOVE_BYTES``, copies that bnnshift dropped are collected
+    first (a patched copy holds reference cycles: hooks -> runtime -> model), so a scan or a
+    patch never holds more than one copy of the model besides the model itself (a collection
+    costs ~0.1 s: small models skip it)."""
+    if _nbytes(model) > COLLECT_ABOVE_BYTES:
+        gc.collect()
     try:
         return copy.deepcopy(model)
     except Exception as first:  # noqa: BLE001 - located and handled below
