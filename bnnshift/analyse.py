@@ -1033,15 +1033,18 @@ def _check_shift_once(disc: Discovery, model: nn.Module, t: float = 0.5) -> None
     bad = {n: k for n, k in res.items() if isinstance(k, float) and k != 1.0}
     for s in list(disc.sites):
         if res.get(s.name) == "invariant":
-            disc.sites.remove(s)
-            disc.warnings.append(f"site {s.name} ({s.op}, {s.alphabet}): shift-invariant input: its output is the same "
-                                 "for x and x - s at every shift s tried (its input's quartiles and past its range; measured): "
-                                 "a softmax or a normalisation before its threshold, so a shift there changes nothing; "
-                                 "excluded from the shift")
+            reason = ("shift-invariant input: its output is the same for x and x - s at every shift s tried (its "
+                      "input's quartiles and past its range; measured): a softmax or a normalisation before its "
+                      "threshold, so a shift there changes nothing; left at t = 0")
+            disc.warnings.append(f"site {s.name} ({s.op}, {s.alphabet}): {reason}")
         elif s.name in bad:
-            disc.sites.remove(s)
-            disc.warnings.append(f"site {s.name}: a shift of t there moves its binarizer's input by {bad[s.name]:g}t "
-                                 "(measured): another site already shifts the same value; left out")
+            reason = (f"a shift of t there moves its binarizer's input by {bad[s.name]:g}t (measured): another site "
+                      "already shifts the same value; left at t = 0")
+            disc.warnings.append(f"site {s.name}: {reason}")
+        else:
+            continue
+        disc.sites.remove(s)
+        disc.excluded.append({"name": s.name, "op": s.op, "alphabet": s.alphabet, "reason": reason})
 
 
 def analyse(disc: Discovery, model: nn.Module) -> list[Site]:

@@ -319,6 +319,8 @@ class Discovery:
     trace_error: str | None = None
     binary_params: set[str] = field(default_factory=set)  # weights that a weight binarizer reads
     inplace_writes: list[str] = field(default_factory=list)  # parameters the forward assigns (.data = ...)
+    # binarizers left at t = 0 with the reason: {"name", "op", "alphabet", "reason"} (ScanReport.excluded_sites)
+    excluded: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _name_sites(sites: list[Site], module_calls: dict[str, int], bases: dict[int, str] | None = None) -> None:
@@ -548,8 +550,11 @@ def discover(model: nn.Module, input_shape: tuple[int, ...], *, include_hardtanh
             sites.append(s)
             node_of_site[id(s)] = n
 
+    excluded: list[dict[str, Any]] = []
     if trace is not None:
-        warnings.extend(_softmax_thresholds(trace.graph_module.graph, mods, activation_nodes(trace.graph_module.graph)))
+        for entry in _softmax_thresholds(trace.graph_module.graph, mods, activation_nodes(trace.graph_module.graph)):
+            excluded.append(entry)
+            warnings.append(f"{entry['name']}: {entry['reason']}")
 
     # sites inside untraced leaves (or everywhere when the model could not be traced)
     leaf_roots = list(trace.leaves) if trace is not None else [""]
@@ -602,7 +607,7 @@ def discover(model: nn.Module, input_shape: tuple[int, ...], *, include_hardtanh
     _release_copy(work, trace, model, dyn)
     disc = Discovery(sites, weight_binarizers, trace, dyn, bin_paths,
                      {s.name: node_of_site[id(s)] for s in sites if id(s) in node_of_site},
-                     hardtanh_sites, warnings, trace_error, binary_params, inplace)
+                     hardtanh_sites, warnings, trace_error, binary_params, inplace, excluded)
     return disc
 
 
@@ -642,10 +647,11 @@ def _is_softmax(n: Any, mods: dict[str, nn.Module]) -> bool:
     return n.op == "call_module" and isinstance(mods.get(str(n.target)), nn.Softmax)
 
 
-def _softmax_thresholds(g: fx.Graph, mods: dict[str, nn.Module], act: set) -> list[str]:
-    """Say every {0,1} threshold on a softmax output (binary attention): it is reported, and it is
-    not a site of the default shift: softmax(x - t) = softmax(x), so a shift of the scores before
-    it changes nothing, and its own threshold is the model's (a probability, not a pre-activation)."""
+def _softmax_thresholds(g: fx.Graph, mods: dict[str, nn.Module], act: set) -> list[dict[str, Any]]:
+    """Every {0,1} threshold on a softmax output (binary attention), as an excluded site
+    (``{"name", "op", "alphabet", "reason"}``): it is reported, and it is not a site of the default
+    shift: softmax(x - t) = softmax(x), so a shift of the scores before it changes nothing, and its
+    own threshold is the model's (a probability, not a pre-activation)."""
     out = []
     for n in g.nodes:
         name = getattr(n.target, "__name__", str(n.target))
@@ -656,11 +662,11 @@ def _softmax_thresholds(g: fx.Graph, mods: dict[str, nn.Module], act: set) -> li
         if p is None or p not in act:
             continue
         scope, _ = node_scope(n)
-        where = f"{scope or 'root'}:{name.strip('_')}"
         level = f"{lit:g}" if isinstance(lit, (int, float)) else "a tensor"
-        out.append(f"{where}: a {{0,1}} threshold at {level} on a softmax output (binary attention); shift-invariant "
-                   "input (softmax(x - t) = softmax(x): a shift of the scores changes nothing), so it is not "
-                   "shifted by default; its threshold is the model's own")
+        out.append({"name": f"{scope or 'root'}:{name.strip('_')}", "op": name.strip("_"), "alphabet": "{0,1}",
+                    "reason": f"a {{0,1}} threshold at {level} on a softmax output (binary attention); shift-invariant "
+                              "input (softmax(x - t) = softmax(x): a shift of the scores changes nothing), so it is "
+                              "not shifted by default; its threshold is the model's own"})
     return out
 
 

@@ -127,7 +127,8 @@ def scan_model(model: nn.Module, input_shape: Iterable[int], *, name: str = "mod
                       leaves=disc.trace.leaves if disc.trace is not None else [],
                       leaf_errors=disc.trace.failures if disc.trace is not None else {},
                       traced=disc.trace is not None, hardtanh_sites=disc.hardtanh_sites, summary=summary,
-                      warnings=warnings, data=data_name, inplace_writes=list(disc.inplace_writes))
+                      warnings=warnings, data=data_name, inplace_writes=list(disc.inplace_writes),
+                      excluded_sites=list(disc.excluded))
 
 
 _PRODUCER_RANGES = {"hardtanh": (-1.0, 1.0), "tanh": (-1.0, 1.0), "Tanh": (-1.0, 1.0), "sigmoid": (0.0, 1.0),

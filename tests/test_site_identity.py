@@ -701,3 +701,27 @@ def test_signum_of_exact_zeros_is_not_a_dead_zone():
     report = scan_model(TernaryNet("integer"), (12,), batches=[torch.randn(64, 12)])
     assert not [w for w in report.warnings if "dead-zone" in w], report.warnings
     assert [w for w in report.warnings if "makes it binary" in w], report.warnings
+
+
+@pytest.mark.parametrize("style,name,op", [("module", "attn", "module:BinaryAttention"), ("inline", "root:gt", "gt"),
+                                           ("norm", "norm_sign", "module:NormSign")])
+def test_shift_invariant_sites_listed_with_the_reason_and_left_at_zero(style, name, op):
+    """Each excluded binarizer is in the report / JSON per site with its reason; patch leaves it at t = 0."""
+    import json
+    from pathlib import Path
+
+    import jsonschema
+
+    from bnnshift.patch import describe
+
+    torch.manual_seed(0)
+    model = AttnNet(style)
+    report = scan_model(model, (6, 8))
+    assert [(e["name"], e["op"]) for e in report.excluded_sites] == [(name, op)]
+    assert "shift-invariant input" in report.excluded_sites[0]["reason"]
+    payload = json.loads(json.dumps(report.to_json()))
+    schema = json.loads((Path(__file__).parents[1] / "docs" / "scan.schema.json").read_text())
+    jsonschema.validate(payload, schema)
+    assert payload["excluded_sites"] == report.excluded_sites
+    patched = patch_model(copy.deepcopy(model), report, T)
+    assert [r["name"] for r in describe(patched)] == ["bn:output"]

@@ -259,6 +259,7 @@ def _do_patch(o, opts: PatchOptions) -> dict:
         "onnx": export_report.to_json() if export_report is not None else None,
         "warnings": warnings,
         "normalisation": recipe.normalisation,
+        "excluded_sites": report.excluded_sites,  # found, left at t = 0, each with the reason
     }
 
 
