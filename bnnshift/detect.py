@@ -120,6 +120,8 @@ class DynamicPass:
     error: str | None = None
     # fingerprint of each binarizer input: ("call", path, k) / ("op", scope, j) -> fingerprint
     fingerprints: dict[tuple, tuple] = field(default_factory=dict)
+    # the module running when each module call was made: (path, k) -> caller path ("" = root)
+    callers: dict[tuple[str, int], str] = field(default_factory=dict)
 
     def op(self, scope: str, index: int):
         for ev, i, o in self.ops:
@@ -180,7 +182,12 @@ def dynamic_pass(model: nn.Module, x: torch.Tensor, *, train_mode: bool = True) 
     pending: dict[tuple[str, int], ValueSummary] = {}
     pending_args: dict[tuple[str, int], list] = {}  # fingerprints of the 2nd..4th tensor arguments
 
+    stack: list[str] = []
+
     def any_pre(path, k, args):
+        if stack:
+            result.callers[(path, k)] = stack[-1]
+        stack.append(path)
         pending[(path, k)] = summarize(args[0] if args else None)
         result.fingerprints[("call", path, k)] = fingerprint(args[0] if args else None)
         others = [fingerprint(a) for a in args[1:4] if isinstance(a, torch.Tensor)]
@@ -192,6 +199,8 @@ def dynamic_pass(model: nn.Module, x: torch.Tensor, *, train_mode: bool = True) 
         result.fingerprints[("op", ev.scope, ev.index)] = fingerprint(ev.inputs[0] if ev.inputs else None)
 
     def any_post(path, k, output):
+        if stack and stack[-1] == path:
+            stack.pop()
         fp = fingerprint(output)
         result.fingerprints[("out", path, k)] = fp
         result.calls.append(CallRecord(path, k, type(mods[path]), pending.pop((path, k), ValueSummary(False)),
@@ -323,10 +332,28 @@ class Discovery:
     excluded: list[dict[str, Any]] = field(default_factory=list)
 
 
-def _name_sites(sites: list[Site], module_calls: dict[str, int], bases: dict[int, str] | None = None) -> None:
+def call_label(path: str, k: int, calls: dict[str, int], callers: dict[tuple[str, int], str] | None) -> str:
+    """The suffix that tells the calls of a module used more than once apart. Called from several
+    modules (a shared instance): where each call runs, ``@block1`` (the module whose forward made
+    call ``k``; ``@root`` for the root forward), ``@block1/1`` for the second call from the same
+    place; called from one place only, or the caller unknown: the call index ``@k``; ``""`` for
+    a module called once."""
+    if calls.get(path, 1) <= 1:
+        return ""
+    if not callers or (path, k) not in callers or len({c for (p, _), c in callers.items() if p == path}) <= 1:
+        return f"@{k}"  # every call from the same place: the call index says it
+    where = callers[(path, k)]
+    same = sorted(j for (p, j), c in callers.items() if p == path and c == where)
+    label = f"@{where or 'root'}"
+    return label if len(same) <= 1 else f"{label}/{same.index(k)}"
+
+
+def _name_sites(sites: list[Site], module_calls: dict[str, int], bases: dict[int, str] | None = None,
+                callers: dict[tuple[str, int], str] | None = None) -> None:
     """Give each site a unique, readable name (per call site) that says where it is.
 
-    Module sites are the module path (``layer1.act``, ``layer1.act@1`` per call), input
+    Module sites are the module path (``layer1.act``; a module called from several modules gets
+    where each call runs, ``act@layer1``, ``act@layer2``, ``act@root/1``: ``call_label``), input
     quantizers ``conv:input``; an inline op is named after the module whose output it
     binarizes (``bn1:output``, from ``bases``) or, when the value is computed in the same
     forward, ``scope:op`` (``layer1.0:sign``, ``root:sign``).
@@ -341,10 +368,9 @@ def _name_sites(sites: list[Site], module_calls: dict[str, int], bases: dict[int
             s.name = base if n == 0 else f"{base}_{n}"
             continue
         if s.kind == KIND_MODULE or s.kind == KIND_HARDTANH:
-            s.name = s.module if module_calls.get(s.module, 1) <= 1 else f"{s.module}@{s.call_index}"
+            s.name = s.module + call_label(s.module, s.call_index, module_calls, callers)
         elif s.kind == KIND_INPUT:
-            base = f"{s.module}:input"
-            s.name = base if module_calls.get(s.module, 1) <= 1 else f"{base}@{s.call_index}"
+            s.name = f"{s.module}:input" + call_label(s.module, s.call_index, module_calls, callers)
         else:
             base = f"{s.scope or 'root'}:{s.op.split('.')[0] if s.op.endswith('.apply') else s.op}"
             n = counters.get(base, 0)
@@ -374,11 +400,12 @@ def _stack_call(node: fx.Node, path: str) -> int:
     return 0
 
 
-def _with_call(path: str, k: int, calls: dict[str, int]) -> str:
-    return f"{path}:output" if calls.get(path, 1) <= 1 else f"{path}:output@{k}"
+def _with_call(path: str, k: int, calls: dict[str, int], callers: dict[tuple[str, int], str]) -> str:
+    return f"{path}:output" + call_label(path, k, calls, callers)
 
 
-def _graph_output_name(first: fx.Node, scope: str, call_index_of: dict, calls: dict[str, int]) -> str | None:
+def _graph_output_name(first: fx.Node, scope: str, call_index_of: dict, calls: dict[str, int],
+                       callers: dict[tuple[str, int], str]) -> str | None:
     """``module:output`` when the op binarizes the output of a module call, else None."""
     p = first
     for _ in range(8):
@@ -387,7 +414,7 @@ def _graph_output_name(first: fx.Node, scope: str, call_index_of: dict, calls: d
         else:
             break
     if p.op == "call_module":
-        return _with_call(str(p.target), call_index_of.get(p, 0), calls)
+        return _with_call(str(p.target), call_index_of.get(p, 0), calls, callers)
     ps, _ = node_scope(p)
     inside = ps.startswith(scope + ".") if scope else bool(ps)
     if not inside or p.op in ("placeholder", "get_attr"):
@@ -395,7 +422,7 @@ def _graph_output_name(first: fx.Node, scope: str, call_index_of: dict, calls: d
     # computed inside a child of ``scope``: the value left that child as its output
     rest = ps[len(scope) + 1:] if scope else ps
     child = (f"{scope}." if scope else "") + rest.split(".")[0]
-    return _with_call(child, _stack_call(p, child), calls)
+    return _with_call(child, _stack_call(p, child), calls, callers)
 
 
 def _dynamic_output_name(dyn: DynamicPass, ev: OpEvent, bin_paths: set[str], calls: dict[str, int]) -> str | None:
@@ -413,7 +440,7 @@ def _dynamic_output_name(dyn: DynamicPass, ev: OpEvent, bin_paths: set[str], cal
         rank = (path.count("."), k)
         if best is None or rank > best[0]:
             best = (rank, path, k)
-    return _with_call(best[1], best[2], calls) if best else None
+    return _with_call(best[1], best[2], calls, dyn.callers) if best else None
 
 
 def _op_name(ev: OpEvent | None, label: str, target: Any = None) -> str:
@@ -534,7 +561,7 @@ def discover(model: nn.Module, input_shape: tuple[int, ...], *, include_hardtanh
                          call_index=scope_call, scope=scope, op_index=j)
             else:
                 s = Site(name="", kind=KIND_INLINE, op=opname, apply=APPLY_OP, scope=scope, op_index=j)
-                base = _graph_output_name(first, scope, call_index_of, calls_per_path)
+                base = _graph_output_name(first, scope, call_index_of, calls_per_path, dyn.callers)
                 if base:
                     bases[id(s)] = base
                 prod = first
@@ -599,8 +626,8 @@ def discover(model: nn.Module, input_shape: tuple[int, ...], *, include_hardtanh
         sites.extend(found_here)
 
     sites = one_site_per_call(sites)
-    _name_sites(sites, calls_per_path, bases)
-    _name_sites(hardtanh_sites, calls_per_path)
+    _name_sites(sites, calls_per_path, bases, dyn.callers)
+    _name_sites(hardtanh_sites, calls_per_path, callers=dyn.callers)
     warnings.extend(f"site {s.name}: {note}" for s, note in site_notes)
     for s in sites + hardtanh_sites:
         s.producer_module = s.module if s.apply == APPLY_PRODUCER else None
