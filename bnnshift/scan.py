@@ -199,6 +199,7 @@ def constant_site_warnings(patched: nn.Module, sites: list[Site], shifts: dict[s
 def _gradient_warnings(work: nn.Module, sites: list[Site], x: torch.Tensor) -> list[str]:
     """Flag sites that no gradient passes (no straight-through estimator) and the layers that cannot learn."""
     gc = gradient_check(work, sites, x)
+    work.zero_grad(set_to_none=True)  # memory: the gradients are a whole model's worth, read above
     if gc is None:
         return []
     out = []
