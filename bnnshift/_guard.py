@@ -7,20 +7,24 @@ module holds the tools that make that checkable:
 * ``snapshot`` / ``changed_tensors``: the values of every parameter and buffer, and which of
   them differ later (BatchNorm running statistics excluded: a train-mode forward updates
   them by design);
-* ``inplace_writers``: run one forward under ``no_grad`` on a copy and name the parameters
-  and buffers it wrote, e.g. BinaryNet-style ``self.weight.data = sign(self.latent)``. Such a
-  model binarizes its own weights in place: its saved weights would be the binarized ones if
-  bnnshift ran it, and ``torch.onnx`` cannot trace the ``.data`` assignment.
+* ``ParamWrites`` / ``inplace_writers``: the parameters a forward writes, found by the act (a
+  ``.data =`` assignment, an in-place op on ``p.data`` or on ``p`` under ``no_grad``,
+  ``copy_``, ``__setitem__``), not by a changed value: a clamp each step that changes nothing
+  is a write too, e.g. BinaryNet-style ``self.weight.data = sign(self.latent)``. Such a model
+  binarizes or clamps its own weights in place: its saved weights would be the written ones if
+  bnnshift ran it, and ``torch.onnx`` cannot export the write.
 """
 from __future__ import annotations
 
 import copy
+import gc
 from typing import Iterator
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
-__all__ = ["snapshot", "changed_tensors", "inplace_writers", "inplace_message", "copy_model"]
+__all__ = ["ParamWrites", "snapshot", "changed_tensors", "inplace_writers", "inplace_message", "copy_model"]
 
 
 def _uncopyable(v) -> bool:
@@ -33,13 +37,28 @@ def _uncopyable(v) -> bool:
         return True
 
 
+COLLECT_ABOVE_BYTES = 64 << 20
+
+
+def _nbytes(model: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in model.parameters()) + \
+        sum(t.numel() * t.element_size() for t in model.buffers())
+
+
 def copy_model(model: nn.Module) -> nn.Module:
     """A copy of ``model`` that bnnshift may run: ``copy.deepcopy``, or, when some attribute
     object cannot be deep-copied (a layer recipe whose ``__getattr__`` delegates, so that
     ``copy.deepcopy`` fails with ``KeyError`` / ``RecursionError``), a deep copy that shares
     those objects with the original (they are configuration read by ``forward``: parameters,
     buffers and submodules are still copied). Raises ``ModelLoadError`` (exit 1) naming the
-    class when even that fails."""
+    class when even that fails.
+
+    Memory: for a model over ``COLLECT_ABOVE_BYTES``, copies that bnnshift dropped are collected
+    first (a patched copy holds reference cycles: hooks -> runtime -> model), so a scan or a
+    patch never holds more than one copy of the model besides the model itself (a collection
+    costs ~0.1 s: small models skip it)."""
+    if _nbytes(model) > COLLECT_ABOVE_BYTES:
+        gc.collect()
     try:
         return copy.deepcopy(model)
     except Exception as first:  # noqa: BLE001 - located and handled below
@@ -109,26 +128,80 @@ def changed_tensors(model: nn.Module, snap: dict, *, include_bn_stats: bool = Fa
     return out
 
 
-def inplace_writers(model: nn.Module, x: torch.Tensor) -> list[str]:
-    """Parameters that one ``no_grad`` eval forward of ``x`` writes (run on a copy).
+_NOT_WRITES = {"requires_grad_", "retain_grad", "share_memory_", "pin_memory", "record_stream"}
 
-    Returns [] when the forward fails (the caller reports that failure its own way).
-    """
-    work = copy.deepcopy(model)
-    work.eval()
-    snap = snapshot(work)
+
+def _storage(t: torch.Tensor) -> int | None:
     try:
-        with torch.no_grad():
+        return t.untyped_storage().data_ptr()
+    except Exception:  # noqa: BLE001 - a tensor without storage (meta, sparse) is never a parameter's
+        return None
+
+
+class ParamWrites(TorchFunctionMode):
+    """Records the parameters of ``model`` that code run inside it writes, by the act.
+
+    Use as a context manager around a forward. ``writes``: ``{parameter name: spelling}`` in
+    the order first seen, the spelling one of ``".data = ..."``, ``"p.data.<op>(...)"``
+    (an in-place op on ``.data`` or on any view sharing the parameter's storage) and
+    ``"p.<op>(...) under no_grad"``; ``<op>`` is ``copy_``, ``clamp_``, ``__setitem__``...
+    A write that leaves every value as it was (a clamp inside the range) is recorded too."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.names = {id(p): n for n, p in model.named_parameters(remove_duplicate=True)}
+        self.by_storage = {}
+        for n, p in model.named_parameters(remove_duplicate=True):
+            ptr = _storage(p)
+            if ptr:
+                self.by_storage.setdefault(ptr, n)
+        self.writes: dict[str, str] = {}
+
+    def _note(self, name: str | None, how: str) -> None:
+        if name is not None and name not in self.writes:
+            self.writes[name] = how
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        target = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        if target is not None:
+            fname = getattr(func, "__name__", "")
+            if fname == "__set__" and getattr(func, "__self__", None) is torch.Tensor.data:
+                self._note(self.names.get(id(target)), ".data = ...")
+            elif (fname.endswith("_") and not fname.startswith("_") and fname not in _NOT_WRITES) or \
+                    fname in ("__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__"):
+                name = self.names.get(id(target))
+                if name is not None:
+                    self._note(name, f"p.{fname}(...) under no_grad")
+                else:
+                    ptr = _storage(target)
+                    self._note(self.by_storage.get(ptr) if ptr else None, f"p.data.{fname}(...)")
+        return func(*args, **kwargs)
+
+
+def inplace_writers(model: nn.Module, x: torch.Tensor) -> dict[str, str]:
+    """Parameters that one ``no_grad`` eval forward of ``x`` writes, by the act
+    (``ParamWrites``; run on a copy): ``{name: spelling}``.
+
+    Returns {} when the forward fails (the caller reports that failure its own way).
+    """
+    work = copy_model(model)
+    work.eval()
+    watch = ParamWrites(work)
+    try:
+        with torch.no_grad(), watch:
             work(x)
     except Exception:  # noqa: BLE001 - only writes are asked here
-        return []
-    return changed_tensors(work, snap, params_only=True)
+        return {}
+    return dict(watch.writes)
 
 
-def inplace_message(names: list[str]) -> str:
-    """The one warning bnnshift gives for a forward that writes its own parameters."""
-    shown = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
+def inplace_message(names: list[str] | dict[str, str]) -> str:
+    """The one warning bnnshift gives for a forward that writes its own parameters
+    (``names``: parameter names, or ``{name: spelling}`` from ``ParamWrites``)."""
+    items = list(names.items()) if isinstance(names, dict) else [(n, None) for n in names]
+    shown = ", ".join(f"{n} ({how})" if how else n for n, how in items[:6]) + (", ..." if len(items) > 6 else "")
     return (f"the model's forward writes {shown} in place (binarizes or clamps weights in place, e.g. "
-            "`weight.data = binarize(latent)`): bnnshift ran it only on copies, saved weights are the loaded ones; "
-            "ONNX export needs a forward that computes the binary weight without assigning .data "
-            "(w = SignSTE.apply(self.weight))")
+            "`weight.data = binarize(latent)`, `p.data.clamp_(-1, 1)`): bnnshift ran it only on copies, saved "
+            "weights are the loaded ones; ONNX export needs a forward that computes the binary weight without "
+            "writing the parameter (w = SignSTE.apply(self.weight); a clamp belongs after optimizer.step())")

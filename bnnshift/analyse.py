@@ -869,6 +869,38 @@ class _Recorded:
         return self.handler(module, arg)
 
 
+def _invariant_calls(calls: dict[str, tuple]) -> set[str]:
+    """Names of hooked module calls (``calls``: name -> (module, args) of that call) whose output is
+    the same for their input ``x`` and ``x - s`` at every shift ``s`` tried."""
+    invariant: set[str] = set()
+    for name, (mod, args) in calls.items():
+        # shifts that move a threshold anywhere in the input's range across many values (its
+        # quartiles) and past all of them: a binarizer whose output stays the same for all of
+        # them reads a shift-invariant input, not one that a shift of t happens not to flip
+        v = args[0].detach().double().reshape(-1)
+        if v.numel() < 2 or not v.is_floating_point():
+            continue
+        span = float(v.max() - v.min()) + 1.0
+        shifts = [float(q) for q in torch.quantile(v[:: max(1, v.numel() // 100_000)], torch.tensor(
+            [0.25, 0.5, 0.75], dtype=torch.float64))] + [span, -span]
+        try:
+            with torch.no_grad(), _same_noise():
+                y0 = _runtime_binary(mod(*args))
+            same = True
+            for tv in shifts:
+                with torch.no_grad(), _same_noise():
+                    y1 = _runtime_binary(mod(args[0] - tv, *args[1:]))
+                if not (isinstance(y0, torch.Tensor) and isinstance(y1, torch.Tensor) and y0.shape == y1.shape
+                        and torch.equal(y0, y1)):
+                    same = False
+                    break
+        except Exception:  # noqa: BLE001 - the module does not run alone: not measured here
+            continue
+        if same:
+            invariant.add(name)
+    return invariant
+
+
 def measure_shift_once(model: nn.Module, sites: list[Site], x: torch.Tensor, t: float = 0.5) -> dict[str, str | float]:
     """How far the patch moves each site's binarizer input: every site shifted by ``t`` at once,
     the patch's own hooks (``shift.insert_shifts`` on a copy), one forward on ``x``.
@@ -945,33 +977,9 @@ def measure_shift_once(model: nn.Module, sites: list[Site], x: torch.Tensor, t: 
         return before, after
 
     b0, a0 = run(0.0)
+    invariant = _invariant_calls(calls)
+    calls.clear()  # the first copy's modules: freed before the second copy is made (memory)
     b1, a1 = run(t)
-    invariant: set[str] = set()
-    for name, (mod, args) in calls.items():
-        # shifts that move a threshold anywhere in the input's range across many values (its
-        # quartiles) and past all of them: a binarizer whose output stays the same for all of
-        # them reads a shift-invariant input, not one that a shift of t happens not to flip
-        v = args[0].detach().double().reshape(-1)
-        if v.numel() < 2 or not v.is_floating_point():
-            continue
-        span = float(v.max() - v.min()) + 1.0
-        shifts = [float(q) for q in torch.quantile(v[:: max(1, v.numel() // 100_000)], torch.tensor(
-            [0.25, 0.5, 0.75], dtype=torch.float64))] + [span, -span]
-        try:
-            with torch.no_grad(), _same_noise():
-                y0 = _runtime_binary(mod(*args))
-            same = True
-            for tv in shifts:
-                with torch.no_grad(), _same_noise():
-                    y1 = _runtime_binary(mod(args[0] - tv, *args[1:]))
-                if not (isinstance(y0, torch.Tensor) and isinstance(y1, torch.Tensor) and y0.shape == y1.shape
-                        and torch.equal(y0, y1)):
-                    same = False
-                    break
-        except Exception:  # noqa: BLE001 - the module does not run alone: not measured here
-            continue
-        if same:
-            invariant.add(name)
     out: dict[str, str | float] = {}
     for name in by_name:
         if name in invariant:
@@ -1025,15 +1033,18 @@ def _check_shift_once(disc: Discovery, model: nn.Module, t: float = 0.5) -> None
     bad = {n: k for n, k in res.items() if isinstance(k, float) and k != 1.0}
     for s in list(disc.sites):
         if res.get(s.name) == "invariant":
-            disc.sites.remove(s)
-            disc.warnings.append(f"site {s.name} ({s.op}, {s.alphabet}): shift-invariant input: its output is the same "
-                                 "for x and x - s at every shift s tried (its input's quartiles and past its range; measured): "
-                                 "a softmax or a normalisation before its threshold, so a shift there changes nothing; "
-                                 "excluded from the shift")
+            reason = ("shift-invariant input: its output is the same for x and x - s at every shift s tried (its "
+                      "input's quartiles and past its range; measured): a softmax or a normalisation before its "
+                      "threshold, so a shift there changes nothing; left at t = 0")
+            disc.warnings.append(f"site {s.name} ({s.op}, {s.alphabet}): {reason}")
         elif s.name in bad:
-            disc.sites.remove(s)
-            disc.warnings.append(f"site {s.name}: a shift of t there moves its binarizer's input by {bad[s.name]:g}t "
-                                 "(measured): another site already shifts the same value; left out")
+            reason = (f"a shift of t there moves its binarizer's input by {bad[s.name]:g}t (measured): another site "
+                      "already shifts the same value; left at t = 0")
+            disc.warnings.append(f"site {s.name}: {reason}")
+        else:
+            continue
+        disc.sites.remove(s)
+        disc.excluded.append({"name": s.name, "op": s.op, "alphabet": s.alphabet, "reason": reason})
 
 
 def analyse(disc: Discovery, model: nn.Module) -> list[Site]:

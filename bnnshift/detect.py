@@ -15,6 +15,7 @@ forward), which is how a site found here is found again when patched.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,7 +24,7 @@ import torch
 from torch import fx, nn
 
 from . import registry
-from ._guard import changed_tensors, copy_model, inplace_message, snapshot
+from ._guard import ParamWrites, copy_model, inplace_message
 from ._runtime import OpEvent, SiteRuntime, binary_part, graph_candidate_label
 from .errors import TraceError
 from .sites import (APPLY_OP, APPLY_PRE_HOOK, APPLY_PRODUCER, KIND_HARDTANH, KIND_INLINE, KIND_INPUT,
@@ -119,6 +120,8 @@ class DynamicPass:
     error: str | None = None
     # fingerprint of each binarizer input: ("call", path, k) / ("op", scope, j) -> fingerprint
     fingerprints: dict[tuple, tuple] = field(default_factory=dict)
+    # the module running when each module call was made: (path, k) -> caller path ("" = root)
+    callers: dict[tuple[str, int], str] = field(default_factory=dict)
 
     def op(self, scope: str, index: int):
         for ev, i, o in self.ops:
@@ -150,6 +153,17 @@ def depends_on_input(a: DynamicPass, b: DynamicPass, key: tuple) -> bool | None:
     return fa != fb
 
 
+PROBE_ELEMENTS = 1 << 21  # at most 2M input values (8 MB in float32) per probe batch
+
+
+def probe_batch_size(input_shape: tuple[int, ...], want: int) -> int:
+    """The batch size of a probe of inputs of ``input_shape`` (one sample): ``want``, fewer for
+    large inputs so that the input batch holds at most ``PROBE_ELEMENTS`` values (a 3x300x300
+    detector input: 7 samples), never fewer than 2."""
+    n = max(1, math.prod(int(v) for v in input_shape))
+    return max(2, min(int(want), PROBE_ELEMENTS // n))
+
+
 def example_input(input_shape: tuple[int, ...], batch: int = PROBE_BATCH, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randn((batch, *input_shape), generator=g)
@@ -168,7 +182,12 @@ def dynamic_pass(model: nn.Module, x: torch.Tensor, *, train_mode: bool = True) 
     pending: dict[tuple[str, int], ValueSummary] = {}
     pending_args: dict[tuple[str, int], list] = {}  # fingerprints of the 2nd..4th tensor arguments
 
+    stack: list[str] = []
+
     def any_pre(path, k, args):
+        if stack:
+            result.callers[(path, k)] = stack[-1]
+        stack.append(path)
         pending[(path, k)] = summarize(args[0] if args else None)
         result.fingerprints[("call", path, k)] = fingerprint(args[0] if args else None)
         others = [fingerprint(a) for a in args[1:4] if isinstance(a, torch.Tensor)]
@@ -180,6 +199,8 @@ def dynamic_pass(model: nn.Module, x: torch.Tensor, *, train_mode: bool = True) 
         result.fingerprints[("op", ev.scope, ev.index)] = fingerprint(ev.inputs[0] if ev.inputs else None)
 
     def any_post(path, k, output):
+        if stack and stack[-1] == path:
+            stack.pop()
         fp = fingerprint(output)
         result.fingerprints[("out", path, k)] = fp
         result.calls.append(CallRecord(path, k, type(mods[path]), pending.pop((path, k), ValueSummary(False)),
@@ -307,12 +328,32 @@ class Discovery:
     trace_error: str | None = None
     binary_params: set[str] = field(default_factory=set)  # weights that a weight binarizer reads
     inplace_writes: list[str] = field(default_factory=list)  # parameters the forward assigns (.data = ...)
+    # binarizers left at t = 0 with the reason: {"name", "op", "alphabet", "reason"} (ScanReport.excluded_sites)
+    excluded: list[dict[str, Any]] = field(default_factory=list)
 
 
-def _name_sites(sites: list[Site], module_calls: dict[str, int], bases: dict[int, str] | None = None) -> None:
+def call_label(path: str, k: int, calls: dict[str, int], callers: dict[tuple[str, int], str] | None) -> str:
+    """The suffix that tells the calls of a module used more than once apart. Called from several
+    modules (a shared instance): where each call runs, ``@block1`` (the module whose forward made
+    call ``k``; ``@root`` for the root forward), ``@block1/1`` for the second call from the same
+    place; called from one place only, or the caller unknown: the call index ``@k``; ``""`` for
+    a module called once."""
+    if calls.get(path, 1) <= 1:
+        return ""
+    if not callers or (path, k) not in callers or len({c for (p, _), c in callers.items() if p == path}) <= 1:
+        return f"@{k}"  # every call from the same place: the call index says it
+    where = callers[(path, k)]
+    same = sorted(j for (p, j), c in callers.items() if p == path and c == where)
+    label = f"@{where or 'root'}"
+    return label if len(same) <= 1 else f"{label}/{same.index(k)}"
+
+
+def _name_sites(sites: list[Site], module_calls: dict[str, int], bases: dict[int, str] | None = None,
+                callers: dict[tuple[str, int], str] | None = None) -> None:
     """Give each site a unique, readable name (per call site) that says where it is.
 
-    Module sites are the module path (``layer1.act``, ``layer1.act@1`` per call), input
+    Module sites are the module path (``layer1.act``; a module called from several modules gets
+    where each call runs, ``act@layer1``, ``act@layer2``, ``act@root/1``: ``call_label``), input
     quantizers ``conv:input``; an inline op is named after the module whose output it
     binarizes (``bn1:output``, from ``bases``) or, when the value is computed in the same
     forward, ``scope:op`` (``layer1.0:sign``, ``root:sign``).
@@ -327,10 +368,9 @@ def _name_sites(sites: list[Site], module_calls: dict[str, int], bases: dict[int
             s.name = base if n == 0 else f"{base}_{n}"
             continue
         if s.kind == KIND_MODULE or s.kind == KIND_HARDTANH:
-            s.name = s.module if module_calls.get(s.module, 1) <= 1 else f"{s.module}@{s.call_index}"
+            s.name = s.module + call_label(s.module, s.call_index, module_calls, callers)
         elif s.kind == KIND_INPUT:
-            base = f"{s.module}:input"
-            s.name = base if module_calls.get(s.module, 1) <= 1 else f"{base}@{s.call_index}"
+            s.name = f"{s.module}:input" + call_label(s.module, s.call_index, module_calls, callers)
         else:
             base = f"{s.scope or 'root'}:{s.op.split('.')[0] if s.op.endswith('.apply') else s.op}"
             n = counters.get(base, 0)
@@ -360,11 +400,12 @@ def _stack_call(node: fx.Node, path: str) -> int:
     return 0
 
 
-def _with_call(path: str, k: int, calls: dict[str, int]) -> str:
-    return f"{path}:output" if calls.get(path, 1) <= 1 else f"{path}:output@{k}"
+def _with_call(path: str, k: int, calls: dict[str, int], callers: dict[tuple[str, int], str]) -> str:
+    return f"{path}:output" + call_label(path, k, calls, callers)
 
 
-def _graph_output_name(first: fx.Node, scope: str, call_index_of: dict, calls: dict[str, int]) -> str | None:
+def _graph_output_name(first: fx.Node, scope: str, call_index_of: dict, calls: dict[str, int],
+                       callers: dict[tuple[str, int], str]) -> str | None:
     """``module:output`` when the op binarizes the output of a module call, else None."""
     p = first
     for _ in range(8):
@@ -373,7 +414,7 @@ def _graph_output_name(first: fx.Node, scope: str, call_index_of: dict, calls: d
         else:
             break
     if p.op == "call_module":
-        return _with_call(str(p.target), call_index_of.get(p, 0), calls)
+        return _with_call(str(p.target), call_index_of.get(p, 0), calls, callers)
     ps, _ = node_scope(p)
     inside = ps.startswith(scope + ".") if scope else bool(ps)
     if not inside or p.op in ("placeholder", "get_attr"):
@@ -381,7 +422,7 @@ def _graph_output_name(first: fx.Node, scope: str, call_index_of: dict, calls: d
     # computed inside a child of ``scope``: the value left that child as its output
     rest = ps[len(scope) + 1:] if scope else ps
     child = (f"{scope}." if scope else "") + rest.split(".")[0]
-    return _with_call(child, _stack_call(p, child), calls)
+    return _with_call(child, _stack_call(p, child), calls, callers)
 
 
 def _dynamic_output_name(dyn: DynamicPass, ev: OpEvent, bin_paths: set[str], calls: dict[str, int]) -> str | None:
@@ -399,7 +440,7 @@ def _dynamic_output_name(dyn: DynamicPass, ev: OpEvent, bin_paths: set[str], cal
         rank = (path.count("."), k)
         if best is None or rank > best[0]:
             best = (rank, path, k)
-    return _with_call(best[1], best[2], calls) if best else None
+    return _with_call(best[1], best[2], calls, dyn.callers) if best else None
 
 
 def _op_name(ev: OpEvent | None, label: str, target: Any = None) -> str:
@@ -415,16 +456,22 @@ def discover(model: nn.Module, input_shape: tuple[int, ...], *, include_hardtanh
     Returns a ``Discovery``; ``sites`` are in execution order, with addressing filled in and
     context left to ``analyse``.
     """
-    work = copy_model(model)  # the user's model never runs here (its forward may write its weights)
-    twin = copy_model(model)
-    x = example_input(tuple(input_shape))
-    before = snapshot(work)
-    dyn = dynamic_pass(work, x)
-    inplace = changed_tensors(work, before, params_only=True)
     # the same model on another input: what changes depends on the input (an activation),
-    # what does not is computed from parameters only (a weight binarizer), whatever the layout
-    dyn2 = dynamic_pass(twin, example_input(tuple(input_shape), seed=7)) if not dyn.error else dyn
+    # what does not is computed from parameters only (a weight binarizer), whatever the layout.
+    # One copy at a time (memory): the twin's pass first, then the copy that is kept.
+    twin = copy_model(model)  # the user's model never runs here (its forward may write its weights)
+    dyn2 = dynamic_pass(twin, example_input(tuple(input_shape), seed=7))
     del twin
+    dyn2.ops = []  # only its fingerprints are read: no activations kept
+    work = copy_model(model)
+    x = example_input(tuple(input_shape))
+    watch = ParamWrites(work)  # writes to parameters found by the act, not by a changed value
+    with watch:
+        dyn = dynamic_pass(work, x)
+    writes = dict(watch.writes)
+    inplace = list(writes)
+    if dyn2.error and not dyn.error:
+        dyn2 = dyn
     if dyn.error:
         raise TraceError(f"the model does not run on inputs of shape {tuple(x.shape)}: {dyn.error.splitlines()[0][:200]}",
                          hint="check --input-shape (C,H,W of one sample) and the model arguments")
@@ -434,7 +481,7 @@ def discover(model: nn.Module, input_shape: tuple[int, ...], *, include_hardtanh
     for rec in dyn.calls:
         calls_per_path[rec.path] = max(calls_per_path.get(rec.path, 0), rec.index + 1)
 
-    warnings: list[str] = [inplace_message(inplace)] if inplace else []
+    warnings: list[str] = [inplace_message(writes)] if writes else []
     trace: TraceResult | None = None
     trace_error = None
     try:
@@ -514,7 +561,7 @@ def discover(model: nn.Module, input_shape: tuple[int, ...], *, include_hardtanh
                          call_index=scope_call, scope=scope, op_index=j)
             else:
                 s = Site(name="", kind=KIND_INLINE, op=opname, apply=APPLY_OP, scope=scope, op_index=j)
-                base = _graph_output_name(first, scope, call_index_of, calls_per_path)
+                base = _graph_output_name(first, scope, call_index_of, calls_per_path, dyn.callers)
                 if base:
                     bases[id(s)] = base
                 prod = first
@@ -530,8 +577,11 @@ def discover(model: nn.Module, input_shape: tuple[int, ...], *, include_hardtanh
             sites.append(s)
             node_of_site[id(s)] = n
 
+    excluded: list[dict[str, Any]] = []
     if trace is not None:
-        warnings.extend(_softmax_thresholds(trace.graph_module.graph, mods, activation_nodes(trace.graph_module.graph)))
+        for entry in _softmax_thresholds(trace.graph_module.graph, mods, activation_nodes(trace.graph_module.graph)):
+            excluded.append(entry)
+            warnings.append(f"{entry['name']}: {entry['reason']}")
 
     # sites inside untraced leaves (or everywhere when the model could not be traced)
     leaf_roots = list(trace.leaves) if trace is not None else [""]
@@ -576,15 +626,37 @@ def discover(model: nn.Module, input_shape: tuple[int, ...], *, include_hardtanh
         sites.extend(found_here)
 
     sites = one_site_per_call(sites)
-    _name_sites(sites, calls_per_path, bases)
-    _name_sites(hardtanh_sites, calls_per_path)
+    _name_sites(sites, calls_per_path, bases, dyn.callers)
+    _name_sites(hardtanh_sites, calls_per_path, callers=dyn.callers)
     warnings.extend(f"site {s.name}: {note}" for s, note in site_notes)
     for s in sites + hardtanh_sites:
         s.producer_module = s.module if s.apply == APPLY_PRODUCER else None
+    _release_copy(work, trace, model, dyn)
     disc = Discovery(sites, weight_binarizers, trace, dyn, bin_paths,
                      {s.name: node_of_site[id(s)] for s in sites if id(s) in node_of_site},
-                     hardtanh_sites, warnings, trace_error, binary_params, inplace)
+                     hardtanh_sites, warnings, trace_error, binary_params, inplace, excluded)
     return disc
+
+
+def _release_copy(work: nn.Module, trace: TraceResult | None, model: nn.Module, dyn: DynamicPass) -> None:
+    """Free the memory of discover's copy once its forwards are done (peak memory: the model plus
+    one copy). The graph keeps the copy's modules for structure only (types, shapes, users);
+    nothing runs them again, so their parameters and buffers become the model's own tensors of
+    the same name (the loaded values: ``analyse`` reads values from the model anyway), and the
+    recorded ops drop the tensors they held (a weight binarizer's input is a parameter)."""
+    theirs = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers(remove_duplicate=False))
+    swap: dict[int, torch.Tensor] = {}
+    for name, t in list(work.named_parameters(remove_duplicate=False)) + list(work.named_buffers(remove_duplicate=False)):
+        u = theirs.get(name)
+        if isinstance(u, torch.Tensor) and u.shape == t.shape and u.dtype == t.dtype:
+            swap[id(t)] = u
+    holders = list(work.modules()) + (list(trace.graph_module.modules()) if trace is not None else [])
+    for m in holders:
+        for store in (m._parameters, m._buffers):
+            for k, v in list(store.items()):
+                if v is not None and id(v) in swap:
+                    store[k] = swap[id(v)]
+    dyn.ops = [(dataclasses.replace(ev, inputs=(), output=None, used_inputs=()), i, o) for ev, i, o in dyn.ops]
 
 
 _SOFTMAX_FUNCS = {torch.softmax, torch.nn.functional.softmax, torch.special.softmax}
@@ -602,10 +674,11 @@ def _is_softmax(n: Any, mods: dict[str, nn.Module]) -> bool:
     return n.op == "call_module" and isinstance(mods.get(str(n.target)), nn.Softmax)
 
 
-def _softmax_thresholds(g: fx.Graph, mods: dict[str, nn.Module], act: set) -> list[str]:
-    """Say every {0,1} threshold on a softmax output (binary attention): it is reported, and it is
-    not a site of the default shift: softmax(x - t) = softmax(x), so a shift of the scores before
-    it changes nothing, and its own threshold is the model's (a probability, not a pre-activation)."""
+def _softmax_thresholds(g: fx.Graph, mods: dict[str, nn.Module], act: set) -> list[dict[str, Any]]:
+    """Every {0,1} threshold on a softmax output (binary attention), as an excluded site
+    (``{"name", "op", "alphabet", "reason"}``): it is reported, and it is not a site of the default
+    shift: softmax(x - t) = softmax(x), so a shift of the scores before it changes nothing, and its
+    own threshold is the model's (a probability, not a pre-activation)."""
     out = []
     for n in g.nodes:
         name = getattr(n.target, "__name__", str(n.target))
@@ -616,11 +689,11 @@ def _softmax_thresholds(g: fx.Graph, mods: dict[str, nn.Module], act: set) -> li
         if p is None or p not in act:
             continue
         scope, _ = node_scope(n)
-        where = f"{scope or 'root'}:{name.strip('_')}"
         level = f"{lit:g}" if isinstance(lit, (int, float)) else "a tensor"
-        out.append(f"{where}: a {{0,1}} threshold at {level} on a softmax output (binary attention); shift-invariant "
-                   "input (softmax(x - t) = softmax(x): a shift of the scores changes nothing), so it is not "
-                   "shifted by default; its threshold is the model's own")
+        out.append({"name": f"{scope or 'root'}:{name.strip('_')}", "op": name.strip("_"), "alphabet": "{0,1}",
+                    "reason": f"a {{0,1}} threshold at {level} on a softmax output (binary attention); shift-invariant "
+                              "input (softmax(x - t) = softmax(x): a shift of the scores changes nothing), so it is "
+                              "not shifted by default; its threshold is the model's own"})
     return out
 
 

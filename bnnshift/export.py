@@ -509,6 +509,16 @@ def _set_metadata(proto, model: nn.Module, extra: dict[str, str] | None) -> None
     onnx.helper.set_model_props(proto, props)
 
 
+WRITES_HINT = ("compute the binary weight in forward without writing the parameter (w = SignSTE.apply(self.weight)); "
+               "clamp after optimizer.step() or with torch.nn.utils.parametrize; then load the same weights and export")
+
+
+def writes_message(written: dict[str, str]) -> str:
+    """One line naming the parameters a forward writes and how (``_guard.ParamWrites``)."""
+    shown = ", ".join(f"{n} ({how})" for n, how in list(written.items())[:4]) + (", ..." if len(written) > 4 else "")
+    return f"the model's forward writes {shown} in place: torch.onnx cannot export a write to a parameter"
+
+
 def export_onnx(model: nn.Module, input_shape: Iterable[int], path: str | os.PathLike[str], opset: int | None = None, *,
                 sites: Iterable[Site] | None = None, batches: int = DEFAULT_BATCHES,
                 batch_size: int = DEFAULT_BATCH_SIZE, seed: int = 0,
@@ -541,14 +551,11 @@ def export_onnx(model: nn.Module, input_shape: Iterable[int], path: str | os.Pat
     warn: list[str] = []
     from ._guard import inplace_writers
 
-    # before any forward of ours: a forward that writes its own parameters changes them only once
+    # before any forward of ours: a forward that writes its own parameters changes them only
+    # once; found by the act (a clamp that changes nothing is a write too)
     written = inplace_writers(model, data[0])
     if written:
-        raise ExportError(f"the model's forward assigns .data of {', '.join(written[:4])}"
-                          f"{', ...' if len(written) > 4 else ''} (binarizes weights in place): torch.onnx cannot "
-                          "export a .data assignment",
-                          hint="compute the binary weight in forward instead (w = SignSTE.apply(self.weight), "
-                               "no .data =), load the same weights, and export that model")
+        raise ExportError(writes_message(written), hint=WRITES_HINT)
     with torch.no_grad():
         out = model(data[0][:2])
     if not isinstance(out, torch.Tensor):  # UsageError when no element / item fits

@@ -23,17 +23,23 @@ NO_SITES_HINT = ("if your binarizer is custom, declare it in a plugin: "
 
 
 def model_summary(model: nn.Module, input_shape: tuple[int, ...], binary_params: set[str],
-                  binary_input_modules: set[str]) -> dict[str, Any]:
-    """larq-style summary: parameters, binary vs float MACs, memory with 1-bit weights."""
+                  binary_input_modules: set[str], ops: list | None = None) -> dict[str, Any]:
+    """larq-style summary: parameters, binary vs float MACs, memory with 1-bit weights.
+
+    ``ops``: the conv / linear ops of one forward (``summary.weight_ops``), measured here when
+    None; a parameter whose effective weight is binary counts as binary."""
+    from .summary import macs_per_module, binary_weight_layers, weight_ops
+
+    if ops is None:
+        # every conv / linear op, also F.conv2d / F.linear written in a forward
+        ops, _ = weight_ops(model, example_input(input_shape, batch=1), binary_params)
+    binary_params = set(binary_params) | binary_weight_layers(ops)[1]
     total = binary = 0
     for name, p in model.named_parameters():
         total += p.numel()
         if name in binary_params:
             binary += p.numel()
-    from .summary import count_macs
-
-    # every conv / linear op, also F.conv2d / F.linear written in a forward (summary.count_macs)
-    per_module, _ = count_macs(model, example_input(input_shape, batch=1), binary_params)
+    per_module = macs_per_module(ops)
     macs = {"binary": sum(n["binary"] for n in per_module.values()),
             "float": sum(n["float"] for n in per_module.values())}
     float_params = total - binary
@@ -106,15 +112,23 @@ def scan_model(model: nn.Module, input_shape: Iterable[int], *, name: str = "mod
                 s.plus_fraction, s.preact = None, None
     if disc.hardtanh_sites:
         probe_sites(work, disc.hardtanh_sites, probe_batches[:1])
-    summary = model_summary(work, input_shape, disc.binary_params, set())
-    from .summary import layer_summary
+    from .summary import binary_weight_layers, layer_summary_and_ops
 
-    layers = layer_summary(work, example_input(input_shape, batch=1), disc.binary_params)
-    return ScanReport(layer_summary=layers, model=name, input_shape=input_shape, sites=sites, weight_binarizers=disc.weight_binarizers,
+    # one forward for the per-layer table, the one-line summary and the weight binarizers: a
+    # layer whose effective weight (what F.conv2d / F.linear receive) is alpha_c * sign is a
+    # binary layer whatever code made it; the graph's count of binarizing ops on parameters is
+    # the other lower bound (a binary weight that reaches no conv / linear, e.g. a matmul)
+    layers, ops = layer_summary_and_ops(work, example_input(input_shape, batch=1), disc.binary_params)
+    n_layers, sources = binary_weight_layers(ops)
+    disc.binary_params |= sources
+    weight_binarizers = max(disc.weight_binarizers, n_layers)
+    summary = model_summary(work, input_shape, disc.binary_params, set(), ops=ops)
+    return ScanReport(layer_summary=layers, model=name, input_shape=input_shape, sites=sites, weight_binarizers=weight_binarizers,
                       leaves=disc.trace.leaves if disc.trace is not None else [],
                       leaf_errors=disc.trace.failures if disc.trace is not None else {},
                       traced=disc.trace is not None, hardtanh_sites=disc.hardtanh_sites, summary=summary,
-                      warnings=warnings, data=data_name, inplace_writes=list(disc.inplace_writes))
+                      warnings=warnings, data=data_name, inplace_writes=list(disc.inplace_writes),
+                      excluded_sites=list(disc.excluded))
 
 
 _PRODUCER_RANGES = {"hardtanh": (-1.0, 1.0), "tanh": (-1.0, 1.0), "Tanh": (-1.0, 1.0), "sigmoid": (0.0, 1.0),
@@ -185,6 +199,7 @@ def constant_site_warnings(patched: nn.Module, sites: list[Site], shifts: dict[s
 def _gradient_warnings(work: nn.Module, sites: list[Site], x: torch.Tensor) -> list[str]:
     """Flag sites that no gradient passes (no straight-through estimator) and the layers that cannot learn."""
     gc = gradient_check(work, sites, x)
+    work.zero_grad(set_to_none=True)  # memory: the gradients are a whole model's worth, read above
     if gc is None:
         return []
     out = []
@@ -250,10 +265,10 @@ def scan(spec: str, *, args: Iterable[str] | dict | None = None, checkpoint: str
     recalibrated = False
     if batches is not None and checkpoint is None:
         # untrained weights: BN running statistics are the init's (mean 0, var 1), which do not
-        # centre the pre-activations; measure as after training, on a copy, with BN re-estimated
+        # centre the pre-activations; measure as after training, with BN re-estimated. The model
+        # is scan's own (loaded here, never returned): no copy (memory: one copy at a time)
         from .train import recalibrate_bn
 
-        model = copy_model(model)
         with torch.no_grad():
             recalibrated = recalibrate_bn(model, batches) > 0
     report = scan_model(model, shape, name=loaded.spec.canonical(), batches=batches, data_name=data_name,

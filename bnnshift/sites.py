@@ -109,6 +109,9 @@ class ScanReport:
     layer_summary: dict[str, Any] = field(default_factory=dict)  # summary.layer_summary: per-layer rows + totals
     checkpoint: dict[str, Any] | None = None  # load.LoadReport.to_json() of the checkpoint, or None
     normalisation: dict[str, Any] | None = None  # with data: DataBundle.normalisation_json()
+    # binarizers found but left at t = 0 by patch / search, each with why:
+    # {"name", "op", "alphabet", "reason"} (a shift-invariant input, a value another site shifts)
+    excluded_sites: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def num_sites(self) -> int:
@@ -140,4 +143,5 @@ class ScanReport:
             "warnings": self.warnings,
             "inplace_writes": self.inplace_writes,
             "normalisation": self.normalisation,
+            "excluded_sites": self.excluded_sites,
         }

@@ -701,3 +701,71 @@ def test_signum_of_exact_zeros_is_not_a_dead_zone():
     report = scan_model(TernaryNet("integer"), (12,), batches=[torch.randn(64, 12)])
     assert not [w for w in report.warnings if "dead-zone" in w], report.warnings
     assert [w for w in report.warnings if "makes it binary" in w], report.warnings
+
+
+@pytest.mark.parametrize("style,name,op", [("module", "attn", "module:BinaryAttention"), ("inline", "root:gt", "gt"),
+                                           ("norm", "norm_sign", "module:NormSign")])
+def test_shift_invariant_sites_listed_with_the_reason_and_left_at_zero(style, name, op):
+    """Each excluded binarizer is in the report / JSON per site with its reason; patch leaves it at t = 0."""
+    import json
+    from pathlib import Path
+
+    import jsonschema
+
+    from bnnshift.patch import describe
+
+    torch.manual_seed(0)
+    model = AttnNet(style)
+    report = scan_model(model, (6, 8))
+    assert [(e["name"], e["op"]) for e in report.excluded_sites] == [(name, op)]
+    assert "shift-invariant input" in report.excluded_sites[0]["reason"]
+    payload = json.loads(json.dumps(report.to_json()))
+    schema = json.loads((Path(__file__).parents[1] / "docs" / "scan.schema.json").read_text())
+    jsonschema.validate(payload, schema)
+    assert payload["excluded_sites"] == report.excluded_sites
+    patched = patch_model(copy.deepcopy(model), report, T)
+    assert [r["name"] for r in describe(patched)] == ["bn:output"]
+
+
+# ---------------------------------------------------------------- 10. names say where each call runs
+
+
+class CopysignAct(nn.Module):
+    """A binarizer module with no candidate op (found by its values): sign written as copysign."""
+
+    def __init__(self):
+        super().__init__()
+        self.t = 0.0
+
+    def forward(self, x):
+        return torch.copysign(torch.ones_like(x), x - self.t)
+
+
+class CallerBlock(nn.Module):
+    def __init__(self, act, twice=False):
+        super().__init__()
+        self.fc, self.bn, self.act, self.twice = nn.Linear(16, 16), nn.BatchNorm1d(16), act, twice
+        self.fc2 = nn.Linear(16, 16)
+
+    def forward(self, x):
+        h = self.act(self.bn(self.fc(x)))
+        return self.act(self.fc2(h)) if self.twice else h
+
+
+class SharedCallers(nn.Module):
+    def __init__(self, twice=False):
+        super().__init__()
+        self.act = CopysignAct()
+        self.b1, self.b2 = CallerBlock(self.act, twice), CallerBlock(self.act)
+        self.bn, self.fc = nn.BatchNorm1d(16), nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.fc(self.act(self.bn(self.b2(self.b1(x)))))
+
+
+@pytest.mark.parametrize("twice,names", [(False, ["act@b1", "act@b2", "act@root"]),
+                                         (True, ["act@b1/0", "act@b1/1", "act@b2", "act@root"])])
+def test_calls_of_a_shared_instance_are_named_where_they_run(twice, names):
+    report = _assert_patch_is_threshold(lambda: SharedCallers(twice), (16,), len(names))
+    assert [s.name for s in report.sites] == names
+    assert [s.call_index for s in report.sites] == list(range(len(names)))  # the address stays the call

@@ -36,6 +36,18 @@ DEVICE = typer.Option("auto", "--device", help="cpu, cuda, cuda:N or auto (CUDA 
                                                "cuda:LOCAL_RANK under torchrun).")
 JSON = typer.Option(False, "--json", help="Print only JSON on stdout.")
 QUIET = typer.Option(False, "--quiet", "-q", help="Print nothing but errors.")
+VERBOSE = typer.Option(False, "--verbose", help="Also print the peak memory (resident set size) of this process.")
+
+
+def print_peak_memory(o) -> None:
+    """``--verbose``: the process's peak resident memory (``resource.getrusage`` ru_maxrss, KiB
+    on Linux, bytes on macOS), one line on stderr, also with --json (--quiet: nothing)."""
+    import resource
+    import sys as _sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    mib = peak / (1024 * 1024) if _sys.platform == "darwin" else peak / 1024
+    o.info(f"peak memory (RSS) {mib:.0f} MiB")
 
 BN_DATA = typer.Option(None, "--data", help="Data spec (as in search): re-estimate the BatchNorm statistics on "
                                             "it first, and say whether they were stale (docs/finetune.md).")

@@ -12,8 +12,8 @@ import typer
 
 from . import app
 from ._common import (ALLOW_NONFINITE, ARG, BN_DATA, BN_RECALIB_BATCHES, CHECKPOINT, INPUT_SHAPE, JSON, MEAN, MODEL,
-                      NON_STRICT, QUIET, RECIPE_MODEL, STD, TRUST_RECIPE, UNSAFE, USE_EMA, ArgList, parse_mean_std,
-                      print_load_notes)
+                      NON_STRICT, QUIET, RECIPE_MODEL, STD, TRUST_RECIPE, UNSAFE, USE_EMA, VERBOSE, ArgList,
+                      parse_mean_std, print_load_notes, print_peak_memory)
 from ._errors import handle_errors
 from ._output import Output
 
@@ -97,6 +97,7 @@ def patch_command(
     std: Optional[str] = STD,
     json_: bool = JSON,
     quiet: bool = QUIET,
+    verbose: bool = VERBOSE,
 ):
     """Shift the threshold of binary activations: sign(x) -> sign(x - t). Writes OUT/ for fine-tuning.
 
@@ -146,6 +147,8 @@ def patch_command(
             shutil.rmtree(out_dir, ignore_errors=True)
         raise
     o.result(payload)
+    if verbose:
+        print_peak_memory(o)
 
 
 @dataclass
@@ -198,13 +201,13 @@ def _do_patch(o, opts: PatchOptions) -> dict:
     patch_model(loaded.model, report, cfg, trainable=trainable, per_channel=per_channel, hardtanh_shift=ht)
     warnings = list(report.warnings)
     if report.sites:
-        from ..detect import example_input
+        from ..detect import example_input, probe_batch_size
         from ..patch import patch_state
         from ..scan import constant_site_warnings
 
         st = patch_state(loaded.model)
         const = constant_site_warnings(loaded.model, report.sites, st.shifts if st else {},
-                                       [example_input(shape, batch=64, seed=1)])
+                                       [example_input(shape, batch=probe_batch_size(shape, 64), seed=1)])
         for w in const:
             o.warn(w)
         warnings += const
@@ -256,6 +259,7 @@ def _do_patch(o, opts: PatchOptions) -> dict:
         "onnx": export_report.to_json() if export_report is not None else None,
         "warnings": warnings,
         "normalisation": recipe.normalisation,
+        "excluded_sites": report.excluded_sites,  # found, left at t = 0, each with the reason
     }
 
 

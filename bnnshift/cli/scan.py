@@ -7,7 +7,8 @@ import typer
 
 from . import app
 from ._common import (ALLOW_NONFINITE, ARG, CHECKPOINT, DEVICE, INPUT_SHAPE, JSON, MEAN, MODEL, NON_STRICT, QUIET,
-                      STD, UNSAFE, USE_EMA, ArgList, parse_mean_std, print_load_notes)
+                      STD, UNSAFE, USE_EMA, VERBOSE, ArgList, parse_mean_std, print_load_notes,
+                      print_peak_memory)
 from ._errors import handle_errors
 from ._output import Output
 
@@ -152,6 +153,7 @@ def scan_command(
     std: Optional[str] = STD,
     json_: bool = JSON,
     quiet: bool = QUIET,
+    verbose: bool = VERBOSE,
 ):
     """Find every binary activation (per call site), tell it from weight binarization, show its context."""
     from .. import validate
@@ -184,3 +186,5 @@ def scan_command(
         render_layer_summary(report, out)
     else:
         render_report(report, out)
+    if verbose:
+        print_peak_memory(out)
