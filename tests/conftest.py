@@ -78,9 +78,9 @@ MLP_PATCHED_AT = 0.5  # the shift of the session's patched MLP
 
 
 @pytest.fixture(scope="session")
-def _patched_mlp_once(tmp_path_factory):
+def patched_mlp_source(tmp_path_factory):
     """zoo:mlp (width 0.25) patched at t = 0.5, not folded: patched once per session
-    (``pipeline.patch_spec``); tests get copies from ``patched_mlp``."""
+    (``pipeline.patch_spec``). Read it, never change it: ``patched_mlp`` hands out copies."""
     from bnnshift.patch import ShiftConfig
     from bnnshift.pipeline import PatchOptions, patch_spec
     from bnnshift.source import ModelSource
@@ -91,9 +91,9 @@ def _patched_mlp_once(tmp_path_factory):
 
 
 @pytest.fixture
-def patched_mlp(_patched_mlp_once, tmp_path):
+def patched_mlp(patched_mlp_source, tmp_path):
     """A fresh copy of the session's patched MLP directory at ``tmp_path / "p"`` (yours to
     change: fold it, fine-tune it, break it)."""
     import shutil
 
-    return Path(shutil.copytree(_patched_mlp_once, tmp_path / "p"))
+    return Path(shutil.copytree(patched_mlp_source, tmp_path / "p"))
