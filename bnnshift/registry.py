@@ -91,6 +91,10 @@ class Detector:
                           DeprecationWarning, stacklevel=3)
 
 
+# the InitVars' defaults stay behind as class attributes: reading d.functions must fail, not give None
+del Detector.functions, Detector.alphabet
+
+
 ZOO: Registry[ZooEntry] = Registry("zoo model")
 DETECTORS: Registry[Detector] = Registry("detector")
 LEAF_MODULES: Registry[type] = Registry("leaf module")
