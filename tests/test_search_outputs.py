@@ -44,7 +44,7 @@ MODELS = textwrap.dedent('''
 
         def parts(self, x):
             f1 = self.bn0(self.conv0(x))
-            f2 = self.bn1(self.conv1(Sign.apply(f1)))
+            f2 = self.bn1(self.conv1(SignSTE.apply(f1)))
             return self.head(F.adaptive_avg_pool2d(f2, 1).flatten(1)), f1, f2
 
 
