@@ -86,6 +86,7 @@ def patched_mlp_source(tmp_path_factory):
     from bnnshift.source import ModelSource
 
     out = tmp_path_factory.mktemp("patched-mlp") / "p"
+    torch.manual_seed(0)  # the zoo's init draws from the global generator: the same weights in every session
     patch_spec(PatchOptions(ModelSource("zoo:mlp", args=["width=0.25"]), out, ShiftConfig(shift=MLP_PATCHED_AT)))
     return out
 
