@@ -87,9 +87,14 @@ class ExportReport:
     tie_flips: int = 0  # flips where |pre-activation - t| is within float tolerance: not failures
     flips_after_tie: int = 0  # flips at later sites of a sample that had a tie (consequences)
     tied_samples: int = 0  # samples left out of the logit / top-1 comparison because of a tie
+    # from a patched directory: its BN statistics predate its weights (``patch.bn_statistics_stale``);
+    # not part of the JSON (the caller says it as a note)
+    bn_statistics_stale: bool | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        d.pop("bn_statistics_stale")
+        return d
 
 
 # --------------------------------------------------------------------------- taps
@@ -633,13 +638,17 @@ def _export_dir_inprocess(out_dir: str, onnx_path: str, opset: int | None, batch
         raise ExportError(f"{out_dir}/patch.json has no input_shape", hint="re-run bnnshift patch with --input-shape")
     model = load_patched(out_dir, model=model, args=model_args, trust=trust)
     from ._io import sha256_file
+    from .patch import bn_statistics_stale
 
     meta = {"bnnshift_recipe_sha256": sha256_file(Path(out_dir) / "patch.json")}
     norm = getattr(recipe, "normalisation", None)
     if norm:  # the input normalisation the model expects: {"mean": [..], "std": [..], "source"} (pixels in [0, 1])
         meta["bnnshift_normalisation"] = json.dumps(norm, sort_keys=True)
-    return export_onnx(model, recipe.input_shape, onnx_path, opset, batches=batches, metadata=meta,
-                       output_index=output_index, output_key=output_key)
+    stale = bn_statistics_stale(model, recipe)  # said by the caller as a note (``pipeline.export_dir``)
+    report = export_onnx(model, recipe.input_shape, onnx_path, opset, batches=batches, metadata=meta,
+                         output_index=output_index, output_key=output_key)
+    report.bn_statistics_stale = stale
+    return report
 
 
 def export_patched_dir(out_dir: str | os.PathLike[str], onnx_path: str | os.PathLike[str], opset: int | None = None, *,
@@ -694,15 +703,31 @@ def export_patched_dir(out_dir: str | os.PathLike[str], onnx_path: str | os.Path
             atomic_write_from(child_onnx, onnx_path)
             data["report"]["path"] = str(onnx_path)
     if proc.returncode == 0 and data and "report" in data:
-        return ExportReport(**data["report"])
+        report = ExportReport(**data["report"])
+        report.bn_statistics_stale = data.get("bn_statistics_stale")
+        return report
     if data and "error" in data:
-        cls = VerificationError if data.get("exit_code") == VerificationError.exit_code else ExportError
-        raise cls(data["error"], hint=data.get("hint"))
+        raise _child_error(data)
     if proc.returncode < 0:
         raise ExportError(f"the ONNX exporter crashed (signal {-proc.returncode})",
                           hint="the model may binarize in place (.data); export the folded model or simplify forward")
     tail = (proc.stderr.strip().splitlines() or ["no output"])[-1][:240]
     raise ExportError(f"the ONNX export process failed (exit {proc.returncode}): {tail}")
+
+
+def _child_error(data: dict[str, Any]) -> BnnshiftError:
+    """The child's error as the exception it was (its class by name among bnnshift's, so its exit
+    code and one line are those of an export in this process), else an ``ExportError`` /
+    ``VerificationError`` by exit code."""
+    from . import errors
+
+    known = {c.__name__: c for c in vars(errors).values()
+             if isinstance(c, type) and issubclass(c, BnnshiftError)}
+    known.update(ExportError=ExportError)
+    cls = known.get(str(data.get("kind")))
+    if cls is None:
+        cls = VerificationError if data.get("exit_code") == VerificationError.exit_code else ExportError
+    return cls(data["error"], hint=data.get("hint"))
 
 
 _CHILD_BOOT = (
@@ -874,9 +899,10 @@ def _main(argv: list[str] | None = None) -> int:
         report = _export_dir_inprocess(a.out_dir, a.onnx_path, a.opset, a.batches, model=a.model, model_args=a.arg,
                                        trust=a.trust_recipe, output_index=a.output_index,
                                        output_key=a.output_key)
-        payload, code = {"report": report.to_json()}, 0
+        payload, code = {"report": report.to_json(), "bn_statistics_stale": report.bn_statistics_stale}, 0
     except BnnshiftError as exc:
-        payload, code = {"error": exc.message, "hint": exc.hint, "exit_code": exc.exit_code}, exc.exit_code
+        payload, code = ({"error": exc.message, "hint": exc.hint, "exit_code": exc.exit_code,
+                          "kind": type(exc).__name__}, exc.exit_code)
     except Exception as exc:  # noqa: BLE001
         payload, code = {"error": f"ONNX export failed: {_one_line(exc)}", "hint": None, "exit_code": 1}, 1
     Path(a.report).write_text(json.dumps(payload, default=str))

@@ -389,6 +389,14 @@ def bn_statistics_current(model: nn.Module, recipe: PatchRecipe) -> bool:
     return bool(want) and want == weights_digest(model)
 
 
+def bn_statistics_stale(model: nn.Module, recipe: PatchRecipe) -> bool:
+    """True when ``model`` has BatchNorm layers with running statistics and its weights changed
+    since those statistics were last known to fit them (fine-tuned after ``patch``; the note
+    that asks to re-estimate them: ``fold`` / ``export`` with ``--data``)."""
+    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats for m in model.modules())
+    return has_bn and not bn_statistics_current(model, recipe)
+
+
 def _checkpoint_record(path: str | None, sha: str | None, load_report: Any) -> dict[str, Any] | None:
     if load_report is not None and hasattr(load_report, "to_json"):
         rec = dict(load_report.to_json())
@@ -649,6 +657,35 @@ def recipe_model_spec(recipe: PatchRecipe, directory: str | os.PathLike[str], *,
     return spec
 
 
+def check_patched(out_dir: str | os.PathLike[str], *, model: Any = None, args: Any = None, trust: bool = False,
+                  verify_hash: bool = True) -> tuple[PatchRecipe, Any]:
+    """Everything :func:`load_patched` checks before it builds anything: the recipe read, the
+    weights file present (and its sha256 the recorded one with ``verify_hash``), the model spec
+    parsed (``model`` a spec string / ``load.ModelSpec``) or allowed by the trust rules
+    (:func:`recipe_model_spec`). Returns ``(recipe, spec)`` (``spec`` is None when ``model`` is
+    an ``nn.Module``). Raises ``UntrustedRecipeError``, ``CheckpointError``, ``UsageError``."""
+    from .load import ModelSpec, coerce_args, parse_model_spec
+
+    out = Path(out_dir)
+    recipe = read_recipe(out)
+    weights = out / WEIGHTS_FILE
+    if not weights.is_file():
+        raise CheckpointError(f"{weights} not found", hint="the directory is incomplete; re-run bnnshift patch")
+    expected = (recipe.hashes or {}).get("model.safetensors")
+    if verify_hash and expected and sha256_file(weights) != expected:
+        raise CheckpointError(f"{weights} does not match the sha256 recorded in patch.json",
+                              hint="the weights were replaced outside bnnshift: re-run `bnnshift patch ... -o DIR "
+                                   "--force` (library: load_patched(dir, verify_hash=False))")
+    if isinstance(model, nn.Module):
+        return recipe, None
+    if model is not None:
+        spec = model if isinstance(model, ModelSpec) else parse_model_spec(str(model))
+        if args is not None or not spec.args:
+            spec.args = coerce_args(args) if args is not None else dict(recipe.factory_args)
+        return recipe, spec
+    return recipe, recipe_model_spec(recipe, out, trust=trust)
+
+
 def load_patched(out_dir: str | os.PathLike[str], *, model: Any = None, args: Any = None, trust: bool = False,
                  device: str | torch.device = "cpu", verify_hash: bool = True) -> nn.Module:
     """Rebuild a patched model written by ``save_patched`` / ``bnnshift patch`` (eval mode).
@@ -669,27 +706,11 @@ def load_patched(out_dir: str | os.PathLike[str], *, model: Any = None, args: An
         bnnshift.recalibrate_bn(model, loader, max_batches=20)
         save_patched(model, read_recipe("OUT/"), "OUT_ft/")
     """
-    from .load import ModelSpec, build_model, coerce_args, load_checkpoint, parse_model_spec, unwrap_model
+    from .load import build_model, load_checkpoint, unwrap_model
 
-    out = Path(out_dir)
-    recipe = read_recipe(out)
-    weights = out / WEIGHTS_FILE
-    if not weights.is_file():
-        raise CheckpointError(f"{weights} not found", hint="the directory is incomplete; re-run bnnshift patch")
-    expected = (recipe.hashes or {}).get("model.safetensors")
-    if verify_hash and expected and sha256_file(weights) != expected:
-        raise CheckpointError(f"{weights} does not match the sha256 recorded in patch.json",
-                              hint="the weights were replaced outside bnnshift: re-run `bnnshift patch ... -o DIR "
-                                   "--force` (library: load_patched(dir, verify_hash=False))")
-    if isinstance(model, nn.Module):
-        net = unwrap_model(model)[0]
-    elif model is not None:
-        spec = model if isinstance(model, ModelSpec) else parse_model_spec(str(model))
-        if args is not None or not spec.args:
-            spec.args = coerce_args(args) if args is not None else dict(recipe.factory_args)
-        net = build_model(spec)
-    else:
-        net = build_model(recipe_model_spec(recipe, out, trust=trust))
+    recipe, spec = check_patched(out_dir, model=model, args=args, trust=trust, verify_hash=verify_hash)
+    weights = Path(out_dir) / WEIGHTS_FILE
+    net = unwrap_model(model)[0] if isinstance(model, nn.Module) else build_model(spec)
     apply_recipe(net, recipe, include_folded=False)
     load_checkpoint(net, weights, strict=True)
     net.to(device)

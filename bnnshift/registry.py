@@ -7,7 +7,7 @@ the ``register_*`` functions below. Registering a name twice warns and keeps the
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from typing import Any, Callable, Generic, Iterator, TypeVar
 
 T = TypeVar("T")
@@ -68,18 +68,31 @@ class Detector:
     """Teaches scan a binarizer it cannot recognise by itself.
 
     ``module_types``: classes whose forward binarizes its (first) input (treated as leaves,
-    each call is one site). ``functions``: ``autograd.Function`` subclasses that binarize.
-    ``class_names``: class names of public families' binarizer modules (``BinaryActivation``,
-    ``RSign``...), matched without importing the user's code. ``alphabet``: '{-1,+1}' or
-    '{0,1}' when known.
+    each call is one site). ``class_names``: class names of public families' binarizer modules
+    (``BinaryActivation``, ``RSign``...), matched without importing the user's code.
+
+    ``functions`` and ``alphabet`` were never read (an ``autograd.Function`` that binarizes and
+    the output alphabet are found by their values): still accepted, ignored with a
+    ``DeprecationWarning``; they will be removed.
     """
 
     name: str
     module_types: tuple[type, ...] = ()
-    functions: tuple[type, ...] = ()
+    functions: InitVar[tuple[type, ...] | None] = None
     class_names: tuple[str, ...] = ()  # match user classes by name (public BNN families)
-    alphabet: str | None = None
+    alphabet: InitVar[str | None] = None
     description: str = ""
+
+    def __post_init__(self, functions, alphabet) -> None:
+        given = [n for n, v in (("functions", functions), ("alphabet", alphabet)) if v]
+        if given:
+            warnings.warn(f"bnnshift: Detector({self.name!r}): {' and '.join(given)} are ignored (binarizing "
+                          "Functions and alphabets are found by their values) and will be removed",
+                          DeprecationWarning, stacklevel=3)
+
+
+# the InitVars' defaults stay behind as class attributes: reading d.functions must fail, not give None
+del Detector.functions, Detector.alphabet
 
 
 ZOO: Registry[ZooEntry] = Registry("zoo model")
@@ -136,11 +149,4 @@ def binarizer_module_types() -> tuple[type, ...]:
     out: list[type] = []
     for _, d in DETECTORS.items():
         out.extend(d.module_types)
-    return tuple(out)
-
-
-def binarizer_functions() -> tuple[type, ...]:
-    out: list[type] = []
-    for _, d in DETECTORS.items():
-        out.extend(d.functions)
     return tuple(out)

@@ -9,8 +9,7 @@ import io
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ._io import (LOCK_NAME, atomic_save_safetensors, atomic_write_bytes, atomic_write_json, atomic_write_text,
-                  prepare_output_dir)
+from ._io import LOCK_NAME, atomic_write_bytes, atomic_write_json, atomic_write_text
 from .errors import OutputError
 
 if TYPE_CHECKING:  # pragma: no cover - the types only: search writes its report, so report imports
@@ -534,22 +533,14 @@ def render_table(summary: "SearchSummary"):
 
 def write_patched(ctx: "SearchContext", summary: "SearchSummary", out_dir: str | Path, *, force: bool = False,
                   cfg: "SearchConfig | None" = None) -> Path:
-    """Write the model (initial weights, or the checkpoint) patched with the winning shift.
+    """Write the model (initial weights, or the checkpoint) patched with the winning shift: the
+    same code path and files as ``bnnshift patch`` (``patch_model`` -> ``build_recipe`` ->
+    ``save_patched``: ``model.safetensors`` + ``patch.json``)."""
+    from . import patch as patch_mod
 
-    Uses ``bnnshift.patch`` (``patch_model`` + ``save_patched``) when it is installed; else a
-    small adapter writes the same kind of artifact: ``recipe.json`` + ``model.safetensors``.
-    """
     shift = float(summary.winner)
     shifts = {s.name: shift for s in ctx.sites}
-    try:
-        from . import patch as patch_mod  # noqa: F401
-    except ModuleNotFoundError as exc:
-        if exc.name not in ("bnnshift.patch",):
-            raise
-        patch_mod = None
-    if patch_mod is not None and all(hasattr(patch_mod, a) for a in ("patch_model", "build_recipe", "save_patched")):
-        return _via_patch_module(patch_mod, ctx, shifts, out_dir, force=force, cfg=cfg)
-    return _adapter(ctx, shifts, out_dir, force=force, cfg=cfg, summary=summary)
+    return _via_patch_module(patch_mod, ctx, shifts, out_dir, force=force, cfg=cfg)
 
 
 def _via_patch_module(patch_mod, ctx, shifts, out_dir, *, force, cfg) -> Path:
@@ -580,29 +571,3 @@ def _via_patch_module(patch_mod, ctx, shifts, out_dir, *, force, cfg) -> Path:
         with replace_dir(out_dir, force=True) as tmp:  # swapped in whole
             patch_mod.save_patched(model, recipe, tmp, force=True)
     return Path(out_dir)
-
-
-def _adapter(ctx, shifts, out_dir, *, force, cfg, summary) -> Path:
-    import torch
-
-    from .shift import insert_shifts, threshold_key
-
-    out = prepare_output_dir(out_dir, force=force)
-    seed = cfg.seeds[0] if cfg is not None else 0
-    model = ctx.factory(seed)
-    insert_shifts(model, ctx.sites, shifts)
-    sd = {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
-    atomic_save_safetensors(sd, out / "model.safetensors", metadata={"bnnshift": "search --patch-out"})
-    recipe = {
-        "format": "bnnshift-recipe", "version": 1, "written_by": "bnnshift search --patch-out (adapter)",
-        "model": cfg.model if cfg is not None else ctx.name,
-        "model_args": dict(cfg.model_args) if cfg is not None else {},
-        "input_shape": list(ctx.input_shape or ()),
-        "shifts": {s.name: shifts[s.name] for s in ctx.sites},
-        "threshold_keys": {s.name: threshold_key(s) for s in ctx.sites},
-        "sites": [s.to_json() for s in ctx.sites],
-        "search": {"winner": summary.winner, "config_hash": summary.config_hash, "metric": summary.metric},
-        "weights": "model.safetensors",
-    }
-    atomic_write_json(out / "recipe.json", recipe)  # the manifest, last
-    return out

@@ -228,18 +228,14 @@ def scan(spec: str, *, args: Iterable[str] | dict | None = None, checkpoint: str
     set's; ``report.normalisation`` says which applied).
     The input shape: ``input_shape``, else ``load.choose_input_shape``; ``notes`` receives what
     the user should be told (wrappers removed, the checkpoint's load report, the shape's source)."""
-    from .load import choose_input_shape, load_model
+    from .source import ModelSource, open_model
 
-    loaded = load_model(spec, args=args, checkpoint=checkpoint, strict=strict, allow_unsafe=allow_unsafe,
-                        use_ema=use_ema, allow_nonfinite=allow_nonfinite)
-    explicit = resolve_input_shape(input_shape, None) if input_shape not in (None, "") else None
-    shape, source = choose_input_shape(explicit, loaded, data, seed=seed)
+    opened = open_model(ModelSource(spec, args=args, checkpoint=checkpoint, input_shape=input_shape, strict=strict,
+                                    allow_unsafe=allow_unsafe, use_ema=use_ema, allow_nonfinite=allow_nonfinite),
+                        data, seed=seed)
+    loaded, shape = opened.loaded, opened.shape
     if notes is not None:
-        notes.extend(loaded.notes)
-        if loaded.load_report is not None:
-            notes.append(loaded.load_report.line())
-        if explicit is None and loaded.input_shape is None:  # not declared by the model: say where from
-            notes.append(f"input shape {','.join(map(str, shape))} from {source}")
+        notes.extend(opened.notes)
     batches = None
     data_name = None
     normalisation = None

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -62,3 +63,38 @@ def zoo_names():
     from bnnshift.registry import ZOO
 
     return ZOO.names()
+
+
+@pytest.fixture
+def own_trust_file(tmp_path, monkeypatch):
+    """A trust record of this test only (``BNNSHIFT_TRUST_FILE``): use with
+    ``pytestmark = pytest.mark.usefixtures("own_trust_file")``."""
+    f = tmp_path / "state" / "trusted_recipes"
+    monkeypatch.setenv("BNNSHIFT_TRUST_FILE", str(f))
+    return f
+
+
+MLP_PATCHED_AT = 0.5  # the shift of the session's patched MLP
+
+
+@pytest.fixture(scope="session")
+def patched_mlp_source(tmp_path_factory):
+    """zoo:mlp (width 0.25) patched at t = 0.5, not folded: patched once per session
+    (``pipeline.patch_spec``). Read it, never change it: ``patched_mlp`` hands out copies."""
+    from bnnshift.patch import ShiftConfig
+    from bnnshift.pipeline import PatchOptions, patch_spec
+    from bnnshift.source import ModelSource
+
+    out = tmp_path_factory.mktemp("patched-mlp") / "p"
+    torch.manual_seed(0)  # the zoo's init draws from the global generator: the same weights in every session
+    patch_spec(PatchOptions(ModelSource("zoo:mlp", args=["width=0.25"]), out, ShiftConfig(shift=MLP_PATCHED_AT)))
+    return out
+
+
+@pytest.fixture
+def patched_mlp(patched_mlp_source, tmp_path):
+    """A fresh copy of the session's patched MLP directory at ``tmp_path / "p"`` (yours to
+    change: fold it, fine-tune it, break it)."""
+    import shutil
+
+    return Path(shutil.copytree(patched_mlp_source, tmp_path / "p"))

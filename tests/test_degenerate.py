@@ -13,20 +13,11 @@ from typer.testing import CliRunner
 
 from bnnshift.cli import app
 from bnnshift.scan import scan_model
+from models import SIGN_STE_SOURCE
 
 HARDTANH_PY = '''
 import torch, torch.nn as nn, torch.nn.functional as F
-
-class SignSTE(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
-        return torch.sign(x)
-    @staticmethod
-    def backward(ctx, g):
-        (x,) = ctx.saved_tensors
-        return g * (x.abs() <= 1).to(g.dtype)
-
+''' + SIGN_STE_SOURCE + '''
 class BinConv(nn.Conv2d):
     def forward(self, x):
         return F.conv2d(SignSTE.apply(x), SignSTE.apply(self.weight), None, self.stride, self.padding)

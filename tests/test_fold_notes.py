@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
 import torch
 from typer.testing import CliRunner
 
@@ -20,15 +19,6 @@ def _run(args):
     return CliRunner().invoke(app, [str(a) for a in args])
 
 
-@pytest.fixture(scope="module")
-def patched(tmp_path_factory):
-    """An MLP patched at t = 0.5, not folded (a fresh `patch` directory)."""
-    out = tmp_path_factory.mktemp("patched") / "p"
-    res = _run(["patch", *MLP, "--shift", "0.5", "-o", out])
-    assert res.exit_code == 0, res.stderr
-    return out
-
-
 def _copy(src, dst):
     import shutil
 
@@ -36,8 +26,8 @@ def _copy(src, dst):
     return dst
 
 
-def test_fold_of_a_folded_directory_says_where_the_thresholds_went(patched, tmp_path):
-    d = _copy(patched, tmp_path / "d")
+def test_fold_of_a_folded_directory_says_where_the_thresholds_went(patched_mlp_source, tmp_path):
+    d = _copy(patched_mlp_source, tmp_path / "d")
     res = _run(["fold", d])
     assert res.exit_code == 0, res.stderr
     before = {p.name: p.read_bytes() for p in d.iterdir()}
@@ -54,24 +44,24 @@ def test_fold_of_a_folded_directory_says_where_the_thresholds_went(patched, tmp_
     assert {p.name: p.read_bytes() for p in d.iterdir()} == before  # nothing rewritten
 
 
-def test_bn_note_only_after_the_weights_changed(patched, tmp_path):
+def test_bn_note_only_after_the_weights_changed(patched_mlp_source, tmp_path):
     # straight from patch: the statistics are the checkpoint's own, nothing to act on yet
-    fresh = _copy(patched, tmp_path / "fresh")
+    fresh = _copy(patched_mlp_source, tmp_path / "fresh")
     res = _run(["fold", fresh])
     assert res.exit_code == 0 and NOTE not in res.stderr, res.stderr
     # "fine-tuned": a weight changed, saved as a user's script does (save_patched + the recipe)
-    model = load_patched(patched)
+    model = load_patched(patched_mlp_source)
     with torch.no_grad():
         model.bfc2.weight.mul_(-1.0)
     tuned = tmp_path / "tuned"
-    save_patched(model, read_recipe(patched), tuned)
+    save_patched(model, read_recipe(patched_mlp_source), tuned)
     res = _run(["fold", tuned])
     assert res.exit_code == 0, res.stderr
     err = " ".join(res.stderr.split())
     assert err.count(NOTE) == 1 and f"bnnshift fold {tuned} --data SPEC" in err, err
     assert not bn_statistics_current(load_patched(tuned), read_recipe(tuned))
     # fold --data re-estimates them: the directory now records that they fit its weights
-    again = _copy(patched, tmp_path / "again")
+    again = _copy(patched_mlp_source, tmp_path / "again")
     m2 = load_patched(again)
     with torch.no_grad():
         m2.bfc2.weight.mul_(-1.0)

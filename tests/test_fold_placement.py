@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from bnnshift.fold import fold_shifts
 from bnnshift.patch import patch_model
 from bnnshift.scan import scan_model
+from models import SignSTE
 
 
 class SignAct(nn.Module):
@@ -88,18 +89,6 @@ def test_fold_through_ops_is_exact_or_refused(between, affine, folds):
         assert float((ref(x) - folded(x)).abs().max()) <= 1e-5
 
 
-class StdSign(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
-        return torch.sign(x)
-
-    @staticmethod
-    def backward(ctx, g):
-        (x,) = ctx.saved_tensors
-        return g * (x.abs() <= 1).to(g.dtype)
-
-
 class StdBinConv(nn.Conv2d):
     """Case 27: standardises its input per sample, then binarizes it."""
 
@@ -108,7 +97,7 @@ class StdBinConv(nn.Conv2d):
     def forward(self, x):
         a = x - x.mean([1, 2, 3], keepdim=True)
         a = a / a.std([1, 2, 3], keepdim=True)
-        return F.conv2d(StdSign.apply(a - self.shift), StdSign.apply(self.weight), None, self.stride, self.padding)
+        return F.conv2d(SignSTE.apply(a - self.shift), SignSTE.apply(self.weight), None, self.stride, self.padding)
 
 
 class StdNet(nn.Module):

@@ -12,10 +12,8 @@ import textwrap
 import pytest
 import torch
 import torch.nn as nn
-from typer.testing import CliRunner
 
 from bnnshift import registry
-from bnnshift.cli import app
 from bnnshift.errors import NoSitesError, PatchError, UsageError
 from bnnshift.patch import (ShiftConfig, apply_recipe, build_recipe, load_patched, patch_model, read_recipe,
                             save_patched)
@@ -23,6 +21,7 @@ from bnnshift.probe import probe_sites
 from bnnshift.scan import scan_model
 from bnnshift.shift import get_thresholds, threshold_key
 from conftest import zoo_quick as build, zoo_quick_args as small  # tests/ is on sys.path (rootdir conftest)
+from models import invoke
 
 NAMES = registry.ZOO.names()
 # Bi-Real units: gradients equal up to summation order only (see test_zero_shift_is_bitwise_identity)
@@ -370,19 +369,17 @@ def test_apply_recipe_on_users_instance(tmp_path):
 # ------------------------------------------------------------------------------ CLI
 
 
-runner = CliRunner()
 
 
-def invoke(*args):
-    return runner.invoke(app, list(args))
+def test_patch_spec_shifts_by_site_and_exclude_then_loads(tmp_path):
+    from bnnshift.pipeline import PatchOptions, patch_spec
+    from bnnshift.source import ModelSource
 
-
-def test_cli_patch_json_and_load(tmp_path):
     out = tmp_path / "out"
-    r = invoke("patch", "zoo:vgg-small", "--arg", "width=0.25", "--shift", "0.5", "--site", "act2=1.2",
-               "--exclude", "act5", "-o", str(out), "--json")
-    assert r.exit_code == 0, r.output
-    payload = json.loads(r.stdout)
+    cfg = ShiftConfig(shift=0.5)
+    cfg.add_site("act2", "1.2")
+    cfg.exclude = ["act5"]
+    payload = patch_spec(PatchOptions(ModelSource("zoo:vgg-small", args=["width=0.25"]), out, cfg)).to_json()
     assert {"out_dir", "files", "model", "input_shape", "sites", "hardtanh_sites", "fold", "onnx"} <= set(payload)
     shifts = {s["name"]: s["shift"] for s in payload["sites"]}
     assert shifts == {"act1": 0.5, "act2": 1.2, "act3": 0.5, "act4": 0.5}

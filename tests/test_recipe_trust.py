@@ -10,26 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from bnnshift._trust import is_trusted, trust_file
-from bnnshift.cli import app
 from bnnshift.errors import CheckpointError, UntrustedRecipeError
 from bnnshift.patch import load_patched, read_recipe
+from models import TINY_BNN as MODELS, invoke
 
-MODELS = Path(__file__).resolve().parent / "models" / "tiny_bnn.py"
-runner = CliRunner()
-
-
-@pytest.fixture(autouse=True)
-def own_trust_file(tmp_path, monkeypatch):
-    f = tmp_path / "state" / "trusted_recipes"
-    monkeypatch.setenv("BNNSHIFT_TRUST_FILE", str(f))
-    return f
-
-
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args])
+pytestmark = pytest.mark.usefixtures("own_trust_file")  # conftest: a trust record per test
 
 
 def x16(n=4):

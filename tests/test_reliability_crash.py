@@ -88,37 +88,30 @@ def _old_or_new(d: Path, old: dict[str, bytes], new_shift: float | None, folded:
     return which
 
 
-@pytest.fixture
-def patched(tmp_path):
-    res = _cli(PATCH + ["--shift", "0.5", "-o", "p"], tmp_path)
-    assert res.exit_code == 0, res.stderr
-    return tmp_path / "p"
-
-
 @pytest.mark.parametrize("moment,expect", [("swap:before", "old"), ("swap:exchanged", "new"), ("written", None)])
-def test_kill_fold(patched, moment, expect):
-    root = patched.parent
-    old = _snapshot(patched)
+def test_kill_fold(patched_mlp, moment, expect):
+    root = patched_mlp.parent
+    old = _snapshot(patched_mlp)
     if moment == "written":  # kill as soon as the new directory holds its weights
         proc = _spawn(["fold", "p"], root)
         _kill_when(proc, lambda: any((root / n / "model.safetensors").exists() for n in _ours(root)))
     else:
         proc = _spawn(["fold", "p"], root, fault=moment)
         assert proc.wait() == -signal.SIGKILL, proc.stderr.read().decode()
-    which = _old_or_new(patched, old, None, folded=True)
+    which = _old_or_new(patched_mlp, old, None, folded=True)
     if expect:
         assert which == expect
     # the next run in that directory cleans up what the killed one owned (and completes)
     res = _cli(["fold", "p", "-q"] if which == "old" else PATCH + ["--shift", "0", "-o", "q"], root)
     assert res.exit_code == 0, res.stderr
     assert _ours(root) == []
-    assert _old_or_new(patched, old, None, folded=True) == "new"
+    assert _old_or_new(patched_mlp, old, None, folded=True) == "new"
 
 
 @pytest.mark.parametrize("moment,expect", [("swap:before", "old"), ("written", None)])
-def test_kill_patch_force(patched, moment, expect):
-    root = patched.parent
-    old = _snapshot(patched)
+def test_kill_patch_force(patched_mlp, moment, expect):
+    root = patched_mlp.parent
+    old = _snapshot(patched_mlp)
     args = PATCH + ["--shift", "1.25", "-o", "p", "--force"]
     if moment == "written":
         proc = _spawn(args, root)
@@ -126,14 +119,14 @@ def test_kill_patch_force(patched, moment, expect):
     else:
         proc = _spawn(args, root, fault=moment)
         assert proc.wait() == -signal.SIGKILL, proc.stderr.read().decode()
-    which = _old_or_new(patched, old, 1.25)
+    which = _old_or_new(patched_mlp, old, 1.25)
     if expect:
         assert which == expect
     assert _ours(root)  # the killed run's temp directory is still there...
     res = _cli(PATCH + ["--shift", "1.25", "-o", "p", "--force"], root)
     assert res.exit_code == 0, res.stderr
     assert _ours(root) == []  # ...and the next run removed it
-    assert _old_or_new(patched, old, 1.25) == "new"
+    assert _old_or_new(patched_mlp, old, 1.25) == "new"
 
 
 def test_kill_patch_new_dir_leaves_nothing(tmp_path):
@@ -173,7 +166,7 @@ def _children(pid: int) -> list[int]:
     return out
 
 
-def test_kill_export_parent_kills_child_and_writes_nothing(patched, tmp_path):
+def test_kill_export_parent_kills_child_and_writes_nothing(patched_mlp, tmp_path):
     tmpdir = tmp_path / "tmp"
     tmpdir.mkdir()
     onnx = tmp_path / "m.onnx"
@@ -201,7 +194,7 @@ def _zombie(pid: int) -> bool:
         return False
 
 
-def test_kill_export_before_move_then_legal_long_name(patched, tmp_path):
+def test_kill_export_before_move_then_legal_long_name(patched_mlp, tmp_path):
     """Killed after the child wrote its file: nothing at the destination. The next export (a
     253-byte name: the temp names are short) sweeps the dead run's temp dir and writes it."""
     tmpdir = tmp_path / "tmp"

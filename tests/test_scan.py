@@ -16,6 +16,7 @@ from bnnshift.scan import scan_model
 from bnnshift.shift import insert_shifts
 
 from conftest import zoo_small
+from models import SignSTE
 
 SCHEMA = json.loads((Path(__file__).resolve().parents[1] / "docs" / "scan.schema.json").read_text())
 
@@ -87,18 +88,6 @@ def test_control_flow_block_and_conv_input_binarizer_are_found_with_leaves():
 # --------------------------------------------------------------------------- the FX trap
 
 
-class _STE(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
-        return torch.sign(x)
-
-    @staticmethod
-    def backward(ctx, g):
-        (x,) = ctx.saved_tensors
-        return g * (x.abs() <= 1).to(g.dtype)
-
-
 class _FnNet(nn.Module):
     def __init__(self):
         super().__init__()
@@ -107,7 +96,7 @@ class _FnNet(nn.Module):
         self.fc2 = nn.Linear(16, 4)
 
     def forward(self, x):
-        return self.fc2(_STE.apply(self.bn(self.fc1(x))))
+        return self.fc2(SignSTE.apply(self.bn(self.fc1(x))))
 
 
 def test_plain_fx_loses_the_ste_gradient_and_bnnshift_does_not():
@@ -127,7 +116,7 @@ def test_plain_fx_loses_the_ste_gradient_and_bnnshift_does_not():
     assert torch.count_nonzero(traced_grad) == 0, "plain FX inlines apply: the STE gradient vanishes"
 
     report = scan_model(model, (8,))
-    assert report.num_sites == 1 and report.sites[0].op == "_STE.apply"
+    assert report.num_sites == 1 and report.sites[0].op == "SignSTE.apply"
     patched = insert_shifts(copy.deepcopy(model), report.sites, {s.name: 0.0 for s in report.sites})
     patched_grad = grad_of_fc1(patched)
     assert torch.equal(patched_grad, eager)
@@ -178,21 +167,9 @@ def test_detection_does_not_depend_on_the_zoo_detectors(name, monkeypatch):
     assert (report.num_sites, report.weight_binarizers) == (entry.activation_sites, entry.weight_binarizers)
 
 
-class _PointSignFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
-        return torch.sign(x)
-
-    @staticmethod
-    def backward(ctx, g):
-        (x,) = ctx.saved_tensors
-        return g * (x.abs() <= 1).to(g.dtype)
-
-
 class _PointBinLinear(nn.Linear):
     def forward(self, x):
-        return nn.functional.linear(_PointSignFn.apply(x), _PointSignFn.apply(self.weight), self.bias)
+        return nn.functional.linear(SignSTE.apply(x), SignSTE.apply(self.weight), self.bias)
 
 
 class _PointNetLike(nn.Module):
@@ -265,8 +242,8 @@ class _PlainSignConv(nn.Conv2d):
         self.ste = ste
 
     def forward(self, x):
-        xb = _PointSignFn.apply(x) if self.ste else torch.sign(x)
-        return nn.functional.conv2d(xb, _PointSignFn.apply(self.weight), None, self.stride, self.padding)
+        xb = SignSTE.apply(x) if self.ste else torch.sign(x)
+        return nn.functional.conv2d(xb, SignSTE.apply(self.weight), None, self.stride, self.padding)
 
 
 class _NoSteNet(nn.Module):

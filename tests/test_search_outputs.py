@@ -20,6 +20,7 @@ import torch
 from typer.testing import CliRunner
 
 from bnnshift.cli import app
+from models import SIGN_STE_SOURCE
 
 runner = CliRunner()
 
@@ -30,18 +31,7 @@ MODELS = textwrap.dedent('''
     import torch.nn.functional as F
     from torch import nn
 
-
-    class Sign(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x):
-            ctx.save_for_backward(x)
-            return torch.sign(x)
-
-        @staticmethod
-        def backward(ctx, g):
-            (x,) = ctx.saved_tensors
-            return g * (x.abs() <= 1).to(g.dtype)
-
+''') + SIGN_STE_SOURCE + textwrap.dedent('''
 
     class Body(nn.Module):
         def __init__(self, classes=10):
@@ -54,7 +44,7 @@ MODELS = textwrap.dedent('''
 
         def parts(self, x):
             f1 = self.bn0(self.conv0(x))
-            f2 = self.bn1(self.conv1(Sign.apply(f1)))
+            f2 = self.bn1(self.conv1(SignSTE.apply(f1)))
             return self.head(F.adaptive_avg_pool2d(f2, 1).flatten(1)), f1, f2
 
 

@@ -14,22 +14,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from bnnshift.cli import app
+from models import TINY_BNN as MODELS, invoke
 
 ROOT = Path(__file__).resolve().parent.parent
-MODELS = Path(__file__).resolve().parent / "models" / "tiny_bnn.py"
-runner = CliRunner()
 
 
-@pytest.fixture(autouse=True)
-def own_trust_file(tmp_path, monkeypatch):
-    f = tmp_path / "state" / "trusted_recipes"
-    monkeypatch.setenv("BNNSHIFT_TRUST_FILE", str(f))
-    return f
-
-
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args])
+pytestmark = pytest.mark.usefixtures("own_trust_file")  # conftest: a trust record per test
 
 
 def plant(where: Path, names=("json", "argparse", "onnx", "typing_extensions", "runpy")) -> list[Path]:

@@ -18,20 +18,9 @@ from bnnshift import _runtime
 from bnnshift.analyse import measure_shift_once
 from bnnshift.patch import patch_model
 from bnnshift.scan import scan_model
+from models import SignSTE
 
 T = 0.375
-
-
-class SignSTE(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
-        return torch.sign(x)
-
-    @staticmethod
-    def backward(ctx, g):
-        (x,) = ctx.saved_tensors
-        return g * (x.abs() <= 1).to(g.dtype)
 
 
 def _set_t(model: nn.Module, t: float) -> nn.Module:

@@ -28,24 +28,14 @@ from bnnshift.data.stream import (
     should_stream,
 )
 from bnnshift.errors import UsageError
+from models import SIGN_STE_SOURCE
 
 ROOT = Path(__file__).resolve().parents[1]
 
 TINY = textwrap.dedent('''
     import torch
     from torch import nn
-
-    class SignSTE(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x):
-            ctx.save_for_backward(x)
-            return torch.sign(x)
-
-        @staticmethod
-        def backward(ctx, g):
-            (x,) = ctx.saved_tensors
-            return g * (x.abs() <= 1).to(g.dtype)
-
+''') + SIGN_STE_SOURCE + textwrap.dedent('''
     class Tiny(nn.Module):
         def __init__(self, classes=3):
             super().__init__()

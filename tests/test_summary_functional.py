@@ -17,24 +17,13 @@ from typer.testing import CliRunner
 from bnnshift.cli import app
 from bnnshift.scan import scan_model
 from bnnshift.summary import count_macs, is_binary_weight, layer_summary
+from models import SIGN_STE_SOURCE
 
 NET_PY = '''
 import torch
 from torch import nn
 import torch.nn.functional as F
-
-
-class SignSTE(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
-        return torch.sign(x)
-
-    @staticmethod
-    def backward(ctx, g):
-        (x,) = ctx.saved_tensors
-        return g * (x.abs() <= 1).to(g.dtype)
-
+''' + SIGN_STE_SOURCE + '''
 
 class FConv(nn.Module):
     """A binary conv written with F.conv2d: sign of the input, sign of the weight."""

@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 
 from bnnshift.cli import app
 from bnnshift.scan import scan_model
+from models import SignSTE
 
 DATA_SIGN_PY = '''
 import torch, torch.nn as nn, torch.nn.functional as F
@@ -50,18 +51,6 @@ class Net(nn.Module):
 '''
 
 
-class _SignFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
-        return torch.sign(x)
-
-    @staticmethod
-    def backward(ctx, g):
-        (x,) = ctx.saved_tensors
-        return g * (x.abs() <= 1).to(g.dtype)
-
-
 class InplaceBinConv(nn.Conv2d):
     """weight.data = sign(W) * mean|W| in forward (case 28)."""
 
@@ -69,7 +58,7 @@ class InplaceBinConv(nn.Conv2d):
         if not hasattr(self.weight, "original"):
             self.weight.original = self.weight.data.clone()
         self.weight.data = torch.sign(self.weight.original) * self.weight.original.abs().mean()
-        return F.conv2d(_SignFn.apply(x), self.weight, None, self.stride, self.padding)
+        return F.conv2d(SignSTE.apply(x), self.weight, None, self.stride, self.padding)
 
 
 class InplaceNet(nn.Module):
@@ -151,7 +140,7 @@ def test_patch_saves_the_loaded_weights_and_export_names_the_data_assignment(tmp
 
 class _BinAct(nn.Module):
     def forward(self, x):
-        return _SignFn.apply(x)
+        return SignSTE.apply(x)
 
 
 SHARED_ACT = _BinAct()  # a module-level instance every model uses

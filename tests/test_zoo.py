@@ -231,9 +231,23 @@ def test_detectors_registered():
     for n in ("bireal", "reactnet", "xnor-net", "binarynet", "larq-like", "bnnshift-zoo"):
         assert n in names
     zoo = registry.DETECTORS.get("bnnshift-zoo")
-    assert zoo.module_types and zoo.functions
+    assert zoo.module_types and "SignSTE" in zoo.class_names
     assert "BinaryActivation" in registry.DETECTORS.get("bireal").class_names
-    assert registry.DETECTORS.get("bnnshift-zoo-heaviside").alphabet == "{0,1}"
+    assert "HeavisideSTE" in registry.DETECTORS.get("bnnshift-zoo-heaviside").class_names
+
+
+@pytest.mark.parametrize("kw", [{"functions": (torch.autograd.Function,)}, {"alphabet": "{0,1}"},
+                                {"functions": (torch.autograd.Function,), "alphabet": "{-1,+1}"}])
+def test_detector_fields_never_read_warn_and_are_not_kept(kw):
+    """issue 23 item 7: Detector.functions / .alphabet were documented but never read."""
+    with pytest.warns(DeprecationWarning, match="ignored"):
+        d = registry.Detector(name="old-plugin", module_types=(nn.Identity,), **kw)
+    assert d.module_types == (nn.Identity,) and not hasattr(d, "functions") and not hasattr(d, "alphabet")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        registry.Detector("new-plugin", (nn.Identity,), None, ("X",))  # positional order unchanged
 
 
 def _zoo_binarizers():

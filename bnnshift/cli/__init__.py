@@ -53,14 +53,33 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version_cal
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 
 
+# (command, module, function) in the order ``bnnshift -h`` lists them; a command module never
+# imports ``app``: it is registered here, behind the one error handler (``_errors.TABLE``)
+COMMANDS = (
+    ("scan", "scan", "scan_command"),
+    ("zoo", "zoo", "zoo_command"),
+    ("patch", "patch", "patch_command"),
+    ("fold", "patch", "fold_command"),
+    ("search", "search", "search_command"),
+    ("export", "export", "export_command"),
+    ("report", "report", "report_command"),
+    ("pack", "pack", "pack_command"),
+)
+
+
 def _register_commands() -> None:
-    from . import scan, zoo  # noqa: F401
-    for name in ("patch", "search", "export", "report", "pack"):
+    import importlib
+
+    from ._errors import handle_errors
+
+    for name, module, function in COMMANDS:
         try:
-            __import__(f"{__name__}.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"{__name__}.{name}":
+            mod = importlib.import_module(f"{__name__}.{module}")
+        except ModuleNotFoundError as exc:  # a command left out of a trimmed install
+            if exc.name != f"{__name__}.{module}":
                 raise
+            continue
+        app.command(name)(handle_errors(getattr(mod, function)))
 
 
 _register_commands()

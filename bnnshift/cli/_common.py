@@ -73,9 +73,7 @@ def parse_mean_std(mean: str | None, std: str | None) -> tuple[tuple[float, ...]
 
 
 def print_load_notes(out, notes: list[str], checkpoint: dict | None = None) -> None:
-    """The load report line and other notes on stderr; the line is a warning (shown even with
-    --quiet) when some checkpoint keys did not fit (``checkpoint``: ``LoadReport.to_json()``)."""
-    c = checkpoint or {}
-    partial = bool(c.get("missing") or c.get("unexpected") or c.get("shape_mismatch"))
-    for n in notes:
-        (out.warn if partial and n.startswith("checkpoint ") else out.info)(n)
+    """The load report line and other notes on stderr (``source.say_load_notes``)."""
+    from ..source import say_load_notes
+
+    say_load_notes(out, notes, checkpoint)

@@ -8,6 +8,7 @@ import errno
 import functools
 import os
 import sys
+from dataclasses import dataclass
 from typing import Callable
 
 from ..errors import EXIT_ERROR, EXIT_USAGE, BnnshiftError
@@ -81,54 +82,108 @@ def _known_failure(exc: BaseException) -> tuple[str, str] | None:
     return None
 
 
+@dataclass(frozen=True)
+class Failure:
+    """What the user is told about one failure: ``line`` on stderr (after ``error: ``), and under
+    ``--json`` ``{"error": message, "hint": hint, "exit_code": exit_code}`` on stdout."""
+
+    line: str
+    message: str
+    hint: str | None
+    exit_code: int
+
+
+def _bnnshift(exc: BaseException, ctx: dict) -> Failure:
+    return Failure(exc.one_line(), exc.message, exc.hint, exc.exit_code)  # type: ignore[attr-defined]
+
+
+def _interrupted(exc: BaseException, ctx: dict) -> Failure:
+    from .. import _signals
+
+    code = _signals.exit_code(exc)
+    # a search journals each finished candidate: say how to continue
+    hint = ("finished candidates are in the journal: rerun the same command with --resume"
+            if "resume" in ctx and ctx.get("out_dir") else None)
+    return Failure(_signals.interrupted_line(code, hint), _signals.interrupted_line(code), hint, code)
+
+
+_OOM_HINT = "lower --batch-size, --input-shape or the model's size"
+
+
+def _memory(exc: BaseException, ctx: dict) -> Failure:
+    return Failure(f"out of memory ({_OOM_HINT})", "out of memory", _OOM_HINT, EXIT_ERROR)
+
+
+def _os_error(exc: BaseException, ctx: dict) -> Failure:
+    line, code = _os_error_line(exc)  # type: ignore[arg-type]
+    return Failure(line, line, _OS_HINTS.get(getattr(exc, "errno", None) or -1, "check the path and the disk"), code)
+
+
+def _environment(exc: BaseException, ctx: dict) -> Failure | None:
+    known = _known_failure(exc)
+    if known is None:
+        return None
+    return Failure(f"{known[0]} ({known[1]})", known[0], known[1], EXIT_ERROR)
+
+
+def _unexpected(exc: BaseException, ctx: dict) -> Failure:
+    first = str(exc).splitlines()[0] if str(exc) else ""
+    line = (f"{type(exc).__name__}: {first} (unexpected; rerun with BNNSHIFT_DEBUG=1 for a traceback "
+            "and report it)")
+    return Failure(line, line, None, EXIT_ERROR)
+
+
+@dataclass(frozen=True)
+class Row:
+    """One row of :data:`TABLE`: the exception types it catches, how it is described (``None``:
+    not this row, try the next), and whether ``BNNSHIFT_DEBUG=1`` re-raises it (a traceback)."""
+
+    catches: tuple[type[BaseException], ...]
+    describe: Callable[[BaseException, dict], Failure | None]
+    debug_traceback: bool = True
+
+
+# exception -> (line, hint, exit code), first matching row wins; the last resort is for real bugs
+TABLE: tuple[Row, ...] = (
+    Row((BnnshiftError,), _bnnshift),
+    Row((KeyboardInterrupt,), _interrupted, debug_traceback=False),  # Ctrl-C 130, SIGTERM 143
+    Row((MemoryError,), _memory),
+    Row((OSError,), _os_error),  # the environment: full disk, permissions, name too long...
+    Row((Exception,), _environment),  # a killed DataLoader worker, a stopped rank, torch's OOM
+    Row((Exception,), _unexpected),
+)
+
+
+def describe_failure(exc: BaseException, ctx: dict | None = None) -> tuple[Failure, Row] | None:
+    """The first row of :data:`TABLE` that catches ``exc`` and its :class:`Failure` (``ctx``: the
+    command's keyword arguments); ``None`` for what no row catches (``SystemExit``)."""
+    for row in TABLE:
+        if isinstance(exc, row.catches):
+            failure = row.describe(exc, ctx or {})
+            if failure is not None:
+                return failure, row
+    return None
+
+
 def handle_errors(fn: Callable) -> Callable:
-    """Decorator for command functions: exceptions -> one line on stderr + exit code."""
+    """Decorator for command functions: an exception -> :data:`TABLE`'s one line on stderr (and
+    the JSON error object with ``json_=True``) + its exit code (``typer.Exit``)."""
     import typer
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        json_mode = bool(kwargs.get("json_"))
         try:
             return fn(*args, **kwargs)
         except typer.Exit:
             raise
-        except BnnshiftError as exc:
-            if os.environ.get("BNNSHIFT_DEBUG"):
+        except (Exception, KeyboardInterrupt) as exc:
+            found = describe_failure(exc, kwargs)
+            if found is None:  # pragma: no cover - the last row catches every Exception
                 raise
-            _print_error(exc.one_line(), json_mode, exc.exit_code, exc.hint, exc.message)
-            raise typer.Exit(exc.exit_code) from None
-        except KeyboardInterrupt as exc:  # Ctrl-C (130) or SIGTERM (bnnshift._signals: 143)
-            from .. import _signals
-
-            code = _signals.exit_code(exc)
-            # a search journals each finished candidate: say how to continue
-            hint = ("finished candidates are in the journal: rerun the same command with --resume"
-                    if "resume" in kwargs and kwargs.get("out_dir") else None)
-            _print_error(_signals.interrupted_line(code, hint), json_mode, code, hint,
-                         _signals.interrupted_line(code))
-            raise typer.Exit(code) from None
-        except MemoryError:
-            if os.environ.get("BNNSHIFT_DEBUG"):
+            failure, row = found
+            if row.debug_traceback and os.environ.get("BNNSHIFT_DEBUG"):
                 raise
-            _print_error("out of memory (lower --batch-size, --input-shape or the model's size)", json_mode,
-                         EXIT_ERROR, "lower --batch-size, --input-shape or the model's size", "out of memory")
-            raise typer.Exit(EXIT_ERROR) from None
-        except OSError as exc:  # the environment: full disk, permissions, name too long...
-            if os.environ.get("BNNSHIFT_DEBUG"):
-                raise
-            msg, code = _os_error_line(exc)
-            _print_error(msg, json_mode, code, _OS_HINTS.get(exc.errno or -1, "check the path and the disk"))
-            raise typer.Exit(code) from None
-        except Exception as exc:  # noqa: BLE001 - last resort: still one line
-            if os.environ.get("BNNSHIFT_DEBUG"):
-                raise
-            known = _known_failure(exc)
-            if known is not None:
-                _print_error(f"{known[0]} ({known[1]})", json_mode, EXIT_ERROR, known[1], known[0])
-                raise typer.Exit(EXIT_ERROR) from None
-            first = str(exc).splitlines()[0] if str(exc) else ""
-            _print_error(f"{type(exc).__name__}: {first} (unexpected; rerun with BNNSHIFT_DEBUG=1 for a traceback "
-                         "and report it)", json_mode, EXIT_ERROR)
-            raise typer.Exit(EXIT_ERROR) from None
+            _print_error(failure.line, bool(kwargs.get("json_")), failure.exit_code, failure.hint, failure.message)
+            raise typer.Exit(failure.exit_code) from None
 
     return wrapper

@@ -5,14 +5,10 @@ from typing import Optional
 
 import typer
 
-from . import app
 from ._common import ARG, JSON, QUIET, RECIPE_MODEL, TRUST_RECIPE, ArgList
-from ._errors import handle_errors
 from ._output import Output
 
 
-@app.command("pack")
-@handle_errors
 def pack_command(
     src: str = typer.Argument(..., help="A directory written by `bnnshift patch` / `fold`."),
     out: str = typer.Option(..., "-o", "--out", help="Output directory (the float model + packed.safetensors + "
@@ -26,8 +22,10 @@ def pack_command(
     json_: bool = JSON,
     quiet: bool = QUIET,
 ):
-    """Replace the binary conv / linear layers by bit-packed XNOR-popcount layers, each proved on a
-    probe batch; the others stay float with the reason (docs/runtime.md)."""
+    """Replace binary conv / linear layers by bit-packed XNOR-popcount layers, each proved.
+
+    Each packed layer is proved on a probe batch; the others stay float with the reason
+    (docs/runtime.md)."""
     from .. import validate
 
     o = Output(json_mode=json_, quiet=quiet)

@@ -5,14 +5,10 @@ from typing import Optional
 
 import typer
 
-from . import app
 from ._common import JSON, QUIET
-from ._errors import handle_errors
 from ._output import Output
 
 
-@app.command("report")
-@handle_errors
 def report_command(
     storage: str = typer.Option(..., "--storage", help="The study's storage: postgresql://USER@HOST:PORT/DB or "
                                                        "journal:PATH."),

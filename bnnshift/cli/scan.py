@@ -5,11 +5,9 @@ from typing import Optional
 
 import typer
 
-from . import app
 from ._common import (ALLOW_NONFINITE, ARG, CHECKPOINT, DEVICE, INPUT_SHAPE, JSON, MEAN, MODEL, NON_STRICT, QUIET,
                       STD, UNSAFE, USE_EMA, VERBOSE, ArgList, parse_mean_std, print_load_notes,
                       print_peak_memory)
-from ._errors import handle_errors
 from ._output import Output
 
 
@@ -131,8 +129,6 @@ def render_layer_summary(report, out: Output) -> None:
                  + (f" (compression x{comp:.2f})" if comp else ""))
 
 
-@app.command("scan")
-@handle_errors
 def scan_command(
     model: str = MODEL,
     arg: ArgList = ARG,
@@ -167,24 +163,21 @@ def scan_command(
 
     from ..detect import PROBE_BATCH  # imports torch
     from ..parallel import resolve_device
-    from ..scan import scan
+    from ..pipeline import ScanOptions, scan_spec
+    from ..source import ModelSource
 
     if shape is not None:
         validate.check_input_memory(shape, max(PROBE_BATCH, batch_size if data else 0), option="--input-shape")
-    notes: list[str] = []
-    report = scan(model, args=arg, checkpoint=checkpoint, input_shape=input_shape, data=data,
-                  data_batches=data_batches, batch_size=batch_size, strict=not non_strict, allow_unsafe=unsafe_load,
-                  use_ema=use_ema, allow_nonfinite=allow_nonfinite, notes=notes, device=resolve_device(device),
-                  mean=mean_v, std=std_v)
-    print_load_notes(out, notes, report.checkpoint)
+    source = ModelSource(model, args=arg, checkpoint=checkpoint, input_shape=input_shape, strict=not non_strict,
+                         allow_unsafe=unsafe_load, use_ema=use_ema, allow_nonfinite=allow_nonfinite)
+    result = scan_spec(ScanOptions(source, data=data, data_batches=data_batches, batch_size=batch_size,
+                                   device=resolve_device(device), mean=mean_v, std=std_v, summary=summary))
+    print_load_notes(out, result.notes, result.report.checkpoint)
     if json_:
-        payload = report.to_json()
-        if summary:
-            payload["layer_summary"] = report.layer_summary
-        out.result(payload)
+        out.result(result.to_json())
     elif summary:
-        render_layer_summary(report, out)
+        render_layer_summary(result.report, out)
     else:
-        render_report(report, out)
+        render_report(result.report, out)
     if verbose:
         print_peak_memory(out)

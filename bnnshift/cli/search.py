@@ -5,10 +5,8 @@ from typing import Optional
 
 import typer
 
-from . import app
 from ._common import (ALLOW_NONFINITE, ARG, CHECKPOINT, DEVICE, INPUT_SHAPE, JSON, MODEL, NON_STRICT, OUTPUT_INDEX, OUTPUT_KEY,
                       QUIET, USE_EMA, MEAN, STD, ArgList, print_load_notes)
-from ._errors import handle_errors
 from ._output import Output, SearchProgress
 
 
@@ -16,8 +14,6 @@ from ._output import Output, SearchProgress
 _RichProgress = SearchProgress
 
 
-@app.command("search")
-@handle_errors
 def search_command(
     model: str = MODEL,
     data: str = typer.Option(..., "--data", help="Data spec: fashion-mnist[:ROOT], mnist:ROOT, cifar10[:ROOT], "

@@ -1,14 +1,10 @@
 """``bnnshift zoo``: list the built-in models."""
 from __future__ import annotations
 
-from . import app
 from ._common import JSON
-from ._errors import handle_errors
 from ._output import Output
 
 
-@app.command("zoo")
-@handle_errors
 def zoo_command(json_: bool = JSON):
     """List the built-in zoo models (use them as zoo:NAME)."""
     from rich.table import Table

@@ -133,8 +133,7 @@ def _load_bundle(cfg: SearchConfig, shape: tuple[int, ...], model: nn.Module | N
 def _open(cfg: SearchConfig) -> SearchContext:
     """:meth:`SearchContext.open`: load data, build and scan the model."""
     from ..data import batch_order_hash
-    from ..load import choose_input_shape
-    from ..scan import resolve_input_shape
+    from ..source import open_model
     from ..train import DefaultTrainer, set_threads
 
     device, dtype = _device(cfg), _dtype(cfg)
@@ -143,12 +142,8 @@ def _open(cfg: SearchConfig) -> SearchContext:
 
     parse_data_spec(cfg.data)  # a bad spec fails before the model is built
     torch.manual_seed(0)
-    loaded = _load(cfg)
-    notes = list(loaded.notes) + ([loaded.load_report.line()] if loaded.load_report is not None else [])
-    explicit = resolve_input_shape(cfg.input_shape, None) if cfg.input_shape is not None else None
-    shape, source = choose_input_shape(explicit, loaded, cfg.data)  # docs/checkpoints.md: input shape
-    if explicit is None and loaded.input_shape is None:
-        notes.append(f"input shape {','.join(map(str, shape))} from {source}")
+    opened = open_model(_source(cfg), cfg.data)  # docs/checkpoints.md: input shape
+    loaded, shape, notes = opened.loaded, opened.shape, opened.notes
     if len(shape) != 3:
         raise UsageError(f"input shape {shape} is not C,H,W", hint="search trains on images: pass --input-shape C,H,W")
     validate.check_batch_norm_batch(loaded.model, cfg.batch_size)
@@ -281,6 +276,13 @@ def _build(cfg: SearchConfig, seed: int) -> nn.Module:
 def _checkpoint_json(ctx: "SearchContext") -> dict[str, Any] | None:
     loaded = getattr(ctx, "loaded", None)
     return loaded.checkpoint_json() if loaded is not None and hasattr(loaded, "checkpoint_json") else None
+
+
+def _source(cfg: SearchConfig):
+    from ..source import ModelSource
+
+    return ModelSource(cfg.model, args=cfg.model_args, checkpoint=cfg.checkpoint, input_shape=cfg.input_shape,
+                       strict=cfg.strict, use_ema=cfg.use_ema, allow_nonfinite=cfg.allow_nonfinite)
 
 
 def _load(cfg: SearchConfig):

@@ -12,38 +12,35 @@ from __future__ import annotations
 from . import layers as L
 from . import models_styles as S
 
-PM1 = "{-1,+1}"
-ZERO_ONE = "{0,1}"
-
 _PUBLIC = [
-    dict(name="bireal", class_names=("BinaryActivation",), alphabet=PM1,
+    dict(name="bireal", class_names=("BinaryActivation",),
          description="Bi-Real-Net (liuzechun/Bi-Real-net): BinaryActivation, sign forward, "
                      "piecewise-quadratic detach-trick STE. Its input is the residual stream."),
-    dict(name="reactnet", class_names=("BinaryActivation", "RSign"), alphabet=PM1,
+    dict(name="reactnet", class_names=("BinaryActivation", "RSign"),
          description="ReActNet (liuzechun/ReActNet): LearnableBias (move) + BinaryActivation "
                      "(= RSign); one BinaryActivation module per block called at two places. "
                      "The LearnableBias before it is an existing learnable threshold."),
-    dict(name="xnor-net", class_names=("BinActive", "BinActiv"), alphabet=PM1,
+    dict(name="xnor-net", class_names=("BinActive", "BinActiv"),
          description="XNOR-Net PyTorch ports: BinActive autograd.Function (often legacy, "
                      "non-static) called as BinActive()(x) or BinActive.apply(x) after BN."),
     dict(name="binarynet", class_names=("BinarizeLinear", "BinarizeConv2d", "Binarize"),
-         alphabet=PM1,
+        
          description="BinaryNet.pytorch (itayhubara): BinarizeLinear / BinarizeConv2d binarize "
                      "their own input (input.data = Binarize(input.data)) except the first layer; "
                      "an nn.Hardtanh module precedes them."),
-    dict(name="ir-net", class_names=("BinaryQuantize",), alphabet=PM1,
+    dict(name="ir-net", class_names=("BinaryQuantize",),
          description="IR-Net / RBNN: BinaryQuantize autograd.Function (k, t annealed by the "
                      "training loop) applied inside IRConv2d to its input and its weight."),
     dict(name="larq-like", class_names=("SignSTE", "STESign", "SteSign", "_STESign", "ste_sign",
                                         "ApproxSign", "SwishSign", "MagnitudeAwareSign"),
-         alphabet=PM1,
+        
          description="larq-style quantizers ported to PyTorch (ste_sign / approx_sign / "
                      "swish_sign)."),
-    dict(name="larq-heaviside", class_names=("SteHeaviside", "STEHeaviside"), alphabet=ZERO_ONE,
+    dict(name="larq-heaviside", class_names=("SteHeaviside", "STEHeaviside"),
          description="larq-style SteHeaviside: x > 0 -> 1 else 0."),
     dict(name="bitorch", class_names=("Sign", "ApproxSign", "SwishSign", "SteHeaviside",
                                       "ProgressiveSign", "SignFunction", "SwishSignFunction"),
-         alphabet=None,
+        
          description="bitorch quantizations (Quantization modules and their Functions); the "
                      "same classes quantize weights inside QConv2d/QLinear, so only calls on "
                      "data-dependent inputs are activation sites."),
@@ -62,9 +59,8 @@ def register_all(api) -> None:
     api.register_detector(api.Detector(
         name="bnnshift-zoo",
         module_types=_ZOO_PM1_MODULES,
-        functions=_ZOO_FUNCTIONS,
         class_names=tuple(c.__name__ for c in _ZOO_PM1_MODULES + _ZOO_FUNCTIONS),
-        alphabet=PM1,
+       
         description="Activation binarizer modules and autograd Functions of the bnnshift zoo. "
                     "SignSTE is also applied to weights (style-conv-input): only calls on "
                     "data-dependent inputs are activation sites.",
@@ -73,6 +69,6 @@ def register_all(api) -> None:
         name="bnnshift-zoo-heaviside",
         module_types=(S.HeavisideSTE,),
         class_names=("HeavisideSTE",),
-        alphabet=ZERO_ONE,
+       
         description="The zoo's {0,1} binarizer (style-heaviside).",
     ))
