@@ -375,11 +375,23 @@ BN_STATS_KEY = "bn_statistics_for"
 def weights_digest(model: nn.Module) -> str:
     """sha256 (``_io.sha256_state_dict``) of the parameters with 2 or more dimensions (conv /
     linear weights), thresholds excluded: what fine-tuning changes and ``fold`` (BN bias,
-    learnable bias) and BN re-estimation (buffers) never do."""
+    learnable bias) and BN re-estimation (buffers) never do. A learnable bias that is a fold
+    target (``bias:PATH.PARAM`` of a patched site, e.g. ReActNet's ``(1, C, 1, 1)`` move) is
+    excluded too: ``fold`` writes ``t`` into it, which is not fine-tuning."""
     from ._io import sha256_state_dict
 
+    targets = _bias_fold_targets(model)
     return sha256_state_dict({k: p for k, p in model.named_parameters()
-                              if p.dim() >= 2 and "bnnshift_threshold" not in k})
+                              if p.dim() >= 2 and "bnnshift_threshold" not in k and k not in targets})
+
+
+def _bias_fold_targets(model: nn.Module) -> set[str]:
+    """Parameter names a patched site folds (or would fold) its ``t`` into (``bias:`` targets)."""
+    st = patch_state(model)
+    if st is None:
+        return set()
+    specs = [getattr(s, "foldable", None) or "" for s in st.sites] + list(st.folded.values())
+    return {spec[5:] for spec in specs if spec.startswith("bias:")}
 
 
 def bn_statistics_current(model: nn.Module, recipe: PatchRecipe) -> bool:

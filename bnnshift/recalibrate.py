@@ -270,7 +270,11 @@ def bn_staleness(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None = Non
 def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int,
               batch_stats: list[nn.modules.batchnorm._BatchNorm] | None) -> float:
     """Top-1 accuracy in eval mode; with ``batch_stats`` those BN modules normalise with their
-    batch's statistics (train mode, momentum 0: running statistics untouched)."""
+    batch's statistics (train mode, momentum 0: running statistics untouched). A tuple / dict /
+    dataclass output (a distillation model's ``(logits, features)``) is read with
+    :func:`bnnshift.load.pick_logits` (first tensor / ``"logits"``), as ``scan --data`` does."""
+    from .load import pick_logits
+
     was = model.training
     saved = [(m, m.momentum, None if m.num_batches_tracked is None else m.num_batches_tracked.clone())
              for m in batch_stats or []]
@@ -281,7 +285,8 @@ def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: in
             m.train()
         correct = 0
         for i in range(0, len(x), batch_size):
-            correct += int((model(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size].to(x.device)).sum())
+            logits = pick_logits(model(x[i:i + batch_size]))[0]
+            correct += int((logits.argmax(1) == y[i:i + batch_size].to(x.device)).sum())
     finally:
         for m, mom, nbt in saved:
             m.momentum = mom

@@ -66,7 +66,8 @@ def open_model(source: ModelSource, data: str | None = None, *, seed: int = 0) -
     if loaded.load_report is not None:
         notes.append(loaded.load_report.line())
     if explicit is None and loaded.input_shape is None:  # not declared by the model: say where from
-        notes.append(f"input shape {','.join(map(str, shape))} from {where}")
+        said = where if where.startswith("guessed") else f"from {where}"  # "guessed from ..." says it
+        notes.append(f"input shape {','.join(map(str, shape))} {said}")
     return OpenedModel(loaded, tuple(shape), notes)
 
 
