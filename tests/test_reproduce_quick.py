@@ -187,3 +187,37 @@ def test_promise_on_an_image_folder_with_overrides(tmp_path, monkeypatch):
         promise.main()
     assert e.value.code == 2
     assert promise._model_args(["width=0.25", "n=3", "pool=avg"]) == {"width": 0.25, "n": 3, "pool": "avg"}
+
+
+def test_cifar10_curves_table_and_asymmetry(tmp_path, monkeypatch):
+    """cifar10_curves.py reads two search.json files: means, paired differences to t = 0 per seed,
+    the asymmetry Δ(+|t|) − Δ(−|t|) per seed, the best shift, held-out columns only with --val."""
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    import cifar10_curves as cc
+
+    def search(acc, val=None):
+        cands = [{"shift": t, "seed": s, "status": "ok", "train_acc": a,
+                  "val_acc": None if val is None else val[(t, s)]} for (t, s), a in acc.items()]
+        cands.append({"shift": 9.0, "seed": 0, "status": "failed", "train_acc": None, "val_acc": None})
+        return {"candidates": cands, "config": {"model": "zoo:x"}, "seconds": 1.0}
+
+    acc = {(-0.5, 0): 0.40, (0.0, 0): 0.50, (0.5, 0): 0.55, (-0.5, 1): 0.42, (0.0, 1): 0.48, (0.5, 1): 0.47}
+    c = cc.curve(search(acc))
+    assert c["shifts"] == [-0.5, 0.0, 0.5] and c["seeds"] == [0, 1] and "val_acc" not in c
+    rows = {r["shift"]: r for r in c["train_acc"]["rows"]}
+    assert rows[0.5]["mean"] == pytest.approx(0.51) and rows[0.5]["values"] == [0.55, 0.47]
+    assert rows[0.5]["diff_vs_0_mean"] == pytest.approx((0.05 - 0.01) / 2)
+    assert rows[0.5]["diff_vs_0_positive_seeds"] == 1 and rows[-0.5]["diff_vs_0_positive_seeds"] == 0
+    (asym,) = c["train_acc"]["asymmetry"]  # per seed: +0.15, +0.05
+    assert asym["abs_t"] == 0.5 and asym["mean"] == pytest.approx(0.10) and asym["positive_seeds"] == 2
+    assert c["train_acc"]["best_shift"] == 0.5
+    val = {k: 0.3 for k in acc}
+    (tmp_path / "max.json").write_text(json.dumps(search(acc)))
+    (tmp_path / "avg.json").write_text(json.dumps(search(acc, val)))
+    monkeypatch.setattr(sys, "argv", ["x", "--maxpool", str(tmp_path / "max.json"), "--avgpool",
+                                      str(tmp_path / "avg.json"), "--out", str(tmp_path / "o")])
+    cc.main()
+    d = json.loads((tmp_path / "o" / "cifar10_curves.json").read_text())
+    assert d["curves"]["avgpool"]["val_acc"]["best_shift"] == 0.0  # ties go to the smaller |t|
+    assert "first-epoch held-out" in d["table_md"] and "| +0.5 | 51.00 ± 5.66 | +2.00 ± 4.24 | 1/2 |" in d["table_md"]
+    assert (tmp_path / "o" / "cifar10_curves.png").stat().st_size > 1000
