@@ -11,6 +11,12 @@ images/s of streaming vs the in-memory path, all measured in one run.
 2. Images/s on Fashion-MNIST (/usr/share/datasets/fashion-mnist): the loader alone (decode,
    augment, collate, no model) and a whole search candidate (zoo:lenet5, eager, the second
    candidate so nothing is warming up), streaming (``--stream on``, workers) vs in memory.
+3. With ``--folder PATH`` (an image folder such as CIFAR-10's JPEGs): the loader alone, in
+   memory vs streamed from the files vs streamed from the set decoded once into memory
+   (bnnshift.data.decoded), and the seconds each takes to open:
+
+       OMP_NUM_THREADS=1 nice python benchmarks/bench_streaming.py --skip memory,loader,search \
+           --folder /tmp/cifar/cifar10 --loader-batches 40 --workers 1
 """
 from __future__ import annotations
 
@@ -168,6 +174,50 @@ def bench_loader(batches: int, workers: int) -> dict:
     return out
 
 
+def bench_folder_loader(folder: str, batches: int, workers: int) -> dict:
+    """Images/s of the data path alone on an image folder (e.g. CIFAR-10 as JPEGs, ``train/`` +
+    ``test/``): the in-memory path (decoded to float32 once, then batches), streaming from the
+    files (decoded every epoch) and streaming the folder decoded once into uint8 memory
+    (``--stream auto``), each with ``--augment none`` and ``cifar``; plus the one-off seconds to
+    open (and decode) the set. Batches of 256, ``workers`` DataLoader workers."""
+    import torch
+
+    from bnnshift.data import iterate_batches, load_data
+    from bnnshift.data.stream import SeededBatchSampler, StreamOptions, make_loader, open_stream
+
+    bs, spec = 256, f"imagefolder:{folder}"
+    t0 = time.perf_counter()
+    mem = load_data(spec, input_shape=(3, 32, 32), val_limit=0)
+    out = {"in_memory_load_s": time.perf_counter() - t0, "images": int(mem.train_x.shape[0])}
+    del mem.train_x  # only the batching is timed below: keep one copy of the tensors
+    x = torch.zeros(out["images"], 3, 32, 32)
+    y = torch.zeros(out["images"], dtype=torch.int64)
+    t0 = time.perf_counter()
+    for _ in iterate_batches(x, y, bs, seed=0, steps=batches):
+        pass
+    out["in_memory"] = batches * bs / (time.perf_counter() - t0)
+    del x, y
+    for cache in (False, True):
+        for augment in ("none", "cifar"):
+            t0 = time.perf_counter()
+            src = open_stream(spec, input_shape=(3, 32, 32), val_limit=0,
+                              options=StreamOptions(augment=augment, cache=cache, mean=(0.5,) * 3, std=(0.25,) * 3))
+            label = ("decoded_" if cache else "files_") + augment
+            out[f"{label}_open_s"] = time.perf_counter() - t0
+            sampler = SeededBatchSampler(src.num_train, bs)
+            loader = make_loader(src.train, sampler, workers=workers, pin_memory=False)
+            sampler.set_order(0, steps=2)
+            for _ in loader:  # start the persistent workers
+                pass
+            sampler.set_order(1, steps=batches)
+            t0 = time.perf_counter()
+            for xb, _ in loader:
+                assert xb.dtype == torch.float32
+            out[label] = batches * bs / (time.perf_counter() - t0)
+            del loader, src
+    return out
+
+
 def bench_search(steps: int, workers: int) -> dict:
     base = [sys.executable, "-m", "bnnshift", "search", "zoo:lenet5", "--data", "fashion-mnist", "--shifts", "0,0.5",
             "--batch-size", "256", "--steps", str(steps), "--no-compile", "--device", "cpu",
@@ -189,7 +239,9 @@ def main(argv=None) -> int:
     ap.add_argument("--loader-batches", type=int, default=40)
     ap.add_argument("--search-steps", type=int, default=40)
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--skip", default="", help="comma list of parts to skip: memory, loader, search")
+    ap.add_argument("--skip", default="", help="comma list of parts to skip: memory, loader, search, folder")
+    ap.add_argument("--folder", default=None, help="an image folder (PATH/train + PATH/test, e.g. CIFAR-10 as JPEGs, "
+                                                   "3x32x32): also time its data path (part 'folder')")
     a = ap.parse_args(argv)
     skip = set(filter(None, a.skip.split(",")))
     print(f"bnnshift streaming benchmark: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}", flush=True)
@@ -211,6 +263,15 @@ def main(argv=None) -> int:
         print(f"Fashion-MNIST data path alone, images/s (batch 256, {a.workers} workers):", flush=True)
         for k, v in r.items():
             print(f"  {k:<14}{v:>12,.0f}   ({v / r['in_memory']:.4f} x in-memory)", flush=True)
+    if a.folder and "folder" not in skip:
+        sys.path.insert(0, str(ROOT))
+        r = bench_folder_loader(a.folder, a.loader_batches, a.workers)
+        result["folder"] = r
+        print(f"image folder {a.folder} ({r['images']} training images), data path alone, images/s "
+              f"(batch 256, {a.workers} workers; one-off open/decode seconds in brackets):", flush=True)
+        print(f"  {'in_memory':<16}{r['in_memory']:>12,.0f}   (load {r['in_memory_load_s']:.1f} s)", flush=True)
+        for k in ("files_none", "files_cifar", "decoded_none", "decoded_cifar"):
+            print(f"  {k:<16}{r[k]:>12,.0f}   (open {r[k + '_open_s']:.1f} s)", flush=True)
     if "search" not in skip:
         r = bench_search(a.search_steps, a.workers)
         result["search"] = r

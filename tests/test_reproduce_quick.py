@@ -139,3 +139,85 @@ def test_promise_quick_and_resume(tmp_path, monkeypatch):
     monkeypatch.setattr("bnnshift.train.DefaultTrainer.__call__", boom)
     promise.main()
     assert json.loads((tmp_path / "promise.json").read_text())["mlp"] == flat
+
+
+def _class_folder(root: Path, n_train: int, n_test: int) -> None:
+    """``root/{train,test}/c{0,1}/*.png``: two classes of 32x32 RGB images a model can tell apart."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", n_train), ("test", n_test)):
+        for c in (0, 1):
+            d = root / split / f"c{c}"
+            d.mkdir(parents=True)
+            for i in range(n // 2):
+                a = rng.integers(0, 96, (32, 32, 3), dtype=np.uint8) + np.uint8(120 * c)
+                Image.fromarray(a, "RGB").save(d / f"{i:03d}.png", compress_level=0)
+
+
+def test_promise_on_an_image_folder_with_overrides(tmp_path, monkeypatch):
+    """promise.py on a train/ + test/ class folder (the CIFAR-10 layout) with the CIFAR options:
+    --model-arg, --grid, --n-seeds and --epochs replace the per-model settings; a malformed
+    --model-arg is a usage error (exit 2)."""
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    import promise
+
+    _class_folder(tmp_path / "data", 300, 40)
+    out = tmp_path / "out"
+    argv = [str(SCRIPTS / "promise.py"), "--quick", "--models", "vgg-small", "--data", f"imagefolder:{tmp_path / 'data'}",
+            "--model-arg", "width=0.0625", "--grid=0,0.5", "--n-seeds", "2", "--epochs", "2", "--no-hindsight",
+            "--no-compile", "--out", str(out), "--threads", "1"]
+    monkeypatch.setattr(sys, "argv", argv)
+    promise.main()
+    d = json.loads((out / "promise.json").read_text())
+    m = d["models"]["vgg-small"]
+    assert d["data"].startswith("imagefolder:") and m["complete"]
+    assert m["model_args"]["width"] == 0.0625 and m["epochs"] == 2 and m["search_grid"] == "0,0.5"
+    assert d["vgg-small"]["seeds"] == [0, 1]
+    assert all(p in (0.0, 0.5) for p in m["pick_per_seed"])
+    assert m["same_init_as_search"] and m["first_epoch_batches_as_search"]
+    assert all(_acc(v) for v in m["test_acc_t0"] + m["test_acc_pick"])
+    assert "| vgg-small (2) | 2 |" in d["table_md"]
+    # the search saw the folder's shape: 3 channels, 32x32 input
+    assert d["settings"]["models"]["vgg-small"]["args"] == {"width": 0.0625}
+    monkeypatch.setattr(sys, "argv", [a if a != "width=0.0625" else "width" for a in argv])
+    with pytest.raises(SystemExit) as e:
+        promise.main()
+    assert e.value.code == 2
+    assert promise._model_args(["width=0.25", "n=3", "pool=avg"]) == {"width": 0.25, "n": 3, "pool": "avg"}
+
+
+def test_cifar10_curves_table_and_asymmetry(tmp_path, monkeypatch):
+    """cifar10_curves.py reads two search.json files: means, paired differences to t = 0 per seed,
+    the asymmetry Δ(+|t|) − Δ(−|t|) per seed, the best shift, held-out columns only with --val."""
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    import cifar10_curves as cc
+
+    def search(acc, val=None):
+        cands = [{"shift": t, "seed": s, "status": "ok", "train_acc": a,
+                  "val_acc": None if val is None else val[(t, s)]} for (t, s), a in acc.items()]
+        cands.append({"shift": 9.0, "seed": 0, "status": "failed", "train_acc": None, "val_acc": None})
+        return {"candidates": cands, "config": {"model": "zoo:x"}, "seconds": 1.0}
+
+    acc = {(-0.5, 0): 0.40, (0.0, 0): 0.50, (0.5, 0): 0.55, (-0.5, 1): 0.42, (0.0, 1): 0.48, (0.5, 1): 0.47}
+    c = cc.curve(search(acc))
+    assert c["shifts"] == [-0.5, 0.0, 0.5] and c["seeds"] == [0, 1] and "val_acc" not in c
+    rows = {r["shift"]: r for r in c["train_acc"]["rows"]}
+    assert rows[0.5]["mean"] == pytest.approx(0.51) and rows[0.5]["values"] == [0.55, 0.47]
+    assert rows[0.5]["diff_vs_0_mean"] == pytest.approx((0.05 - 0.01) / 2)
+    assert rows[0.5]["diff_vs_0_positive_seeds"] == 1 and rows[-0.5]["diff_vs_0_positive_seeds"] == 0
+    (asym,) = c["train_acc"]["asymmetry"]  # per seed: +0.15, +0.05
+    assert asym["abs_t"] == 0.5 and asym["mean"] == pytest.approx(0.10) and asym["positive_seeds"] == 2
+    assert c["train_acc"]["best_shift"] == 0.5
+    val = {k: 0.3 for k in acc}
+    (tmp_path / "max.json").write_text(json.dumps(search(acc)))
+    (tmp_path / "avg.json").write_text(json.dumps(search(acc, val)))
+    monkeypatch.setattr(sys, "argv", ["x", "--maxpool", str(tmp_path / "max.json"), "--avgpool",
+                                      str(tmp_path / "avg.json"), "--out", str(tmp_path / "o")])
+    cc.main()
+    d = json.loads((tmp_path / "o" / "cifar10_curves.json").read_text())
+    assert d["curves"]["avgpool"]["val_acc"]["best_shift"] == 0.0  # ties go to the smaller |t|
+    assert "first-epoch held-out" in d["table_md"] and "| +0.5 | 51.00 ± 5.66 | +2.00 ± 4.24 | 1/2 |" in d["table_md"]
+    assert (tmp_path / "o" / "cifar10_curves.png").stat().st_size > 1000

@@ -30,6 +30,13 @@ a second phase that trains every seed's pick for every other seed (the hindsight
     python benchmarks/reproduce/promise.py --threads 1              # full (~1-2 h on 1 thread)
     python benchmarks/reproduce/promise.py --quick                  # smoke (seconds, CI)
     python benchmarks/reproduce/promise.py --models mlp,lenet5      # a subset
+
+Another data set (e.g. CIFAR-10 as class folders, ``train/`` + ``test/``): ``--data`` takes any
+bnnshift data spec, and ``--grid``, ``--epochs``, ``--n-seeds`` and ``--model-arg`` replace the
+Fashion-MNIST settings of the models run (docs/reproduction.md, "CIFAR-10"):
+
+    python benchmarks/reproduce/promise.py --data imagefolder:/tmp/cifar/cifar10 --models vgg-small \
+        --model-arg width=0.25 --grid=-1:2.5:0.5 --n-seeds 5 --epochs 8 --no-hindsight --threads 1
 """
 from __future__ import annotations
 
@@ -170,7 +177,7 @@ def run_search(name: str, spec: dict, args, mode: dict, out: Path):
     """``bnnshift search`` with the CLI defaults over ``spec['seeds']``; returns (summary, picks)."""
     shape = C.data_shape(args.data)
     margs = C.model_args(shape, {"input_size": shape[1], **spec["args"]})
-    grid = mode["grid"] or default_grid()
+    grid = args.grid or mode["grid"] or default_grid()
     cfg = SearchConfig(model=f"zoo:{spec['zoo']}", data=args.data, model_args=margs, shifts=parse_shifts(grid),
                        seeds=list(spec["seeds"]), train_limit=mode["train_limit"],
                        compile="auto" if mode["compile"] and not args.no_compile else "off")
@@ -353,6 +360,26 @@ def table_md(models: dict) -> str:
 # ------------------------------------------------------------------------------ main
 
 
+def _model_args(pairs: list[str]) -> dict[str, Any]:
+    """``["width=0.25", "pool=avg"]`` -> ``{"width": 0.25, "pool": "avg"}`` (ints, floats parsed).
+
+    Raises ValueError naming a pair without ``=``."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, val = pair.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--model-arg {pair!r}: expected KEY=VALUE, e.g. width=0.25")
+        for cast in (int, float):
+            try:
+                out[key.strip()] = cast(val)
+                break
+            except ValueError:
+                continue
+        else:
+            out[key.strip()] = val
+    return out
+
+
 def main() -> None:
     ap = C.parser(__doc__)
     ap.add_argument("--models", default=None, help="comma list of mlp,lenet5,vgg-small (default all, in that order)")
@@ -369,6 +396,12 @@ def main() -> None:
     ap.add_argument("--train-shift", type=float, default=None,
                     help="worker mode (with --seeds): train this fixed shift to the end (no search), e.g. a shift "
                          "the search is expected to pick, or one of the hindsight set")
+    ap.add_argument("--grid", default=None,
+                    help="the search's shifts, as bnnshift search --shifts (default: the CLI's default grid)")
+    ap.add_argument("--epochs", type=int, default=None, help="epochs of the training to the end, every model")
+    ap.add_argument("--n-seeds", type=int, default=None, help="seeds 0..N-1 for every model (default: per model)")
+    ap.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
+                    help="factory argument for every model run, e.g. width=0.25 (repeatable; numbers parsed)")
     args = ap.parse_args()
     if (args.only or args.train_shift is not None) and args.seeds is None:
         ap.error("--only and --train-shift need --seeds (they are worker options)")
@@ -376,6 +409,18 @@ def main() -> None:
     t0 = time.perf_counter()
     mode = QUICK if args.quick else FULL
     specs = {k: dict(v) for k, v in (QUICK_MODELS if args.quick else MODELS).items()}
+    try:
+        overrides = _model_args(args.model_arg)
+    except ValueError as exc:
+        ap.error(str(exc))
+    if args.epochs is not None and args.epochs < 1 or args.n_seeds is not None and args.n_seeds < 1:
+        ap.error("--epochs and --n-seeds must be at least 1")
+    for v in specs.values():
+        v["args"] = {**v["args"], **overrides}
+        if args.epochs is not None:
+            v["epochs"] = args.epochs
+        if args.n_seeds is not None:
+            v["seeds"] = list(range(args.n_seeds))
     worker = args.seeds is not None
     if worker:
         only = [int(v) for v in args.seeds.split(",") if v.strip()]

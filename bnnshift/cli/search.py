@@ -81,7 +81,9 @@ def search_command(
     augment: str = typer.Option("none", "--augment", help="Train augmentation: imagenet (random resized crop + "
                                                            "flip), cifar (pad-4 crop + flip) or none. Streams."),
     stream: str = typer.Option("auto", "--stream", help="auto (stream with --augment or image folders too big "
-                                                         "for memory), on, off (load into memory)."),
+                                                         "for memory; a streamed image folder that fits in 512 MB "
+                                                         "decoded is decoded once and kept), on (decode every epoch: "
+                                                         "bounded memory), off (load into memory)."),
     workers: Optional[int] = typer.Option(None, "--workers", min=0, help="DataLoader worker processes when "
                                                                         "streaming (default min(4, CPUs))."),
     mean: Optional[str] = MEAN,

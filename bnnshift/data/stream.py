@@ -4,7 +4,9 @@ Used for ``imagefolder:PATH`` folders too large for memory, for any ``--augment`
 ``none`` (``imagefolder``, ``cifar10``/``cifar100``, ``fashion-mnist``/``mnist``) and with
 ``--stream on``. Memory does not grow with the data set: an image folder holds only the list
 of file paths (torchvision ``ImageFolder``), idx/CIFAR keep their uint8 arrays (what the files
-hold, 4x smaller than the in-memory path's float32).
+hold, 4x smaller than the in-memory path's float32). With ``--stream auto`` an image folder
+whose decoded images fit in :data:`bnnshift.data.decoded.CACHE_LIMIT_BYTES` is decoded once
+and kept as uint8 (the same images; no decoding per epoch).
 
 Common random numbers (paper claim 5: only ``t`` differs between candidates):
 
@@ -81,6 +83,7 @@ class StreamOptions:
     workers: int | None = None
     crop_pct: float = IMAGENET_CROP_PCT
     interpolation: str = "bilinear"
+    cache: bool = False  # an image folder: decode once into memory when it fits (bnnshift.data.decoded)
 
     def __post_init__(self):
         check_stream_options(self.augment, self.mean, self.std, self.workers)
@@ -224,6 +227,7 @@ def _sample_identity(images, k: int = 64) -> list[str]:
     if n == 0:
         return []
     out = []
+    images = getattr(images, "source", images)  # decoded into memory: named by its files, as before
     for i in torch.linspace(0, n - 1, min(n, k)).round().long().tolist():
         if isinstance(images, _FolderImages):
             j = i if images.indices is None else images.indices[i]
@@ -350,6 +354,12 @@ def open_stream(spec: str, *, input_shape=None, options: StreamOptions | None = 
                 val_imgs.indices = sub.tolist()
         num_classes = len(train_imgs.folder.classes)
         default_stats = None
+        if opts.cache:  # decoded once when it fits (bnnshift.data.decoded): the same images, no decoding per epoch
+            from .decoded import decode_into_memory
+
+            kept = decode_into_memory([train_imgs, val_imgs])
+            if kept is not None:
+                train_imgs, val_imgs = kept[0], (kept[1] if val_imgs is not None else None)
     if len(train_imgs) == 0:
         raise DataError(f"data set {name}: the training set is empty")
     mean, std = opts.mean, opts.std
@@ -365,7 +375,7 @@ def open_stream(spec: str, *, input_shape=None, options: StreamOptions | None = 
     crop_pct = float(md.get("crop_pct") or opts.crop_pct)
     interp = str(md.get("interpolation") or opts.interpolation)
     opts = StreamOptions(augment=opts.augment, mean=tuple(mean), std=tuple(std), workers=opts.workers,
-                         crop_pct=crop_pct, interpolation=interp)
+                         crop_pct=crop_pct, interpolation=interp, cache=opts.cache)
     train_tf, eval_tf = build_transforms(opts.augment, shape, mean, std, crop_pct=crop_pct, interpolation=interp)
     return StreamSource(
         train=_Transformed(train_imgs, train_tf), train_eval=_Transformed(train_imgs, eval_tf),

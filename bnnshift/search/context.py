@@ -224,7 +224,8 @@ def _stream_context(cfg: SearchConfig, loaded: Any, shape: tuple[int, ...], devi
     from ..parallel import dist_info
     from ..train import DefaultTrainer, StreamTrain
 
-    opts = StreamOptions(augment=cfg.augment, mean=cfg.mean, std=cfg.std, workers=cfg.workers)
+    opts = StreamOptions(augment=cfg.augment, mean=cfg.mean, std=cfg.std, workers=cfg.workers,
+                         cache=cfg.stream == "auto")  # --stream on: decode every epoch, bounded memory
     src = open_stream(cfg.data, input_shape=shape, options=opts, download=cfg.download,
                       train_limit=cfg.train_limit, val_limit=(cfg.val_limit if cfg.val else 0), seed=0,
                       model_defaults=_timm_data_defaults(loaded.model))
