@@ -76,14 +76,17 @@ def mix_seed(*parts: Any) -> int:
 
 
 def set_threads(device: str) -> None:
-    """Use the physical cores once (torch's default may oversubscribe under a busy neighbour)."""
+    """At most one thread per CPU this process may use (torch's default may oversubscribe a
+    container whose affinity is smaller than the host). Only ever lowers the count: a caller's
+    own ``torch.set_num_threads`` (a benchmark's ``--threads 1``) or ``OMP_NUM_THREADS`` is kept."""
     if device != "cpu" or os.environ.get("OMP_NUM_THREADS"):
         return
     n = os.cpu_count() or 1
     with contextlib.suppress(Exception):
         if hasattr(os, "sched_getaffinity"):
             n = len(os.sched_getaffinity(0))
-        torch.set_num_threads(max(1, n))
+        if torch.get_num_threads() > n:
+            torch.set_num_threads(max(1, n))
 
 
 @dataclass

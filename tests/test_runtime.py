@@ -255,12 +255,13 @@ def test_bench_rows_cover_layers_and_end_to_end():
 
     m = zoo("mlp", hidden=32)
     packed, rep = pack_model(m, (1, 28, 28))
+    before = torch.get_num_threads()
     rows = bench(m, packed, (1, 28, 28), batches=(2,), threads=(1,), min_time=0.01,
                  extra={"again": lambda x, nt: (lambda: packed(x))})
     assert {r["what"] for r in rows} == set(rep.packed) | {"end to end"}
     assert all(r["float_ms"] > 0 and r["packed_ms"] > 0 for r in rows)
     assert [r["what"] for r in summarise(rows)] == ["binary layers", "end to end"]
-    assert "again_ms" in rows[-1] and torch.get_num_threads() == 1
+    assert "again_ms" in rows[-1] and torch.get_num_threads() == before  # the caller's thread count restored
 
 
 def test_float_op_baseline_is_the_same_layer():

@@ -216,3 +216,26 @@ def test_no_module_imports_private_names_of_the_search(module):
     private = [f"{n.module}.{a.name}" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
                and n.module and "search" in n.module.split(".") for a in n.names if a.name.startswith("_")]
     assert not private, private
+
+
+def test_set_threads_only_lowers_the_callers_thread_count(monkeypatch):
+    """A search opened after the caller chose its threads (a benchmark's ``--threads 1``) keeps
+    them; a count above the CPUs this process may use is lowered to them."""
+    import os
+
+    import torch
+
+    from bnnshift.train import set_threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        set_threads("cpu")
+        assert torch.get_num_threads() == 1
+        torch.set_num_threads(cpus + 3)
+        set_threads("cpu")
+        assert torch.get_num_threads() == cpus
+    finally:
+        torch.set_num_threads(before)
