@@ -25,19 +25,6 @@ import tempfile
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
-def _trained_like(m, seed=1):
-    import torch
-
-    g = torch.Generator().manual_seed(seed)
-    for mod in m.modules():
-        if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm):
-            c = mod.num_features
-            mod.running_mean.copy_(torch.randn(c, generator=g))
-            mod.running_var.copy_(torch.rand(c, generator=g) * 4 + 0.5)
-            if mod.affine:
-                mod.weight.data.copy_(torch.randn(c, generator=g))
-                mod.bias.data.copy_(torch.randn(c, generator=g) * 0.3)
-    return m.eval()
 
 
 def _ort_factory(path: str):
@@ -77,7 +64,7 @@ def main(argv=None) -> int:
     from bnnshift.fold import fold_shifts
     from bnnshift.patch import patch_model
     from bnnshift.runtime import pack_model
-    from bnnshift.runtime.bench import bench, summarise
+    from bnnshift.runtime.bench import bench, summarise, trained_like
     from bnnshift.scan import scan_model
 
     ap = argparse.ArgumentParser()
@@ -96,7 +83,7 @@ def main(argv=None) -> int:
             entry = registry.ZOO.get(name)
             shape = tuple(entry.input_shape)
             torch.manual_seed(0)
-            model = _trained_like(entry.factory())
+            model = trained_like(entry.factory())
             rep = scan_model(model, shape, name=name)
             folded = copy.deepcopy(model)
             patch_model(folded, rep, 0.5)

@@ -17,23 +17,11 @@ import torch.nn.functional as F
 from bnnshift.errors import NoSitesError
 from bnnshift.load import build_model, parse_model_spec
 from bnnshift.runtime import kernel, load_packed, pack_dir, pack_model, ref
+from bnnshift.runtime.bench import trained_like
 
 torch.set_num_threads(1)
 
 
-def trained_like(m: nn.Module, seed: int = 1) -> nn.Module:
-    """BatchNorm statistics and affine parameters as after training (an untrained BN has beta = 0,
-    so an integer conv sum of 0 lands exactly on the threshold: sign(0) = 0, a ternary value)."""
-    g = torch.Generator().manual_seed(seed)
-    for mod in m.modules():
-        if isinstance(mod, nn.modules.batchnorm._BatchNorm):
-            c = mod.num_features
-            mod.running_mean.copy_(torch.randn(c, generator=g))
-            mod.running_var.copy_(torch.rand(c, generator=g) * 4 + 0.5)
-            if mod.affine:
-                mod.weight.data.copy_(torch.randn(c, generator=g))
-                mod.bias.data.copy_(torch.randn(c, generator=g) * 0.3)
-    return m.eval()
 
 
 def zoo(name: str, **args) -> nn.Module:

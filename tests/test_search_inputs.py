@@ -20,6 +20,7 @@ from bnnshift.data import load_data
 from bnnshift.data.multi import check_dtype, install_unpack, pack, unpack
 from bnnshift.errors import DataError
 
+from models import SIGN_STE_SOURCE
 from test_search_outputs import _force_compiled_path
 
 runner = CliRunner()
@@ -29,18 +30,7 @@ MODELS = textwrap.dedent('''
     import torch.nn.functional as F
     from torch import nn
 
-
-    class Sign(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x):
-            ctx.save_for_backward(x)
-            return torch.sign(x)
-
-        @staticmethod
-        def backward(ctx, g):
-            (x,) = ctx.saved_tensors
-            return g * (x.abs() <= 1).to(g.dtype)
-
+''') + SIGN_STE_SOURCE + textwrap.dedent('''
 
     class Masked(nn.Module):  # forward(x, mask): the mask gates the pooled features
         def __init__(self, classes=4):
@@ -52,7 +42,7 @@ MODELS = textwrap.dedent('''
             self.head = nn.Linear(8, classes)
 
         def forward(self, x, mask):  # (the unpacked dtypes and shapes: test_the_hook_unpacks_...)
-            f = self.bn1(self.conv1(Sign.apply(self.bn0(self.conv0(x)))))
+            f = self.bn1(self.conv1(SignSTE.apply(self.bn0(self.conv0(x)))))
             f = F.adaptive_avg_pool2d(f, 1).flatten(1)
             return self.head(f * mask.to(f.dtype))
 

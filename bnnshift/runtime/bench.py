@@ -97,3 +97,21 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     "speedup_vs_op": fo / q if q else float("nan")})
         out.extend(e2e)
     return out
+
+
+def trained_like(model: nn.Module, seed: int = 1) -> nn.Module:
+    """Give every BatchNorm of ``model`` (in place) random running statistics and affine
+    parameters as after training; returns it in eval mode. For benchmarks and tests on untrained
+    zoo models: an untrained BN has beta = 0, so an integer conv sum of 0 lands exactly on the
+    threshold (``sign(0) = 0``, a ternary value) and ``pack`` rightly leaves such layers float."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for mod in model.modules():
+            if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+                c = mod.num_features
+                mod.running_mean.copy_(torch.randn(c, generator=g))
+                mod.running_var.copy_(torch.rand(c, generator=g) * 4 + 0.5)
+                if mod.affine:
+                    mod.weight.copy_(torch.randn(c, generator=g))
+                    mod.bias.copy_(torch.randn(c, generator=g) * 0.3)
+    return model.eval()
