@@ -13,6 +13,17 @@ os.environ.setdefault("BNNSHIFT_TRUST_FILE", os.path.join(__import__("tempfile")
                                                           "trusted_recipes"))
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 
+
+@pytest.fixture(autouse=True)
+def _keep_torch_threads():
+    """Every test leaves torch's thread count as it found it (a benchmark's ``--threads 1`` run
+    in process, a kernel test on one thread): later tests in the same xdist worker that compare
+    float sums across processes bitwise see the same count as before."""
+    before = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != before:
+        torch.set_num_threads(before)
+
 IMAGENET_STYLE = {"xnor-resnet18", "bireal-resnet18", "bireal-resnet34", "reactnet-a"}
 
 

@@ -316,7 +316,8 @@ FRESH = textwrap.dedent("""
         return _load(*a, **k)
     torch.load = strict_load
     from bnnshift.patch import load_patched
-    for d in sys.argv[1:]:
+    torch.set_num_threads(int(sys.argv[1]))  # the parent's: float sums in the same order, bitwise comparable
+    for d in sys.argv[2:]:
         x = torch.load(d + "/io.pt", weights_only=True)["x"]
         m = load_patched(d)
         with torch.no_grad():
@@ -343,7 +344,8 @@ def test_rebuild_in_fresh_process(tmp_path):
         torch.save({"x": x, "y": y}, out / "io.pt")
         dirs.append(out)
         assert read_recipe(out).hashes["model.safetensors"]
-    subprocess.run([sys.executable, "-c", FRESH, *map(str, dirs)], check=True, timeout=300)
+    subprocess.run([sys.executable, "-c", FRESH, str(torch.get_num_threads()), *map(str, dirs)], check=True,
+                   timeout=300)
     for d in dirs:
         ref = torch.load(d / "io.pt", weights_only=True)["y"]
         got = torch.load(d / "fresh.pt", weights_only=True)["y"]

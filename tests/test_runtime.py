@@ -19,7 +19,15 @@ from bnnshift.load import build_model, parse_model_spec
 from bnnshift.runtime import kernel, load_packed, pack_dir, pack_model, ref
 from bnnshift.runtime.bench import trained_like
 
-torch.set_num_threads(1)
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The kernels are compared and timed on one thread; the worker's own count is restored (a
+    module-level ``set_num_threads`` would change every later test in the same xdist worker)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 
