@@ -145,10 +145,8 @@ def bench_memory(sizes: list[int], steps: int, tmp: Path) -> list[dict]:
 
 def bench_loader(batches: int, workers: int) -> dict:
     """Images/s of the data path alone: streaming loader vs in-memory batches."""
-    import torch
-
     from bnnshift.data import iterate_batches, load_data
-    from bnnshift.data.stream import SeededBatchSampler, StreamOptions, make_loader, open_stream
+    from bnnshift.data.stream import StreamOptions, open_stream
 
     bs = 256
     mem = load_data("fashion-mnist", input_shape=(1, 28, 28), val_limit=0)
@@ -160,17 +158,7 @@ def bench_loader(batches: int, workers: int) -> dict:
     for augment in ("none", "cifar"):
         src = open_stream("fashion-mnist", input_shape=(1, 28, 28), options=StreamOptions(augment=augment),
                           val_limit=0)
-        sampler = SeededBatchSampler(src.num_train, bs)
-        loader = make_loader(src.train, sampler, workers=workers, pin_memory=False)
-        sampler.set_order(0, steps=2)
-        for _ in loader:  # start the persistent workers
-            pass
-        sampler.set_order(1, steps=batches)
-        t0 = time.perf_counter()
-        for xb, _ in loader:
-            assert xb.dtype == torch.float32
-        out[f"stream_{augment}"] = batches * bs / (time.perf_counter() - t0)
-        del loader
+        out[f"stream_{augment}"] = _loader_images_per_s(src, bs, batches, workers)  # its loader ends with it
     return out
 
 
@@ -183,7 +171,7 @@ def bench_folder_loader(folder: str, batches: int, workers: int) -> dict:
     import torch
 
     from bnnshift.data import iterate_batches, load_data
-    from bnnshift.data.stream import SeededBatchSampler, StreamOptions, make_loader, open_stream
+    from bnnshift.data.stream import StreamOptions, open_stream
 
     bs, spec = 256, f"imagefolder:{folder}"
     t0 = time.perf_counter()
@@ -204,17 +192,8 @@ def bench_folder_loader(folder: str, batches: int, workers: int) -> dict:
                               options=StreamOptions(augment=augment, cache=cache, mean=(0.5,) * 3, std=(0.25,) * 3))
             label = ("decoded_" if cache else "files_") + augment
             out[f"{label}_open_s"] = time.perf_counter() - t0
-            sampler = SeededBatchSampler(src.num_train, bs)
-            loader = make_loader(src.train, sampler, workers=workers, pin_memory=False)
-            sampler.set_order(0, steps=2)
-            for _ in loader:  # start the persistent workers
-                pass
-            sampler.set_order(1, steps=batches)
-            t0 = time.perf_counter()
-            for xb, _ in loader:
-                assert xb.dtype == torch.float32
-            out[label] = batches * bs / (time.perf_counter() - t0)
-            del loader, src
+            out[label] = _loader_images_per_s(src, bs, batches, workers)  # its loader ends with it
+            del src
     return out
 
 
@@ -231,6 +210,25 @@ def bench_search(steps: int, workers: int) -> dict:
         out[label] = steps * 256 / cand["seconds"]
     return out
 
+
+
+def _loader_images_per_s(src, bs: int, batches: int, workers: int) -> float:
+    """Images/s of ``batches`` batches of ``bs`` through the streaming DataLoader of ``src``
+    (its persistent workers started by two batches first, not timed)."""
+    import torch
+
+    from bnnshift.data.stream import SeededBatchSampler, make_loader
+
+    sampler = SeededBatchSampler(src.num_train, bs)
+    loader = make_loader(src.train, sampler, workers=workers, pin_memory=False)
+    sampler.set_order(0, steps=2)
+    for _ in loader:  # start the persistent workers
+        pass
+    sampler.set_order(1, steps=batches)
+    t0 = time.perf_counter()
+    for xb, _ in loader:
+        assert xb.dtype == torch.float32
+    return batches * bs / (time.perf_counter() - t0)
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
