@@ -82,8 +82,67 @@ class PackedLinear(PackedConv2d):
                f"inputs={'{0,1}' if self.zero_one else '+-1'}"
 
 
+class PackedConv2dAct(PackedConv2d):
+    """A packed conv2d fused with its BatchNorm, binarizer and an optional MaxPool (``fuse``): it
+    returns the binary activation itself (N, O, Hp, Wp), values ``lo`` / ``hi``, from one integer
+    threshold per channel. Extra buffers: ``thr`` int64 (2, O) and ``flip`` bool (2, O), row 0 used
+    for float32 inputs, row 1 for float64 (ties as the float model decides them in each dtype)."""
+
+    def __init__(self, *args, thr: torch.Tensor, flip: torch.Tensor, pool: list[int], pool_first: bool, lo: float,
+                 hi: float, absorbed: list[str]):
+        super().__init__(*args)
+        self.register_buffer("thr", thr)
+        self.register_buffer("flip", flip)
+        self.pool, self.pool_first, self.lo, self.hi = list(pool), bool(pool_first), float(lo), float(hi)
+        self.absorbed = list(absorbed)
+
+    def config(self) -> dict:
+        return {**super().config(), "fused": {"pool": self.pool, "pool_first": self.pool_first, "lo": self.lo,
+                                              "hi": self.hi, "absorbed": self.absorbed}}
+
+    def float_op(self) -> "callable":
+        raise NotImplementedError("a fused layer has no single float op (time the unfused layer)")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype not in (torch.float32, torch.float64):
+            x = x.float()
+        row = 1 if x.dtype == torch.float64 else 0
+        return torch.ops.bnnshift.bconv2d_bits(x, self.wwords, self.wtrans, self.popw, self.thr[row], self.flip[row],
+                                               self.stride, self.padding, self.dilation, self.groups, self.zero_one,
+                                               self.pool, self.pool_first, self.lo, self.hi)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", threshold through {'->'.join(self.absorbed)}"
+
+
+class PackedLinearAct(PackedConv2dAct):
+    """A packed linear fused with its BatchNorm1d and binarizer: input (..., C), output (..., O)."""
+
+    def config(self) -> dict:
+        return {**super().config(), "kind": "linear"}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        y = super().forward(x.reshape(-1, x.shape[-1], 1, 1))
+        return y.reshape(*lead, y.shape[1])
+
+
+def fused(layer: PackedConv2d, thr: torch.Tensor, flip: torch.Tensor, pool: list[int], pool_first: bool, lo: float,
+          hi: float, absorbed: list[str]) -> PackedConv2dAct:
+    """``layer`` with an integer threshold (see :class:`PackedConv2dAct`)."""
+    cls = PackedLinearAct if isinstance(layer, PackedLinear) else PackedConv2dAct
+    return cls(layer.wwords, layer.popw, layer.alpha, layer.bias, layer.stride, layer.padding, layer.dilation,
+               layer.groups, layer.zero_one, layer.in_channels, thr=thr, flip=flip, pool=pool, pool_first=pool_first,
+               lo=lo, hi=hi, absorbed=absorbed)
+
+
 def build_layer(cfg: dict, tensors: dict[str, torch.Tensor]) -> PackedConv2d:
     """Rebuild a packed layer from :meth:`PackedConv2d.config` and its buffers."""
     cls = PackedLinear if cfg["kind"] == "linear" else PackedConv2d
-    return cls(tensors["wwords"], tensors["popw"], tensors["alpha"], tensors.get("bias"), cfg["stride"],
-               cfg["padding"], cfg["dilation"], cfg["groups"], cfg["zero_one"], cfg["in_channels"])
+    layer = cls(tensors["wwords"], tensors["popw"], tensors["alpha"], tensors.get("bias"), cfg["stride"],
+                cfg["padding"], cfg["dilation"], cfg["groups"], cfg["zero_one"], cfg["in_channels"])
+    f = cfg.get("fused")
+    if f:
+        layer = fused(layer, tensors["thr"], tensors["flip"], f["pool"], f["pool_first"], f["lo"], f["hi"],
+                      f["absorbed"])
+    return layer
