@@ -49,7 +49,7 @@ class PackedConv2d(nn.Module):
         bits = ((self.wwords.unsqueeze(-1) >> torch.arange(64)) & 1).reshape(o, kh, kw, cw * 64)[..., :cg]
         w = torch.where(bits > 0, 1.0, -1.0) * self.alpha.view(-1, 1, 1, 1)
         w = w.permute(0, 3, 1, 2).contiguous()
-        if isinstance(self, PackedLinear):
+        if self.config()["kind"] == "linear":
             w2 = w.reshape(o, cg)
             return lambda x: F.linear(x, w2, self.bias)
         return lambda x: F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
@@ -99,9 +99,6 @@ class PackedConv2dAct(PackedConv2d):
     def config(self) -> dict:
         return {**super().config(), "fused": {"pool": self.pool, "pool_first": self.pool_first, "lo": self.lo,
                                               "hi": self.hi, "absorbed": self.absorbed}}
-
-    def float_op(self) -> "callable":
-        raise NotImplementedError("a fused layer has no single float op (time the unfused layer)")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype not in (torch.float32, torch.float64):
