@@ -104,6 +104,9 @@ def _chain(path: str, leaves: set[str], finished: dict[str, list[tuple[Any, Any]
                 bool(((out == 1) | (out == -1)).all()) or bool(((out == 1) | (out == 0)).all())):
             act = p
             absorbed.append(p)
+        elif isinstance(out, torch.Tensor) and out.is_floating_point() and bool(
+                ((out == 1) | (out == -1) | (out == 0)).all()):
+            return f"{p} gives sign(0) = 0 on the probe: a sum exactly on the threshold (ternary)"
         else:
             break
         cur = out
