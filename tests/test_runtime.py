@@ -395,4 +395,31 @@ def test_threshold_refused_where_sign_gives_zero_and_after_avgpool():
     assert set(rep.thresholds) == {"conv2", "conv3", "conv4", "fc1"}, rep.no_threshold
     assert "MaxPool before the binarizer" in rep.thresholds["conv2"]
     assert sum(int(packed.get_submodule(p).flip[0].sum()) for p in rep.thresholds) > 0  # gamma < 0 channels
-    assert "no binary activation" in rep.no_threshold["fc2"]  # fc2 -> bn6 -> fc3: float
+    assert "no binarizer module" in rep.no_threshold["fc2"]  # fc2 -> bn6 -> fc3: float
+
+
+def test_threshold_layers_roundtrip_through_the_packed_directory(tmp_path):
+    src = tmp_path / "p"
+    subprocess.run([sys.executable, "-m", "bnnshift", "patch", "zoo:vgg-small", "--arg", "width=0.125", "--arg",
+                    "input_size=16", "--shift", "0.5", "--fold", "-o", str(src), "-q"], check=True, capture_output=True)
+    _, packed, rep = pack_dir(src, tmp_path / "out")
+    assert set(rep.thresholds) == {"conv2", "conv3", "conv4", "fc1"} and rep.proof["exact"], rep.no_threshold
+    loaded = load_packed(tmp_path / "out")
+    assert isinstance(loaded.bn2, nn.Identity) and loaded.conv2.pool == [2, 2, 2, 2]
+    assert loaded.bnnshift_pack_report.thresholds == rep.thresholds
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), packed(x))
+
+
+def test_torch_compile_of_a_packed_model_with_thresholds():
+    torch.manual_seed(0)
+    m = Tied(GE(), "before")
+    packed, rep = pack_model(m, (4, 6, 6))
+    assert rep.thresholds
+    x = torch.randn(5, 4, 6, 6)
+    compiled = torch.compile(packed, backend="aot_eager", fullgraph=True)  # traced on the fake kernels; no codegen
+    with torch.no_grad():
+        assert torch.equal(compiled(x), m(x))
+    ep = torch.export.export(packed, (x,))
+    assert any("bconv2d_bits" in str(n.target) for n in ep.graph.nodes)

@@ -111,7 +111,7 @@ def _chain(path: str, leaves: set[str], finished: dict[str, list[tuple[Any, Any]
             break
         cur = out
     if act is None:
-        return "no binary activation follows it alone (a residual add or float work in between)"
+        return ("no binarizer module follows it alone (an inline sign, a residual add or float work in between)")
     return absorbed, pool, pool_first
 
 
