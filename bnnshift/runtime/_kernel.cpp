@@ -60,22 +60,21 @@ void pack_any(const torch::Tensor& x, uint64_t* out, int64_t N, int64_t C, int64
   else pack_act_nhwc<T>(x.data_ptr<T>(), out, N, C, H, W, G, Cw);
 }
 
-template <int B, int P>
-inline int64_t block(int64_t og, int64_t og1, int64_t* sp, int64_t sstride, const uint64_t* buf, int64_t bstride,
-                     const uint64_t* wg, int64_t K, int64_t Og) {
-  // P output pixels x B output channels: each weight word is loaded once for the P pixels; every tap
-  // counts (a padded tap is a zero word: its popcount(w) is taken off afterwards for +-1 inputs)
+template <int B>
+inline int64_t block(int64_t og, int64_t og1, int64_t* sp, const uint64_t* buf, const uint64_t* wg, const char* valid,
+                     int64_t taps, int64_t Cw, int64_t Og, bool zero_one) {
   for (; og + B <= og1; og += B) {
-    int64_t acc[P][B] = {{0}};
-    for (int64_t k = 0; k < K; ++k) {
-      const uint64_t* wr = wg + k * Og + og;
-      for (int p = 0; p < P; ++p) {
-        const uint64_t xk = buf[p * bstride + k];
-        for (int i = 0; i < B; ++i) acc[p][i] += __builtin_popcountll(xk ^ wr[i]);
+    int64_t acc[B] = {0};
+    for (int64_t t = 0; t < taps; ++t) {
+      // +-1 input: a padded tap is a 0, skipped; {0,1} input: its zero word gives popcount(w), cancelled below
+      if (!valid[t] && !zero_one) continue;
+      for (int64_t c = 0; c < Cw; ++c) {
+        const uint64_t xk = buf[t * Cw + c];
+        const uint64_t* wr = wg + (t * Cw + c) * Og + og;
+        for (int i = 0; i < B; ++i) acc[i] += __builtin_popcountll(xk ^ wr[i]);
       }
     }
-    for (int p = 0; p < P; ++p)
-      for (int i = 0; i < B; ++i) sp[p * sstride + og + i] = acc[p][i];
+    for (int i = 0; i < B; ++i) sp[og + i] = acc[i];
   }
   return og;
 }
@@ -99,65 +98,51 @@ void conv(const uint64_t* a, const uint64_t* wt, const int32_t* popw, Emit emit,
   const uint64_t* wTp = wt;
   const int64_t* pws = pwsum.data();
   at::parallel_for(0, units * nob, 1, [=](int64_t b, int64_t e) {  // by value: stores cannot alias the sizes
-    std::vector<int64_t> s(2 * Og);
-    std::vector<uint64_t> buf(2 * K);
+    std::vector<int64_t> s(Og);
+    std::vector<uint64_t> buf(K);
     std::vector<R> tile(obs * Wo);  // outputs of one row, written out channel by channel
-    std::vector<char> valid(2 * taps);
+    std::vector<char> valid(taps);
     for (int64_t it = b; it < e; ++it) {
       const int64_t ob = it % nob, rest = it / nob, g = rest % G, nh = rest / G, n = nh / Ho, oh = nh % Ho;
       const int64_t og0 = ob * obs, og1 = std::min(Og, og0 + obs);
       if (og0 >= og1) continue;
       const uint64_t* wg = wTp + g * K * Og;
-      for (int64_t ow0 = 0; ow0 < Wo; ow0 += 2) {
-        const int np = Wo - ow0 >= 2 ? 2 : 1;  // two output pixels at a time share the weight loads
-        int64_t nvalid[2] = {0, 0};
-        for (int p = 0; p < np; ++p) {
-          const int64_t ow = ow0 + p;
-          for (int64_t i = 0; i < KH; ++i)
-            for (int64_t j = 0; j < KW; ++j) {
-              const int64_t ih = oh * sh - ph + i * dh, iw = ow * sw - pw + j * dw, t = i * KW + j;
-              const bool v = ih >= 0 && ih < H && iw >= 0 && iw < W;
-              valid[p * taps + t] = v;
-              nvalid[p] += v;
-              uint64_t* dst = buf.data() + p * K + t * Cw;
-              if (v) {
-                const uint64_t* src = a + ((n * H + ih) * W + iw) * G * Cw + g * Cw;
-                for (int64_t k = 0; k < Cw; ++k) dst[k] = src[k];
-              } else {
-                for (int64_t k = 0; k < Cw; ++k) dst[k] = 0;
-              }
+      for (int64_t ow = 0; ow < Wo; ++ow) {
+        int64_t nvalid = 0;
+        for (int64_t i = 0; i < KH; ++i)
+          for (int64_t j = 0; j < KW; ++j) {
+            const int64_t ih = oh * sh - ph + i * dh, iw = ow * sw - pw + j * dw, t = i * KW + j;
+            const bool v = ih >= 0 && ih < H && iw >= 0 && iw < W;
+            valid[t] = v;
+            nvalid += v;
+            uint64_t* dst = buf.data() + t * Cw;
+            if (v) {
+              const uint64_t* src = a + ((n * H + ih) * W + iw) * G * Cw + g * Cw;
+              for (int64_t k = 0; k < Cw; ++k) dst[k] = src[k];
+            } else {
+              for (int64_t k = 0; k < Cw; ++k) dst[k] = 0;
             }
-        }
+          }
         int64_t* sp = s.data();
         // 32 (then 16, 8) output channels at a time, their sums kept in registers across all taps and words
         int64_t og = og0;
-        if (np == 2) {
-          og = block<32, 2>(og, og1, sp, Og, buf.data(), K, wg, K, Og);
-          og = block<16, 2>(og, og1, sp, Og, buf.data(), K, wg, K, Og);
-          og = block<8, 2>(og, og1, sp, Og, buf.data(), K, wg, K, Og);
-        } else {
-          og = block<32, 1>(og, og1, sp, Og, buf.data(), K, wg, K, Og);
-          og = block<16, 1>(og, og1, sp, Og, buf.data(), K, wg, K, Og);
-          og = block<8, 1>(og, og1, sp, Og, buf.data(), K, wg, K, Og);
+        og = block<32>(og, og1, sp, buf.data(), wg, valid.data(), taps, Cw, Og, zero_one);
+        og = block<16>(og, og1, sp, buf.data(), wg, valid.data(), taps, Cw, Og, zero_one);
+        og = block<8>(og, og1, sp, buf.data(), wg, valid.data(), taps, Cw, Og, zero_one);
+        for (int64_t r = og; r < og1; ++r) sp[r] = 0;
+        for (int64_t t = 0; t < taps && og < og1; ++t) {
+          if (!valid[t] && !zero_one) continue;
+          for (int64_t c = 0; c < Cw; ++c) {
+            const uint64_t xk = buf[t * Cw + c];
+            const uint64_t* wr = wg + (t * Cw + c) * Og;
+            for (int64_t r = og; r < og1; ++r) sp[r] += __builtin_popcountll(xk ^ wr[r]);
+          }
         }
-        for (int p = 0; p < np; ++p) {
-          int64_t* spp = sp + p * Og;
-          for (int64_t r = og; r < og1; ++r) spp[r] = 0;
-          for (int64_t k = 0; k < K && og < og1; ++k) {
-            const uint64_t xk = buf[p * K + k];
-            const uint64_t* wr = wg + k * Og;
-            for (int64_t r = og; r < og1; ++r) spp[r] += __builtin_popcountll(xk ^ wr[r]);
-          }
-          if (!zero_one && nvalid[p] < taps)  // +-1: a padded tap contributes nothing; take its popcount(w) off
-            for (int64_t t = 0; t < taps; ++t)
-              if (!valid[p * taps + t])
-                for (int64_t r = og0; r < og1; ++r) spp[r] -= popw[(g * Og + r) * taps + t];
-          for (int64_t r = og0; r < og1; ++r) {
-            const int64_t o = g * Og + r;
-            // +-1: sum over valid taps of (Cg - 2 popcount(a ^ w)); {0,1}: sum of popcount(w) - popcount(a ^ w)
-            const int64_t dot = zero_one ? pws[o] - spp[r] : nvalid[p] * Cg - 2 * spp[r];
-            tile[(r - og0) * Wo + ow0 + p] = emit(o, dot);
-          }
+        for (int64_t og = og0; og < og1; ++og) {
+          const int64_t o = g * Og + og;
+          // +-1: sum over valid taps of (Cg - 2 popcount(a ^ w)); {0,1}: sum of popcount(w) - popcount(a ^ w)
+          const int64_t dot = zero_one ? pws[o] - sp[og] : nvalid * Cg - 2 * sp[og];
+          tile[(og - og0) * Wo + ow] = emit(o, dot);
         }
       }
       if (nhwc) {  // (N, Ho, Wo, O): one output pixel's channels contiguous

@@ -66,16 +66,20 @@ class PackedConv2d(nn.Module):
                 f"dilation={self.dilation}, groups={self.groups}, inputs={'{0,1}' if self.zero_one else '+-1'}")
 
 
-class PackedLinear(PackedConv2d):
-    """Binary linear on packed bits (a 1x1 conv on a 1x1 input): input (..., C), output (..., O)."""
+class _AsLinear:
+    """A packed conv2d used as a linear layer: a 1x1 conv on a 1x1 input, (..., C) -> (..., O)."""
 
     def config(self) -> dict:
-        return {**super().config(), "kind": "linear"}
+        return {**super().config(), "kind": "linear"}  # type: ignore[misc]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        y = super().forward(x.reshape(-1, x.shape[-1], 1, 1))
+        y = super().forward(x.reshape(-1, x.shape[-1], 1, 1))  # type: ignore[misc]
         return y.reshape(*lead, y.shape[1])
+
+
+class PackedLinear(_AsLinear, PackedConv2d):
+    """Binary linear on packed bits (a 1x1 conv on a 1x1 input): input (..., C), output (..., O)."""
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_channels}, out_features={self.wwords.shape[0]}, " \
@@ -112,16 +116,8 @@ class PackedConv2dAct(PackedConv2d):
         return super().extra_repr() + f", threshold through {'->'.join(self.absorbed)}"
 
 
-class PackedLinearAct(PackedConv2dAct):
+class PackedLinearAct(_AsLinear, PackedConv2dAct):
     """A packed linear fused with its BatchNorm1d and binarizer: input (..., C), output (..., O)."""
-
-    def config(self) -> dict:
-        return {**super().config(), "kind": "linear"}
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lead = x.shape[:-1]
-        y = super().forward(x.reshape(-1, x.shape[-1], 1, 1))
-        return y.reshape(*lead, y.shape[1])
 
 
 def fused(layer: PackedConv2d, thr: torch.Tensor, flip: torch.Tensor, pool: list[int], pool_first: bool, lo: float,
