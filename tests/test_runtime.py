@@ -423,3 +423,22 @@ def test_torch_compile_of_a_packed_model_with_thresholds():
         assert torch.equal(compiled(x), m(x))
     ep = torch.export.export(packed, (x,))
     assert any("bconv2d_bits" in str(n.target) for n in ep.graph.nodes)
+
+
+class Leaky(Tied):
+    """The BN output also feeds a float branch the chain cannot see (no module reads it)."""
+
+    def forward(self, x):
+        y = self.bn(self.conv(self.a0(x)))
+        return self.conv2(self.act(y)) + y.mean((1, 2, 3), keepdim=True)
+
+
+def test_threshold_whose_absorbed_output_is_used_elsewhere_is_dropped_by_the_proof():
+    torch.manual_seed(0)
+    m = Leaky(GE(), "none")
+    packed, rep = pack_model(m, (4, 6, 6))
+    assert not rep.thresholds and "failed the proof" in rep.no_threshold["conv"]
+    assert set(rep.packed) == {"conv", "conv2"} and rep.proof["exact"]
+    x = torch.randn(8, 4, 6, 6)
+    with torch.no_grad():
+        assert torch.allclose(packed(x), m(x), atol=1e-5)
