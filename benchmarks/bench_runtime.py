@@ -96,7 +96,8 @@ def main(argv=None) -> int:
             export_onnx(folded, shape, onnx_path, batches=1, sites=rep.sites)
             packed, prep = pack_model(folded, shape)
             print(f"\n## {name} {shape}: {len(fr.folded)} of {len(rep.sites)} shifts folded; {len(prep.packed)} layers "
-                  f"packed ({len(prep.thresholds)} with integer thresholds), {len(prep.left_float)} float; proof exact={prep.proof['exact']} "
+                  f"packed ({len(prep.thresholds)} with integer thresholds), {len(prep.left_float)} float; "
+                  f"proof exact={prep.proof['exact']} "
                   f"({prep.proof['binary_activations']} binary activations); kernel {prep.backend}")
             sizes = a.large_batches if max(shape[1:]) >= 128 else a.batches
             for k, v in prep.thresholds.items():

@@ -287,7 +287,8 @@ def test_threshold_kernel_equals_reference(case):
     fan = k * k * c // g // 3  # thresholds inside the reachable sums: both bits occur
     thr, flip = torch.randint(-fan, fan + 1, (o,), generator=gen), torch.rand(o, generator=gen) > 0.5
     for dtype in (torch.float32, torch.float64):
-        want = ref.bconv2d_bits(x.to(dtype), words, popw, thr, flip, [s, s], [p, p], [1, 1], g, zo, pool, first, -1.0, 1.0)
+        want = ref.bconv2d_bits(x.to(dtype), words, popw, thr, flip, [s, s], [p, p], [1, 1], g, zo, pool, first,
+                                -1.0, 1.0)
         assert set(want.unique().tolist()) == {-1.0, 1.0}
         for xin in (x.to(dtype), x.to(dtype).contiguous(memory_format=torch.channels_last)):  # both memory layouts
             got = torch.ops.bnnshift.bconv2d_bits(xin, words, ref.transpose_weight(words, g), popw, thr, flip, [s, s],

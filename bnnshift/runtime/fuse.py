@@ -83,7 +83,10 @@ def _chain(path: str, leaves: set[str], finished: dict[str, list[tuple[Any, Any]
         if len(finished[p]) != 1:
             break
         m, out = mods[p], finished[p][0][1]
-        if isinstance(m, (nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd)):
+        pooling = isinstance(m, (nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd))
+        if not pooling and not (isinstance(out, torch.Tensor) and out.shape == cur.shape):
+            break  # besides the pool, only shape-keeping (elementwise, per-channel) modules are absorbed
+        if pooling:
             if pool:
                 break
             got = _pool_params(m)
