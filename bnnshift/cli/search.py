@@ -159,7 +159,8 @@ def search_command(
 @dataclass
 class SearchArgs:
     """The command line of ``bnnshift search`` as typer parsed it: one field per option, named as
-    ``search_command``'s parameters (``compile_``, ``json_``: Python keywords avoided)."""
+    ``search_command``'s parameters (``compile_``, ``json_``: the builtin ``compile`` and the
+    ``json`` module not shadowed)."""
 
     model: str
     data: str
