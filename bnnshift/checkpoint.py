@@ -13,7 +13,7 @@ from typing import Any, Iterable, Mapping
 import torch
 from torch import nn
 
-from .checkpoint_read import _read_state_dict
+from .checkpoint_read import read_state_dict
 from .errors import CheckpointError
 from .modelspec import exc_text
 
@@ -186,8 +186,8 @@ def load_checkpoint(
     Raises CheckpointError / UnsafeCheckpointError.
     """
     own = model.state_dict()
-    read = _read_state_dict(path, allow_unsafe=allow_unsafe, use_ema=use_ema, model_keys=own.keys(),
-                            search_dirs=search_dirs)
+    read = read_state_dict(path, allow_unsafe=allow_unsafe, use_ema=use_ema, model_keys=own.keys(),
+                           search_dirs=search_dirs)
     sd = read.sd
     p = Path(path).expanduser()
     report = LoadReport(path=str(p), inner_key=read.inner_key, prefix=read.prefix, tensors=len(sd),

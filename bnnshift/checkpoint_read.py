@@ -313,15 +313,21 @@ def _ema_pytorch_layout(sd: dict[str, torch.Tensor], use_ema: bool
 
 
 @dataclass
-class _Read:
+class StateDictRead:
+    """What :func:`read_state_dict` found: the flat state dict (``{key: tensor}``, CPU), the
+    wrapper keys descended (``"state_dict"``, None), the prefix stripped, notes (EMA)."""
+
     sd: dict[str, torch.Tensor]
     inner_key: str | None
     prefix: str | None
     notes: list[str]
 
 
-def _read_state_dict(path: str | os.PathLike[str], *, allow_unsafe: bool, use_ema: bool,
-                     model_keys: Iterable[str] | None, search_dirs: Iterable[str] = ()) -> _Read:
+def read_state_dict(path: str | os.PathLike[str], *, allow_unsafe: bool, use_ema: bool,
+                    model_keys: Iterable[str] | None, search_dirs: Iterable[str] = ()) -> StateDictRead:
+    """:func:`load_state_dict_file` with where the tensors were found (``StateDictRead``);
+    ``search_dirs``: folders on ``sys.path`` while unpickling with ``allow_unsafe``. Raises
+    CheckpointError / UnsafeCheckpointError."""
     p = Path(path).expanduser()
     if not p.exists():
         raise CheckpointError(f"checkpoint {p} not found", hint="check the --checkpoint path")
@@ -356,7 +362,7 @@ def _read_state_dict(path: str | os.PathLike[str], *, allow_unsafe: bool, use_em
     sd, prefix = _strip_prefixes(sd, model_keys)
     if ema_prefix:
         prefix = ema_prefix + (prefix or "")
-    return _Read(sd, "/".join(keys) or None, prefix, notes)
+    return StateDictRead(sd, "/".join(keys) or None, prefix, notes)
 
 
 def load_state_dict_file(
@@ -374,5 +380,5 @@ def load_state_dict_file(
     shared by all keys stripped (see ``_strip_prefixes``; ``model_keys`` are the model's
     state_dict keys), non-tensors dropped.
     """
-    return _read_state_dict(path, allow_unsafe=allow_unsafe, use_ema=use_ema, model_keys=model_keys).sd
+    return read_state_dict(path, allow_unsafe=allow_unsafe, use_ema=use_ema, model_keys=model_keys).sd
 
