@@ -59,7 +59,9 @@ def simulate_halving(curves: dict[float, list[int]], batch: int, total: int, eta
     Exact, not an approximation: a halving candidate's score at a rung is its train accuracy
     accumulated over the same first steps with the same batches (tests/test_search_halving.py
     checks bitwise equality of the paused-and-continued training). Same ranking rule as
-    ``bnnshift.search.halving.HalvingLoop``: best score, then smaller |t|. Returns (pick, candidate steps).
+    ``bnnshift.search.halving.HalvingLoop``: best score, then smaller |t|; t = 0 always goes on (the
+    verdict's baseline). The rung rules of ``--rung-min-samples`` (chance, paired noise) are not
+    applied here (``simulate_search`` applies them). Returns (pick, candidate steps).
     ``stable_fraction``: with ``--stop-when-stable --stable-fraction F``, asking
     ``bnnshift.search.stable_decision`` at the same steps (``stable_marks``) as the search does.
     """
@@ -87,7 +89,7 @@ def simulate_halving(curves: dict[float, list[int]], batch: int, total: int, eta
         ranked = sorted(alive, key=lambda t: (score[t], -abs(t)), reverse=True)
         if at == total:
             return ranked[0], sum(steps.values())
-        alive = ranked[:keep_n]
+        alive = ranked[:keep_n] + [t for t in ranked[keep_n:] if abs(t) < 1e-12]  # t = 0: the verdict's baseline
         if n == total:  # the last rung stopped early: the winner alone finishes the epoch
             plan.append(total)
         prev, r = at, r + 1
@@ -108,6 +110,7 @@ def simulate_search(curves: dict[int, dict[float, list[int]]], *, batch: int, to
     from bnnshift.report import verdict
     from bnnshift.search import (CandidateResult, rung_decision, rung_min_steps, rung_steps, summarise,
                                  survivors)
+    from bnnshift.search import paired_gap
 
     seeds = sorted(curves)
     shifts = sorted(curves[seeds[0]])
@@ -127,6 +130,9 @@ def simulate_search(curves: dict[int, dict[float, list[int]]], *, batch: int, to
         plan = rung_steps(total, eta, min_fraction, min_steps)
         chance = 1.0 / classes if classes and rung_min_samples else None
         alive, hist, cands, rungs = list(shifts), {t: [] for t in shifts}, [], []
+        hits = {sd: {t: [c[0]] + [c[i] - c[i - 1] for i in range(1, len(c))] for t, c in curves[sd].items()}
+                for sd in seeds}  # per-step correct counts (the rung's noise rule)
+        seen = [batch] * total
         for r, n in enumerate(plan):
             last = n == total
             keep_n = 1 if last else survivors(len(alive), eta)
@@ -134,7 +140,11 @@ def simulate_search(curves: dict[int, dict[float, list[int]]], *, batch: int, to
                 hist[t].append(mean(t, n))
             ranked = sorted(alive, key=lambda t: (mean(t, n), -abs(t)), reverse=True)
             keep, decision = (ranked, None) if last else rung_decision(
-                ranked, keep_n, lambda t: mean(t, n), samples=n * batch * len(seeds), chance=chance)
+                ranked, keep_n, lambda t: mean(t, n), samples=n * batch * len(seeds), chance=chance,
+                gap=(lambda a, b, n=n: paired_gap([hits[sd][a] for sd in seeds], [seen] * len(seeds),
+                                                  [hits[sd][b] for sd in seeds], [seen] * len(seeds), n))
+                if rung_min_samples and n >= 2 else None,
+                baseline=next((t for t in ranked if abs(t) < 1e-12), None))
             rungs.append({"rung": r, "steps": n, "candidates": list(alive), "kept": sorted(keep) if not last else [],
                           "decision": decision})
             for t in alive:
