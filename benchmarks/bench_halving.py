@@ -195,8 +195,22 @@ def default_case(name: str, args) -> dict:
                   "loadavg_start": os.getloadavg(), "halving": {}}
     seeds_all = list(range(args.first_seed, args.first_seed + args.seeds))
     runs = [("halving", 2.0), ("full", None), ("halving", 3.0)]
+    if args.reuse_reference:  # the recorded 5-seed full search is the reference: run today's default and the candidates
+        ref = reference_case(args.reuse_reference, name, kw["shifts"], args)
+        case.update({"full": ref["full"], "reference_reused": str(args.reuse_reference)})
+        runs = [("today", None)] + [("halving", float(e)) for e in args.etas.split(",")]
     for sched, eta in runs:
-        seeds = seeds_all if sched == "full" else seeds_all[:3]
+        seeds = seeds_all if sched == "full" else seeds_all[:1] if sched == "today" else seeds_all[:3]
+        if sched == "today":  # today's default (1 seed, full) timed next to the candidates, same machine and load
+            t0 = time.perf_counter()
+            s = search(SearchConfig(**kw, seeds=seeds), context=ctx)
+            case["today"] = {"wall": time.perf_counter() - t0, "loop_seconds": s.seconds, "seeds": seeds,
+                             "cost": s.cost, "verdict": verdict(s), "load": os.getloadavg()[0]}
+            for c in s.candidates:
+                c.extra.pop("correct_curve", None)
+            print(f"{name} today's default seeds {seeds}: {case['today']['wall']:.1f}s, load "
+                  f"{case['today']['load']:.1f}", flush=True)
+            continue
         extra = {"schedule": "halving", "eta": eta, "min_fraction": args.min_fraction} if sched == "halving" else {}
         t0 = time.perf_counter()
         s = search(SearchConfig(**kw, seeds=seeds, **extra), context=ctx)
@@ -226,6 +240,26 @@ def default_case(name: str, args) -> dict:
             print(f"SIMULATION MISMATCH {name} {key}: {v['text']!r} vs real {rec['verdict']['text']!r}", flush=True)
     case["loadavg_end"] = os.getloadavg()
     return case
+
+
+def reference_case(path: str | Path, name: str, shifts: list[float], args) -> dict:
+    """``--reuse-reference``: the recorded 5-seed full search of model ``name`` (per-seed cases of
+    the plain benchmark, or a ``--default-verdict`` case) from the JSON lines at ``path``, checked
+    to be the same grid, data size and batch size as this run. Raises SystemExit when missing."""
+    cases = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    for c in as_default_cases(cases):
+        if c["model"] == name and "curves" in c.get("full", {}):
+            same = ([round(t, 6) for t in c["shifts"]] == [round(t, 6) for t in shifts]
+                    and c.get("train_limit") == args.train_limit and c.get("batch_size", 256) == args.batch_size)
+            if not same:
+                raise SystemExit(f"{path}: {name}'s reference has shifts {c['shifts']}, train limit "
+                                 f"{c.get('train_limit')}, batch {c.get('batch_size')}: run with the same "
+                                 "--shifts/--train-limit/--batch-size")
+            if len(c["full"]["curves"]) < args.seeds:
+                raise SystemExit(f"{path}: {name}'s reference has {len(c['full']['curves'])} seeds, "
+                                 f"--seeds {args.seeds} asked")
+            return c
+    raise SystemExit(f"{path}: no full-search reference with per-step counts for {name}")
 
 
 def _curves_of(case: dict) -> dict[int, dict[float, list[int]]]:
@@ -279,7 +313,8 @@ def default_table(cases: list[dict]) -> list[dict]:
 
         assert (ref["winner"], ref["text"]) == (c["full"]["verdict"]["winner"], c["full"]["verdict"]["text"])
         full1_steps = total * len(c["shifts"])
-        full1_wall = c["full"]["loop_seconds"] / len(curves)  # today's default: one seed of the same grid
+        # today's default: one seed of the same grid, timed in this run when there is one (same machine and load)
+        full1_wall = c["today"]["loop_seconds"] if c.get("today") else c["full"]["loop_seconds"] / len(curves)
         for label, (n, sched, eta, mf) in DEFAULT_CANDIDATES.items():
             agree = same_winner = cases_n = claims = confirmed_n = 0
             steps = []
@@ -303,7 +338,7 @@ def default_table(cases: list[dict]) -> list[dict]:
                          "reference_winner": ref["winner"],
                          "steps_vs_today": n * statistics.mean(steps) / full1_steps,
                          "wall_vs_today": (real["loop_seconds"] / full1_wall) if real else
-                         (n if sched == "full" else float("nan")),
+                         (n if sched == "full" else 1.0 if c.get("today") and n == 1 else float("nan")),
                          "wall_estimate_vs_today": 3 * real["cost"].get("wall_ratio_estimate", float("nan"))
                          if real and real["cost"].get("wall_ratio_estimate") else float("nan")})
     return rows
@@ -519,6 +554,10 @@ def main() -> None:
     ap.add_argument("--default-verdict", action="store_true",
                     help="per model: a 5-seed full search (the reference verdict, and the source of every simulated "
                          "3-seed default) and real 3-seed halving searches (eta 2, 3): the default's verdict and cost")
+    ap.add_argument("--reuse-reference", default=None, metavar="JSONL",
+                    help="--default-verdict: take the 5-seed full reference (per-step counts) from this file instead of "
+                         "running it; run today's default (1 seed, full) and the halving candidates (--etas) only")
+    ap.add_argument("--etas", default="2,3", help="--default-verdict: the real 3-seed halving runs' eta values")
     args = ap.parse_args()
     if args.report:
         cases = [json.loads(line) for line in Path(args.report).read_text().splitlines() if line.strip()]
