@@ -202,21 +202,22 @@ def default_case(name: str, args) -> dict:
     for sched, eta in runs:
         seeds = seeds_all if sched == "full" else seeds_all[:1] if sched == "today" else seeds_all[:3]
         if sched == "today":  # today's default (1 seed, full) timed next to the candidates, same machine and load
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             s = search(SearchConfig(**kw, seeds=seeds), context=ctx)
             case["today"] = {"wall": time.perf_counter() - t0, "loop_seconds": s.seconds, "seeds": seeds,
-                             "cost": s.cost, "verdict": verdict(s), "load": os.getloadavg()[0]}
+                             "cpu": time.process_time() - c0, "cost": s.cost, "verdict": verdict(s),
+                             "load": os.getloadavg()[0]}
             for c in s.candidates:
                 c.extra.pop("correct_curve", None)
-            print(f"{name} today's default seeds {seeds}: {case['today']['wall']:.1f}s, load "
+            print(f"{name} today's default seeds {seeds}: {case['today']['wall']:.1f}s ({case['today']['cpu']:.1f}s CPU), load "
                   f"{case['today']['load']:.1f}", flush=True)
             continue
         extra = {"schedule": "halving", "eta": eta, "min_fraction": args.min_fraction} if sched == "halving" else {}
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         s = search(SearchConfig(**kw, seeds=seeds, **extra), context=ctx)
         wall = time.perf_counter() - t0
         rec = {"winner": s.winner, "wall": wall, "loop_seconds": s.seconds, "cost": s.cost, "verdict": verdict(s),
-               "seeds": seeds, "load": os.getloadavg()[0]}
+               "seeds": seeds, "load": os.getloadavg()[0], "cpu": time.process_time() - c0}
         if sched == "full":
             rec["total_steps"] = s.candidates[0].steps
             rec["curves"] = {str(c.seed): {} for c in s.candidates}
@@ -228,7 +229,7 @@ def default_case(name: str, args) -> dict:
         else:
             rec["rungs"] = s.rungs
             case["halving"][f"eta{eta:g}"] = rec
-        print(f"{name} {sched}{'' if eta is None else f' eta {eta:g}'} seeds {seeds}: {wall:.1f}s, "
+        print(f"{name} {sched}{'' if eta is None else f' eta {eta:g}'} seeds {seeds}: {wall:.1f}s ({rec['cpu']:.1f}s CPU), "
               f"{verdict_kind(rec['verdict'])} (t = {s.winner}), load {rec['load']:.1f}", flush=True)
     curves = _curves_of(case)
     for key, rec in case["halving"].items():  # the simulation is the real search
@@ -339,6 +340,9 @@ def default_table(cases: list[dict]) -> list[dict]:
                          "steps_vs_today": n * statistics.mean(steps) / full1_steps,
                          "wall_vs_today": (real["loop_seconds"] / full1_wall) if real else
                          (n if sched == "full" else 1.0 if c.get("today") and n == 1 else float("nan")),
+                         "cpu_vs_today": (real["cpu"] / c["today"]["cpu"]) if real and real.get("cpu") and
+                         c.get("today", {}).get("cpu") else (1.0 if c.get("today") and n == 1 and sched == "full"
+                                                             else float("nan")),
                          "wall_estimate_vs_today": 3 * real["cost"].get("wall_ratio_estimate", float("nan"))
                          if real and real["cost"].get("wall_ratio_estimate") else float("nan")})
     return rows
@@ -346,25 +350,32 @@ def default_table(cases: list[dict]) -> list[dict]:
 
 def print_default_table(rows: list[dict]) -> None:
     print("| model (K shifts) | 5-seed full verdict | candidate default | verdict agrees | resolved claims the "
-          "5-seed search confirms | best mean same | verdicts | candidate steps vs today | wall vs today (real run) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "5-seed search confirms | best mean same | verdicts | candidate steps vs today | wall vs today (real run) | "
+          "CPU vs today (real run) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         kinds = ", ".join(f"{k} {v}" for k, v in sorted(r["kinds"].items()))
         ref = r["reference"] + (f" t = {r['reference_winner']:g}" if r["reference"] == "shift" else "")
         wall = "-" if math.isnan(r["wall_vs_today"]) else f"{r['wall_vs_today']:.2f}x"
         print(f"| {r['model']} ({r['grid']}) | {ref} | {r['default']} | {r['agree']}/{r['cases']} | "
               f"{r['confirmed']}/{r['claims']} | {r['same_best_mean']}/{r['cases']} | {kinds} | "
-              f"{r['steps_vs_today']:.2f}x | {wall} |")
+              f"{r['steps_vs_today']:.2f}x | {wall} | {_x(r.get('cpu_vs_today'))} |")
     print()
     for label in DEFAULT_CANDIDATES:
         rs = [r for r in rows if r["default"] == label]
         if rs:
             walls = [r["wall_vs_today"] for r in rs if not math.isnan(r["wall_vs_today"])]
+            cpus = [r["cpu_vs_today"] for r in rs if not math.isnan(r.get("cpu_vs_today", float("nan")))]
             print(f"{label}: verdict agrees in {sum(r['agree'] for r in rs)}/{sum(r['cases'] for r in rs)} "
                   f"[resolved claims confirmed {sum(r['confirmed'] for r in rs)}/{sum(r['claims'] for r in rs)}] "
                   f"({100 * sum(r['agree'] for r in rs) / sum(r['cases'] for r in rs):.0f}%), candidate steps "
                   f"{statistics.mean(r['steps_vs_today'] for r in rs):.2f}x today's default"
-                  + (f", wall {statistics.mean(walls):.2f}x (mean of the models' real runs)" if walls else ""))
+                  + (f", wall {statistics.mean(walls):.2f}x (mean of the models' real runs)" if walls else "")
+                  + (f", CPU {statistics.mean(cpus):.2f}x" if cpus else ""))
+
+
+def _x(v: float | None) -> str:
+    return "-" if v is None or math.isnan(v) else f"{v:.2f}x"
 
 
 def run_case(name: str, seed: int, args) -> dict:

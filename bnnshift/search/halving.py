@@ -269,6 +269,8 @@ class HalvingLoop:
     def _advance(self, model: torch.nn.Module, key: Key, s: float, seed: int, n_r: int) -> tuple[Any, Any]:
         """Train the candidate from its paused state (or step 0) to step ``n_r``: (run, failure or None)."""
         got = self.store.get(key)
+        if got is not None and got[0] <= n_r:
+            self.pr.call("phase", f"restoring its state paused at step {got[0]}")
         return self._train_on(model, got if got is not None and got[0] <= n_r else None, s, seed, n_r)
 
     def _train_on(self, model: torch.nn.Module, got: tuple[int, dict] | None, s: float, seed: int,
@@ -310,6 +312,7 @@ class HalvingLoop:
             res = _result_from(trainer.result(run), shift=s, seed=seed, ctx=ctx, metric=cfg.metric,
                                seconds=time.perf_counter() - t1)
             if res.ok:
+                self.pr.call("phase", "measuring its +1 shares (BN re-estimation, probe)")
                 _finish_candidate(ctx, model, res, cfg.metric)
             hist[:] = hist[:r] + ([res.score] if res.ok else [])
             res.rung, res.rung_scores = r, list(hist)
@@ -323,6 +326,7 @@ class HalvingLoop:
         hist[:] = hist[:r] + ([res.score] if res.ok else [])
         res.rung, res.rung_scores = r, list(hist)
         self.step_hist[key] = (list(run.step_hits), list(run.step_seen))
+        self.pr.call("phase", f"pausing at step {n_r}: saving its state for the next rung")
         rel = self.store.put(key, n_r, trainer.snapshot(run, model), len(self.shifts) * len(self.seeds))
         if self.journal is not None:
             self.journal.append_rung(s, seed, ctx.config_hash, rung=r, steps=n_r, result=res.to_json(),
