@@ -162,7 +162,14 @@ def test_shifts_within_noise_are_not_cut_and_the_search_falls_back_to_full(tmp_p
     noise, every shift goes on, the schedule falls back to full; the JSON record and the report
     say which and why; the candidate steps are the full grid's, never more."""
     shifts = [0.0, 0.001, 0.002, 0.003]
-    s = search(SearchConfig(**SEARCH, shifts=shifts), out_dir=tmp_path / "h")
+    seen = []
+
+    class P:  # the progress count follows the extended rungs (12 candidates, not the planned 7)
+        def start(self, t, seed, i, n):
+            seen.append((i, n))
+
+    s = search(SearchConfig(**SEARCH, shifts=shifts), out_dir=tmp_path / "h", progress=P())
+    assert len(seen) == 12 and all(i < n for i, n in seen) and seen[-1] == (11, 12), seen
     assert [r["steps"] for r in s.rungs] == [4, 8, 16]
     for r in s.rungs[:-1]:
         assert r["decision"]["action"] == "extended" and "paired noise" in r["decision"]["why"], r

@@ -108,7 +108,18 @@ class HalvingLoop:
             return None
         self._eliminate(r, n_r, keep, stop, current)
         self.alive = [t for t in self.alive if t in keep]
+        self.n_total = self.i + self._planned_after(r)  # a widened / extended rung or t = 0 kept: more to come
         return n_r if self.alive else None
+
+    def _planned_after(self, r: int) -> int:
+        """The candidates (shift x seed) the rungs after ``r`` train as planned from the shifts
+        alive now: ``ceil(n / eta)`` per rung, plus t = 0 where it would not be among them."""
+        n, total = len(self.alive), 0
+        has_zero = any(abs(t) < 1e-12 for t in self.alive)
+        for q in range(r + 1, len(self.runs)):
+            total += n * len(self.seeds)
+            n = min(len(self.alive), survivors(n, self.cfg.eta) + (1 if has_zero else 0))
+        return total
 
     def _stable_span(self, r: int, prev: int, n_plan: int, keep_n: int) -> tuple[int, dict | None, dict, dict]:
         """--stop-when-stable: where rung ``r`` ends (a journaled early stop repeated exactly, or
