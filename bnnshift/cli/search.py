@@ -54,7 +54,9 @@ _MIN_FRACTION = typer.Option(0.125, "--min-fraction",
 _RUNG_MIN_SAMPLES = typer.Option(2000, "--rung-min-samples",
                                  help="Successive halving: a rung ranks only after each candidate trained on "
                                       "this many samples (earlier rungs are left out; none left: the full "
-                                      "schedule). A rung whose scores are at chance ranks nothing.",
+                                      "schedule). A rung whose scores are at chance ranks nothing; a "
+                                      "shift is eliminated only when behind every kept one beyond the "
+                                      "paired noise (2 SE). 0: neither rule.",
                                  min=0)
 _STOP_WHEN_STABLE = typer.Option(False, "--stop-when-stable",
                                  help="Successive halving: end a rung early once the shifts it keeps "
