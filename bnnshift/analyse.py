@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ._guard import copy_model
+from ._state import model_state
 from .detect import Discovery, _closure, activation_nodes, is_weight_layer, node_scope
 from .shift import fold_param
 from .sites import APPLY_OP, APPLY_PRE_HOOK, APPLY_PRODUCER, KIND_INPUT, KIND_MODULE, Site, target_param
@@ -930,7 +931,7 @@ def measure_shift_once(model: nn.Module, sites: list[Site], x: torch.Tensor, t: 
     def run(tv: float) -> tuple[dict, dict]:
         m = copy_model(model).eval()
         insert_shifts(m, plain, {s.name: tv for s in plain})
-        rt: SiteRuntime = m._bnnshift_shift.runtime
+        rt: SiteRuntime = model_state(m).shift.runtime
         rt.remove()
         before: dict[str, torch.Tensor] = {}
         after: dict[str, torch.Tensor] = {}
