@@ -18,13 +18,10 @@ MAX_FUNCTION_LINES = 100
 # path relative to bnnshift/ -> why it is still over the limit
 MODULES_ALLOWED = {
     "analyse.py": "being split (issue 23 item 8: context analysis and fold_targets.py)",
-    "export.py": "being split (issue 23 item 8: _isolate.py, taps beside _runtime, retry strategies)",
 }
 # "path::qualified.name" -> why it is still over the limit
 FUNCTIONS_ALLOWED = {
     "analyse.py::_fold_analysis": "being split with analyse.py (fold_targets.py)",
-    "distributed.py::run_worker": "being split (issue 23: distributed.run_worker, the Optuna worker)",
-    "probe.py::probe_sites": "being split (issue 23 item 4: site addressing in one room)",
 }
 
 
