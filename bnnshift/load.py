@@ -312,6 +312,9 @@ def _resolve_attr(module: Any, attr: str, where: str) -> Any:
         except AttributeError:
             scope = ".".join(attr.split(".")[:i]) or where
             names = [n for n in dir(obj) if not n.startswith("_")]
+            if inspect.ismodule(obj):  # what the file defines, not what it imports (torch, nn, F)
+                names = [n for n in names if callable(getattr(obj, n, None))
+                         and getattr(getattr(obj, n), "__module__", None) == obj.__name__] or names
             close = _close(part, names)
             hint = f"did you mean {', '.join(close)}?" if close else f"{scope} defines: {', '.join(names[:10]) or 'nothing'}"
             raise SpecError(f"{where} has no attribute {attr!r}", hint=hint) from None
