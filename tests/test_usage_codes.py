@@ -151,3 +151,12 @@ def test_unknown_site_is_usage(models, tmp_path, cls, shape, args, msg):
 def test_unknown_site_error_is_still_a_patch_error():
     exc = UnknownSiteError("no site named 'x'")
     assert isinstance(exc, PatchError) and isinstance(exc, UsageError) and exc.exit_code == 2
+
+
+@pytest.mark.parametrize("attr,want", [("NoSuch", "defines: BinActive, Broken, HeavisideMLP, RSignNet, XNORNet"),
+                                       ("XnorNet", "did you mean XNORNet"), ("rsignnet", "did you mean RSignNet")])
+def test_unknown_attribute_names_what_the_file_defines(models, attr, want):
+    res = CliRunner().invoke(app, ["scan", f"{models}:{attr}"])
+    assert res.exit_code == 2, res.output
+    line = _one_line(res)
+    assert want in line and "torch" not in line.split("(")[-1] and "nn," not in line, line  # not its imports
