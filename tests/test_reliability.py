@@ -131,6 +131,7 @@ def test_every_catalogue_entry_is_tested():
                                          "model-not-copyable"}  # tests/test_site_identity.py
     tested |= {"out-locked"}  # tests/test_reliability_crash.py::test_second_search_on_same_out_is_refused
     tested |= {"fold-already-folded"}  # tests/test_fold_notes.py::test_fold_of_a_folded_directory_says_where...
+    tested |= {"data-not-clean"}  # tests/test_data_checks.py
     tested |= {"data-own-statistics"}  # tests/test_bn_norm.py::test_data_with_its_own_statistics_and_nothing_recorded...
     tested |= {"output-locked", "journal-path-outside", "trust-pin-changed", "unsafe-load-gadget",  # issue 21:
                "search-one-class", "image-bomb", "state-disk-full", "worker-killed",  # tests/test_security.py
