@@ -160,3 +160,11 @@ def test_unknown_attribute_names_what_the_file_defines(models, attr, want):
     assert res.exit_code == 2, res.output
     line = _one_line(res)
     assert want in line and "torch" not in line.split("(")[-1] and "nn," not in line, line  # not its imports
+
+
+def test_unknown_shape_hint_does_not_offer_patch_a_data_option(models, tmp_path):
+    """patch has no --data: its line must not tell the user to pass one (it did: "or --data")."""
+    res = CliRunner().invoke(app, ["patch", f"{models}:XNORNet", "--shift", "0.5", "-o", str(tmp_path / "o")])
+    assert res.exit_code == 2, res.output
+    line = _one_line(res)
+    assert "--input-shape" in line and "or --data" not in line
