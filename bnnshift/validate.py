@@ -594,6 +594,8 @@ CATALOGUE: dict[str, tuple[str, int]] = {
     "scan-batch-1-batchnorm": ("`scan --data ... --batch-size 1` on a model with BatchNorm", 2),
     "input-shape-model": ("`--input-shape 1,16` that the model does not run on (exit 1 instead when the model also "
                           "fails on the shape bnnshift chooses without the option: the model is at fault)", 2),
+    "arg-unknown": ("`--arg nosucharg=3`: a name the factory's signature does not take (the line lists the ones it "
+                    "takes)", 2),
     "site-unknown": ("`patch --site nosuch=0.5`, a `--site` / `--exclude` pattern or a `--config` name that matches "
                      "no site (the line lists the existing sites)", 2),
     "data-not-clean": ("a data function's images with NaN/inf, or labels that are not class indices (float, one-hot, "

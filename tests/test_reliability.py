@@ -66,6 +66,7 @@ CATALOGUE = [
     ("scan-batch-1-batchnorm", ["scan", "zoo:mlp", "--arg", "width=0.25", "--data", "synthetic:64",
                                 "--batch-size", "1"], 2, "--batch-size 2 or more", []),
     ("input-shape-model", ["scan", "zoo:mlp", "--input-shape", "1,16"], 2, "--input-shape 1,16", []),
+    ("arg-unknown", ["scan", "zoo:mlp", "--arg", "widht=0.25"], 2, "did you mean width", []),
     ("site-unknown", ["patch", "zoo:mlp", "--arg", "width=0.25", "--site", "nosuch=0.5", "-o", "p"], 2,
      "'nosuch'", ["p"]),
     ("input-shape-memory", ["scan", "zoo:mlp", "--input-shape", "100000,100000,100000"], 1, "available", []),

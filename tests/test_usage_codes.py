@@ -168,3 +168,44 @@ def test_unknown_shape_hint_does_not_offer_patch_a_data_option(models, tmp_path)
     assert res.exit_code == 2, res.output
     line = _one_line(res)
     assert "--input-shape" in line and "or --data" not in line
+
+
+FACTORIES = textwrap.dedent('''
+    import torch.nn as nn
+
+
+    class Net(nn.Module):
+        def __init__(self, width=4, num_classes=3):
+            super().__init__()
+            self.fc = nn.Linear(20, num_classes)
+
+        def forward(self, x):
+            return self.fc(x.flatten(1))
+
+
+    def build(width: int = 4, *, depth: int = 2):
+        return Net(width)
+
+
+    def build_any(**kw):
+        return Net(**{k: v for k, v in kw.items() if k == "width"})
+''')
+
+
+@pytest.mark.parametrize("attr,arg,want", [("Net", "nosucharg=3", "it takes: width, num_classes"),
+                                           ("build", "widht=8", "did you mean width?"),
+                                           ("build", "dpeth=3", "did you mean depth")])
+def test_unknown_factory_argument_is_usage(tmp_path, attr, arg, want):
+    (tmp_path / "trial_factories.py").write_text(FACTORIES)
+    res = CliRunner().invoke(app, ["scan", f"{tmp_path / 'trial_factories.py'}:{attr}", "--arg", arg,
+                                   "--input-shape", "20"])
+    assert res.exit_code == 2, res.output  # was exit 1: "building ... failed: TypeError: unexpected keyword"
+    line = _one_line(res)
+    assert f"unknown --arg {arg.split('=')[0]!r}" in line and want in line
+
+
+def test_factory_with_kwargs_takes_any_argument_name(tmp_path):
+    (tmp_path / "trial_factories.py").write_text(FACTORIES)
+    res = CliRunner().invoke(app, ["scan", f"{tmp_path / 'trial_factories.py'}:build_any", "--arg", "other=1",
+                                   "--input-shape", "20"])
+    assert "unknown --arg" not in res.stderr, res.stderr
