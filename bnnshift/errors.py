@@ -80,6 +80,11 @@ class PatchError(BnnshiftError):
     """A shift could not be applied (unknown site, bad value...)."""
 
 
+class UnknownSiteError(UsageError, PatchError):
+    """A ``--site`` / ``--exclude`` / config name or pattern that matches no site (exit 2: a usage
+    mistake, the message lists the existing sites); still a ``PatchError`` for library callers."""
+
+
 class OutputError(BnnshiftError):
     """An output path is not writable or would be overwritten without --force."""
 

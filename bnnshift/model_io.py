@@ -105,7 +105,7 @@ def choose_input_shape(explicit: Iterable[int] | None, loaded: "LoadedModel", da
     if guess is not None:
         return tuple(guess), f"guessed from {source} (pass --input-shape to set it)"
     raise UsageError("the model's input shape is unknown",
-                     hint="pass --input-shape C,H,W (e.g. 3,32,32) or --data with real samples")
+                     hint="pass --input-shape C,H,W (e.g. 3,32,32); scan and search also take it from --data samples")
 
 
 def default_input_shape(spec: ModelSpec, model: nn.Module | None = None) -> tuple[int, ...] | None:

@@ -285,10 +285,31 @@ def _resolve_attr(module: Any, attr: str, where: str) -> Any:
         except AttributeError:
             scope = ".".join(attr.split(".")[:i]) or where
             names = [n for n in dir(obj) if not n.startswith("_")]
+            if inspect.ismodule(obj):  # what the file defines, not what it imports (torch, nn, F)
+                names = [n for n in names if callable(getattr(obj, n, None))
+                         and getattr(getattr(obj, n), "__module__", None) == obj.__name__] or names
             close = _close(part, names)
             hint = f"did you mean {', '.join(close)}?" if close else f"{scope} defines: {', '.join(names[:10]) or 'nothing'}"
             raise SpecError(f"{where} has no attribute {attr!r}", hint=hint) from None
     return obj
+
+
+def _check_arg_names(obj: Any, args: dict[str, Any], label: str) -> None:
+    """Raise ``SpecError`` (exit 2) for an ``--arg`` name the factory's signature does not take
+    (no ``**kwargs``), naming the ones it takes; a signature that cannot be read is not checked."""
+    try:
+        params = inspect.signature(obj).parameters
+    except (TypeError, ValueError):
+        return
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    names = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    unknown = [k for k in args if k not in names]
+    if unknown:
+        close = _close(unknown[0], names)
+        raise SpecError(f"unknown --arg {unknown[0]!r} for {label}",
+                        hint=(f"did you mean {', '.join(close)}? " if close else "")
+                        + f"it takes: {', '.join(names) or 'no arguments'}")
 
 
 def _call_factory(obj: Any, args: dict[str, Any], label: str, search_dir: str | None = None) -> nn.Module:
@@ -301,6 +322,7 @@ def _call_factory(obj: Any, args: dict[str, Any], label: str, search_dir: str | 
         return obj
     if not callable(obj):
         raise SpecError(f"{label} is a {type(obj).__name__}, not a class or function", hint=_SPEC_HINT)
+    _check_arg_names(obj, args, label)
     try:
         with on_sys_path(search_dir) if search_dir else contextlib.nullcontext():
             model = obj(**args)

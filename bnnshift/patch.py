@@ -30,7 +30,7 @@ from torch import nn
 from ._io import atomic_save_safetensors, atomic_write_json, prepare_output_dir, sha256_file
 from ._state import model_state, set_state
 from ._trust import CODE_KINDS, local_modules, record_trusted, trusted_entry
-from .errors import CheckpointError, NoSitesError, PatchError, UntrustedRecipeError, UsageError
+from .errors import CheckpointError, NoSitesError, PatchError, UnknownSiteError, UntrustedRecipeError, UsageError
 from .shift import get_thresholds, insert_shifts, shifted_sites, threshold_key
 from .sites import KIND_HARDTANH, KIND_INLINE, KIND_INPUT, KIND_MODULE, ScanReport, Site
 from .validate import parse_shift_value  # noqa: F401 (torch-free: the CLI checks --shift before importing torch)
@@ -183,10 +183,10 @@ class ShiftConfig:
             m = _matcher(key)
             if not any(m(n) for n in names):
                 what = "exclude pattern" if key in self.exclude else "pattern"
-                raise PatchError(f"{what} {key!r} matches no site", hint=hint)
+                raise UnknownSiteError(f"{what} {key!r} matches no site", hint=hint)
         for key in self.names:
             if key not in names:
-                raise PatchError(f"no site named {key!r}", hint=hint)
+                raise UnknownSiteError(f"no site named {key!r}", hint=hint)
         out: dict[str, float] = {}
         matchers = [(_matcher(k), v) for k, v in self.patterns.items()]
         excluders = [_matcher(e) for e in self.exclude]

@@ -592,6 +592,14 @@ CATALOGUE: dict[str, tuple[str, int]] = {
     "device-empty": ("`--device ''`", 2),
     "batch-1-batchnorm": ("`search --batch-size 1` on a model with BatchNorm", 2),
     "scan-batch-1-batchnorm": ("`scan --data ... --batch-size 1` on a model with BatchNorm", 2),
+    "input-shape-model": ("`--input-shape 1,16` that the model does not run on (exit 1 instead when the model also "
+                          "fails on the shape bnnshift chooses without the option: the model is at fault)", 2),
+    "arg-unknown": ("`--arg nosucharg=3`: a name the factory's signature does not take (the line lists the ones it "
+                    "takes)", 2),
+    "site-unknown": ("`patch --site nosuch=0.5`, a `--site` / `--exclude` pattern or a `--config` name that matches "
+                     "no site (the line lists the existing sites)", 2),
+    "data-not-clean": ("a data function's images with NaN/inf, or labels that are not class indices (float, one-hot, "
+                       "negative): the line names the count / first sample or the labels' shape", 1),
     "input-shape-memory": ("`--input-shape 100000,100000,100000` (one batch exceeds the available memory)", 1),
     "search-input-shape-memory": ("the same for `search`", 1),
     "patch-o-long": ("`patch -o NAME` with a name over 255 bytes", 2),

@@ -395,8 +395,8 @@ def _no_output(out):
 
 
 @pytest.mark.parametrize("args,code,msg", [
-    (["--site", "nope=1"], 1, "no site named 'nope'"),
-    (["--site", "block9.*=1"], 1, "matches no site"),
+    (["--site", "nope=1"], 2, "no site named 'nope'"),
+    (["--site", "block9.*=1"], 2, "matches no site"),
     (["--site", "act1=abc"], 2, "not a number"),
     (["--shift", "nan"], 2, "not finite"),
     ([], 2, "no shift given"),

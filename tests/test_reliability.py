@@ -65,6 +65,10 @@ CATALOGUE = [
      "--batch-size 2 or more", ["o"]),
     ("scan-batch-1-batchnorm", ["scan", "zoo:mlp", "--arg", "width=0.25", "--data", "synthetic:64",
                                 "--batch-size", "1"], 2, "--batch-size 2 or more", []),
+    ("input-shape-model", ["scan", "zoo:mlp", "--input-shape", "1,16"], 2, "--input-shape 1,16", []),
+    ("arg-unknown", ["scan", "zoo:mlp", "--arg", "widht=0.25"], 2, "did you mean width", []),
+    ("site-unknown", ["patch", "zoo:mlp", "--arg", "width=0.25", "--site", "nosuch=0.5", "-o", "p"], 2,
+     "'nosuch'", ["p"]),
     ("input-shape-memory", ["scan", "zoo:mlp", "--input-shape", "100000,100000,100000"], 1, "available", []),
     ("search-input-shape-memory", SEARCH + ["--input-shape", "100000,100000,100000", "--out", "o"], 1,
      "available", ["o"]),
@@ -128,6 +132,7 @@ def test_every_catalogue_entry_is_tested():
                                          "model-not-copyable"}  # tests/test_site_identity.py
     tested |= {"out-locked"}  # tests/test_reliability_crash.py::test_second_search_on_same_out_is_refused
     tested |= {"fold-already-folded"}  # tests/test_fold_notes.py::test_fold_of_a_folded_directory_says_where...
+    tested |= {"data-not-clean"}  # tests/test_data_checks.py
     tested |= {"data-own-statistics"}  # tests/test_bn_norm.py::test_data_with_its_own_statistics_and_nothing_recorded...
     tested |= {"output-locked", "journal-path-outside", "trust-pin-changed", "unsafe-load-gadget",  # issue 21:
                "search-one-class", "image-bomb", "state-disk-full", "worker-killed",  # tests/test_security.py

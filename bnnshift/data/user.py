@@ -96,7 +96,11 @@ def _dataset_to_tensors(ds: Any, limit: int | None, seed: int, salt: int, where:
             raise DataError(f"{where}: data set items must be (x, y) pairs, got {type(item).__name__}")
         x0 = item[0]  # one input, or several ((x, mask), y): bnnshift.data.multi
         xs.append(tuple(_to_tensor(v) for v in x0) if isinstance(x0, (tuple, list)) else _to_tensor(x0))
-        ys.append(int(_to_tensor(item[1]).reshape(-1)[0]))
+        yv = _to_tensor(item[1]).reshape(-1)
+        if yv.numel() != 1:
+            raise DataError(f"{where}: the label of item {i} has {yv.numel()} values; labels are class indices",
+                            hint="one-hot or soft labels: return int(y.argmax())")
+        ys.append(yv[0])
     if not xs:
         raise DataError(f"{where}: the data set is empty")
     try:
@@ -108,7 +112,36 @@ def _dataset_to_tensors(ds: Any, limit: int | None, seed: int, salt: int, where:
             x = torch.stack(xs)
     except (RuntimeError, TypeError) as exc:
         raise DataError(f"{where}: samples have different shapes ({exc})", hint="resize them in the data set's transform") from None
-    return x, torch.tensor(ys, dtype=torch.int64)
+    y = torch.stack(ys)
+    check_labels(y, where)
+    return x, y.to(torch.int64)
+
+
+def check_labels(y: torch.Tensor, where: str) -> None:
+    """Labels are class indices: shape (N,) or (N, 1), integer values >= 0 (float dtypes allowed
+    when every value is whole). Raises ``DataError`` naming what is wrong (one-hot, probabilities,
+    regression targets, negative values) instead of casting them to wrong classes."""
+    if y.dim() > 1 and y[0].numel() > 1:
+        raise DataError(f"{where}: labels must be class indices of shape (N,), got {tuple(y.shape)}",
+                        hint="one-hot or soft labels: return y.argmax(1)")
+    if torch.is_floating_point(y):
+        off = y != y.round()  # NaN too
+        if bool(off.any()):
+            raise DataError(f"{where}: labels must be integer class indices, got {float(y[off][0]):g}",
+                            hint="return class indices (torch.long), not probabilities or regression targets")
+    if y.numel() and float(y.min()) < 0:
+        raise DataError(f"{where}: labels must be class indices >= 0, got {float(y.min()):g}")
+
+
+def check_finite(x: torch.Tensor, where: str, split: str = "training") -> None:
+    """Raise ``DataError`` when float inputs ``x`` (N, ...) hold NaN or inf (they would poison the
+    BatchNorm statistics and every score silently); names the count and the first sample."""
+    if not torch.is_floating_point(x) or not x.numel():
+        return
+    bad = (~torch.isfinite(x)).reshape(x.shape[0], -1).any(1)
+    if bool(bad.any()):
+        raise DataError(f"{where}: {int(bad.sum())} {split} sample(s) hold NaN/inf values (first: sample "
+                        f"{int(bad.nonzero()[0])})", hint="fix or drop them in the data function")
 
 
 def _finish_user_tensors(
@@ -202,6 +235,12 @@ def _load_user(kind: str, ref: str, input_shape, download, train_limit, val_limi
             vx, vy = _dataset_to_tensors(out[1], val_limit, seed, 2, where)
     else:
         raise DataError(f"{where} returned a 4-tuple that is not tensors (x, y, val_x, val_y)")
+    for y in (ty, vy):
+        if y is not None:
+            check_labels(y, where)
+    for x, split in ((tx, "training"), (vx, "held-out")):
+        for part in (x if isinstance(x, tuple) else (x,)) if x is not None else ():
+            check_finite(part, where, split)
     if isinstance(tx, tuple) or isinstance(vx, tuple):
         return _finish_multi(tx, ty, vx, vy, canonical, norm, where)
     if tx is None or ty is None or tx.shape[0] != ty.reshape(-1).shape[0]:
