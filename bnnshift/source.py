@@ -9,7 +9,7 @@ from typing import Any, Iterable, Mapping
 
 from .errors import BnnshiftError, UsageError
 from .load import LoadedModel, choose_input_shape, load_model
-from .load import _first_layer_shape as first_layer_shape
+from .model_io import _first_layer_shape as first_layer_shape
 from .validate import resolve_input_shape
 
 
