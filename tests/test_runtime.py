@@ -41,6 +41,7 @@ def zoo(name: str, **args) -> nn.Module:
 CASES = [  # (stride, padding, dilation, groups, {0,1} inputs, C, O, k, H)
     (1, 1, 1, 1, False, 70, 8, 3, 7), (2, 1, 1, 2, False, 64, 6, 3, 9), (1, 2, 2, 1, True, 130, 4, 2, 6),
     (1, 1, 1, 6, False, 6, 6, 3, 5), (1, 0, 1, 1, True, 5, 3, 1, 4), (3, 3, 1, 1, False, 9, 5, 5, 8),
+    (1, 0, 1, 1, False, 200, 7, 1, 1), (1, 0, 1, 2, True, 130, 4, 1, 1),  # 1x1 inputs: a linear layer's path
 ]
 
 
@@ -63,6 +64,29 @@ def test_kernel_equals_reference_and_exact_conv(case):
     xb = (x > 0).double() if zo else torch.where(x > 0, 1.0, -1.0).double()
     exact = F.conv2d(xb, w.double(), b.double(), s, p, d, g)
     assert torch.equal(ref.bconv2d(x.double(), words, popw, alpha, b, [s, s], [p, p], [d, d], g, zo), exact)
+
+
+@pytest.mark.parametrize("zero_one", [False, True])
+def test_packed_linear_is_the_exact_linear_in_three_spellings(zero_one):
+    """A 1x1 input is packed per pixel (C contiguous floats): a packed linear equals F.linear in
+    float64 on (N, C), on (N, T, C) and as a 1x1 conv on a channels-last (N, C, 1, 1) input."""
+    from bnnshift.runtime.layers import PackedConv2d, PackedLinear
+
+    gen = torch.Generator().manual_seed(5)
+    c, o = 150, 9  # three words, the last partial
+    alpha = torch.rand(o, generator=gen) + 0.1
+    w = torch.where(torch.randn(o, c, generator=gen) > 0, 1.0, -1.0) * alpha.view(-1, 1)
+    b = torch.randn(o, generator=gen)
+    words, popw = ref.pack_weight(w.view(o, c, 1, 1))
+    lin = PackedLinear(words, popw, alpha, b, [1, 1], [0, 0], [1, 1], 1, zero_one, c)
+    conv = PackedConv2d(words, popw, alpha, b, [1, 1], [0, 0], [1, 1], 1, zero_one, c)
+    x = torch.randn(4, 3, c, generator=gen, dtype=torch.float64)
+    xb = (x > 0).double() if zero_one else torch.where(x > 0, 1.0, -1.0).double()
+    want = F.linear(xb, w.double(), b.double())
+    assert torch.equal(lin(x), want)                                   # (N, T, C)
+    assert torch.equal(lin(x[:, 0]), want[:, 0])                       # (N, C)
+    x4 = x[:, 0].reshape(4, c, 1, 1).contiguous(memory_format=torch.channels_last)
+    assert torch.equal(conv(x4).reshape(4, o), want[:, 0])             # 1x1 conv, channels last
 
 
 def test_reference_is_used_and_said_once_without_a_compiler(monkeypatch):
