@@ -222,3 +222,31 @@ def test_distributed_missing_module_is_one_line(tmp_path, monkeypatch):
     assert len(errors) == 1 and "pip install bnnshift[distributed]" in errors[0]
     res = _run(BASE + ["--shifts", "0", "--steps", "1", "--storage", "postgresql://x/y"])
     assert res.exit_code == 2
+
+
+def test_patch_out_says_when_its_shift_is_not_resolved(tmp_path):
+    """--patch-out writes the best mean; when that shift is not ahead of t = 0 beyond the noise
+    (here: t = 0 not in the grid) the search says so in its warnings and search.json."""
+    res = _run(BASE + ["--shifts", "0.5,1", "--steps", "2", "--out", str(tmp_path / "r"),
+                       "--patch-out", str(tmp_path / "p"), "--json"])
+    assert res.exit_code == 0, _stderr(res)
+    data = json.loads(res.stdout)
+    assert data["winner"] in (0.5, 1.0)
+    assert any("--patch-out wrote t = " in w and "not in the grid" in w for w in data["warnings"])
+    saved = json.loads((tmp_path / "r" / "search.json").read_text())
+    assert saved["warnings"] == data["warnings"]
+
+
+def test_patch_out_warning_rule():
+    from dataclasses import replace
+
+    from bnnshift.search.loop import patch_out_warning
+    from bnnshift.search.results import SearchSummary
+
+    base = SearchSummary(config={}, config_hash="h", metric="train_acc", sites=[], seeds=[0, 1, 2], shifts=[0, 0.5],
+                         candidates=[], stats=[], winner=0.5, baseline=0.8, noise_note="", ahead_of_baseline=False,
+                         seconds=1.0)
+    assert "not ahead of t = 0 beyond the seed noise" in patch_out_warning(base)
+    assert patch_out_warning(replace(base, ahead_of_baseline=True)) is None      # resolved: no warning
+    assert patch_out_warning(replace(base, winner=0.0)) is None                   # the model as it is
+    assert "not in the grid" in patch_out_warning(replace(base, baseline=None, ahead_of_baseline=None))

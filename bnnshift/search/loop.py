@@ -309,11 +309,27 @@ def search_with(model_factory: Callable[..., nn.Module], train_one_epoch: Callab
     return summary
 
 
+def patch_out_warning(summary: SearchSummary) -> str | None:
+    """The warning ``--patch-out`` adds when the shift it writes (the best mean score) is not ahead of
+    t = 0 beyond the seed noise: a tie, too few seeds, or t = 0 not in the grid. None when the
+    written shift is t = 0 or the verdict resolved it ahead of t = 0."""
+    t = summary.winner
+    if t is None or float(t) == 0.0 or summary.ahead_of_baseline:
+        return None
+    why = ("t = 0 is not in the grid, so nothing compares it with the model as it is"
+           if summary.baseline is None else "it is not ahead of t = 0 beyond the seed noise")
+    return (f"--patch-out wrote t = {float(t):g}, the best mean score, but {why}: treat it as a guess "
+            "(rerun with more --seeds, or fine-tune t = 0 beside it)")
+
+
 def _finish(summary: SearchSummary, ctx: SearchContext, patch_out, *, force: bool, cfg: SearchConfig | None) -> None:
     if patch_out is not None and summary.winner is not None:
         from ..report import write_patched
 
         summary.patch_out = str(write_patched(ctx, summary, patch_out, force=force, cfg=cfg))
+        warning = patch_out_warning(summary)
+        if warning:
+            summary.warnings.append(warning)
         if summary.out_dir:
             from ..report import write_report
 
