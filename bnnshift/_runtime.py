@@ -28,6 +28,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from .sites import target_param
+from .vocab import HookMode
 
 # ---------------------------------------------------------------- candidate ops
 
@@ -567,12 +568,12 @@ def site_hook_paths(model: nn.Module, sites) -> set[str]:
     out: set[str] = set()
     scopes: set[str] = set()
     for s in sites:
-        if s.apply == "op":
+        if s.apply == HookMode.OP:
             scopes.add(s.scope or "")
         target = target_param(getattr(s, "shift_into", None) or "")
         if target is not None:
             out.add(target[0])  # the module whose parameter the shift lowers
-        out.add((s.scope or "") if s.apply == "op" else (s.module or ""))
+        out.add((s.scope or "") if s.apply == HookMode.OP else (s.module or ""))
     for p, _ in model.named_modules():
         if any(sc == "" or p == sc or p.startswith(sc + ".") for sc in scopes):
             out.add(p)

@@ -192,7 +192,7 @@ def advice_for(site: Site) -> list[str]:
         out.append(f"t folds into the learnable bias {site.foldable[5:]} at zero inference cost")
     elif site.producer == "residual add" and not site.foldable:
         out.append("input is the residual stream: t needs its own subtraction (cannot fold); a compare-with-t is free on XNOR hardware")
-    if site.threshold is not None:
+    if site.own_threshold is not None:
         out.append("a learnable threshold exists: a fixed shift only sets its init, which decides the result (claim 7)")
     if site.alphabet == "{0,1}":
         out.append("Heaviside {0,1}: the shift means x > t")
@@ -325,7 +325,7 @@ def _check_lowering(disc: Discovery, model: nn.Module, t: float = 0.5) -> None:
     for s in bad:
         disc.warnings.append(f"site {s.name}: lowering {s.shift_into} by t does not move the model as x - t "
                              "does (measured); the shift stays a hook and is not folded")
-        s.shift_into, s.foldable, s.fold_with, s.fold_sign = None, None, None, None
+        s.shift_into, s.foldable, s.fold_with, s.bias_sign = None, None, None, None
         s.fold_reason = f"lowering the fold target by t does not act as x - t (measured)"
 
 
@@ -581,7 +581,7 @@ def analyse(disc: Discovery, model: nn.Module) -> list[Site]:
         _fold_analysis(disc, model)
     except Exception as exc:  # noqa: BLE001 - a model the analysis cannot read: no fold, said
         for s in disc.sites:
-            s.foldable, s.fold_with, s.fold_sign, s.shift_into = None, None, None, None
+            s.foldable, s.fold_with, s.bias_sign, s.shift_into = None, None, None, None
             s.fold_reason = f"fold analysis failed ({type(exc).__name__}): hooks kept"
         disc.warnings.append(f"fold analysis failed ({type(exc).__name__}: {str(exc)[:120]}); every shift stays a hook")
     _check_lowering(disc, model)

@@ -79,13 +79,13 @@ def _bias_add(node: fx.Node) -> tuple[fx.Node, str, int] | None:
     adds one parameter (any spelling: ``x + b``, ``b + x``, ``x + b.expand_as(x)``, ``x - b``,
     ``torch.add``, ``x.add(b)``) to a value that is not itself a parameter; else None."""
     if node.op == "call_function" and (node.target in _ADD or node.target is torch.Tensor.add):
-        sign = +1
+        bias_sign = +1
     elif node.op == "call_method" and node.target in ("add", "add_", "__add__", "__radd__"):
-        sign = +1
+        bias_sign = +1
     elif node.op == "call_function" and (node.target in _SUB or node.target is torch.Tensor.sub):
-        sign = -1
+        bias_sign = -1
     elif node.op == "call_method" and node.target in ("sub", "sub_", "__sub__"):
-        sign = -1
+        bias_sign = -1
     else:
         return None
     if len(node.args) < 2 or node.kwargs.get("alpha", 1) != 1:
@@ -93,9 +93,9 @@ def _bias_add(node: fx.Node) -> tuple[fx.Node, str, int] | None:
     a, b = node.args[0], node.args[1]
     pa, pb = _param_source(a), _param_source(b)
     if isinstance(a, fx.Node) and pa is None and pb is not None:
-        return a, pb, sign
-    if sign > 0 and isinstance(b, fx.Node) and pb is None and pa is not None:
-        return b, pa, sign
+        return a, pb, bias_sign
+    if bias_sign > 0 and isinstance(b, fx.Node) and pb is None and pa is not None:
+        return b, pa, bias_sign
     return None
 
 
@@ -146,7 +146,7 @@ def _preact_node(site: Site, node: fx.Node, gm: fx.GraphModule) -> fx.Node | Non
     return _first_arg(node)
 
 
-def _threshold_stats(t: torch.Tensor) -> dict[str, float]:
+def _own_threshold_stats(t: torch.Tensor) -> dict[str, float]:
     t = t.detach().float()
     return {"mean": float(t.mean()), "min": float(t.min()), "max": float(t.max()), "numel": int(t.numel())}
 
@@ -157,7 +157,7 @@ class _Link:
     __slots__ = ("node", "target")
 
     def __init__(self, node: fx.Node, target: tuple[str, str, int] | None):
-        self.node, self.target = node, target  # target: ("bias", "path.param", sign) / ("bn", path, +1)
+        self.node, self.target = node, target  # target: ("bias", "path.param", bias sign) / ("bn", path, +1)
 
 
 _MAX_POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d,
@@ -319,9 +319,9 @@ def measure_bias_sign(module: nn.Module, param: torch.Tensor, x: torch.Tensor) -
             if not isinstance(ref, torch.Tensor) or not isinstance(base, torch.Tensor):
                 return None
             ok = []
-            for sign in (+1, -1):
+            for bias_sign in (+1, -1):
                 saved = param.detach().clone()
-                param.sub_(sign * d)
+                param.sub_(bias_sign * d)
                 try:
                     out = module.forward(x)
                 finally:
@@ -343,7 +343,7 @@ def measure_bias_sign(module: nn.Module, param: torch.Tensor, x: torch.Tensor) -
 
 
 def _own_additive_param(model: nn.Module, path: str, in_shape: tuple[int, ...] | None) -> tuple[str, int] | None:
-    """(parameter name, sign) of the binarizer module's additive parameter, found by measurement."""
+    """(parameter name, bias sign) of the binarizer module's additive parameter, found by measurement."""
     if not in_shape or len(in_shape) < 2:
         return None
     m = copy_model(model.get_submodule(path))  # measured on a copy: a forward may write its own weights
@@ -354,9 +354,9 @@ def _own_additive_param(model: nn.Module, path: str, in_shape: tuple[int, ...] |
         if p.numel() != 1 and in_shape[1] not in p.shape:
             continue  # not per-channel on dim 1: not a threshold
         x = (torch.randn(in_shape, generator=g) * 2).to(device=p.device, dtype=p.dtype)
-        sign = measure_bias_sign(m, p, x)
-        if sign is not None:
-            return name, sign
+        bias_sign = measure_bias_sign(m, p, x)
+        if bias_sign is not None:
+            return name, bias_sign
     return None
 
 
@@ -406,7 +406,7 @@ def _own_candidate(g: _FoldGraph, s: Site) -> list[tuple[Any, str, int, bool, st
     p = _resolve(g.model, f"{s.module}.{pname}")
     key = ("own", id(p))
     g.points.setdefault(key, []).append((None, s.name))
-    s.threshold = _threshold_stats(-bias_sign * p)  # x + b > 0  <=>  x > -b
+    s.own_threshold = _own_threshold_stats(-bias_sign * p)  # x + b > 0  <=>  x > -b
     return [(key, f"bias:{s.module}.{pname}", bias_sign, True, "")]
 
 
@@ -425,8 +425,8 @@ def _chain_candidates(g: _FoldGraph, s: Site) -> list[tuple[Any, str, int, bool,
         obj = g.target(kind, path)
         if obj is None:
             continue
-        if kind == "bias" and s.threshold is None:
-            s.threshold = _threshold_stats(-bias_sign * obj)
+        if kind == "bias" and s.own_threshold is None:
+            s.own_threshold = _own_threshold_stats(-bias_sign * obj)
         if isinstance(hook, str):
             exact, why = False, hook
         else:
@@ -537,16 +537,16 @@ def _choose_targets(g: _FoldGraph) -> tuple[dict[str, tuple[Any, str, int]], dic
 
 
 def _set_fold_fields(g: _FoldGraph, choice, refused, checked) -> None:
-    """Write ``foldable`` / ``fold_sign`` / ``fold_with`` / ``shift_into`` / ``fold_reason``."""
+    """Write ``foldable`` / ``bias_sign`` / ``fold_with`` / ``shift_into`` / ``fold_reason``."""
     for s in g.disc.sites:
         if s.name not in choice:
-            s.foldable, s.fold_with, s.fold_sign, s.shift_into = None, None, None, None
+            s.foldable, s.fold_with, s.bias_sign, s.shift_into = None, None, None, None
             if s.name in refused:
                 s.fold_reason = refused[s.name]
             continue
         key, spec, bias_sign = choice[s.name]
         group = checked[key][2] if key in checked else [s.name]
-        s.foldable, s.fold_sign, s.fold_with = spec, bias_sign, group
+        s.foldable, s.bias_sign, s.fold_with = spec, bias_sign, group
         s.shift_into = spec if (g.gm is not None and group == [s.name]
                                 and _read_only_in_owner(g.model, spec, g.get_attrs)) else None
         what = "BatchNorm" if spec.startswith("bn:") else "learnable bias"
@@ -559,8 +559,8 @@ def _set_fold_fields(g: _FoldGraph, choice, refused, checked) -> None:
 
 
 def find_fold_targets(disc: Discovery, model: nn.Module) -> None:
-    """Set ``foldable`` / ``fold_with`` / ``fold_sign`` (the bias sign) / ``shift_into`` /
-    ``fold_reason`` / ``threshold`` (the own threshold) of every site of ``disc``, in place.
+    """Set ``foldable`` / ``fold_with`` / ``bias_sign`` / ``shift_into`` /
+    ``fold_reason`` / ``own_threshold`` of every site of ``disc``, in place.
 
     ``foldable`` is set only where a fold moves exactly the values the hook moves and every use
     of the target is such a site (module docstring). Raises whatever reading the model raises
