@@ -59,7 +59,9 @@ def simulate_halving(curves: dict[float, list[int]], batch: int, total: int, eta
     Exact, not an approximation: a halving candidate's score at a rung is its train accuracy
     accumulated over the same first steps with the same batches (tests/test_search_halving.py
     checks bitwise equality of the paused-and-continued training). Same ranking rule as
-    ``bnnshift.search.halving.HalvingLoop``: best score, then smaller |t|. Returns (pick, candidate steps).
+    ``bnnshift.search.halving.HalvingLoop``: best score, then smaller |t|; t = 0 always goes on (the
+    verdict's baseline). The rung rules of ``--rung-min-samples`` (chance, paired noise) are not
+    applied here (``simulate_search`` applies them). Returns (pick, candidate steps).
     ``stable_fraction``: with ``--stop-when-stable --stable-fraction F``, asking
     ``bnnshift.search.stable_decision`` at the same steps (``stable_marks``) as the search does.
     """
@@ -87,7 +89,7 @@ def simulate_halving(curves: dict[float, list[int]], batch: int, total: int, eta
         ranked = sorted(alive, key=lambda t: (score[t], -abs(t)), reverse=True)
         if at == total:
             return ranked[0], sum(steps.values())
-        alive = ranked[:keep_n]
+        alive = ranked[:keep_n] + [t for t in ranked[keep_n:] if abs(t) < 1e-12]  # t = 0: the verdict's baseline
         if n == total:  # the last rung stopped early: the winner alone finishes the epoch
             plan.append(total)
         prev, r = at, r + 1
@@ -108,6 +110,7 @@ def simulate_search(curves: dict[int, dict[float, list[int]]], *, batch: int, to
     from bnnshift.report import verdict
     from bnnshift.search import (CandidateResult, rung_decision, rung_min_steps, rung_steps, summarise,
                                  survivors)
+    from bnnshift.search import paired_gap
 
     seeds = sorted(curves)
     shifts = sorted(curves[seeds[0]])
@@ -127,6 +130,9 @@ def simulate_search(curves: dict[int, dict[float, list[int]]], *, batch: int, to
         plan = rung_steps(total, eta, min_fraction, min_steps)
         chance = 1.0 / classes if classes and rung_min_samples else None
         alive, hist, cands, rungs = list(shifts), {t: [] for t in shifts}, [], []
+        hits = {sd: {t: [c[0]] + [c[i] - c[i - 1] for i in range(1, len(c))] for t, c in curves[sd].items()}
+                for sd in seeds}  # per-step correct counts (the rung's noise rule)
+        seen = [batch] * total
         for r, n in enumerate(plan):
             last = n == total
             keep_n = 1 if last else survivors(len(alive), eta)
@@ -134,7 +140,11 @@ def simulate_search(curves: dict[int, dict[float, list[int]]], *, batch: int, to
                 hist[t].append(mean(t, n))
             ranked = sorted(alive, key=lambda t: (mean(t, n), -abs(t)), reverse=True)
             keep, decision = (ranked, None) if last else rung_decision(
-                ranked, keep_n, lambda t: mean(t, n), samples=n * batch * len(seeds), chance=chance)
+                ranked, keep_n, lambda t: mean(t, n), samples=n * batch * len(seeds), chance=chance,
+                gap=(lambda a, b, n=n: paired_gap([hits[sd][a] for sd in seeds], [seen] * len(seeds),
+                                                  [hits[sd][b] for sd in seeds], [seen] * len(seeds), n))
+                if rung_min_samples and n >= 2 else None,
+                baseline=next((t for t in ranked if abs(t) < 1e-12), None))
             rungs.append({"rung": r, "steps": n, "candidates": list(alive), "kept": sorted(keep) if not last else [],
                           "decision": decision})
             for t in alive:
@@ -185,14 +195,29 @@ def default_case(name: str, args) -> dict:
                   "loadavg_start": os.getloadavg(), "halving": {}}
     seeds_all = list(range(args.first_seed, args.first_seed + args.seeds))
     runs = [("halving", 2.0), ("full", None), ("halving", 3.0)]
+    if args.reuse_reference:  # the recorded 5-seed full search is the reference: run today's default and the candidates
+        ref = reference_case(args.reuse_reference, name, kw["shifts"], args)
+        case.update({"full": ref["full"], "reference_reused": str(args.reuse_reference)})
+        runs = [("today", None)] + [("halving", float(e)) for e in args.etas.split(",")]
     for sched, eta in runs:
-        seeds = seeds_all if sched == "full" else seeds_all[:3]
+        seeds = seeds_all if sched == "full" else seeds_all[:1] if sched == "today" else seeds_all[:3]
+        if sched == "today":  # today's default (1 seed, full) timed next to the candidates, same machine and load
+            t0, c0 = time.perf_counter(), time.process_time()
+            s = search(SearchConfig(**kw, seeds=seeds), context=ctx)
+            case["today"] = {"wall": time.perf_counter() - t0, "loop_seconds": s.seconds, "seeds": seeds,
+                             "cpu": time.process_time() - c0, "cost": s.cost, "verdict": verdict(s),
+                             "load": os.getloadavg()[0]}
+            for c in s.candidates:
+                c.extra.pop("correct_curve", None)
+            print(f"{name} today's default seeds {seeds}: {case['today']['wall']:.1f}s ({case['today']['cpu']:.1f}s CPU), load "
+                  f"{case['today']['load']:.1f}", flush=True)
+            continue
         extra = {"schedule": "halving", "eta": eta, "min_fraction": args.min_fraction} if sched == "halving" else {}
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         s = search(SearchConfig(**kw, seeds=seeds, **extra), context=ctx)
         wall = time.perf_counter() - t0
         rec = {"winner": s.winner, "wall": wall, "loop_seconds": s.seconds, "cost": s.cost, "verdict": verdict(s),
-               "seeds": seeds, "load": os.getloadavg()[0]}
+               "seeds": seeds, "load": os.getloadavg()[0], "cpu": time.process_time() - c0}
         if sched == "full":
             rec["total_steps"] = s.candidates[0].steps
             rec["curves"] = {str(c.seed): {} for c in s.candidates}
@@ -204,7 +229,7 @@ def default_case(name: str, args) -> dict:
         else:
             rec["rungs"] = s.rungs
             case["halving"][f"eta{eta:g}"] = rec
-        print(f"{name} {sched}{'' if eta is None else f' eta {eta:g}'} seeds {seeds}: {wall:.1f}s, "
+        print(f"{name} {sched}{'' if eta is None else f' eta {eta:g}'} seeds {seeds}: {wall:.1f}s ({rec['cpu']:.1f}s CPU), "
               f"{verdict_kind(rec['verdict'])} (t = {s.winner}), load {rec['load']:.1f}", flush=True)
     curves = _curves_of(case)
     for key, rec in case["halving"].items():  # the simulation is the real search
@@ -216,6 +241,26 @@ def default_case(name: str, args) -> dict:
             print(f"SIMULATION MISMATCH {name} {key}: {v['text']!r} vs real {rec['verdict']['text']!r}", flush=True)
     case["loadavg_end"] = os.getloadavg()
     return case
+
+
+def reference_case(path: str | Path, name: str, shifts: list[float], args) -> dict:
+    """``--reuse-reference``: the recorded 5-seed full search of model ``name`` (per-seed cases of
+    the plain benchmark, or a ``--default-verdict`` case) from the JSON lines at ``path``, checked
+    to be the same grid, data size and batch size as this run. Raises SystemExit when missing."""
+    cases = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    for c in as_default_cases(cases):
+        if c["model"] == name and "curves" in c.get("full", {}):
+            same = ([round(t, 6) for t in c["shifts"]] == [round(t, 6) for t in shifts]
+                    and c.get("train_limit") == args.train_limit and c.get("batch_size", 256) == args.batch_size)
+            if not same:
+                raise SystemExit(f"{path}: {name}'s reference has shifts {c['shifts']}, train limit "
+                                 f"{c.get('train_limit')}, batch {c.get('batch_size')}: run with the same "
+                                 "--shifts/--train-limit/--batch-size")
+            if len(c["full"]["curves"]) < args.seeds:
+                raise SystemExit(f"{path}: {name}'s reference has {len(c['full']['curves'])} seeds, "
+                                 f"--seeds {args.seeds} asked")
+            return c
+    raise SystemExit(f"{path}: no full-search reference with per-step counts for {name}")
 
 
 def _curves_of(case: dict) -> dict[int, dict[float, list[int]]]:
@@ -269,7 +314,8 @@ def default_table(cases: list[dict]) -> list[dict]:
 
         assert (ref["winner"], ref["text"]) == (c["full"]["verdict"]["winner"], c["full"]["verdict"]["text"])
         full1_steps = total * len(c["shifts"])
-        full1_wall = c["full"]["loop_seconds"] / len(curves)  # today's default: one seed of the same grid
+        # today's default: one seed of the same grid, timed in this run when there is one (same machine and load)
+        full1_wall = c["today"]["loop_seconds"] if c.get("today") else c["full"]["loop_seconds"] / len(curves)
         for label, (n, sched, eta, mf) in DEFAULT_CANDIDATES.items():
             agree = same_winner = cases_n = claims = confirmed_n = 0
             steps = []
@@ -293,7 +339,10 @@ def default_table(cases: list[dict]) -> list[dict]:
                          "reference_winner": ref["winner"],
                          "steps_vs_today": n * statistics.mean(steps) / full1_steps,
                          "wall_vs_today": (real["loop_seconds"] / full1_wall) if real else
-                         (n if sched == "full" else float("nan")),
+                         (n if sched == "full" else 1.0 if c.get("today") and n == 1 else float("nan")),
+                         "cpu_vs_today": (real["cpu"] / c["today"]["cpu"]) if real and real.get("cpu") and
+                         c.get("today", {}).get("cpu") else (1.0 if c.get("today") and n == 1 and sched == "full"
+                                                             else float("nan")),
                          "wall_estimate_vs_today": 3 * real["cost"].get("wall_ratio_estimate", float("nan"))
                          if real and real["cost"].get("wall_ratio_estimate") else float("nan")})
     return rows
@@ -301,25 +350,32 @@ def default_table(cases: list[dict]) -> list[dict]:
 
 def print_default_table(rows: list[dict]) -> None:
     print("| model (K shifts) | 5-seed full verdict | candidate default | verdict agrees | resolved claims the "
-          "5-seed search confirms | best mean same | verdicts | candidate steps vs today | wall vs today (real run) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "5-seed search confirms | best mean same | verdicts | candidate steps vs today | wall vs today (real run) | "
+          "CPU vs today (real run) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         kinds = ", ".join(f"{k} {v}" for k, v in sorted(r["kinds"].items()))
         ref = r["reference"] + (f" t = {r['reference_winner']:g}" if r["reference"] == "shift" else "")
         wall = "-" if math.isnan(r["wall_vs_today"]) else f"{r['wall_vs_today']:.2f}x"
         print(f"| {r['model']} ({r['grid']}) | {ref} | {r['default']} | {r['agree']}/{r['cases']} | "
               f"{r['confirmed']}/{r['claims']} | {r['same_best_mean']}/{r['cases']} | {kinds} | "
-              f"{r['steps_vs_today']:.2f}x | {wall} |")
+              f"{r['steps_vs_today']:.2f}x | {wall} | {_x(r.get('cpu_vs_today'))} |")
     print()
     for label in DEFAULT_CANDIDATES:
         rs = [r for r in rows if r["default"] == label]
         if rs:
             walls = [r["wall_vs_today"] for r in rs if not math.isnan(r["wall_vs_today"])]
+            cpus = [r["cpu_vs_today"] for r in rs if not math.isnan(r.get("cpu_vs_today", float("nan")))]
             print(f"{label}: verdict agrees in {sum(r['agree'] for r in rs)}/{sum(r['cases'] for r in rs)} "
                   f"[resolved claims confirmed {sum(r['confirmed'] for r in rs)}/{sum(r['claims'] for r in rs)}] "
                   f"({100 * sum(r['agree'] for r in rs) / sum(r['cases'] for r in rs):.0f}%), candidate steps "
                   f"{statistics.mean(r['steps_vs_today'] for r in rs):.2f}x today's default"
-                  + (f", wall {statistics.mean(walls):.2f}x (mean of the models' real runs)" if walls else ""))
+                  + (f", wall {statistics.mean(walls):.2f}x (mean of the models' real runs)" if walls else "")
+                  + (f", CPU {statistics.mean(cpus):.2f}x" if cpus else ""))
+
+
+def _x(v: float | None) -> str:
+    return "-" if v is None or math.isnan(v) else f"{v:.2f}x"
 
 
 def run_case(name: str, seed: int, args) -> dict:
@@ -509,6 +565,10 @@ def main() -> None:
     ap.add_argument("--default-verdict", action="store_true",
                     help="per model: a 5-seed full search (the reference verdict, and the source of every simulated "
                          "3-seed default) and real 3-seed halving searches (eta 2, 3): the default's verdict and cost")
+    ap.add_argument("--reuse-reference", default=None, metavar="JSONL",
+                    help="--default-verdict: take the 5-seed full reference (per-step counts) from this file instead of "
+                         "running it; run today's default (1 seed, full) and the halving candidates (--etas) only")
+    ap.add_argument("--etas", default="2,3", help="--default-verdict: the real 3-seed halving runs' eta values")
     args = ap.parse_args()
     if args.report:
         cases = [json.loads(line) for line in Path(args.report).read_text().splitlines() if line.strip()]

@@ -1,11 +1,14 @@
 """The packed runtime against torch fp32 eager and onnxruntime on the folded ONNX, in one run.
 
-    nice -n 10 python benchmarks/bench_runtime.py [--models vgg-small,resnet20-bireal] [--out results.json]
+    nice -n 10 python benchmarks/bench_runtime.py [--models vgg-small,resnet20-bireal,bireal-resnet18]
+        [--large-batches 1] [--out results.json]
 
 Each model (full width, zoo input shape; BatchNorm statistics set as after training, since an
 untrained BN puts integer sums exactly on the threshold): scanned, patched with t = 0.5
 everywhere, folded, exported with bnnshift.export.export_onnx (verified), packed with
-bnnshift.runtime.pack (proved). Then, at batch 1 and 32, 1 thread and all threads: per packed
+bnnshift.runtime.pack (proved; integer thresholds where a binary activation follows a packed layer
+alone). Then, at batch 1 and 32 (``--large-batches`` for inputs of 128 pixels or more: a ResNet-18
+at 224x224 runs at batch 1 by default), 1 thread and all threads: per packed
 layer (the float module as written, which re-binarizes its weight at every call; the plain float
 op with the two-valued weight precomputed; the packed module; all on the same captured input) and
 end to end (torch eager, onnxruntime with the same intra-op threads, packed). Times: minimum over
@@ -68,8 +71,9 @@ def main(argv=None) -> int:
     from bnnshift.scan import scan_model
 
     ap = argparse.ArgumentParser()
-    ap.add_argument("--models", default="vgg-small,resnet20-bireal")
+    ap.add_argument("--models", default="vgg-small,resnet20-bireal,bireal-resnet18")
     ap.add_argument("--batches", default="1,32")
+    ap.add_argument("--large-batches", default="1", help="batches for inputs of 128 pixels or more (ResNet-18)")
     ap.add_argument("--threads", default="")
     ap.add_argument("--min-time", type=float, default=0.5)
     ap.add_argument("--out", default="")
@@ -92,9 +96,13 @@ def main(argv=None) -> int:
             export_onnx(folded, shape, onnx_path, batches=1, sites=rep.sites)
             packed, prep = pack_model(folded, shape)
             print(f"\n## {name} {shape}: {len(fr.folded)} of {len(rep.sites)} shifts folded; {len(prep.packed)} layers "
-                  f"packed, {len(prep.left_float)} float; proof exact={prep.proof['exact']} "
+                  f"packed ({len(prep.thresholds)} with integer thresholds), {len(prep.left_float)} float; "
+                  f"proof exact={prep.proof['exact']} "
                   f"({prep.proof['binary_activations']} binary activations); kernel {prep.backend}")
-            rows = bench(folded, packed, shape, batches=[int(b) for b in a.batches.split(",")], threads=threads,
+            sizes = a.large_batches if max(shape[1:]) >= 128 else a.batches
+            for k, v in prep.thresholds.items():
+                print(f"threshold {k}: {v}")
+            rows = bench(folded, packed, shape, batches=[int(b) for b in sizes.split(",")], threads=threads,
                          extra={"onnxruntime": _ort_factory(onnx_path)}, min_time=a.min_time)
             print("| what | batch | threads | torch fp32 eager ms | float op ms | onnxruntime ms | packed ms "
                   "| vs eager | vs float op | vs onnxruntime |")
@@ -108,7 +116,7 @@ def main(argv=None) -> int:
                       f"{r['packed_ms']:.3f} | {r['speedup']:.2f}x | {fox} | {ort_x} |")
             sys.stdout.flush()
             results["models"][name] = {"packed": prep.packed, "left_float": prep.left_float, "proof": prep.proof,
-                                       "rows": rows}
+                                       "thresholds": prep.thresholds, "no_threshold": prep.no_threshold, "rows": rows}
     results["machine"]["load_after"] = machine()["load_before"]
     print(f"\n# load after: {results['machine']['load_after']}")
     if a.out:

@@ -14,6 +14,11 @@ found in the graph is found again at run time. Counters reset at every root forw
 Ops are seen through a ``TorchFunctionMode`` that is active only while a watched scope runs,
 and ``Function.apply`` through a wrapper on ``torch.autograd.Function.apply``; inside an
 ``apply`` nothing is counted (its inner ``sign`` is part of that one candidate op).
+
+Where a site's hook goes is decided in one place, :func:`hook_slot` (the *hook modes*: a
+forward pre-hook on a module call, a forward hook on a producer's call, an intercepted op),
+used by the shift, the probe, the taps and the fold. A runtime keeps the
+``RemovableHandle`` of every hook it registers and removes exactly those.
 """
 from __future__ import annotations
 
@@ -27,8 +32,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from .sites import target_param
-from .vocab import HookMode
+from .sites import APPLY_OP, APPLY_PRE_HOOK, APPLY_PRODUCER, target_param
 
 # ---------------------------------------------------------------- candidate ops
 
@@ -235,6 +239,45 @@ def rebind_applies(model: nn.Module) -> int:
     return n
 
 
+# ---------------------------------------------------------------- where a site is hooked
+
+PRE_CALL = "pre_call"  # a forward pre-hook on module call (path, k): the first input is the site's
+POST_CALL = "post_call"  # a forward hook on producer call (path, k): the output is the site's input
+OP = "op_handlers"  # the candidate op (scope, j) intercepted: its first input is the site's
+
+
+@dataclass(frozen=True)
+class HookSlot:
+    """Where one site is hooked in a ``SiteRuntime``: ``table`` (``PRE_CALL``, ``POST_CALL`` or
+    ``OP``: the runtime's handler table of that name), ``key`` (``(module path, call index)`` or
+    ``(scope, op index)``) and ``op``: the site's binarizing op ``(scope, j)`` when it has one
+    inside the hooked call (a conv's input quantizer, an inline op behind its producer), else None.
+    A ``PRE_CALL`` slot without ``op`` is a binarizer module: its call's output is the binary one."""
+
+    table: str
+    key: tuple[str, int]
+    op: tuple[str, int] | None = None
+
+    @property
+    def module_binarizer(self) -> bool:
+        return self.table == PRE_CALL and self.op is None
+
+
+def hook_slot(site: Any) -> HookSlot:
+    """The one decision of how a site (``sites.Site``) is hooked, from its ``apply`` mode:
+    ``pre_hook`` -> ``PRE_CALL`` on (module, call_index), ``producer_hook`` -> ``POST_CALL`` on
+    (module, call_index), ``op`` -> ``OP`` on (scope, op_index). Raises ValueError for another mode."""
+    if site.apply == APPLY_PRE_HOOK:
+        op = (site.scope, site.op_index) if site.scope is not None else None
+        return HookSlot(PRE_CALL, (site.module, site.call_index), op)
+    if site.apply == APPLY_PRODUCER:
+        return HookSlot(POST_CALL, (site.module, site.call_index), (site.scope or "", site.op_index))
+    if site.apply == APPLY_OP:
+        key = (site.scope or "", site.op_index)
+        return HookSlot(OP, key, key)
+    raise ValueError(f"site {site.name}: unknown apply mode {site.apply!r}")
+
+
 # ---------------------------------------------------------------- the runtime
 
 
@@ -303,6 +346,22 @@ class SiteRuntime:
         self.any_post: Callable[[str, int, Any], None] | None = None
         self._uses_apply = False
 
+    # -- handlers per site (the one dispatcher: ``hook_slot``)
+    def attach(self, site: Any, handler: Callable) -> HookSlot:
+        """Put ``handler`` where ``site`` is hooked (``hook_slot``); returns the slot."""
+        slot = hook_slot(site)
+        getattr(self, slot.table)[slot.key] = handler
+        return slot
+
+    def detach(self, site: Any) -> None:
+        """Take ``site``'s handler out (its slot and any parameter it lowers); others stay."""
+        slot = hook_slot(site)
+        getattr(self, slot.table).pop(slot.key, None)
+        for path, handlers in list(self.param_shifts.items()):
+            handlers[:] = [h for h in handlers if getattr(h, "site", None) != site.name]
+            if not handlers:
+                del self.param_shifts[path]
+
     # -- installation
     def install(self, *, track_all_calls: bool = False, apply_wrapper: bool = True) -> "SiteRuntime":
         needs_scope = self.watch_scopes is None or bool(self.watch_scopes)
@@ -325,15 +384,10 @@ class SiteRuntime:
         return self
 
     def remove(self) -> None:
-        """Detach this runtime's hooks (found by scanning the modules, so deepcopies work)."""
-        for m in self.model.modules():
-            for d in (m._forward_pre_hooks, m._forward_hooks):
-                for k in [k for k, h in d.items()
-                          if isinstance(h, (_RootPre, _PreHook, _PostHook)) and h.runtime is self]:
-                    del d[k]
-                    for extra in ("_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs",
-                                  "_forward_hooks_always_called"):
-                        getattr(m, extra, {}).pop(k, None)
+        """Detach this runtime's hooks through the ``RemovableHandle``s ``install`` kept (a deep
+        copy of the model copies them with it: each refers to its own copy's hook dicts)."""
+        for h in self._handles:
+            h.remove()
         self._handles.clear()
         self._exit_mode()
 
@@ -568,12 +622,12 @@ def site_hook_paths(model: nn.Module, sites) -> set[str]:
     out: set[str] = set()
     scopes: set[str] = set()
     for s in sites:
-        if s.apply == HookMode.OP:
+        if s.apply == APPLY_OP:
             scopes.add(s.scope or "")
         target = target_param(getattr(s, "shift_into", None) or "")
         if target is not None:
             out.add(target[0])  # the module whose parameter the shift lowers
-        out.add((s.scope or "") if s.apply == HookMode.OP else (s.module or ""))
+        out.add((s.scope or "") if s.apply == APPLY_OP else (s.module or ""))
     for p, _ in model.named_modules():
         if any(sc == "" or p == sc or p.startswith(sc + ".") for sc in scopes):
             out.add(p)

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ._guard import copy_model
+from ._state import model_state
 from .detect import Discovery, is_weight_layer
 from .fold_targets import (_ADD, _TRANSPARENT_FUNCS, _TRANSPARENT_METHODS, _bias_add, _first_arg, _module,
                            _param_owner, _param_source, _preact_node, measure_bias_sign)
@@ -452,7 +453,7 @@ def _shifted_forward(model: nn.Module, plain: list[Site], x: torch.Tensor, tv: f
 
     m = copy_model(model).eval()
     insert_shifts(m, plain, {s.name: tv for s in plain})
-    rt: SiteRuntime = m._bnnshift_shift.runtime
+    rt: SiteRuntime = model_state(m).shift.runtime
     rt.remove()
     before: dict[str, torch.Tensor] = {}
     after: dict[str, torch.Tensor] = {}

@@ -27,6 +27,7 @@ from . import registry
 from ._guard import ParamWrites, copy_model, inplace_message
 from ._runtime import OpEvent, SiteRuntime, binary_part, graph_candidate_label
 from .errors import TraceError
+from .site_names import call_label, graph_output_name, name_sites, node_scope, op_name, output_name  # noqa: F401 (call_label: re-exported)
 from .sites import (APPLY_OP, APPLY_PRE_HOOK, APPLY_PRODUCER, KIND_HARDTANH, KIND_INLINE, KIND_INPUT,
                     KIND_MODULE, Site)
 from .trace import TraceResult, trace_model
@@ -281,22 +282,6 @@ def _same_call_values(dyn: DynamicPass, a: str, b: str) -> bool:
 # ---------------------------------------------------------------- graph helpers
 
 
-def node_scope(node: fx.Node) -> tuple[str, int]:
-    """(module path, call index) of the innermost module running when ``node`` executed."""
-    stack = node.meta.get("nn_module_stack")
-    if not stack:
-        return "", 0
-    key, val = list(stack.items())[-1]
-    path = val[0] if isinstance(val, tuple) else str(val)
-    k = 0
-    if "@" in str(key):
-        try:
-            k = int(str(key).rsplit("@", 1)[1])
-        except ValueError:
-            k = 0
-    return path, k
-
-
 def activation_nodes(graph: fx.Graph) -> set[fx.Node]:
     """Nodes whose value depends on a model input (placeholder)."""
     act: set[fx.Node] = set()
@@ -332,99 +317,6 @@ class Discovery:
     excluded: list[dict[str, Any]] = field(default_factory=list)
 
 
-def call_label(path: str, k: int, calls: dict[str, int], callers: dict[tuple[str, int], str] | None) -> str:
-    """The suffix that tells the calls of a module used more than once apart. Called from several
-    modules (a shared instance): where each call runs, ``@block1`` (the module whose forward made
-    call ``k``; ``@root`` for the root forward), ``@block1/1`` for the second call from the same
-    place; called from one place only, or the caller unknown: the call index ``@k``; ``""`` for
-    a module called once."""
-    if calls.get(path, 1) <= 1:
-        return ""
-    if not callers or (path, k) not in callers or len({c for (p, _), c in callers.items() if p == path}) <= 1:
-        return f"@{k}"  # every call from the same place: the call index says it
-    where = callers[(path, k)]
-    same = sorted(j for (p, j), c in callers.items() if p == path and c == where)
-    label = f"@{where or 'root'}"
-    return label if len(same) <= 1 else f"{label}/{same.index(k)}"
-
-
-def _name_sites(sites: list[Site], module_calls: dict[str, int], bases: dict[int, str] | None = None,
-                callers: dict[tuple[str, int], str] | None = None) -> None:
-    """Give each site a unique, readable name (per call site) that says where it is.
-
-    Module sites are the module path (``layer1.act``; a module called from several modules gets
-    where each call runs, ``act@layer1``, ``act@layer2``, ``act@root/1``: ``call_label``), input
-    quantizers ``conv:input``; an inline op is named after the module whose output it
-    binarizes (``bn1:output``, from ``bases``) or, when the value is computed in the same
-    forward, ``scope:op`` (``layer1.0:sign``, ``root:sign``).
-    """
-    bases = bases or {}
-    counters: dict[str, int] = {}
-    for s in sites:
-        if s.kind == KIND_INLINE and id(s) in bases:
-            base = bases[id(s)]
-            n = counters.get(base, 0)
-            counters[base] = n + 1
-            s.name = base if n == 0 else f"{base}_{n}"
-            continue
-        if s.kind == KIND_MODULE or s.kind == KIND_HARDTANH:
-            s.name = s.module + call_label(s.module, s.call_index, module_calls, callers)
-        elif s.kind == KIND_INPUT:
-            s.name = f"{s.module}:input" + call_label(s.module, s.call_index, module_calls, callers)
-        else:
-            base = f"{s.scope or 'root'}:{s.op.split('.')[0] if s.op.endswith('.apply') else s.op}"
-            n = counters.get(base, 0)
-            counters[base] = n + 1
-            s.name = base if n == 0 else f"{base}_{n}"
-    seen: dict[str, int] = {}
-    for s in sites:
-        if s.name in seen:
-            seen[s.name] += 1
-            s.name = f"{s.name}#{seen[s.name]}"
-        else:
-            seen[s.name] = 0
-
-
-_PASS_METHODS = {"view", "reshape", "flatten", "contiguous", "clone", "detach", "float", "to", "type_as"}
-
-
-def _stack_call(node: fx.Node, path: str) -> int:
-    """Which call of module ``path`` was running when ``node`` executed (from nn_module_stack)."""
-    for key, val in (node.meta.get("nn_module_stack") or {}).items():
-        p = val[0] if isinstance(val, tuple) else str(val)
-        if p == path and "@" in str(key):
-            try:
-                return int(str(key).rsplit("@", 1)[1])
-            except ValueError:
-                return 0
-    return 0
-
-
-def _with_call(path: str, k: int, calls: dict[str, int], callers: dict[tuple[str, int], str]) -> str:
-    return f"{path}:output" + call_label(path, k, calls, callers)
-
-
-def _graph_output_name(first: fx.Node, scope: str, call_index_of: dict, calls: dict[str, int],
-                       callers: dict[tuple[str, int], str]) -> str | None:
-    """``module:output`` when the op binarizes the output of a module call, else None."""
-    p = first
-    for _ in range(8):
-        if p.op == "call_method" and p.target in _PASS_METHODS and p.args and isinstance(p.args[0], fx.Node):
-            p = p.args[0]
-        else:
-            break
-    if p.op == "call_module":
-        return _with_call(str(p.target), call_index_of.get(p, 0), calls, callers)
-    ps, _ = node_scope(p)
-    inside = ps.startswith(scope + ".") if scope else bool(ps)
-    if not inside or p.op in ("placeholder", "get_attr"):
-        return None
-    # computed inside a child of ``scope``: the value left that child as its output
-    rest = ps[len(scope) + 1:] if scope else ps
-    child = (f"{scope}." if scope else "") + rest.split(".")[0]
-    return _with_call(child, _stack_call(p, child), calls, callers)
-
-
 def _dynamic_output_name(dyn: DynamicPass, ev: OpEvent, bin_paths: set[str], calls: dict[str, int]) -> str | None:
     """Untraced: the module call whose output has the values the op reads (deepest, latest)."""
     fp = dyn.fingerprints.get(("op", ev.scope, ev.index))
@@ -440,25 +332,43 @@ def _dynamic_output_name(dyn: DynamicPass, ev: OpEvent, bin_paths: set[str], cal
         rank = (path.count("."), k)
         if best is None or rank > best[0]:
             best = (rank, path, k)
-    return _with_call(best[1], best[2], calls, dyn.callers) if best else None
+    return output_name(best[1], best[2], calls, dyn.callers) if best else None
 
 
-def _op_name(ev: OpEvent | None, label: str, target: Any = None) -> str:
-    fn = ev.function if ev is not None else getattr(target, "bnnshift_function", None)
-    if label == "apply" and fn is not None:
-        return f"{fn.__name__}.apply"
-    return label
+@dataclass
+class _Passes:
+    """discover's two dynamic passes: the kept copy ``work`` (``dyn``) and the twin's on another
+    input (``dyn2``, fingerprints only); ``writes``: parameters the forward writes (by the act)."""
+
+    work: nn.Module
+    dyn: DynamicPass
+    dyn2: DynamicPass
+    writes: dict[str, Any]
+    mods: dict[str, nn.Module]
+    bin_paths: set[str]
+    calls_per_path: dict[str, int]
 
 
-def discover(model: nn.Module, input_shape: tuple[int, ...], *, include_hardtanh: bool = True) -> Discovery:
-    """Find activation sites and weight binarizers of ``model`` for inputs of ``input_shape``.
+@dataclass
+class _Found:
+    """What discover collects, in the order it finds it (sites in execution order)."""
 
-    Returns a ``Discovery``; ``sites`` are in execution order, with addressing filled in and
-    context left to ``analyse``.
-    """
-    # the same model on another input: what changes depends on the input (an activation),
-    # what does not is computed from parameters only (a weight binarizer), whatever the layout.
-    # One copy at a time (memory): the twin's pass first, then the copy that is kept.
+    warnings: list[str] = field(default_factory=list)
+    sites: list[Site] = field(default_factory=list)
+    bases: dict[int, str] = field(default_factory=dict)  # id(site) -> "module:output" name base
+    site_notes: list[tuple[Site, str]] = field(default_factory=list)  # worded once the site has its name
+    node_of_site: dict[int, fx.Node] = field(default_factory=dict)
+    weight_binarizers: int = 0
+    binary_params: set[str] = field(default_factory=set)
+    hardtanh_sites: list[Site] = field(default_factory=list)
+    excluded: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _run_passes(model: nn.Module, input_shape: tuple[int, ...]) -> _Passes:
+    """The same model on another input: what changes depends on the input (an activation), what
+    does not is computed from parameters only (a weight binarizer), whatever the layout. One copy
+    at a time (memory): the twin's pass first, then the copy that is kept. Raises TraceError
+    when the model does not run on inputs of ``input_shape``."""
     twin = copy_model(model)  # the user's model never runs here (its forward may write its weights)
     dyn2 = dynamic_pass(twin, example_input(tuple(input_shape), seed=7))
     del twin
@@ -469,173 +379,201 @@ def discover(model: nn.Module, input_shape: tuple[int, ...], *, include_hardtanh
     with watch:
         dyn = dynamic_pass(work, x)
     writes = dict(watch.writes)
-    inplace = list(writes)
     if dyn2.error and not dyn.error:
         dyn2 = dyn
     if dyn.error:
         raise TraceError(f"the model does not run on inputs of shape {tuple(x.shape)}: {dyn.error.splitlines()[0][:200]}",
                          hint="check --input-shape (C,H,W of one sample) and the model arguments")
-    mods = dict(work.named_modules())
-    bin_paths = binarizer_module_paths(work, dyn)
     calls_per_path: dict[str, int] = {}
     for rec in dyn.calls:
         calls_per_path[rec.path] = max(calls_per_path.get(rec.path, 0), rec.index + 1)
+    return _Passes(work, dyn, dyn2, writes, dict(work.named_modules()), binarizer_module_paths(work, dyn),
+                   calls_per_path)
 
-    warnings: list[str] = [inplace_message(writes)] if writes else []
-    trace: TraceResult | None = None
-    trace_error = None
+
+def _trace(p: _Passes, found: _Found) -> tuple[TraceResult | None, str | None]:
+    """The graph of the kept copy (binarizer modules and Hardtanh as leaves), or (None, the
+    error's line) with a warning when it cannot be traced."""
     try:
-        trace = trace_model(work, leaf_paths=set(bin_paths) | {p for p, m in mods.items()
-                                                                if isinstance(m, nn.Hardtanh)})
+        return trace_model(p.work, leaf_paths=set(p.bin_paths) | {q for q, m in p.mods.items()
+                                                                  if isinstance(m, nn.Hardtanh)}), None
     except TraceError as exc:
-        trace_error = exc.one_line()
-        warnings.append(f"the model could not be traced ({exc.message}); sites come from the dynamic pass only, without context")
+        found.warnings.append(f"the model could not be traced ({exc.message}); sites come from the dynamic pass "
+                              "only, without context")
+        return None, exc.one_line()
 
-    sites: list[Site] = []
-    bases: dict[int, str] = {}  # id(site) -> "module:output" name base
-    site_notes: list[tuple[Site, str]] = []  # warnings about a site, worded once it has its name
-    node_of_site: dict[str, fx.Node] = {}
-    weight_binarizers = 0
-    binary_params: set[str] = set()
-    hardtanh_sites: list[Site] = []
 
-    if trace is not None:
-        g = trace.graph_module.graph
-        act = activation_nodes(g)
-        op_counts: dict[str, int] = {}
-        call_counts: dict[str, int] = {}
-        call_index_of: dict[fx.Node, int] = {}
-        leaf_set = set(trace.leaves)
-        for n in g.nodes:
+class _GraphWalk:
+    """Sites the graph shows, node by node: binarizer module calls (outside untraced leaves),
+    Hardtanh calls (``include_hardtanh``) and binarizing ops; a binarizer whose first input does
+    not depend on the model's input is a weight binarizer (counted, not a site)."""
+
+    def __init__(self, p: _Passes, trace: TraceResult, found: _Found, include_hardtanh: bool):
+        self.p, self.found, self.include_hardtanh = p, found, include_hardtanh
+        self.graph = trace.graph_module.graph
+        self.act = activation_nodes(self.graph)
+        self.leaf_set = set(trace.leaves)
+        self.op_counts: dict[str, int] = {}
+        self.call_counts: dict[str, int] = {}
+        self.call_index_of: dict[fx.Node, int] = {}
+
+    def run(self) -> None:
+        for n in self.graph.nodes:
             if n.op == "call_module":
-                k = call_counts.get(n.target, 0)
-                call_counts[n.target] = k + 1
-                call_index_of[n] = k
-                if n.target in bin_paths and n.target not in leaf_set:
-                    m = mods[n.target]
-                    if n.args and isinstance(n.args[0], fx.Node) and n.args[0] not in act:
-                        weight_binarizers += 1
-                        continue
-                    s = Site(name="", kind=KIND_MODULE, op=f"module:{type(m).__name__}", apply=APPLY_PRE_HOOK,
-                             module=n.target, call_index=k)
-                    rec = next((r for r in dyn.calls if r.path == n.target and r.index == k), None)
-                    if rec is not None:
-                        s.alphabet = alphabet_of(rec.out)
-                    sites.append(s)
-                    node_of_site[id(s)] = n
-                elif include_hardtanh and isinstance(mods.get(n.target), nn.Hardtanh):
-                    s = Site(name="", kind=KIND_HARDTANH, op="module:Hardtanh", apply=APPLY_PRE_HOOK,
-                             module=n.target, call_index=k)
-                    hardtanh_sites.append(s)
+                k = self.call_counts.get(n.target, 0)
+                self.call_counts[n.target] = k + 1
+                self.call_index_of[n] = k
+                self._module_call(n, k)
                 continue
             label = graph_candidate_label(n)
-            if label is None:
-                continue
-            scope, scope_call = node_scope(n)
-            j = op_counts.get(scope, 0)
-            op_counts[scope] = j + 1
-            rec = dyn.op(scope, j)
-            if rec is None or rec[0].label != label:
-                warnings.append(f"binarizing op #{j} in {scope or 'the root forward'} was not seen "
-                                "at run time in the same order; skipped")
-                continue
-            ev, in_sum, out_sum = rec
-            out_t = binary_part(ev.output)
-            is_bool = isinstance(out_t, torch.Tensor) and out_t.dtype == torch.bool and out_sum.distinct == 2
-            if not (out_sum.binary or is_bool):
-                continue  # e.g. an apply that is not a binarizer
-            first = n.args[0] if n.args else None
-            if not isinstance(first, fx.Node) or first not in act:
-                weight_binarizers += 1
-                binary_params.update(_param_ancestors(n))
-                continue
-            if in_sum.binary:
-                warnings.append(f"binarizing op #{j} in {scope or 'the root forward'} reads an "
-                                "input that is already binary; not a site")
-                continue
-            opname = _op_name(ev, label, n.target)
-            owner = mods.get(scope)
-            # a conv/linear whose forward binarizes its own input -> hook the conv call
-            if scope and is_weight_layer(owner) and _comes_from_outside(first, scope):
-                s = Site(name="", kind=KIND_INPUT, op=opname, apply=APPLY_PRE_HOOK, module=scope,
-                         call_index=scope_call, scope=scope, op_index=j)
-            else:
-                s = Site(name="", kind=KIND_INLINE, op=opname, apply=APPLY_OP, scope=scope, op_index=j)
-                base = _graph_output_name(first, scope, call_index_of, calls_per_path, dyn.callers)
-                if base:
-                    bases[id(s)] = base
-                prod = first
-                # shift the producer's output when everything that reads it is this binarizer
-                # (the op itself, or an inline STE approximant that re-joins it): the STE
-                # window then moves with the threshold, as the paper's shift along x
-                if prod.op == "call_module" and _exclusive_to_binarizer(prod, n, mods):
-                    s.apply, s.module, s.call_index = APPLY_PRODUCER, prod.target, call_index_of[prod]
-                elif len(prod.users) > 1 and _exclusive_to_binarizer(prod, n, mods):
-                    site_notes.append((s, "an inline STE reads the same input and no module produces it; the "
-                                          "shift moves the forward threshold only"))
-            s.alphabet = alphabet_of(out_sum, is_bool)
-            sites.append(s)
-            node_of_site[id(s)] = n
+            if label is not None:
+                self._op(n, label)
 
-    excluded: list[dict[str, Any]] = []
+    def _module_call(self, n: fx.Node, k: int) -> None:
+        p, found = self.p, self.found
+        if n.target in p.bin_paths and n.target not in self.leaf_set:
+            m = p.mods[n.target]
+            if n.args and isinstance(n.args[0], fx.Node) and n.args[0] not in self.act:
+                found.weight_binarizers += 1
+                return
+            s = Site(name="", kind=KIND_MODULE, op=f"module:{type(m).__name__}", apply=APPLY_PRE_HOOK,
+                     module=n.target, call_index=k)
+            rec = next((r for r in p.dyn.calls if r.path == n.target and r.index == k), None)
+            if rec is not None:
+                s.alphabet = alphabet_of(rec.out)
+            found.sites.append(s)
+            found.node_of_site[id(s)] = n
+        elif self.include_hardtanh and isinstance(p.mods.get(n.target), nn.Hardtanh):
+            s = Site(name="", kind=KIND_HARDTANH, op="module:Hardtanh", apply=APPLY_PRE_HOOK,
+                     module=n.target, call_index=k)
+            found.hardtanh_sites.append(s)
+
+    def _op(self, n: fx.Node, label: str) -> None:
+        p, found = self.p, self.found
+        scope, scope_call = node_scope(n)
+        j = self.op_counts.get(scope, 0)
+        self.op_counts[scope] = j + 1
+        rec = p.dyn.op(scope, j)
+        if rec is None or rec[0].label != label:
+            found.warnings.append(f"binarizing op #{j} in {scope or 'the root forward'} was not seen "
+                                  "at run time in the same order; skipped")
+            return
+        ev, in_sum, out_sum = rec
+        out_t = binary_part(ev.output)
+        is_bool = isinstance(out_t, torch.Tensor) and out_t.dtype == torch.bool and out_sum.distinct == 2
+        if not (out_sum.binary or is_bool):
+            return  # e.g. an apply that is not a binarizer
+        first = n.args[0] if n.args else None
+        if not isinstance(first, fx.Node) or first not in self.act:
+            found.weight_binarizers += 1
+            found.binary_params.update(_param_ancestors(n))
+            return
+        if in_sum.binary:
+            found.warnings.append(f"binarizing op #{j} in {scope or 'the root forward'} reads an "
+                                  "input that is already binary; not a site")
+            return
+        opname = op_name(ev, label, n.target)
+        owner = p.mods.get(scope)
+        # a conv/linear whose forward binarizes its own input -> hook the conv call
+        if scope and is_weight_layer(owner) and _comes_from_outside(first, scope):
+            s = Site(name="", kind=KIND_INPUT, op=opname, apply=APPLY_PRE_HOOK, module=scope,
+                     call_index=scope_call, scope=scope, op_index=j)
+        else:
+            s = self._inline_site(n, first, opname, scope, j)
+        s.alphabet = alphabet_of(out_sum, is_bool)
+        found.sites.append(s)
+        found.node_of_site[id(s)] = n
+
+    def _inline_site(self, n: fx.Node, first: fx.Node, opname: str, scope: str, j: int) -> Site:
+        p, found = self.p, self.found
+        s = Site(name="", kind=KIND_INLINE, op=opname, apply=APPLY_OP, scope=scope, op_index=j)
+        base = graph_output_name(first, scope, self.call_index_of, p.calls_per_path, p.dyn.callers)
+        if base:
+            found.bases[id(s)] = base
+        prod = first
+        # shift the producer's output when everything that reads it is this binarizer
+        # (the op itself, or an inline STE approximant that re-joins it): the STE
+        # window then moves with the threshold, as the paper's shift along x
+        if prod.op == "call_module" and _exclusive_to_binarizer(prod, n, p.mods):
+            s.apply, s.module, s.call_index = APPLY_PRODUCER, prod.target, self.call_index_of[prod]
+        elif len(prod.users) > 1 and _exclusive_to_binarizer(prod, n, p.mods):
+            found.site_notes.append((s, "an inline STE reads the same input and no module produces it; the "
+                                        "shift moves the forward threshold only"))
+        return s
+
+
+def _under(leaf: str, path: str) -> bool:
+    return leaf == "" or path == leaf or path.startswith(leaf + ".")
+
+
+def _leaf_sites(p: _Passes, leaf: str, found: _Found) -> None:
+    """Sites inside the untraced leaf ``leaf`` (``""``: the whole model, when it could not be
+    traced), from the run-time pass; activation vs weight binarizer by the twin's pass."""
+    for rec in p.dyn.calls:
+        if rec.path in p.bin_paths and _under(leaf, rec.path):
+            if _is_activation(p.dyn, p.dyn2, ("call", rec.path, rec.index), rec.inp):
+                found.sites.append(Site(name="", kind=KIND_MODULE, op=f"module:{rec.cls.__name__}",
+                                        apply=APPLY_PRE_HOOK, module=rec.path, call_index=rec.index,
+                                        in_leaf=leaf or None, alphabet=alphabet_of(rec.out)))
+            else:
+                found.weight_binarizers += 1
+    for ev, in_sum, out_sum in p.dyn.ops:
+        if not _under(leaf, ev.scope) or any(under_bin(ev.scope, b) for b in p.bin_paths):
+            continue
+        out_t = binary_part(ev.output)
+        is_bool = isinstance(out_t, torch.Tensor) and out_t.dtype == torch.bool and out_sum.distinct == 2
+        if not (out_sum.binary or is_bool):
+            continue
+        if not _is_activation(p.dyn, p.dyn2, ("op", ev.scope, ev.index), in_sum):
+            found.weight_binarizers += 1
+            continue
+        if in_sum.binary:
+            continue
+        opname = op_name(ev, ev.label)
+        if ev.scope and is_weight_layer(p.mods.get(ev.scope)) and ev.scope != leaf:
+            # input quantizer of a conv inside the leaf: hook that conv's call
+            s = Site(name="", kind=KIND_INPUT, op=opname, apply=APPLY_PRE_HOOK, module=ev.scope,
+                     call_index=_call_index_at(p.dyn, ev), scope=ev.scope, op_index=ev.index, in_leaf=leaf or None)
+        else:
+            s = Site(name="", kind=KIND_INLINE, op=opname, apply=APPLY_OP, scope=ev.scope, op_index=ev.index,
+                     in_leaf=leaf or None)
+            base = _dynamic_output_name(p.dyn, ev, p.bin_paths, p.calls_per_path)
+            if base:
+                found.bases[id(s)] = base
+        s.alphabet = alphabet_of(out_sum, is_bool)
+        found.sites.append(s)
+
+
+def discover(model: nn.Module, input_shape: tuple[int, ...], *, include_hardtanh: bool = True) -> Discovery:
+    """Find activation sites and weight binarizers of ``model`` for inputs of ``input_shape``.
+
+    Returns a ``Discovery``; ``sites`` are in execution order, with addressing filled in and
+    context left to ``analyse``. Raises TraceError when the model does not run on such inputs.
+    """
+    p = _run_passes(model, input_shape)
+    found = _Found(warnings=[inplace_message(p.writes)] if p.writes else [])
+    trace, trace_error = _trace(p, found)
     if trace is not None:
-        for entry in _softmax_thresholds(trace.graph_module.graph, mods, activation_nodes(trace.graph_module.graph)):
-            excluded.append(entry)
-            warnings.append(f"{entry['name']}: {entry['reason']}")
-
+        _GraphWalk(p, trace, found, include_hardtanh).run()
+        graph = trace.graph_module.graph
+        for entry in _softmax_thresholds(graph, p.mods, activation_nodes(graph)):
+            found.excluded.append(entry)
+            found.warnings.append(f"{entry['name']}: {entry['reason']}")
     # sites inside untraced leaves (or everywhere when the model could not be traced)
-    leaf_roots = list(trace.leaves) if trace is not None else [""]
-    for leaf in leaf_roots:
-        def under(p: str) -> bool:
-            return leaf == "" or p == leaf or p.startswith(leaf + ".")
-        found_here: list[Site] = []
-        for rec in dyn.calls:
-            if rec.path in bin_paths and under(rec.path):
-                if _is_activation(dyn, dyn2, ("call", rec.path, rec.index), rec.inp):
-                    s = Site(name="", kind=KIND_MODULE, op=f"module:{rec.cls.__name__}", apply=APPLY_PRE_HOOK,
-                             module=rec.path, call_index=rec.index, in_leaf=leaf or None, alphabet=alphabet_of(rec.out))
-                    found_here.append(s)
-                else:
-                    weight_binarizers += 1
-        for ev, in_sum, out_sum in dyn.ops:
-            if not under(ev.scope) or any(under_bin(ev.scope, b) for b in bin_paths):
-                continue
-            out_t = binary_part(ev.output)
-            is_bool = isinstance(out_t, torch.Tensor) and out_t.dtype == torch.bool and out_sum.distinct == 2
-            if not (out_sum.binary or is_bool):
-                continue
-            if not _is_activation(dyn, dyn2, ("op", ev.scope, ev.index), in_sum):
-                weight_binarizers += 1
-                continue
-            if in_sum.binary:
-                continue
-            owner = mods.get(ev.scope)
-            opname = _op_name(ev, ev.label)
-            if ev.scope and is_weight_layer(owner) and ev.scope != leaf:
-                # input quantizer of a conv inside the leaf: hook that conv's call
-                s = Site(name="", kind=KIND_INPUT, op=opname, apply=APPLY_PRE_HOOK, module=ev.scope,
-                         call_index=_call_index_at(dyn, ev), scope=ev.scope, op_index=ev.index, in_leaf=leaf or None)
-            else:
-                s = Site(name="", kind=KIND_INLINE, op=opname, apply=APPLY_OP, scope=ev.scope, op_index=ev.index,
-                         in_leaf=leaf or None)
-                base = _dynamic_output_name(dyn, ev, bin_paths, calls_per_path)
-                if base:
-                    bases[id(s)] = base
-            s.alphabet = alphabet_of(out_sum, is_bool)
-            found_here.append(s)
-        sites.extend(found_here)
+    for leaf in (list(trace.leaves) if trace is not None else [""]):
+        _leaf_sites(p, leaf, found)
 
-    sites = one_site_per_call(sites)
-    _name_sites(sites, calls_per_path, bases, dyn.callers)
-    _name_sites(hardtanh_sites, calls_per_path, callers=dyn.callers)
-    warnings.extend(f"site {s.name}: {note}" for s, note in site_notes)
-    for s in sites + hardtanh_sites:
+    sites = one_site_per_call(found.sites)
+    name_sites(sites, p.calls_per_path, found.bases, p.dyn.callers)
+    name_sites(found.hardtanh_sites, p.calls_per_path, callers=p.dyn.callers)
+    found.warnings.extend(f"site {s.name}: {note}" for s, note in found.site_notes)
+    for s in sites + found.hardtanh_sites:
         s.producer_module = s.module if s.apply == APPLY_PRODUCER else None
-    _release_copy(work, trace, model, dyn)
-    disc = Discovery(sites, weight_binarizers, trace, dyn, bin_paths,
-                     {s.name: node_of_site[id(s)] for s in sites if id(s) in node_of_site},
-                     hardtanh_sites, warnings, trace_error, binary_params, inplace, excluded)
-    return disc
+    _release_copy(p.work, trace, model, p.dyn)
+    return Discovery(sites, found.weight_binarizers, trace, p.dyn, p.bin_paths,
+                     {s.name: found.node_of_site[id(s)] for s in sites if id(s) in found.node_of_site},
+                     found.hardtanh_sites, found.warnings, trace_error, found.binary_params, list(p.writes),
+                     found.excluded)
 
 
 def _release_copy(work: nn.Module, trace: TraceResult | None, model: nn.Module, dyn: DynamicPass) -> None:

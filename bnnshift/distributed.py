@@ -555,7 +555,7 @@ def run_worker(config: "SearchConfig", storage: str, study: str, out_dir: Path |
     different configuration or grid.
     """
     optuna = _optuna()
-    from .search import SearchContext, run_candidate
+    from .search import SearchContext
 
     spec = parse_storage(storage)
     if not study or not str(study).strip():
@@ -587,70 +587,89 @@ def run_worker(config: "SearchConfig", storage: str, study: str, out_dir: Path |
             _requeue(optuna, st, state.failed[p][-1])
 
         mine: list[CandidateResult] = []
-
-        def objective(trial) -> float:
-            shift = trial.suggest_categorical("shift", grid["shift"])
-            seed = trial.suggest_categorical("seed", grid["seed"])
-            trial.set_user_attr(ATTR_WORKER, _me(trial.number))
-            p = (shift_key(shift), int(seed))
-            for other in st.get_trials(deepcopy=False):
-                if other.number == trial.number or _point(other) != p:
-                    continue
-                if (other.state.name == "COMPLETE" and ATTR_RESULT in other.user_attrs) or \
-                        (other.state.name == "RUNNING" and other.number < trial.number):
-                    trial.set_user_attr(ATTR_DUPLICATE, other.number)
-                    raise optuna.TrialPruned(f"t={shift:g} seed={seed} is trial {other.number}'s")
-            _info(output, f"trial {trial.number}: t={shift:+g} seed={seed} ...")
-            r = run_candidate(config, float(shift), int(seed), context=ctx,
-                              at_rung=_pruner_feed(trial) if pruner is not None else None)
-            trial.set_user_attr(ATTR_RESULT, r.to_json())
-            trial.set_user_attr(ATTR_HASH, config_hash)
-            mine.append(r)
-            stopped = pruner is not None and r.ok and r.rung is not None and r.steps is not None and \
-                r.steps < ctx.total_steps
-            _info(output, f"trial {trial.number}: t={shift:+g} seed={seed}: "
-                          + (f"{r.score * 100:.2f}% ({r.seconds or 0:.1f}s)" if r.ok else f"failed: {r.error}")
-                          + (f", stopped at rung {r.rung} ({r.steps} steps)" if stopped else ""))
-            if stopped:
-                raise optuna.TrialPruned(f"successive halving: stopped at rung {r.rung}")
-            return _score_value(r)
-
-        waited_note = False
-        while True:
-            state = grid_state(st.get_trials(deepcopy=False), grid)
-            if spec.kind == "journal" and state.running:
-                if _fail_dead_local(optuna, st, state, max_retry):
-                    continue
-            else:
-                optuna.storages.fail_stale_trials(st)
-                state = grid_state(st.get_trials(deepcopy=False), grid)
-            if state.complete:
-                break
-            if not state.startable:
-                if not state.running:
-                    left = [p for p in state.points if p not in state.done]
-                    raise StorageError(f"{len(left)} candidates of study {study!r} failed and are not retried "
-                                       f"(first: t={left[0][0]} seed={left[0][1]})",
-                                       hint="start a worker again to retry them; bnnshift report shows the rest")
-                foreign = [t for ts in state.running.values() for t in ts
-                           if _alive(t.user_attrs.get(ATTR_WORKER) or {}) is None]
-                if spec.kind == "journal" and foreign:
-                    _info(output, f"{len(foreign)} candidates are running on other machines; journal storage cannot "
-                                  "tell whether they are alive, so this worker stops here")
-                    break
-                if not waited_note:
-                    _info(output, f"waiting for {sum(len(v) for v in state.running.values())} candidates running "
-                                  "on other workers (a dead worker's candidate is retried here)")
-                    waited_note = True
-                time.sleep(min(float(interval), 5.0) if interval else JOURNAL_POLL)
-                continue
-            waited_note = False
-            st.optimize(objective, n_trials=1, catch=(), gc_after_trial=False)
-
+        objective = _objective(optuna, st, config, ctx, pruner, grid, mine, output)
+        state = _run_grid(optuna, st, spec, study, grid, objective, interval=interval, max_retry=max_retry,
+                          output=output)
         if not mine:
             _info(output, f"nothing left to run: all {len(state.points)} candidates of study {study!r} are done")
         _finish(st, state, config_hash=config_hash, output=output, out_dir=out_dir)
     return mine
+
+
+def _objective(optuna: Any, st: Any, config: "SearchConfig", ctx: Any, pruner: Any, grid: dict[str, list],
+               mine: list["CandidateResult"], output: Any) -> "Callable[[Any], float]":
+    """``run_worker``'s Optuna objective: one grid point trained by ``run_candidate`` on the worker's
+    context, appended to ``mine`` (a point another trial holds, or a halving stop, is pruned)."""
+    from .search import run_candidate
+
+    config_hash = ctx.config_hash
+
+    def objective(trial) -> float:
+        shift = trial.suggest_categorical("shift", grid["shift"])
+        seed = trial.suggest_categorical("seed", grid["seed"])
+        trial.set_user_attr(ATTR_WORKER, _me(trial.number))
+        p = (shift_key(shift), int(seed))
+        for other in st.get_trials(deepcopy=False):
+            if other.number == trial.number or _point(other) != p:
+                continue
+            if (other.state.name == "COMPLETE" and ATTR_RESULT in other.user_attrs) or \
+                    (other.state.name == "RUNNING" and other.number < trial.number):
+                trial.set_user_attr(ATTR_DUPLICATE, other.number)
+                raise optuna.TrialPruned(f"t={shift:g} seed={seed} is trial {other.number}'s")
+        _info(output, f"trial {trial.number}: t={shift:+g} seed={seed} ...")
+        r = run_candidate(config, float(shift), int(seed), context=ctx,
+                          at_rung=_pruner_feed(trial) if pruner is not None else None)
+        trial.set_user_attr(ATTR_RESULT, r.to_json())
+        trial.set_user_attr(ATTR_HASH, config_hash)
+        mine.append(r)
+        stopped = pruner is not None and r.ok and r.rung is not None and r.steps is not None and \
+            r.steps < ctx.total_steps
+        _info(output, f"trial {trial.number}: t={shift:+g} seed={seed}: "
+                      + (f"{r.score * 100:.2f}% ({r.seconds or 0:.1f}s)" if r.ok else f"failed: {r.error}")
+                      + (f", stopped at rung {r.rung} ({r.steps} steps)" if stopped else ""))
+        if stopped:
+            raise optuna.TrialPruned(f"successive halving: stopped at rung {r.rung}")
+        return _score_value(r)
+
+    return objective
+
+
+def _run_grid(optuna: Any, st: Any, spec: Any, study: str, grid: dict[str, list], objective: Any, *,
+              interval: Any, max_retry: int | None, output: Any) -> Any:
+    """Run trials one at a time until the grid is complete (or only other machines' journal
+    trials are left); wait while other workers hold the rest. Returns the last ``GridState``.
+    Raises ``StorageError`` when the points left failed and are not retried."""
+    waited_note = False
+    while True:
+        state = grid_state(st.get_trials(deepcopy=False), grid)
+        if spec.kind == "journal" and state.running:
+            if _fail_dead_local(optuna, st, state, max_retry):
+                continue
+        else:
+            optuna.storages.fail_stale_trials(st)
+            state = grid_state(st.get_trials(deepcopy=False), grid)
+        if state.complete:
+            return state
+        if not state.startable:
+            if not state.running:
+                left = [p for p in state.points if p not in state.done]
+                raise StorageError(f"{len(left)} candidates of study {study!r} failed and are not retried "
+                                   f"(first: t={left[0][0]} seed={left[0][1]})",
+                                   hint="start a worker again to retry them; bnnshift report shows the rest")
+            foreign = [t for ts in state.running.values() for t in ts
+                       if _alive(t.user_attrs.get(ATTR_WORKER) or {}) is None]
+            if spec.kind == "journal" and foreign:
+                _info(output, f"{len(foreign)} candidates are running on other machines; journal storage cannot "
+                              "tell whether they are alive, so this worker stops here")
+                return state
+            if not waited_note:
+                _info(output, f"waiting for {sum(len(v) for v in state.running.values())} candidates running "
+                              "on other workers (a dead worker's candidate is retried here)")
+                waited_note = True
+            time.sleep(min(float(interval), 5.0) if interval else JOURNAL_POLL)
+            continue
+        waited_note = False
+        st.optimize(objective, n_trials=1, catch=(), gc_after_trial=False)
 
 
 def _pruner_feed(trial) -> "Callable[[int, int, float], bool]":

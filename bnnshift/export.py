@@ -3,11 +3,9 @@
 How the verification works (and what it measures):
 
 1. The model is wrapped so that, besides the logits, it returns the value of every binary
-   activation site as extra outputs ("taps"): a binarizer module's output, the (shifted)
-   input of a conv that binarizes its own input, the (shifted) output of the producer of an
-   inline binarizer, or the output of an intercepted inline op. Taps are plain forward hooks
-   registered after bnnshift's own, so they see the shifted values; after ``fold`` the same
-   positions hold the folded values.
+   activation site as extra outputs ("taps", ``_taps.Taps``): a binarizer module's output, the
+   (shifted) input of a conv that binarizes its own input, the (shifted) output of the producer
+   of an inline binarizer, or the output of an intercepted inline op.
 2. The wrapper is exported with ``torch.onnx.export(dynamo=True)`` (batch dimension dynamic
    when the model allows it), checked with ``onnx.checker``, and run with onnxruntime on
    several random batches in eval mode. Checks: max abs logit difference (relative to the
@@ -15,17 +13,18 @@ How the verification works (and what it measures):
    differs between torch and onnxruntime (``sign_flip_share``). Pass: sign-flip share <= 1e-4,
    top-1 agreement >= 0.99, and the logit bound (1e-3 x max(1, max |logit|)) whenever no
    tapped activation flipped (or none could be tapped): a flip legitimately moves the logits.
-3. If a check fails, the export is retried with onnxruntime's graph optimizations off, then
-   with the exporter's optimizer off (constant folding of weight binarization has been seen
+3. If a check fails, the next of ``TRIES`` is tried: onnxruntime's graph optimizations off,
+   then the exporter's optimizer off (constant folding of weight binarization has been seen
    to flip signs). ``VerificationError`` (exit 4) names the failed checks of the last try.
 4. On success the taps are removed from the graph (outputs dropped, dead nodes removed), the
    clean graph is checked and run once more against torch, and written atomically.
 
-A model that ``torch.export`` cannot trace because of data-dependent Python control flow is
-exported with the TorchScript tracer instead (the branch taken on the sample input is baked
-into the graph; the report says so). Any other exporter failure is one ``ExportError`` line.
-Run risky exports through ``export_patched_dir(..., isolate=True)``: a subprocess, so that an
-exporter crash (segfault) becomes an error message too.
+The graph is captured by the first of ``CAPTURES`` that works: a model that ``torch.export``
+cannot trace because of data-dependent Python control flow is exported with the TorchScript
+tracer instead (the branch taken on the sample input is baked into the graph; the report says
+so). Any other exporter failure is one ``ExportError`` line. Run risky exports through
+``export_patched_dir(..., isolate=True)``: a child process (``_isolate``), so that an exporter
+crash (segfault) becomes an error message too.
 """
 from __future__ import annotations
 
@@ -35,20 +34,21 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
 
 from ._io import atomic_write_bytes
+from ._isolate import child_command, child_dir, child_error, error_payload, run_child, watch_parent
+from ._taps import Taps as _Taps  # noqa: F401 (the taps' old home: ``export._Taps`` still imports)
+from ._taps import Tapped as _Tapped
 from .errors import BnnshiftError, VerificationError
 from .load import logits_picker, pick_logits
-from .shift import _shaped
-from .sites import APPLY_OP, APPLY_PRE_HOOK, APPLY_PRODUCER, KIND_HARDTANH, Site, target_param
+from .sites import Site
 
 __all__ = ["ExportError", "ExportReport", "export_onnx", "export_patched_dir"]
 
@@ -97,146 +97,7 @@ class ExportReport:
         return d
 
 
-# --------------------------------------------------------------------------- taps
-
-
-class _Taps:
-    """Forward hooks that record each site's binary activation (in site order) during a forward."""
-
-    def __init__(self, model: nn.Module, sites: Iterable[Site]):
-        self.model = model
-        self.sites = [s for s in sites if s.kind != KIND_HARDTANH]
-        self.values: dict[str, torch.Tensor] = {}
-        # torch side only (never exported): each site's pre-activation, x - t, to judge ties
-        self.pre_values: dict[str, torch.Tensor] = {}
-        self.calls: dict[tuple[str, str], int] = {}
-        self.handles: list[Any] = []
-        self.names: list[str] = []
-        self._op_sites: dict[tuple[str, int], str] = {}
-        self._rt = None
-        self._saved_record = None
-        mods = dict(model.named_modules())
-        post: dict[str, dict[int, str]] = {}
-        pre: dict[str, dict[int, str]] = {}
-        for s in self.sites:
-            if s.apply == APPLY_PRE_HOOK and s.scope is None and s.module in mods:
-                post.setdefault(s.module, {})[s.call_index] = s.name  # binarizer module output
-            elif s.apply == APPLY_PRE_HOOK and s.module in mods:
-                pre.setdefault(s.module, {})[s.call_index] = s.name  # shifted input of the conv
-            elif s.apply == APPLY_PRODUCER and s.module in mods:
-                post.setdefault(s.module, {})[s.call_index] = s.name  # shifted producer output
-            elif s.apply == APPLY_OP:
-                self._op_sites[(s.scope or "", s.op_index)] = s.name
-        self._module_pre: dict[str, dict[int, str]] = {}
-        # binarizer modules with their own additive parameter (RSign: sign(x + b)): name -> (param, sign)
-        self._own_bias: dict[str, tuple[str, int]] = {}
-        for s in self.sites:
-            tgt = target_param(s.foldable or "")
-            if tgt is not None and s.foldable.startswith("bias:") and tgt[0] == s.module and s.bias_sign in (1, -1):
-                self._own_bias[s.name] = (tgt[1], int(s.bias_sign))
-        # sites shifted by lowering their fold target: their op's input is already x - t
-        sr0 = getattr(model, "_bnnshift_shift", None)
-        self._lowered = {h.site for hs in sr0.runtime.param_shifts.values() for h in hs} if sr0 is not None else set()
-        for s in self.sites:
-            if s.apply == APPLY_PRE_HOOK and s.scope is None and s.module in mods:
-                self._module_pre.setdefault(s.module, {})[s.call_index] = s.name  # binarizer module input
-        for path, idx in self._module_pre.items():
-            self.handles.append(mods[path].register_forward_pre_hook(self._input_hook(path, idx)))
-        for path, idx in pre.items():
-            self.handles.append(mods[path].register_forward_pre_hook(self._pre_hook(path, idx)))
-        for path, idx in post.items():
-            self.handles.append(mods[path].register_forward_hook(self._post_hook(path, idx)))
-        sr = getattr(model, "_bnnshift_shift", None)
-        if self._op_sites and sr is not None:
-            self._rt = sr.runtime
-            self._saved_record = self._rt.record_ops
-            self._rt.record_ops = self._record
-        tapped = {n for d in list(pre.values()) + list(post.values()) for n in d.values()}
-        if self._rt is not None:
-            tapped |= set(self._op_sites.values())
-        self.names = [s.name for s in self.sites if s.name in tapped]
-
-    def _input_hook(self, path, idx):
-        def hook(module, args):
-            k = self.calls.get(("in", path), 0)
-            self.calls[("in", path)] = k + 1
-            if k in idx and args and isinstance(args[0], torch.Tensor):
-                x = args[0].detach()
-                own = self._own_bias.get(idx[k])
-                if own is not None:  # sign(x + b): the pre-activation includes the module's own bias
-                    pname, sign = own
-                    b = getattr(module, pname).detach()  # lowered by t while a shift_into hook runs
-                    x = x + sign * (b.view(1, -1, *([1] * (x.dim() - 2))) if b.dim() == 1 and x.dim() > 2 else b)
-                self.pre_values[idx[k]] = x
-        return hook
-
-    def _pre_hook(self, path, idx):
-        def hook(module, args):
-            k = self.calls.get(("pre", path), 0)
-            self.calls[("pre", path)] = k + 1
-            if k in idx and args and isinstance(args[0], torch.Tensor):
-                self.values[idx[k]] = args[0]
-                self.pre_values[idx[k]] = args[0].detach()  # the shifted input is the pre-activation
-        return hook
-
-    def _post_hook(self, path, idx):
-        def hook(module, args, output):
-            k = self.calls.get(("post", path), 0)
-            self.calls[("post", path)] = k + 1
-            if k in idx and isinstance(output, torch.Tensor):
-                self.values[idx[k]] = output
-                if path not in self._module_pre or k not in self._module_pre[path]:
-                    self.pre_values[idx[k]] = output.detach()  # a producer's shifted output
-        return hook
-
-    def _record(self, ev):
-        if self._saved_record is not None:
-            self._saved_record(ev)
-        name = self._op_sites.get((ev.scope, ev.index))
-        if name is not None and isinstance(ev.output, torch.Tensor):
-            self.values[name] = ev.output
-            if ev.inputs and isinstance(ev.inputs[0], torch.Tensor):
-                x = ev.inputs[0].detach()  # the op's input before the shift: subtract the live t
-                t = self._thresholds().get(name) if name not in self._lowered else None
-                self.pre_values[name] = x - _shaped(t, x) if t is not None else x
-
-    def _thresholds(self) -> dict[str, torch.Tensor]:
-        from .shift import get_thresholds
-
-        try:
-            return get_thresholds(self.model)
-        except Exception:  # noqa: BLE001 - not a bnnshift-patched model
-            return {}
-
-    def reset(self):
-        self.values = {}
-        self.pre_values = {}
-        self.calls = {}
-
-    def remove(self):
-        for h in self.handles:
-            h.remove()
-        self.handles = []
-        if self._rt is not None:
-            self._rt.record_ops = self._saved_record
-            self._rt = None
-
-
-class _Tapped(nn.Module):
-    """``forward(x) -> (logits, *site values)`` (the order of ``taps.names``)."""
-
-    def __init__(self, model: nn.Module, taps: _Taps, pick: Any = None):
-        super().__init__()
-        self.model = model
-        self._taps = taps
-        self._pick = pick or logits_picker()
-
-    def forward(self, x):
-        self._taps.reset()
-        out = self._pick(self.model(x))
-        vals = [self._taps.values[n].float() if self._taps.values[n].dtype == torch.bool else self._taps.values[n]
-                for n in self._taps.names if n in self._taps.values]
-        return (out, *vals)
+# --------------------------------------------------------------------------- wrappers
 
 
 class _Picked(nn.Module):
@@ -250,6 +111,8 @@ class _Picked(nn.Module):
 
     def forward(self, x):
         return self._pick(self.model(x))
+
+
 
 
 # --------------------------------------------------------------------------- helpers
@@ -436,55 +299,92 @@ def _torchscript(wrapper: nn.Module, x: torch.Tensor, opset: int | None):
     return proto
 
 
-def _export(wrapper: nn.Module, x: torch.Tensor, opset: int | None, optimize: bool, warn: list[str]):
-    """(ModelProto, exporter name, dynamic batch?) or raise ExportError.
+@dataclass(frozen=True)
+class Capture:
+    """One way to turn the tapped model into an ONNX graph, tried in order (``CAPTURES``, as
+    torch.onnx's ``_capture_strategies``): ``run(wrapper, x, opset, optimize, warn, failure)``
+    returns (ModelProto, exporter name, dynamic batch?) or raises; ``after(failure, opset)`` says
+    whether it is tried after the previous capture failed with ``failure``; a ``final`` capture's
+    own error is the one reported."""
 
-    With ``opset``, the file's default-domain opset is that opset or ExportError: the dynamo
-    exporter builds opset 18 and, when down-converting fails, keeps 18 with only a logged
-    warning; then the TorchScript exporter, which writes the asked opset, is tried."""
-    import torch.export as tex
+    name: str
+    run: Callable[..., tuple[Any, str, bool]]
+    after: Callable[[BaseException, int | None], bool]
+    final: bool = False
 
-    errors = []
-    for dynamic in (True, False):
+
+def _dynamo(dynamic: bool):
+    def run(wrapper, x, opset, optimize, warn, failure):
+        import torch.export as tex
+
         kw: dict[str, Any] = dict(dynamo=True, optimize=optimize, opset_version=opset,
                                   input_names=["input"], external_data=False)
         if dynamic:
             kw["dynamic_shapes"] = ({0: tex.Dim("batch", min=1, max=4096)},)
-        try:
-            with _quiet():
-                prog = torch.onnx.export(wrapper, (x,), **kw)
-            got = _default_opset(prog.model_proto, None)
-            if opset is None or got == opset:
-                return prog.model_proto, "dynamo", dynamic
-            errors.append(ExportError(f"the dynamo exporter wrote opset {got}, not {opset} "
-                                      "(its down-conversion failed)"))
-            break
-        except Exception as exc:  # noqa: BLE001
-            errors.append(exc)
-            if _is_data_dependent(exc):
-                break
-    exc = errors[-1]
+        with _quiet():
+            prog = torch.onnx.export(wrapper, (x,), **kw)
+        got = _default_opset(prog.model_proto, None)
+        if opset is None or got == opset:
+            return prog.model_proto, "dynamo", dynamic
+        # an ExportError (the exporter's own failures are not): the TorchScript exporter is next
+        raise ExportError(f"the dynamo exporter wrote opset {got}, not {opset} (its down-conversion failed)")
+    return run
+
+
+def _torchscript_capture(wrapper, x, opset, optimize, warn, failure):
+    """The TorchScript exporter after the dynamo exporter failed with ``failure`` (data-dependent
+    control flow, or another opset than the asked one); the report says which."""
     asked = f"--opset {opset}: " if opset is not None else ""
-    if _is_data_dependent(exc) or (opset is not None and isinstance(exc, ExportError)):
+    try:
+        proto = _torchscript(wrapper, x, opset)
+    except Exception as exc2:  # noqa: BLE001
+        raise ExportError(f"{asked}ONNX export failed: {_one_line(failure)}; TorchScript exporter: {_one_line(exc2)}",
+                          hint=("ask for another --opset, or leave it out (the exporter's own)"
+                                if asked else "remove data-dependent Python control flow from forward")) from None
+    got = _default_opset(proto, None)
+    if opset is not None and got != opset:
+        raise ExportError(f"--opset {opset}: the TorchScript exporter wrote opset {got} ({_one_line(failure)})",
+                          hint="ask for another --opset, or leave it out (the exporter's own)")
+    if _is_data_dependent(failure):
+        warn.append("torch.export cannot trace this model (data-dependent control flow: "
+                    f"{_one_line(failure)}); exported with the TorchScript tracer, which bakes in the "
+                    "branch taken on the sample input; sign flips per site not checked (logits only)")
+    else:
+        warn.append(f"--opset {opset}: {_one_line(failure)}; exported with the TorchScript exporter "
+                    f"(opset {opset}); sign flips per site not checked (logits only)")
+    return proto, "torchscript", True
+
+
+CAPTURES = (
+    Capture("dynamo, dynamic batch", _dynamo(True), after=lambda failure, opset: True),
+    # a static batch helps a model whose batch dimension cannot be symbolic, not a data-dependent one
+    Capture("dynamo, static batch", _dynamo(False),
+            after=lambda failure, opset: not _is_data_dependent(failure) and not isinstance(failure, ExportError)),
+    Capture("torchscript", _torchscript_capture, final=True,
+            after=lambda failure, opset: _is_data_dependent(failure) or (opset is not None
+                                                                          and isinstance(failure, ExportError))),
+)
+
+
+def _export(wrapper: nn.Module, x: torch.Tensor, opset: int | None, optimize: bool, warn: list[str]):
+    """(ModelProto, exporter name, dynamic batch?) from the first of ``CAPTURES`` that works, or
+    raise ExportError (the last failure).
+
+    With ``opset``, the file's default-domain opset is that opset or ExportError: the dynamo
+    exporter builds opset 18 and, when down-converting fails, keeps 18 with only a logged
+    warning; then the TorchScript exporter, which writes the asked opset, is tried."""
+    failure: BaseException | None = None
+    for c in CAPTURES:
+        if failure is not None and not c.after(failure, opset):
+            continue
+        if c.final:
+            return c.run(wrapper, x, opset, optimize, warn, failure)
         try:
-            proto = _torchscript(wrapper, x, opset)
-        except Exception as exc2:  # noqa: BLE001
-            raise ExportError(f"{asked}ONNX export failed: {_one_line(exc)}; TorchScript exporter: {_one_line(exc2)}",
-                              hint=("ask for another --opset, or leave it out (the exporter's own)"
-                                    if asked else "remove data-dependent Python control flow from forward")) from None
-        got = _default_opset(proto, None)
-        if opset is not None and got != opset:
-            raise ExportError(f"--opset {opset}: the TorchScript exporter wrote opset {got} ({_one_line(exc)})",
-                              hint="ask for another --opset, or leave it out (the exporter's own)")
-        if _is_data_dependent(exc):
-            warn.append("torch.export cannot trace this model (data-dependent control flow: "
-                        f"{_one_line(exc)}); exported with the TorchScript tracer, which bakes in the "
-                        "branch taken on the sample input; sign flips per site not checked (logits only)")
-        else:
-            warn.append(f"--opset {opset}: {_one_line(exc)}; exported with the TorchScript exporter "
-                        f"(opset {opset}); sign flips per site not checked (logits only)")
-        return proto, "torchscript", True
-    raise ExportError(f"{asked}ONNX export failed: {_one_line(exc)}",
+            return c.run(wrapper, x, opset, optimize, warn, failure)
+        except Exception as exc:  # noqa: BLE001
+            failure = exc
+    asked = f"--opset {opset}: " if opset is not None else ""
+    raise ExportError(f"{asked}ONNX export failed: {_one_line(failure)}",
                       hint="rerun with BNNSHIFT_DEBUG=1; see docs/patch.md (export)") from None
 
 
@@ -524,6 +424,40 @@ def writes_message(written: dict[str, str]) -> str:
     return f"the model's forward writes {shown} in place: torch.onnx cannot export a write to a parameter"
 
 
+@dataclass(frozen=True)
+class VerifyTry:
+    """One way to get a verified file, tried in order (``TRIES``): the exporter's graph
+    optimizer on or off, onnxruntime's graph optimizations on or off. Each try's result, passed
+    or failed with its checks, is one entry of ``ExportReport.attempts``."""
+
+    name: str
+    optimize: bool  # torch.onnx.export(optimize=...)
+    ort_graph_optimizations: bool
+
+
+# constant folding of weight binarization has been seen to flip signs: the optimizers go off in turn
+TRIES = (
+    VerifyTry("as exported", True, True),
+    VerifyTry("onnxruntime graph optimizations off", True, False),
+    VerifyTry("exporter optimizer off", False, True),
+    VerifyTry("both optimizers off", False, False),
+)
+
+
+@dataclass
+class _Run:
+    """What every try of one ``export_onnx`` call shares."""
+
+    model: nn.Module
+    wrapper: _Tapped
+    data: list[torch.Tensor]
+    opset: int | None
+    path: Any
+    metadata: dict[str, str] | None
+    warn: list[str]
+    attempts: list[dict[str, Any]] = field(default_factory=list)
+
+
 def export_onnx(model: nn.Module, input_shape: Iterable[int], path: str | os.PathLike[str], opset: int | None = None, *,
                 sites: Iterable[Site] | None = None, batches: int = DEFAULT_BATCHES,
                 batch_size: int = DEFAULT_BATCH_SIZE, seed: int = 0,
@@ -531,18 +465,18 @@ def export_onnx(model: nn.Module, input_shape: Iterable[int], path: str | os.Pat
                 output_key: str | None = None) -> ExportReport:
     """Export ``model`` (eval mode) to ONNX at ``path`` and verify it against torch with onnxruntime.
 
-    ``sites``: binary activations to compare (default: the sites of a model patched by
-    bnnshift, folded ones included). ``metadata``: extra ONNX ``metadata_props`` (bnnshift's
-    version and the shifts are always written). ``ExportReport.opset`` is the opset the file
-    uses: the asked ``opset`` or an ``ExportError`` naming it. A model returning a tuple / list,
-    a dict (or ``ModelOutput``) or a dataclass is exported with its logits as the one output
-    (``output_index`` / ``output_key`` pick them as in :func:`bnnshift.load.pick_logits`; a
-    UsageError when none fits) and verified like a tensor. Returns an ``ExportReport``; raises
-    ``ExportError`` when the exporter fails and ``VerificationError`` when no try passes. Nothing
-    is written then.
+    ``input_shape``: one sample's shape without the batch dimension (random float32 batches of
+    ``batch_size`` are drawn with ``seed``). ``sites``: binary activations to compare (default:
+    the sites of a model patched by bnnshift, folded ones included). ``metadata``: extra ONNX
+    ``metadata_props`` (bnnshift's version and the shifts are always written).
+    ``ExportReport.opset`` is the opset the file uses: the asked ``opset`` or an ``ExportError``
+    naming it. A model returning a tuple / list, a dict (or ``ModelOutput``) or a dataclass is
+    exported with its logits as the one output (``output_index`` / ``output_key`` pick them as in
+    :func:`bnnshift.load.pick_logits`; a UsageError when none fits) and verified like a tensor.
+    The ways to a verified file (``TRIES``) are tried in order. Returns an ``ExportReport``;
+    raises ``ExportError`` when the exporter fails and ``VerificationError`` when no try passes.
+    Nothing is written then.
     """
-    import onnx
-
     shape = tuple(int(v) for v in input_shape)
     if sites is None:
         from .patch import patch_state
@@ -554,75 +488,113 @@ def export_onnx(model: nn.Module, input_shape: Iterable[int], path: str | os.Pat
     g = torch.Generator().manual_seed(seed)
     data = [torch.randn((batch_size, *shape), generator=g) for _ in range(max(1, batches))]
     warn: list[str] = []
+    _check_exportable(model, data[0], output_index, output_key, warn)
+    taps = _Taps(model, sites)
+    run = _Run(model, _Tapped(model, taps, logits_picker(output_index, output_key)), data, opset, path, metadata, warn)
+    try:
+        report = _try_in_order(run)
+    finally:
+        taps.remove()
+        model.train(was_training)
+    if report is not None:
+        return report
+    last = run.attempts[-1]["failed"] if run.attempts else ["no attempt"]
+    asked = f"--opset {opset}: " if opset is not None else ""
+    raise VerificationError(f"{asked}ONNX verification failed after {len(run.attempts)} tries: {'; '.join(last)}",
+                            hint="the torch model is unchanged; see docs/patch.md (export)")
+
+
+def _check_exportable(model: nn.Module, x: torch.Tensor, output_index: int | None, output_key: str | None,
+                      warn: list[str]) -> None:
+    """Refuse a forward that writes its parameters (``ExportError``) and an output without
+    logits (``UsageError``), before any forward of ours: a forward that writes its own
+    parameters changes them only once; found by the act (a clamp that changes nothing is a write
+    too)."""
     from ._guard import inplace_writers
 
-    # before any forward of ours: a forward that writes its own parameters changes them only
-    # once; found by the act (a clamp that changes nothing is a write too)
-    written = inplace_writers(model, data[0])
+    written = inplace_writers(model, x)
     if written:
         raise ExportError(writes_message(written), hint=WRITES_HINT)
     with torch.no_grad():
-        out = model(data[0][:2])
+        out = model(x[:2])
     if not isinstance(out, torch.Tensor):  # UsageError when no element / item fits
         _, how = pick_logits(out, output_index, output_key)
         if how:
             warn.append(how.split(" (")[0] + "; the ONNX file's one output is it")
-    taps = _Taps(model, sites)
-    wrapper = _Tapped(model, taps, logits_picker(output_index, output_key))
-    attempts: list[dict[str, Any]] = []
-    try:
-        for optimize in (True, False):
-            proto, exporter, dynamic = _export(wrapper, data[0], opset, optimize, warn)
+
+
+def _try_in_order(run: _Run) -> ExportReport | None:
+    """``TRIES`` in order until one passes (its report) or none does (None). One graph is captured
+    per exporter-optimizer setting; a setting whose graph fails ``onnx.checker`` or whose file
+    without the taps fails is not tried further; the TorchScript exporter has no optimizer switch."""
+    import onnx
+
+    captured: dict[bool, tuple[Any, str, bool]] = {}
+    done: set[bool] = set()  # exporter-optimizer settings with nothing left to try
+    for t in TRIES:
+        if t.optimize in done:
+            continue
+        if t.optimize not in captured:
+            proto, exporter, dynamic = _export(run.wrapper, run.data[0], run.opset, t.optimize, run.warn)
             try:
                 onnx.checker.check_model(proto)
             except Exception as exc:  # noqa: BLE001
-                attempts.append({"optimize": optimize, "ort_graph_optimizations": None,
-                                 "failed": [f"onnx.checker: {_one_line(exc)}"]})
+                run.attempts.append({"optimize": t.optimize, "ort_graph_optimizations": None,
+                                     "failed": [f"onnx.checker: {_one_line(exc)}"]})
+                done.add(t.optimize)
                 continue
-            n_out = len(proto.graph.output)
-            raw = proto.SerializeToString()
-            for ort_opt in (True, False):
-                try:
-                    res = _compare(_session(raw, ort_opt), wrapper, data if dynamic else [data[0]], n_out - 1)
-                except VerificationError as exc:
-                    res = {"failed": [exc.message]}
-                except Exception as exc:  # noqa: BLE001 - onnxruntime refusing the graph
-                    res = {"failed": [f"onnxruntime: {_one_line(exc)}"]}
-                attempts.append({"optimize": optimize, "ort_graph_optimizations": ort_opt, "exporter": exporter,
-                                 **{k: v for k, v in res.items() if k != "tied_masks"}})
-                if res["failed"]:
-                    continue
-                # the deliverable: the same graph without the taps
-                del proto.graph.output[1:]
-                _dce(proto)
-                _set_metadata(proto, model, metadata)
-                onnx.checker.check_model(proto)
-                clean = proto.SerializeToString()
-                res2 = _compare(_session(clean, ort_opt), wrapper, data[:1], 0, exclude=res["tied_masks"][:1])
-                if res2["failed"]:
-                    attempts.append({"optimize": optimize, "ort_graph_optimizations": ort_opt, "exporter": exporter,
-                                     "failed": ["without taps: " + f for f in res2["failed"]]})
-                    break
-                if not ort_opt:
-                    warn.append("verified with onnxruntime graph optimizations OFF: run it with "
-                                "SessionOptions.graph_optimization_level = ORT_DISABLE_ALL")
-                atomic_write_bytes(path, clean)
-                return ExportReport(path=str(path), opset=_default_opset(proto, opset), exporter=exporter, dynamic_batch=dynamic,
-                                    nodes=len(proto.graph.node), optimize=optimize, ort_graph_optimizations=ort_opt,
-                                    max_abs_diff=res["max_abs_diff"], top1_agreement=res["top1_agreement"],
-                                    sign_flip_share=res["sign_flip_share"], sites_checked=n_out - 1,
-                                    batches=len(data) if dynamic else 1, passed=True, attempts=attempts,
-                                    warnings=warn, tie_flips=res["tie_flips"],
-                                    flips_after_tie=res["flips_after_tie"], tied_samples=res["tied_samples"])
-            if exporter == "torchscript":
-                break  # the optimizer switch does not apply
-    finally:
-        taps.remove()
-        model.train(was_training)
-    last = attempts[-1]["failed"] if attempts else ["no attempt"]
-    asked = f"--opset {opset}: " if opset is not None else ""
-    raise VerificationError(f"{asked}ONNX verification failed after {len(attempts)} tries: {'; '.join(last)}",
-                            hint="the torch model is unchanged; see docs/patch.md (export)")
+            captured[t.optimize] = (proto, exporter, dynamic)
+            if exporter == "torchscript":  # the optimizer switch does not apply
+                done.update(o.optimize for o in TRIES if o.optimize != t.optimize)
+        report, graph_spent = _one_try(run, t, *captured[t.optimize])
+        if report is not None:
+            return report
+        if graph_spent:  # its taps were stripped and the clean file failed
+            done.add(t.optimize)
+    return None
+
+
+def _one_try(run: _Run, t: VerifyTry, proto: Any, exporter: str,
+             dynamic: bool) -> tuple[ExportReport | None, bool]:
+    """Verify the tapped graph with ``t``'s onnxruntime setting; when it passes, strip the taps,
+    check the clean graph once more and write it. Each check is one attempt. Returns (the report
+    or None, whether ``proto`` was used up: stripped of its taps)."""
+    import onnx
+
+    n_out = len(proto.graph.output)
+    batches = run.data if dynamic else [run.data[0]]
+    try:
+        res = _compare(_session(proto.SerializeToString(), t.ort_graph_optimizations), run.wrapper, batches, n_out - 1)
+    except VerificationError as exc:
+        res = {"failed": [exc.message]}
+    except Exception as exc:  # noqa: BLE001 - onnxruntime refusing the graph
+        res = {"failed": [f"onnxruntime: {_one_line(exc)}"]}
+    head = {"optimize": t.optimize, "ort_graph_optimizations": t.ort_graph_optimizations, "exporter": exporter}
+    run.attempts.append({**head, **{k: v for k, v in res.items() if k != "tied_masks"}})
+    if res["failed"]:
+        return None, False
+    # the deliverable: the same graph without the taps
+    del proto.graph.output[1:]
+    _dce(proto)
+    _set_metadata(proto, run.model, run.metadata)
+    onnx.checker.check_model(proto)
+    clean = proto.SerializeToString()
+    res2 = _compare(_session(clean, t.ort_graph_optimizations), run.wrapper, run.data[:1], 0,
+                    exclude=res["tied_masks"][:1])
+    if res2["failed"]:
+        run.attempts.append({**head, "failed": ["without taps: " + f for f in res2["failed"]]})
+        return None, True
+    if not t.ort_graph_optimizations:
+        run.warn.append("verified with onnxruntime graph optimizations OFF: run it with "
+                        "SessionOptions.graph_optimization_level = ORT_DISABLE_ALL")
+    atomic_write_bytes(run.path, clean)
+    return ExportReport(path=str(run.path), opset=_default_opset(proto, run.opset), exporter=exporter,
+                        dynamic_batch=dynamic, nodes=len(proto.graph.node), optimize=t.optimize,
+                        ort_graph_optimizations=t.ort_graph_optimizations, max_abs_diff=res["max_abs_diff"],
+                        top1_agreement=res["top1_agreement"], sign_flip_share=res["sign_flip_share"],
+                        sites_checked=n_out - 1, batches=len(batches), passed=True, attempts=run.attempts,
+                        warnings=run.warn, tie_flips=res["tie_flips"], flips_after_tie=res["flips_after_tie"],
+                        tied_samples=res["tied_samples"]), True
 
 
 # --------------------------------------------------------------------------- from a patched directory
@@ -672,13 +644,12 @@ def export_patched_dir(out_dir: str | os.PathLike[str], onnx_path: str | os.Path
         return _export_dir_inprocess(str(out_dir), str(onnx_path), opset, batches, model=model,
                                      model_args=model_args, trust=trust, output_index=output_index,
                                      output_key=output_key)
-    from ._io import atomic_write_from, fault_point, sweep_stale
+    from ._io import atomic_write_from, fault_point
 
-    tmp_root = tempfile.gettempdir()
-    sweep_stale(tmp_root, prefix=_EXPORT_TMP_PREFIX)  # leftovers of killed exports
-    # the child writes only inside this directory; the parent moves the file into place, so a
-    # child that outlives a killed parent can never write (or overwrite) the destination
-    with tempfile.TemporaryDirectory(prefix=f"{_EXPORT_TMP_PREFIX}{os.getpid()}-") as tmp:
+    # the child writes only inside this directory (leftovers of killed exports swept first); the
+    # parent moves the file into place, so a child that outlives a killed parent can never write
+    # (or overwrite) the destination
+    with child_dir(_EXPORT_TMP_PREFIX) as tmp:
         rep = Path(tmp) / "report.json"
         child_onnx = Path(tmp) / "model.onnx"
         cmd = child_command("bnnshift.export", code_dirs=_module_spec_dirs(out_dir, model)) + [
@@ -719,56 +690,13 @@ def _child_error(data: dict[str, Any]) -> BnnshiftError:
     """The child's error as the exception it was (its class by name among bnnshift's, so its exit
     code and one line are those of an export in this process), else an ``ExportError`` /
     ``VerificationError`` by exit code."""
-    from . import errors
-
-    known = {c.__name__: c for c in vars(errors).values()
-             if isinstance(c, type) and issubclass(c, BnnshiftError)}
-    known.update(ExportError=ExportError)
-    cls = known.get(str(data.get("kind")))
-    if cls is None:
-        cls = VerificationError if data.get("exit_code") == VerificationError.exit_code else ExportError
-    return cls(data["error"], hint=data.get("hint"))
+    return child_error(data, extra=(ExportError,), default=ExportError,
+                       by_exit_code={VerificationError.exit_code: VerificationError})
 
 
-_CHILD_BOOT = (
-    "import sys, importlib.util as u\n"
-    "sys.path[:] = [p for p in __import__('json').loads(sys.argv[1]) if p]\n"
-    "spec = u.spec_from_file_location('bnnshift', sys.argv[2], submodule_search_locations=[sys.argv[3]])\n"
-    "pkg = u.module_from_spec(spec); sys.modules['bnnshift'] = pkg; spec.loader.exec_module(pkg)\n"
-    "mod = sys.argv[4]; del sys.argv[1:5]; sys.argv[0] = mod\n"
-    "import runpy; runpy.run_module(mod, run_name='__main__', alter_sys=True)\n"
-)
-
-
-def _safe_sys_path(extra: Iterable[str] = ()) -> list[str]:
-    """This process's ``sys.path`` without the caller's directory ('' or the cwd, which ``python
-    -m`` / ``-c`` put first) and without bnnshift's own parent directory (the package is loaded
-    by its location, so a source checkout's root adds nothing importable); ``extra`` appended."""
-    cwd = os.path.realpath(os.getcwd())
-    own_root = os.path.realpath(str(Path(__file__).resolve().parent.parent))
-    keep: list[str] = []
-    for p in sys.path:
-        if not p or not os.path.isabs(p):
-            continue  # '' and relative entries name the caller's directory
-        rp = os.path.realpath(p)
-        if rp in (cwd, own_root) or p in keep:
-            continue
-        keep.append(p)
-    keep += [os.path.abspath(e) for e in extra if e and os.path.abspath(e) not in keep]
-    return keep
-
-
-def child_command(module: str, *, code_dirs: Iterable[str] = ()) -> list[str]:
-    """``argv`` that runs ``python -m module`` isolated: ``python -I`` (no cwd / script
-    directory, no ``PYTHON*`` variables, no user site) with ``sys.path`` set explicitly to this
-    process's path minus the caller's directory, and the ``bnnshift`` package loaded from this
-    file's location (so an editable install and a source checkout both work, and a ``json.py``
-    or ``argparse.py`` lying in the cwd is never imported). ``code_dirs``: directories the
-    user's own spec needs (a ``pkg.mod:fn`` spec resolved against the cwd), appended last so
-    the standard library always wins. Append the module's own arguments to the list."""
-    pkg_dir = Path(__file__).resolve().parent
-    return [sys.executable, "-I", "-c", _CHILD_BOOT, json.dumps(_safe_sys_path(code_dirs)),
-            str(pkg_dir / "__init__.py"), str(pkg_dir), module]
+def _run_child(cmd: list[str], timeout: float | None) -> subprocess.CompletedProcess:
+    """Run the exporter child (``_isolate.run_child``); ``ExportError`` after ``timeout`` seconds."""
+    return run_child(cmd, timeout, error=ExportError, what="ONNX export", hint="export a smaller model")
 
 
 def _module_spec_dirs(out_dir: Any, model: Any) -> list[str]:
@@ -793,79 +721,6 @@ def _module_spec_dirs(out_dir: Any, model: Any) -> list[str]:
 
 
 _EXPORT_TMP_PREFIX = "bnnshift-export-"  # + parent PID + "-": the exporter's temp directory
-
-
-_STOP_SIGNALS = ("SIGINT", "SIGTERM")
-
-
-def _run_child(cmd: list[str], timeout: float | None) -> subprocess.CompletedProcess:
-    """Run the exporter child; Ctrl-C / SIGTERM (``bnnshift._signals``) end it and propagate.
-
-    The signals are blocked while the child is forked (a Python handler raising inside the fork
-    callbacks would be lost: "Exception ignored") and delivered right after; the child starts with
-    them unblocked. Raises ``ExportError`` after ``timeout`` seconds."""
-    import signal
-
-    block = {getattr(signal, n) for n in _STOP_SIGNALS if hasattr(signal, n)}
-    can_mask = os.name == "posix" and hasattr(signal, "pthread_sigmask")
-    child = None
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, block) if can_mask else None
-    try:
-        try:
-            child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                     preexec_fn=_die_with_parent(os.getpid(), block if can_mask else ())
-                                     if os.name == "posix" else None)
-        finally:
-            if can_mask:
-                signal.pthread_sigmask(signal.SIG_SETMASK, old)  # a pending signal is raised here
-        out, err = child.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        child.kill()
-        child.communicate()
-        raise ExportError(f"ONNX export did not finish in {timeout:.0f}s", hint="export a smaller model") from None
-    except BaseException:  # Ctrl-C / SIGTERM: end the child first, then unwind (temp dir removed)
-        if child is not None:
-            child.kill()
-            child.wait()
-        raise
-    return subprocess.CompletedProcess(cmd, child.returncode, out, err)
-
-
-def _die_with_parent(parent_pid: int, unblock: Iterable[int] = ()):
-    """``preexec_fn`` for the exporter child: SIGKILL it when the parent dies (Linux
-    PR_SET_PDEATHSIG); exit at once if the parent is already gone (the race before prctl)."""
-
-    def pre() -> None:
-        import signal
-
-        if unblock:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, set(unblock))
-
-        if sys.platform.startswith("linux"):
-            try:
-                import ctypes
-
-                ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
-            except (OSError, AttributeError):
-                pass
-        if os.getppid() != parent_pid:
-            os._exit(1)
-
-    return pre
-
-
-def _watch_parent(parent_pid: int, interval: float = 0.5) -> None:
-    """Exit the child when its parent is gone (where PR_SET_PDEATHSIG does not exist)."""
-    import threading
-    import time
-
-    def watch() -> None:
-        while True:
-            if os.getppid() != parent_pid:
-                os._exit(1)
-            time.sleep(interval)
-
-    threading.Thread(target=watch, daemon=True, name="bnnshift-parent-watch").start()
 
 
 def _arg_pairs(args: Any) -> list[str]:
@@ -894,15 +749,14 @@ def _main(argv: list[str] | None = None) -> int:
     ap.add_argument("--output-key", default=None)
     a = ap.parse_args(argv)
     if a.parent_pid is not None:
-        _watch_parent(a.parent_pid)
+        watch_parent(a.parent_pid)
     try:
         report = _export_dir_inprocess(a.out_dir, a.onnx_path, a.opset, a.batches, model=a.model, model_args=a.arg,
                                        trust=a.trust_recipe, output_index=a.output_index,
                                        output_key=a.output_key)
         payload, code = {"report": report.to_json(), "bn_statistics_stale": report.bn_statistics_stale}, 0
     except BnnshiftError as exc:
-        payload, code = ({"error": exc.message, "hint": exc.hint, "exit_code": exc.exit_code,
-                          "kind": type(exc).__name__}, exc.exit_code)
+        payload, code = error_payload(exc), exc.exit_code
     except Exception as exc:  # noqa: BLE001
         payload, code = {"error": f"ONNX export failed: {_one_line(exc)}", "hint": None, "exit_code": 1}, 1
     Path(a.report).write_text(json.dumps(payload, default=str))

@@ -21,12 +21,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._runtime import hook_slot
+from ._state import model_state, set_state
 from .analyse import measure_bias_sign
 from .errors import PatchError
 
 PROBE_BATCH = 8
 from .shift import fold_delta, host_path, remove_shifts, shifted_sites, threshold_attr
-from .sites import APPLY_OP, APPLY_PRE_HOOK, APPLY_PRODUCER, Site
+from .sites import APPLY_OP, Site
 
 __all__ = ["FoldReport", "fold_shifts"]
 
@@ -100,18 +102,8 @@ def _fold_target(model: nn.Module, site: Site, t: torch.Tensor) -> tuple[torch.T
 
 def _drop_site(model: nn.Module, site: Site) -> None:
     """Remove the site's hook entry and threshold tensor (other sites keep theirs)."""
-    sr = model._bnnshift_shift
-    rt = sr.runtime
-    if site.apply == APPLY_PRE_HOOK:
-        rt.pre_call.pop((site.module, site.call_index), None)
-    elif site.apply == APPLY_PRODUCER:
-        rt.post_call.pop((site.module, site.call_index), None)
-    elif site.apply == APPLY_OP:
-        rt.op_handlers.pop((site.scope or "", site.op_index), None)
-    for path, handlers in list(rt.param_shifts.items()):
-        handlers[:] = [h for h in handlers if h.site != site.name]
-        if not handlers:
-            del rt.param_shifts[path]
+    sr = model_state(model).shift
+    sr.runtime.detach(site)
     host = _module(model, host_path(site))
     attr = threshold_attr(site)
     if host is not None:
@@ -203,11 +195,11 @@ def _probe_batch(input_shape: Any, example: torch.Tensor | None) -> torch.Tensor
 
 def _outputs(model: nn.Module, x: torch.Tensor) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
     """Every tensor the model returns and every binary site output that can be tapped."""
-    from .export import _Taps
+    from ._taps import Taps
 
-    sites = [s for s in shifted_sites(model) + list(getattr(model, "_bnnshift_fold_taps", []))
-             if s.apply == APPLY_OP or (s.apply == APPLY_PRE_HOOK and s.scope is None)]
-    taps = _Taps(model, sites)
+    sites = [s for s in shifted_sites(model) + list(model_state(model).fold_taps)
+             if s.apply == APPLY_OP or hook_slot(s).module_binarizer]
+    taps = Taps(model, sites)
     try:
         with torch.no_grad():
             y = model(x)
@@ -270,7 +262,7 @@ def _verified(model: nn.Module, groups: list[_Group], x: torch.Tensor, kept: dic
             why = _apply_group(m, g)
             if why:
                 return why
-        m._bnnshift_fold_taps = [s for g in gs for s in g.sites]
+        set_state(m, fold_taps=[s for g in gs for s in g.sites])
         try:
             return _differs(ref, _outputs(m, xd), exact)
         except Exception as exc:  # noqa: BLE001
@@ -327,7 +319,7 @@ def fold_shifts(model: nn.Module, input_shape: Any = None, *, example: torch.Ten
     if groups:
         x = _probe_batch(input_shape, example)
         groups = _verified(model, groups, x, report.kept)
-    rt = model._bnnshift_shift.runtime
+    rt = model_state(model).shift.runtime
     lowered = {h.site for hs in rt.param_shifts.values() for h in hs}
     for g in groups:
         why = _apply_group(model, g)

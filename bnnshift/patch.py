@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from ._io import atomic_save_safetensors, atomic_write_json, prepare_output_dir, sha256_file
+from ._state import model_state, set_state
 from ._trust import CODE_KINDS, local_modules, record_trusted, trusted_entry
 from .errors import CheckpointError, NoSitesError, PatchError, UntrustedRecipeError, UsageError
 from .shift import get_thresholds, insert_shifts, shifted_sites, threshold_key
@@ -209,7 +210,7 @@ class ShiftConfig:
 
 @dataclass
 class _PatchState:
-    """What a patch did, kept on the model (``model._bnnshift_patch``) for recipe and fold."""
+    """What a patch did, kept on the model (``_state.model_state(model).patch``) for recipe and fold."""
 
     shifts: dict[str, float]
     hardtanh_shifts: dict[str, float]
@@ -222,7 +223,8 @@ class _PatchState:
 
 
 def patch_state(model: nn.Module) -> _PatchState | None:
-    return getattr(model, "_bnnshift_patch", None)
+    """What ``patch_model`` / ``apply_recipe`` did to ``model`` (None when neither did)."""
+    return model_state(model).patch
 
 
 def patch_model(model: nn.Module, report_or_sites: ScanReport | Iterable[Site], config: ShiftConfig | float | None,
@@ -265,9 +267,9 @@ def patch_model(model: nn.Module, report_or_sites: ScanReport | Iterable[Site], 
                          hint="pass --shift T, --site PATTERN=T or a config file")
     all_sites = [s for s in sites if s.name in shifts] + ht_sites
     insert_shifts(model, all_sites, {**shifts, **ht_shifts}, trainable=trainable, per_channel=per_channel)
-    model._bnnshift_patch = _PatchState(shifts=shifts, hardtanh_shifts=ht_shifts, trainable=trainable,
-                                        per_channel=per_channel, sites=[s for s in sites if s.name in shifts],
-                                        hardtanh_sites=ht_sites, config=config.to_json())
+    set_state(model, patch=_PatchState(shifts=shifts, hardtanh_shifts=ht_shifts, trainable=trainable,
+                                       per_channel=per_channel, sites=[s for s in sites if s.name in shifts],
+                                       hardtanh_sites=ht_sites, config=config.to_json()))
     return model
 
 
@@ -566,10 +568,10 @@ def apply_recipe(model: nn.Module, recipe_or_path: PatchRecipe | str | os.PathLi
         insert_shifts(model, sites + ht, {**shifts, **ht_shifts}, trainable=recipe.trainable,
                       per_channel=recipe.per_channel)
     folded = {} if include_folded else {d["name"]: d["folded_into"] for d in recipe.sites if d.get("folded_into")}
-    model._bnnshift_patch = _PatchState(
+    set_state(model, patch=_PatchState(
         shifts={d["name"]: float(d["shift"]) for d in recipe.sites}, hardtanh_shifts=ht_shifts,
         trainable=recipe.trainable, per_channel=recipe.per_channel, folded=folded,
-        sites=_sites_of(recipe.sites), hardtanh_sites=ht, config=recipe.config)
+        sites=_sites_of(recipe.sites), hardtanh_sites=ht, config=recipe.config))
     return model
 
 

@@ -13,8 +13,9 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from ._runtime import SiteRuntime, binary_part
-from .sites import APPLY_OP, APPLY_PRE_HOOK, APPLY_PRODUCER, Site
+from ._runtime import OP, POST_CALL, PRE_CALL, SiteRuntime, binary_part, hook_slot
+from ._state import model_state
+from .sites import APPLY_OP, Site
 
 _SAMPLE = 50_000  # pre-activation values kept per site for median/skew
 
@@ -80,14 +81,15 @@ def probe_sites(model: nn.Module, sites: Iterable[Site], batches: Iterable[torch
                 device: torch.device | str = "cpu", update: bool = True) -> dict[str, dict]:
     """Measure every site on ``batches`` (eval mode, no grad).
 
-    Returns ``{site name: {"fired", "binary", "plus_fraction", "preact", "channels"}}`` and,
-    with ``update``, writes those into the ``Site`` objects. Sites already shifted by a patch
-    are measured *after* the shift (the subtraction happens before the measurement hook).
+    Returns ``{site name: {"fired", "binary", "plus_fraction", "zero_fraction", "preact",
+    "channels", "preact_zero_fraction"}}`` and, with ``update``, writes those into the ``Site``
+    objects. Sites already shifted by a patch are measured *after* the shift (the subtraction
+    happens before the measurement hook).
     """
     sites = list(sites)
     acc = {s.name: _Acc() for s in sites}
     probe_scopes = {s.scope or "" for s in sites if s.scope is not None}
-    shift = getattr(model, "_bnnshift_shift", None)
+    shift = model_state(model).shift
     if shift is not None:
         # a patched model: measure through its own runtime (one runtime per model at a time)
         rt = shift.runtime
@@ -97,45 +99,7 @@ def probe_sites(model: nn.Module, sites: Iterable[Site], batches: Iterable[torch
     else:
         rt = SiteRuntime(model, watch_scopes=probe_scopes)
         saved = None
-    by_call: dict[tuple[str, int], Site] = {}
-    by_out: dict[tuple[str, int], Site] = {}
-    by_op: dict[tuple[str, int], Site] = {}
-    for s in sites:
-        if s.apply == APPLY_PRE_HOOK:
-            by_call[(s.module, s.call_index)] = s
-            if s.scope is not None:  # input quantizer: its output is an op inside the conv
-                by_op[(s.scope, s.op_index)] = s
-        elif s.apply == APPLY_PRODUCER:
-            by_out[(s.module, s.call_index)] = s
-            by_op[(s.scope or "", s.op_index)] = s
-        elif s.apply == APPLY_OP:
-            by_op[(s.scope or "", s.op_index)] = s
-
-    def any_pre(path, k, args):
-        s = by_call.get((path, k))
-        if s is not None and args and isinstance(args[0], torch.Tensor):
-            acc[s.name].add_pre(args[0])
-
-    def any_post(path, k, output):
-        s = by_call.get((path, k))
-        out = binary_part(output)  # (sign, scale): the sign output is the site
-        if s is not None and s.scope is None and isinstance(out, torch.Tensor):
-            acc[s.name].add_out(out)
-        s = by_out.get((path, k))
-        if s is not None and isinstance(output, torch.Tensor):
-            acc[s.name].add_pre(output)
-
-    def record(ev):
-        s = by_op.get((ev.scope, ev.index))
-        if s is None:
-            return
-        if s.apply == APPLY_OP and ev.inputs and isinstance(ev.inputs[0], torch.Tensor):
-            acc[s.name].add_pre(ev.inputs[0])
-        out = binary_part(ev.output)  # (sign, scale): the sign output is the site
-        if isinstance(out, torch.Tensor):
-            acc[s.name].add_out(out)
-
-    rt.any_pre, rt.any_post, rt.record_ops = _uncounted(rt, any_pre), _uncounted(rt, any_post), _uncounted(rt, record)
+    by_call, by_out = _recorders(rt, sites, acc)
     was_training = model.training
     model.eval()
     # any_pre/any_post fire only on counted module calls: count the ones we need
@@ -154,29 +118,77 @@ def probe_sites(model: nn.Module, sites: Iterable[Site], batches: Iterable[torch
             rt.pre_call.clear()
             rt.pre_call.update(pre_call)
             rt.install(apply_wrapper=True)
-
-    out: dict[str, dict] = {}
-    for s in sites:
-        a = acc[s.name]
-        binary = a.fired > 0 and a.max_distinct <= 3
-        preact = _preact_stats(a.samples)
-        if preact is not None and a.pre_min <= a.pre_max:
-            preact["min"], preact["max"] = a.pre_min, a.pre_max
-        # {0,1} / boolean sites emit 0 by design; for a sign the zeros are sign(0) = 0
-        signed = a.fired > 0 and any(v < 0 for v in a.distinct)
-        res = {"fired": a.fired > 0, "binary": binary,
-               "plus_fraction": (a.plus / a.total) if a.total else None,
-               "zero_fraction": (a.zeros / a.total) if (a.total and signed) else None,
-               "preact": preact, "channels": a.channels,
-               "preact_zero_fraction": (a.pre_zeros / a.pre_total) if a.pre_total else None}
-        out[s.name] = res
-        if update:
-            s.fired, s.binary_checked = res["fired"], res["binary"]
-            s.plus_fraction, s.preact = res["plus_fraction"], res["preact"]
-            s.zero_fraction = res["zero_fraction"]
-            if res["channels"] is not None:
-                s.channels = res["channels"]
+    out = {s.name: _result(acc[s.name]) for s in sites}
+    if update:
+        for s in sites:
+            _update_site(s, out[s.name])
     return out
+
+
+def _recorders(rt: SiteRuntime, sites: list[Site], acc: dict[str, "_Acc"]):
+    """Set ``rt``'s recording callbacks (uncounted) to feed ``acc`` per site, each site read
+    where ``_runtime.hook_slot`` hooks it; returns the (path, k) calls they must count."""
+    by_call: dict[tuple[str, int], Site] = {}
+    by_out: dict[tuple[str, int], Site] = {}
+    by_op: dict[tuple[str, int], Site] = {}
+    binarizers: set[str] = set()  # sites whose call's output is the binary one
+    for s in sites:
+        slot = hook_slot(s)
+        {PRE_CALL: by_call, POST_CALL: by_out, OP: by_op}[slot.table][slot.key] = s
+        if slot.op is not None:  # the binarizing op inside a hooked call: its output is the site's
+            by_op[slot.op] = s
+        if slot.module_binarizer:
+            binarizers.add(s.name)
+
+    def any_pre(path, k, args):
+        s = by_call.get((path, k))
+        if s is not None and args and isinstance(args[0], torch.Tensor):
+            acc[s.name].add_pre(args[0])
+
+    def any_post(path, k, output):
+        s = by_call.get((path, k))
+        out = binary_part(output)  # (sign, scale): the sign output is the site
+        if s is not None and s.name in binarizers and isinstance(out, torch.Tensor):
+            acc[s.name].add_out(out)
+        s = by_out.get((path, k))
+        if s is not None and isinstance(output, torch.Tensor):
+            acc[s.name].add_pre(output)
+
+    def record(ev):
+        s = by_op.get((ev.scope, ev.index))
+        if s is None:
+            return
+        if s.apply == APPLY_OP and ev.inputs and isinstance(ev.inputs[0], torch.Tensor):
+            acc[s.name].add_pre(ev.inputs[0])
+        out = binary_part(ev.output)  # (sign, scale): the sign output is the site
+        if isinstance(out, torch.Tensor):
+            acc[s.name].add_out(out)
+
+    rt.any_pre, rt.any_post, rt.record_ops = _uncounted(rt, any_pre), _uncounted(rt, any_post), _uncounted(rt, record)
+    return by_call, by_out
+
+
+def _result(a: "_Acc") -> dict:
+    """One site's measurement (``probe_sites``' per-site dict) from its accumulator."""
+    binary = a.fired > 0 and a.max_distinct <= 3
+    preact = _preact_stats(a.samples)
+    if preact is not None and a.pre_min <= a.pre_max:
+        preact["min"], preact["max"] = a.pre_min, a.pre_max
+    # {0,1} / boolean sites emit 0 by design; for a sign the zeros are sign(0) = 0
+    signed = a.fired > 0 and any(v < 0 for v in a.distinct)
+    return {"fired": a.fired > 0, "binary": binary,
+            "plus_fraction": (a.plus / a.total) if a.total else None,
+            "zero_fraction": (a.zeros / a.total) if (a.total and signed) else None,
+            "preact": preact, "channels": a.channels,
+            "preact_zero_fraction": (a.pre_zeros / a.pre_total) if a.pre_total else None}
+
+
+def _update_site(s: Site, res: dict) -> None:
+    s.fired, s.binary_checked = res["fired"], res["binary"]
+    s.plus_fraction, s.preact = res["plus_fraction"], res["preact"]
+    s.zero_fraction = res["zero_fraction"]
+    if res["channels"] is not None:
+        s.channels = res["channels"]
 
 
 def _noop(module, args):
@@ -240,12 +252,7 @@ def gradient_check(model: nn.Module, sites: Iterable[Site], x: torch.Tensor) -> 
 
     rt = SiteRuntime(model, watch_scopes={s.scope or "" for s in sites if s.apply == APPLY_OP})
     for s in sites:
-        if s.apply == APPLY_PRE_HOOK:
-            rt.pre_call[(s.module, s.call_index)] = keep(s.name)
-        elif s.apply == APPLY_PRODUCER:
-            rt.post_call[(s.module, s.call_index)] = keep(s.name)
-        elif s.apply == APPLY_OP:
-            rt.op_handlers[(s.scope or "", s.op_index)] = keep(s.name)
+        rt.attach(s, keep(s.name))
     was_training = model.training
     # train mode, as training runs: with the running statistics of an untrained model a BN
     # can push every value of the probe batch out of a clipped STE's window (|x| <= 1), which

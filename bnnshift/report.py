@@ -308,6 +308,8 @@ def _schedule_lines(summary: "SearchSummary") -> list[str]:
             line += f"; {_stop_text(r['stopped_early'])}"
         if r.get("decision"):
             line += f"; {r['decision']['action']}: {r['decision']['why']}"
+            if r["decision"].get("baseline") and r["decision"]["action"] != "baseline":
+                line += f"; {r['decision']['baseline']}"
         sc = r.get("scores") or {}
         if sc:  # every rung's scores (mean over seeds, at equal steps)
             line += "; scores " + ", ".join(f"t={float(t):g} {'-' if v is None else f'{v * 100:.2f}%'}"

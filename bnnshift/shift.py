@@ -17,9 +17,10 @@ import torch
 from torch import nn
 
 from ._compat import alias_kwargs
-from ._runtime import SiteRuntime, _PostHook, _PreHook, _RootPre, own_modules, site_hook_paths
+from ._runtime import POST_CALL, SiteRuntime, hook_slot, own_modules, site_hook_paths
+from ._state import model_state, set_state
 from .errors import PatchError
-from .sites import APPLY_OP, APPLY_PRE_HOOK, APPLY_PRODUCER, Site, target_param
+from .sites import APPLY_OP, APPLY_PRODUCER, Site, target_param
 
 THRESHOLD_PREFIX = "bnnshift_threshold_"
 
@@ -142,7 +143,7 @@ def insert_shifts(model: nn.Module, sites: Iterable[Site], shifts: dict[str, flo
     gives them one value per channel (needs ``site.channels``). Raises ``PatchError`` for an
     unknown site or a site whose host module does not exist.
     """
-    if getattr(model, "_bnnshift_shift", None) is not None:
+    if model_state(model).shift is not None:
         raise PatchError("the model already has bnnshift shifts", hint="patch a freshly built model")
     sites = [s for s in sites if s.name in shifts]
     own_modules(model, site_hook_paths(model, sites))  # thresholds live on this instance only
@@ -174,17 +175,15 @@ def insert_shifts(model: nn.Module, sites: Iterable[Site], shifts: dict[str, flo
         lowered = _lowered(model, s, host, attr, t)
         if lowered is not None:
             rt.param_shifts.setdefault(lowered[0], []).append(lowered[1])
-        elif s.apply == APPLY_PRE_HOOK:
-            rt.pre_call[(s.module, s.call_index)] = _SubtractInput(attr)
-        elif s.apply == APPLY_PRODUCER:
-            rt.post_call[(s.module, s.call_index)] = _SubtractOutput(attr)
-        elif s.apply == APPLY_OP:
-            rt.op_handlers[(s.scope or "", s.op_index)] = _SubtractInput(attr)
-        else:
-            raise PatchError(f"site {s.name}: unknown apply mode {s.apply!r}")
+            continue
+        try:
+            slot = hook_slot(s)
+        except ValueError as exc:
+            raise PatchError(str(exc)) from None
+        rt.attach(s, _SubtractOutput(attr) if slot.table == POST_CALL else _SubtractInput(attr))
     uses_apply = any(s.apply == APPLY_OP and s.op.endswith(".apply") for s in sites)
     rt.install(apply_wrapper=uses_apply)
-    model._bnnshift_shift = ShiftRuntime(rt, sites)
+    set_state(model, shift=ShiftRuntime(rt, sites))
     return model
 
 
@@ -202,29 +201,22 @@ def _lowered(model: nn.Module, s: Site, host: nn.Module, attr: str, t: torch.Ten
 
 
 def remove_shifts(model: nn.Module, *, keep_thresholds: bool = False) -> nn.Module:
-    """Detach every bnnshift hook (and, unless ``keep_thresholds``, the threshold tensors)."""
-    for m in model.modules():
-        for d in (m._forward_pre_hooks, m._forward_hooks):
-            for k in [k for k, h in d.items() if isinstance(h, (_PreHook, _PostHook, _RootPre))]:
-                del d[k]
-                m._forward_hooks_with_kwargs.pop(k, None) if hasattr(m, "_forward_hooks_with_kwargs") else None
-                m._forward_pre_hooks_with_kwargs.pop(k, None) if hasattr(m, "_forward_pre_hooks_with_kwargs") else None
-                if hasattr(m, "_forward_hooks_always_called"):
-                    m._forward_hooks_always_called.pop(k, None)
-        if not keep_thresholds:
-            for name in [n for n in list(m._buffers) if n.startswith(THRESHOLD_PREFIX)]:
-                del m._buffers[name]
-            for name in [n for n in list(m._parameters) if n.startswith(THRESHOLD_PREFIX)]:
-                del m._parameters[name]
-    sr = getattr(model, "_bnnshift_shift", None)
+    """Detach every bnnshift hook (through the runtime's removable handles) and, unless
+    ``keep_thresholds``, the threshold tensors; returns ``model``. The model's own hooks stay."""
+    sr = model_state(model).shift
     if sr is not None:
-        sr.runtime._exit_mode()
-        model._bnnshift_shift = None
+        sr.runtime.remove()
+        set_state(model, shift=None)
+    if not keep_thresholds:
+        for m in model.modules():
+            for name in [n for n in list(m._buffers) + list(m._parameters) if n.startswith(THRESHOLD_PREFIX)]:
+                delattr(m, name)
     return model
 
 
 def shifted_sites(model: nn.Module) -> list[Site]:
-    sr = getattr(model, "_bnnshift_shift", None)
+    """The sites whose shift hooks ``insert_shifts`` attached to ``model`` (empty when none)."""
+    sr = model_state(model).shift
     return list(sr.sites) if sr is not None else []
 
 

@@ -109,3 +109,35 @@ def test_halving_search_reports_each_transition(tmp_path):
                         batch_size=32, steps=8, compile="off", bn_recalib_batches=1, shifts=[0.0, 0.5, 1.0, 1.5],
                         schedule="halving", min_fraction=0.5, rung_min_samples=0), progress=P())
     assert calls == [(0, 1, 2), (0, 2, 2)]  # rung 0 at 4 steps keeps 2 of 4: two measured between rungs
+
+
+def test_halving_search_reports_the_work_after_a_candidates_steps():
+    """Between one candidate's last step and the next one's first (its paused state saved, the
+    next one's restored, the finishers' +1 shares measured) the search calls ``phase``; the
+    status line shows it (issue 22: the bar froze between rungs)."""
+    from bnnshift.search import SearchConfig, search
+
+    calls = []
+
+    class P:
+        def start(self, s, seed, i, n):
+            calls.append(("start", s))
+
+        def phase(self, text):
+            calls.append(("phase", text))
+
+    search(SearchConfig(model="zoo:mlp", data="synthetic:256", model_args={"width": 0.25}, input_shape=(1, 28, 28),
+                        batch_size=32, steps=8, compile="off", bn_recalib_batches=1, shifts=[0.0, 0.5, 1.0, 1.5],
+                        schedule="halving", min_fraction=0.5, rung_min_samples=0), progress=P())
+    texts = [c[1] for c in calls if c[0] == "phase"]
+    assert sum("saving its state" in t for t in texts) == 4  # rung 0: four candidates paused
+    assert sum("restoring its state paused at step 4" in t for t in texts) == 2  # rung 1: two go on
+    assert sum("+1 shares" in t for t in texts) == 2  # the finishers measured
+    o = Output(quiet=True)
+    p = SearchProgress(o, every=0)
+    p.start(0.5, 0, 0, 6)
+    p.step(4, 4)
+    p.phase("pausing at step 4: saving its state for the next rung")
+    assert "step 4/4, pausing at step 4" in p.status_line()
+    p.start(1.0, 0, 1, 6)
+    assert "pausing" not in p.status_line()

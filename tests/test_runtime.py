@@ -269,3 +269,177 @@ def test_float_op_baseline_is_the_same_layer():
                      (packed.conv, torch.where(torch.randn(2, 16, 6, 6) > 0, 1.0, -1.0))):
         assert isinstance(layer, PackedConv2d)
         assert torch.allclose(layer.float_op()(x), layer(x), atol=1e-5)
+
+
+# --- integer thresholds: packed layer + [MaxPool] + BN + binarizer as one comparison on the popcount ---
+THR_CASES = [  # (C, O, k, H, stride, pad, groups, {0,1} input, pool [kh, kw, sh, sw] or [], pool first)
+    (70, 8, 3, 8, 1, 1, 1, False, [2, 2, 2, 2], True), (64, 6, 3, 9, 2, 1, 2, False, [], True),
+    (130, 4, 2, 7, 1, 1, 1, True, [2, 2, 2, 2], False), (6, 6, 3, 5, 1, 1, 6, False, [3, 3, 1, 1], False),
+]
+
+
+@pytest.mark.parametrize("case", THR_CASES)
+def test_threshold_kernel_equals_reference(case):
+    c, o, k, h, s, p, g, zo, pool, first = case
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, c, h, h, generator=gen)
+    words, popw = ref.pack_weight(torch.where(torch.randn(o, c // g, k, k, generator=gen) > 0, 1.0, -1.0))
+    fan = k * k * c // g // 3  # thresholds inside the reachable sums: both bits occur
+    thr, flip = torch.randint(-fan, fan + 1, (o,), generator=gen), torch.rand(o, generator=gen) > 0.5
+    for dtype in (torch.float32, torch.float64):
+        want = ref.bconv2d_bits(x.to(dtype), words, popw, thr, flip, [s, s], [p, p], [1, 1], g, zo, pool, first,
+                                -1.0, 1.0)
+        assert set(want.unique().tolist()) == {-1.0, 1.0}
+        for xin in (x.to(dtype), x.to(dtype).contiguous(memory_format=torch.channels_last)):  # both memory layouts
+            got = torch.ops.bnnshift.bconv2d_bits(xin, words, ref.transpose_weight(words, g), popw, thr, flip, [s, s],
+                                                  [p, p], [1, 1], g, zo, pool, first, -1.0, 1.0)
+            assert torch.equal(got, want)
+    # the definition: u = dot >= thr; a pool before the binarizer ORs u, then flips
+    dot = ref.bdot(x, words, popw, [s, s], [p, p], [1, 1], g, zo)
+    u = (dot >= thr.view(1, -1, 1, 1)).float()
+    if pool and first:
+        u = F.max_pool2d(u, pool[:2], pool[2:])
+    if not pool:
+        assert torch.equal(want.float() > 0, (u > 0) != flip.view(1, -1, 1, 1))
+    elif first:
+        assert torch.equal(want > 0, (u > 0) != flip.view(1, -1, 1, 1))
+
+
+class GE(nn.Module):  # ties (x == 0) go to +1, in any dtype
+    def forward(self, x):
+        return torch.where(x >= 0, torch.ones_like(x), -torch.ones_like(x))
+
+
+class Step(nn.Module):  # {0,1} activations, ties to 1
+    def forward(self, x):
+        return (x >= 0).to(x.dtype)
+
+
+class GEFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return torch.where(x >= 0, torch.ones_like(x), -torch.ones_like(x))
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
+class GEApply(nn.Module):  # the same binarizer spelled as an autograd Function
+    def forward(self, x):
+        return GEFunction.apply(x)
+
+
+class Tied(nn.Module):
+    """conv 1x1 on 4 channels of +-1 weights: every dot is in {-4, -2, 0, 2, 4}, and BN (eps 0) puts
+    the threshold exactly on one of them: channel 0 at 2, channel 1 at 0 with gamma < 0, channel 2
+    constant (gamma = 0), channel 3 at -2. Returns the second binary activation: bitwise comparable."""
+
+    def __init__(self, act: nn.Module, pool: str):
+        super().__init__()
+        self.pool = pool
+        self.a0 = GE()
+        self.conv = ScaledBinConv(4, 4, 1, bias=False)
+        self.mp = nn.MaxPool2d(2)
+        self.bn = nn.BatchNorm2d(4, eps=0.0)
+        self.act = act
+        self.conv2 = ScaledBinConv(4, 4, 1, bias=False)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.where(torch.randn(4, 4, 1, 1) > 0, 1.0, -1.0))
+            self.conv2.weight.copy_(torch.where(torch.randn(4, 4, 1, 1) > 0, 1.0, -1.0))  # integer outputs
+            self.bn.weight.copy_(torch.tensor([1.0, -1.0, 0.0, 0.5]))
+            self.bn.bias.copy_(torch.tensor([-2.0, 0.0, 0.5, 1.0]))
+        self.eval()
+
+    def forward(self, x):
+        y = self.conv(self.a0(x))
+        if self.pool == "before":
+            y = self.mp(y)
+        y = self.act(self.bn(y))
+        if self.pool == "after":
+            y = self.mp(y)
+        return self.conv2(y)
+
+
+@pytest.mark.parametrize("act", [GE, Step, GEApply])
+@pytest.mark.parametrize("pool", ["before", "after", "none"])
+def test_threshold_ties_flips_and_constant_channels_exact(act, pool):
+    torch.manual_seed(0)
+    m = Tied(act(), pool)
+    packed, rep = pack_model(m, (4, 6, 6))
+    assert list(rep.thresholds) == ["conv"] and rep.proof["exact"], rep.no_threshold
+    assert "1 channel(s) flipped" in rep.thresholds["conv"]  # gamma < 0 on channel 1 only; gamma = 0 is constant
+    assert isinstance(packed.bn, nn.Identity) and isinstance(packed.act, nn.Identity)
+    plain, _ = pack_model(m, (4, 6, 6), thresholds=False)
+    x = torch.randn(64, 4, 6, 6)
+    ties = 0
+    for dtype in (torch.float32, torch.float64):
+        with torch.no_grad():
+            want = m.to(dtype)(x.to(dtype))
+            ties += int((m.bn(m.conv(m.a0(x.to(dtype)))) == 0).sum())
+            assert torch.equal(packed.to(dtype)(x.to(dtype)), want)
+            assert torch.equal(plain.to(dtype)(x.to(dtype)), want)
+    assert ties > 100  # the thresholds were hit exactly, many times
+    fl = packed.conv.flip[0].tolist()
+    assert fl[1] and not fl[0] and not fl[3]  # gamma < 0 flips the comparison
+
+
+def test_threshold_refused_where_sign_gives_zero_and_after_avgpool():
+    torch.manual_seed(0)
+    _, rep = pack_model(Tied(Sign(), "none"), (4, 6, 6))  # sign(0) = 0 on a reachable sum: no threshold
+    assert "sign(0) = 0" in rep.no_threshold["conv"] and not rep.thresholds
+    m = zoo("vgg-small-avgpool", width=0.125, input_size=16)
+    _, rep = pack_model(m, (3, 16, 16))
+    assert set(rep.thresholds) == {"conv3", "fc1"} and "AvgPool2d" in rep.no_threshold["conv2"]
+    m = zoo("vgg-small", width=0.125, input_size=16)
+    packed, rep = pack_model(m, (3, 16, 16))
+    assert set(rep.thresholds) == {"conv2", "conv3", "conv4", "fc1"}, rep.no_threshold
+    assert "MaxPool before the binarizer" in rep.thresholds["conv2"]
+    assert sum(int(packed.get_submodule(p).flip[0].sum()) for p in rep.thresholds) > 0  # gamma < 0 channels
+    assert "no binarizer module" in rep.no_threshold["fc2"]  # fc2 -> bn6 -> fc3: float
+
+
+def test_threshold_layers_roundtrip_through_the_packed_directory(tmp_path):
+    src = tmp_path / "p"
+    subprocess.run([sys.executable, "-m", "bnnshift", "patch", "zoo:vgg-small", "--arg", "width=0.125", "--arg",
+                    "input_size=16", "--shift", "0.5", "--fold", "-o", str(src), "-q"], check=True, capture_output=True)
+    _, packed, rep = pack_dir(src, tmp_path / "out")
+    assert set(rep.thresholds) == {"conv2", "conv3", "conv4", "fc1"} and rep.proof["exact"], rep.no_threshold
+    loaded = load_packed(tmp_path / "out")
+    assert isinstance(loaded.bn2, nn.Identity) and loaded.conv2.pool == [2, 2, 2, 2]
+    assert loaded.bnnshift_pack_report.thresholds == rep.thresholds
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), packed(x))
+
+
+def test_torch_compile_of_a_packed_model_with_thresholds():
+    torch.manual_seed(0)
+    m = Tied(GE(), "before")
+    packed, rep = pack_model(m, (4, 6, 6))
+    assert rep.thresholds
+    x = torch.randn(5, 4, 6, 6)
+    compiled = torch.compile(packed, backend="aot_eager", fullgraph=True)  # traced on the fake kernels; no codegen
+    with torch.no_grad():
+        assert torch.equal(compiled(x), m(x))
+    ep = torch.export.export(packed, (x,))
+    assert any("bconv2d_bits" in str(n.target) for n in ep.graph.nodes)
+
+
+class Leaky(Tied):
+    """The BN output also feeds a float branch the chain cannot see (no module reads it)."""
+
+    def forward(self, x):
+        y = self.bn(self.conv(self.a0(x)))
+        return self.conv2(self.act(y)) + y.mean((1, 2, 3), keepdim=True)
+
+
+def test_threshold_whose_absorbed_output_is_used_elsewhere_is_dropped_by_the_proof():
+    torch.manual_seed(0)
+    m = Leaky(GE(), "none")
+    packed, rep = pack_model(m, (4, 6, 6))
+    assert not rep.thresholds and "failed the proof" in rep.no_threshold["conv"]
+    assert set(rep.packed) == {"conv", "conv2"} and rep.proof["exact"]
+    x = torch.randn(8, 4, 6, 6)
+    with torch.no_grad():
+        assert torch.allclose(packed(x), m(x), atol=1e-5)

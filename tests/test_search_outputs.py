@@ -75,7 +75,7 @@ MODELS = textwrap.dedent('''
     class DictScores(Body):  # another key: --output-key scores
         def forward(self, x):
             logits, f1, f2 = self.parts(x)
-            return {"scores": logits, "aux": f1}
+            return {"scores": logits, "aux": f2}
 
 
     @dataclass
@@ -155,20 +155,23 @@ def test_compiled_step_picks_the_logits(models, tmp_path, monkeypatch, kind, ext
     assert all(c["compiled"] is True for c in d["candidates"]), [c.get("compile_error") for c in d["candidates"]]
 
 
-@pytest.mark.parametrize("kind,compiled", [("kd", [True, True]), ("kd_site", [True, False])])
+@pytest.mark.parametrize("kind,compiled", [("kd", [True, True]), ("kd_site", [False, False])])
 def test_compiled_search_scores_equal_eager(models, tmp_path, monkeypatch, kind, compiled):
     """The compiled search scores what the eager search scores (float64: rounding cannot
-    differ). Where torch.compile gets the gradients wrong (the shifted sign's input also returned
-    as a feature: measured 0.1 relative difference) the first-step check keeps the search eager,
+    differ). Where torch.compile would get the shift wrong (the shifted sign's input also returned
+    as a feature: the site is shifted by the op mode, which torch.compile applies twice; measured
+    0.1 relative gradient difference, tests/test_search_opmode.py) --compile auto trains eager and
     says why, and the scores are the eager ones; never a silently different training."""
     eager = _search(tmp_path, f"{models}:build", "--arg", f"kind={kind}", "--dtype", "float64", "--no-compile")
     _force_compiled_path(monkeypatch)
     comp = _search(tmp_path, f"{models}:build", "--arg", f"kind={kind}", "--dtype", "float64", "--compile", "auto")
-    assert comp["step_path"]["compile"] is True
+    assert comp["step_path"]["compile"] is all(compiled)
+    if not all(compiled):
+        assert "applies such a shift twice" in comp["step_path"]["reason"], comp["step_path"]
     assert [c["shift"] for c in comp["candidates"]] == [0.0, 0.5]
     assert [c["compiled"] for c in comp["candidates"]] == compiled  # t = 0 compiles exactly; t = 0.5 would not
     for c, ok in zip(comp["candidates"], compiled):
-        assert (c["compile_error"] is None) if ok else ("differ from eager" in c["compile_error"]), c
+        assert c["compile_error"] is None, c
     assert [c["score"] for c in comp["candidates"]] == [c["score"] for c in eager["candidates"]]
     assert [c["loss"] for c in comp["candidates"]] == pytest.approx([c["loss"] for c in eager["candidates"]],
                                                                      rel=1e-12, abs=0)

@@ -98,3 +98,103 @@ def test_exact_tie_in_a_search_keeps_both(tmp_path):
         assert first["decision"]["action"] == "tie" and first["kept"] == [0.0, 0.25, 1.5, 2.0]
     else:
         pytest.fail(f"the tied shifts are not at the cut: {first['scores']}")
+
+
+# ------------------------------------------------------------------ t = 0 reaches the last rung; the noise rule
+
+
+def _gaps(z_of: dict[tuple[float, float], float]):
+    """A ``gap(a, b)`` whose z is given per pair (default far apart), margin 1 point."""
+    return lambda a, b: {"margin": 0.01, "se": 0.01 / max(z_of.get((a, b), 50.0), 1e-9), "z": z_of.get((a, b), 50.0)}
+
+
+@pytest.mark.parametrize("ranked", [[0.5, 1.0, 1.5, 0.0], [1.0, 0.5, 0.0, -0.5], [-1.0, -0.5, 0.0, 2.0, 3.0]])
+def test_the_baseline_goes_on_whatever_its_rank(ranked):
+    """t = 0 ranked below the cut (last, just below the cut, in a 5-shift grid with negatives) is
+    kept as the verdict's baseline, one candidate more, said in the decision; it is not a reason to
+    keep anything else."""
+    means = {t: 0.5 - 0.01 * i for i, t in enumerate(ranked)}
+    keep, why = rung_decision(ranked, 2, means.get, samples=5000, chance=0.1, baseline=0.0)
+    assert keep == ranked[:2] + [0.0] and "baseline" in why["baseline"] and why["action"] == "baseline"
+    keep, why = rung_decision(ranked, 2, means.get, samples=5000, chance=0.1, gap=_gaps({}), baseline=0.0)
+    assert keep == ranked[:2] + [0.0] and why["action"] == "separated" and "verdict's baseline" in why["baseline"]
+    keep, why = rung_decision(ranked, 2, means.get, samples=5000, chance=0.1, baseline=None)  # no t = 0 in the grid
+    assert keep == ranked[:2] and why is None
+
+
+def test_a_cut_within_the_paired_noise_is_widened_or_extended():
+    ranked = [0.5, 1.0, 1.5, 2.0]
+    means = {0.5: 0.40, 1.0: 0.39, 1.5: 0.385, 2.0: 0.30}
+    # separated: the plain cut, the tightest pair said
+    keep, why = rung_decision(ranked, 2, means.get, samples=5000, chance=0.1, gap=_gaps({(1.0, 1.5): 2.5}))
+    assert keep == [0.5, 1.0] and why["action"] == "separated" and why["tightest"]["behind"] == 1.5
+    assert "2.5 paired SE" in why["why"]
+    # 1.5 within the noise of the kept 1.0 (z 1.2 <= 2): kept too; 2.0 far behind every kept one: out
+    keep, why = rung_decision(ranked, 2, means.get, samples=5000, chance=0.1, gap=_gaps({(1.0, 1.5): 1.2}))
+    assert keep == [0.5, 1.0, 1.5] and why["action"] == "widened" and "3 of 4 go on" in why["why"]
+    assert why["tightest"] == {"ahead": 1.0, "behind": 1.5, "margin": 0.01, "se": pytest.approx(0.01 / 1.2), "z": 1.2}
+    # 2.0 within the noise of 1.5 once 1.5 is kept: nothing can be eliminated, every shift goes on
+    keep, why = rung_decision(ranked, 2, means.get, samples=5000, chance=0.1,
+                              gap=_gaps({(1.0, 1.5): 1.2, (1.5, 2.0): 0.3}))
+    assert keep == ranked and why["action"] == "extended" and "within the paired noise" in why["why"]
+
+
+def test_paired_gap_matches_stable_decision_and_refuses_a_short_history():
+    from bnnshift.search import paired_gap, stable_decision
+
+    ha, hb = [[20, 22, 25, 21], [19, 24, 23, 22]], [[18, 21, 22, 20], [20, 20, 21, 19]]
+    n = [[32] * 4, [32] * 4]
+    g = paired_gap(ha, n, hb, n, 4)
+    assert g["margin"] == pytest.approx((88 / 128 + 88 / 128) / 2 - (81 / 128 + 80 / 128) / 2)
+    st = stable_decision({0.0: ha, 1.0: hb}, {0.0: n, 1.0: n}, keep=1, start=0, at=4, window=1, z=0.5)
+    assert st["tightest"]["margin"] == g["margin"] and st["tightest"]["se"] == g["se"]
+    with pytest.raises(ValueError):
+        paired_gap(ha, n, [[1, 2]], [[32, 32]], 4)
+
+
+SEARCH = dict(model="zoo:mlp", data="synthetic:512", model_args={"width": 0.25}, input_shape=(1, 28, 28),
+              batch_size=32, steps=16, compile="off", bn_recalib_batches=1, schedule="halving", min_fraction=0.25,
+              rung_min_samples=32)
+
+
+def test_shifts_within_noise_are_not_cut_and_the_search_falls_back_to_full(tmp_path):
+    """Four shifts that train the same model up to rounding: no rung's cut is beyond the paired
+    noise, every shift goes on, the schedule falls back to full; the JSON record and the report
+    say which and why; the candidate steps are the full grid's, never more."""
+    shifts = [0.0, 0.001, 0.002, 0.003]
+    seen = []
+
+    class P:  # the progress count follows the extended rungs (12 candidates, not the planned 7)
+        def start(self, t, seed, i, n):
+            seen.append((i, n))
+
+    s = search(SearchConfig(**SEARCH, shifts=shifts), out_dir=tmp_path / "h", progress=P())
+    assert len(seen) == 12 and all(i < n for i, n in seen) and seen[-1] == (11, 12), seen
+    assert [r["steps"] for r in s.rungs] == [4, 8, 16]
+    for r in s.rungs[:-1]:
+        assert r["decision"]["action"] == "extended" and "paired noise" in r["decision"]["why"], r
+        assert r["kept"] == shifts
+    assert s.schedule["fallback"].startswith("full: no rung could decide")
+    assert s.cost["candidate_steps"] == s.cost["full_grid_candidate_steps"] == 4 * 16
+    data = json.loads((tmp_path / "h" / "search.json").read_text())
+    assert data["rungs"][0]["decision"]["tightest"]["z"] is None or data["rungs"][0]["decision"]["tightest"]["z"] <= 2
+    md = (tmp_path / "h" / "search.md").read_text()
+    assert "fell back to the full schedule" in md and "within the paired noise" in md
+
+
+def test_a_clearly_separated_rung_ends_on_plan_and_t0_finishes(tmp_path):
+    """Shifts 3 and 4 leave almost every pre-activation below t: far behind from the first rung;
+    the rung ends on plan (separated, the tightest pair said); t = 0 reaches the last rung."""
+    import jsonschema
+    from pathlib import Path
+
+    s = search(SearchConfig(**SEARCH, shifts=[0.0, 0.25, 3.0, 4.0]), out_dir=tmp_path / "h")
+    r0 = s.rungs[0]
+    assert r0["steps"] == 4 and r0["kept"] == [0.0, 0.25] and r0["decision"]["action"] == "separated"
+    assert r0["decision"]["tightest"]["behind"] in (3.0, 4.0)
+    assert any(c.shift == 0.0 and c.steps == 16 for c in s.candidates)  # the baseline finished the epoch
+    assert "fallback" not in s.schedule and s.cost["candidate_steps"] < s.cost["full_grid_candidate_steps"]
+    data = json.loads((tmp_path / "h" / "search.json").read_text())
+    schema = json.loads((Path(__file__).parents[1] / "docs" / "search.schema.json").read_text())
+    jsonschema.validate(data, schema)
+    assert "separated: every kept shift leads every eliminated one" in (tmp_path / "h" / "search.md").read_text()

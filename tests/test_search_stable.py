@@ -151,21 +151,23 @@ def test_halving_report_ranks_survivors_first_and_says_each_scores_steps(tmp_pat
     assert [c[0] for c in cells] == ["1", "2", "3", "4"]
     assert cells[0][3] == "40/40" and cells[0][4] == "3" and cells[0][-1] == "finished"
     assert "(winner)" in cells[0][1] or "(best)" in cells[0][1]
-    assert cells[1][3] == "10/40" and cells[1][-1] == "eliminated at rung 1"
+    # t = 0 is kept at every rung (the verdict's baseline): it finishes next to the winner
+    assert cells[1][3] == "40/40" and cells[1][-1] == "finished" and "0" == cells[1][1].split()[0]
     assert {c[3] for c in cells[2:]} == {"5/40"} and {c[-1] for c in cells[2:]} == {"eliminated at rung 0"}
     assert "compare scores within one rung" in md
-    # the verdict compares the winner with t = 0 at equal steps (t = 0 stopped at rung 1), not 40 vs 10 steps
+    # rung 1 ranked 0.25 first and kept t = 0 as the baseline: said in the record and the report
+    r1 = s.rungs[1]
+    assert r1["kept"] == [0.0, 0.25] and "baseline" in r1["decision"]["baseline"] and "verdict's baseline" in md
+    # the verdict compares the winner with t = 0 at the whole epoch, not at an early rung
     from bnnshift.report import verdict
 
-    sc = s.rungs[1]["scores"]
-    diff = sc[repr(s.winner)] - sc["0.0"]
-    assert s.winner == 0.25 and f"{diff * 100:+.2f} points vs t = 0 at rung 1, after 10 steps" in verdict(s)["text"]
+    assert s.winner == 0.25 and "vs t = 0 at rung" not in verdict(s)["text"]
     buf = io.StringIO()
     Console(file=buf, width=200, color_system=None).print(render_table(s))
     text = buf.getvalue()
     assert "after steps" in text and "eliminated at rung 0" in text and "finished shifts first" in text
     lines = [line for line in text.splitlines() if "finished" in line or "eliminated at rung" in line]
-    assert "finished" in lines[0] and "eliminated at rung 1" in lines[1] and "eliminated at rung 0" in lines[2]
+    assert "finished" in lines[0] and "finished" in lines[1] and "eliminated at rung 0" in lines[2]
 
 
 def test_progress_lines_name_the_rung_and_the_steps():

@@ -122,6 +122,7 @@ class SearchProgress:
         self._first: tuple[float, float] | None = None  # (time, fraction) at the first step report
         self.rung_at: tuple[int, int, int] | None = None  # successive halving: (rung, its steps, epoch steps)
         self.between: tuple[int, int, int] | None = None  # halving between rungs: (rung, measured, eliminated)
+        self.note: str | None = None  # work after a candidate's last step (its paused state saved, its measures)
 
     # ------------------------------------------------------------------ context
     def __enter__(self):
@@ -184,6 +185,8 @@ class SearchProgress:
                 return f"search: {self.finished + self.skipped}/{self.n} candidates, {elapsed}"
             shift, seed, i = self.current
             what = ("compiling / first step" if self.steps is None else f"step {self.done}/{self.steps}")
+            if self.note:
+                what += f", {self.note}"
             return (f"[{i + 1}/{self.n}] {self._rung_label()}t={shift:+g} seed={seed}: {what}; search "
                     f"{self.fraction() * 100:.0f}% done, {elapsed} elapsed, ETA {_hms(self.eta())}")
 
@@ -202,6 +205,16 @@ class SearchProgress:
             self.bar.update(self.task, description=f"rung {r} done: measuring eliminated shifts {k}/{n}",
                             completed=k, total=max(1, n))
 
+    def phase(self, text):
+        """Work on the current candidate after its last step (successive halving: its paused state
+        saved, its +1 shares measured): the bar and the heartbeat say ``text`` until the next hook."""
+        with self._lock:
+            self.note = str(text)
+            cur = self.current
+        if self.bar is not None and self.task is not None and cur is not None:
+            self.bar.update(self.task, description=f"[{cur[2] + 1}/{self.n}] {self._rung_label()}t={cur[0]:+g} "
+                                                   f"seed={cur[1]}: {text}")
+
     def _beat(self) -> None:
         while not self._stop.wait(min(self.every, 1.0)):
             if self._clock() - self._last_line >= self.every:
@@ -212,7 +225,7 @@ class SearchProgress:
     def start(self, shift, seed, i, n):
         with self._lock:
             self.n, self.current, self.done, self.steps = n, (shift, seed, i), 0, None
-            self.between = None
+            self.between = self.note = None
         if self.bar is not None:
             if self.total_task is None:
                 self.total_task = self.bar.add_task("search", total=n - self.skipped)
@@ -241,7 +254,7 @@ class SearchProgress:
         with self._lock:
             self.n = n
             self.finished += 1
-            self.current = None
+            self.current = self.note = None
         line = f"[{i + 1}/{n}] {_result_rung(r, self.rung_at)}t={r.shift:+g} seed={r.seed}: " + (
             f"{r.score * 100:.2f}%{_result_steps(r, self.rung_at)} ({(r.seconds or 0):.1f}s)" if r.ok
             else f"failed: {r.error}")

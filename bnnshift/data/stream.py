@@ -285,6 +285,101 @@ def _check_channels(shape, have: int, name: str):
                         hint=f"pass --input-shape {have},H,W or a model argument such as --arg in_chans={have}")
 
 
+@dataclass
+class _Opened:
+    """The images of a streamed data set before transforms: train / val image sources, one
+    sample's (C, H, W), classes, the data set's own normalisation (None: estimate it), name."""
+
+    train: Any
+    val: Any
+    shape: tuple[int, ...]
+    num_classes: int
+    default_stats: Any
+    name: str
+
+
+def _open_tensor_set(kind: str, arg: str | None, shape, download: bool, train_limit: int | None,
+                     val_limit: int | None, seed: int) -> _Opened:
+    """fashion-mnist / mnist / cifar10 / cifar100 read as uint8 tensors (seeded subsets)."""
+    if kind in ("fashion-mnist", "mnist"):
+        from .idx import read_idx_uint8 as read
+    else:
+        from .cifar import read_cifar_uint8 as read
+    tx, ty, vx, vy, name = read(kind, arg, download, train_limit, val_limit, seed)
+    c = int(tx.shape[1])
+    _check_channels(shape, c, name)
+    shape = shape or (c, int(tx.shape[2]), int(tx.shape[3]))
+    return _Opened(_TensorImages(tx, ty), _TensorImages(vx, vy) if vx is not None else None, shape,
+                   10 if kind != "cifar100" else 100, NORMALISATION[kind], name)
+
+
+def _open_folder_set(arg: str | None, shape, train_limit: int | None, val_limit: int | None, seed: int,
+                     cache: bool) -> _Opened:
+    """``imagefolder:PATH``: the files of ``PATH/train`` (+ val), seeded subsets, val classes
+    mapped to the training set's; decoded once into memory when ``cache`` and it fits.
+    Raises DataError (no folder, C other than 1 or 3, val classes not in train)."""
+    path = Path(arg or "").expanduser()
+    path = path.resolve() if path.exists() else path.absolute()
+    name = f"imagefolder:{path}"
+    if not path.is_dir():
+        raise DataError(f"image folder not found: {path}", hint="pass imagefolder:PATH with one sub-folder per class")
+    train_dir, val_dir = folder_splits(path)
+    if shape is None:
+        probe = _FolderImages(train_dir, "RGB")
+        from PIL import Image
+
+        try:
+            with Image.open(probe.folder.samples[0][0]) as im:
+                shape = (3, im.size[1], im.size[0])
+        except IMAGE_ERRORS as exc:
+            raise image_error(probe.folder.samples[0][0], exc) from None
+    if shape[0] not in (1, 3):
+        raise DataError(f"imagefolder can produce 1 (grey) or 3 (RGB) channels, the model expects {shape[0]}",
+                        hint="pass --input-shape 3,H,W or 1,H,W")
+    mode = "L" if shape[0] == 1 else "RGB"
+    train_imgs = _FolderImages(train_dir, mode)
+    sub = _subset_indices(len(train_imgs), train_limit, seed, 1)
+    if sub is not None:
+        train_imgs.indices = sub.tolist()
+    val_imgs = None
+    if val_dir is not None and val_limit != 0:
+        val_imgs = _FolderImages(val_dir, mode)
+        missing = [cl for cl in val_imgs.folder.classes if cl not in train_imgs.folder.class_to_idx]
+        if missing:
+            raise DataError(f"{val_dir} has classes not in {train_dir}: {', '.join(missing[:5])}")
+        val_imgs.class_map = {val_imgs.folder.class_to_idx[cl]: train_imgs.folder.class_to_idx[cl]
+                              for cl in val_imgs.folder.classes}
+        sub = _subset_indices(len(val_imgs), val_limit, seed, 2)
+        if sub is not None:
+            val_imgs.indices = sub.tolist()
+    num_classes = len(train_imgs.folder.classes)
+    if cache:  # decoded once when it fits (bnnshift.data.decoded): the same images, no decoding per epoch
+        from .decoded import decode_into_memory
+
+        kept = decode_into_memory([train_imgs, val_imgs])
+        if kept is not None:
+            train_imgs, val_imgs = kept[0], (kept[1] if val_imgs is not None else None)
+    return _Opened(train_imgs, val_imgs, shape, num_classes, None, name)
+
+
+def _stream_norm(opts: StreamOptions, md: dict[str, Any], d: _Opened, seed: int
+                 ) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) per channel: ``--mean/--std`` > the model's ``pretrained_cfg`` > the data
+    set's own > estimated on the training images. Raises UsageError on a channel mismatch."""
+    shape = d.shape
+    mean, std = opts.mean, opts.std
+    if mean is None and md.get("mean") is not None and len(md["mean"]) == shape[0]:
+        mean, std = tuple(md["mean"]), tuple(md["std"])
+    if mean is None:
+        mean, std = d.default_stats or _estimate_stats(d.train, shape, seed)
+    mean = tuple(mean) * shape[0] if len(mean) == 1 else tuple(mean)  # one value: every channel
+    std = tuple(std) * shape[0] if len(std) == 1 else tuple(std)
+    if len(mean) != shape[0] or len(std) != shape[0]:
+        raise UsageError(f"--mean/--std have {len(mean)}/{len(std)} values but the data has {shape[0]} channels",
+                         hint="give one value, or one per channel")
+    return mean, std
+
+
 def open_stream(spec: str, *, input_shape=None, options: StreamOptions | None = None, download: bool = False,
                 train_limit: int | None = None, val_limit: int | None = None, seed: int = 0,
                 model_defaults: dict[str, Any] | None = None) -> StreamSource:
@@ -305,84 +400,23 @@ def open_stream(spec: str, *, input_shape=None, options: StreamOptions | None = 
         raise UsageError(f"data spec {spec!r} cannot be streamed",
                          hint=f"streaming (--stream on, --augment) supports {', '.join(STREAMABLE_KINDS)}")
     if kind in ("fashion-mnist", "mnist", "cifar10", "cifar100"):
-        if kind in ("fashion-mnist", "mnist"):
-            from .idx import read_idx_uint8 as read
-        else:
-            from .cifar import read_cifar_uint8 as read
-        tx, ty, vx, vy, name = read(kind, arg, download, train_limit, val_limit, seed)
-        c = int(tx.shape[1])
-        _check_channels(shape, c, name)
-        shape = shape or (c, int(tx.shape[2]), int(tx.shape[3]))
-        train_imgs = _TensorImages(tx, ty)
-        val_imgs = _TensorImages(vx, vy) if vx is not None else None
-        num_classes = 10 if kind != "cifar100" else 100
-        default_stats = NORMALISATION[kind]
+        d = _open_tensor_set(kind, arg, shape, download, train_limit, val_limit, seed)
     else:
-        path = Path(arg or "").expanduser()
-        path = path.resolve() if path.exists() else path.absolute()
-        name = f"imagefolder:{path}"
-        if not path.is_dir():
-            raise DataError(f"image folder not found: {path}", hint="pass imagefolder:PATH with one sub-folder per class")
-        train_dir, val_dir = folder_splits(path)
-        if shape is None:
-            probe = _FolderImages(train_dir, "RGB")
-            from PIL import Image
-
-            try:
-                with Image.open(probe.folder.samples[0][0]) as im:
-                    shape = (3, im.size[1], im.size[0])
-            except IMAGE_ERRORS as exc:
-                raise image_error(probe.folder.samples[0][0], exc) from None
-        if shape[0] not in (1, 3):
-            raise DataError(f"imagefolder can produce 1 (grey) or 3 (RGB) channels, the model expects {shape[0]}",
-                            hint="pass --input-shape 3,H,W or 1,H,W")
-        mode = "L" if shape[0] == 1 else "RGB"
-        train_imgs = _FolderImages(train_dir, mode)
-        sub = _subset_indices(len(train_imgs), train_limit, seed, 1)
-        if sub is not None:
-            train_imgs.indices = sub.tolist()
-        val_imgs = None
-        if val_dir is not None and val_limit != 0:
-            val_imgs = _FolderImages(val_dir, mode)
-            missing = [cl for cl in val_imgs.folder.classes if cl not in train_imgs.folder.class_to_idx]
-            if missing:
-                raise DataError(f"{val_dir} has classes not in {train_dir}: {', '.join(missing[:5])}")
-            val_imgs.class_map = {val_imgs.folder.class_to_idx[cl]: train_imgs.folder.class_to_idx[cl]
-                                  for cl in val_imgs.folder.classes}
-            sub = _subset_indices(len(val_imgs), val_limit, seed, 2)
-            if sub is not None:
-                val_imgs.indices = sub.tolist()
-        num_classes = len(train_imgs.folder.classes)
-        default_stats = None
-        if opts.cache:  # decoded once when it fits (bnnshift.data.decoded): the same images, no decoding per epoch
-            from .decoded import decode_into_memory
-
-            kept = decode_into_memory([train_imgs, val_imgs])
-            if kept is not None:
-                train_imgs, val_imgs = kept[0], (kept[1] if val_imgs is not None else None)
-    if len(train_imgs) == 0:
-        raise DataError(f"data set {name}: the training set is empty")
-    mean, std = opts.mean, opts.std
-    if mean is None and md.get("mean") is not None and len(md["mean"]) == shape[0]:
-        mean, std = tuple(md["mean"]), tuple(md["std"])
-    if mean is None:
-        mean, std = default_stats or _estimate_stats(train_imgs, shape, seed)
-    mean = tuple(mean) * shape[0] if len(mean) == 1 else tuple(mean)  # one value: every channel
-    std = tuple(std) * shape[0] if len(std) == 1 else tuple(std)
-    if len(mean) != shape[0] or len(std) != shape[0]:
-        raise UsageError(f"--mean/--std have {len(mean)}/{len(std)} values but the data has {shape[0]} channels",
-                         hint="give one value, or one per channel")
+        d = _open_folder_set(arg, shape, train_limit, val_limit, seed, opts.cache)
+    if len(d.train) == 0:
+        raise DataError(f"data set {d.name}: the training set is empty")
+    mean, std = _stream_norm(opts, md, d, seed)
     crop_pct = float(md.get("crop_pct") or opts.crop_pct)
     interp = str(md.get("interpolation") or opts.interpolation)
     opts = StreamOptions(augment=opts.augment, mean=tuple(mean), std=tuple(std), workers=opts.workers,
                          crop_pct=crop_pct, interpolation=interp, cache=opts.cache)
-    train_tf, eval_tf = build_transforms(opts.augment, shape, mean, std, crop_pct=crop_pct, interpolation=interp)
+    train_tf, eval_tf = build_transforms(opts.augment, d.shape, mean, std, crop_pct=crop_pct, interpolation=interp)
     return StreamSource(
-        train=_Transformed(train_imgs, train_tf), train_eval=_Transformed(train_imgs, eval_tf),
-        val=_Transformed(val_imgs, eval_tf) if val_imgs is not None else None,
-        input_shape=tuple(int(v) for v in shape), num_classes=num_classes, name=name,
+        train=_Transformed(d.train, train_tf), train_eval=_Transformed(d.train, eval_tf),
+        val=_Transformed(d.val, eval_tf) if d.val is not None else None,
+        input_shape=tuple(int(v) for v in d.shape), num_classes=d.num_classes, name=d.name,
         mean=tuple(float(v) for v in mean), std=tuple(float(v) for v in std), options=opts,
-        identity=_sample_identity(train_imgs))
+        identity=_sample_identity(d.train))
 
 
 def should_stream(mode: str, spec: str, augment: str, input_shape=None) -> bool:

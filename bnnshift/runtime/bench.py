@@ -40,12 +40,23 @@ def _layer_inputs(model: nn.Module, paths: Iterable[str], x: torch.Tensor) -> di
     return got
 
 
+def _then(first: Callable[[torch.Tensor], torch.Tensor], rest: list[nn.Module]) -> Callable[[torch.Tensor], Any]:
+    def run(x: torch.Tensor) -> Any:
+        y = first(x)
+        for m in rest:
+            y = m(y)
+        return y
+    return run
+
+
 def bench(float_model: nn.Module, packed: nn.Module, input_shape: tuple[int, ...], *, batches: Iterable[int] = (1, 32),
           threads: Iterable[int] | None = None, extra: dict[str, Callable[[torch.Tensor, int], Callable[[], Any]]] | None
           = None, min_time: float = 0.3) -> list[dict[str, Any]]:
     """Rows ``{"what", "batch", "threads", "float_ms", "packed_ms", "speedup", **extra_ms}``: one per
     packed layer (``what`` = its path; also ``float_op_ms``: the plain float op with the weight
-    precomputed, and ``speedup_vs_op``) and one ``"end to end"`` per (batch, threads).
+    precomputed, and ``speedup_vs_op``; a layer with an integer threshold is timed against the float
+    layer followed by the modules it absorbs: pool, BN, binarizer) and one ``"end to end"`` per
+    (batch, threads).
 
     ``threads`` default (1, all cores); ``extra``: name -> factory(x, threads) of another end-to-end
     runner (onnxruntime), timed in the end-to-end rows as ``<name>_ms``. Restores torch's thread count."""
@@ -65,9 +76,11 @@ def bench(float_model: nn.Module, packed: nn.Module, input_shape: tuple[int, ...
                     for p in paths:
                         if p not in ins:
                             continue
-                        f = time_ms(lambda: fmods[p](ins[p]), min_time, clock=clock)
+                        # a layer with an integer threshold against the float layer and the modules it absorbs
+                        rest = [fmods[a] for a in getattr(pmods[p], "absorbed", [])]
+                        fl, op = _then(fmods[p], rest), _then(pmods[p].float_op(), rest)
+                        f = time_ms(lambda: fl(ins[p]), min_time, clock=clock)
                         q = time_ms(lambda: pmods[p](ins[p]), min_time, clock=clock)
-                        op = pmods[p].float_op()
                         fo = time_ms(lambda: op(ins[p]), min_time, clock=clock)
                         rows.append({"what": p, "batch": b, "threads": nt, "float_ms": f, "float_op_ms": fo,
                                      "packed_ms": q, "speedup": f / q, "speedup_vs_op": fo / q})

@@ -17,6 +17,8 @@ def run_pack(src: str, out: str, *, bench: bool = False, model: Any = None, args
     lines = [f"{out}: {len(report.packed)} layers packed ({report.backend} kernel), {len(report.left_float)} left float"]
     lines += [f"packed {k}: {v}" for k, v in report.packed.items()]
     lines += [f"float  {k}: {v}" for k, v in report.left_float.items()]
+    lines += [f"threshold {k}: {v}" for k, v in report.thresholds.items()]
+    lines += [f"no threshold {k}: {v}" for k, v in report.no_threshold.items()]
     f64 = (p.get("float64_skipped") or f"equal in float64 (logits {p['float64_max_abs_diff']:.1e} apart)")
     lines.append(f"proof: {p['binary_activations']} binary activations {f64}; float32: {p['float32_flips']} flips, "
                  f"logits {p['float32_max_abs_diff']:.1e} apart")

@@ -110,9 +110,15 @@ def load_packed(directory: str | os.PathLike[str], *, model: Any = None, args: A
             raise CheckpointError(f"{weights}: layer {path!r} is not in the model", hint="re-run bnnshift pack")
         own = {k[len(path) + 1:]: v for k, v in tensors.items() if k.startswith(path + ".") and "." not in k[len(path) + 1:]}
         _set(net, path, build_layer(cfg, own))
+        for absorbed in (cfg.get("fused") or {}).get("absorbed", []):  # computed by the threshold
+            if absorbed not in mods:
+                raise CheckpointError(f"{weights}: module {absorbed!r} is not in the model",
+                                      hint="re-run bnnshift pack")
+            _set(net, absorbed, nn.Identity())
     report = meta.get("report") or {}
     net.bnnshift_pack_report = PackReport(report.get("packed", {}), report.get("left_float", {}),  # type: ignore[attr-defined]
-                                          report.get("proof", {}), report.get("backend", ""))
+                                          report.get("proof", {}), report.get("backend", ""),
+                                          report.get("thresholds", {}), report.get("no_threshold", {}))
     return net.eval()
 
 

@@ -108,6 +108,33 @@ def _(x, wwords, wtrans, popw, alpha, bias, stride, padding, dilation, groups, z
     return x.new_empty((n, o, ho, wo))
 
 
+@torch.library.custom_op("bnnshift::bconv2d_bits", mutates_args=())
+def bconv2d_bits(x: torch.Tensor, wwords: torch.Tensor, wtrans: torch.Tensor, popw: torch.Tensor, thr: torch.Tensor,
+                 flip: torch.Tensor, stride: list[int], padding: list[int], dilation: list[int], groups: int,
+                 zero_one: bool, pool: list[int], pool_first: bool, lo: float, hi: float) -> torch.Tensor:
+    """Packed binary conv2d + BatchNorm + binarizer (+ MaxPool) as one integer threshold per
+    channel: ``x`` (N, C, H, W) float32/float64 read as bits ``x > 0``; ``thr`` int64 (O,),
+    ``flip`` bool (O,), ``pool`` ``[kh, kw, sh, sw]`` or ``[]``: as in ``ref.bconv2d_bits``.
+    Returns the binary activation (N, O, Hp, Wp) in x's dtype (values ``lo`` / ``hi``)."""
+    ext = extension()
+    if ext is None:
+        return ref.bconv2d_bits(x, wwords, popw, thr, flip, stride, padding, dilation, groups, zero_one, pool,
+                                pool_first, lo, hi)
+    return ext.bconv2d_bits(x, wwords, wtrans, popw, thr, flip, stride, padding, dilation, groups, zero_one, pool,
+                            pool_first, lo, hi)
+
+
+@bconv2d_bits.register_fake
+def _(x, wwords, wtrans, popw, thr, flip, stride, padding, dilation, groups, zero_one, pool, pool_first, lo, hi):
+    n, _, h, w = x.shape
+    o, kh, kw, _ = wwords.shape
+    ho = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    wo = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    if pool:
+        ho, wo = (ho - pool[0]) // pool[2] + 1, (wo - pool[1]) // pool[3] + 1
+    return x.new_empty((n, o, ho, wo))
+
+
 def reference_bconv2d(*args) -> torch.Tensor:
     """The pure-torch reference with the op's arguments (for tests and comparisons)."""
     return ref.bconv2d(*args)

@@ -34,7 +34,8 @@ from ..detect import example_input
 from ..errors import NoSitesError, UsageError
 from ..load import pick_logits
 from . import ref
-from .layers import PackedConv2d, PackedLinear
+from .fuse import Fusion, plan_fusions
+from .layers import PackedConv2d, PackedLinear, fused
 
 _CONV = {F.conv2d, torch.conv2d}
 _LINEAR = {F.linear, torch._C._nn.linear}
@@ -263,9 +264,12 @@ class PackReport:
     left_float: dict[str, str] = field(default_factory=dict)
     proof: dict[str, Any] = field(default_factory=dict)
     backend: str = ""
+    thresholds: dict[str, str] = field(default_factory=dict)  # packed layer -> its integer threshold (fuse)
+    no_threshold: dict[str, str] = field(default_factory=dict)  # packed layer -> why it returns floats
 
     def to_json(self) -> dict[str, Any]:
-        return {"packed": self.packed, "left_float": self.left_float, "proof": self.proof, "backend": self.backend}
+        return {"packed": self.packed, "left_float": self.left_float, "proof": self.proof, "backend": self.backend,
+                "thresholds": self.thresholds, "no_threshold": self.no_threshold}
 
 
 def _set(model: nn.Module, path: str, new: nn.Module) -> None:
@@ -275,6 +279,10 @@ def _set(model: nn.Module, path: str, new: nn.Module) -> None:
 
 def plan_layers(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[dict[str, LayerPlan], dict[str, str]]:
     """Probe ``model`` (a copy, eval mode) on two random batches: packable layers and reasons."""
+    return _plan(model, input_shape)[:2]
+
+
+def _plan(model: nn.Module, input_shape: tuple[int, ...]):
     work = copy_model(model).eval()
     mods = dict(work.named_modules())
     runs = [_run(work, example_input(tuple(input_shape), seed=s)) for s in (0, 7)]
@@ -289,13 +297,19 @@ def plan_layers(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[dict[st
             reasons[path] = got
         else:
             plans[path] = got
-    return plans, reasons
+    return plans, reasons, mods, runs[0][2]
 
 
-def _replace(model: nn.Module, plans: dict[str, LayerPlan]) -> nn.Module:
+def _replace(model: nn.Module, plans: dict[str, LayerPlan], fusions: dict[str, Fusion] | None = None) -> nn.Module:
     packed = copy_model(model).eval()
     for path, p in plans.items():
-        _set(packed, path, p.build())
+        layer = p.build()
+        f = (fusions or {}).get(path)
+        if f is not None:
+            layer = fused(layer, f.thr, f.flip, f.pool, f.pool_first, f.lo, f.hi, f.absorbed)
+            for a in f.absorbed:
+                _set(packed, a, nn.Identity())
+        _set(packed, path, layer)
     return packed
 
 
@@ -356,24 +370,39 @@ def _describe(p: LayerPlan) -> str:
     return f"{p.kind} {shape}, {p.alphabet} inputs ({p.input_rule}){extra}{note}"
 
 
-def pack_model(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[nn.Module, PackReport]:
+def pack_model(model: nn.Module, input_shape: tuple[int, ...], *, thresholds: bool = True
+               ) -> tuple[nn.Module, PackReport]:
     """The packed copy of ``model`` (eval mode; ``model`` is never run nor changed) and its report.
 
     ``input_shape``: one sample's shape, e.g. (3, 32, 32). Raises ``NoSitesError`` (exit 3) when no
     layer has a binary input, ``UsageError`` for a bad shape. Every packed layer is proved
-    (module docstring); one that fails the proof alone is left float with the reason."""
+    (module docstring); one that fails the proof alone is left float with the reason. With
+    ``thresholds`` (default) a packed layer followed, alone, by [MaxPool] [BatchNorm] and a binarizer
+    returns that binary activation from one integer threshold per channel (``fuse``; those modules
+    become ``nn.Identity``), proved the same way; ``report.thresholds`` / ``report.no_threshold``."""
     from .kernel import backend
 
     if not input_shape or any(int(s) <= 0 for s in input_shape):
         raise UsageError(f"bad input shape {tuple(input_shape)}", hint="give one sample's shape, e.g. 3,32,32")
-    plans, reasons = plan_layers(model, tuple(input_shape))
+    plans, reasons, mods, finished = _plan(model, tuple(input_shape))
     if not plans:
         raise NoSitesError("no conv2d / linear layer with a binary input and a two-valued weight to pack: "
                            + "; ".join(f"{p}: {r}" for p, r in list(reasons.items())[:3]),
                            hint="pack a patched / folded directory of a BNN (docs/runtime.md)")
-    packed = _replace(model, plans)
+    fusions, no_thr = plan_fusions(mods, finished, plans) if thresholds else ({}, {})
+    packed = _replace(model, plans, fusions)
     proof = verify(model, packed, plans, tuple(input_shape))
+    if proof["failed"] and fusions:  # a threshold that fails alone returns floats again
+        for path in list(fusions):
+            if verify(model, _replace(model, plans, {path: fusions[path]}), plans, tuple(input_shape))["failed"]:
+                no_thr[path] = "its integer threshold failed the proof"
+                del fusions[path]
+        packed = _replace(model, plans, fusions)
+        proof = verify(model, packed, plans, tuple(input_shape))
     if proof["failed"]:  # find the culprits one layer at a time
+        for path in list(fusions):
+            no_thr[path] = "not tried: a packed layer failed the proof"
+        fusions = {}
         for path in list(plans):
             alone = {path: plans[path]}
             r = verify(model, _replace(model, alone), alone, tuple(input_shape))
@@ -385,7 +414,9 @@ def pack_model(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[nn.Modul
                                hint="report it with the model (docs/runtime.md)")
         packed = _replace(model, plans)
         proof = verify(model, packed, plans, tuple(input_shape))
-    report = PackReport({p: _describe(pl) for p, pl in plans.items()}, reasons, proof, backend())
+    report = PackReport({p: _describe(pl) for p, pl in plans.items()}, reasons, proof, backend(),
+                        {p: f.describe() for p, f in fusions.items()},
+                        {p: r for p, r in no_thr.items() if p in plans})
     packed.bnnshift_pack_report = report  # type: ignore[attr-defined]
     return packed, report
 

@@ -74,6 +74,40 @@ def bconv2d(x: torch.Tensor, wwords: torch.Tensor, popw: torch.Tensor, alpha: to
     ``wwords``/``popw``: :func:`pack_weight`; ``alpha`` (O,) the per-channel weight magnitude;
     ``bias`` (O,) or None; ``zero_one``: the input alphabet is {0,1} (else +-1).
     Returns ``(N, O, Ho, Wo)`` in x's dtype."""
+    dot = bdot(x, wwords, popw, stride, padding, dilation, groups, zero_one)
+    o = dot.shape[1]
+    out = dot.to(x.dtype) * alpha.to(x.dtype).view(1, o, 1, 1)
+    if bias is not None:
+        out = out + bias.to(x.dtype).view(1, o, 1, 1)
+    return out
+
+
+def bconv2d_bits(x: torch.Tensor, wwords: torch.Tensor, popw: torch.Tensor, thr: torch.Tensor, flip: torch.Tensor,
+                 stride: list[int], padding: list[int], dilation: list[int], groups: int, zero_one: bool,
+                 pool: list[int], pool_first: bool, lo: float, hi: float) -> torch.Tensor:
+    """The binary activation after a binary conv2d, its BatchNorm and its binarizer, from the integer
+    dot product alone: ``u = dot >= thr[o]`` (``thr`` int64 (O,)), bit ``u XOR flip[o]`` (``flip``
+    bool (O,)). ``pool`` ``[kh, kw, sh, sw]`` (a MaxPool, no padding) or ``[]``: with ``pool_first``
+    the pool sits before the binarizer (the bit is ``OR(u) XOR flip``), else after it (``OR(u XOR
+    flip)``). Returns ``(N, O, Hp, Wp)`` in x's dtype: ``hi`` where the bit is 1, else ``lo``."""
+    dot = bdot(x, wwords, popw, stride, padding, dilation, groups, zero_one)
+    u = dot >= thr.view(1, -1, 1, 1)
+    f = flip.view(1, -1, 1, 1)
+    if pool:
+        kh, kw, sh, sw = pool
+        if pool_first:
+            bit = (F.max_pool2d(u.to(torch.float32), (kh, kw), (sh, sw)) > 0) != f
+        else:
+            bit = F.max_pool2d((u != f).to(torch.float32), (kh, kw), (sh, sw)) > 0
+    else:
+        bit = u != f
+    return torch.where(bit, torch.tensor(hi, dtype=x.dtype), torch.tensor(lo, dtype=x.dtype))
+
+
+def bdot(x: torch.Tensor, wwords: torch.Tensor, popw: torch.Tensor, stride: list[int], padding: list[int],
+         dilation: list[int], groups: int, zero_one: bool) -> torch.Tensor:
+    """The exact integer dot products of a binary conv2d (arguments as :func:`bconv2d`): int64
+    ``(N, O, Ho, Wo)``."""
     n, c, h, w = x.shape
     o, kh, kw, cw = wwords.shape
     g = groups
@@ -100,7 +134,4 @@ def bconv2d(x: torch.Tensor, wwords: torch.Tensor, popw: torch.Tensor, alpha: to
                 acc += torch.where(v, pc, 0)
                 nvalid += v
     dot = acc if zero_one else nvalid * cg - 2 * acc
-    out = dot.reshape(n, o, ho, wo).to(x.dtype) * alpha.to(x.dtype).view(1, o, 1, 1)
-    if bias is not None:
-        out = out + bias.to(x.dtype).view(1, o, 1, 1)
-    return out
+    return dot.reshape(n, o, ho, wo)

@@ -40,7 +40,7 @@ from .context import PROBE_SAMPLES, SearchContext, _timm_data_defaults, config_k
 from .halving import HalvingLoop
 from .loop import PREFLIGHT_RECALIB_BATCHES, preflight_degenerate, search, search_warnings, search_with
 from .results import CandidateResult, SearchSummary, ShiftStats
-from .schedule import (CHANCE_Z, STABLE_Z, Schedule, expected_steps, rung_decision, rung_min_steps, rung_steps,
+from .schedule import (CHANCE_Z, STABLE_Z, Schedule, expected_steps, paired_gap, rung_decision, rung_min_steps, rung_steps,
                        stable_decision, stable_marks, survivors)
 from .states import STATE_MEMORY_BUDGET, _StateStore
 from .steppath import _choose_step_path
@@ -48,7 +48,7 @@ from .steppath import _choose_step_path
 __all__ = [
     "SearchConfig", "CandidateResult", "ShiftStats", "SearchSummary", "SearchContext", "Schedule", "parse_shifts",
     "parse_seeds", "run_candidate", "search", "search_with", "init_hash", "rung_steps", "survivors",
-    "stable_decision", "stable_marks", "rung_decision", "summarise", "rungs_from", "expected_steps", "step_cost",
+    "stable_decision", "stable_marks", "rung_decision", "paired_gap", "summarise", "rungs_from", "expected_steps", "step_cost",
 ]
 
 # old names of this package -> (new name, getter): one table, each use warns once per call site

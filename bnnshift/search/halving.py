@@ -17,8 +17,8 @@ from .context import SearchContext
 from .outputs import attach_context, open_journal, write_outputs
 from .progress import _Progress
 from .results import CandidateResult, SearchSummary
-from .schedule import (STABLE_Z, Schedule, _alive_count, _mean_or_none, _plan_note, rung_decision, rung_min_steps, rung_steps,
-                       stable_decision, stable_marks, survivors)
+from .schedule import (STABLE_Z, Schedule, _alive_count, _mean_or_none, _plan_note, paired_gap, rung_decision,
+                       rung_min_steps, rung_steps, stable_decision, stable_marks, survivors)
 from .states import _StateStore
 
 Key = tuple[str, int]  # (shift_key(t), seed): one candidate
@@ -59,6 +59,7 @@ class HalvingLoop:
         self.alive = list(self.shifts)
         self.final: dict[Key, CandidateResult] = {}
         self.rung_scores: dict[Key, list[float]] = {}
+        self.step_hist: dict[Key, tuple[list[int], list[int]]] = {}  # per-step (hits, seen): the rung's noise rule
         self.rungs_out: list[dict[str, Any]] = []
         self.trained_steps = 0
         self.n_total = sum(len(self.seeds) * _alive_count(len(self.shifts), cfg.eta, r) for r in range(len(self.plan)))
@@ -107,7 +108,18 @@ class HalvingLoop:
             return None
         self._eliminate(r, n_r, keep, stop, current)
         self.alive = [t for t in self.alive if t in keep]
+        self.n_total = self.i + self._planned_after(r)  # a widened / extended rung or t = 0 kept: more to come
         return n_r if self.alive else None
+
+    def _planned_after(self, r: int) -> int:
+        """The candidates (shift x seed) the rungs after ``r`` train as planned from the shifts
+        alive now: ``ceil(n / eta)`` per rung, plus t = 0 where it would not be among them."""
+        n, total = len(self.alive), 0
+        has_zero = any(abs(t) < 1e-12 for t in self.alive)
+        for q in range(r + 1, len(self.runs)):
+            total += n * len(self.seeds)
+            n = min(len(self.alive), survivors(n, self.cfg.eta) + (1 if has_zero else 0))
+        return total
 
     def _stable_span(self, r: int, prev: int, n_plan: int, keep_n: int) -> tuple[int, dict | None, dict, dict]:
         """--stop-when-stable: where rung ``r`` ends (a journaled early stop repeated exactly, or
@@ -255,6 +267,10 @@ class HalvingLoop:
         if rec is not None and not last:
             res = CandidateResult.from_json(rec["result"])
             res.resumed = True
+            got = self.store.get(key)
+            if got is not None and got[0] == n_r:  # its per-step counts: the rung decides as the first run did
+                cnt = got[1].get("run", {})
+                self.step_hist[key] = (list(cnt.get("step_hits") or []), list(cnt.get("step_seen") or []))
             hist[:] = hist[:r] + [res.score]
             if not res.ok:
                 self.final[key] = res
@@ -264,6 +280,8 @@ class HalvingLoop:
     def _advance(self, model: torch.nn.Module, key: Key, s: float, seed: int, n_r: int) -> tuple[Any, Any]:
         """Train the candidate from its paused state (or step 0) to step ``n_r``: (run, failure or None)."""
         got = self.store.get(key)
+        if got is not None and got[0] <= n_r:
+            self.pr.call("phase", f"restoring its state paused at step {got[0]}")
         return self._train_on(model, got if got is not None and got[0] <= n_r else None, s, seed, n_r)
 
     def _train_on(self, model: torch.nn.Module, got: tuple[int, dict] | None, s: float, seed: int,
@@ -305,6 +323,7 @@ class HalvingLoop:
             res = _result_from(trainer.result(run), shift=s, seed=seed, ctx=ctx, metric=cfg.metric,
                                seconds=time.perf_counter() - t1)
             if res.ok:
+                self.pr.call("phase", "measuring its +1 shares (BN re-estimation, probe)")
                 _finish_candidate(ctx, model, res, cfg.metric)
             hist[:] = hist[:r] + ([res.score] if res.ok else [])
             res.rung, res.rung_scores = r, list(hist)
@@ -317,6 +336,8 @@ class HalvingLoop:
                            seconds=time.perf_counter() - t1)
         hist[:] = hist[:r] + ([res.score] if res.ok else [])
         res.rung, res.rung_scores = r, list(hist)
+        self.step_hist[key] = (list(run.step_hits), list(run.step_seen))
+        self.pr.call("phase", f"pausing at step {n_r}: saving its state for the next rung")
         rel = self.store.put(key, n_r, trainer.snapshot(run, model), len(self.shifts) * len(self.seeds))
         if self.journal is not None:
             self.journal.append_rung(s, seed, ctx.config_hash, rung=r, steps=n_r, result=res.to_json(),
@@ -339,10 +360,13 @@ class HalvingLoop:
         ranked = [t for t in ranked if mean(t) is not None]
         keep = ranked[:keep_n] if not last else ranked
         decision = None
+        baseline = next((t for t in ranked if abs(t) < 1e-12), None)  # t = 0 reaches the last rung (issue 22)
         if not last and stop is None:  # a rung ranks only when its scores carry information (issue 22)
+            decides = bool(cfg.rung_min_samples)
             keep, decision = rung_decision(ranked, keep_n, lambda t: mean(t) or 0.0,
                                            samples=n_r * cfg.batch_size * len(self.seeds),
-                                           chance=self.chance if cfg.rung_min_samples else None)
+                                           chance=self.chance if decides else None,
+                                           gap=self._gap(n_r) if decides and n_r >= 2 else None, baseline=baseline)
         if stop is not None and not last:
             # a journaled stop keeps the shifts it named (a resumed run makes the same decision, even
             # if its float rounding would rank them otherwise); a fresh stop's are the ranking's
@@ -350,12 +374,31 @@ class HalvingLoop:
             if len(named) == keep_n:
                 keep = named
             stop["kept"] = sorted(keep)
+            if baseline is not None and baseline not in keep:
+                keep = keep + [baseline]
+                decision = {"action": "baseline", "why": f"t = {baseline:g} kept as the verdict's baseline: "
+                                                         "one candidate more"}
         self.rungs_out.append({"rung": r, "steps": n_r, "fraction": round(n_r / self.total, 6),
                                "candidates": list(alive), "kept": sorted(keep) if not last else [],
                                "scores": {shift_key(t): mean(t) for t in alive},
                                "samples": n_r * cfg.batch_size, "decision": decision,
                                **({"planned_steps": n_plan, "stopped_early": stop} if cfg.stop_when_stable else {})})
         return keep
+
+    def _gap(self, at: int):
+        """``gap(a, b)`` for :func:`rung_decision`: :func:`paired_gap` of shifts a and b after ``at``
+        steps from the candidates' per-step counts; a missing or short history is no separation
+        (z 0: nothing is eliminated blind)."""
+        seeds = self.seeds
+
+        def gap(a: float, b: float) -> dict:
+            try:
+                ha, na = zip(*[self.step_hist[(shift_key(a), sd)] for sd in seeds])
+                hb, nb = zip(*[self.step_hist[(shift_key(b), sd)] for sd in seeds])
+                return paired_gap(list(ha), list(na), list(hb), list(nb), at)
+            except (KeyError, ValueError):
+                return {"margin": 0.0, "se": 0.0, "z": 0.0}
+        return gap
 
     def _eliminate(self, r: int, n_r: int, keep: list[float], stop: dict | None,
                    current: dict[Key, CandidateResult]) -> None:
@@ -418,8 +461,13 @@ class HalvingLoop:
         extended = [x for x in rungs_out if (x.get("decision") or {}).get("action") == "extended"]
         nonlast = rungs_out[:-1]
         if len(plan) == 1 or (nonlast and len(extended) == len(nonlast)):
-            why = (plan_note if len(plan) == 1
-                   else "every rung's scores were at chance: " + extended[-1]["decision"]["why"])
+            if len(plan) == 1:
+                why = plan_note
+            else:
+                chance_only = all("at chance" in x["decision"]["why"] for x in extended)
+                why = ("every rung's scores were at chance: " if chance_only else
+                       "no rung could decide (scores at chance, or the cut within the paired noise): ")
+                why += extended[-1]["decision"]["why"]
             summary.schedule["fallback"] = f"full: {why}"
         if plan_note and len(plan) > 1:
             summary.schedule["plan_note"] = plan_note

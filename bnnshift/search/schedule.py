@@ -117,31 +117,75 @@ def stable_decision(hits: dict[float, list[list[int]]], seen: dict[float, list[l
         for b in shifts:
             if b in kept:
                 continue
-            d = [sum(ha[i] / na[i] - hb[i] / nb[i] for ha, na, hb, nb in zip(hits[a], seen[a], hits[b], seen[b]))
-                 / len(hits[a]) for i in range(at)]
-            margin = (score(a, at) or 0.0) - (score(b, at) or 0.0)
-            mean = sum(d) / at
-            se = math.sqrt(sum((v - mean) ** 2 for v in d) / (at - 1) / at)
-            ratio = margin / se if se > 0 else (math.inf if margin > 0 else 0.0)
-            if not ratio > z:
+            gap = paired_gap(hits[a], seen[a], hits[b], seen[b], at)
+            if not gap["z"] > z:
                 return None
-            if tight is None or (ratio, margin) < (tight["z"], tight["margin"]):
-                tight = {"ahead": a, "behind": b, "margin": margin, "se": se, "z": ratio}
-    if tight is not None and math.isinf(tight["z"]):
-        tight["z"] = None  # strict JSON: no infinity (the differences had no spread at all)
-    return {"steps": at, "window": window, "stable_from": at - window, "kept": sorted(kept), "tightest": tight}
+            if tight is None or (gap["z"], gap["margin"]) < (tight["z"], tight["margin"]):
+                tight = {"ahead": a, "behind": b, **gap}
+    return {"steps": at, "window": window, "stable_from": at - window, "kept": sorted(kept),
+            "tightest": _json_gap(tight)}
+
+
+def paired_gap(hits_a: list[list[int]], seen_a: list[list[int]], hits_b: list[list[int]],
+               seen_b: list[list[int]], at: int) -> dict[str, float]:
+    """How far shift a leads shift b after ``at`` steps, against the paired noise.
+
+    ``hits_x[k]`` / ``seen_x[k]``: seed k's correct and seen samples of every first-epoch step
+    (ints, at least ``at`` long; the same seed order for a and b). ``margin``: the score
+    difference (mean over seeds of the accumulated train accuracy, as the rung ranks), an
+    accuracy fraction; ``se``: the standard error of the per-step differences ``d_i`` (mean over
+    seeds of ``hits_a[i]/seen_a[i] - hits_b[i]/seen_b[i]``; same batches for a and b, so the batch
+    difficulty cancels), ``stdev(d) / sqrt(at)``; ``z = margin / se`` (inf for a positive margin
+    without spread, 0 for none). Needs ``at >= 2``; raises ``ValueError`` on a short history."""
+    if at < 2 or any(len(h) < at or len(n) < at for h, n in zip(hits_a + hits_b, seen_a + seen_b)):
+        raise ValueError(f"paired_gap needs at least {max(at, 2)} steps of history per seed")
+
+    def score(hs: list[list[int]], ns: list[list[int]]) -> float:
+        vals = [sum(h[:at]) / sum(n[:at]) if sum(n[:at]) else 0.0 for h, n in zip(hs, ns)]
+        return sum(vals) / len(vals)
+
+    k = len(hits_a)
+    d = [sum(ha[i] / na[i] - hb[i] / nb[i] for ha, na, hb, nb in zip(hits_a, seen_a, hits_b, seen_b)) / k
+         for i in range(at)]
+    margin = score(hits_a, seen_a) - score(hits_b, seen_b)
+    mean = sum(d) / at
+    se = math.sqrt(sum((v - mean) ** 2 for v in d) / (at - 1) / at)
+    ratio = margin / se if se > 0 else (math.inf if margin > 0 else 0.0)
+    return {"margin": margin, "se": se, "z": ratio}
+
+
+def _json_gap(gap: dict | None) -> dict | None:
+    """A :func:`paired_gap` record for JSON: an infinite z (no spread at all) is None."""
+    if gap is not None and math.isinf(gap["z"]):
+        gap = {**gap, "z": None}
+    return gap
 
 
 CHANCE_Z = 3.0  # a rung's best mean score within this many binomial standard errors of chance: at chance
 
 
 def rung_decision(ranked: list[float], keep_n: int, mean: Callable[[float], float], *, samples: int,
-                  chance: float | None) -> tuple[list[float], dict[str, Any] | None]:
+                  chance: float | None, gap: Callable[[float, float], dict] | None = None,
+                  baseline: float | None = None, z: float | None = None
+                  ) -> tuple[list[float], dict[str, Any] | None]:
     """Which of a rung's ``ranked`` shifts (best first) go on, and why when it is not the plain
-    best ``keep_n`` (issue 22): ``({"action": "extended", "why": ...})`` keeps them all when the
-    best mean score is at chance (``chance`` = 1 / classes, within ``CHANCE_Z`` binomial standard
-    errors over ``samples`` samples: the scores carry no information); ``"tie"`` keeps every shift
-    whose mean equals the last kept one's exactly. ``chance=None``: no chance check."""
+    best ``keep_n`` (issue 22). Returns (kept shifts, decision or None); a decision is
+    ``{"action", "why"}`` (+ ``"tightest"`` for the noise rule):
+
+    * ``"extended"``: every shift goes on (the rung's decision moves to the next rung) when the
+      best mean score is at chance (``chance`` = 1 / classes, within ``CHANCE_Z`` binomial
+      standard errors over ``samples`` samples), or when no cut separates the kept from the
+      eliminated beyond their paired noise (below);
+    * ``"tie"``: every shift whose mean equals the last kept one's exactly is kept too;
+    * ``"widened"``: ``gap(a, b)`` (a :func:`paired_gap` record: a's lead over b, accuracy
+      fractions) given, a shift is eliminated only when every kept shift leads it by more than
+      ``z`` (default ``STABLE_Z``) paired standard errors; shifts within the noise of a kept one
+      are kept too, in rank order, until the cut is separated (``"separated"``: the plain cut
+      already was, the tightest pair said);
+    * ``baseline`` (t = 0, the verdict's reference): kept whatever its rank, one candidate more
+      when it is not among the kept (said in ``decision["baseline"]``); it does not widen the cut.
+
+    ``chance=None``: no chance check; ``gap=None``: no noise check. ``keep_n`` >= 1."""
     if not ranked:
         return [], None
     if chance is not None and 0 < chance < 1 and samples > 0:
@@ -153,14 +197,65 @@ def rung_decision(ranked: list[float], keep_n: int, mean: Callable[[float], floa
                                           f"standard errors ({band * 100:.2f} points) of chance {chance * 100:.2f}% "
                                           f"after {samples} samples; all {len(ranked)} shifts go on")}
     keep = ranked[:keep_n]
+    decision: dict[str, Any] | None = None
     if len(ranked) > keep_n:
         cut = mean(ranked[keep_n - 1])
         tied = [t for t in ranked[keep_n:] if mean(t) == cut]
         if tied:
             both = ", ".join(f"{t:g}" for t in [t for t in keep if mean(t) == cut] + tied)
-            return keep + tied, {"action": "tie", "why": f"t = {both} tie exactly at the cut ({cut * 100:.2f}%): "
-                                                          "all kept"}
-    return keep, None
+            keep = keep + tied
+            decision = {"action": "tie", "why": f"t = {both} tie exactly at the cut ({cut * 100:.2f}%): all kept"}
+    if gap is not None and len(ranked) > len(keep):
+        keep, noise = _noise_cut(ranked, keep, gap, STABLE_Z if z is None else float(z))
+        if noise is not None and (decision is None or noise["action"] != "separated"):
+            decision = noise
+    if baseline is not None and baseline in ranked and baseline not in keep:
+        keep = keep + [baseline]
+        decision = dict(decision or {"action": "baseline", "why": ""})
+        decision["baseline"] = (f"t = {baseline:g} kept as the verdict's baseline (ranked {ranked.index(baseline) + 1} "
+                                f"of {len(ranked)}): one candidate more")
+        if not decision["why"]:
+            decision["why"] = decision["baseline"]
+    return keep, decision
+
+
+def _noise_cut(ranked: list[float], keep: list[float], gap: Callable[[float, float], dict], z: float
+               ) -> tuple[list[float], dict[str, Any] | None]:
+    """:func:`rung_decision`'s noise rule: the kept set grown in rank order until every kept shift
+    leads every eliminated one by more than ``z`` paired standard errors."""
+    keep = list(keep)
+    first_n = len(keep)
+    tight: dict | None = None
+    close: dict | None = None  # the pair that first kept a shift within the noise
+    for b in ranked[first_n:]:
+        worst = None
+        for a in keep:
+            g = gap(a, b)
+            if worst is None or (g["z"], g["margin"]) < (worst["z"], worst["margin"]):
+                worst = {"ahead": a, "behind": b, **g}
+        if worst is not None and not worst["z"] > z:
+            keep.append(b)
+            close = close or worst
+        elif worst is not None and (tight is None or (worst["z"], worst["margin"]) < (tight["z"], tight["margin"])):
+            tight = worst
+
+    def said(g: dict) -> str:
+        zs = "no spread" if math.isinf(g["z"]) else f"{g['z']:.1f} paired SE"
+        return (f"t = {g['ahead']:g} leads t = {g['behind']:g} by {g['margin'] * 100:.2f} points, {zs}")
+
+    if close is None:
+        return keep, ({"action": "separated", "why": f"every kept shift leads every eliminated one by more than "
+                                                     f"{z:g} paired SE (tightest: {said(tight)})",
+                       "tightest": _json_gap(tight)} if tight is not None else None)
+    if len(keep) == len(ranked):
+        return keep, {"action": "extended",
+                      "why": (f"the cut is within the paired noise ({said(close)}, not more than {z:g}): no shift is "
+                              f"eliminated, all {len(ranked)} go on to the next rung"),
+                      "tightest": _json_gap(close)}
+    return keep, {"action": "widened",
+                  "why": (f"{len(keep) - first_n} more kept within the paired noise of the cut ({said(close)}, not more "
+                          f"than {z:g}): {len(keep)} of {len(ranked)} go on"),
+                  "tightest": _json_gap(close)}
 
 
 def survivors(n: int, eta: float) -> int:

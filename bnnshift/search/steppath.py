@@ -26,7 +26,11 @@ def _choose_step_path(ctx: SearchContext, cfg: SearchConfig):
         return None
     steps = expected_steps(cfg, trainer.num_steps())
     has_conv = any(isinstance(m, nn.Conv2d) for m in ctx.loaded.model.modules()) if ctx.loaded else False
-    if steps < 50:
+    op_sites = op_mode_sites(ctx.sites)
+    if op_sites:
+        choice = StepPathChoice(compile=False, channels_last=trainer.channels_last, expected_steps=steps,
+                                reason=f"eager: {OP_MODE_REASON.format(sites=', '.join(op_sites[:3]))}")
+    elif steps < 50:
         choice = StepPathChoice(compile=False, channels_last=trainer.channels_last,
                                 reason=f"eager: only {steps} steps, too few to pay back a compile", expected_steps=steps)
     else:
@@ -44,6 +48,20 @@ def _choose_step_path(ctx: SearchContext, cfg: SearchConfig):
         choice = choose_step_path(cfg, build, x[:bs], y[:bs], expected_steps=steps, has_conv=has_conv, key=key)
     _set_path(ctx, "on" if choice.compile else "off", choice.channels_last)
     return choice
+
+
+# measured (docs/search.md, "A forward torch.fx cannot trace"): torch 2.14, backends eager, aot_eager
+# and inductor alike, the compiled forward equals the eager forward at 2t, exactly
+OP_MODE_REASON = ("the shift of {sites} is applied by bnnshift's op mode (the forward has control flow "
+                  "torch.fx cannot trace, e.g. `if x.dim() == 4`), and torch.compile applies such a shift twice")
+
+
+def op_mode_sites(sites: list) -> list[str]:
+    """The names of the sites whose shift the runtime's op mode applies (``Site.apply ==
+    APPLY_OP``: a forward torch.fx could not trace); ``--compile auto`` trains those models eager."""
+    from ..sites import APPLY_OP
+
+    return [s.name for s in sites if getattr(s, "apply", None) == APPLY_OP]
 
 
 def _step_batch(trainer: Any, cfg: SearchConfig) -> tuple[torch.Tensor, torch.Tensor]:
