@@ -62,8 +62,8 @@ class Taps:
         self._own_bias: dict[str, tuple[str, int]] = {}
         for s in self.sites:
             tgt = target_param(s.foldable or "")
-            if tgt is not None and s.foldable.startswith("bias:") and tgt[0] == s.module and s.fold_sign in (1, -1):
-                self._own_bias[s.name] = (tgt[1], int(s.fold_sign))
+            if tgt is not None and s.foldable.startswith("bias:") and tgt[0] == s.module and s.bias_sign in (1, -1):
+                self._own_bias[s.name] = (tgt[1], int(s.bias_sign))
         # sites shifted by lowering their fold target: their op's input is already x - t
         sr = model_state(model).shift
         self._lowered = {h.site for hs in sr.runtime.param_shifts.values() for h in hs} if sr is not None else set()

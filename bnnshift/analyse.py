@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import operator
 from typing import Any
 
 import torch
@@ -19,97 +18,21 @@ from torch import fx, nn
 
 from ._guard import copy_model
 from ._state import model_state
-from .detect import Discovery, _closure, activation_nodes, is_weight_layer, node_scope
-from .shift import fold_param
-from .sites import APPLY_OP, APPLY_PRE_HOOK, APPLY_PRODUCER, KIND_INPUT, KIND_MODULE, Site, target_param
+from .detect import Discovery, is_weight_layer
+from .fold_targets import (_ADD, _TRANSPARENT_FUNCS, _TRANSPARENT_METHODS, _bias_add, _first_arg, _module,
+                           _param_owner, _param_source, _preact_node, measure_bias_sign)
+from .fold_targets import find_fold_targets as _fold_analysis
+from .sites import APPLY_OP, APPLY_PRODUCER, KIND_MODULE, Site
 
-_TRANSPARENT_METHODS = {"view", "reshape", "flatten", "contiguous", "clone", "float", "to", "type_as", "squeeze",
-                        "unsqueeze", "detach"}
-_TRANSPARENT_FUNCS = {torch.flatten, torch.reshape, F.dropout, torch.clone}
+__all__ = ["advice_for", "analyse", "classify_producer", "find_follower", "find_pool", "measure_bias_sign",
+           "measure_shift_once"]
+
 _POOL_MODULES = {nn.MaxPool1d: "MaxPool", nn.MaxPool2d: "MaxPool", nn.MaxPool3d: "MaxPool",
                  nn.AdaptiveMaxPool2d: "MaxPool", nn.AvgPool1d: "AvgPool", nn.AvgPool2d: "AvgPool",
                  nn.AvgPool3d: "AvgPool", nn.AdaptiveAvgPool2d: "AvgPool"}
 _POOL_FUNCS = {F.max_pool1d: "MaxPool", F.max_pool2d: "MaxPool", F.adaptive_max_pool2d: "MaxPool",
                F.avg_pool1d: "AvgPool", F.avg_pool2d: "AvgPool", F.adaptive_avg_pool2d: "AvgPool"}
 _WEIGHT_FUNCS = {F.conv1d, F.conv2d, F.conv3d, F.linear, torch.conv2d, torch.matmul}
-_ADD = {operator.add, operator.iadd, torch.add}
-_SUB = {operator.sub, operator.isub, torch.sub}
-# ops that give a parameter's own values another shape or dtype (never change them)
-_RESHAPE_METHODS = {"view", "reshape", "expand", "expand_as", "unsqueeze", "squeeze", "contiguous", "float",
-                    "to", "type_as", "view_as", "reshape_as", "clone", "detach", "double", "half"}
-_RESHAPE_FUNCS = {torch.reshape, torch.unsqueeze, torch.squeeze, torch.clone}
-# methods whose second argument is read for its shape / dtype only
-_SHAPE_ARG_METHODS = {"expand_as", "view_as", "reshape_as", "type_as"}
-_SHAPE_READS = {"size", "dim", "numel", "shape", "dtype", "device"}
-
-
-def _param_source(node: Any) -> str | None:
-    """The ``get_attr`` target when ``node`` is one parameter/buffer, reshaped or broadcast only."""
-    cur = node
-    for _ in range(8):
-        if not isinstance(cur, fx.Node):
-            return None
-        if cur.op == "get_attr":
-            return str(cur.target)
-        if (cur.op == "call_method" and cur.target in _RESHAPE_METHODS) or \
-                (cur.op == "call_function" and cur.target in _RESHAPE_FUNCS):
-            cur = cur.args[0] if cur.args else None
-            continue
-        return None
-    return None
-
-
-def _param_owner(target: str) -> str | None:
-    return target.rpartition(".")[0] or None
-
-
-def _bias_add(node: fx.Node) -> tuple[fx.Node, str, int] | None:
-    """(activation operand, parameter target, +1 for ``x + b`` / -1 for ``x - b``) when ``node``
-    adds one parameter (any spelling: ``x + b``, ``b + x``, ``x + b.expand_as(x)``, ``x - b``,
-    ``torch.add``, ``x.add(b)``) to a value that is not itself a parameter; else None."""
-    if node.op == "call_function" and (node.target in _ADD or node.target is torch.Tensor.add):
-        sign = +1
-    elif node.op == "call_method" and node.target in ("add", "add_", "__add__", "__radd__"):
-        sign = +1
-    elif node.op == "call_function" and (node.target in _SUB or node.target is torch.Tensor.sub):
-        sign = -1
-    elif node.op == "call_method" and node.target in ("sub", "sub_", "__sub__"):
-        sign = -1
-    else:
-        return None
-    if len(node.args) < 2 or node.kwargs.get("alpha", 1) != 1:
-        return None
-    a, b = node.args[0], node.args[1]
-    pa, pb = _param_source(a), _param_source(b)
-    if isinstance(a, fx.Node) and pa is None and pb is not None:
-        return a, pb, sign
-    if sign > 0 and isinstance(b, fx.Node) and pb is None and pa is not None:
-        return b, pa, sign
-    return None
-
-
-def _value_users(node: fx.Node) -> set[fx.Node]:
-    """Users that read ``node``'s values (not only its shape: ``b.expand_as(node)``, ``node.size()``)."""
-    out = set()
-    for u in node.users:
-        if u.op == "call_method" and u.target in _SHAPE_READS:
-            continue
-        if u.op == "call_function" and u.target is getattr and len(u.args) > 1 and u.args[1] in _SHAPE_READS:
-            continue
-        if u.op == "call_method" and u.target in _SHAPE_ARG_METHODS and u.args and u.args[0] is not node \
-                and node not in u.args[:1]:
-            continue
-        out.add(u)
-    return out
-
-
-def _module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
-    if node.op != "call_module":
-        return None
-    try:
-        return gm.get_submodule(node.target)
-    except AttributeError:
-        return None
 
 
 def _is_weight_node(gm, node: fx.Node) -> bool:
@@ -123,13 +46,6 @@ def _is_learnable_bias_module(m: nn.Module | None) -> bool:
         return False
     params = dict(m.named_parameters(recurse=False))
     return len(params) == 1 and next(iter(params.values())).dim() <= 4 and not list(m.children())
-
-
-def _first_arg(node: fx.Node) -> fx.Node | None:
-    for a in node.args:
-        if isinstance(a, fx.Node):
-            return a
-    return None
 
 
 def _skip_transparent(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
@@ -149,22 +65,6 @@ def _skip_transparent(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
         else:
             break
     return cur
-
-
-def _preact_node(site: Site, node: fx.Node, gm: fx.GraphModule) -> fx.Node | None:
-    """The node whose value is the site's pre-activation (before the binarizer)."""
-    if site.kind == KIND_INPUT:
-        # walk back to the first node outside the conv's scope
-        from .detect import node_scope
-
-        cur = _first_arg(node)
-        while cur is not None:
-            s, _ = node_scope(cur)
-            if not (s == site.module or s.startswith(site.module + ".")) or cur.op == "placeholder":
-                return cur
-            cur = _first_arg(cur)
-        return None
-    return _first_arg(node)
 
 
 def classify_producer(gm: fx.GraphModule, node: fx.Node | None) -> tuple[str, str | None]:
@@ -279,11 +179,6 @@ def find_follower(gm: fx.GraphModule, node: fx.Node, site_nodes: set[fx.Node]) -
     return None, None
 
 
-def _threshold_stats(t: torch.Tensor) -> dict[str, float]:
-    t = t.detach().float()
-    return {"mean": float(t.mean()), "min": float(t.min()), "max": float(t.max()), "numel": int(t.numel())}
-
-
 def advice_for(site: Site) -> list[str]:
     out: list[str] = []
     if site.follower in ("PReLU", "RPReLU"):
@@ -298,7 +193,7 @@ def advice_for(site: Site) -> list[str]:
         out.append(f"t folds into the learnable bias {site.foldable[5:]} at zero inference cost")
     elif site.producer == "residual add" and not site.foldable:
         out.append("input is the residual stream: t needs its own subtraction (cannot fold); a compare-with-t is free on XNOR hardware")
-    if site.threshold is not None:
+    if site.own_threshold is not None:
         out.append("a learnable threshold exists: a fixed shift only sets its init, which decides the result (claim 7)")
     if site.alphabet == "{0,1}":
         out.append("Heaviside {0,1}: the shift means x > t")
@@ -309,416 +204,6 @@ def advice_for(site: Site) -> list[str]:
     return out
 
 
-
-
-# ------------------------------------------------------------------ fold targets (data flow)
-#
-# A fold moves t out of the hook into a parameter: the shift then happens where the parameter
-# enters the data flow, for *every* reader of that value and at *every* use of the parameter.
-# It equals the hooked model only when both shift the same values. So, per site:
-#
-# 1. the *bias chain*: from the binarizer's input back through ops that commute with
-#    subtracting a constant (reshapes, identity, ``x + b`` / ``x - b`` with b a parameter) to
-#    the first op that does not (a BN, a conv, a residual add). Each parameter add on it and
-#    an affine BN at its root are candidate targets;
-# 2. where the hook shifts (the edge into the binarizer, the conv's input, the producer's
-#    whole output) and where a fold at each candidate shifts (the candidate's whole output),
-#    both pushed downstream while the value has exactly one reader: equal end points means
-#    the same values move;
-# 3. every use of the candidate parameter or BN module in the graph (every get_attr, every
-#    call of the module, every untraced leaf that owns it) must be such an exact fold point
-#    of a site; those sites form the fold group (folded together, only with equal t).
-#
-# The binarizer module's own parameters (RSign written as one module) are tried first, by
-# measurement: the parameter whose change by -d moves the module's output exactly as
-# shifting its input by d does is the additive one (centre, not scale; declaration order
-# does not matter). ``fold.fold_shifts`` then proves every fold on a probe batch.
-
-
-class _Link:
-    __slots__ = ("node", "target")
-
-    def __init__(self, node: fx.Node, target: tuple[str, str, int] | None):
-        self.node, self.target = node, target  # target: ("bias", "path.param", sign) / ("bn", path, +1)
-
-
-_MAX_POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d,
-              nn.AdaptiveMaxPool3d)
-_MAX_POOL_FUNCS = {F.max_pool1d, F.max_pool2d, F.max_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d,
-                   F.adaptive_max_pool3d}
-
-
-def _transparent(gm: fx.GraphModule, node: fx.Node) -> bool:
-    """Ops that commute with subtracting a per-channel constant (max(y - t) = max(y) - t: max
-    pooling pads with -inf; average pooling counting zero padding does not commute)."""
-    if node.op == "call_method" and node.target in _TRANSPARENT_METHODS:
-        return True
-    if node.op == "call_function" and (node.target in _TRANSPARENT_FUNCS or node.target in _MAX_POOL_FUNCS):
-        return True
-    return node.op == "call_module" and isinstance(_module(gm, node), (nn.Identity, nn.Dropout, nn.Flatten)
-                                                   + _MAX_POOLS)
-
-
-def _bias_chain(gm: fx.GraphModule, start: fx.Node | None, mods: dict[str, nn.Module]) -> list[_Link]:
-    chain: list[_Link] = []
-    cur = start
-    for _ in range(32):
-        if not isinstance(cur, fx.Node):
-            break
-        ba = _bias_add(cur)
-        if ba is not None:
-            chain.append(_Link(cur, ("bias", ba[1], ba[2])))
-            cur = ba[0]
-            continue
-        if _transparent(gm, cur):
-            chain.append(_Link(cur, None))
-            cur = _first_arg(cur)
-            continue
-        m = mods.get(str(cur.target)) if cur.op == "call_module" else None
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine and m.bias is not None:
-            chain.append(_Link(cur, ("bn", str(cur.target), +1)))
-        elif isinstance(m, _AFFINE_LEAVES) and isinstance(getattr(m, "bias", None), nn.Parameter):
-            chain.append(_Link(cur, ("bias", f"{cur.target}.bias", +1)))  # W x + b, LayerNorm's beta
-        else:
-            fb = _functional_bias(cur)
-            chain.append(_Link(cur, ("bias", fb, +1) if fb is not None else None))
-        break
-    return chain
-
-
-# Modules whose output is ``f(x) + bias`` with one bias value per output feature / channel, added
-# last: sign(f(x) + b - t) = sign(f(x) + (b - t)), so the bias absorbs t exactly.
-_AFFINE_LEAVES = (nn.Linear, nn.Bilinear, nn.modules.conv._ConvNd, nn.LayerNorm, nn.GroupNorm)
-# functional spellings: (function, position of the bias argument)
-_FUNCTIONAL_BIAS = {F.linear: 2, F.conv1d: 2, F.conv2d: 2, F.conv3d: 2, F.conv_transpose1d: 2,
-                    F.conv_transpose2d: 2, F.conv_transpose3d: 2, F.layer_norm: 3, F.group_norm: 3,
-                    torch.conv1d: 2, torch.conv2d: 2, torch.conv3d: 2, torch.layer_norm: 3, torch.group_norm: 3}
-
-
-def _functional_bias(node: fx.Node) -> str | None:
-    """The parameter target of the bias of ``F.linear`` / ``F.conv*d`` / ``F.layer_norm`` /
-    ``F.group_norm`` (a binary linear layer calling ``F.linear(x, sign(W), self.bias)``) when that
-    bias is one parameter; else None."""
-    if node.op != "call_function" or node.target not in _FUNCTIONAL_BIAS:
-        return None
-    i = _FUNCTIONAL_BIAS[node.target]
-    b = node.args[i] if len(node.args) > i else node.kwargs.get("bias")
-    return _param_source(b) if isinstance(b, fx.Node) else None
-
-
-def _ste_siblings(x: fx.Node, site_node: fx.Node, mods: dict[str, nn.Module]) -> set[fx.Node]:
-    """Readers of the binarizer's input that re-join its output (the other half of an inline
-    STE, ``h + (sign(x) - h).detach()``): part of the binarizer, not other consumers."""
-    outs = [u for u in site_node.users]
-    if outs and all(u.op == "call_function" and u.target is operator.getitem for u in outs):
-        # a multi-output Function: only its binary output (index 0) is the binarizer's; a reader
-        # re-joining another output (a scale, a clipped copy) is another consumer
-        site_closure = {site_node}
-        for u in outs:
-            if len(u.args) > 1 and u.args[1] == 0:
-                site_closure |= _closure(u, mods) | {u}
-    else:
-        site_closure = _closure(site_node, mods) | {site_node}
-    return {u for u in x.users if u is not site_node and (_closure(u, mods) | {u}) & site_closure}
-
-
-def _readers(chain: list[_Link], j: int, site_node: fx.Node, mods) -> set[fx.Node]:
-    node = chain[j].node
-    us = _value_users(node)
-    if j == 0:
-        us -= _ste_siblings(node, site_node, mods)
-    return us
-
-
-def _normalise(chain: list[_Link], state: tuple[str, int], site_node: fx.Node, mods) -> tuple[str, int]:
-    """Push a shift downstream while it is the same set of values: ("whole", j) = every reader of
-    chain[j] sees it; ("edge", j) = only chain[j-1] (the binarizer for j = 0) sees it."""
-    kind, j = state
-    for _ in range(2 * len(chain) + 2):
-        if kind == "whole":
-            nxt = chain[j - 1].node if j > 0 else site_node
-            if _readers(chain, j, site_node, mods) == {nxt}:
-                kind = "edge"
-            else:
-                return kind, j
-        else:
-            if j == 0:
-                return kind, j
-            kind, j = "whole", j - 1
-    return kind, j
-
-
-def _in_scope(node: fx.Node, scope: str | None) -> bool:
-    s, _ = node_scope(node)
-    return bool(scope) and (s == scope or s.startswith(scope + "."))
-
-
-def _hook_state(s: Site, node: fx.Node, chain: list[_Link], gm: fx.GraphModule, mods) -> tuple[str, int] | str:
-    """Where the hook of ``s`` shifts, in chain coordinates, or why that is not on the chain."""
-    index = {l.node: i for i, l in enumerate(chain)}
-    if s.apply == APPLY_OP or (s.apply == APPLY_PRE_HOOK and s.kind == KIND_MODULE):
-        return ("edge", 0)
-    if s.apply == APPLY_PRODUCER:
-        p = _first_arg(node)
-        return ("whole", index[p]) if p in index else "the shifted producer is not on the pre-activation's path"
-    if s.kind == KIND_INPUT:
-        x = _preact_node(s, node, gm)
-        if x not in index:
-            return "the conv's input reaches its binarizer through ops that do not commute with a shift"
-        j = index[x]
-        inside = {u for u in _value_users(x) if _in_scope(u, s.module)}
-        if j == 0:
-            inside -= _ste_siblings(x, node, mods)
-        if inside != ({chain[j - 1].node} if j > 0 else {node}):
-            return "the conv reads its input elsewhere too (the shift moves more than the binarizer)"
-        return ("edge", j)
-    return "unknown placement"
-
-
-def _resolve(model: nn.Module, target: str) -> Any:
-    owner, _, name = target.rpartition(".")
-    try:
-        m = model.get_submodule(owner) if owner else model
-    except AttributeError:
-        return None
-    return getattr(m, name, None)
-
-
-def measure_bias_sign(module: nn.Module, param: torch.Tensor, x: torch.Tensor) -> int | None:
-    """+1 if ``module(x)`` depends on ``param`` as ``x + b``, -1 as ``x - b``, None otherwise.
-
-    Shifting the input by -d must equal moving the parameter by -d (or +d) on >= 99.9% of the
-    outputs (a binary output flips only where the two differ by rounding at the threshold), and
-    moving the parameter must change the output at all.
-    """
-    d = 0.37
-    was = module.training
-    module.eval()
-    try:
-        with torch.no_grad():
-            ref = module.forward(x - d)
-            base = module.forward(x)
-            if not isinstance(ref, torch.Tensor) or not isinstance(base, torch.Tensor):
-                return None
-            ok = []
-            for sign in (+1, -1):
-                saved = param.detach().clone()
-                param.sub_(sign * d)
-                try:
-                    out = module.forward(x)
-                finally:
-                    param.copy_(saved)
-                ok.append(isinstance(out, torch.Tensor) and out.shape == ref.shape
-                          and bool(torch.isclose(out, ref, atol=1e-5, rtol=1e-5).float().mean() > 0.999))
-            changed = not torch.allclose(base, ref)
-    except Exception:  # noqa: BLE001 - any failure means "cannot tell"
-        return None
-    finally:
-        module.train(was)
-    if not changed:
-        return None
-    if ok[0] and not ok[1]:
-        return +1
-    if ok[1] and not ok[0]:
-        return -1
-    return None
-
-
-def _own_additive_param(model: nn.Module, path: str, in_shape: tuple[int, ...] | None) -> tuple[str, int] | None:
-    """(parameter name, sign) of the binarizer module's additive parameter, found by measurement."""
-    if not in_shape or len(in_shape) < 2:
-        return None
-    m = copy_model(model.get_submodule(path))  # measured on a copy: a forward may write its own weights
-    g = torch.Generator().manual_seed(1234)
-    for name, p in m.named_parameters():
-        if not p.is_floating_point() or p.numel() > 65536:
-            continue
-        if p.numel() != 1 and in_shape[1] not in p.shape:
-            continue  # not per-channel on dim 1: not a threshold
-        x = (torch.randn(in_shape, generator=g) * 2).to(device=p.device, dtype=p.dtype)
-        sign = measure_bias_sign(m, p, x)
-        if sign is not None:
-            return name, sign
-    return None
-
-
-def _owners(model: nn.Module, obj: Any) -> set[str]:
-    """Paths of modules that hold ``obj`` (a tensor or module) anywhere below them."""
-    out = set()
-    for path, m in model.named_modules():
-        if isinstance(obj, nn.Module):
-            if any(sub is obj for sub in m.modules()):
-                out.add(path)
-        elif any(t is obj for t in list(m.parameters()) + list(m.buffers())):
-            out.add(path)
-    return out
-
-
-def _fold_analysis(disc: Discovery, model: nn.Module) -> None:
-    """Set ``foldable`` / ``fold_with`` / ``fold_sign`` / ``fold_reason`` / ``threshold`` per site."""
-    mods = dict(model.named_modules())
-    gm = disc.trace.graph_module if disc.trace is not None else None
-    graph_nodes = list(gm.graph.nodes) if gm is not None else []
-    module_calls = [n for n in graph_nodes if n.op == "call_module"]
-    get_attrs = [n for n in graph_nodes if n.op == "get_attr"]
-    in_shapes = {(r.path, r.index): r.inp.shape for r in disc.dyn.calls if r.inp.is_tensor}
-
-    # candidates per site: (target key, spec, sign, exact, reason); nearest to the binarizer first
-    cands: dict[str, list[tuple[Any, str, int, bool, str]]] = {}
-    points: dict[Any, list[tuple[fx.Node | None, str]]] = {}  # target key -> exact fold points (node, site)
-    for s in disc.sites:
-        lst: list[tuple[Any, str, int, bool, str]] = []
-        if s.kind in (KIND_MODULE, KIND_INPUT) and s.apply == APPLY_PRE_HOOK and s.module in mods:
-            own = _own_additive_param(model, s.module, in_shapes.get((s.module, s.call_index)))
-            if own is not None:
-                p = _resolve(model, f"{s.module}.{own[0]}")
-                key = ("own", id(p))
-                lst.append((key, f"bias:{s.module}.{own[0]}", own[1], True, ""))
-                points.setdefault(key, []).append((None, s.name))
-                s.threshold = _threshold_stats(-own[1] * p)  # x + b > 0  <=>  x > -b
-        node = disc.node_of_site.get(s.name)
-        if node is not None and gm is not None:
-            chain = _bias_chain(gm, _first_arg(node), mods)
-            hook = _hook_state(s, node, chain, gm, mods)
-            for i, link in enumerate(chain):
-                if link.target is None:
-                    continue
-                kind, path, sign = link.target
-                obj = _resolve(model, path) if kind == "bias" else mods.get(path)
-                if obj is None:
-                    continue
-                if kind == "bias" and s.threshold is None:
-                    s.threshold = _threshold_stats(-sign * obj)
-                if isinstance(hook, str):
-                    exact, why = False, hook
-                else:
-                    exact = _normalise(chain, ("whole", i), node, mods) == _normalise(chain, hook, node, mods)
-                    why = "" if exact else (f"{path} also feeds other layers (a fold would move them too)")
-                key = (kind, id(obj))
-                spec = f"bias:{path}" if kind == "bias" else f"bn:{path}"
-                lst.append((key, spec, sign, exact, why))
-                if exact:
-                    points.setdefault(key, []).append((link.node, s.name))
-        cands[s.name] = lst
-
-    # every use of each target must be an exact fold point of some site
-    def uses_ok(key: Any, spec: str) -> tuple[bool, str, list[str]]:
-        kind = key[0]
-        pts = points.get(key, [])
-        group = sorted({name for _, name in pts}, key=[s.name for s in disc.sites].index)
-        nodes = {n for n, _ in pts if n is not None}
-        path = spec.split(":", 1)[1]
-        if kind == "own":
-            obj = _resolve(model, path)
-            owner = _param_owner(path)
-            calls = {n for n in module_calls if str(n.target) == owner}
-            sites_of_owner = {s.name for s in disc.sites if s.module == owner and s.apply == APPLY_PRE_HOOK}
-            if len(calls) > len(sites_of_owner & set(group)) and gm is not None:
-                return False, f"{owner} is called where it is not a shifted binarizer", group
-            if any(_resolve(model, str(g.target)) is obj and not _in_scope(g, owner) for g in get_attrs):
-                return False, f"{path} is also read outside {owner}", group
-            others = _owners(model, obj) - {p for p in mods if p == owner or p.startswith(owner + ".")
-                                             or owner.startswith(p + ".") or p == ""}
-            if any(str(n.target) in others for n in module_calls):
-                return False, f"{path} is also used inside {sorted(others)[0]}", group
-            return True, "", group
-        obj = _resolve(model, path) if kind == "bias" else mods.get(path)
-        entries: set[fx.Node] = set()
-        if kind == "bias":
-            frontier = [g for g in get_attrs if _resolve(model, str(g.target)) is obj]
-            seen: set[fx.Node] = set()
-            while frontier:
-                cur = frontier.pop()
-                for u in cur.users:
-                    if u in seen:
-                        continue
-                    seen.add(u)
-                    if _param_source(u) is not None:
-                        frontier.append(u)
-                    else:
-                        entries.add(u)
-            owner = _param_owner(path)
-            if owner in mods and isinstance(mods[owner], _AFFINE_LEAVES):
-                entries |= {n for n in module_calls if str(n.target) == owner}  # every call adds the bias
-        else:
-            entries = {n for n in module_calls if mods.get(str(n.target)) is obj}
-        stray = entries - nodes
-        if stray:
-            n = next(iter(stray))
-            return False, f"{path} is also read by {n.name} (not only by shifted binarizers)", group
-        # untraced leaves that hold the parameter / module
-        leaf_calls = {str(n.target) for n in module_calls} - ({path} if kind == "bn" else set())
-        holders = {p for p in _owners(model, obj) if p in leaf_calls}
-        holders -= {p for p in holders if kind == "bias" and p == _param_owner(path)}
-        if holders:
-            return False, f"{path} is also used inside {sorted(holders)[0]}", group
-        return True, "", group
-
-    checked: dict[Any, tuple[bool, str, list[str]]] = {}
-    choice: dict[str, tuple[Any, str, int]] = {}
-    refused: dict[str, str] = {}
-    for _ in range(8):  # a target is valid only if every site of its group chose it
-        choice.clear()
-        refused.clear()
-        for s in disc.sites:
-            for key, spec, sign, exact, why in cands.get(s.name, []):
-                if not exact:
-                    refused.setdefault(s.name, why)
-                    continue
-                if key not in checked:
-                    checked[key] = uses_ok(key, spec)
-                ok, reason, _ = checked[key]
-                if ok:
-                    choice[s.name] = (key, spec, sign)
-                    break
-                refused.setdefault(s.name, reason)
-        split = [key for key, (ok, _, group) in checked.items()
-                 if ok and any(choice.get(n, (None,))[0] != key for n in group)]
-        for key in split:
-            ok, _, group = checked[key]
-            checked[key] = (False, f"shared with {', '.join(group)}, which do not all fold into it", group)
-        if not split:
-            break
-    for s in disc.sites:
-        if s.name in choice:
-            key, spec, sign = choice[s.name]
-            group = checked[key][2] if key in checked else [s.name]
-            s.foldable, s.fold_sign, s.fold_with = spec, sign, group
-            s.shift_into = spec if (gm is not None and group == [s.name]
-                                    and _read_only_in_owner(model, spec, get_attrs)) else None
-            what = "BatchNorm" if spec.startswith("bn:") else "learnable bias"
-            formula = "beta' = beta - t" if spec.startswith("bn:") else ("b' = b - t" if sign > 0 else "b' = b + t")
-            if len(group) > 1:
-                s.fold_reason = (f"{what} {spec.split(':', 1)[1]} feeds only the binarizers {', '.join(group)}: "
-                                 f"{formula}, folded when their t are equal")
-            else:
-                s.fold_reason = f"{what} feeds only this binarizer: {formula}"
-        else:
-            s.foldable, s.fold_with, s.fold_sign, s.shift_into = None, None, None, None
-            if s.name in refused:
-                s.fold_reason = refused[s.name]
-
-
-def _read_only_in_owner(model: nn.Module, spec: str, get_attrs: list[fx.Node]) -> bool:
-    """Is the fold target's parameter read only inside its own module's forward, under its own
-    name? Then lowering it while that module runs is the fold itself (``shift.insert_shifts``)."""
-    found = fold_param(model, spec)
-    if found is None:
-        return False
-    owner, pname = found
-    obj = owner._parameters[pname]
-    path = target_param(spec)[0]
-    holders = [p for p, m in model.named_modules(remove_duplicate=False)
-               if any(v is obj for v in m._parameters.values())]
-    if holders != [path] or any(v is obj for k, v in owner._parameters.items() if k != pname):
-        return False  # tied: another module (or name) reads the same tensor
-    for g in get_attrs:
-        if _resolve(model, str(g.target)) is obj and (str(g.target) != f"{path}.{pname}" if path else
-                                                        str(g.target) != pname):
-            return False
-        if _resolve(model, str(g.target)) is obj and path and not _in_scope(g, path):
-            return False  # read by the parent's forward (``x + self.move.bias``)
-    return True
 
 
 def _flat_tensors(y: Any) -> list[torch.Tensor]:
@@ -841,7 +326,7 @@ def _check_lowering(disc: Discovery, model: nn.Module, t: float = 0.5) -> None:
     for s in bad:
         disc.warnings.append(f"site {s.name}: lowering {s.shift_into} by t does not move the model as x - t "
                              "does (measured); the shift stays a hook and is not folded")
-        s.shift_into, s.foldable, s.fold_with, s.fold_sign = None, None, None, None
+        s.shift_into, s.foldable, s.fold_with, s.bias_sign = None, None, None, None
         s.fold_reason = f"lowering the fold target by t does not act as x - t (measured)"
 
 
@@ -902,6 +387,106 @@ def _invariant_calls(calls: dict[str, tuple]) -> set[str]:
     return invariant
 
 
+def _plain_copies(sites: list[Site]) -> list[Site]:
+    """Copies of ``sites`` whose shift is a plain ``x - t`` hook (a lowered fold target is
+    checked against the plain hook by ``_check_lowering``)."""
+    plain = []
+    for s in sites:
+        c = copy.copy(s)
+        c.shift_into = None
+        plain.append(c)
+    return plain
+
+
+def _wrap_handlers(rt: Any, plain: list[Site], before: dict[str, torch.Tensor],
+                   calls: dict[str, tuple] | None) -> None:
+    """Replace each site's shift handler in ``rt`` by a :class:`_Recorded` that stores the value
+    its hook shifts in ``before`` (and, with ``calls``, each hooked module call's arguments)."""
+    for d, out in ((rt.pre_call, False), (rt.post_call, True), (rt.op_handlers, False)):
+        for key, h in list(d.items()):
+            name = next((s.name for s in plain if _handler_key(s) == (d is rt.op_handlers, d is rt.post_call, key)),
+                        None)
+            if name is not None:
+                d[key] = _Recorded(name, h, before, out, calls if d is rt.pre_call else None)
+
+
+def _watch_binarizer_inputs(rt: Any, m: nn.Module, plain: list[Site], after: dict[str, torch.Tensor]) -> list:
+    """Record in ``after`` the value that reaches each site's binarizer: an op site's used input
+    (``rt.record_ops``), a module call's first argument after every hook ran (one more forward
+    pre-hook, registered last). Returns the handles of the extra hooks."""
+    op_sites: dict[tuple, list[str]] = {}
+    call_sites: dict[tuple, list[str]] = {}
+    for s in plain:
+        on_op = s.scope is not None and s.kind != KIND_MODULE
+        (op_sites if on_op else call_sites).setdefault(
+            (s.scope or "", s.op_index) if on_op else (s.module, s.call_index), []).append(s.name)
+    rt.watch_scopes = set(rt.watch_scopes or ()) | {sc for sc, _ in op_sites}
+
+    def record(ev):
+        v = _first_tensor(ev.used_inputs[0]) if ev.used_inputs else None
+        for name in op_sites.get((ev.scope, ev.index), ()):
+            if v is not None and name not in after:
+                after[name] = v.detach().clone()
+
+    rt.record_ops = record
+    for key in call_sites:
+        rt.pre_call.setdefault(key, lambda module, args: None)
+    rt.install(apply_wrapper=True)
+    mods = dict(m.named_modules())
+    extra = []
+    for (p, k), names in call_sites.items():
+        def after_hooks(module, args, _p=p, _k=k, _names=names):
+            v = _first_tensor(args[0]) if args else None
+            if rt.call_counts.get(_p, 0) - 1 == _k and v is not None:
+                for name in _names:
+                    after.setdefault(name, v.detach().clone())
+        extra.append(mods[p].register_forward_pre_hook(after_hooks))
+    return extra
+
+
+def _shifted_forward(model: nn.Module, plain: list[Site], x: torch.Tensor, tv: float,
+                     calls: dict[str, tuple] | None) -> tuple[dict, dict]:
+    """One forward of a copy of ``model`` with every site of ``plain`` shifted by ``tv``:
+    (value each hook shifted, value that reached each binarizer), by site name."""
+    from ._runtime import SiteRuntime
+    from .shift import insert_shifts
+
+    m = copy_model(model).eval()
+    insert_shifts(m, plain, {s.name: tv for s in plain})
+    rt: SiteRuntime = model_state(m).shift.runtime
+    rt.remove()
+    before: dict[str, torch.Tensor] = {}
+    after: dict[str, torch.Tensor] = {}
+    _wrap_handlers(rt, plain, before, calls)
+    extra = _watch_binarizer_inputs(rt, m, plain, after)
+    try:
+        p0 = next(iter(m.parameters()), None)
+        with torch.no_grad(), _same_noise():
+            m(x.to(p0.dtype) if p0 is not None and p0.is_floating_point() else x)
+    finally:
+        for h in extra:
+            h.remove()
+        rt.remove()
+    return before, after
+
+
+def _shift_verdict(name: str, b0: dict, a0: dict, b1: dict, a1: dict, t: float) -> str | float:
+    """One site's entry of :func:`measure_shift_once` from the unshifted (``b0``, ``a0``) and the
+    shifted (``b1``, ``a1``) forwards' hook values and binarizer inputs."""
+    if name not in b1:
+        return "not fired"
+    if name not in a1 or name not in a0 or name not in b0:
+        return "not measured"
+    if a0[name].shape != b0[name].shape or not torch.equal(a0[name], b0[name]):
+        return "indirect"
+    if a1[name].shape != b1[name].shape or not a1[name].is_floating_point():
+        return "not measured"
+    d = (b1[name].double() - a1[name].double()) / t
+    k = float(d.median())
+    tol = 1e-4 * max(1.0, float(b1[name].abs().max()))
+    return 1.0 if torch.allclose(a1[name].double(), b1[name].double() - t, atol=tol, rtol=0) else round(k, 3)
+
+
 def measure_shift_once(model: nn.Module, sites: list[Site], x: torch.Tensor, t: float = 0.5) -> dict[str, str | float]:
     """How far the patch moves each site's binarizer input: every site shifted by ``t`` at once,
     the patch's own hooks (``shift.insert_shifts`` on a copy), one forward on ``x``.
@@ -916,89 +501,14 @@ def measure_shift_once(model: nn.Module, sites: list[Site], x: torch.Tensor, t: 
     threshold: no shift changes anything); ``"not measured"`` when the binarizer's
     input was not seen. Raises whatever the model raises.
     """
-    from ._runtime import SiteRuntime
-    from .shift import insert_shifts
-
-    plain = []
-    for s in sites:
-        c = copy.copy(s)
-        c.shift_into = None  # a lowered fold target is checked against the plain hook by _check_lowering
-        plain.append(c)
-    by_name = {s.name: s for s in plain}
-
+    plain = _plain_copies(sites)
     calls: dict[str, tuple] = {}
-
-    def run(tv: float) -> tuple[dict, dict]:
-        m = copy_model(model).eval()
-        insert_shifts(m, plain, {s.name: tv for s in plain})
-        rt: SiteRuntime = model_state(m).shift.runtime
-        rt.remove()
-        before: dict[str, torch.Tensor] = {}
-        after: dict[str, torch.Tensor] = {}
-        for d, out in ((rt.pre_call, False), (rt.post_call, True), (rt.op_handlers, False)):
-            for key, h in list(d.items()):
-                name = next((s.name for s in plain if _handler_key(s) == (d is rt.op_handlers, d is rt.post_call, key)), None)
-                if name is not None:
-                    d[key] = _Recorded(name, h, before, out, calls if (tv == 0.0 and d is rt.pre_call) else None)
-        op_sites: dict[tuple, list[str]] = {}
-        call_sites: dict[tuple, list[str]] = {}
-        for s in plain:
-            on_op = s.scope is not None and s.kind != KIND_MODULE
-            (op_sites if on_op else call_sites).setdefault(
-                (s.scope or "", s.op_index) if on_op else (s.module, s.call_index), []).append(s.name)
-        rt.watch_scopes = set(rt.watch_scopes or ()) | {sc for sc, _ in op_sites}
-
-        def record(ev):
-            v = _first_tensor(ev.used_inputs[0]) if ev.used_inputs else None
-            for name in op_sites.get((ev.scope, ev.index), ()):
-                if v is not None and name not in after:
-                    after[name] = v.detach().clone()
-
-        rt.record_ops = record
-        for p, _ in call_sites:
-            rt.pre_call.setdefault((p, _), lambda module, args: None)
-        rt.install(apply_wrapper=True)
-        mods = dict(m.named_modules())
-        extra = []
-        for (p, k), names in call_sites.items():
-            def after_hooks(module, args, _p=p, _k=k, _names=names):
-                v = _first_tensor(args[0]) if args else None
-                if rt.call_counts.get(_p, 0) - 1 == _k and v is not None:
-                    for name in _names:
-                        after.setdefault(name, v.detach().clone())
-            extra.append(mods[p].register_forward_pre_hook(after_hooks))
-        try:
-            p0 = next(iter(m.parameters()), None)
-            with torch.no_grad(), _same_noise():
-                m(x.to(p0.dtype) if p0 is not None and p0.is_floating_point() else x)
-        finally:
-            for h in extra:
-                h.remove()
-            rt.remove()
-        return before, after
-
-    b0, a0 = run(0.0)
+    b0, a0 = _shifted_forward(model, plain, x, 0.0, calls)
     invariant = _invariant_calls(calls)
     calls.clear()  # the first copy's modules: freed before the second copy is made (memory)
-    b1, a1 = run(t)
-    out: dict[str, str | float] = {}
-    for name in by_name:
-        if name in invariant:
-            out[name] = "invariant"
-        elif name not in b1:
-            out[name] = "not fired"
-        elif name not in a1 or name not in a0 or name not in b0:
-            out[name] = "not measured"
-        elif a0[name].shape != b0[name].shape or not torch.equal(a0[name], b0[name]):
-            out[name] = "indirect"
-        elif a1[name].shape != b1[name].shape or not a1[name].is_floating_point():
-            out[name] = "not measured"
-        else:
-            d = (b1[name].double() - a1[name].double()) / t
-            k = float(d.median())
-            tol = 1e-4 * max(1.0, float(b1[name].abs().max()))
-            out[name] = 1.0 if torch.allclose(a1[name].double(), b1[name].double() - t, atol=tol, rtol=0) else round(k, 3)
-    return out
+    b1, a1 = _shifted_forward(model, plain, x, t, None)
+    return {s.name: "invariant" if s.name in invariant else _shift_verdict(s.name, b0, a0, b1, a1, t)
+            for s in plain}
 
 
 def _runtime_binary(y: Any) -> Any:
@@ -1072,7 +582,7 @@ def analyse(disc: Discovery, model: nn.Module) -> list[Site]:
         _fold_analysis(disc, model)
     except Exception as exc:  # noqa: BLE001 - a model the analysis cannot read: no fold, said
         for s in disc.sites:
-            s.foldable, s.fold_with, s.fold_sign, s.shift_into = None, None, None, None
+            s.foldable, s.fold_with, s.bias_sign, s.shift_into = None, None, None, None
             s.fold_reason = f"fold analysis failed ({type(exc).__name__}): hooks kept"
         disc.warnings.append(f"fold analysis failed ({type(exc).__name__}: {str(exc)[:120]}); every shift stays a hook")
     _check_lowering(disc, model)

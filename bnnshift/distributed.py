@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from .errors import StorageError
 from .journal import shift_key
+from .vocab import Schedule
 
 if TYPE_CHECKING:  # pragma: no cover
     from .search.config import SearchConfig
@@ -686,7 +687,7 @@ def _halving_pruner(optuna, config: "SearchConfig", ctx: "SearchContext"):
     """``--schedule halving`` on a study: Optuna's ``SuccessiveHalvingPruner`` (asynchronous
     successive halving, Li et al. 2020) with the local schedule's first rung and eta; every
     worker passes the same pruner. None for ``--schedule full``."""
-    if getattr(config, "schedule", "full") != "halving":  # Schedule.HALVING
+    if getattr(config, "schedule", Schedule.FULL) != Schedule.HALVING:
         return None
     from .errors import UsageError
     from .search import rung_steps
@@ -756,12 +757,12 @@ def _summary_from(st, state: GridState | None = None) -> "SearchSummary":
     summary = summarise(results, shifts=[float(s) for s in grid["shift"]], seeds=[int(s) for s in grid["seed"]],
                         sites=sites, config=config, config_hash=attrs.get(ATTR_HASH, ""),
                         metric=attrs.get(ATTR_METRIC) or config.get("metric", "train_acc"), seconds=seconds)
-    if config.get("schedule") == "halving":
+    if config.get("schedule") == Schedule.HALVING:
         from .search import rung_steps, rungs_from, step_cost
 
         total = max((r.steps or 0 for r in results), default=0)  # asynchronous halving: the first trial finishes
         plan = rung_steps(total, config.get("eta", 2), config.get("min_fraction", 0.125)) if total else []
-        summary.schedule = {"name": "halving", "eta": config.get("eta"), "min_fraction": config.get("min_fraction"),
+        summary.schedule = {"name": Schedule.HALVING.value, "eta": config.get("eta"), "min_fraction": config.get("min_fraction"),
                             "rung_steps": plan, "pruner": "optuna SuccessiveHalvingPruner (asynchronous)"}
         summary.rungs = rungs_from(results, plan)
         summary.cost = {**step_cost(results, len(grid["shift"]) * len(grid["seed"])),

@@ -6,7 +6,7 @@
   sign of gamma, and works per channel.
 * ``bias:PATH.PARAM``: a learnable bias added before the sign (ReActNet ``LearnableBias``,
   an RSign's own bias). Whether it enters as ``x + b`` or ``x - b`` is *measured* on the
-  module (``_bias_direction``); a parameter that is not an additive bias at all (a scale)
+  module (``_bias_sign``); a parameter that is not an additive bias at all (a scale)
   is left alone.
 
 A folded site loses its hook and its threshold entry; every other site keeps both, with the
@@ -54,7 +54,7 @@ def _module(model: nn.Module, path: str) -> nn.Module | None:
         return None
 
 
-def _bias_direction(module: nn.Module, pname: str, param: torch.Tensor, channels: int | None) -> int | None:
+def _bias_sign(module: nn.Module, pname: str, param: torch.Tensor, channels: int | None) -> int | None:
     """+1 if ``module(x)`` depends on the parameter as ``x + b``, -1 for ``x - b``, else None.
 
     Measured: shift the input by -d and compare with moving the parameter by -d or +d
@@ -80,21 +80,21 @@ def _fold_target(model: nn.Module, site: Site, t: torch.Tensor) -> tuple[torch.T
         if not isinstance(bn, nn.modules.batchnorm._BatchNorm) or not bn.affine or bn.bias is None:
             return f"{spec[3:]} is not an affine BatchNorm"
         param = bn.bias
-        direction = +1  # beta enters as + beta
+        bias_sign = +1  # beta enters as + beta
     elif spec.startswith("bias:"):
         path, _, pname = spec[5:].rpartition(".")
         owner = _module(model, path)
         param = getattr(owner, pname, None) if owner is not None else None
         if not isinstance(param, torch.Tensor):
             return f"parameter {spec[5:]} not found"
-        direction = site.fold_sign if site.fold_sign in (1, -1) else _bias_direction(owner, pname, param,
-                                                                                     site.channels)
-        if direction is None:
+        bias_sign = site.bias_sign if site.bias_sign in (1, -1) else _bias_sign(owner, pname, param,
+                                                                                site.channels)
+        if bias_sign is None:
             return f"{spec[5:]} does not act as an additive bias on the pre-activation (measured)"
     else:
         return f"unknown fold target {spec!r}"
     try:  # the expression a hook with ``shift_into`` computes at run time (bitwise the same)
-        delta = fold_delta(t.detach(), param, direction)
+        delta = fold_delta(t.detach(), param, bias_sign)
     except ValueError:
         return f"a per-channel threshold of {t.numel()} values does not fit {spec} ({param.numel()} values)"
     return param, delta

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from .source import ModelSource, open_model, say_load_notes
+from .vocab import SiteKind
 
 
 class Log(Protocol):
@@ -149,8 +150,8 @@ class PatchResult:
             "input_shape": list(self.input_shape),
             "trainable": self.trainable,
             "per_channel": self.per_channel,
-            "sites": [r for r in self.rows if r["kind"] != "hardtanh"],
-            "hardtanh_sites": [r for r in self.rows if r["kind"] == "hardtanh"],
+            "sites": [r for r in self.rows if r["kind"] != SiteKind.HARDTANH],
+            "hardtanh_sites": [r for r in self.rows if r["kind"] == SiteKind.HARDTANH],
             "fold": self.fold.to_json() if self.fold is not None else None,
             "onnx": self.export.to_json() if self.export is not None else None,
             "warnings": self.warnings,

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._io import LOCK_NAME, atomic_write_bytes, atomic_write_json, atomic_write_text
 from .errors import OutputError
+from .vocab import Schedule
 
 if TYPE_CHECKING:  # pragma: no cover - the types only: search writes its report, so report imports
     # nothing of search at run time (no import circle); results.py itself imports neither
@@ -226,7 +227,7 @@ def search_json(summary: "SearchSummary") -> dict[str, Any]:
 
 
 def _is_halving(summary: "SearchSummary") -> bool:
-    return (getattr(summary, "schedule", None) or {}).get("name") == "halving"
+    return (getattr(summary, "schedule", None) or {}).get("name") == Schedule.HALVING
 
 
 def _epoch_steps(summary: "SearchSummary") -> int | None:

@@ -16,6 +16,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from ._compat import alias_kwargs
 from ._runtime import POST_CALL, SiteRuntime, hook_slot, own_modules, site_hook_paths
 from ._state import model_state, set_state
 from .errors import PatchError
@@ -85,9 +86,10 @@ def fold_param(model: nn.Module, spec: str) -> tuple[nn.Module, str] | None:
     return owner, pname
 
 
-def fold_delta(t: torch.Tensor, param: torch.Tensor, direction: int) -> torch.Tensor:
-    """What a fold adds to ``param`` for threshold ``t``: ``-direction * t`` (shape () or
-    ``param.shape``; ``direction`` +1 for ``x + b`` and BN beta, -1 for ``x - b``).
+@alias_kwargs  # the old keyword ``direction``: bnnshift._compat.RENAMED
+def fold_delta(t: torch.Tensor, param: torch.Tensor, bias_sign: int) -> torch.Tensor:
+    """What a fold adds to ``param`` for threshold ``t``: ``-bias_sign * t`` (shape () or
+    ``param.shape``; the bias sign +1 for ``x + b`` and BN beta, -1 for ``x - b``).
 
     ``fold.fold_shifts`` stores ``param + fold_delta(...)``; a hook with ``Site.shift_into``
     computes the same expression while the module runs, so both are bitwise equal.
@@ -95,9 +97,9 @@ def fold_delta(t: torch.Tensor, param: torch.Tensor, direction: int) -> torch.Te
     """
     t = t.to(dtype=param.dtype, device=param.device)
     if t.numel() == 1:
-        return -direction * t.reshape(())
+        return -bias_sign * t.reshape(())
     if t.numel() == param.numel():
-        return -direction * t.reshape(param.shape)
+        return -bias_sign * t.reshape(param.shape)
     raise ValueError(f"a threshold of {t.numel()} values does not fit a parameter of {param.numel()}")
 
 
@@ -107,12 +109,12 @@ class _LowerParam:
     state_dict and the optimizer are untouched: the lowered tensor shadows it in the module's
     ``__dict__`` from the pre-hook to the (always called) forward hook."""
 
-    def __init__(self, site: str, host: nn.Module, attr: str, pname: str, direction: int):
-        self.site, self.host, self.attr, self.pname, self.direction = site, host, attr, pname, direction
+    def __init__(self, site: str, host: nn.Module, attr: str, pname: str, bias_sign: int):
+        self.site, self.host, self.attr, self.pname, self.bias_sign = site, host, attr, pname, bias_sign
 
     def lower(self, module: nn.Module) -> None:
         b = module._parameters[self.pname]
-        module.__dict__[self.pname] = b + fold_delta(getattr(self.host, self.attr), b, self.direction)
+        module.__dict__[self.pname] = b + fold_delta(getattr(self.host, self.attr), b, self.bias_sign)
 
     def restore(self, module: nn.Module) -> None:
         module.__dict__.pop(self.pname, None)
@@ -187,7 +189,7 @@ def insert_shifts(model: nn.Module, sites: Iterable[Site], shifts: dict[str, flo
 
 def _lowered(model: nn.Module, s: Site, host: nn.Module, attr: str, t: torch.Tensor) -> tuple[str, _LowerParam] | None:
     """(module path, handler) when ``s`` is shifted by lowering its fold target (``shift_into``)."""
-    if not s.shift_into or s.fold_sign not in (1, -1):
+    if not s.shift_into or s.bias_sign not in (1, -1):
         return None
     found = fold_param(model, s.shift_into)
     if found is None:
@@ -195,7 +197,7 @@ def _lowered(model: nn.Module, s: Site, host: nn.Module, attr: str, t: torch.Ten
     owner, pname = found
     if t.numel() not in (1, owner._parameters[pname].numel()):
         return None
-    return target_param(s.shift_into)[0], _LowerParam(s.name, host, attr, pname, int(s.fold_sign))
+    return target_param(s.shift_into)[0], _LowerParam(s.name, host, attr, pname, int(s.bias_sign))
 
 
 def remove_shifts(model: nn.Module, *, keep_thresholds: bool = False) -> nn.Module:

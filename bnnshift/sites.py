@@ -9,15 +9,23 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-# how a shift is applied at run time
-APPLY_PRE_HOOK = "pre_hook"  # subtract t from the first input of module call (module, call_index)
-APPLY_PRODUCER = "producer_hook"  # subtract t from the output of producer call (module, call_index)
-APPLY_OP = "op"  # subtract t from the first input of candidate op (scope, op_index)
+from ._compat import alias_attributes
+from .vocab import HookMode, SiteKind
 
-KIND_MODULE = "module"  # a binarizer module (each call is a site)
-KIND_INPUT = "input"  # a conv/linear that binarizes its own input in forward
-KIND_INLINE = "inline"  # sign / Function.apply / comparison written in a composite forward
-KIND_HARDTANH = "hardtanh"  # full-precision hardtanh (for --hardtanh-shift), not a binary site
+# how a shift is applied at run time (the hook mode, ``Site.apply``): bnnshift.vocab.HookMode
+APPLY_PRE_HOOK = HookMode.PRE_HOOK  # subtract t from the first input of module call (module, call_index)
+APPLY_PRODUCER = HookMode.PRODUCER  # subtract t from the output of producer call (module, call_index)
+APPLY_OP = HookMode.OP  # subtract t from the first input of candidate op (scope, op_index)
+
+# the site kind (``Site.kind``): bnnshift.vocab.SiteKind
+KIND_MODULE = SiteKind.MODULE  # a binarizer module (each call is a site)
+KIND_INPUT = SiteKind.INPUT  # a conv/linear that binarizes its own input in forward
+KIND_INLINE = SiteKind.INLINE  # sign / Function.apply / comparison written in a composite forward
+KIND_HARDTANH = SiteKind.HARDTANH  # full-precision hardtanh (for --hardtanh-shift), not a binary site
+
+# field name -> JSON key where they differ (the glossary's names in the code, the old keys in files)
+_JSON_KEYS = {"own_threshold": "threshold", "bias_sign": "fold_sign"}
+_FIELDS_OF_KEYS = {v: k for k, v in _JSON_KEYS.items()}
 
 
 def target_param(spec: str) -> tuple[str, str] | None:
@@ -31,6 +39,7 @@ def target_param(spec: str) -> tuple[str, str] | None:
     return None
 
 
+@alias_attributes  # old names ``threshold`` / ``fold_sign``: bnnshift._compat.RENAMED
 @dataclass
 class Site:
     """One binary-activation call site.
@@ -42,9 +51,9 @@ class Site:
     """
 
     name: str
-    kind: str
+    kind: SiteKind  # a str: "module", "input", "inline", "hardtanh"
     op: str  # 'sign', 'heaviside', 'compare', 'BinActive.apply', 'module:BinaryActivation'...
-    apply: str
+    apply: HookMode  # a str: "pre_hook", "producer_hook", "op"
     module: str | None = None
     call_index: int = 0
     scope: str | None = None
@@ -55,11 +64,13 @@ class Site:
     pool: str | None = None
     follower: str | None = None
     follower_slope: float | None = None
-    threshold: dict[str, float] | None = None
+    # the binarizer's own threshold (its additive parameter or learnable bias: mean/min/max/numel of
+    # the t it already applies), not bnnshift's threshold tensor; JSON key "threshold"
+    own_threshold: dict[str, float] | None = None
     foldable: str | None = None  # 'bn:PATH', 'bias:PATH.PARAM' or None
     fold_reason: str = ""
     fold_with: list[str] | None = None  # every site whose fold target is the same (all fold together, equal t)
-    fold_sign: int | None = None  # +1: the target enters as x + b (BN beta too), -1: as x - b
+    bias_sign: int | None = None  # +1: the fold target enters as x + b (BN beta too), -1: x - b; JSON "fold_sign"
     # the fold target when the hooked patch lowers it at run time ('bn:PATH' / 'bias:PATH.PARAM';
     # set only for a target of this site alone that is read only inside its module): the hook
     # then computes the fold's own float expression (b - t inside the module's forward), so the
@@ -76,12 +87,19 @@ class Site:
     gradient: bool | None = None  # does the loss's gradient reach the site's input (an STE)?
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        """The site as JSON (the keys of docs/scan.schema.json: ``threshold`` for ``own_threshold``,
+        ``fold_sign`` for ``bias_sign``; ``kind`` / ``apply`` as their strings)."""
+        return {_JSON_KEYS.get(k, k): v for k, v in asdict(self).items()}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "Site":
+        """The site of a ``to_json()`` record (unknown keys ignored; a ``kind`` / ``apply`` string
+        this version does not know is kept as it is)."""
         known = {f for f in cls.__dataclass_fields__}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        fields = {_FIELDS_OF_KEYS.get(k, k): v for k, v in d.items()}
+        out = cls(**{k: v for k, v in fields.items() if k in known})
+        out.kind, out.apply = SiteKind.coerce(out.kind), HookMode.coerce(out.apply)
+        return out
 
     @property
     def address(self) -> tuple:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from .errors import OutputError, ResourceError, UsageError
+from .vocab import Schedule
 
 __all__ = [
     "MAX_GRID", "MAX_ABS_SHIFT", "MAX_SEED", "MIN_VERDICT_SEEDS", "few_seeds_warning", "grid_size",
@@ -40,7 +41,7 @@ PROBE_BYTES = 4096  # written (and fsynced) by the writability check: a full dis
 
 # the choices of `search` options (used by SearchConfig, the streaming path and the trainer too)
 METRICS = ("train_acc", "last_acc", "val_acc")
-SCHEDULES = ("full", "halving")
+SCHEDULES = tuple(m.value for m in Schedule)  # ("full", "halving")
 AUGMENTS = ("none", "cifar", "imagenet")
 STREAM_MODES = ("auto", "on", "off")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -224,7 +225,7 @@ def check_stop_when_stable(stop: bool, fraction: float, schedule: str) -> None:
     if not (isinstance(fraction, (int, float)) and math.isfinite(fraction) and 0 < fraction <= 1):
         raise UsageError(f"bad --stable-fraction {fraction!r}: must be in (0, 1]",
                          hint="the share of a rung's steps the ranking must hold, e.g. 0.25")
-    if stop and schedule != "halving":
+    if stop and schedule != Schedule.HALVING:
         raise UsageError(f"--stop-when-stable stops the rungs of --schedule halving; --schedule {schedule} trains "
                          "every shift the whole epoch", hint="add --schedule halving, or drop --stop-when-stable")
 
@@ -533,7 +534,7 @@ def check_search_config(c: Any) -> None:
         raise UsageError(f"bad --rung-min-samples {rms}",
                          hint="samples each candidate trains on before a rung ranks, an integer >= 0 (default 2000)")
     check_stop_when_stable(getattr(c, "stop_when_stable", False), getattr(c, "stable_fraction", 0.25), c.schedule)
-    if c.schedule == "halving" and c.metric != "train_acc":
+    if c.schedule == Schedule.HALVING and c.metric != "train_acc":
         raise UsageError(f"--schedule halving ranks by the train accuracy so far; --metric {c.metric} "
                          "needs the whole epoch", hint="use --schedule full with this metric")
     check_lr(c.lr)

@@ -135,7 +135,7 @@ def test_missing_parent_directories_are_created_like_mkdir_p(tmp_path):
     assert not [p for p in (tmp_path / "x" / "y").iterdir() if p.name != "m.onnx"]  # no temp left
 
 
-@pytest.mark.parametrize("cmd,param", [("search", "out_dir"), ("search", "patch_out"), ("patch", "out"),
+@pytest.mark.parametrize("cmd,param", [("search", "out_dir"), ("search", "patch_out"), ("patch", "out_dir"),
                                        ("patch", "onnx"), ("export", "onnx"), ("report", "out_dir")])
 def test_output_options_say_mkdir_p(cmd, param):
     import typer

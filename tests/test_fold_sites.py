@@ -267,7 +267,7 @@ def test_learnable_bias_module_is_the_threshold_and_folds(spelling):
     (s,) = report.sites
     sign = -1 if spelling == "minus" else +1
     assert s.producer == "learnable bias"
-    assert s.threshold["mean"] == pytest.approx(float(-sign * model.move.bias.mean()), abs=1e-6)
+    assert s.own_threshold["mean"] == pytest.approx(float(-sign * model.move.bias.mean()), abs=1e-6)
     assert rep.folded == {"act": "bias:move.bias"}
     before = model.move.bias.detach().clone()
     assert torch.allclose(folded.move.bias.detach(), before - sign * 0.5)
@@ -281,7 +281,7 @@ def test_rsign_function_ste_threshold_and_fold():
     report, hooked, folded, rep = _fold(model, shape, 0.5)
     assert len(report.sites) == 2
     for s, act in zip(report.sites, (model.act1, model.act2)):
-        assert s.threshold["mean"] == pytest.approx(float(-act.move.mean()), abs=1e-6)
+        assert s.own_threshold["mean"] == pytest.approx(float(-act.move.mean()), abs=1e-6)
     assert sorted(rep.folded.values()) == ["bias:act1.move", "bias:act2.move"]
     assert _same(hooked, folded, shape)
     for s in report.sites:  # the advice agrees with the fold target (no "cannot fold", no BN fold)
@@ -455,7 +455,7 @@ def test_centre_and_scale_binarizer_threshold_by_measurement():
     model = _calibrated(CentreScaleNet(), shape)
     report, hooked, folded, rep = _fold(model, shape, 0.5)
     (s,) = report.sites
-    assert s.threshold["mean"] == pytest.approx(float(model.act.centre.mean()), abs=1e-6)
+    assert s.own_threshold["mean"] == pytest.approx(float(model.act.centre.mean()), abs=1e-6)
     assert rep.folded == {s.name: "bias:act.centre"}
     assert torch.allclose(folded.act.centre.detach(), model.act.centre.detach() + 0.5)
     assert _same(hooked, folded, shape)
@@ -469,7 +469,7 @@ def test_fold_refuses_a_wrong_target_after_measuring(monkeypatch):
     report = scan_model(model, shape)
     # claims x - b: folding would move the threshold by 2t (a wrong sign found at scan time is
     # caught there by measurement and the site loses shift_into: the hook is the plain x - t)
-    report.sites[0].fold_sign, report.sites[0].shift_into = -1, None
+    report.sites[0].bias_sign, report.sites[0].shift_into = -1, None
     hooked = patch_model(copy.deepcopy(model), report, 0.5)
     folded = copy.deepcopy(hooked)
     rep = fold_shifts(folded, shape)
@@ -557,7 +557,7 @@ def test_a_lowering_that_does_not_act_as_x_minus_t_is_dropped_at_scan(monkeypatc
         real(disc, model)
         for s in disc.sites:
             if s.shift_into:
-                s.fold_sign = -s.fold_sign
+                s.bias_sign = -s.bias_sign
 
     monkeypatch.setattr(an, "_fold_analysis", wrong_sign)
     shape = (3, 8, 8)

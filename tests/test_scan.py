@@ -67,7 +67,7 @@ def test_shared_activation_module_gives_one_site_per_call():
 
 def test_learnable_bias_is_reported_as_existing_threshold():
     r = scan_model(*zoo_small("style-rsign"))
-    assert all(s.threshold is not None and s.foldable and s.foldable.startswith("bias:") for s in r.sites)
+    assert all(s.own_threshold is not None and s.foldable and s.foldable.startswith("bias:") for s in r.sites)
 
 
 def test_heaviside_alphabet():

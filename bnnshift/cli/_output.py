@@ -291,14 +291,14 @@ def _result_steps(r, rung_at) -> str:
     return f" after {steps}/{rung_at[2]} steps"
 
 
-def print_export(o: Output, r) -> None:
+def print_export(out: Output, r) -> None:
     """The export's line (and its warnings) for a human."""
     flips = "not checked" if r.sign_flip_share is None else f"{r.sign_flip_share:.2e} over {r.sites_checked} sites"
     ties = getattr(r, "tie_flips", 0) or 0
     if ties:  # flips at |x - t| within float tolerance: counted apart, not failures
         flips += f" ({ties} ties at the threshold and {getattr(r, 'flips_after_tie', 0)} flips after them not counted)"
-    o.text(f"ONNX {r.path}: opset {r.opset}, {r.nodes} nodes ({r.exporter}, optimizer {'on' if r.optimize else 'off'}); "
-           f"onnxruntime vs torch: max |dlogit| {r.max_abs_diff:.2e}, top-1 agreement {r.top1_agreement:.3f}, "
-           f"sign flips {flips}")
+    out.text(f"ONNX {r.path}: opset {r.opset}, {r.nodes} nodes ({r.exporter}, optimizer {'on' if r.optimize else 'off'}); "
+             f"onnxruntime vs torch: max |dlogit| {r.max_abs_diff:.2e}, top-1 agreement {r.top1_agreement:.3f}, "
+             f"sign flips {flips}")
     for w in r.warnings:
-        o.warn(w)
+        out.warn(w)

@@ -39,7 +39,7 @@ def export_command(
     normalisation is written into the ONNX metadata_props (bnnshift_normalisation)."""
     from .. import validate
 
-    o = Output(json_mode=json_, quiet=quiet)
+    out = Output(json_mode=json_, quiet=quiet)
     validate.check_path(out_dir, "OUT_DIR")  # before importing torch
     validate.check_output_file(onnx, "--onnx")
     mean_v, std_v = parse_mean_std(mean, std)
@@ -48,8 +48,8 @@ def export_command(
 
     result = export_dir(ExportOptions(out_dir, onnx, opset, batches, BnOptions(data, bn_recalib_batches, mean_v, std_v),
                                       model=model_spec, args=arg, trust=trust_recipe, output_index=output_index,
-                                      output_key=output_key), log=o)
-    print_export(o, result.report)
+                                      output_key=output_key), log=out)
+    print_export(out, result.report)
     if result.note:
-        o.info(result.note)
-    o.result(result.to_json())
+        out.info(result.note)
+    out.result(result.to_json())

@@ -11,8 +11,8 @@ from ._output import Output
 
 def pack_command(
     src: str = typer.Argument(..., help="A directory written by `bnnshift patch` / `fold`."),
-    out: str = typer.Option(..., "-o", "--out", help="Output directory (the float model + packed.safetensors + "
-                                                     "packed.json); load it with bnnshift.runtime.load_packed."),
+    out_dir: str = typer.Option(..., "-o", "--out", help="Output directory (the float model + packed.safetensors + "
+                                                         "packed.json); load it with bnnshift.runtime.load_packed."),
     bench: bool = typer.Option(False, "--bench", help="Time float vs packed (per binary layer and end to end, "
                                                       "batch 1 and 32, 1 thread and all) and print the table."),
     force: bool = typer.Option(False, "--force", help="Overwrite a non-empty output directory."),
@@ -28,12 +28,12 @@ def pack_command(
     (docs/runtime.md)."""
     from .. import validate
 
-    o = Output(json_mode=json_, quiet=quiet)
+    out = Output(json_mode=json_, quiet=quiet)
     validate.check_path(src, "SRC")
-    validate.check_output_dir(out, "-o/--out", force=force)
+    validate.check_output_dir(out_dir, "-o/--out", force=force)
     from ..runtime.cli import run_pack
 
-    payload = run_pack(src, out, bench=bench, model=model_spec, args=arg, trust=trust_recipe, force=force)
+    payload = run_pack(src, out_dir, bench=bench, model=model_spec, args=arg, trust=trust_recipe, force=force)
     for line in payload.pop("_lines"):
-        o.info(line)
-    o.result(payload)
+        out.info(line)
+    out.result(payload)

@@ -7,6 +7,7 @@ from typing import List, Optional
 
 import typer
 
+from ..vocab import SiteKind
 from ._common import (ALLOW_NONFINITE, ARG, BN_DATA, BN_RECALIB_BATCHES, CHECKPOINT, INPUT_SHAPE, JSON, MEAN, MODEL,
                       NON_STRICT, QUIET, RECIPE_MODEL, STD, TRUST_RECIPE, UNSAFE, USE_EMA, VERBOSE, ArgList, parse_mean_std,
                       print_peak_memory)
@@ -57,8 +58,8 @@ def patch_command(
     arg: ArgList = ARG,
     checkpoint: Optional[str] = CHECKPOINT,
     input_shape: Optional[str] = INPUT_SHAPE,
-    out: str = typer.Option(..., "-o", "--out", help="Output directory (model.safetensors + patch.json)."
-                                                     " Missing parent directories are created (mkdir -p)."),
+    out_dir: str = typer.Option(..., "-o", "--out", help="Output directory (model.safetensors + patch.json)."
+                                                         " Missing parent directories are created (mkdir -p)."),
     shift: Optional[str] = typer.Option(None, "--shift", help="Shift t for every activation site."),
     site: Optional[List[str]] = typer.Option(None, "--site", help="PATTERN=T: exact site name, glob or re:REGEX "
                                                                "(repeatable; later wins)."),
@@ -91,7 +92,7 @@ def patch_command(
     from .. import validate
     from ..errors import UsageError
 
-    o = Output(json_mode=json_, quiet=quiet)
+    out = Output(json_mode=json_, quiet=quiet)
     # checked before importing torch (docs/reliability.md)
     validate.check_inputs(model=model, checkpoint=checkpoint, config=config)
     mean_v, std_v = parse_mean_std(mean, std)
@@ -117,7 +118,7 @@ def patch_command(
         cfg = ShiftConfig.from_toml(config).merged(cfg)
     if cfg.empty and ht is None:
         raise UsageError("no shift given", hint="pass --shift T, --site PATTERN=T, --config FILE or --hardtanh-shift T")
-    out_dir = validate.check_output_dir(out, "-o/--out", force=force)  # before the (slow) scan
+    out_dir = validate.check_output_dir(out_dir, "-o/--out", force=force)  # before the (slow) scan
     from ..pipeline import PatchOptions, patch_spec
     from ..source import ModelSource
 
@@ -125,24 +126,24 @@ def patch_command(
                          allow_unsafe=unsafe_load, use_ema=use_ema, allow_nonfinite=allow_nonfinite)
     result = patch_spec(PatchOptions(source, out_dir, cfg, hardtanh_shift=ht, trainable=trainable,
                                      per_channel=per_channel, fold=fold, onnx=onnx, opset=opset, mean=mean_v,
-                                     std=std_v), log=o)
+                                     std=std_v), log=out)
     rows = result.rows
-    o.table(sites_table(rows, f"{result.model}: {sum(1 for r in rows if r['kind'] != 'hardtanh')} "
+    out.table(sites_table(rows, f"{result.model}: {sum(1 for r in rows if r['kind'] != SiteKind.HARDTANH)} "
                               f"sites shifted -> {out_dir}"))
     if result.fold is not None:
-        _print_fold_lines(o, result.fold)
+        _print_fold_lines(out, result.fold)
     if result.export is not None:
-        print_export(o, result.export)
-    o.result(result.to_json())
+        print_export(out, result.export)
+    out.result(result.to_json())
     if verbose:
-        print_peak_memory(o)
+        print_peak_memory(out)
 
 
-def _print_fold_lines(o: Output, rep) -> None:
+def _print_fold_lines(out: Output, rep) -> None:
     for name, why in rep.kept.items():
-        o.info(f"kept {name}: {why}")
+        out.info(f"kept {name}: {why}")
     for name, why in rep.rounded.items():
-        o.info(f"folded {name} (not bitwise): {why}")
+        out.info(f"folded {name} (not bitwise): {why}")
 
 
 def fold_command(
@@ -164,18 +165,18 @@ def fold_command(
     fold); the new statistics are kept only when the probe accuracy is not lower."""
     from .. import validate
 
-    o = Output(json_mode=json_, quiet=quiet)
+    out = Output(json_mode=json_, quiet=quiet)
     validate.check_path(out_dir, "OUT_DIR")  # before importing torch
     mean_v, std_v = parse_mean_std(mean, std)
 
     from ..pipeline import BnOptions, FoldOptions, fold_dir
 
     result = fold_dir(FoldOptions(out_dir, BnOptions(data, bn_recalib_batches, mean_v, std_v), model=model_spec,
-                                  args=arg, trust=trust_recipe), log=o)
+                                  args=arg, trust=trust_recipe), log=out)
     if result.report is not None:
-        o.table(sites_table(result.rows, f"{out_dir}: {len(result.report.folded)} folded, "
+        out.table(sites_table(result.rows, f"{out_dir}: {len(result.report.folded)} folded, "
                                          f"{len(result.report.kept)} kept"))
-        _print_fold_lines(o, result.report)
+        _print_fold_lines(out, result.report)
     if result.note:
-        o.info(result.note)
-    o.result(result.to_json())
+        out.info(result.note)
+    out.result(result.to_json())

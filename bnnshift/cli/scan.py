@@ -31,7 +31,7 @@ def site_rows(report) -> tuple[list[str], list[list[str]], list[str]]:
     cols = ["site", "kind", "alphabet", "producer", "pool", "follower", "threshold", "fold", "+1 share", "advice"]
     rows = []
     for s in report.sites:
-        thr = "-" if not s.threshold else f"{s.threshold['mean']:+.2f}"
+        thr = "-" if not s.own_threshold else f"{s.own_threshold['mean']:+.2f}"
         follower = "-" if not s.follower else (f"{s.follower}({s.follower_slope:.2f})" if s.follower_slope is not None
                                                 else s.follower)
         refs = []

@@ -7,6 +7,7 @@ from typing import Any, Optional
 
 import typer
 
+from ..vocab import Schedule
 from ._common import (ALLOW_NONFINITE, ARG, CHECKPOINT, DEVICE, INPUT_SHAPE, JSON, MODEL, NON_STRICT, OUTPUT_INDEX, OUTPUT_KEY,
                       QUIET, USE_EMA, MEAN, STD, ArgList, print_load_notes)
 from ._output import Output, SearchProgress
@@ -355,7 +356,7 @@ def _print_summary(summary, out: Output) -> None:
         out.result(search_json(summary))
         return
     out.table(render_table(summary))
-    if (getattr(summary, "schedule", None) or {}).get("name") == "halving" and getattr(summary, "rungs", None):
+    if (getattr(summary, "schedule", None) or {}).get("name") == Schedule.HALVING and getattr(summary, "rungs", None):
         from ..report import _schedule_lines
 
         for line in _schedule_lines(summary):  # every rung's scores and decision, the wall time

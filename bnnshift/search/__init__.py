@@ -1,4 +1,4 @@
-"""Phase 6: the first-epoch calibration search (paper claim 5).
+"""Phase 8: the first-epoch calibration search (paper claim 5).
 
 Train ONE short epoch per candidate shift ``t`` and rank the candidates by train accuracy.
 Every candidate starts from the same initial weights (seeded init, or the checkpoint) and

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from .. import validate
+from ..vocab import Schedule
 
 
 @dataclass
@@ -56,7 +57,7 @@ class SearchConfig:
     allow_nonfinite: bool = False
     output_index: int | None = None
     output_key: str | None = None
-    schedule: str = "full"
+    schedule: str = Schedule.FULL.value
     eta: float = 2.0
     min_fraction: float = 0.125
     stop_when_stable: bool = False  # stop a rung once its decision held for stable_fraction of its steps

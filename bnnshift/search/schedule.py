@@ -2,29 +2,16 @@
 steps and survivors, --stop-when-stable's marks and decision, the chance and tie rules."""
 from __future__ import annotations
 
-import enum
 import itertools
 import math
 from typing import Any, Callable
 
+from ..vocab import Schedule  # noqa: F401 - the str enum lives in the vocabulary (bnnshift.vocab)
 from .config import SearchConfig
 
 # --stop-when-stable: every survivor must lead every eliminated shift by more than this many
 # paired standard errors of the per-step accuracy differences (stable_decision)
 STABLE_Z = 2.0
-
-
-class Schedule(str, enum.Enum):
-    """``--schedule``: ``full`` trains every (shift, seed) the whole epoch; ``halving`` is successive
-    halving over the shifts (:class:`bnnshift.search.halving.HalvingLoop`). A ``str``: it compares
-    and serialises as its value (``"full"``, ``"halving"``: the JSON strings of ``search.json``);
-    the torch-free choices are ``bnnshift.validate.SCHEDULES``."""
-
-    FULL = "full"
-    HALVING = "halving"
-
-    def __str__(self) -> str:
-        return self.value
 
 
 def rung_steps(total: int, eta: float, min_fraction: float, min_steps: int = 1) -> list[int]:
