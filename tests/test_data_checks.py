@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 from bnnshift.cli import app
 from bnnshift.data import load_data
 from bnnshift.errors import DataError
+from models import SIGN_STE_SOURCE
 
 FUNCS = textwrap.dedent('''
     import numpy as np
@@ -111,17 +112,7 @@ MODEL = textwrap.dedent('''
     import torch
     import torch.nn as nn
 
-
-    class BinActive(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x):
-            ctx.save_for_backward(x)
-            return x.sign()
-
-        @staticmethod
-        def backward(ctx, g):
-            (x,) = ctx.saved_tensors
-            return g * (x.abs() <= 1).to(g.dtype)
+''') + SIGN_STE_SOURCE + "BinActive = SignSTE  # the user's STE, as XNOR-Net names it\n" + textwrap.dedent('''
 
 
     class XNORNet(nn.Module):

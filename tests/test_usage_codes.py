@@ -13,23 +13,14 @@ from typer.testing import CliRunner
 
 from bnnshift.cli import app
 from bnnshift.errors import PatchError, UnknownSiteError, UsageError
+from models import SIGN_STE_SOURCE
 
 MODELS = textwrap.dedent('''
     import torch
     import torch.nn as nn
     import torch.nn.functional as F
 
-
-    class BinActive(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x):
-            ctx.save_for_backward(x)
-            return x.sign()
-
-        @staticmethod
-        def backward(ctx, g):
-            (x,) = ctx.saved_tensors
-            return g * (x.abs() <= 1).to(g.dtype)
+''') + SIGN_STE_SOURCE + "BinActive = SignSTE  # the user's STE, as XNOR-Net names it\n" + textwrap.dedent('''
 
 
     class XNORNet(nn.Module):
@@ -153,7 +144,7 @@ def test_unknown_site_error_is_still_a_patch_error():
     assert isinstance(exc, PatchError) and isinstance(exc, UsageError) and exc.exit_code == 2
 
 
-@pytest.mark.parametrize("attr,want", [("NoSuch", "defines: BinActive, Broken, HeavisideMLP, RSignNet, XNORNet"),
+@pytest.mark.parametrize("attr,want", [("NoSuch", "defines: BinActive, Broken, HeavisideMLP, RSignNet, SignSTE, XNORNet"),
                                        ("XnorNet", "did you mean XNORNet"), ("rsignnet", "did you mean RSignNet")])
 def test_unknown_attribute_names_what_the_file_defines(models, attr, want):
     res = CliRunner().invoke(app, ["scan", f"{models}:{attr}"])
