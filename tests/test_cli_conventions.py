@@ -30,8 +30,18 @@ def test_dash_h_and_flags_shown_as_flags(cmd):
 
 
 def test_show_completion():
-    r = runner.invoke(app, ["--show-completion", "bash"], prog_name="bnnshift")
-    assert r.exit_code == 0 and "complete" in r.output and "bnnshift" in r.output
+    """What a user runs, in a process of its own (typer fills its completion scripts when the
+    command is built; an in-process runner shares that module state with every other test)."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), str(root / "plugins"),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    r = subprocess.run([sys.executable, "-c", "import sys; from bnnshift.cli import main; sys.argv[0] = 'bnnshift'; main()",
+                        "--show-completion", "bash"], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0 and "complete" in r.stdout and "bnnshift" in r.stdout, (r.stdout, r.stderr)
 
 
 def test_hardtanh_shift_means_one_thing():

@@ -148,14 +148,15 @@ def test_bad_grids_exit_2(tmp_path):
 def test_input_shape_mismatch(tmp_path):
     out = tmp_path / "o"
     res = _run(BASE + ["--input-shape", "3,32,32", "--shifts", "0,1", "--steps", "2", "--out", str(out)])
-    assert res.exit_code == 1
+    assert res.exit_code == 2  # a bad --input-shape is a usage error (README exit codes)
     err = _stderr(res).strip()
-    assert err.count("\n") == 0 and "channel" in err
+    assert err.count("\n") == 0 and "bad --input-shape 3,32,32" in err and "runs on 1,28,28" in err
     _no_partial_files(out)
     # H, W that the data can be resized to but the model cannot take
     res = _run(BASE + ["--input-shape", "1,32,32", "--shifts", "0,1", "--steps", "2", "--out", str(out)])
-    assert res.exit_code == 1
-    assert "does not accept" in _stderr(res) and _stderr(res).strip().count("\n") == 0
+    assert res.exit_code == 2
+    err = _stderr(res).strip()
+    assert "bad --input-shape 1,32,32" in err and "runs on 1,28,28" in err and err.count("\n") == 0
     _no_partial_files(out)
 
 
